@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set everything up, start Azurite on 127.0.0.1, back up a directory (default: a generated sample
+# site) and show the recorded status. Usage: scripts/demo.sh [DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+SRC=${1:-}
+if [ -z "$SRC" ]; then
+  SRC=.demo/site
+  mkdir -p "$SRC/css" "$SRC/img" "$SRC/blog/2026"
+  echo '<html><body>Hello</body></html>' > "$SRC/index.html"
+  echo 'body { font-family: sans-serif }' > "$SRC/css/site.css"
+  for i in $(seq 1 200); do head -c 20000 /dev/urandom > "$SRC/img/photo-$i.jpg"; done
+  for i in $(seq 1 50); do echo "post $i" > "$SRC/blog/2026/post-$i.md"; done
+fi
+PORT=${AZURITE_PORT:-10000}
+.venv/bin/python tests/azurite.py .demo/azurite "$PORT" > .demo/azurite.out &
+AZURITE=$!
+trap 'kill $AZURITE 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do [ -s .demo/azurite.out ] && break; sleep 0.2; done
+export AZURE_STORAGE_CONNECTION_STRING=$(head -n 1 .demo/azurite.out)
+export SITEBACKUP_STATE_DIR=${SITEBACKUP_STATE_DIR:-$PWD/.demo/state}
+set +e
+.venv/bin/sitebackup "$SRC" --container demo --json > .demo/last-run.json
+CODE=$?
+set -e
+ID=$(head -n 1 .demo/last-run.json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["instance_id"])')
+.venv/bin/sitebackup status "$ID" || .venv/bin/python -m json.tool <<< "$(tail -n 1 .demo/last-run.json)"
+echo "backup exit code: $CODE"

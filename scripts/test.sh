@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set everything up, then run the test suite. The suite starts its own Azurite on 127.0.0.1.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k backup -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"

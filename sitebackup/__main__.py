@@ -1,0 +1,5 @@
+"""Entry point for ``python -m sitebackup``."""
+
+from sitebackup.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""Activities: all the I/O of a backup — scanning the tree into pages and uploading one page per call.
+
+Dependencies (blob clients, the work store) arrive through ``build_activities`` closures, never
+through activity inputs: inputs are stored durably and must not carry credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from azure.storage.blob import ContainerClient
+from durabletask import task
+
+from sitebackup import storage
+from sitebackup.errors import DestinationError
+from sitebackup.scan import Failed, FileEntry, Skipped, describe_os_error, walk
+from sitebackup.workstore import WorkStore
+
+log = logging.getLogger("sitebackup.activities")
+
+SCAN_TREE = "ScanSourceTree"
+COPY_BATCH = "CopyFileBatch"
+# outputs stay small whatever the tree: lists of failures are capped, with counts of the rest
+MAX_LISTED = 20
+BATCH_FILES = 256
+BATCH_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class ActivityDeps:
+    """What activities need from the hosting process: its own credentials and work store."""
+
+    container_client: Callable[[str], ContainerClient]
+    work: WorkStore
+    endpoint: str  # label for messages, never a secret
+    large_file_threads: int = 4
+
+
+def plan_batches(files: list[FileEntry], *, min_batches: int, batch_files: int = BATCH_FILES,
+                 batch_bytes: int = BATCH_BYTES) -> list[list[FileEntry]]:
+    """Cut *files* into batches bounded by count and bytes; files over ``batch_bytes`` go alone.
+
+    ``min_batches`` shrinks batches on small trees so that the upload window stays full.
+    """
+    if files:
+        batch_files = max(1, min(batch_files, math.ceil(len(files) / max(1, min_batches))))
+    batches: list[list[FileEntry]] = []
+    current: list[FileEntry] = []
+    current_bytes = 0
+    for entry in files:
+        if entry.size >= batch_bytes:
+            batches.append([entry])
+            continue
+        if current and (len(current) >= batch_files or current_bytes + entry.size > batch_bytes):
+            batches.append(current)
+            current, current_bytes = [], 0
+        current.append(entry)
+        current_bytes += entry.size
+    if current:
+        batches.append(current)
+    return batches
+
+
+def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int) -> dict[str, Any]:
+    files: list[FileEntry] = []
+    skipped: list[dict[str, str]] = []
+    failures: list[dict[str, str]] = []
+    n_skipped = n_failed = 0
+    for entry in walk(source):
+        if isinstance(entry, FileEntry):
+            files.append(entry)
+        elif isinstance(entry, Skipped):
+            n_skipped += 1
+            if len(skipped) < MAX_LISTED:
+                skipped.append({"path": entry.relpath, "reason": entry.reason})
+        elif isinstance(entry, Failed):
+            n_failed += 1
+            if len(failures) < MAX_LISTED:
+                failures.append({"path": entry.relpath, "error": entry.reason})
+    batches = plan_batches(files, min_batches=min_batches)
+    for number, batch in enumerate(batches):
+        work.write_page(run_id, number, [[e.relpath, e.size, e.mtime_ns] for e in batch])
+    return {
+        "pages": len(batches),
+        "files_total": len(files) + n_failed,
+        "bytes_total": sum(e.size for e in files),
+        "files_skipped": n_skipped,
+        "skipped": skipped,
+        "files_failed": n_failed,
+        "failures": failures,
+    }
+
+
+def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, container: str, prefix: str) -> dict[str, Any]:
+    client = deps.container_client(container)
+    records: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    n_files = n_bytes = n_failed = 0
+    for relpath, _size, _mtime in deps.work.read_page(run_id, page):
+        error = None
+        try:
+            name = storage.blob_name(prefix, relpath)
+            done = _upload_with_one_retry(client, source / relpath, name, deps.large_file_threads)
+        except storage.FileChangedError as exc:
+            error = str(exc)
+        except ValueError as exc:  # name rules
+            error = str(exc)
+        except OSError as exc:
+            error = describe_os_error(exc)
+        except Exception as exc:
+            fatal = storage.classify(exc, deps.endpoint)
+            if fatal is not None:
+                # the whole destination is failing: let the orchestration's retry policy decide
+                raise fatal from None
+            error = storage.redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+        if error is None:
+            n_files += 1
+            n_bytes += done.size
+            records.append({"path": relpath, "size": done.size, "mtime_ns": done.mtime_ns, "md5": done.md5})
+        else:
+            n_failed += 1
+            records.append({"path": relpath, "error": error})
+            if len(failures) < MAX_LISTED:
+                failures.append({"path": relpath, "error": error})
+    deps.work.write_result(run_id, page, records)
+    return {"page": page, "files_uploaded": n_files, "bytes_uploaded": n_bytes,
+            "files_failed": n_failed, "failures": failures}
+
+
+def _upload_with_one_retry(client: ContainerClient, path: Path, name: str, threads: int) -> storage.Uploaded:
+    try:
+        return storage.upload_file(client, path, name, max_concurrency=threads)
+    except storage.FileChangedError:
+        return storage.upload_file(client, path, name, max_concurrency=threads)
+
+
+def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
+    """The backup activities bound to *deps*, named with their durable names."""
+
+    def scan_tree(ctx: task.ActivityContext, inp: dict[str, Any]) -> dict[str, Any]:
+        return scan_source(deps.work, ctx.orchestration_id, Path(inp["source"]),
+                           min_batches=int(inp.get("min_batches", 1)))
+
+    def copy_batch(ctx: task.ActivityContext, inp: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return copy_page(deps, ctx.orchestration_id, int(inp["page"]), Path(inp["source"]),
+                             inp["container"], inp.get("prefix", ""))
+        except DestinationError:
+            raise
+        except Exception as exc:
+            log.debug("copy batch failed", exc_info=True)
+            raise RuntimeError(storage.redact(str(exc))) from None
+
+    scan_tree.__name__ = SCAN_TREE
+    copy_batch.__name__ = COPY_BATCH
+    return [scan_tree, copy_batch]

@@ -1,0 +1,174 @@
+"""Rendering progress and results: rich bar on a TTY, plain lines for cron, NDJSON for scripts, or nothing.
+
+Printers only render data they are given (custom-status counters and summaries); they never
+ask the backend anything, so any source of progress can drive any printer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    parts = [
+        f"{summary.get('instance_id', '?')} {summary.get('runtime_status', '?')}:",
+        f"{summary.get('files_uploaded', 0)}/{summary.get('files_total', 0)} files uploaded",
+        f"({human_bytes(summary.get('bytes_uploaded', 0))})",
+    ]
+    if summary.get("files_skipped"):
+        parts.append(f"{summary['files_skipped']} skipped,")
+    parts.append(f"{summary.get('files_failed', 0)} failed, {summary.get('duration_s', 0):.1f}s")
+    return " ".join(parts)
+
+
+def failure_lines(summary: dict[str, Any]) -> list[str]:
+    lines = [f"FAILED {f['path']}: {f['error']}" for f in summary.get("failures") or []]
+    listed = len(summary.get("failures") or [])
+    rest = summary.get("files_failed", 0) - listed
+    if rest > 0 and listed:
+        lines.append(f"... and {rest} more failed files (see: sitebackup status {summary.get('instance_id')})")
+    return lines
+
+
+class Printer:
+    """Do-nothing printer: the base for the others and the one tests can use."""
+
+    def start(self, info: dict[str, Any]) -> None: ...
+
+    def progress(self, status: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PlainPrinter(Printer):
+    """For cron and pipes: a start line, failure lines and one summary line; no control characters."""
+
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, quiet: bool = False):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.quiet = quiet
+
+    def start(self, info: dict[str, Any]) -> None:
+        if not self.quiet:
+            verb = "resuming" if info.get("resumed") else "started"
+            print(f"sitebackup: {verb} {info['instance_id']}: {info['source']} -> {info['destination']}",
+                  file=self.out, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            print(f"sitebackup: {text}", file=self.err, flush=True)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        for line in failure_lines(summary):
+            print(line, file=self.err, flush=True)
+        if not self.quiet:
+            print(summary_line(summary), file=self.out, flush=True)
+
+
+class RichPrinter(PlainPrinter):
+    """A live bar on stderr, drawn from the custom-status counters."""
+
+    def __init__(self, console: Console | None = None):
+        super().__init__()
+        self.console = console or Console(stderr=True)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[files]}"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.task = self.bar.add_task("scanning", total=None, files="")
+        self.started = False
+
+    def start(self, info: dict[str, Any]) -> None:
+        verb = "Resuming" if info.get("resumed") else "Backing up"
+        self.console.print(f"{verb} [bold]{info['source']}[/] -> [bold]{info['destination']}[/] ({info['instance_id']})")
+        self.bar.start()
+        self.started = True
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+    def progress(self, status: dict[str, Any]) -> None:
+        total = status.get("bytes_total") or None
+        files = f"{status.get('files_done', 0)}/{status.get('files_total', 0)} files"
+        self.bar.update(self.task, description=status.get("phase", ""), completed=status.get("bytes_done", 0),
+                        total=total, files=files)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.close()
+        for line in failure_lines(summary):
+            self.console.print(line, markup=False, highlight=False)
+        print(summary_line(summary), file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.started:
+            self.bar.stop()
+            self.started = False
+
+
+class JsonPrinter(Printer):
+    """NDJSON on stdout: a start event first (with the instance id), progress at most once a second, summary last."""
+
+    def __init__(self, out: TextIO | None = None, interval: float = 1.0):
+        self.out = out or sys.stdout
+        self.interval = interval
+        self.last = 0.0
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        self.out.write(json.dumps({"event": event, **data}) + "\n")
+        self.out.flush()
+
+    def start(self, info: dict[str, Any]) -> None:
+        self._emit("start", info)
+
+    def message(self, text: str) -> None:
+        self._emit("message", {"message": text})
+
+    def progress(self, status: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._emit("progress", status)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self._emit("summary", summary)
+
+
+def make_printer(*, json_output: bool = False, quiet: bool = False, tty: bool | None = None) -> Printer:
+    if json_output:
+        return JsonPrinter()
+    if tty is None:
+        tty = sys.stderr.isatty()
+    if tty and not quiet:
+        return RichPrinter()
+    return PlainPrinter(quiet=quiet)

@@ -1,0 +1,95 @@
+"""Starting and stopping a real Azurite blob service on 127.0.0.1 for tests, the demo and benchmarks.
+
+Azurite comes from the project's package.json (``npm ci``); nothing here installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCOUNT = "devstoreaccount1"
+# Azurite's published development key (documented by Microsoft, not a secret)
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def azurite_binary() -> Path:
+    path = ROOT / "node_modules" / ".bin" / "azurite-blob"
+    if not path.exists():
+        raise RuntimeError(f"Azurite is not installed at {path}: run 'npm ci' in {ROOT}")
+    return path
+
+
+@dataclass
+class Azurite:
+    port: int
+    location: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/{ACCOUNT}"
+
+    @property
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
+                f"BlobEndpoint={self.endpoint};")
+
+    def start(self, timeout: float = 30.0) -> "Azurite":
+        self.location.mkdir(parents=True, exist_ok=True)
+        log = open(self.location / "azurite.log", "ab")
+        self.process = subprocess.Popen(
+            [str(azurite_binary()), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+             "--skipApiVersionCheck", "--loose", "--silent", "--location", str(self.location)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Azurite exited with code {self.process.returncode}; "
+                                   f"see {self.location / 'azurite.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Azurite did not listen on 127.0.0.1:{self.port} within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def start_azurite(location: Path, port: int | None = None) -> Azurite:
+    return Azurite(port or free_port(), location).start()
+
+
+if __name__ == "__main__":  # `python tests/azurite.py DIR [PORT]`: run one in the foreground (demo)
+    import sys
+
+    where = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / ".azurite")
+    server = start_azurite(where, int(sys.argv[2]) if len(sys.argv) > 2 else 10000)
+    print(server.connection_string, flush=True)
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()

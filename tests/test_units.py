@@ -1,0 +1,62 @@
+"""Pure-logic unit tests: naming rules, batching, redaction, the default-command parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from sitebackup import storage
+from sitebackup.activities import plan_batches
+from sitebackup.errors import InputError
+from sitebackup.scan import FileEntry
+
+
+@pytest.mark.parametrize("name", ["abc", "backups", "a-b-c", "a1b2", "x" * 63])
+def test_valid_container_names(name):
+    assert storage.validate_container_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "ab", "x" * 64, "Abc", "a_b", "-ab", "ab-", "a--b", "a.b"])
+def test_invalid_container_names(name):
+    with pytest.raises(InputError):
+        storage.validate_container_name(name)
+
+
+def test_prefix_normalization():
+    assert storage.normalize_prefix("/nightly/web/") == "nightly/web"
+    assert storage.normalize_prefix("") == ""
+    for bad in ("a/../b", "..", "a//b", "./a", "a\\b"):
+        with pytest.raises(InputError):
+            storage.normalize_prefix(bad)
+
+
+def test_blob_name_joins_and_bounds_length():
+    assert storage.blob_name("", "a/b.txt") == "a/b.txt"
+    assert storage.blob_name("p/q", "a/b.txt") == "p/q/a/b.txt"
+    with pytest.raises(ValueError):
+        storage.blob_name("", "x" * 1025)
+
+
+def test_redact_hides_keys_and_sas():
+    text = ("AccountName=a;AccountKey=c2VjcmV0a2V5Cg==;EndpointSuffix=x "
+            "https://a.blob.core.windows.net/?sv=2022&sig=abc%2Fdef&se=1 Authorization: Bearer eyJ0eXAi.x.y")
+    out = storage.redact(text)
+    assert "c2VjcmV0a2V5Cg" not in out and "abc%2Fdef" not in out and "eyJ0eXAi" not in out
+    assert "AccountName=a" in out
+
+
+def test_batches_bounded_by_count_and_bytes():
+    files = [FileEntry(f"f{i}", 1000, 0) for i in range(1000)]
+    batches = plan_batches(files, min_batches=1, batch_files=256, batch_bytes=100_000)
+    assert all(len(b) <= 100 for b in batches)
+    assert sum(len(b) for b in batches) == 1000
+
+
+def test_small_trees_are_cut_to_fill_the_window():
+    files = [FileEntry(f"f{i}", 10, 0) for i in range(100)]
+    assert len(plan_batches(files, min_batches=20)) == 20
+
+
+def test_large_files_go_alone():
+    files = [FileEntry("a", 10, 0), FileEntry("big", 50, 0), FileEntry("b", 10, 0)]
+    batches = plan_batches(files, min_batches=1, batch_bytes=40)
+    assert [[e.relpath for e in b] for b in batches if any(e.relpath == "big" for e in b)] == [["big"]]
