@@ -1,0 +1,87 @@
+"""Scale-out commands: ``sitebackup worker`` (work only, for any backup on the task hub) and
+``sitebackup serve`` (the embedded backend over TCP, so the Durable Task Scheduler code path runs
+on one machine).
+
+Both run until SIGINT or SIGTERM and then stop cleanly; the CLI renders what they report.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sitebackup import storage
+from sitebackup.errors import InputError
+from sitebackup.runner import activity_deps
+from sitebackup.runtime import open_backend
+from sitebackup.taskhub import TaskHubSettings
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM, so the main thread can stop the worker and exit 0."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_worker(settings: storage.StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path,
+               concurrency: int, on_batch: Callable[[str, dict[str, Any]], None]) -> None:
+    """Work on every backup the backend hands out until stopped; no scheduling, no watching."""
+    if not settings.configured:
+        raise InputError(storage.NOT_CONFIGURED)
+    with _stop_on_signals() as stop, open_backend(state_dir, taskhub) as runtime:
+        deps = activity_deps(settings, state_dir, concurrency, runtime)
+        deps.on_batch = on_batch
+        runtime.start_worker(deps, concurrency)
+        while not stop.wait(1.0):
+            pass
+        # open_backend's exit stops the worker, which first finishes the work items it holds
+
+
+def parse_listen(listen: str, allow_remote: bool) -> str:
+    """Validate HOST:PORT; anything but loopback needs *allow_remote* (the service has no auth)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InputError(f"--listen must be HOST:PORT, e.g. 127.0.0.1:4001 (got {listen!r})")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if bare == "localhost":
+        loopback = True
+    else:
+        try:
+            loopback = ipaddress.ip_address(bare).is_loopback
+        except ValueError:
+            raise InputError(f"--listen host must be an IP address or localhost (got {host!r})") from None
+    if not loopback and not allow_remote:
+        raise InputError(f"refusing to serve on {host}: the endpoint is plaintext without authentication; "
+                         "use a loopback address or pass --allow-remote")
+    return listen
+
+
+def serve(listen: str, state_dir: Path, *, allow_remote: bool, lease_seconds: float,
+          on_ready: Callable[[str], None]) -> None:
+    """Serve the embedded backend for *state_dir* on TCP until stopped."""
+    from sitebackup.backend import EmbeddedBackend, StateDirError
+
+    parse_listen(listen, allow_remote)
+    with _stop_on_signals() as stop:
+        backend = EmbeddedBackend(state_dir, lease_seconds=lease_seconds)
+        try:
+            address = backend.start(listen=listen)
+        except StateDirError as exc:
+            raise InputError(str(exc)) from None
+        try:
+            on_ready(address)
+            while not stop.wait(1.0):
+                pass
+        finally:
+            backend.stop()
