@@ -16,10 +16,11 @@ from typing import Any
 from azure.storage.blob import ContainerClient
 from durabletask import task
 
-from sitebackup import storage
+from sitebackup import incremental, storage
 from sitebackup.errors import DestinationError
+from sitebackup.filters import Filter
 from sitebackup.scan import Failed, FileEntry, Skipped, describe_os_error, walk
-from sitebackup.workstore import WorkStore
+from sitebackup.workstore import RESERVED_PREFIX, BlobWorkStore, WorkStore, is_reserved
 
 log = logging.getLogger("sitebackup.activities")
 
@@ -29,6 +30,8 @@ COPY_BATCH = "CopyFileBatch"
 MAX_LISTED = 20
 BATCH_FILES = 256
 BATCH_BYTES = 16 * 1024 * 1024
+# unchanged files cost no I/O in the copy activity, so their pages are much larger
+UNCHANGED_PAGE = 4096
 
 
 @dataclass
@@ -36,9 +39,13 @@ class ActivityDeps:
     """What activities need from the hosting process: its own credentials and work store."""
 
     container_client: Callable[[str], ContainerClient]
-    work: WorkStore
+    work: WorkStore | BlobWorkStore
     endpoint: str  # label for messages, never a secret
     large_file_threads: int = 4
+    # asked between files so that `sitebackup cancel` stops uploads at the next file boundary
+    cancelled: Callable[[str], bool] = lambda run_id: False
+    # told (run id, copy result) after every finished batch: `sitebackup worker` prints a status line
+    on_batch: Callable[[str, dict[str, Any]], None] | None = None
 
 
 def plan_batches(files: list[FileEntry], *, min_batches: int, batch_files: int = BATCH_FILES,
@@ -66,12 +73,19 @@ def plan_batches(files: list[FileEntry], *, min_batches: int, batch_files: int =
     return batches
 
 
-def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int) -> dict[str, Any]:
+def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int, baseline: str | None = None,
+                mode: str = incremental.MODE_MTIME, patterns: list[str] | None = None,
+                follow_symlinks: bool = False) -> dict[str, Any]:
+    """Walk *source* into pages. A page item is ``[relpath, size, mtime_ns]`` (upload) or, for a file in
+    the baseline record, ``[relpath, size, mtime_ns, previous_record, check]`` where *check* says the
+    content must be hashed to tell whether it changed (``--checksum``)."""
     files: list[FileEntry] = []
     skipped: list[dict[str, str]] = []
     failures: list[dict[str, str]] = []
     n_skipped = n_failed = 0
-    for entry in walk(source):
+    rules = Filter(patterns or [])
+    excluded = rules.excluded if rules else None
+    for entry in walk(source, excluded=excluded, follow_symlinks=follow_symlinks):
         if isinstance(entry, FileEntry):
             files.append(entry)
         elif isinstance(entry, Skipped):
@@ -82,11 +96,25 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int)
             n_failed += 1
             if len(failures) < MAX_LISTED:
                 failures.append({"path": entry.relpath, "error": entry.reason})
-    batches = plan_batches(files, min_batches=min_batches)
+    previous = incremental.load_baseline(work, baseline) if mode != incremental.MODE_FORCE else {}
+    to_copy: list[FileEntry] = []
+    extra: dict[str, list[Any]] = {}
+    unchanged: list[list[Any]] = []
+    for e in files:
+        decision = incremental.decide(e.size, e.mtime_ns, previous.get(e.relpath), mode)
+        if decision == incremental.UNCHANGED:
+            unchanged.append([e.relpath, e.size, e.mtime_ns, previous[e.relpath], False])
+            continue
+        if decision == incremental.CHECK:
+            extra[e.relpath] = [previous[e.relpath], True]
+        to_copy.append(e)
+    batches = plan_batches(to_copy, min_batches=min_batches)
     for number, batch in enumerate(batches):
-        work.write_page(run_id, number, [[e.relpath, e.size, e.mtime_ns] for e in batch])
+        work.write_page(run_id, number, [[e.relpath, e.size, e.mtime_ns, *extra.get(e.relpath, [])] for e in batch])
+    for start in range(0, len(unchanged), UNCHANGED_PAGE):
+        work.write_page(run_id, len(batches) + start // UNCHANGED_PAGE, unchanged[start:start + UNCHANGED_PAGE])
     return {
-        "pages": len(batches),
+        "pages": len(batches) + -(-len(unchanged) // UNCHANGED_PAGE),
         "files_total": len(files) + n_failed,
         "bytes_total": sum(e.size for e in files),
         "files_skipped": n_skipped,
@@ -100,11 +128,21 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
     client = deps.container_client(container)
     records: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
-    n_files = n_bytes = n_failed = 0
-    for relpath, _size, _mtime in deps.work.read_page(run_id, page):
+    n_files = n_bytes = n_failed = n_unchanged = n_bytes_skipped = 0
+    for relpath, _size, _mtime, *known in deps.work.read_page(run_id, page):
+        if deps.cancelled(run_id):
+            break
         error = None
         try:
+            if known and (not known[1] or incremental.md5_base64(source / relpath) == known[0].get("md5")):
+                records.append(incremental.unchanged_record(relpath, known[0]))
+                n_unchanged += 1
+                n_bytes_skipped += known[0]["size"]
+                continue
             name = storage.blob_name(prefix, relpath)
+            if is_reserved(name):
+                raise ValueError(f"{name!r} is under {RESERVED_PREFIX}, reserved for sitebackup's work files; "
+                                 "back up with --prefix to keep it")
             done = _upload_with_one_retry(client, source / relpath, name, deps.large_file_threads)
         except storage.FileChangedError as exc:
             error = str(exc)
@@ -129,7 +167,8 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
                 failures.append({"path": relpath, "error": error})
     deps.work.write_result(run_id, page, records)
     return {"page": page, "files_uploaded": n_files, "bytes_uploaded": n_bytes,
-            "files_failed": n_failed, "failures": failures}
+            "files_failed": n_failed, "failures": failures,
+            "files_unchanged": n_unchanged, "bytes_skipped": n_bytes_skipped}
 
 
 def _upload_with_one_retry(client: ContainerClient, path: Path, name: str, threads: int) -> storage.Uploaded:
@@ -144,17 +183,22 @@ def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
 
     def scan_tree(ctx: task.ActivityContext, inp: dict[str, Any]) -> dict[str, Any]:
         return scan_source(deps.work, ctx.orchestration_id, Path(inp["source"]),
-                           min_batches=int(inp.get("min_batches", 1)))
+                           min_batches=int(inp.get("min_batches", 1)), baseline=inp.get("baseline"),
+                           mode=inp.get("compare", incremental.MODE_MTIME), patterns=inp.get("patterns"),
+                           follow_symlinks=bool(inp.get("follow_symlinks")))
 
     def copy_batch(ctx: task.ActivityContext, inp: dict[str, Any]) -> dict[str, Any]:
         try:
-            return copy_page(deps, ctx.orchestration_id, int(inp["page"]), Path(inp["source"]),
-                             inp["container"], inp.get("prefix", ""))
+            result = copy_page(deps, ctx.orchestration_id, int(inp["page"]), Path(inp["source"]),
+                               inp["container"], inp.get("prefix", ""))
         except DestinationError:
             raise
         except Exception as exc:
             log.debug("copy batch failed", exc_info=True)
             raise RuntimeError(storage.redact(str(exc))) from None
+        if deps.on_batch is not None:
+            deps.on_batch(ctx.orchestration_id, result)
+        return result
 
     scan_tree.__name__ = SCAN_TREE
     copy_batch.__name__ = COPY_BATCH

@@ -5,16 +5,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from sitebackup import __version__, runner, storage
-from sitebackup.errors import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_USAGE, SiteBackupError
+from sitebackup import __version__, manage, render, runner, scaleout, storage, taskhub
+from sitebackup import cron, dryrun
+from sitebackup import restore as restore_mod
+from sitebackup import verify as verify_mod
+from sitebackup.errors import EXIT_CODES_HELP, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SiteBackupError
 from sitebackup.orchestrations import DEFAULT_WINDOW
-from sitebackup.progress import make_printer
+from sitebackup.progress import human_bytes, make_printer
 from sitebackup.runtime import ENV_STATE_DIR, SDK_LOGGER, default_state_dir
 
 EXIT_INTERNAL = 70
@@ -40,6 +45,15 @@ def debug_option(fn):
     return click.option("--debug", is_flag=True, help="Show tracebacks and SDK logs (secrets redacted).")(fn)
 
 
+def taskhub_option(fn):
+    return click.option(
+        "--taskhub", metavar="CONNECTION_STRING", envvar=taskhub.ENV_TASKHUB, show_envvar=False,
+        help="Use Azure Durable Task Scheduler instead of the embedded backend: "
+             "Endpoint=https://...;TaskHub=NAME;Authentication=DefaultAzure "
+             f"[env {taskhub.ENV_TASKHUB}].",
+    )(fn)
+
+
 def storage_options(fn):
     fn = click.option("--account-url", metavar="URL",
                       help=f"Account URL, with a SAS or using DefaultAzureCredential [env {storage.ENV_ACCOUNT_URL}].")(fn)
@@ -62,6 +76,52 @@ def cli() -> None:
     """
 
 
+def cron_options(fn):
+    options = [
+        click.option("--checksum", is_flag=True,
+                     help="Compare content MD5 with the last run instead of size and modification time."),
+        click.option("--force", is_flag=True, help="Upload every file, changed or not."),
+        click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+                     help="Leave out paths matching a gitignore-style PATTERN (repeatable): '*.tmp', 'cache/'."),
+        click.option("--include", "includes", multiple=True, metavar="PATTERN",
+                     help="Keep paths matching PATTERN although an exclude matched (repeatable)."),
+        click.option("--exclude-from", multiple=True, metavar="FILE",
+                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Read exclude patterns from FILE, gitignore syntax (repeatable)."),
+        click.option("--no-ignore-file", is_flag=True, help="Do not read SOURCE/.sitebackupignore."),
+        click.option("--follow-symlinks", is_flag=True,
+                     help="Follow symlinks to files and directories inside SOURCE (loops are skipped)."),
+        click.option("--dry-run", is_flag=True,
+                     help="Scan and compare only: list what would be uploaded or skipped, write nothing."),
+        click.option("--no-wait", is_flag=True,
+                     help="If the same backup is already running, print its id and exit 4 instead of attaching."),
+        click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+                     help="Append a timestamped log of the run (start, failures, summary) to PATH."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _render_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
+    totals = {k: v for k, v in plan.items() if k != "items"}
+    if json_output:
+        for item in plan["items"]:
+            click.echo(json.dumps({"event": "dry_run", **item}))
+        click.echo(json.dumps({"event": "summary", **totals}))
+        return
+    for item in plan["items"]:
+        if item["action"] == "fail":
+            click.echo(f"FAILED {item['path']}: {item['error']}", err=True)
+        elif not quiet:
+            detail = item.get("reason") or human_bytes(item.get("size", 0))
+            click.echo(f"{'would upload' if item['action'] == 'upload' else item['action']} {item['path']} ({detail})")
+    if not quiet:
+        click.echo(f"dry run: {plan['files_to_upload']} files would be uploaded ({human_bytes(plan['bytes_to_upload'])}), "
+                   f"{plan['files_unchanged']} unchanged ({human_bytes(plan['bytes_skipped'])}), "
+                   f"{plan['files_skipped'] - plan['files_unchanged']} skipped, {plan['files_failed']} failed")
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--container", "-c", required=True, help="Destination container (created if missing).")
@@ -71,11 +131,19 @@ def cli() -> None:
               help="Bound on parallel uploads.")
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
+@cron_options
+@taskhub_option
+@click.option("--no-local-worker", is_flag=True,
+              help="Schedule and watch only; `sitebackup worker` processes do the work.")
+@click.option("--detach", is_flag=True, help="Print the run id (with --json the start event) and exit 0 at once.")
 @state_dir_option
 @debug_option
 def backup(source: Path, container: str, prefix: str, connection_string: str | None, account_url: str | None,
-           concurrency: int, json_output: bool, quiet: bool, state_dir: Path | None, debug: bool) -> None:
-    """Back up SOURCE: every file becomes a blob named by its path relative to SOURCE.
+           concurrency: int, json_output: bool, quiet: bool, taskhub: str | None, no_local_worker: bool,
+           detach: bool, state_dir: Path | None, debug: bool, **cron_opts: Any) -> None:
+    """Back up SOURCE to a container (the default command).
+
+    Every file becomes a blob named by its path relative to SOURCE.
 
     Re-running the same command while an earlier run of the same source and destination is
     unfinished resumes that run.
@@ -87,10 +155,275 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
       sitebackup backup ./site -c backups --connection-string UseDevelopmentStorage=true
     """
     settings = storage.StorageSettings.from_options(connection_string, account_url)
-    request = runner.validate_request(source, container, prefix, concurrency, state_dir or default_state_dir())
-    printer = make_printer(json_output=json_output, quiet=quiet)
-    summary = runner.run_backup(request, settings, printer)
+    request = runner.validate_request(source, container, cron.expand_prefix(prefix), concurrency,
+                                      state_dir or default_state_dir())
+    log_file, dry_run = cron_opts.pop("log_file"), cron_opts.pop("dry_run")
+    request = cron.configure(request, **cron_opts)
+    if dry_run:
+        plan = dryrun.plan_backup(request, settings)
+        _render_plan(plan, json_output, quiet)
+        sys.exit(EXIT_FILES_FAILED if plan["files_failed"] else 0)
+    hub = _taskhub_settings(taskhub)
+    printer = make_printer(json_output=json_output, quiet=quiet or (detach and not json_output))
+    if log_file is not None:
+        printer = cron.LogPrinter(printer, log_file)
+    summary = runner.run_backup(request, settings, printer, taskhub=hub, local_worker=not no_local_worker,
+                                detach=detach)
+    if detach and not json_output:
+        click.echo(summary["instance_id"])
     sys.exit(runner.exit_code_for(summary))
+
+
+def _taskhub_settings(value: str | None) -> "taskhub.TaskHubSettings | None":
+    # the module name is shadowed by the option inside commands
+    return taskhub.from_option(value)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@storage_options
+@taskhub_option
+@click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
+              help="Bound on parallel uploads in this worker.")
+@state_dir_option
+@debug_option
+def worker(connection_string: str | None, account_url: str | None, taskhub: str | None, concurrency: int,
+           state_dir: Path | None, debug: bool) -> None:
+    """Work on backups scheduled elsewhere, until stopped (Ctrl-C or SIGTERM: clean stop, exit 0).
+
+    Prints one line per finished batch. Storage credentials come from this worker's own options
+    or environment. Every worker must see the source tree at the same path.
+
+    \b
+    Examples:
+      sitebackup worker --taskhub "Endpoint=https://NAME.REGION.durabletask.io;TaskHub=backups;Authentication=ManagedIdentity"
+      DURABLE_TASK_SCHEDULER_CONNECTION_STRING=... sitebackup worker --concurrency 32
+    """
+    settings = storage.StorageSettings.from_options(connection_string, account_url)
+    hub = _taskhub_settings(taskhub)
+
+    def on_batch(instance_id: str, result: dict) -> None:
+        click.echo(f"batch {instance_id} page {result['page']}: {result['files_uploaded']} files uploaded, "
+                   f"{result['bytes_uploaded']} bytes, {result['files_failed']} failed")
+
+    click.echo(f"sitebackup: worker started on {hub.label if hub else 'the embedded backend'}", err=True)
+    scaleout.run_worker(settings, hub, state_dir or default_state_dir(), concurrency, on_batch)
+    click.echo("sitebackup: worker stopped", err=True)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--listen", required=True, metavar="HOST:PORT",
+              help="Loopback address to serve on, e.g. 127.0.0.1:4001 (port 0 picks a free port).")
+@click.option("--allow-remote", is_flag=True, help="Also accept non-loopback addresses (no TLS, no auth!).")
+@click.option("--lease-seconds", type=click.FloatRange(min=0.5), default=30.0, hidden=True,
+              help="How long a lost worker's work stays claimed (testing).")
+@state_dir_option
+@debug_option
+def serve(listen: str, allow_remote: bool, lease_seconds: float, state_dir: Path | None, debug: bool) -> None:
+    """Serve the embedded backend over TCP for local scale-out testing, until stopped.
+
+    Plaintext, no authentication. Workers and commands reach it with
+    --taskhub "Endpoint=http://HOST:PORT;TaskHub=NAME;Authentication=None"; each task hub name
+    is separate.
+
+    \b
+    Example:
+      sitebackup serve --listen 127.0.0.1:4001
+    """
+    def on_ready(address: str) -> None:
+        click.echo(f"sitebackup: serving on {address}: "
+                   f"--taskhub \"Endpoint=http://{address};TaskHub=default;Authentication=None\"", err=True)
+        click.echo(address)
+
+    scaleout.serve(listen, state_dir or default_state_dir(), allow_remote=allow_remote,
+                   lease_seconds=lease_seconds, on_ready=on_ready)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("instance_id")
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON object.")
+@click.option("--watch", is_flag=True, help="Draw the live progress bar until the run finishes.")
+@state_dir_option
+@debug_option
+def status(instance_id: str, json_output: bool, watch: bool, state_dir: Path | None, debug: bool) -> None:
+    """Show a run's status, progress and summary.
+
+    Works from any terminal, while the run is live or after it ended.
+
+    \b
+    Examples:
+      sitebackup status 20261127T225602-0dcb81
+      sitebackup status 20261127T225602-0dcb81 --json
+      sitebackup status 20261127T225602-0dcb81 --watch
+    """
+    state_dir = state_dir or default_state_dir()
+    if watch:
+        summary = manage.watch_status(state_dir, instance_id, make_printer(json_output=json_output))
+        sys.exit(runner.exit_code_for(summary))
+    info = manage.status(state_dir, instance_id)
+    if json_output:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(render.status_text(info))
+
+
+@cli.command("list", epilog=EXIT_CODES_HELP)
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["RUNNING", "COMPLETED", "FAILED", "TERMINATED", "PENDING", "SUSPENDED"],
+                                case_sensitive=False),
+              help="Only runs with this runtime status (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest runs to show.")
+@click.option("--json", "json_output", is_flag=True, help="Print a JSON array.")
+@state_dir_option
+@debug_option
+def list_(statuses: tuple[str, ...], limit: int, json_output: bool, state_dir: Path | None, debug: bool) -> None:
+    """List recent runs, newest first.
+
+    \b
+    Examples:
+      sitebackup list
+      sitebackup list --status RUNNING --status FAILED --limit 5
+    """
+    rows = manage.list_runs(state_dir or default_state_dir(), statuses=list(statuses), limit=limit)
+    if json_output:
+        click.echo(json.dumps(rows))
+    else:
+        render.runs_table(rows)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("instance_id")
+@storage_options
+@click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
+@state_dir_option
+@debug_option
+def resume(instance_id: str, connection_string: str | None, account_url: str | None, json_output: bool,
+           quiet: bool, state_dir: Path | None, debug: bool) -> None:
+    """Continue an unfinished run until it finishes.
+
+    Same progress, summary and exit codes as the original command. Storage credentials come
+    from this invocation (options or environment), never from the saved run.
+
+    \b
+    Example:
+      sitebackup resume 20261127T225602-0dcb81
+    """
+    settings = storage.StorageSettings.from_options(connection_string, account_url)
+    summary = manage.resume(state_dir or default_state_dir(), instance_id, settings,
+                            make_printer(json_output=json_output, quiet=quiet))
+    sys.exit(runner.exit_code_for(summary))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("instance_id")
+@state_dir_option
+@debug_option
+def cancel(instance_id: str, state_dir: Path | None, debug: bool) -> None:
+    """Cancel a run.
+
+    Uploads stop at the next file boundary; blobs already written stay.
+
+    \b
+    Example:
+      sitebackup cancel 20261127T225602-0dcb81
+    """
+    before = manage.cancel(state_dir or default_state_dir(), instance_id)
+    if before in ("COMPLETED", "FAILED", "TERMINATED"):
+        click.echo(f"{instance_id} had already finished ({before}); nothing to cancel")
+    else:
+        click.echo(f"{instance_id} cancelled (was {before})")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--older-than", required=True, metavar="AGE", help="Age such as 30d, 12h or 2w.")
+@state_dir_option
+@debug_option
+def purge(older_than: str, state_dir: Path | None, debug: bool) -> None:
+    """Remove finished runs older than AGE.
+
+    Their history and run records go with them.
+
+    Purged runs can no longer be restored by id or serve as the baseline of incremental runs.
+
+    \b
+    Example:
+      sitebackup purge --older-than 30d
+    """
+    removed = manage.purge(state_dir or default_state_dir(), manage.parse_age(older_than))
+    click.echo(f"purged {len(removed)} finished run(s) older than {older_than}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("args", nargs=-1, required=True, metavar="[ID] DEST")
+@click.option("--container", "-c", help="Restore whatever is under --prefix in this container instead of a run.")
+@click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped.")
+@click.option("--include", multiple=True, metavar="PATTERN",
+              help="Only paths matching this glob (repeatable); a pattern without '/' matches any path component.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out paths matching this glob (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace existing files that differ (identical ones are always skipped).")
+@storage_options
+@click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
+              help="Bound on parallel download batches.")
+@click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
+@state_dir_option
+@debug_option
+def restore(args: tuple[str, ...], container: str | None, prefix: str, include: tuple[str, ...],
+            exclude: tuple[str, ...], overwrite: bool, connection_string: str | None, account_url: str | None,
+            concurrency: int, json_output: bool, quiet: bool, state_dir: Path | None, debug: bool) -> None:
+    """Restore the files backup run ID recorded (or a container's blobs) into DEST.
+
+    Files land with their recorded modification time and mode. An existing file is skipped when
+    identical (same size and MD5) and otherwise left alone and reported unless --overwrite. Blob
+    names that would escape DEST (absolute, '..' or empty segments, NUL, backslash) are refused
+    and reported. Re-running the same command after an interruption resumes the restore.
+
+    \b
+    Examples:
+      sitebackup restore 20261127T225602-0dcb81 ./restored
+      sitebackup restore 20261127T225602-0dcb81 ./restored --include 'css/*' --exclude '*.log'
+      sitebackup restore --container backups --prefix nightly/web ./restored --overwrite
+    """
+    expected = 1 if container else 2
+    if len(args) != expected:
+        raise click.UsageError("give ID DEST, or --container NAME DEST")
+    settings = storage.StorageSettings.from_options(connection_string, account_url)
+    request = restore_mod.validate_restore(
+        args[-1], run_id=None if container else args[0], container=container, prefix=prefix, include=list(include),
+        exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir or default_state_dir())
+    summary = restore_mod.run_restore(request, settings, make_printer(json_output=json_output, quiet=quiet))
+    sys.exit(runner.exit_code_for(summary))
+
+
+@cli.command(epilog="Exit codes: 0 every recorded blob matches; 1 some do not (listed); 2 usage or input error; "
+                    "3 destination unreachable or access denied.")
+@click.argument("instance_id", metavar="ID")
+@click.option("--local", is_flag=True, help="Also compare with the source files on disk (size and MD5).")
+@click.option("--download", is_flag=True, help="Re-hash blob content instead of trusting its Content-MD5.")
+@storage_options
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON object with counts and mismatches.")
+@state_dir_option
+@debug_option
+def verify(instance_id: str, local: bool, download: bool, connection_string: str | None, account_url: str | None,
+           json_output: bool, state_dir: Path | None, debug: bool) -> None:
+    """Check every blob backup run ID recorded: present, same size, same MD5.
+
+    \b
+    Examples:
+      sitebackup verify 20261127T225602-0dcb81
+      sitebackup verify 20261127T225602-0dcb81 --local --download --json
+    """
+    settings = storage.StorageSettings.from_options(connection_string, account_url)
+    report = verify_mod.verify_run(state_dir or default_state_dir(), instance_id, settings, local=local,
+                                   download=download)
+    if json_output:
+        click.echo(json.dumps(report))
+    else:
+        for m in report["mismatches"]:
+            click.echo(f"MISMATCH {m['path']}: {m['problem']}", err=True)
+        click.echo(f"{instance_id}: {report['files_ok']}/{report['files_checked']} blobs match, "
+                   f"{report['files_mismatched']} mismatched, {report['files_not_backed_up']} not backed up by the run")
+    sys.exit(EXIT_FILES_FAILED if report["files_mismatched"] else 0)
 
 
 def _configure_logging(debug: bool) -> None:

@@ -26,16 +26,20 @@ COPY_RETRY = task.RetryPolicy(
     max_retry_interval=timedelta(seconds=60),
 )
 
-COUNTERS = ("files_total", "files_uploaded", "files_skipped", "files_failed", "bytes_total", "bytes_uploaded")
+COUNTERS = ("files_total", "files_uploaded", "files_skipped", "files_failed", "bytes_total", "bytes_uploaded",
+            "files_unchanged", "bytes_skipped")
 
 
 def progress_status(phase: str, state: dict[str, Any]) -> dict[str, Any]:
     """The fixed-shape custom status: small whatever the tree, so it never nears the 16 KB limit."""
     return {
         "phase": phase,
-        "files_done": state["files_uploaded"] + state["files_failed"],
+        # unchanged files count as done so the bar reaches its total; summaries separate them again
+        "files_done": state["files_uploaded"] + state["files_failed"] + state.get("files_unchanged", 0),
         "files_total": state["files_total"],
-        "bytes_done": state["bytes_uploaded"],
+        "bytes_done": state["bytes_uploaded"] + state.get("bytes_skipped", 0),
+        "files_unchanged": state.get("files_unchanged", 0),
+        "bytes_skipped": state.get("bytes_skipped", 0),
         "bytes_total": state["bytes_total"],
         "files_failed": state["files_failed"],
         "files_skipped": state["files_skipped"],
@@ -55,7 +59,11 @@ def backup_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) -> 
         state = {name: 0 for name in COUNTERS}
         state.update(started_at=ctx.current_utc_datetime.isoformat(), next_page=0, failures=[], skipped=[])
         ctx.set_custom_status(progress_status("scanning", state))
-        scan = yield ctx.call_activity(SCAN_TREE, input={"source": inp["source"], "min_batches": 4 * window})
+        options = inp.get("options", {})
+        scan = yield ctx.call_activity(SCAN_TREE, input={
+            "source": inp["source"], "min_batches": 4 * window, "baseline": inp.get("baseline"),
+            "compare": options.get("compare", "mtime"), "patterns": options.get("patterns", []),
+            "follow_symlinks": bool(options.get("follow_symlinks"))})
         state.update(pages=scan["pages"], files_total=scan["files_total"], bytes_total=scan["bytes_total"],
                      files_skipped=scan["files_skipped"], files_failed=scan["files_failed"],
                      skipped=scan["skipped"])
@@ -76,6 +84,10 @@ def backup_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) -> 
         state["files_uploaded"] += result["files_uploaded"]
         state["bytes_uploaded"] += result["bytes_uploaded"]
         state["files_failed"] += result["files_failed"]
+        # an unchanged file is a skipped one too: files_skipped = not uploaded on purpose
+        for key in ("files_unchanged", "bytes_skipped"):
+            state[key] = state.get(key, 0) + result.get(key, 0)
+        state["files_skipped"] += result.get("files_unchanged", 0)
         _merge_failures(state, result["failures"])
         ctx.set_custom_status(progress_status("uploading", state))
 
@@ -84,7 +96,7 @@ def backup_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) -> 
         return None
 
     started = datetime.fromisoformat(state["started_at"])
-    summary = {name: state[name] for name in COUNTERS}
+    summary = {name: state.get(name, 0) for name in COUNTERS}
     summary.update(
         source=inp["source"], destination=destination_label(inp),
         duration_s=round((ctx.current_utc_datetime - started).total_seconds(), 3),

@@ -31,13 +31,18 @@ def human_bytes(n: float) -> str:
 
 
 def summary_line(summary: dict[str, Any]) -> str:
+    # a restore's summary counts files restored where a backup's counts files uploaded
+    verb = "restored" if "files_restored" in summary else "uploaded"
     parts = [
         f"{summary.get('instance_id', '?')} {summary.get('runtime_status', '?')}:",
-        f"{summary.get('files_uploaded', 0)}/{summary.get('files_total', 0)} files uploaded",
-        f"({human_bytes(summary.get('bytes_uploaded', 0))})",
+        f"{summary.get(f'files_{verb}', 0)}/{summary.get('files_total', 0)} files {verb}",
+        f"({human_bytes(summary.get(f'bytes_{verb}', 0))})",
     ]
-    if summary.get("files_skipped"):
-        parts.append(f"{summary['files_skipped']} skipped,")
+    if summary.get("files_unchanged"):
+        parts.append(f"{summary['files_unchanged']} unchanged ({human_bytes(summary.get('bytes_skipped', 0))}),")
+    other_skipped = summary.get("files_skipped", 0) - summary.get("files_unchanged", 0)
+    if other_skipped:
+        parts.append(f"{other_skipped} skipped,")
     parts.append(f"{summary.get('files_failed', 0)} failed, {summary.get('duration_s', 0):.1f}s")
     return " ".join(parts)
 
@@ -49,6 +54,11 @@ def failure_lines(summary: dict[str, Any]) -> list[str]:
     if rest > 0 and listed:
         lines.append(f"... and {rest} more failed files (see: sitebackup status {summary.get('instance_id')})")
     return lines
+
+
+def skipped_lines(summary: dict[str, Any]) -> list[str]:
+    """Notes for what was left out on purpose (symlinks, FIFOs, sockets, devices), as listed in the summary."""
+    return [f"skipped {s['path']}: {s['reason']}" for s in summary.get("skipped") or []]
 
 
 class Printer:
@@ -87,6 +97,8 @@ class PlainPrinter(Printer):
         for line in failure_lines(summary):
             print(line, file=self.err, flush=True)
         if not self.quiet:
+            for line in skipped_lines(summary):
+                print(line, file=self.out, flush=True)
             print(summary_line(summary), file=self.out, flush=True)
 
 
@@ -110,7 +122,7 @@ class RichPrinter(PlainPrinter):
         self.started = False
 
     def start(self, info: dict[str, Any]) -> None:
-        verb = "Resuming" if info.get("resumed") else "Backing up"
+        verb = "Resuming" if info.get("resumed") else info.get("action", "Backing up")
         self.console.print(f"{verb} [bold]{info['source']}[/] -> [bold]{info['destination']}[/] ({info['instance_id']})")
         self.bar.start()
         self.started = True
@@ -127,6 +139,8 @@ class RichPrinter(PlainPrinter):
     def finish(self, summary: dict[str, Any]) -> None:
         self.close()
         for line in failure_lines(summary):
+            self.console.print(line, markup=False, highlight=False)
+        for line in skipped_lines(summary):
             self.console.print(line, markup=False, highlight=False)
         print(summary_line(summary), file=self.out, flush=True)
 

@@ -7,17 +7,19 @@ prints directly, it hands data to a ``Printer``.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from durabletask import client as dt_client
 
-from sitebackup import storage
+from sitebackup import incremental, storage
 from sitebackup.activities import ActivityDeps
 from sitebackup.errors import (
+    AlreadyRunningError,
     EXIT_DESTINATION,
     EXIT_FILES_FAILED,
     EXIT_INTERRUPTED,
@@ -28,6 +30,8 @@ from sitebackup.errors import (
 from sitebackup.orchestrations import BACKUP_ORCHESTRATION, DEFAULT_WINDOW, destination_label
 from sitebackup.progress import Printer
 from sitebackup.runtime import Runtime, open_backend
+from sitebackup.taskhub import TaskHubSettings
+from sitebackup.runlock import RunLock
 from sitebackup.workstore import WorkStore
 
 POLL_SECONDS = 0.25
@@ -58,11 +62,17 @@ class BackupRequest:
     prefix: str = ""
     concurrency: int = DEFAULT_WINDOW
     state_dir: Path = field(default_factory=Path)
+    compare: str = incremental.MODE_MTIME  # or checksum / force
+    patterns: list[str] = field(default_factory=list)  # gitignore-style, see filters.py
+    follow_symlinks: bool = False
+    no_wait: bool = False
 
     def orchestration_input(self, endpoint: str) -> dict[str, Any]:
         # paths and options only: this is stored durably, so never a credential
         return {"source": str(self.source), "container": self.container, "prefix": self.prefix,
-                "endpoint": endpoint, "options": {"concurrency": self.concurrency}}
+                "endpoint": endpoint, "options": {"concurrency": self.concurrency, "compare": self.compare,
+                                                  "patterns": self.patterns,
+                                                  "follow_symlinks": self.follow_symlinks}}
 
 
 def validate_request(source: str | Path, container: str, prefix: str | None, concurrency: int,
@@ -110,8 +120,11 @@ def summarize(state: dt_client.OrchestrationState) -> dict[str, Any]:
         if isinstance(status, dict):
             summary.update(files_total=status.get("files_total", 0), bytes_total=status.get("bytes_total", 0),
                            files_failed=status.get("files_failed", 0), files_skipped=status.get("files_skipped", 0),
-                           bytes_uploaded=status.get("bytes_done", 0),
-                           files_uploaded=status.get("files_done", 0) - status.get("files_failed", 0))
+                           files_unchanged=status.get("files_unchanged", 0),
+                           bytes_skipped=status.get("bytes_skipped", 0),
+                           bytes_uploaded=status.get("bytes_done", 0) - status.get("bytes_skipped", 0),
+                           files_uploaded=status.get("files_done", 0) - status.get("files_failed", 0)
+                           - status.get("files_unchanged", 0))
         summary["duration_s"] = round((state.last_updated_at - state.created_at).total_seconds(), 3)
     if state.failure_details is not None:
         summary["error"] = storage.redact(state.failure_details.message)
@@ -120,6 +133,8 @@ def summarize(state: dt_client.OrchestrationState) -> dict[str, Any]:
 
 
 def exit_code_for(summary: dict[str, Any]) -> int:
+    if summary.get("detached"):
+        return EXIT_OK
     if summary["runtime_status"] == "COMPLETED":
         return EXIT_FILES_FAILED if summary.get("files_failed") else EXIT_OK
     if "DestinationError" in (summary.get("error_type") or "") or "DestinationError" in (summary.get("error") or ""):
@@ -127,9 +142,12 @@ def exit_code_for(summary: dict[str, Any]) -> int:
     return EXIT_FILES_FAILED
 
 
-def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printer) -> dt_client.OrchestrationState:
+def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printer,
+          on_poll: Callable[[], None] | None = None) -> dt_client.OrchestrationState:
     """Feed the printer from custom status until the instance reaches a terminal state."""
     while True:
+        if on_poll is not None:
+            on_poll()
         state = client.get_orchestration_state(instance_id)
         if state is None:
             raise InputError(f"no backup with id {instance_id!r}")
@@ -143,11 +161,14 @@ def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printe
 
 
 def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
-                   printer: Printer) -> dict[str, Any]:
-    """Run a worker in this process until *instance_id* finishes; Ctrl-C leaves it resumable."""
+                   printer: Printer, *, local_worker: bool = True) -> dict[str, Any]:
+    """Run a worker in this process until *instance_id* finishes; Ctrl-C leaves it resumable.
+
+    Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work."""
     client = runtime.client()
     try:
-        runtime.start_worker(deps, concurrency)
+        if local_worker:
+            runtime.start_worker(deps, concurrency)
         state = watch(client, instance_id, printer)
     except KeyboardInterrupt:
         printer.close()
@@ -160,28 +181,121 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, insta
     return summary
 
 
-def activity_deps(settings: storage.StorageSettings, state_dir: Path, concurrency: int) -> ActivityDeps:
+class CancelCheck:
+    """Answers "was this run cancelled?" from the backend, asking at most once a second per run."""
+
+    def __init__(self, runtime: Runtime, interval: float = 1.0):
+        self.runtime = runtime
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.checked: dict[str, tuple[float, bool]] = {}
+        self.client: dt_client.TaskHubGrpcClient | None = None
+
+    def __call__(self, run_id: str) -> bool:
+        with self.lock:
+            at, answer = self.checked.get(run_id, (0.0, False))
+            if answer or time.monotonic() - at < self.interval:
+                return answer
+            if self.client is None:
+                self.client = self.runtime.client()
+            try:
+                state = self.client.get_orchestration_state(run_id, fetch_payloads=False)
+            except Exception:  # backend going away: keep uploading, the lease decides
+                return False
+            answer = state is not None and state.runtime_status == dt_client.OrchestrationStatus.TERMINATED
+            self.checked[run_id] = (time.monotonic(), answer)
+            return answer
+
+
+def activity_deps(settings: storage.StorageSettings, state_dir: Path, concurrency: int,
+                  runtime: Runtime | None = None) -> ActivityDeps:
     service, label = storage.make_service_client(settings, pool_size=2 * concurrency + 8)
-    return ActivityDeps(container_client=service.get_container_client, work=WorkStore(state_dir / "work"),
-                        endpoint=label)
+    work = runtime.work_store(service) if runtime is not None else WorkStore(state_dir / "work")
+    deps = ActivityDeps(container_client=service.get_container_client, work=work, endpoint=label)
+    if runtime is not None:
+        deps.cancelled = CancelCheck(runtime)
+    return deps
 
 
-def run_backup(request: BackupRequest, settings: storage.StorageSettings, printer: Printer) -> dict[str, Any]:
+def run_backup(request: BackupRequest, settings: storage.StorageSettings, printer: Printer, *,
+               taskhub: TaskHubSettings | None = None, local_worker: bool = True,
+               detach: bool = False) -> dict[str, Any]:
+    """Schedule or resume, then host a worker and watch (or only watch, or with *detach* only schedule)."""
     if not settings.configured:
         raise InputError(storage.NOT_CONFIGURED)
     endpoint = storage.connect(settings, request.container)
     inp = request.orchestration_input(endpoint)
-    with open_backend(request.state_dir) as runtime:
+    lock = RunLock.for_backup(request.state_dir, inp)
+    with open_backend(request.state_dir, taskhub) as runtime:
         client = runtime.client()
         try:
-            instance_id = find_unfinished(client, inp)
+            instance_id, live = claim_or_find(client, runtime, inp, lock)
+            if live and request.no_wait:
+                lock.release()
+                raise AlreadyRunningError(f"the same backup is already running as {instance_id}", instance_id)
             resumed = instance_id is not None
             if instance_id is None:
+                work = activity_deps(settings, request.state_dir, request.concurrency, runtime).work
+                inp["baseline"] = (None if request.compare == incremental.MODE_FORCE else
+                                   incremental.find_baseline(client, inp, work, BACKUP_ORCHESTRATION))
                 instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=inp,
                                                                 instance_id=new_instance_id())
         finally:
             client.close()
-        printer.start({"instance_id": instance_id, "source": inp["source"], "destination": destination_label(inp),
-                       "endpoint": endpoint, "resumed": resumed})
-        return host_and_watch(runtime, activity_deps(settings, request.state_dir, request.concurrency), request.concurrency,
-                              instance_id, printer)
+        try:
+            printer.start({"instance_id": instance_id, "source": inp["source"],
+                           "destination": destination_label(inp), "endpoint": endpoint, "resumed": resumed,
+                           "attached": live})
+            if detach:
+                return {"instance_id": instance_id, "runtime_status": "SCHEDULED", "detached": True}
+            if live and local_worker:
+                return attach_and_watch(runtime, activity_deps(settings, request.state_dir, request.concurrency,
+                                                               runtime),
+                                        request.concurrency, instance_id, printer, lock)
+            return host_and_watch(runtime, activity_deps(settings, request.state_dir, request.concurrency, runtime), request.concurrency,
+                                  instance_id, printer, local_worker=local_worker)
+        finally:
+            lock.release()
+
+
+def claim_or_find(client: dt_client.TaskHubGrpcClient, runtime: Runtime, inp: dict[str, Any],
+                  lock: RunLock) -> tuple[str | None, bool]:
+    """(unfinished instance id or None, whether a live process works on it).
+
+    Holding *lock* makes this process the one that schedules or resumes; when another live
+    process holds it, wait until that process has scheduled its instance (or let go).
+    """
+    while True:
+        owner = lock.try_acquire()
+        instance_id = find_unfinished(client, inp)
+        if owner:
+            # another kind of process (a worker, a dying one whose leases still run) may hold the work
+            return instance_id, bool(instance_id and runtime.worker_attached(instance_id))
+        if instance_id is not None:
+            return instance_id, True
+        time.sleep(POLL_SECONDS)
+
+
+def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
+                     printer: Printer, lock: RunLock) -> dict[str, Any]:
+    """Show a run another live process hosts, without a worker of our own (no double work);
+    host it ourselves only once no live process works on it any more."""
+    hosting: list[bool] = []
+
+    def take_over_if_orphaned() -> None:
+        if not hosting and lock.try_acquire() and not runtime.worker_attached(instance_id):
+            runtime.start_worker(deps, concurrency)
+            hosting.append(True)
+
+    client = runtime.client()
+    try:
+        state = watch(client, instance_id, printer, on_poll=take_over_if_orphaned)
+    except KeyboardInterrupt:
+        printer.close()
+        runtime.stop_workers()
+        raise Interrupted(instance_id) from None
+    finally:
+        client.close()
+    summary = summarize(state)
+    printer.finish(summary)
+    return summary

@@ -61,21 +61,32 @@ def _special_kind(mode: int) -> str | None:
     return None
 
 
-def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None) -> Iterator[Entry]:
-    """Yield entries under *root* depth-first in sorted name order; symlinks are not followed.
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None,
+         follow_symlinks: bool = False) -> Iterator[Entry]:
+    """Yield entries under *root* depth-first in sorted name order.
 
     ``excluded(relpath, is_dir)`` lets callers drop paths (filters) before they are stat'ed further.
+    Symlinks are skipped unless *follow_symlinks*; followed links never lead outside *root*, and a
+    link back to a directory being walked (a loop) is skipped, so a walk always ends.
     """
-    stack: list[tuple[str, str]] = [(os.fspath(root), "")]
+    real_root = os.path.realpath(root)
+    root_st = os.stat(root)
+    # each pending directory carries the (st_dev, st_ino) of itself and its ancestors: the loop check
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
+        (os.fspath(root), "", frozenset({(root_st.st_dev, root_st.st_ino)}))]
     while stack:
-        dirpath, reldir = stack.pop()
+        dirpath, reldir, ancestors = stack.pop()
         try:
             with os.scandir(dirpath) as it:
                 children = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             yield Failed(reldir or ".", f"cannot read directory: {describe_os_error(exc)}")
             continue
-        subdirs: list[tuple[str, str]] = []
+        subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
         for child in children:
             rel = f"{reldir}/{child.name}" if reldir else child.name
             if not _is_utf8(child.name):
@@ -84,12 +95,20 @@ def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None) -> 
                 continue
             try:
                 if child.is_symlink():
-                    if not (excluded and excluded(rel, False)):
-                        yield Skipped(rel, "symlink (not followed)")
+                    if not follow_symlinks:
+                        if not (excluded and excluded(rel, False)):
+                            yield Skipped(rel, "symlink (not followed)")
+                        continue
+                    followed = _follow(child.path, rel, real_root, ancestors, excluded)
+                    if isinstance(followed, tuple):
+                        subdirs.append(followed)
+                    elif followed is not None:
+                        yield followed
                     continue
                 if child.is_dir(follow_symlinks=False):
                     if not (excluded and excluded(rel, True)):
-                        subdirs.append((child.path, rel))
+                        st = child.stat(follow_symlinks=False)
+                        subdirs.append((child.path, rel, ancestors | {(st.st_dev, st.st_ino)}))
                     continue
                 if excluded and excluded(rel, False):
                     continue
@@ -104,3 +123,26 @@ def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None) -> 
                 yield FileEntry(rel, st.st_size, st.st_mtime_ns)
         # reversed so that popping from the stack visits directories in sorted order
         stack.extend(reversed(subdirs))
+
+
+def _follow(path: str, rel: str, real_root: str, ancestors: frozenset[tuple[int, int]],
+            excluded: Callable[[str, bool], bool] | None) -> Entry | tuple[str, str, frozenset[tuple[int, int]]] | None:
+    """What a followed symlink is: a file entry, a directory to walk, a skip note, or None if excluded."""
+    target = os.path.realpath(path)
+    if not _inside(target, real_root):
+        return None if excluded and excluded(rel, False) else Skipped(rel, "symlink points outside the source")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None if excluded and excluded(rel, False) else Skipped(rel, "broken symlink")
+    if stat.S_ISDIR(st.st_mode):
+        if excluded and excluded(rel, True):
+            return None
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            return Skipped(rel, "symlink loop (not followed)")
+        return (path, rel, ancestors | {key})
+    if excluded and excluded(rel, False):
+        return None
+    special = _special_kind(st.st_mode)
+    return Skipped(rel, special) if special else FileEntry(rel, st.st_size, st.st_mtime_ns)

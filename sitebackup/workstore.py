@@ -3,6 +3,8 @@
 The scan writes the file list as numbered pages; each copy activity reads one page and writes
 one result file (what it uploaded, with sizes and hashes). Only page numbers and counts travel
 through the durable history, so its size does not grow with the number of files.
+``WorkStore`` keeps them in the local state directory; ``BlobWorkStore`` keeps them in the
+destination container when workers on other hosts must see them.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from azure.storage.blob import ContainerClient
 
 
 class WorkStore:
@@ -46,6 +51,9 @@ class WorkStore:
     def write_result(self, instance_id: str, page: int, records: list[Any]) -> None:
         self._write(self._dir(instance_id) / "results" / f"{page:06d}.json", records)
 
+    def has_results(self, instance_id: str) -> bool:
+        return (self._dir(instance_id) / "results").is_dir()
+
     def iter_results(self, instance_id: str) -> Iterator[Any]:
         folder = self._dir(instance_id) / "results"
         if not folder.is_dir():
@@ -55,3 +63,61 @@ class WorkStore:
 
     def remove(self, instance_id: str) -> None:
         shutil.rmtree(self._dir(instance_id), ignore_errors=True)
+
+
+# Reserved at the destination container's root for work files shared by workers on several hosts;
+# a source file that would land there is refused rather than uploaded over them.
+RESERVED_PREFIX = ".sitebackup/"
+
+
+def is_reserved(blob_name: str) -> bool:
+    return blob_name == RESERVED_PREFIX.rstrip("/") or blob_name.startswith(RESERVED_PREFIX)
+
+
+class BlobWorkStore:
+    """The WorkStore interface on blobs, for the scheduler backend where workers share no disk.
+
+    Pages and results live under ``.sitebackup/work/<instance_id>/`` in the backup's destination
+    container; *container_for* maps an instance id to that container's client.
+    """
+
+    def __init__(self, container_for: Callable[[str], "ContainerClient"]):
+        self.container_for = container_for
+
+    @staticmethod
+    def _folder(instance_id: str) -> str:
+        if "/" in instance_id or instance_id in ("", ".", ".."):
+            raise ValueError(f"bad instance id {instance_id!r}")
+        return f"{RESERVED_PREFIX}work/{instance_id}/"
+
+    def _write(self, instance_id: str, name: str, data: Any) -> None:
+        # one Put Blob is atomic: a reader never sees half a page
+        body = json.dumps(data, separators=(",", ":")).encode("utf-8")
+        self.container_for(instance_id).upload_blob(self._folder(instance_id) + name, body, overwrite=True)
+
+    def _read(self, instance_id: str, name: str) -> Any:
+        return json.loads(self.container_for(instance_id).download_blob(self._folder(instance_id) + name).readall())
+
+    def write_page(self, instance_id: str, page: int, items: list[Any]) -> None:
+        self._write(instance_id, f"pages/{page:06d}.json", items)
+
+    def read_page(self, instance_id: str, page: int) -> list[Any]:
+        return self._read(instance_id, f"pages/{page:06d}.json")
+
+    def write_result(self, instance_id: str, page: int, records: list[Any]) -> None:
+        self._write(instance_id, f"results/{page:06d}.json", records)
+
+    def has_results(self, instance_id: str) -> bool:
+        folder = self._folder(instance_id) + "results/"
+        return any(True for _ in self.container_for(instance_id).list_blobs(name_starts_with=folder))
+
+    def iter_results(self, instance_id: str) -> Iterator[Any]:
+        container = self.container_for(instance_id)
+        folder = self._folder(instance_id) + "results/"
+        for name in sorted(b.name for b in container.list_blobs(name_starts_with=folder)):
+            yield from json.loads(container.download_blob(name).readall())
+
+    def remove(self, instance_id: str) -> None:
+        container = self.container_for(instance_id)
+        for blob in container.list_blobs(name_starts_with=self._folder(instance_id)):
+            container.delete_blob(blob.name)

@@ -1,0 +1,71 @@
+"""``--dry-run``: the scan and the incremental comparison of a backup, run locally; nothing is written.
+
+No orchestration is scheduled and the container is neither created nor listed: the walk and the
+comparison with the baseline run's record (found through the durable client, read from the work
+store) answer what a real run would upload and skip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sitebackup import incremental, storage
+from sitebackup.filters import Filter
+from sitebackup.orchestrations import BACKUP_ORCHESTRATION, destination_label
+from sitebackup.runtime import open_backend
+from sitebackup.scan import Failed, FileEntry, Skipped, describe_os_error, walk
+from sitebackup.workstore import WorkStore
+
+
+def plan_backup(request: Any, settings: storage.StorageSettings) -> dict[str, Any]:
+    endpoint = None
+    if settings.configured:
+        # only the label, to match the baseline's endpoint: no request reaches the service
+        client, endpoint = storage.make_service_client(settings, quick=True)
+        client.close()
+    inp = request.orchestration_input(endpoint)
+    work = WorkStore(request.state_dir / "work")
+    baseline = None
+    if request.compare != incremental.MODE_FORCE:
+        with open_backend(request.state_dir) as runtime:
+            client = runtime.client()
+            try:
+                baseline = incremental.find_baseline(client, inp, work, BACKUP_ORCHESTRATION)
+            finally:
+                client.close()
+    previous = incremental.load_baseline(work, baseline)
+    rules = Filter(request.patterns)
+    items: list[dict[str, Any]] = []
+    for entry in walk(request.source, excluded=rules.excluded if rules else None,
+                      follow_symlinks=request.follow_symlinks):
+        if isinstance(entry, FileEntry):
+            try:
+                action = _action(request.source, entry, previous.get(entry.relpath), request.compare)
+            except OSError as exc:
+                items.append({"action": "fail", "path": entry.relpath, "error": describe_os_error(exc)})
+                continue
+            items.append({"action": action, "path": entry.relpath, "size": entry.size})
+        elif isinstance(entry, Skipped):
+            items.append({"action": "skip", "path": entry.relpath, "reason": entry.reason})
+        elif isinstance(entry, Failed):
+            items.append({"action": "fail", "path": entry.relpath, "error": entry.reason})
+    upload = [i for i in items if i["action"] == "upload"]
+    unchanged = [i for i in items if i["action"] == "unchanged"]
+    return {
+        "dry_run": True, "source": str(request.source), "destination": destination_label(inp),
+        "baseline": baseline, "items": items,
+        "files_to_upload": len(upload), "bytes_to_upload": sum(i["size"] for i in upload),
+        "files_unchanged": len(unchanged), "bytes_skipped": sum(i["size"] for i in unchanged),
+        "files_skipped": len(unchanged) + sum(1 for i in items if i["action"] == "skip"),
+        "files_failed": sum(1 for i in items if i["action"] == "fail"),
+    }
+
+
+def _action(source: Path, entry: FileEntry, previous: dict[str, Any] | None, mode: str) -> str:
+    decision = incremental.decide(entry.size, entry.mtime_ns, previous, mode)
+    if decision == incremental.CHECK:
+        assert previous is not None
+        same = incremental.md5_base64(source / entry.relpath) == previous.get("md5")
+        return "unchanged" if same else "upload"
+    return "unchanged" if decision == incremental.UNCHANGED else "upload"

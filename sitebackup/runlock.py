@@ -1,0 +1,56 @@
+"""One run at a time per source and destination: an advisory file lock held by the hosting process.
+
+The process that schedules or resumes a backup holds ``<state_dir>/locks/<key>.lock`` (flock) for
+as long as it hosts the run; the kernel drops the lock when that process dies, however it dies, so
+a second invocation can tell a live run (lock held: attach or exit 4) from an orphaned one (lock
+free: resume it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def lock_key(inp: dict[str, Any]) -> str:
+    # the same keys find_unfinished matches on, so "the same backup" means one thing everywhere
+    ident = json.dumps([inp.get("source"), inp.get("container"), inp.get("prefix", "")])
+    return hashlib.sha256(ident.encode("utf-8")).hexdigest()[:24]
+
+
+class RunLock:
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    @classmethod
+    def for_backup(cls, state_dir: Path, inp: dict[str, Any]) -> "RunLock":
+        return cls(state_dir / "locks" / f"{lock_key(inp)}.lock")
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock without waiting; True if this process holds it now."""
+        if self.fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
