@@ -1,8 +1,8 @@
 """Opening a durable backend and hosting the worker and client that talk to it.
 
 ``open_backend`` is the one seam between commands and the durable engine: every command gets a
-``Runtime`` from it and never cares whether the embedded SQLite backend or another sidecar
-serves it.
+``Runtime`` from it and never cares whether the embedded SQLite backend or Azure Durable Task
+Scheduler (``TaskHubSettings``, through durabletask-azuremanaged) serves it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from durabletask import client as dt_client
 from durabletask import worker as dt_worker
 
 from sitebackup.activities import ActivityDeps, build_activities
+from sitebackup.errors import InputError
 from sitebackup.orchestrations import backup_site_content
+from sitebackup.taskhub import TaskHubSettings
+from sitebackup.workstore import BlobWorkStore, WorkStore
 
 ENV_STATE_DIR = "SITEBACKUP_STATE_DIR"
 # The SDK logs INFO on every episode; its own logger keeps that out of the user's terminal
@@ -27,6 +30,9 @@ ENV_STATE_DIR = "SITEBACKUP_STATE_DIR"
 SDK_LOGGER = logging.getLogger("sitebackup.durabletask")
 
 if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+    from azure.storage.blob import BlobServiceClient
+
     from sitebackup.backend import EmbeddedBackend
 
 
@@ -48,9 +54,18 @@ class Runtime:
     address: str
     state_dir: Path
     backend: "EmbeddedBackend | None" = None
+    taskhub: TaskHubSettings | None = None
+    credential: "TokenCredential | None" = None
     _workers: list[dt_worker.TaskHubGrpcWorker] = field(default_factory=list)
+    _containers: dict[str, str] = field(default_factory=dict)
 
     def client(self) -> dt_client.TaskHubGrpcClient:
+        if self.taskhub is not None:
+            from durabletask.azuremanaged.client import DurableTaskSchedulerClient
+
+            return DurableTaskSchedulerClient(host_address=self.address, taskhub=self.taskhub.taskhub,
+                                              token_credential=self.credential, secure_channel=self.taskhub.secure,
+                                              logger=SDK_LOGGER)
         return dt_client.TaskHubGrpcClient(host_address=self.address, logger=SDK_LOGGER)
 
     def start_worker(self, deps: ActivityDeps, concurrency: int) -> dt_worker.TaskHubGrpcWorker:
@@ -59,10 +74,21 @@ class Runtime:
             maximum_concurrent_orchestration_work_items=4,
             maximum_thread_pool_workers=worker_threads(concurrency),
         )
-        worker = dt_worker.TaskHubGrpcWorker(host_address=self.address, logger=SDK_LOGGER,
-                                             concurrency_options=options)
+        if self.taskhub is not None:
+            from durabletask.azuremanaged.worker import DurableTaskSchedulerWorker
+
+            worker: dt_worker.TaskHubGrpcWorker = DurableTaskSchedulerWorker(
+                host_address=self.address, taskhub=self.taskhub.taskhub, token_credential=self.credential,
+                secure_channel=self.taskhub.secure, logger=SDK_LOGGER, concurrency_options=options)
+        else:
+            worker = dt_worker.TaskHubGrpcWorker(host_address=self.address, logger=SDK_LOGGER,
+                                                 concurrency_options=options)
+        # imported here: restore builds on runner, which imports this module
+        from sitebackup.restore import build_restore_activities, restore_site_content
+
         worker.add_orchestrator(backup_site_content)
-        for activity in build_activities(deps):
+        worker.add_orchestrator(restore_site_content)
+        for activity in [*build_activities(deps), *build_restore_activities(deps)]:
             worker.add_activity(activity)
         worker.start()
         self._workers.append(worker)
@@ -76,14 +102,47 @@ class Runtime:
         """Whether a live process works on *instance_id*; None when the backend cannot tell."""
         return self.backend.worker_attached(instance_id) if self.backend else None
 
+    def work_store(self, service: "BlobServiceClient") -> WorkStore | BlobWorkStore:
+        """Local pages for the embedded backend; blobs in the destination when workers share no disk."""
+        if self.taskhub is None:
+            return WorkStore(self.state_dir / "work")
+        return BlobWorkStore(lambda instance_id: service.get_container_client(self._container_of(instance_id)))
+
+    def _container_of(self, instance_id: str) -> str:
+        # activities know only the instance id; its input (paths and options) names the container
+        if instance_id not in self._containers:
+            client = self.client()
+            try:
+                state = client.get_orchestration_state(instance_id, fetch_payloads=True)
+            finally:
+                client.close()
+            inp = state.get_input() if state is not None and state.serialized_input else None
+            if not isinstance(inp, dict) or "container" not in inp:
+                raise RuntimeError(f"cannot find the destination container of {instance_id!r}")
+            self._containers[instance_id] = inp["container"]
+        return self._containers[instance_id]
+
 
 @contextmanager
-def open_backend(state_dir: Path) -> Iterator[Runtime]:
-    """Serve the embedded backend for *state_dir* in this process for the duration of the block."""
-    from sitebackup.backend import EmbeddedBackend
+def open_backend(state_dir: Path, taskhub: TaskHubSettings | None = None) -> Iterator[Runtime]:
+    """Serve the embedded backend for *state_dir* in this process for the duration of the block,
+    or, given *taskhub*, talk to that Durable Task Scheduler instead."""
+    if taskhub is not None:
+        runtime = Runtime(address=taskhub.host_address, state_dir=state_dir, taskhub=taskhub,
+                          credential=taskhub.credential())
+        try:
+            yield runtime
+        finally:
+            runtime.stop_workers()
+        return
+
+    from sitebackup.backend import EmbeddedBackend, StateDirError
 
     backend = EmbeddedBackend(state_dir)
-    address = backend.start()
+    try:
+        address = backend.start()
+    except StateDirError as exc:
+        raise InputError(str(exc)) from None
     runtime = Runtime(address=address, state_dir=state_dir, backend=backend)
     try:
         yield runtime
