@@ -188,9 +188,9 @@ def _taskhub_settings(value: str | None) -> "taskhub.TaskHubSettings | None":
 @debug_option
 def worker(connection_string: str | None, account_url: str | None, taskhub: str | None, concurrency: int,
            state_dir: Path | None, debug: bool) -> None:
-    """Work on backups scheduled elsewhere, until stopped (Ctrl-C or SIGTERM: clean stop, exit 0).
+    """Run a worker only: work on backups scheduled elsewhere.
 
-    Prints one line per finished batch. Storage credentials come from this worker's own options
+    Runs until Ctrl-C or SIGTERM (clean stop, exit 0). Prints one line per finished batch. Storage credentials come from this worker's own options
     or environment. Every worker must see the source tree at the same path.
 
     \b
@@ -219,7 +219,9 @@ def worker(connection_string: str | None, account_url: str | None, taskhub: str 
 @state_dir_option
 @debug_option
 def serve(listen: str, allow_remote: bool, lease_seconds: float, state_dir: Path | None, debug: bool) -> None:
-    """Serve the embedded backend over TCP for local scale-out testing, until stopped.
+    """Serve the embedded backend over TCP (local scale-out testing).
+
+    Runs until Ctrl-C or SIGTERM.
 
     Plaintext, no authentication. Workers and commands reach it with
     --taskhub "Endpoint=http://HOST:PORT;TaskHub=NAME;Authentication=None"; each task hub name
