@@ -85,7 +85,7 @@ class PlainPrinter(Printer):
 
     def start(self, info: dict[str, Any]) -> None:
         if not self.quiet:
-            verb = "resuming" if info.get("resumed") else "started"
+            verb = "attached to" if info.get("attached") else "resuming" if info.get("resumed") else "started"
             print(f"sitebackup: {verb} {info['instance_id']}: {info['source']} -> {info['destination']}",
                   file=self.out, flush=True)
 
