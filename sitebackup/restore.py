@@ -11,11 +11,11 @@ real name. Blob names are untrusted: a name that would land outside the destinat
 from __future__ import annotations
 
 import base64
-import fnmatch
 import hashlib
 import logging
 import os
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +31,7 @@ from durabletask import task
 from sitebackup import storage
 from sitebackup.activities import BATCH_BYTES, BATCH_FILES, MAX_LISTED, ActivityDeps
 from sitebackup.errors import DestinationError, InputError
+from sitebackup.filters import Filter
 from sitebackup.orchestrations import BACKUP_ORCHESTRATION, COPY_RETRY, DEFAULT_WINDOW, PAGES_PER_GENERATION
 from sitebackup.progress import Printer
 from sitebackup.runner import UNFINISHED, activity_deps, host_and_watch, new_instance_id
@@ -72,20 +73,17 @@ def safe_relpath(name: str) -> str:
     return name
 
 
-def _pattern_matches(relpath: str, pattern: str) -> bool:
-    """fnmatch on the relative path; a pattern without '/' matches any path component,
-    and a pattern that names a directory matches everything under it."""
-    pattern = pattern.strip("/") if pattern not in ("/", "") else pattern
-    parts = relpath.split("/")
-    if "/" not in pattern:
-        return any(fnmatch.fnmatchcase(part, pattern) for part in parts)
-    return any(fnmatch.fnmatchcase("/".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+def make_selector(include: list[str], exclude: list[str]) -> Callable[[str], bool]:
+    """Whether a path is restored: it (or a directory above it) matches an --include pattern when any
+    are given, and neither it nor a directory above it matches an --exclude pattern. Patterns are
+    gitignore-style (``filters``): without a '/' they match a name at any depth."""
+    wanted, unwanted = Filter(include), Filter(exclude)
 
+    def hit(flt: Filter, relpath: str) -> bool:
+        parts = relpath.split("/")
+        return any(flt.excluded("/".join(parts[:i]), i < len(parts)) for i in range(1, len(parts) + 1))
 
-def selected(relpath: str, include: list[str], exclude: list[str]) -> bool:
-    if include and not any(_pattern_matches(relpath, p) for p in include):
-        return False
-    return not any(_pattern_matches(relpath, p) for p in exclude)
+    return lambda relpath: (not wanted or hit(wanted, relpath)) and not (unwanted and hit(unwanted, relpath))
 
 
 def plan_pages(items: list[list[Any]], *, min_batches: int) -> list[list[list[Any]]]:
@@ -202,7 +200,7 @@ def restore_source_label(inp: dict[str, Any]) -> str:
 def plan_restore(deps: ActivityDeps, restore_id: str, inp: dict[str, Any]) -> dict[str, Any]:
     """List what to restore (run record or container listing), validate names, write pages."""
     options = inp.get("options") or {}
-    include, exclude = list(options.get("include") or []), list(options.get("exclude") or [])
+    selected = make_selector(list(options.get("include") or []), list(options.get("exclude") or []))
     prefix = inp.get("prefix") or ""
     items: list[list[Any]] = []
     failures: list[dict[str, str]] = []
@@ -241,7 +239,7 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: dict[str, Any]) -> di
             if len(failures) < MAX_LISTED:
                 failures.append({"path": name, "error": f"refused: {exc}"})
             continue
-        if not selected(relpath, include, exclude):
+        if not selected(relpath):
             continue
         items.append([name, relpath, int(rec["size"]), rec.get("md5"), rec.get("mtime_ns")])
     pages = plan_pages(items, min_batches=int(inp.get("min_batches", 1)))

@@ -17,7 +17,7 @@ from azure.storage.blob import ContentSettings
 from conftest import ROOT, write_tree
 
 from sitebackup import storage
-from sitebackup.restore import TEMP_SUFFIX, UnsafeName, plan_pages, safe_relpath, selected
+from sitebackup.restore import TEMP_SUFFIX, UnsafeName, make_selector, plan_pages, safe_relpath
 
 BIG = 20 * 1024 * 1024  # over storage.SINGLE_PUT_BYTES and restore.RANGE_BYTES: block-range download
 
@@ -251,7 +251,6 @@ def test_restore_killed_with_sigkill_then_rerun_completes_exactly(tmp_path, cli,
             proc.kill()
         proc.stdout.close()
         proc.stderr.close()
-    assert 0 < len(tree_of(dest)) < len(files) or done < len(files)
 
     result = cli("restore", run_id, dest, "--concurrency", "4", "--json")
     assert result.returncode == 0, result.stderr
@@ -260,6 +259,7 @@ def test_restore_killed_with_sigkill_then_rerun_completes_exactly(tmp_path, cli,
     summary = events[-1]
     assert summary["files_total"] == len(files)
     assert summary["files_restored"] + summary["files_skipped"] == len(files)
+    assert summary["files_restored"] > 0  # the killed process left work for the second one
     assert summary["files_failed"] == 0
     assert {k: v[0] for k, v in tree_of(dest).items()} == files
     assert not [p for p in dest.rglob("*") if p.name.endswith(TEMP_SUFFIX)]
@@ -279,13 +279,18 @@ def test_safe_names_pass(name):
 
 
 def test_selection_patterns():
+    def selected(path, include, exclude):
+        return make_selector(include, exclude)(path)
+
     assert selected("css/site.css", [], [])
     assert selected("css/site.css", ["*.css"], [])
     assert not selected("css/site.css", ["*.html"], [])
     assert selected("deep/a/b.txt", ["deep"], [])
     assert selected("deep/a/b.txt", ["deep/a"], [])
+    assert not selected("x/deep/a/b.txt", ["/deep/a"], [])
     assert not selected("deep/a/b.txt", [], ["a"])
     assert not selected("logs/x.log", [], ["*.log"])
+    assert selected("logs/x.log", ["logs/"], ["*.txt"])
 
 
 def test_pages_bound_count_and_bytes_and_isolate_big_blobs():
