@@ -1,0 +1,336 @@
+"""gRPC TaskHubSidecarService servicer of the embedded backend.
+
+Owns the mapping from sidecar RPCs to ``Store`` calls, the ``GetWorkItems`` streams
+(with per-stream flow control) and the waiting RPCs. Waiters wake on the store's
+in-process condition for low latency, and also poll the database because another
+process on the same state directory may have changed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf import empty_pb2, wrappers_pb2
+
+import durabletask.internal.helpers as helpers
+import durabletask.internal.orchestrator_service_pb2 as pb
+import durabletask.internal.orchestrator_service_pb2_grpc as stubs
+
+from .store import TERMINAL, AlreadyExists, NotFound, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASKHUB = "default"
+POLL_SECONDS = 0.05  # how stale a view of other processes' changes may get
+_ENTITIES = "entities are not supported by the sitebackup embedded backend"
+_DEFAULT_PAGE = 100
+
+
+def _taskhub(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "taskhub" and value:
+            return str(value)
+    return DEFAULT_TASKHUB
+
+
+def _seconds(ts) -> float:
+    return ts.ToNanoseconds() / 1e9
+
+
+class _Stream:
+    """Outstanding work items of one GetWorkItems stream, for flow control."""
+
+    def __init__(self, max_activities: int, max_orchestrations: int):
+        self.max_activities = max(1, max_activities)
+        self.max_orchestrations = max(1, max_orchestrations)
+        self.activities: set[str] = set()
+        self.orchestrations: set[str] = set()
+
+
+class Servicer(stubs.TaskHubSidecarServiceServicer):
+    def __init__(self, store: Store, owner: str, lease_seconds: float):
+        self.store = store
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.stopping = threading.Event()
+        self._streams_lock = threading.Lock()
+        self._token_stream: dict[str, _Stream] = {}
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        self.store.notify()
+
+    # --- helpers --------------------------------------------------------------------
+
+    def _wait_changed(self, generation: int, timeout: float) -> None:
+        cond = self.store.changed
+        with cond:
+            if self.store.generation == generation and not self.stopping.is_set():
+                cond.wait(timeout)
+
+    def _wait_for(self, request: pb.GetInstanceRequest, context: grpc.ServicerContext,
+                  done, what: str) -> pb.GetInstanceResponse:
+        hub = _taskhub(context)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (remaining if remaining is not None else 3600.0)
+        while True:
+            generation = self.store.generation
+            row = self.store.get_instance(hub, request.instanceId)
+            if row is None:
+                return pb.GetInstanceResponse(exists=False)
+            if done(row):
+                return pb.GetInstanceResponse(exists=True,
+                                              orchestrationState=row.to_state(request.getInputsAndOutputs))
+            left = deadline - time.monotonic()
+            if left <= 0 or not context.is_active() or self.stopping.is_set():
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"Timed out waiting for instance '{request.instanceId}' to {what}")
+            self._wait_changed(generation, min(left, 2 * POLL_SECONDS))
+
+    # --- client RPCs ----------------------------------------------------------------
+
+    def Hello(self, request, context):
+        return empty_pb2.Empty()
+
+    def StartInstance(self, request: pb.CreateInstanceRequest, context):
+        instance_id = request.instanceId or uuid.uuid4().hex
+        try:
+            self.store.create_instance(
+                _taskhub(context), instance_id, request.name,
+                version=request.version.value if request.HasField("version") else None,
+                input=request.input.value if request.HasField("input") else None,
+                tags=dict(request.tags) or None,
+                start_at=_seconds(request.scheduledStartTimestamp)
+                if request.HasField("scheduledStartTimestamp") else None,
+                replaceable=list(request.orchestrationIdReusePolicy.replaceableStatus)
+                if request.HasField("orchestrationIdReusePolicy") else None)
+        except AlreadyExists as ex:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(ex))
+        return pb.CreateInstanceResponse(instanceId=instance_id)
+
+    def GetInstance(self, request: pb.GetInstanceRequest, context):
+        row = self.store.get_instance(_taskhub(context), request.instanceId)
+        if row is None:
+            return pb.GetInstanceResponse(exists=False)
+        return pb.GetInstanceResponse(exists=True, orchestrationState=row.to_state(request.getInputsAndOutputs))
+
+    def WaitForInstanceStart(self, request, context):
+        return self._wait_for(request, context, lambda r: r.status != pb.ORCHESTRATION_STATUS_PENDING, "start")
+
+    def WaitForInstanceCompletion(self, request, context):
+        return self._wait_for(request, context, lambda r: r.status in TERMINAL, "complete")
+
+    def _queue(self, context, instance_id: str, event: pb.HistoryEvent) -> None:
+        try:
+            self.store.raise_event(_taskhub(context), instance_id, event)
+        except NotFound as ex:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(ex))
+
+    def RaiseEvent(self, request: pb.RaiseEventRequest, context):
+        self._queue(context, request.instanceId, helpers.new_event_raised_event(
+            request.name, request.input.value if request.HasField("input") else None))
+        return pb.RaiseEventResponse()
+
+    def TerminateInstance(self, request: pb.TerminateRequest, context):
+        self.store.terminate(_taskhub(context), request.instanceId,
+                             request.output.value if request.HasField("output") else None, request.recursive)
+        return pb.TerminateResponse()
+
+    def SuspendInstance(self, request: pb.SuspendRequest, context):
+        row = self.store.get_instance(_taskhub(context), request.instanceId)
+        if row is not None and row.status == pb.ORCHESTRATION_STATUS_SUSPENDED:
+            return pb.SuspendResponse()
+        self._queue(context, request.instanceId, helpers.new_suspend_event(
+            encoded_input=request.reason.value if request.HasField("reason") else None))
+        return pb.SuspendResponse()
+
+    def ResumeInstance(self, request: pb.ResumeRequest, context):
+        self._queue(context, request.instanceId, helpers.new_resume_event(
+            encoded_input=request.reason.value if request.HasField("reason") else None))
+        return pb.ResumeResponse()
+
+    def RestartInstance(self, request: pb.RestartInstanceRequest, context):
+        new_id = uuid.uuid4().hex if request.restartWithNewInstanceId else request.instanceId
+        try:
+            self.store.restart(_taskhub(context), request.instanceId, new_id)
+        except NotFound as ex:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(ex))
+        except AlreadyExists as ex:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(ex))
+        return pb.RestartInstanceResponse(instanceId=new_id)
+
+    def RewindInstance(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "rewind is not supported by the sitebackup embedded backend")
+
+    def QueryInstances(self, request: pb.QueryInstancesRequest, context):
+        q = request.query
+        offset = 0
+        if q.HasField("continuationToken") and q.continuationToken.value.isdigit():
+            offset = int(q.continuationToken.value)
+        limit = q.maxInstanceCount if q.maxInstanceCount > 0 else None
+        rows, more = self.store.query_instances(
+            _taskhub(context), statuses=list(q.runtimeStatus),
+            created_from=_seconds(q.createdTimeFrom) if q.HasField("createdTimeFrom") else None,
+            created_to=_seconds(q.createdTimeTo) if q.HasField("createdTimeTo") else None,
+            prefix=q.instanceIdPrefix.value if q.HasField("instanceIdPrefix") else None,
+            offset=offset, limit=limit)
+        response = pb.QueryInstancesResponse(
+            orchestrationState=[r.to_state(q.fetchInputsAndOutputs) for r in rows])
+        if more:
+            response.continuationToken.value = str(offset + len(rows))
+        return response
+
+    def ListInstanceIds(self, request: pb.ListInstanceIdsRequest, context):
+        after = None
+        if request.HasField("lastInstanceKey") and "|" in request.lastInstanceKey.value:
+            stamp, _, iid = request.lastInstanceKey.value.partition("|")
+            after = (float(stamp), iid)
+        rows, more = self.store.list_terminal_ids(
+            _taskhub(context), statuses=list(request.runtimeStatus),
+            completed_from=_seconds(request.completedTimeFrom) if request.HasField("completedTimeFrom") else None,
+            completed_to=_seconds(request.completedTimeTo) if request.HasField("completedTimeTo") else None,
+            after=after, limit=request.pageSize if request.pageSize > 0 else _DEFAULT_PAGE)
+        response = pb.ListInstanceIdsResponse(instanceIds=[iid for _, iid in rows])
+        if more and rows:
+            response.lastInstanceKey.value = f"{rows[-1][0]!r}|{rows[-1][1]}"
+        return response
+
+    def PurgeInstances(self, request: pb.PurgeInstancesRequest, context):
+        hub = _taskhub(context)
+        if request.instanceId:
+            count = self.store.purge(hub, instance_id=request.instanceId, recursive=request.recursive)
+        elif request.HasField("purgeInstanceFilter"):
+            f = request.purgeInstanceFilter
+            count = self.store.purge(
+                hub, statuses=list(f.runtimeStatus), recursive=request.recursive,
+                created_from=_seconds(f.createdTimeFrom) if f.HasField("createdTimeFrom") else None,
+                created_to=_seconds(f.createdTimeTo) if f.HasField("createdTimeTo") else None)
+        else:
+            count = 0
+        return pb.PurgeInstancesResponse(deletedInstanceCount=count, isComplete=wrappers_pb2.BoolValue(value=True))
+
+    def StreamInstanceHistory(self, request: pb.StreamInstanceHistoryRequest, context) -> Iterator[pb.HistoryChunk]:
+        events = self.store.history(_taskhub(context), request.instanceId)
+        if events is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Orchestration instance '{request.instanceId}' not found")
+        for offset in range(0, len(events), 100):
+            yield pb.HistoryChunk(events=events[offset:offset + 100])
+
+    def CreateTaskHub(self, request, context):
+        return pb.CreateTaskHubResponse()
+
+    def DeleteTaskHub(self, request, context):
+        return pb.DeleteTaskHubResponse()
+
+    # --- worker RPCs ----------------------------------------------------------------
+
+    @staticmethod
+    def _filters(request: pb.GetWorkItemsRequest):
+        if not request.HasField("workItemFilters"):
+            return None, None
+
+        def build(filters):
+            accepted: dict[str, set[str]] = {}
+            for f in filters:
+                accepted.setdefault(f.name, set()).update(f.versions)
+            return lambda name, version: name in accepted and (
+                not accepted[name] or (version or "") in accepted[name])
+
+        return build(request.workItemFilters.orchestrations), build(request.workItemFilters.activities)
+
+    def GetWorkItems(self, request: pb.GetWorkItemsRequest, context) -> Iterator[pb.WorkItem]:
+        hub = _taskhub(context)
+        stream_id = uuid.uuid4().hex
+        orch_ok, act_ok = self._filters(request)
+        stream = _Stream(request.maxConcurrentActivityWorkItems or 100,
+                         request.maxConcurrentOrchestrationWorkItems or 100)
+        self.store.register_stream(hub, stream_id, self.owner)
+        try:
+            while context.is_active() and not self.stopping.is_set():
+                generation = self.store.generation
+                items = self._claim(hub, stream, orch_ok, act_ok)
+                if items:
+                    yield from items
+                else:
+                    self._wait_changed(generation, POLL_SECONDS)
+        finally:
+            with self._streams_lock:
+                held = stream.activities | stream.orchestrations
+                for token in held:
+                    self._token_stream.pop(token, None)
+            if not self.stopping.is_set():
+                # The worker behind this stream may be gone (killed on another host): this process
+                # must not keep its leases alive forever. stop() releases everything anyway.
+                for token in held:
+                    self.store.disown(hub, token, self.lease_seconds)
+            self.store.unregister_stream(hub, stream_id)
+
+    def _claim(self, hub: str, stream: _Stream, orch_ok, act_ok) -> list[pb.WorkItem]:
+        items: list[pb.WorkItem] = []
+        free = stream.max_orchestrations - len(stream.orchestrations)
+        if free > 0:
+            for claim in self.store.claim_orchestrations(hub, self.owner, min(free, 50), self.lease_seconds, orch_ok):
+                self._track(stream, stream.orchestrations, claim.token)
+                items.append(pb.WorkItem(completionToken=claim.token, orchestratorRequest=claim.request))
+        # Refill activities in batches rather than one per completion: fewer claim transactions.
+        if len(stream.activities) <= stream.max_activities // 2:
+            free = min(stream.max_activities - len(stream.activities), 500)
+            for claim in self.store.claim_activities(hub, self.owner, free, self.lease_seconds, act_ok):
+                self._track(stream, stream.activities, claim.token)
+                items.append(pb.WorkItem(completionToken=claim.token, activityRequest=claim.request))
+        return items
+
+    def _track(self, stream: _Stream, bucket: set[str], token: str) -> None:
+        with self._streams_lock:
+            bucket.add(token)
+            self._token_stream[token] = stream
+
+    def _untrack(self, token: str) -> None:
+        with self._streams_lock:
+            stream = self._token_stream.pop(token, None)
+            if stream is not None:
+                stream.activities.discard(token)
+                stream.orchestrations.discard(token)
+
+    def CompleteOrchestratorTask(self, request: pb.OrchestratorResponse, context):
+        applied = self.store.complete_orchestration(_taskhub(context), request)
+        self._untrack(request.completionToken)
+        if not applied:
+            log.warning("ignored a stale orchestrator completion for instance %r", request.instanceId)
+        return pb.CompleteTaskResponse()
+
+    def CompleteActivityTask(self, request: pb.ActivityResponse, context):
+        applied = self.store.complete_activity(_taskhub(context), request)
+        self._untrack(request.completionToken)
+        if not applied:
+            log.warning("ignored a stale activity completion for instance %r task %d",
+                        request.instanceId, request.taskId)
+        return pb.CompleteTaskResponse()
+
+    def AbandonTaskOrchestratorWorkItem(self, request, context):
+        self.store.abandon(_taskhub(context), request.completionToken)
+        self._untrack(request.completionToken)
+        return pb.AbandonOrchestrationTaskResponse()
+
+    def AbandonTaskActivityWorkItem(self, request, context):
+        self.store.abandon(_taskhub(context), request.completionToken)
+        self._untrack(request.completionToken)
+        return pb.AbandonActivityTaskResponse()
+
+    # --- entities: out of scope -----------------------------------------------------
+
+    def _no_entities(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, _ENTITIES)
+
+    CompleteEntityTask = _no_entities
+    SignalEntity = _no_entities
+    GetEntity = _no_entities
+    QueryEntities = _no_entities
+    CleanEntityStorage = _no_entities
+    AbandonTaskEntityWorkItem = _no_entities
+
