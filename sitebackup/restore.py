@@ -380,6 +380,8 @@ def restore_page(deps: ActivityDeps, restore_id: str, page: int, dest: str, cont
               "files_done": 0, "bytes_done": 0, "failures": [], "skipped": []}
     records: list[dict[str, Any]] = []
     for item in deps.work.read_page(restore_id, page):
+        if deps.cancelled(restore_id):  # `sitebackup cancel` stops a restore at the next file boundary
+            break
         try:
             outcome = restore_one(client, dest, item, overwrite=overwrite, threads=deps.large_file_threads)
         except UnsafeName as exc:
@@ -524,6 +526,8 @@ def run_restore(request: RestoreRequest, settings: storage.StorageSettings, prin
                    "endpoint": endpoint,
                    "options": {"concurrency": request.concurrency, "overwrite": request.overwrite,
                                "include": request.include, "exclude": request.exclude}}
+            # "source" is a label for `status` and `list`, which show every run's source
+            inp["source"] = restore_source_label(inp)
             instance_id = _find_unfinished(client, inp)
             resumed = instance_id is not None
             if instance_id is None:
@@ -531,6 +535,6 @@ def run_restore(request: RestoreRequest, settings: storage.StorageSettings, prin
                                                                 instance_id=new_instance_id())
         finally:
             client.close()
-        printer.start({"instance_id": instance_id, "source": restore_source_label(inp), "destination": inp["dest"],
+        printer.start({"instance_id": instance_id, "source": inp["source"], "destination": inp["dest"],
                        "endpoint": endpoint, "resumed": resumed, "action": "Restoring"})
         return host_and_watch(runtime, deps, request.concurrency, instance_id, printer)
