@@ -69,7 +69,7 @@ def safe_relpath(name: str) -> str:
         raise UnsafeName("absolute name (starts with '/')")
     for segment in name.split("/"):
         if segment in ("", ".", ".."):
-            raise UnsafeName(f"name has an empty, '.' or '..' segment")
+            raise UnsafeName("name has an empty, '.' or '..' segment")
     return name
 
 

@@ -16,7 +16,6 @@ from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import ContentSettings
 from conftest import ROOT, write_tree
 
-from sitebackup import storage
 from sitebackup.restore import TEMP_SUFFIX, UnsafeName, make_selector, plan_pages, safe_relpath
 
 BIG = 20 * 1024 * 1024  # over storage.SINGLE_PUT_BYTES and restore.RANGE_BYTES: block-range download
