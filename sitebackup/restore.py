@@ -329,7 +329,8 @@ def restore_one(client: ContainerClient, dest: str, item: list[Any], *, overwrit
             raise _Mismatch("downloaded content does not match its Content-MD5")
         meta = props.metadata or {}
         mode = meta.get(storage.META_MODE)
-        os.chmod(tmp, (int(mode, 8) & 0o7777) if mode and mode.isdigit() else 0o644)
+        # setuid/setgid are never restored: blob metadata is not trusted to mint privileged files
+        os.chmod(tmp, (int(mode, 8) & 0o1777) if mode and mode.isdigit() else 0o644)
         when = mtime_ns if mtime_ns is not None else _int_or_none(meta.get(storage.META_MTIME))
         if when is not None:
             os.utime(tmp, ns=(when, when))
