@@ -91,6 +91,7 @@ class EmbeddedBackend:
         self._servicer.shutdown()
         self._server.stop(grace=2).wait()
         self._server = None
+        self._servicer.close()
         self._stop_renewing.set()
         if self._renewer is not None:
             self._renewer.join()

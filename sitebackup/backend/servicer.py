@@ -60,10 +60,44 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         self.stopping = threading.Event()
         self._streams_lock = threading.Lock()
         self._token_stream: dict[str, _Stream] = {}
+        self._completions: list[tuple[str, pb.ActivityResponse]] = []
+        self._completions_ready = threading.Condition()
+        self._flusher_done = False
+        self._flusher = threading.Thread(target=self._flush_loop, name="sitebackup-activity-flush", daemon=True)
+        self._flusher.start()
 
     def shutdown(self) -> None:
+        """Make streams end; called before the gRPC server stops."""
         self.stopping.set()
         self.store.notify()
+
+    def close(self) -> None:
+        """Write the activity results still queued; called after the gRPC server stopped."""
+        with self._completions_ready:
+            self._flusher_done = True
+            self._completions_ready.notify()
+        self._flusher.join()
+
+    def _flush_loop(self) -> None:
+        # Activity results are acknowledged at once and written in batches by this thread:
+        # one transaction per batch instead of one per activity keeps large fan-outs cheap.
+        # If the process dies before a batch is written, the activity's lease expires and it
+        # runs again (activities are at-least-once anyway); a result is never applied twice.
+        while True:
+            with self._completions_ready:
+                while not self._completions and not self._flusher_done:
+                    self._completions_ready.wait()
+                batch, self._completions = self._completions, []
+                if not batch and self._flusher_done:
+                    return
+            try:
+                applied = self.store.complete_activities(batch)
+            except Exception:
+                log.exception("could not record %d activity results; their work items will be re-run", len(batch))
+                continue
+            stale = len(applied) - sum(applied)
+            if stale:
+                log.warning("ignored %d stale activity completion(s)", stale)
 
     # --- helpers --------------------------------------------------------------------
 
@@ -76,21 +110,28 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
     def _wait_for(self, request: pb.GetInstanceRequest, context: grpc.ServicerContext,
                   done, what: str) -> pb.GetInstanceResponse:
         hub = _taskhub(context)
+        key = (hub, request.instanceId)
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else 3600.0)
         while True:
-            generation = self.store.generation
+            seen = self.store.touched.get(key)
+            read_at = time.monotonic()
             row = self.store.get_instance(hub, request.instanceId)
             if row is None:
                 return pb.GetInstanceResponse(exists=False)
             if done(row):
                 return pb.GetInstanceResponse(exists=True,
                                               orchestrationState=row.to_state(request.getInputsAndOutputs))
-            left = deadline - time.monotonic()
-            if left <= 0 or not context.is_active() or self.stopping.is_set():
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"Timed out waiting for instance '{request.instanceId}' to {what}")
-            self._wait_changed(generation, min(left, 2 * POLL_SECONDS))
+            # Re-read when this process touched the instance, or after a poll period for other processes.
+            while self.store.touched.get(key) == seen and time.monotonic() - read_at < 2 * POLL_SECONDS:
+                left = deadline - time.monotonic()
+                if left <= 0 or not context.is_active() or self.stopping.is_set():
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"Timed out waiting for instance '{request.instanceId}' to {what}")
+                generation = self.store.generation
+                if self.store.touched.get(key) != seen:
+                    break
+                self._wait_changed(generation, min(left, 2 * POLL_SECONDS))
 
     # --- client RPCs ----------------------------------------------------------------
 
@@ -247,7 +288,9 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         hub = _taskhub(context)
         stream_id = uuid.uuid4().hex
         orch_ok, act_ok = self._filters(request)
-        stream = _Stream(request.maxConcurrentActivityWorkItems or 100,
+        # Deliver well ahead of the worker's concurrency so it never starves between refills;
+        # still bounded so several processes on one state dir share a large fan-out.
+        stream = _Stream(5 * (request.maxConcurrentActivityWorkItems or 100),
                          request.maxConcurrentOrchestrationWorkItems or 100)
         self.store.register_stream(hub, stream_id, self.owner)
         try:
@@ -293,9 +336,13 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
     def _untrack(self, token: str) -> None:
         with self._streams_lock:
             stream = self._token_stream.pop(token, None)
-            if stream is not None:
-                stream.activities.discard(token)
-                stream.orchestrations.discard(token)
+            if stream is None:
+                return
+            stream.activities.discard(token)
+            stream.orchestrations.discard(token)
+            refill = len(stream.activities) == stream.max_activities // 2
+        if refill:
+            self.store.notify()
 
     def CompleteOrchestratorTask(self, request: pb.OrchestratorResponse, context):
         applied = self.store.complete_orchestration(_taskhub(context), request)
@@ -305,11 +352,10 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         return pb.CompleteTaskResponse()
 
     def CompleteActivityTask(self, request: pb.ActivityResponse, context):
-        applied = self.store.complete_activity(_taskhub(context), request)
+        with self._completions_ready:
+            self._completions.append((_taskhub(context), request))
+            self._completions_ready.notify()
         self._untrack(request.completionToken)
-        if not applied:
-            log.warning("ignored a stale activity completion for instance %r task %d",
-                        request.instanceId, request.taskId)
         return pb.CompleteTaskResponse()
 
     def AbandonTaskOrchestratorWorkItem(self, request, context):

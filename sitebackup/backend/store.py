@@ -240,6 +240,9 @@ class Store:
         self._lock = threading.RLock()
         self.changed = threading.Condition()
         self.generation = 0  # bumped after each commit; lets waiters detect missed notifications
+        # Bumped (in memory) whenever an instance's status may have changed, so local waiters
+        # re-read only the instances that changed instead of on every commit.
+        self.touched: dict[tuple[str, str], int] = {}
         self._inflight: dict[tuple[str, str, int], _Inflight] = {}
         self._history_cache: OrderedDict[tuple[str, str], tuple[int, list[pb.HistoryEvent]]] = OrderedDict()
         try:
@@ -290,12 +293,17 @@ class Store:
             "UPDATE instances SET ready_at = MIN(ready_at, ?), updated_at = ? WHERE taskhub=? AND instance_id=?",
             [(vis, now, hub, iid) for iid, vis in earliest.items()])
 
+    def _touch(self, hub: str, instance_id: str) -> None:
+        key = (hub, instance_id)
+        self.touched[key] = self.touched.get(key, 0) + 1
+
     def _is_live(self, db: sqlite3.Connection, hub: str, instance_id: str) -> bool:
         row = db.execute("SELECT status FROM instances WHERE taskhub=? AND instance_id=?",
                          (hub, instance_id)).fetchone()
         return row is not None and row[0] not in TERMINAL
 
     def _delete_instance(self, db: sqlite3.Connection, hub: str, instance_id: str) -> None:
+        self._touch(hub, instance_id)
         for table in ("instances", "history", "new_events", "activities"):
             db.execute(f"DELETE FROM {table} WHERE taskhub=? AND instance_id=?", (hub, instance_id))
         self._history_cache.pop((hub, instance_id), None)
@@ -322,6 +330,7 @@ class Store:
             self._delete_instance(db, hub, instance_id)
         now = time.time()
         execution_id = uuid.uuid4().hex
+        self._touch(hub, instance_id)
         db.execute(
             "INSERT INTO instances (taskhub, instance_id, execution_id, name, version, status, input, tags,"
             " created_at, updated_at, parent_instance_id, parent_task_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -511,6 +520,7 @@ class Store:
     def _apply_episode(self, db, hub, iid, gen, response, inflight, now, status, custom_status,
                        history_version, history_len, name, version, input, execution_id,
                        parent_iid, parent_task) -> None:
+        self._touch(hub, iid)
         appended = list(inflight.events)  # includes the generated prefix, matching ``blobs``
         blobs: list[bytes] = ([inflight.prefix] if inflight.prefix else []) + inflight.blobs
 
@@ -686,24 +696,42 @@ class Store:
 
     def complete_activity(self, hub: str, response: pb.ActivityResponse) -> bool:
         """Record an activity's result. False if the token is stale (lease lost) or the work item is gone."""
-        parsed = parse_token(response.completionToken)
-        if parsed is None or parsed[0] != "a":
-            return False
-        _, gen, row_id = parsed
+        return self.complete_activities([(hub, response)])[0]
+
+    def complete_activities(self, batch: list[tuple[str, pb.ActivityResponse]]) -> list[bool]:
+        """Record many activity results in one transaction; per item, whether it was applied."""
         now = time.time()
-        if response.HasField("failureDetails") and response.failureDetails.errorMessage:
-            event = pb.HistoryEvent(eventId=-1, taskFailed=pb.TaskFailedEvent(
-                taskScheduledId=response.taskId, failureDetails=response.failureDetails))
-        else:
-            event = pb.HistoryEvent(eventId=-1, taskCompleted=pb.TaskCompletedEvent(
-                taskScheduledId=response.taskId, result=response.result if response.HasField("result") else None))
+        keys: list[tuple[str, int, int] | None] = []
+        for hub, response in batch:
+            parsed = parse_token(response.completionToken)
+            ok = parsed is not None and parsed[0] == "a" and parsed[2].isdigit()
+            keys.append((hub, int(parsed[2]), parsed[1]) if ok else None)  # type: ignore[index]
+        wanted = list({k for k in keys if k is not None})
+        applied: dict[int, str] = {}  # activity row id -> instance id
         with self._tx() as db:
-            row = db.execute("DELETE FROM activities WHERE taskhub=? AND id=? AND lease_token=? RETURNING instance_id",
-                             (hub, int(row_id), gen)).fetchone()
-            if row is None:
-                return False
-            self._add_events(db, hub, [(row[0], now, _now_event_ts(event, now))], now)
-        return True
+            for start in range(0, len(wanted), 5000):
+                chunk = wanted[start:start + 5000]
+                # The plain id list lets SQLite search by rowid; the row values check hub and lease generation.
+                for row_id, iid in db.execute(
+                        f"DELETE FROM activities WHERE id IN ({','.join('?' * len(chunk))}) AND (taskhub, id, lease_token)"
+                        f" IN (VALUES {','.join(['(?,?,?)'] * len(chunk))}) RETURNING id, instance_id",
+                        [key[1] for key in chunk] + [v for key in chunk for v in key]):
+                    applied[row_id] = iid
+            events: dict[str, list[tuple[str, float, pb.HistoryEvent]]] = {}
+            for key, (hub, response) in zip(keys, batch):
+                if key is None or key[1] not in applied:
+                    continue
+                if response.HasField("failureDetails") and response.failureDetails.errorMessage:
+                    event = pb.HistoryEvent(eventId=-1, taskFailed=pb.TaskFailedEvent(
+                        taskScheduledId=response.taskId, failureDetails=response.failureDetails))
+                else:
+                    event = pb.HistoryEvent(eventId=-1, taskCompleted=pb.TaskCompletedEvent(
+                        taskScheduledId=response.taskId,
+                        result=response.result if response.HasField("result") else None))
+                events.setdefault(hub, []).append((applied[key[1]], now, _now_event_ts(event, now)))
+            for hub, rows in events.items():
+                self._add_events(db, hub, rows, now)
+        return [k is not None and k[1] in applied for k in keys]
 
     # --- leases and liveness --------------------------------------------------------
 
