@@ -35,8 +35,9 @@ def azurite_binary() -> Path:
 @dataclass
 class Azurite:
     port: int
-    location: Path
+    location: Path  # holds the log; also the data unless in_memory
     process: subprocess.Popen | None = None
+    in_memory: bool = False  # --inMemoryPersistence: no disk I/O, for benchmarks
 
     @property
     def endpoint(self) -> str:
@@ -52,7 +53,8 @@ class Azurite:
         log = open(self.location / "azurite.log", "ab")
         self.process = subprocess.Popen(
             [str(azurite_binary()), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-             "--skipApiVersionCheck", "--loose", "--silent", "--location", str(self.location)],
+             "--skipApiVersionCheck", "--loose", "--silent",
+             *(["--inMemoryPersistence"] if self.in_memory else ["--location", str(self.location)])],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -79,8 +81,8 @@ class Azurite:
         self.process = None
 
 
-def start_azurite(location: Path, port: int | None = None) -> Azurite:
-    return Azurite(port or free_port(), location).start()
+def start_azurite(location: Path, port: int | None = None, *, in_memory: bool = False) -> Azurite:
+    return Azurite(port or free_port(), location, in_memory=in_memory).start()
 
 
 if __name__ == "__main__":  # `python tests/azurite.py DIR [PORT]`: run one in the foreground (demo)
