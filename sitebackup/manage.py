@@ -1,7 +1,8 @@
 """Managing recorded runs from any terminal: status, list, resume, cancel and purge.
 
-Each function opens the durable backend for the state directory, asks the standard durabletask
-client, and returns plain data for the CLI to render.
+Each function opens the durable backend (the state directory's embedded one, or the Durable Task
+Scheduler task hub given as *taskhub*), asks the standard durabletask client, and returns plain
+data for the CLI to render.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from azure.core.exceptions import ResourceNotFoundError
 from durabletask import client as dt_client
 
 from sitebackup import storage
 from sitebackup.errors import InputError
 from sitebackup.orchestrations import DEFAULT_WINDOW, destination_label
 from sitebackup.progress import Printer
-from sitebackup.runner import TERMINAL, activity_deps, host_and_watch, summarize, watch
+from sitebackup.runlock import RunLock
+from sitebackup.runner import TERMINAL, activity_deps, attach_and_watch, host_and_watch, summarize, watch
 from sitebackup.runtime import Runtime, open_backend
-from sitebackup.workstore import WorkStore
+from sitebackup.taskhub import TaskHubSettings
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -35,8 +38,14 @@ def parse_age(text: str) -> timedelta:
 def _get(client: dt_client.TaskHubGrpcClient, instance_id: str) -> dt_client.OrchestrationState:
     state = client.get_orchestration_state(instance_id, fetch_payloads=True)
     if state is None:
-        raise InputError(f"no run with id {instance_id!r} in this state directory")
+        raise InputError(f"no run with id {instance_id!r} in this {_where(client)}")
     return state
+
+
+def _where(client: dt_client.TaskHubGrpcClient) -> str:
+    from durabletask.azuremanaged.client import DurableTaskSchedulerClient
+
+    return "task hub" if isinstance(client, DurableTaskSchedulerClient) else "state directory"
 
 
 def describe(runtime: Runtime, state: dt_client.OrchestrationState) -> dict[str, Any]:
@@ -68,8 +77,8 @@ def describe(runtime: Runtime, state: dt_client.OrchestrationState) -> dict[str,
     return info
 
 
-def status(state_dir: Path, instance_id: str) -> dict[str, Any]:
-    with open_backend(state_dir) as runtime:
+def status(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+    with open_backend(state_dir, taskhub) as runtime:
         client = runtime.client()
         try:
             return describe(runtime, _get(client, instance_id))
@@ -77,9 +86,10 @@ def status(state_dir: Path, instance_id: str) -> dict[str, Any]:
             client.close()
 
 
-def watch_status(state_dir: Path, instance_id: str, printer: Printer) -> dict[str, Any]:
+def watch_status(state_dir: Path, instance_id: str, printer: Printer,
+                 taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
     """Draw progress until the run finishes, whoever works on it."""
-    with open_backend(state_dir) as runtime:
+    with open_backend(state_dir, taskhub) as runtime:
         client = runtime.client()
         try:
             _get(client, instance_id)
@@ -90,9 +100,10 @@ def watch_status(state_dir: Path, instance_id: str, printer: Printer) -> dict[st
     return summary
 
 
-def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int = 20) -> list[dict[str, Any]]:
+def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int = 20,
+              taskhub: TaskHubSettings | None = None) -> list[dict[str, Any]]:
     wanted = [dt_client.OrchestrationStatus[s.upper()] for s in statuses] if statuses else None
-    with open_backend(state_dir) as runtime:
+    with open_backend(state_dir, taskhub) as runtime:
         client = runtime.client()
         try:
             query = dt_client.OrchestrationQuery(runtime_status=wanted, fetch_inputs_and_outputs=True)
@@ -116,9 +127,13 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
         return rows
 
 
-def resume(state_dir: Path, instance_id: str, settings: storage.StorageSettings, printer: Printer) -> dict[str, Any]:
-    """Host a worker until *instance_id* finishes (or just watch, if a live process already works on it)."""
-    with open_backend(state_dir) as runtime:
+def resume(state_dir: Path, instance_id: str, settings: storage.StorageSettings, printer: Printer,
+           taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+    """Host a worker until *instance_id* finishes (or just watch, if a live process already works on it).
+
+    Under the scheduler nobody can tell whether workers are attached, so this host always joins in:
+    the scheduler hands each work item to one worker, so joining never doubles work."""
+    with open_backend(state_dir, taskhub) as runtime:
         client = runtime.client()
         try:
             state = _get(client, instance_id)
@@ -132,26 +147,26 @@ def resume(state_dir: Path, instance_id: str, settings: storage.StorageSettings,
             printer.finish(summary)
             return summary
         inp = state.get_input() or {}
-        if info["worker_attached"]:
-            printer.message("another process is working on this run; showing its progress")
-            client = runtime.client()
-            try:
-                summary = summarize(watch(client, instance_id, printer))
-            finally:
-                client.close()
-            printer.finish(summary)
-            return summary
         if not settings.configured:
             raise InputError(storage.NOT_CONFIGURED)
         storage.connect(settings, inp["container"])
         concurrency = int(inp.get("options", {}).get("concurrency", DEFAULT_WINDOW))
-        return host_and_watch(runtime, activity_deps(settings, state_dir, concurrency, runtime), concurrency, instance_id,
-                              printer)
+        deps = activity_deps(settings, state_dir, concurrency, runtime)
+        lock = RunLock.for_backup(state_dir, inp)
+        try:
+            if lock.try_acquire() and not runtime.worker_attached(instance_id):
+                return host_and_watch(runtime, deps, concurrency, instance_id, printer)
+            # a live process hosts it (or a dead one's leases have not run out yet): watch, and
+            # take over once nobody works on it
+            printer.message("another process is working on this run; showing its progress")
+            return attach_and_watch(runtime, deps, concurrency, instance_id, printer, lock)
+        finally:
+            lock.release()
 
 
-def cancel(state_dir: Path, instance_id: str) -> str:
+def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None) -> str:
     """Terminate the run; returns its status before cancelling."""
-    with open_backend(state_dir) as runtime:
+    with open_backend(state_dir, taskhub) as runtime:
         client = runtime.client()
         try:
             state = _get(client, instance_id)
@@ -162,18 +177,32 @@ def cancel(state_dir: Path, instance_id: str) -> str:
             client.close()
 
 
-def purge(state_dir: Path, older_than: timedelta) -> list[str]:
-    """Remove finished runs created before now - *older_than*, with their run records."""
+def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | None = None,
+          settings: storage.StorageSettings | None = None) -> dict[str, Any]:
+    """Remove finished runs created before now - *older_than*, with their run records.
+
+    Under the scheduler the records are blobs in each run's container, removed only when *settings*
+    reach the storage account; ``records_kept`` says when they were left in place."""
     cutoff = datetime.now(timezone.utc) - older_than
-    with open_backend(state_dir) as runtime:
+    with open_backend(state_dir, taskhub) as runtime:
+        service = None
+        if taskhub is not None and settings is not None and settings.configured:
+            service, _label = storage.make_service_client(settings)
         client = runtime.client()
         try:
             query = dt_client.OrchestrationQuery(created_time_to=cutoff, runtime_status=list(TERMINAL))
             ids = [s.instance_id for s in client.get_all_orchestration_states(query)]
-            work = WorkStore(state_dir / "work")
+            work = runtime.work_store(service) if taskhub is None or service is not None else None
             for instance_id in ids:
+                if work is not None:
+                    # before the purge: the blob store finds the container through the run's input
+                    try:
+                        work.remove(instance_id)
+                    except ResourceNotFoundError:  # the container itself is gone
+                        pass
                 client.purge_orchestration(instance_id, recursive=True)
-                work.remove(instance_id)
-            return ids
+            return {"purged": ids, "records_kept": work is None}
         finally:
             client.close()
+            if service is not None:
+                service.close()
