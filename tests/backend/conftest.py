@@ -36,8 +36,10 @@ class Harness:
             self.start_worker()
         return self
 
-    def start_worker(self) -> None:
-        self.worker = worker.TaskHubGrpcWorker(host_address=self.address, logger=QUIET)
+    def start_worker(self, max_activities: int | None = None) -> None:
+        self.worker = worker.TaskHubGrpcWorker(
+            host_address=self.address, logger=QUIET,
+            concurrency_options=worker.ConcurrencyOptions(maximum_concurrent_activity_work_items=max_activities))
         for fn in flows.ORCHESTRATORS:
             self.worker.add_orchestrator(fn)
         for fn in flows.ACTIVITIES:
