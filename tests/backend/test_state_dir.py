@@ -1,0 +1,95 @@
+"""State directory handling: permissions, corrupt or unwritable databases."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from sitebackup.backend import EmbeddedBackend, StateDirError
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_state_dir_and_socket_are_private(tmp_path):
+    state_dir = tmp_path / "deep" / "state"
+    with EmbeddedBackend(state_dir) as backend:
+        assert mode(state_dir) == 0o700
+        sock = backend._socket_path
+        assert sock.parent == state_dir / "sock" and mode(sock) == 0o600
+        assert (state_dir / "state.db").exists()
+    assert not sock.exists()
+
+
+def test_corrupt_database_is_reported_and_left_alone(tmp_path):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    garbage = b"this is not a sqlite database\n" * 200
+    (state_dir / "state.db").write_bytes(garbage)
+    with pytest.raises(StateDirError) as err:
+        EmbeddedBackend(state_dir).start()
+    message = str(err.value)
+    assert "\n" not in message and "--state-dir" in message and "corrupt" in message
+    assert (state_dir / "state.db").read_bytes() == garbage
+
+
+def test_state_dir_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(StateDirError) as err:
+        EmbeddedBackend(blocker / "state").start()
+    assert "\n" not in str(err.value) and "--state-dir" in str(err.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_state_dir(tmp_path):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    state_dir.chmod(0o500)
+    try:
+        with pytest.raises(StateDirError) as err:
+            EmbeddedBackend(state_dir).start()
+        assert "\n" not in str(err.value) and "--state-dir" in str(err.value)
+    finally:
+        state_dir.chmod(0o700)
+
+
+def test_read_only_database_file(tmp_path):
+    state_dir = tmp_path / "state"
+    with EmbeddedBackend(state_dir):
+        pass
+    for name in os.listdir(state_dir):
+        if name.startswith("state.db"):
+            (state_dir / name).chmod(0o400)
+    os.chmod(state_dir, 0o500)
+    try:
+        if os.geteuid() == 0:
+            pytest.skip("root ignores file permissions")
+        with pytest.raises(StateDirError):
+            EmbeddedBackend(state_dir).start()
+    finally:
+        os.chmod(state_dir, 0o700)
+
+
+def test_tcp_listen_honours_taskhub_header(tmp_path):
+    from durabletask import client
+
+    from conftest import QUIET
+
+    with EmbeddedBackend(tmp_path / "state") as backend:
+        pass
+    backend = EmbeddedBackend(tmp_path / "state")
+    address = backend.start(listen="127.0.0.1:0")
+    try:
+        hub_a = client.TaskHubGrpcClient(host_address=address, metadata=[("taskhub", "a")], logger=QUIET)
+        plain = client.TaskHubGrpcClient(host_address=address, logger=QUIET)
+        iid = hub_a.schedule_new_orchestration("anything", instance_id="x")
+        assert hub_a.get_orchestration_state(iid) is not None
+        assert plain.get_orchestration_state(iid) is None
+        hub_a.close()
+        plain.close()
+    finally:
+        backend.stop()
