@@ -159,11 +159,11 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
                                       state_dir or default_state_dir())
     log_file, dry_run = cron_opts.pop("log_file"), cron_opts.pop("dry_run")
     request = cron.configure(request, **cron_opts)
+    hub = _taskhub_settings(taskhub)
     if dry_run:
-        plan = dryrun.plan_backup(request, settings)
+        plan = dryrun.plan_backup(request, settings, hub)
         _render_plan(plan, json_output, quiet)
         sys.exit(EXIT_FILES_FAILED if plan["files_failed"] else 0)
-    hub = _taskhub_settings(taskhub)
     printer = make_printer(json_output=json_output, quiet=quiet or (detach and not json_output))
     if log_file is not None:
         printer = cron.LogPrinter(printer, log_file)
@@ -244,9 +244,11 @@ def serve(listen: str, allow_remote: bool, lease_seconds: float, state_dir: Path
 @click.argument("instance_id")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object.")
 @click.option("--watch", is_flag=True, help="Draw the live progress bar until the run finishes.")
+@taskhub_option
 @state_dir_option
 @debug_option
-def status(instance_id: str, json_output: bool, watch: bool, state_dir: Path | None, debug: bool) -> None:
+def status(instance_id: str, json_output: bool, watch: bool, taskhub: str | None, state_dir: Path | None,
+           debug: bool) -> None:
     """Show a run's status, progress and summary.
 
     Works from any terminal, while the run is live or after it ended.
@@ -258,10 +260,11 @@ def status(instance_id: str, json_output: bool, watch: bool, state_dir: Path | N
       sitebackup status 20261127T225602-0dcb81 --watch
     """
     state_dir = state_dir or default_state_dir()
+    hub = _taskhub_settings(taskhub)
     if watch:
-        summary = manage.watch_status(state_dir, instance_id, make_printer(json_output=json_output))
+        summary = manage.watch_status(state_dir, instance_id, make_printer(json_output=json_output), hub)
         sys.exit(runner.exit_code_for(summary))
-    info = manage.status(state_dir, instance_id)
+    info = manage.status(state_dir, instance_id, hub)
     if json_output:
         click.echo(json.dumps(info))
     else:
@@ -275,9 +278,11 @@ def status(instance_id: str, json_output: bool, watch: bool, state_dir: Path | N
               help="Only runs with this runtime status (repeatable).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest runs to show.")
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON array.")
+@taskhub_option
 @state_dir_option
 @debug_option
-def list_(statuses: tuple[str, ...], limit: int, json_output: bool, state_dir: Path | None, debug: bool) -> None:
+def list_(statuses: tuple[str, ...], limit: int, json_output: bool, taskhub: str | None, state_dir: Path | None,
+          debug: bool) -> None:
     """List recent runs, newest first.
 
     \b
@@ -285,7 +290,8 @@ def list_(statuses: tuple[str, ...], limit: int, json_output: bool, state_dir: P
       sitebackup list
       sitebackup list --status RUNNING --status FAILED --limit 5
     """
-    rows = manage.list_runs(state_dir or default_state_dir(), statuses=list(statuses), limit=limit)
+    rows = manage.list_runs(state_dir or default_state_dir(), statuses=list(statuses), limit=limit,
+                            taskhub=_taskhub_settings(taskhub))
     if json_output:
         click.echo(json.dumps(rows))
     else:
@@ -297,10 +303,11 @@ def list_(statuses: tuple[str, ...], limit: int, json_output: bool, state_dir: P
 @storage_options
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
+@taskhub_option
 @state_dir_option
 @debug_option
 def resume(instance_id: str, connection_string: str | None, account_url: str | None, json_output: bool,
-           quiet: bool, state_dir: Path | None, debug: bool) -> None:
+           quiet: bool, taskhub: str | None, state_dir: Path | None, debug: bool) -> None:
     """Continue an unfinished run until it finishes.
 
     Same progress, summary and exit codes as the original command. Storage credentials come
@@ -312,15 +319,16 @@ def resume(instance_id: str, connection_string: str | None, account_url: str | N
     """
     settings = storage.StorageSettings.from_options(connection_string, account_url)
     summary = manage.resume(state_dir or default_state_dir(), instance_id, settings,
-                            make_printer(json_output=json_output, quiet=quiet))
+                            make_printer(json_output=json_output, quiet=quiet), _taskhub_settings(taskhub))
     sys.exit(runner.exit_code_for(summary))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("instance_id")
+@taskhub_option
 @state_dir_option
 @debug_option
-def cancel(instance_id: str, state_dir: Path | None, debug: bool) -> None:
+def cancel(instance_id: str, taskhub: str | None, state_dir: Path | None, debug: bool) -> None:
     """Cancel a run.
 
     Uploads stop at the next file boundary; blobs already written stay.
@@ -329,7 +337,7 @@ def cancel(instance_id: str, state_dir: Path | None, debug: bool) -> None:
     Example:
       sitebackup cancel 20261127T225602-0dcb81
     """
-    before = manage.cancel(state_dir or default_state_dir(), instance_id)
+    before = manage.cancel(state_dir or default_state_dir(), instance_id, _taskhub_settings(taskhub))
     if before in ("COMPLETED", "FAILED", "TERMINATED"):
         click.echo(f"{instance_id} had already finished ({before}); nothing to cancel")
     else:
@@ -338,12 +346,17 @@ def cancel(instance_id: str, state_dir: Path | None, debug: bool) -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.option("--older-than", required=True, metavar="AGE", help="Age such as 30d, 12h or 2w.")
+@taskhub_option
+@storage_options
 @state_dir_option
 @debug_option
-def purge(older_than: str, state_dir: Path | None, debug: bool) -> None:
+def purge(older_than: str, taskhub: str | None, connection_string: str | None, account_url: str | None,
+          state_dir: Path | None, debug: bool) -> None:
     """Remove finished runs older than AGE.
 
-    Their history and run records go with them.
+    Their history and run records go with them. With --taskhub the run records are blobs under
+    .sitebackup/work/ in each run's container: they are removed only when storage credentials
+    (options or environment) are given, and kept otherwise.
 
     Purged runs can no longer be restored by id or serve as the baseline of incremental runs.
 
@@ -351,8 +364,12 @@ def purge(older_than: str, state_dir: Path | None, debug: bool) -> None:
     Example:
       sitebackup purge --older-than 30d
     """
-    removed = manage.purge(state_dir or default_state_dir(), manage.parse_age(older_than))
-    click.echo(f"purged {len(removed)} finished run(s) older than {older_than}")
+    result = manage.purge(state_dir or default_state_dir(), manage.parse_age(older_than), _taskhub_settings(taskhub),
+                          storage.StorageSettings.from_options(connection_string, account_url))
+    click.echo(f"purged {len(result['purged'])} finished run(s) older than {older_than}")
+    if result["records_kept"] and result["purged"]:
+        click.echo("run records under .sitebackup/work/ in their containers were kept: "
+                   "give storage credentials to remove them too", err=True)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -368,11 +385,13 @@ def purge(older_than: str, state_dir: Path | None, debug: bool) -> None:
               help="Bound on parallel download batches.")
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
+@taskhub_option
 @state_dir_option
 @debug_option
 def restore(args: tuple[str, ...], container: str | None, prefix: str, include: tuple[str, ...],
             exclude: tuple[str, ...], overwrite: bool, connection_string: str | None, account_url: str | None,
-            concurrency: int, json_output: bool, quiet: bool, state_dir: Path | None, debug: bool) -> None:
+            concurrency: int, json_output: bool, quiet: bool, taskhub: str | None, state_dir: Path | None,
+            debug: bool) -> None:
     """Restore the files backup run ID recorded (or a container's blobs) into DEST.
 
     Files land with their recorded modification time and mode. An existing file is skipped when
@@ -393,7 +412,8 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
     request = restore_mod.validate_restore(
         args[-1], run_id=None if container else args[0], container=container, prefix=prefix, include=list(include),
         exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir or default_state_dir())
-    summary = restore_mod.run_restore(request, settings, make_printer(json_output=json_output, quiet=quiet))
+    summary = restore_mod.run_restore(request, settings, make_printer(json_output=json_output, quiet=quiet),
+                                      _taskhub_settings(taskhub))
     sys.exit(runner.exit_code_for(summary))
 
 
@@ -404,10 +424,11 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
 @click.option("--download", is_flag=True, help="Re-hash blob content instead of trusting its Content-MD5.")
 @storage_options
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object with counts and mismatches.")
+@taskhub_option
 @state_dir_option
 @debug_option
 def verify(instance_id: str, local: bool, download: bool, connection_string: str | None, account_url: str | None,
-           json_output: bool, state_dir: Path | None, debug: bool) -> None:
+           json_output: bool, taskhub: str | None, state_dir: Path | None, debug: bool) -> None:
     """Check every blob backup run ID recorded: present, same size, same MD5.
 
     \b
@@ -417,7 +438,7 @@ def verify(instance_id: str, local: bool, download: bool, connection_string: str
     """
     settings = storage.StorageSettings.from_options(connection_string, account_url)
     report = verify_mod.verify_run(state_dir or default_state_dir(), instance_id, settings, local=local,
-                                   download=download)
+                                   download=download, taskhub=_taskhub_settings(taskhub))
     if json_output:
         click.echo(json.dumps(report))
     else:

@@ -1,8 +1,9 @@
 """``--dry-run``: the scan and the incremental comparison of a backup, run locally; nothing is written.
 
 No orchestration is scheduled and the container is neither created nor listed: the walk and the
-comparison with the baseline run's record (found through the durable client, read from the work
-store) answer what a real run would upload and skip.
+comparison with the baseline run's record (found through the durable client of the selected
+backend, read from its work store) answer what a real run would upload and skip. Under the
+scheduler that record is read from the container's reserved ``.sitebackup/work/`` prefix.
 """
 
 from __future__ import annotations
@@ -11,30 +12,40 @@ from pathlib import Path
 from typing import Any
 
 from sitebackup import incremental, storage
+from sitebackup.errors import InputError
 from sitebackup.filters import Filter
 from sitebackup.orchestrations import BACKUP_ORCHESTRATION, destination_label
 from sitebackup.runtime import open_backend
 from sitebackup.scan import Failed, FileEntry, Skipped, describe_os_error, walk
-from sitebackup.workstore import WorkStore
+from sitebackup.taskhub import TaskHubSettings
 
 
-def plan_backup(request: Any, settings: storage.StorageSettings) -> dict[str, Any]:
+def plan_backup(request: Any, settings: storage.StorageSettings,
+                taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+    if taskhub is not None and not settings.configured and request.compare != incremental.MODE_FORCE:
+        raise InputError("--dry-run with --taskhub reads the last run's record from the container: "
+                         + storage.NOT_CONFIGURED)
     endpoint = None
+    service = None
     if settings.configured:
-        # only the label, to match the baseline's endpoint: no request reaches the service
-        client, endpoint = storage.make_service_client(settings, quick=True)
-        client.close()
-    inp = request.orchestration_input(endpoint)
-    work = WorkStore(request.state_dir / "work")
-    baseline = None
-    if request.compare != incremental.MODE_FORCE:
-        with open_backend(request.state_dir) as runtime:
-            client = runtime.client()
-            try:
-                baseline = incremental.find_baseline(client, inp, work, BACKUP_ORCHESTRATION)
-            finally:
-                client.close()
-    previous = incremental.load_baseline(work, baseline)
+        # the label matches the baseline's endpoint; only the scheduler's work store sends requests
+        service, endpoint = storage.make_service_client(settings, quick=True)
+    try:
+        inp = request.orchestration_input(endpoint)
+        previous: dict[str, dict[str, Any]] = {}
+        baseline = None
+        if request.compare != incremental.MODE_FORCE:
+            with open_backend(request.state_dir, taskhub) as runtime:
+                work = runtime.work_store(service)
+                client = runtime.client()
+                try:
+                    baseline = incremental.find_baseline(client, inp, work, BACKUP_ORCHESTRATION)
+                finally:
+                    client.close()
+                previous = incremental.load_baseline(work, baseline)
+    finally:
+        if service is not None:
+            service.close()
     rules = Filter(request.patterns)
     items: list[dict[str, Any]] = []
     for entry in walk(request.source, excluded=rules.excluded if rules else None,

@@ -17,6 +17,9 @@ def status_text(info: dict[str, Any]) -> str:
     lines = [f"{info['instance_id']}  {_KINDS.get(info['kind'], info['kind'])}  {status}"]
     if status in ("RUNNING", "PENDING") and info.get("worker_attached") is False:
         lines[0] += f" — no worker attached; resume with: sitebackup resume {info['instance_id']}"
+    if status in ("RUNNING", "PENDING") and info.get("worker_attached") is None:
+        # the scheduler does not tell clients which workers hold an instance's work
+        lines.append("  worker:       unknown with --taskhub")
     lines.append(f"  source:       {info.get('source')}")
     lines.append(f"  destination:  {info.get('destination')}  ({info.get('endpoint')})")
     lines.append(f"  created:      {info['created_at']}")

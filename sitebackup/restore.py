@@ -36,6 +36,7 @@ from sitebackup.orchestrations import BACKUP_ORCHESTRATION, COPY_RETRY, DEFAULT_
 from sitebackup.progress import Printer
 from sitebackup.runner import UNFINISHED, activity_deps, host_and_watch, new_instance_id
 from sitebackup.runtime import open_backend
+from sitebackup.taskhub import TaskHubSettings
 from sitebackup.workstore import is_reserved
 
 log = logging.getLogger("sitebackup.restore")
@@ -472,7 +473,7 @@ def backup_run_input(client: dt_client.TaskHubGrpcClient, run_id: str) -> dict[s
     """The orchestration input of backup *run_id*: its source, container and prefix."""
     state = client.get_orchestration_state(run_id, fetch_payloads=True)
     if state is None:
-        raise InputError(f"no run with id {run_id!r} in this state directory")
+        raise InputError(f"no run with id {run_id!r} in this state directory or task hub")
     if state.name != BACKUP_ORCHESTRATION or not state.serialized_input:
         raise InputError(f"run {run_id!r} is not a backup")
     return state.get_input()
@@ -507,11 +508,15 @@ def _find_unfinished(client: dt_client.TaskHubGrpcClient, inp: dict[str, Any]) -
     return None
 
 
-def run_restore(request: RestoreRequest, settings: storage.StorageSettings, printer: Printer) -> dict[str, Any]:
-    """Schedule (or re-attach to) a restore and host its worker until it finishes."""
+def run_restore(request: RestoreRequest, settings: storage.StorageSettings, printer: Printer,
+                taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+    """Schedule (or re-attach to) a restore and host its worker until it finishes.
+
+    Under the scheduler (*taskhub*) any worker on the task hub may take download batches, so DEST
+    must be a path every worker sees, like a backup's source."""
     if not settings.configured:
         raise InputError(storage.NOT_CONFIGURED)
-    with open_backend(request.state_dir) as runtime:
+    with open_backend(request.state_dir, taskhub) as runtime:
         deps = activity_deps(settings, request.state_dir, request.concurrency, runtime)
         client = runtime.client()
         try:
@@ -519,9 +524,10 @@ def run_restore(request: RestoreRequest, settings: storage.StorageSettings, prin
             if request.run_id:
                 backup_inp = backup_run_input(client, request.run_id)
                 container, prefix = backup_inp["container"], backup_inp.get("prefix", "")
-                if next(iter(deps.work.iter_results(request.run_id)), None) is None:
-                    raise InputError(f"run {request.run_id!r} recorded no files (nothing was copied, or it was purged)")
+            # first: under the scheduler the run record itself is read from the container
             endpoint = check_container(settings, container)
+            if request.run_id and next(iter(deps.work.iter_results(request.run_id)), None) is None:
+                raise InputError(f"run {request.run_id!r} recorded no files (nothing was copied, or it was purged)")
             request.dest.mkdir(parents=True, exist_ok=True)
             inp = {"dest": str(request.dest), "container": container, "prefix": prefix, "run_id": request.run_id,
                    "endpoint": endpoint,

@@ -19,8 +19,8 @@ from azure.storage.blob import ContainerClient
 from sitebackup import storage
 from sitebackup.errors import InputError
 from sitebackup.restore import backup_run_input, check_container, file_md5, md5_b64
-from sitebackup.runtime import open_backend
-from sitebackup.workstore import WorkStore
+from sitebackup.runtime import Runtime, open_backend
+from sitebackup.taskhub import TaskHubSettings
 
 DEFAULT_THREADS = 16
 
@@ -62,20 +62,30 @@ def _local_problem(source: Path, rec: dict[str, Any]) -> str | None:
     return None
 
 
+def _run_records(runtime: Runtime, settings: storage.StorageSettings, run_id: str) -> list[dict[str, Any]]:
+    service, _label = storage.make_service_client(settings)
+    try:
+        return list(runtime.work_store(service).iter_results(run_id))
+    finally:
+        service.close()
+
+
 def verify_run(state_dir: Path, run_id: str, settings: storage.StorageSettings, *, local: bool = False,
-               download: bool = False, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+               download: bool = False, threads: int = DEFAULT_THREADS,
+               taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
     if not settings.configured:
         raise InputError(storage.NOT_CONFIGURED)
-    with open_backend(state_dir) as runtime:
+    with open_backend(state_dir, taskhub) as runtime:
         client = runtime.client()
         try:
             inp = backup_run_input(client, run_id)
         finally:
             client.close()
-    records = list(WorkStore(state_dir / "work").iter_results(run_id))
+        # first: under the scheduler the run record itself is read from the container
+        check_container(settings, inp["container"])
+        records = _run_records(runtime, settings, run_id)
     if not records:
         raise InputError(f"run {run_id!r} recorded no files (nothing was copied, or it was purged)")
-    check_container(settings, inp["container"])
     service, label = storage.make_service_client(settings, pool_size=threads + 4)
     container = service.get_container_client(inp["container"])
     prefix, source = inp.get("prefix", ""), Path(inp["source"])

@@ -217,3 +217,124 @@ def test_a_source_file_under_the_reserved_name_is_refused_not_uploaded(tmp_path,
     assert names == {"ok.txt"}
     with_prefix = cli(tmp_path / "site", "--container", container_name, "--prefix", "p", "--json")
     assert with_prefix.returncode == 0, with_prefix.stderr
+
+
+def _run_json(result) -> list[dict]:
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(ln) for ln in result.stdout.splitlines() if ln.startswith("{")]
+
+
+def test_every_command_reads_the_task_hub_after_a_run_done_by_a_worker(tmp_path, served, cli_env, cli,
+                                                                        blob_service, container_name):
+    """list, status, verify, restore, --dry-run and purge see what a `sitebackup worker` did through --taskhub,
+    from a state directory that never held the run."""
+    address, state = served
+    hub = _hub(address)
+    files = {f"d{i % 3}/f{i}.txt": os.urandom(200 + i) for i in range(12)}
+    write_tree(tmp_path / "site", files)
+    mine = ("--state-dir", tmp_path / "cli-state")
+    [(proc, out)] = _workers(tmp_path, cli_env, hub, 1)
+    try:
+        _until(lambda: _streams(state, "default") >= 1, "the worker to connect")
+        events = _run_json(cli(tmp_path / "site", "--container", container_name, "--taskhub", hub,
+                               "--no-local-worker", "--json", *mine))
+        run_id = events[0]["instance_id"]
+        assert events[-1]["runtime_status"] == "COMPLETED" and events[-1]["files_uploaded"] == len(files)
+
+        [row] = [r for r in json.loads(cli("list", "--taskhub", hub, "--json", *mine).stdout)
+                 if r["instance_id"] == run_id]
+        assert row["runtime_status"] == "COMPLETED" and row["files"] == len(files)
+        # the embedded backend of the same state directory never saw it
+        assert json.loads(cli("list", "--json", *mine).stdout) == []
+
+        info = json.loads(cli("status", run_id, "--taskhub", hub, "--json", *mine).stdout)
+        assert info["runtime_status"] == "COMPLETED" and info["output"]["files_uploaded"] == len(files)
+        assert cli("status", run_id, *mine).returncode == 2
+
+        report = json.loads(cli("verify", run_id, "--taskhub", hub, "--json", *mine).stdout)
+        assert report["files_checked"] == len(files) and report["files_ok"] == len(files)
+        assert cli("verify", run_id, *mine).returncode == 2
+
+        plan = _run_json(cli(tmp_path / "site", "--container", container_name, "--taskhub", hub, "--dry-run",
+                             "--json", *mine))[-1]
+        assert plan["baseline"] == run_id and plan["files_unchanged"] == len(files)
+        assert plan["files_to_upload"] == 0
+
+        # the worker may take download batches too: DEST is a path it sees, as the README requires
+        restored = _run_json(cli("restore", run_id, tmp_path / "dest", "--taskhub", hub, "--json", *mine))
+        assert restored[-1]["runtime_status"] == "COMPLETED"
+        for name, data in files.items():
+            assert (tmp_path / "dest" / name).read_bytes() == data, name
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, out.read_text()[-2000:]
+
+    work = blob_service.get_container_client(container_name)
+    prefix = f"{RESERVED_PREFIX}work/{run_id}/"
+    assert any(True for _ in work.list_blobs(name_starts_with=prefix))
+    time.sleep(1.1)  # purge takes runs older than a whole second; the assertions below are on counts
+    purged = cli("purge", "--older-than", "1s", "--taskhub", hub, *mine)
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 2 " in purged.stdout  # the backup and the restore
+    assert not any(True for _ in work.list_blobs(name_starts_with=f"{RESERVED_PREFIX}work/"))
+    assert cli("status", run_id, "--taskhub", hub, *mine).returncode == 2
+    _assert_exact(blob_service, container_name, files)
+
+
+def test_status_resume_and_cancel_through_the_task_hub(tmp_path, served, cli_env, cli, blob_service,
+                                                        container_name):
+    address, _ = served
+    hub = _hub(address)
+    files = {f"f{i}.txt": os.urandom(100) for i in range(6)}
+    write_tree(tmp_path / "site", files)
+    write_tree(tmp_path / "other", {"x.txt": b"x"})
+    mine = ("--state-dir", tmp_path / "cli-state")
+    started = cli(tmp_path / "site", "--container", container_name, "--taskhub", hub, "--no-local-worker",
+                  "--detach", *mine)
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.strip()
+
+    # no worker anywhere: the run waits, and status cannot know whether a worker holds it
+    shown = cli("status", run_id, "--taskhub", hub, *mine)
+    assert shown.returncode == 0, shown.stderr
+    assert "worker:       unknown with --taskhub" in shown.stdout
+    assert json.loads(cli("status", run_id, "--taskhub", hub, "--json", *mine).stdout)["worker_attached"] is None
+
+    # resume hosts a worker from this terminal (the environment variable selects the hub here)
+    resumed = cli("resume", run_id, "--json", *mine, env={**cli_env, "DURABLE_TASK_SCHEDULER_CONNECTION_STRING": hub})
+    summary = _run_json(resumed)[-1]
+    assert summary["runtime_status"] == "COMPLETED" and summary["files_uploaded"] == len(files)
+    _assert_exact(blob_service, container_name, files)
+    finished = cli("cancel", run_id, "--taskhub", hub, *mine)
+    assert finished.returncode == 0 and "already finished (COMPLETED)" in finished.stdout
+
+    other = cli(tmp_path / "other", "--container", container_name, "--prefix", "other", "--taskhub", hub,
+                "--no-local-worker", "--detach", *mine)
+    assert other.returncode == 0, other.stderr
+    other_id = other.stdout.strip()
+    cancelled = cli("cancel", other_id, "--taskhub", hub, *mine)
+    assert cancelled.returncode == 0 and f"{other_id} cancelled (was PENDING)" in cancelled.stdout
+    # the termination is an event in the run's history: the next worker to take the run applies it
+    [(proc, out)] = _workers(tmp_path, cli_env, hub, 1)
+    try:
+        def terminated():
+            info = json.loads(cli("status", other_id, "--taskhub", hub, "--json", *mine).stdout)
+            return info["runtime_status"] != "PENDING" and info["runtime_status"]
+        assert _until(terminated, "a worker to apply the cancel") == "TERMINATED"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, out.read_text()[-2000:]
+    rows = json.loads(cli("list", "--taskhub", hub, "--status", "TERMINATED", "--json", *mine).stdout)
+    assert [r["instance_id"] for r in rows] == [other_id]
+    _assert_exact(blob_service, container_name, files)  # nothing of the cancelled run was uploaded
+
+
+@pytest.mark.parametrize("args", [["status", "some-id"], ["list"], ["cancel", "some-id"], ["resume", "some-id"],
+                                  ["purge", "--older-than", "1d"], ["verify", "some-id"],
+                                  ["restore", "some-id", "DEST"]])
+def test_every_command_rejects_a_malformed_taskhub_string(tmp_path, cli, args):
+    args = [str(tmp_path / "dest") if a == "DEST" else a for a in args]
+    result = cli(*args, "--taskhub", "Endpoint=ftp://x.io;TaskHub=h;Authentication=None")
+    assert result.returncode == 2, (args, result.stderr)
+    assert result.stderr.startswith("sitebackup: error: task hub connection string: Endpoint must start")
+    assert len(result.stderr.strip().splitlines()) == 1
