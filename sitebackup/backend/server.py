@@ -28,6 +28,16 @@ from .store import Store
 _MAX_SOCKET_PATH = 100
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class StateDirError(Exception):
     """The state directory or its database cannot be used."""
 
@@ -57,6 +67,7 @@ class EmbeddedBackend:
         if self._server is not None:
             raise RuntimeError("the embedded backend is already started")
         self.store = self._open_store()
+        self.store.release_dead_owners(socket.gethostname(), _pid_alive)
         self._servicer = Servicer(self.store, self.owner, self.lease_seconds)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sitebackup-backend"),
@@ -108,6 +119,7 @@ class EmbeddedBackend:
         """True when a live process holds a lease on the instance's work or has a work-item stream open."""
         store = self.store or self._open_store()
         try:
+            store.release_dead_owners(socket.gethostname(), _pid_alive)
             return store.worker_attached(taskhub, instance_id, self.lease_seconds)
         finally:
             if store is not self.store:
@@ -152,5 +164,6 @@ class EmbeddedBackend:
             try:
                 assert self.store is not None
                 self.store.renew_leases(self.owner, self.lease_seconds)
+                self.store.release_dead_owners(socket.gethostname(), _pid_alive)
             except Exception:  # a busy or briefly unavailable database must not kill renewal
                 continue

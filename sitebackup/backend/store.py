@@ -744,6 +744,26 @@ class Store:
             # Streams of processes that died without cleaning up.
             db.execute("DELETE FROM streams WHERE heartbeat < ?", (now - 10 * lease_seconds,))
 
+    def release_dead_owners(self, host: str, alive: Callable[[int], bool]) -> int:
+        """Release leases and streams of this host's processes that no longer exist.
+
+        A SIGKILLed process cannot release its leases; waiting for them to expire would stall
+        a resume for a whole lease period. Owners are "host:pid:token"; other hosts' owners
+        are left to lease expiry, since we cannot see their processes.
+        """
+        now = time.time()
+        with self._lock:
+            owners = {row[0] for table in ("instances", "activities") for row in self._db.execute(
+                f"SELECT DISTINCT lease_owner FROM {table} WHERE lease_expires>? AND lease_owner LIKE ?",
+                (now, host + ":%"))}
+            owners |= {row[0] for row in self._db.execute(
+                "SELECT DISTINCT owner FROM streams WHERE owner LIKE ?", (host + ":%",))}
+        dead = [o for o in owners if o.count(":") >= 2 and o.split(":")[-2].isdigit()
+                and not alive(int(o.split(":")[-2]))]
+        for owner in dead:
+            self.release_leases(owner)
+        return len(dead)
+
     def release_leases(self, owner: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE instances SET lease_owner=NULL, lease_expires=0 WHERE lease_owner=?", (owner,))

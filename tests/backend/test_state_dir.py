@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from sitebackup.backend import EmbeddedBackend, StateDirError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def mode(path) -> int:
@@ -44,34 +51,54 @@ def test_state_dir_that_cannot_be_created(tmp_path):
     assert "\n" not in str(err.value) and "--state-dir" in str(err.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_state_dir(tmp_path):
-    state_dir = tmp_path / "state"
+def start_unprivileged(state_dir: Path) -> str:
+    """Start a backend on *state_dir* in a child process that permissions apply to, return its one-line outcome.
+
+    Root ignores permission bits (and CI runs as root), so as root the child drops to 'nobody'.
+    """
+    code = ("import sys; from pathlib import Path; from sitebackup.backend import EmbeddedBackend, StateDirError\n"
+            "try:\n    EmbeddedBackend(Path(sys.argv[1])).start()\nexcept StateDirError as e:\n"
+            "    print('StateDirError:', e); sys.exit(3)\nprint('started')")
+    cmd = [sys.executable, "-c", code, str(state_dir)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv (util-linux) is needed to drop root for this test"
+        cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode in (0, 3), result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def world_dir():
+    # pytest's tmp dirs are private to root; the unprivileged child needs a path it can traverse
+    path = Path(tempfile.mkdtemp(prefix="sitebackup-state-"))
+    path.chmod(0o755)
+    yield path
+    for p in [path, *path.rglob("*")]:
+        if p.is_dir():
+            p.chmod(0o755)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_read_only_state_dir(world_dir):
+    state_dir = world_dir / "state"
     state_dir.mkdir()
-    state_dir.chmod(0o500)
-    try:
-        with pytest.raises(StateDirError) as err:
-            EmbeddedBackend(state_dir).start()
-        assert "\n" not in str(err.value) and "--state-dir" in str(err.value)
-    finally:
-        state_dir.chmod(0o700)
+    state_dir.chmod(0o555)
+    outcome = start_unprivileged(state_dir)
+    assert outcome.startswith("StateDirError:") and "--state-dir" in outcome, outcome
+    assert "\n" not in outcome
 
 
-def test_read_only_database_file(tmp_path):
-    state_dir = tmp_path / "state"
+def test_read_only_database_file(world_dir):
+    state_dir = world_dir / "state"
     with EmbeddedBackend(state_dir):
         pass
-    for name in os.listdir(state_dir):
-        if name.startswith("state.db"):
-            (state_dir / name).chmod(0o400)
-    os.chmod(state_dir, 0o500)
-    try:
-        if os.geteuid() == 0:
-            pytest.skip("root ignores file permissions")
-        with pytest.raises(StateDirError):
-            EmbeddedBackend(state_dir).start()
-    finally:
-        os.chmod(state_dir, 0o700)
+    for p in [state_dir, *state_dir.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    outcome = start_unprivileged(state_dir)
+    assert outcome.startswith("StateDirError:") and "--state-dir" in outcome, outcome
 
 
 def test_tcp_listen_honours_taskhub_header(tmp_path):
