@@ -140,6 +140,7 @@ class Row:
     dataset: str
     tool: str
     seconds: float | None = None
+    cpu: float | None = None  # the tool's own CPU seconds: steadier than wall time on a shared machine
     rss_mb: float | None = None
     note: str = ""
 
@@ -195,8 +196,8 @@ def tool_env(azurite, work: Path) -> dict[str, str]:
     return env
 
 
-def run_timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS (MB) and exit code of *cmd*, measured with wait4 on the child."""
+def run_timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float, int]:
+    """Wall seconds, CPU seconds, peak RSS (MB) and exit code of *cmd*, measured with wait4 on the child."""
     with open(log, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -206,7 +207,7 @@ def run_timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, fl
         killer.cancel()
         elapsed = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return elapsed, usage.ru_maxrss / 1024, proc.returncode
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode
 
 
 def bench(args: argparse.Namespace) -> list[Row]:
@@ -228,23 +229,25 @@ def bench(args: argparse.Namespace) -> list[Row]:
                 if cmd0 is None:
                     rows.append(Row(name, tool, note="skipped: not installed"))
                     continue
-                times, rss, notes = [], [], []
+                times, cpus, rss, notes = [], [], [], []
                 for i in range(args.repeat):
                     container = f"b-{tool}-{uuid.uuid4().hex[:10]}"
                     client = service.get_container_client(container)
                     client.create_container()
                     cmd = command_for(tool, src, container, azurite, work, args.sitebackup_args)
                     log = work / f"{name}-{tool}-{i}.log"
-                    seconds, peak, code = run_timed(cmd, env, log)
+                    seconds, cpu, peak, code = run_timed(cmd, env, log)
                     count = sum(1 for _ in client.list_blob_names())
                     client.delete_container()
                     if code != 0 or count != ds.files:
                         notes.append(f"run {i}: exit {code}, {count}/{ds.files} blobs (log {log})")
                     times.append(seconds)
+                    cpus.append(cpu)
                     rss.append(peak)
-                    print(f"#   {tool} run {i}: {seconds:.2f}s rss {peak:.0f} MB exit {code} blobs {count}",
+                    print(f"#   {tool} run {i}: {seconds:.2f}s cpu {cpu:.2f}s rss {peak:.0f} MB exit {code} blobs {count}",
                           file=sys.stderr, flush=True)
-                rows.append(Row(name, tool, statistics.median(times), max(rss), "; ".join(notes)))
+                rows.append(Row(name, tool, statistics.median(times), statistics.median(cpus), max(rss),
+                                "; ".join(notes)))
     finally:
         service.close()
         azurite.stop()
@@ -254,19 +257,19 @@ def bench(args: argparse.Namespace) -> list[Row]:
 
 
 def render(rows: list[Row]) -> str:
-    lines = ["| dataset | tool | seconds | files/s | MB/s | peak RSS MB | vs fastest peer | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| dataset | tool | seconds | files/s | MB/s | CPU s | peak RSS MB | vs fastest peer | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in rows:
         ds = DATASETS[row.dataset]
         if row.seconds is None:
-            lines.append(f"| {row.dataset} | {row.tool} | | | | | | {row.note} |")
+            lines.append(f"| {row.dataset} | {row.tool} | | | | | | | {row.note} |")
             continue
         peers = [r.seconds for r in rows if r.dataset == row.dataset and r.tool != "sitebackup"
                  and r.seconds is not None and not r.note]
         ratio = f"{row.seconds / min(peers):.2f}x" if peers else ""
         mb = ds.files * ds.size / 1e6
         lines.append(f"| {row.dataset} | {row.tool} | {row.seconds:.2f} | {ds.files / row.seconds:.0f} | "
-                     f"{mb / row.seconds:.1f} | {row.rss_mb:.0f} | {ratio} | {row.note} |")
+                     f"{mb / row.seconds:.1f} | {row.cpu:.1f} | {row.rss_mb:.0f} | {ratio} | {row.note} |")
     return "\n".join(lines)
 
 

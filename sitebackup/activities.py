@@ -16,7 +16,7 @@ from typing import Any
 from azure.storage.blob import ContainerClient
 from durabletask import task
 
-from sitebackup import incremental, storage
+from sitebackup import blocks, incremental, storage
 from sitebackup.errors import DestinationError
 from sitebackup.filters import Filter
 from sitebackup.scan import Failed, FileEntry, Skipped, describe_os_error, walk
@@ -46,6 +46,8 @@ class ActivityDeps:
     cancelled: Callable[[str], bool] = lambda run_id: False
     # told (run id, copy result) after every finished batch: `sitebackup worker` prints a status line
     on_batch: Callable[[str, dict[str, Any]], None] | None = None
+    # uploads a page's small files concurrently (asyncput.AsyncPutter.put_many); None: one by one
+    put_many: Callable[..., list[Any]] | None = None
 
 
 def plan_batches(files: list[FileEntry], *, min_batches: int, batch_files: int = BATCH_FILES,
@@ -75,7 +77,7 @@ def plan_batches(files: list[FileEntry], *, min_batches: int, batch_files: int =
 
 def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int, baseline: str | None = None,
                 mode: str = incremental.MODE_MTIME, patterns: list[str] | None = None,
-                follow_symlinks: bool = False) -> dict[str, Any]:
+                follow_symlinks: bool = False, block_size: int = blocks.DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
     """Walk *source* into pages. A page item is ``[relpath, size, mtime_ns]`` (upload) or, for a file in
     the baseline record, ``[relpath, size, mtime_ns, previous_record, check]`` where *check* says the
     content must be hashed to tell whether it changed (``--checksum``)."""
@@ -108,13 +110,19 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
         if decision == incremental.CHECK:
             extra[e.relpath] = [previous[e.relpath], True]
         to_copy.append(e)
+    # large new or changed files go in block ranges (sitebackup.blocks); --checksum ones stay whole
+    large = [e for e in to_copy if e.size > blocks.threshold(block_size) and e.relpath not in extra]
+    if large:
+        to_copy = [e for e in to_copy if e.size <= blocks.threshold(block_size) or e.relpath in extra]
     batches = plan_batches(to_copy, min_batches=min_batches)
     for number, batch in enumerate(batches):
         work.write_page(run_id, number, [[e.relpath, e.size, e.mtime_ns, *extra.get(e.relpath, [])] for e in batch])
     for start in range(0, len(unchanged), UNCHANGED_PAGE):
         work.write_page(run_id, len(batches) + start // UNCHANGED_PAGE, unchanged[start:start + UNCHANGED_PAGE])
+    n_pages = len(batches) + -(-len(unchanged) // UNCHANGED_PAGE)
+    n_pages += blocks.write_range_pages(work, run_id, n_pages, large, block_size)
     return {
-        "pages": len(batches) + -(-len(unchanged) // UNCHANGED_PAGE),
+        "pages": n_pages,
         "files_total": len(files) + n_failed,
         "bytes_total": sum(e.size for e in files),
         "files_skipped": n_skipped,
@@ -129,7 +137,11 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
     records: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     n_files = n_bytes = n_failed = n_unchanged = n_bytes_skipped = 0
-    for relpath, _size, _mtime, *known in deps.work.read_page(run_id, page):
+    items = deps.work.read_page(run_id, page if page >= 0 else blocks.commit_task(page))
+    if isinstance(items, dict):  # a range of a large file or (page < 0) its commit
+        return blocks.copy_block_page(deps, run_id, page, items, source, container, prefix)
+    early = _put_small_files(deps, run_id, items, source, container, prefix)
+    for relpath, _size, _mtime, *known in items:
         if deps.cancelled(run_id):
             break
         error = None
@@ -143,7 +155,9 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
             if is_reserved(name):
                 raise ValueError(f"{name!r} is under {RESERVED_PREFIX}, reserved for sitebackup's work files; "
                                  "back up with --prefix to keep it")
-            done = _upload_with_one_retry(client, source / relpath, name, deps.large_file_threads)
+            done = early.get(relpath)
+            if not isinstance(done, storage.Uploaded):  # not sent early, or failed there: one more try here
+                done = _upload_with_one_retry(client, source / relpath, name, deps.large_file_threads)
         except storage.FileChangedError as exc:
             error = str(exc)
         except ValueError as exc:  # name rules
@@ -171,6 +185,28 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
             "files_unchanged": n_unchanged, "bytes_skipped": n_bytes_skipped}
 
 
+def _put_small_files(deps: ActivityDeps, run_id: str, items: list[Any], source: Path, container: str,
+                     prefix: str) -> dict[str, Any]:
+    """Send the page's small new files together; relpath -> Uploaded or the exception, handled by the caller."""
+    if deps.put_many is None:
+        return {}
+    todo: list[tuple[Path, str]] = []
+    relpaths: list[str] = []
+    for relpath, size, _mtime, *known in items:
+        if known or size > storage.SINGLE_PUT_BYTES:
+            continue
+        try:
+            name = storage.blob_name(prefix, relpath)
+        except ValueError:
+            continue
+        if not is_reserved(name):
+            todo.append((source / relpath, name))
+            relpaths.append(relpath)
+    if not todo:
+        return {}
+    return dict(zip(relpaths, deps.put_many(container, todo, lambda: deps.cancelled(run_id))))
+
+
 def _upload_with_one_retry(client: ContainerClient, path: Path, name: str, threads: int) -> storage.Uploaded:
     try:
         return storage.upload_file(client, path, name, max_concurrency=threads)
@@ -185,7 +221,8 @@ def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
         return scan_source(deps.work, ctx.orchestration_id, Path(inp["source"]),
                            min_batches=int(inp.get("min_batches", 1)), baseline=inp.get("baseline"),
                            mode=inp.get("compare", incremental.MODE_MTIME), patterns=inp.get("patterns"),
-                           follow_symlinks=bool(inp.get("follow_symlinks")))
+                           follow_symlinks=bool(inp.get("follow_symlinks")),
+                           block_size=int(inp.get("block_size") or blocks.DEFAULT_BLOCK_SIZE))
 
     def copy_batch(ctx: task.ActivityContext, inp: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -18,6 +18,7 @@ from durabletask import client as dt_client
 
 from sitebackup import incremental, storage
 from sitebackup.activities import ActivityDeps
+from sitebackup.asyncput import AsyncPutter
 from sitebackup.errors import (
     AlreadyRunningError,
     EXIT_DESTINATION,
@@ -212,6 +213,7 @@ def activity_deps(settings: storage.StorageSettings, state_dir: Path, concurrenc
     service, label = storage.make_service_client(settings, pool_size=2 * concurrency + 8)
     work = runtime.work_store(service) if runtime is not None else WorkStore(state_dir / "work")
     deps = ActivityDeps(container_client=service.get_container_client, work=work, endpoint=label)
+    deps.put_many = AsyncPutter(settings, in_flight=2 * concurrency).put_many
     if runtime is not None:
         deps.cancelled = CancelCheck(runtime)
     return deps

@@ -1,0 +1,115 @@
+"""Small-file uploads through one asyncio event loop per process, shared by every copy activity.
+
+On Azurite and on real links alike, small files cost requests, not bytes; the async SDK over
+aiohttp spends much less CPU per request than threads over requests, and one loop with one
+connection pool keeps ``in_flight`` Put Blobs going whatever the number of activities feeding it.
+Activities stay synchronous (the worker runs them in threads): they hand a page's small files to
+``AsyncPutter.put_many`` and block on the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from azure.storage.blob import ContentSettings
+
+from sitebackup import storage
+
+
+def make_async_service_client(settings: storage.StorageSettings, in_flight: int) -> Any:
+    """The aio twin of ``storage.make_service_client``, same credential order and retry budget."""
+    import aiohttp
+    from azure.core.pipeline.transport import AioHttpTransport
+    from azure.storage.blob.aio import BlobServiceClient, ExponentialRetry
+
+    retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=storage.storage_retries(),
+                             random_jitter_range=1)
+    # the connector's limit is the real bound on parallel requests: match the window
+    transport = AioHttpTransport(session=aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)),
+                                 session_owner=True)
+    kwargs = {"retry_policy": retry, "connection_timeout": 20, "read_timeout": 300, "transport": transport}
+    if settings.connection_string:
+        return BlobServiceClient.from_connection_string(settings.connection_string, **kwargs)
+    if settings.account_url and "?" in settings.account_url:
+        return BlobServiceClient(settings.account_url, **kwargs)
+    from azure.identity.aio import DefaultAzureCredential
+
+    return BlobServiceClient(settings.account_url, credential=DefaultAzureCredential(), **kwargs)
+
+
+class Cancelled(Exception):
+    """The run was cancelled before this file's turn came."""
+
+
+class AsyncPutter:
+    """An event loop in a daemon thread with one aio client, started on first use."""
+
+    def __init__(self, settings: storage.StorageSettings, in_flight: int = 32):
+        self._settings = settings
+        self._in_flight = in_flight
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Any = None
+        self._gate: asyncio.Semaphore | None = None
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="sitebackup-asyncput", daemon=True).start()
+
+                async def setup() -> None:
+                    # the client and its aiohttp session must be born inside the loop that uses them
+                    self._client = make_async_service_client(self._settings, self._in_flight)
+                    self._gate = asyncio.Semaphore(self._in_flight)
+
+                asyncio.run_coroutine_threadsafe(setup(), loop).result()
+                self._loop = loop
+                # close the aiohttp session while the loop still runs, not in a warning at exit
+                atexit.register(self.close)
+            return self._loop
+
+    def put_many(self, container: str, items: list[tuple[Path, str]],
+                 cancelled: Callable[[], bool] = lambda: False) -> list[storage.Uploaded | BaseException]:
+        """Upload each (path, blob name); return per item an ``Uploaded`` or the exception it raised."""
+        loop = self._ensure_loop()
+
+        async def all_items() -> list[Any]:
+            client = self._client.get_container_client(container)
+            return await asyncio.gather(*(self._put(client, path, name, cancelled) for path, name in items),
+                                        return_exceptions=True)
+
+        return asyncio.run_coroutine_threadsafe(all_items(), loop).result()
+
+    async def _put(self, client: Any, path: Path, name: str, cancelled: Callable[[], bool]) -> storage.Uploaded:
+        async with self._gate:
+            if cancelled():
+                raise Cancelled()
+            # small files only: one read, one hash, one request, as storage.upload_file does
+            st = os.stat(path)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            md5 = hashlib.md5(data).digest()
+            storage._check_unchanged(path, st)
+            metadata = {storage.META_MTIME: str(st.st_mtime_ns), storage.META_MODE: format(st.st_mode & 0o7777, "04o")}
+            await client.upload_blob(
+                name, data, overwrite=True, length=len(data), metadata=metadata,
+                content_settings=ContentSettings(content_type=storage.content_type(name), content_md5=bytearray(md5)),
+            )
+            return storage.Uploaded(st.st_size, st.st_mtime_ns, base64.b64encode(md5).decode("ascii"))
+
+    def close(self) -> None:
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._client.close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)

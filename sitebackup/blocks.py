@@ -1,0 +1,171 @@
+"""Large files as block ranges: range pages, deterministic block ids, staging one range, the final commit.
+
+A file larger than ``threshold(block_size)`` is not copied by one activity: the scan writes one
+page per range (``{"file": [relpath, size, mtime_ns], "range": i, "ranges": n, ...}``), each
+range activity stages one block with ``stage_block``, and once the orchestration has counted the
+file's last range (``count_range``) it schedules the commit task, which hashes the file (streamed)
+and calls ``commit_block_list``. Block ids derive from path, size, mtime, block size and range
+index, so a resumed or repeated run finds the blocks the service already holds (its uncommitted
+block list) and sends only the missing ones. The progress bytes move with every range.
+
+The commit of the file whose first range page is ``p`` travels as page ``-1 - p``: it needs no page
+of its own and a failed commit is retried as a commit by the orchestration's page retry queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from azure.core.exceptions import ResourceNotFoundError
+from azure.storage.blob import BlobBlock, ContainerClient, ContentSettings
+
+from sitebackup import storage
+
+MIB = 1024 * 1024
+DEFAULT_BLOCK_SIZE = 8 * MIB  # a range is read into memory: window x block size bounds the RSS
+MIN_BLOCK_SIZE = 1 * MIB
+MAX_BLOCK_SIZE = 4000 * MIB  # Azure's limit for one block
+
+
+def threshold(block_size: int) -> int:
+    """Files above this go in ranges; below it one Put Blob (or the SDK's own chunking) costs fewer requests."""
+    return 4 * block_size
+
+
+def range_count(size: int, block_size: int) -> int:
+    return max(1, -(-size // block_size))
+
+
+def block_id(relpath: str, size: int, mtime_ns: int, block_size: int, index: int) -> str:
+    """Same file, same version, same cut -> same id; every id of a blob has the same length, as Azure requires."""
+    digest = hashlib.sha256(f"{relpath}\0{size}\0{mtime_ns}\0{block_size}".encode("utf-8", "surrogateescape"))
+    return base64.b64encode(f"{digest.hexdigest()[:32]}{index:08d}".encode("ascii")).decode("ascii")
+
+
+def commit_task(first_page: int) -> int:
+    return -1 - first_page
+
+
+def write_range_pages(work: Any, run_id: str, first_page: int, files: list[Any], block_size: int) -> int:
+    """Write the range pages of *files* (scan.FileEntry) from page *first_page* on; return how many."""
+    page = first_page
+    for entry in files:
+        n = range_count(entry.size, block_size)
+        start = page
+        for index in range(n):
+            work.write_page(run_id, page, {"file": [entry.relpath, entry.size, entry.mtime_ns], "range": index,
+                                           "ranges": n, "block_size": block_size, "first_page": start})
+            page += 1
+    return page - first_page
+
+
+def count_range(state: dict[str, Any], info: dict[str, int]) -> int | None:
+    """Orchestration side (pure): count one finished range; the commit task id once the file's last is in."""
+    left = state.setdefault("ranges_left", {})
+    key = str(info["first_page"])  # JSON object keys are strings: keep them so across continue-as-new
+    remaining = left.get(key, info["ranges"]) - 1
+    if remaining > 0:
+        left[key] = remaining
+        return None
+    left.pop(key, None)
+    return commit_task(info["first_page"])
+
+
+def uncommitted_ids(blob: Any) -> set[str]:
+    try:
+        _committed, uncommitted = blob.get_block_list("uncommitted")
+    except ResourceNotFoundError:  # nothing staged yet: the blob does not exist
+        return set()
+    return {block.id for block in uncommitted}
+
+
+def _unchanged(path: Path, size: int, mtime_ns: int) -> os.stat_result:
+    st = os.stat(path)
+    if st.st_size != size or st.st_mtime_ns != mtime_ns:
+        raise storage.FileChangedError("changed during backup")
+    return st
+
+
+def stage_range(container: ContainerClient, path: Path, name: str, item: dict[str, Any]) -> tuple[int, bool]:
+    """Stage one range unless the service holds it already; return (its bytes, whether it was sent)."""
+    relpath, size, mtime_ns = item["file"]
+    block_size, index = item["block_size"], item["range"]
+    _unchanged(path, size, mtime_ns)
+    blob = container.get_blob_client(name)
+    bid = block_id(relpath, size, mtime_ns, block_size, index)
+    offset = index * block_size
+    length = min(block_size, size - offset)
+    if bid in uncommitted_ids(blob):
+        return length, False
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(length)
+    if len(data) != length:
+        raise storage.FileChangedError("changed during backup")
+    # transactional MD5 per block: the service checks each range (and Azurite is faster with it)
+    blob.stage_block(bid, data, length=length, validate_content=True)
+    return length, True
+
+
+def commit_file(container: ContainerClient, path: Path, name: str, item: dict[str, Any]) -> storage.Uploaded:
+    """Commit the staged ranges as the blob, with Content-MD5 of the whole file streamed from disk."""
+    relpath, size, mtime_ns = item["file"]
+    block_size, n = item["block_size"], item["ranges"]
+    st = _unchanged(path, size, mtime_ns)
+    md5 = storage._md5_of_file(path)
+    _unchanged(path, size, mtime_ns)
+    blob = container.get_blob_client(name)
+    ids = [block_id(relpath, size, mtime_ns, block_size, i) for i in range(n)]
+    missing = len(set(ids) - uncommitted_ids(blob))
+    if missing:
+        raise storage.FileChangedError(f"{missing} of {n} blocks were not staged")
+    blob.commit_block_list(
+        [BlobBlock(block_id=i) for i in ids],
+        metadata={storage.META_MTIME: str(mtime_ns), storage.META_MODE: format(st.st_mode & 0o7777, "04o")},
+        content_settings=ContentSettings(content_type=storage.content_type(name), content_md5=bytearray(md5)),
+    )
+    return storage.Uploaded(size, mtime_ns, base64.b64encode(md5).decode("ascii"))
+
+
+def copy_block_page(deps: Any, run_id: str, page: int, item: dict[str, Any], source: Path, container: str,
+                    prefix: str) -> dict[str, Any]:
+    """The copy activity for a range page (page >= 0) or a commit task (page < 0), shaped like a batch result.
+
+    A range reports its bytes (progress) and always counts as finished, even when it failed: the
+    commit then finds the file changed or a block missing and reports the file failed, once.
+    """
+    relpath = item["file"][0]
+    result: dict[str, Any] = {"page": page, "files_uploaded": 0, "bytes_uploaded": 0, "files_failed": 0,
+                              "failures": [], "files_unchanged": 0, "bytes_skipped": 0}
+    client = deps.container_client(container)
+    error = None
+    try:
+        name = storage.blob_name(prefix, relpath)
+        if page >= 0:
+            result["bytes_uploaded"], result["staged"] = stage_range(client, source / relpath, name, item)
+        else:
+            done = commit_file(client, source / relpath, name, item)
+    except (storage.FileChangedError, ValueError) as exc:
+        error = str(exc)
+    except OSError as exc:
+        error = exc.strerror or type(exc).__name__
+    except Exception as exc:
+        fatal = storage.classify(exc, deps.endpoint)
+        if fatal is not None:
+            raise fatal from None
+        error = storage.redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+    if page >= 0:
+        result["blocks"] = {"first_page": item["first_page"], "ranges": item["ranges"]}
+        return result
+    if error is None:
+        record = {"path": relpath, "size": done.size, "mtime_ns": done.mtime_ns, "md5": done.md5}
+        result["files_uploaded"] = 1
+    else:
+        record = {"path": relpath, "error": error}
+        result.update(files_failed=1, failures=[record])
+    deps.work.write_result(run_id, item["first_page"], [record])
+    return result
