@@ -66,6 +66,10 @@ def test_sigkill_mid_backup_then_resume_completes_without_redoing_finished_batch
         proc.wait()
     before = etags(blob_service, container_name)
     assert 0 < len(before) < len(files)
+    # the dead process's leases are released at once: status says nobody works on it
+    orphan = status_json(cli, instance_id)
+    assert orphan["runtime_status"] == "RUNNING" and orphan["worker_attached"] is False
+    assert f"no worker attached; resume with: sitebackup resume {instance_id}" in cli("status", instance_id).stdout
 
     result = cli("resume", instance_id, "--json")
     assert result.returncode == 0, result.stderr
