@@ -1,0 +1,232 @@
+"""Bounds that keep big backups cheap: history per instance, activity payloads, block-level resume, memory.
+
+Counts and sizes only, never timings. The 100,000-file memory bound is marked slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from durabletask.internal import orchestrator_service_pb2 as pb
+
+from sitebackup import activities, blocks
+from sitebackup.orchestrations import PAGES_PER_GENERATION
+from sitebackup.runtime import open_backend
+from sitebackup.scan import FileEntry
+from sitebackup.workstore import WorkStore
+
+from conftest import ROOT, write_tree
+
+MIB = 1024 * 1024
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    assert result.stdout.strip(), result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---- pure logic ---------------------------------------------------------------------------------
+
+def test_block_ids_are_deterministic_equal_length_and_distinct():
+    ids = [blocks.block_id("a/b.bin", 10 * MIB, 123, MIB, i) for i in range(10)]
+    assert ids == [blocks.block_id("a/b.bin", 10 * MIB, 123, MIB, i) for i in range(10)]
+    assert len(set(ids)) == 10 and len({len(i) for i in ids}) == 1
+    # another version of the file (mtime) or another cut never reuses a block
+    assert blocks.block_id("a/b.bin", 10 * MIB, 124, MIB, 0) != ids[0]
+    assert blocks.block_id("a/b.bin", 10 * MIB, 123, 2 * MIB, 0) != ids[0]
+
+
+def test_count_range_schedules_one_commit_after_the_last_range():
+    state: dict = {}
+    info = {"first_page": 7, "ranges": 3}
+    assert [blocks.count_range(state, info) for _ in range(3)] == [None, None, blocks.commit_task(7)]
+    assert state["ranges_left"] == {}
+    assert blocks.commit_task(blocks.commit_task(7)) == 7
+
+
+def test_scan_cuts_large_files_into_range_pages(tmp_path: Path):
+    src = write_tree(tmp_path / "src", {"big.bin": b"x" * (4 * MIB + 1), "small.txt": b"s"})
+    work = WorkStore(tmp_path / "work")
+    out = activities.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
+    assert out["pages"] == 1 + 5  # one batch with the small file, five ranges of 1 MiB
+    ranges = [work.read_page("run1", p) for p in range(1, 6)]
+    assert [r["range"] for r in ranges] == list(range(5))
+    assert {r["first_page"] for r in ranges} == {1} and {r["ranges"] for r in ranges} == {5}
+
+
+# ---- history and payloads -----------------------------------------------------------------------
+
+def history(state_dir: Path, instance_id: str) -> list[pb.HistoryEvent]:
+    with open_backend(state_dir) as runtime:
+        client = runtime.client()
+        try:
+            chunks = client._stub.StreamInstanceHistory(pb.StreamInstanceHistoryRequest(instanceId=instance_id))
+            return [event for chunk in chunks for event in chunk.events]
+        finally:
+            client.close()
+
+
+def test_history_per_instance_and_payloads_stay_bounded(cli, tmp_path, container_name, state_dir):
+    n = 1200
+    src = write_tree(tmp_path / "src", {f"d{i % 7}/f{i:05d}.txt": b"%d" % i for i in range(n)})
+    # concurrency 64 asks for 4 x 64 batches: more pages than one generation holds
+    result = cli(src, "--container", container_name, "--json", "--concurrency", "64")
+    assert result.returncode == 0, result.stderr
+    summary = summary_of(result)
+    assert summary["files_uploaded"] == n
+    pages = len(list((state_dir / "work" / summary["instance_id"] / "results").glob("*.json")))
+    assert pages > PAGES_PER_GENERATION  # so continue-as-new had to happen
+    events = history(state_dir, summary["instance_id"])
+    # the last generation holds at most PAGES_PER_GENERATION pages: ~3 events per page plus a few
+    assert 0 < len(events) <= 4 * PAGES_PER_GENERATION + 20
+    payloads = [e.taskScheduled.input.value for e in events if e.HasField("taskScheduled")]
+    payloads += [e.taskCompleted.result.value for e in events if e.HasField("taskCompleted")]
+    assert payloads and max(len(p) for p in payloads) < 4096
+
+
+def test_copy_output_stays_small_for_a_page_of_hundreds_of_failures(tmp_path):
+    """A page of 300 files that all vanished: failures are capped in the output, all kept in the result file."""
+    work = WorkStore(tmp_path / "work")
+    work.write_page("run1", 0, [[f"gone/{i:04d}-{'x' * 100}.txt", 10, 1] for i in range(300)])
+
+    class NoClient:
+        def get_blob_client(self, name):  # never reached: every file fails at open
+            raise AssertionError(name)
+
+    deps = activities.ActivityDeps(container_client=lambda c: NoClient(), work=work, endpoint="http://x")
+    out = activities.copy_page(deps, "run1", 0, tmp_path / "src", "c", "")
+    assert out["files_failed"] == 300 and len(out["failures"]) == activities.MAX_LISTED
+    assert len(json.dumps(out)) < 4096
+    assert sum(1 for r in work.iter_results("run1") if "error" in r) == 300
+
+
+# ---- block-level resume through a counting proxy -------------------------------------------------
+
+class CountingProxy:
+    """Forwards HTTP to Azurite and counts Put Block requests (`comp=block`)."""
+
+    def __init__(self, target: str):
+        self.target = urlsplit(target)
+        self.staged = 0
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "PUT" and "comp=block&" in self.path + "&":
+                    with lock:
+                        proxy.staged += 1
+                conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+        Handler.protocol_version = "HTTP/1.1"
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_resumed_large_file_stages_only_missing_blocks(cli, cli_env, azurite, blob_service, tmp_path,
+                                                        container_name):
+    size = 5 * blocks.DEFAULT_BLOCK_SIZE + 12345  # above the threshold: 6 ranges
+    data = os.urandom(size)
+    src = write_tree(tmp_path / "src", {"media/big.bin": data})
+    st = (src / "media/big.bin").stat()
+    n = blocks.range_count(size, blocks.DEFAULT_BLOCK_SIZE)
+    assert size > blocks.threshold(blocks.DEFAULT_BLOCK_SIZE) and n == 6
+    # an earlier run that was killed after staging ranges 0, 2 and 4
+    container = blob_service.get_container_client(container_name)
+    container.create_container()
+    for index in (0, 2, 4):
+        item = {"file": ["media/big.bin", size, st.st_mtime_ns], "range": index, "ranges": n,
+                "block_size": blocks.DEFAULT_BLOCK_SIZE, "first_page": 0}
+        assert blocks.stage_range(container, src / "media/big.bin", "media/big.bin", item) == (
+            min(blocks.DEFAULT_BLOCK_SIZE, size - index * blocks.DEFAULT_BLOCK_SIZE), True)
+
+    proxy = CountingProxy(azurite.endpoint)
+    try:
+        env = dict(cli_env, AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string.replace(
+            azurite.endpoint, proxy.endpoint))
+        result = cli(src, "--container", container_name, "--json", env=env)
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.stderr
+    summary = summary_of(result)
+    assert summary["files_uploaded"] == 1 and summary["bytes_uploaded"] == size
+    assert proxy.staged == n - 3
+    blob = container.get_blob_client("media/big.bin")
+    assert blob.download_blob().readall() == data
+    props = blob.get_blob_properties()
+    assert bytes(props.content_settings.content_md5) == hashlib.md5(data).digest()
+    assert props.metadata["mtime_ns"] == str(st.st_mtime_ns)
+
+
+def test_large_file_changed_between_staging_and_commit_is_reported_failed(azurite, blob_service, tmp_path,
+                                                                          container_name):
+    size = 5 * MIB  # above 4 x the 1 MiB block: five ranges
+    src = write_tree(tmp_path / "src", {"big.bin": os.urandom(size)})
+    work = WorkStore(tmp_path / "work")
+    activities.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
+    blob_service.get_container_client(container_name).create_container()
+    deps = activities.ActivityDeps(container_client=blob_service.get_container_client, work=work,
+                                   endpoint=azurite.endpoint)
+    staged = [activities.copy_page(deps, "run1", p, src, container_name, "") for p in range(5)]
+    assert sum(r["bytes_uploaded"] for r in staged) == size
+    with open(src / "big.bin", "ab") as fh:
+        fh.write(b"more")
+    out = activities.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
+    assert out["files_failed"] == 1 and out["failures"][0]["error"] == "changed during backup"
+    assert list(work.iter_results("run1")) == [{"path": "big.bin", "error": "changed during backup"}]
+    assert not list(blob_service.get_container_client(container_name).list_blob_names())
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_peak_rss_for_100k_files_stays_under_400_mb(cli_env, tmp_path, container_name):
+    src = tmp_path / "src"
+    for i in range(100_000):
+        path = src / f"d{i // 1000:03d}" / f"f{i:06d}.txt"
+        if i % 1000 == 0:
+            path.parent.mkdir(parents=True)
+        path.write_bytes(b"%d" % i)
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sitebackup", str(src), "--container", container_name,
+                                 "--json"], env=cli_env, stdout=out, stderr=err, cwd=ROOT)
+        _pid, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the max of all children
+    assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "err").read_text()[-2000:]
+    assert json.loads((tmp_path / "out").read_text().strip().splitlines()[-1])["files_uploaded"] == 100_000
+    assert usage.ru_maxrss < 400 * 1024  # KiB on Linux
