@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 from azurite import Azurite, azurite_binary, free_port
 from conftest import ROOT, write_tree
+from privileges import without_root_powers
 
 
 def etags(blob_service, container: str) -> dict[str, str]:
@@ -158,34 +157,19 @@ def test_follow_symlinks_survives_a_loop_and_notes_a_fifo(tmp_path, cli, blob_se
     assert "symlink loop" in followed.stdout and "outside the source" in followed.stdout
 
 
-@pytest.fixture
-def world_dir():
-    # pytest's tmp dirs are private to root; the unprivileged CLI needs a path it can traverse
-    path = Path(tempfile.mkdtemp(prefix="sitebackup-cron-"))
-    path.chmod(0o777)
-    yield path
-    for p in path.rglob("*"):
-        if p.is_dir() and not p.is_symlink():
-            p.chmod(0o755)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_unreadable_directory_and_file_exit_1_and_the_rest_is_uploaded(world_dir, cli, cli_env, blob_service,
+def test_unreadable_directory_and_file_exit_1_and_the_rest_is_uploaded(tmp_path, cli_env, blob_service,
                                                                          container_name):
-    # CI runs as root, who can read anything: run the CLI as 'nobody' so the denial is real
-    setpriv = shutil.which("setpriv")
-    assert setpriv, "setpriv (util-linux) is needed to drop root for this test"
-    src = write_tree(world_dir / "site", {"ok.txt": b"ok", "locked/inner.txt": b"x", "secret.txt": b"s",
-                                          "sub/fine.txt": b"f"})
-    for p in [src, *src.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
+    # CI runs as root, who can read anything: the CLI runs without that power so the denial is real
+    src = write_tree(tmp_path / "site", {"ok.txt": b"ok", "locked/inner.txt": b"x", "secret.txt": b"s",
+                                         "sub/fine.txt": b"f"})
     (src / "locked").chmod(0o000)
     (src / "secret.txt").chmod(0o000)
-    state = world_dir / "state"  # created by the unprivileged process itself
-    env = dict(cli_env, SITEBACKUP_STATE_DIR=str(state), HOME=str(world_dir))
-    result = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                             "sitebackup", str(src), "-c", container_name], env=env, capture_output=True,
-                            text=True, timeout=300, cwd=ROOT)
+    try:
+        result = subprocess.run([*without_root_powers(), sys.executable, "-m", "sitebackup", str(src),
+                                 "-c", container_name], env=cli_env, capture_output=True, text=True,
+                                timeout=300, cwd=ROOT)
+    finally:
+        (src / "locked").chmod(0o755)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED locked: cannot read directory: Permission denied" in result.stderr
     assert "FAILED secret.txt: Permission denied" in result.stderr

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from privileges import without_root_powers
 
 from sitebackup.backend import EmbeddedBackend, StateDirError
 
@@ -54,36 +54,20 @@ def test_state_dir_that_cannot_be_created(tmp_path):
 def start_unprivileged(state_dir: Path) -> str:
     """Start a backend on *state_dir* in a child process that permissions apply to, return its one-line outcome.
 
-    Root ignores permission bits (and CI runs as root), so as root the child drops to 'nobody'.
+    Root ignores permission bits (and CI runs as root), so the child runs without that power.
     """
     code = ("import sys; from pathlib import Path; from sitebackup.backend import EmbeddedBackend, StateDirError\n"
             "try:\n    EmbeddedBackend(Path(sys.argv[1])).start()\nexcept StateDirError as e:\n"
             "    print('StateDirError:', e); sys.exit(3)\nprint('started')")
-    cmd = [sys.executable, "-c", code, str(state_dir)]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        assert setpriv, "setpriv (util-linux) is needed to drop root for this test"
-        cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    cmd = [*without_root_powers(), sys.executable, "-c", code, str(state_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode in (0, 3), result.stderr
     return result.stdout.strip()
 
 
-@pytest.fixture
-def world_dir():
-    # pytest's tmp dirs are private to root; the unprivileged child needs a path it can traverse
-    path = Path(tempfile.mkdtemp(prefix="sitebackup-state-"))
-    path.chmod(0o755)
-    yield path
-    for p in [path, *path.rglob("*")]:
-        if p.is_dir():
-            p.chmod(0o755)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_read_only_state_dir(world_dir):
-    state_dir = world_dir / "state"
+def test_read_only_state_dir(tmp_path):
+    state_dir = tmp_path / "state"
     state_dir.mkdir()
     state_dir.chmod(0o555)
     outcome = start_unprivileged(state_dir)
@@ -91,8 +75,8 @@ def test_read_only_state_dir(world_dir):
     assert "\n" not in outcome
 
 
-def test_read_only_database_file(world_dir):
-    state_dir = world_dir / "state"
+def test_read_only_database_file(tmp_path):
+    state_dir = tmp_path / "state"
     with EmbeddedBackend(state_dir):
         pass
     for p in [state_dir, *state_dir.rglob("*")]:

@@ -1,0 +1,19 @@
+"""Running a child process that file permissions apply to, even when the tests run as root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def without_root_powers() -> list[str]:
+    """A command prefix under which permission bits apply, even when the tests run as root (CI does).
+
+    Dropping the capabilities that let root ignore permissions keeps uid 0, so the child can still
+    reach the repository wherever CI cloned it; a plain non-root user needs no prefix.
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed to drop root's permission override for this test"
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
