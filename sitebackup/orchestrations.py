@@ -4,6 +4,11 @@ Scan once, then keep a bounded window of copy-batch activities in flight, publis
 counter dict as custom status after every completion. Every ``PAGES_PER_GENERATION`` pages the
 orchestration continues as new with its counters, so one instance's history stays bounded
 whatever the size of the tree.
+
+A copy batch that still fails after ``COPY_RETRY`` (the destination is down, credentials expired)
+never fails the instance: the orchestration drains what is in flight, publishes phase
+``waiting-destination`` with the error and waits for the ``resume`` event, then copies the failed
+pages again. The CLI sees that phase, exits 3, and ``sitebackup resume`` raises the event.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 from durabletask import task
 
+from sitebackup import blocks
 from sitebackup.activities import COPY_BATCH, MAX_LISTED, SCAN_TREE
 
 BACKUP_ORCHESTRATION = "BackupSiteContent"
@@ -25,6 +31,11 @@ COPY_RETRY = task.RetryPolicy(
     backoff_coefficient=2.0,
     max_retry_interval=timedelta(seconds=60),
 )
+
+# a request to the blob service is retried for about a minute (storage.make_service_client);
+# a copy batch is then attempted three times in all, 5 s and 10 s apart, before the run waits
+WAITING_PHASE = "waiting-destination"
+RESUME_EVENT = "resume"
 
 COUNTERS = ("files_total", "files_uploaded", "files_skipped", "files_failed", "bytes_total", "bytes_uploaded",
             "files_unchanged", "bytes_skipped")
@@ -63,7 +74,7 @@ def backup_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) -> 
         scan = yield ctx.call_activity(SCAN_TREE, input={
             "source": inp["source"], "min_batches": 4 * window, "baseline": inp.get("baseline"),
             "compare": options.get("compare", "mtime"), "patterns": options.get("patterns", []),
-            "follow_symlinks": bool(options.get("follow_symlinks"))})
+            "follow_symlinks": bool(options.get("follow_symlinks")), "block_size": options.get("block_size")})
         state.update(pages=scan["pages"], files_total=scan["files_total"], bytes_total=scan["bytes_total"],
                      files_skipped=scan["files_skipped"], files_failed=scan["files_failed"],
                      skipped=scan["skipped"])
@@ -71,16 +82,43 @@ def backup_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) -> 
 
     ctx.set_custom_status(progress_status("uploading", state))
     in_flight: list[task.Task[Any]] = []
+    pages_in_flight: list[int] = []
+    state.setdefault("retry_pages", [])
+    error: dict[str, str] | None = None
     last_page = min(state["pages"], state["next_page"] + PAGES_PER_GENERATION)
-    while state["next_page"] < last_page or in_flight:
-        while len(in_flight) < window and state["next_page"] < last_page:
-            copy_input = {"source": inp["source"], "container": inp["container"], "prefix": inp.get("prefix", ""),
-                          "page": state["next_page"]}
-            in_flight.append(ctx.call_activity(COPY_BATCH, input=copy_input, retry_policy=COPY_RETRY))
-            state["next_page"] += 1
+    while state["next_page"] < last_page or in_flight or state["retry_pages"]:
+        if error is None:
+            while len(in_flight) < window and (state["retry_pages"] or state["next_page"] < last_page):
+                if state["retry_pages"]:
+                    page = state["retry_pages"].pop(0)
+                else:
+                    page, state["next_page"] = state["next_page"], state["next_page"] + 1
+                copy_input = {"source": inp["source"], "container": inp["container"],
+                              "prefix": inp.get("prefix", ""), "page": page}
+                in_flight.append(ctx.call_activity(COPY_BATCH, input=copy_input, retry_policy=COPY_RETRY))
+                pages_in_flight.append(page)
+        elif not in_flight:
+            # everything in flight has settled: wait, with nothing leased, until someone resumes
+            state["waits"] = state.get("waits", 0) + 1
+            ctx.set_custom_status({**progress_status(WAITING_PHASE, state), **error, "waits": state["waits"]})
+            yield ctx.wait_for_external_event(RESUME_EVENT)
+            error = None
+            ctx.set_custom_status(progress_status("uploading", state))
+            continue
         done = yield task.when_any(in_flight)
-        in_flight.remove(done)
+        index = in_flight.index(done)
+        in_flight.pop(index)
+        page = pages_in_flight.pop(index)
+        if done.is_failed:
+            state["retry_pages"].append(page)
+            details = done.get_exception().details
+            error = {"error": details.message, "error_type": details.error_type}
+            continue
         result = done.get_result()
+        if "blocks" in result:  # a range of a large file: after its last one, commit it (sitebackup.blocks)
+            commit = blocks.count_range(state, result["blocks"])
+            if commit is not None:
+                state["retry_pages"].insert(0, commit)
         state["files_uploaded"] += result["files_uploaded"]
         state["bytes_uploaded"] += result["bytes_uploaded"]
         state["files_failed"] += result["files_failed"]

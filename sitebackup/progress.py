@@ -49,6 +49,9 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 def failure_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"FAILED {f['path']}: {f['error']}" for f in summary.get("failures") or []]
+    if summary.get("error"):
+        # the run itself stopped (a FAILED instance, or one waiting for `resume`): say why
+        lines.append(f"sitebackup: error: {summary['error']}")
     listed = len(summary.get("failures") or [])
     rest = summary.get("files_failed", 0) - listed
     if rest > 0 and listed:

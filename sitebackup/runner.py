@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from durabletask import client as dt_client
 
-from sitebackup import incremental, storage
+from sitebackup import blocks, incremental, storage
 from sitebackup.activities import ActivityDeps
 from sitebackup.asyncput import AsyncPutter
 from sitebackup.errors import (
@@ -28,7 +28,8 @@ from sitebackup.errors import (
     InputError,
     SiteBackupError,
 )
-from sitebackup.orchestrations import BACKUP_ORCHESTRATION, DEFAULT_WINDOW, destination_label
+from sitebackup.orchestrations import (BACKUP_ORCHESTRATION, DEFAULT_WINDOW, RESUME_EVENT, WAITING_PHASE,
+                                       destination_label)
 from sitebackup.progress import Printer
 from sitebackup.runtime import Runtime, open_backend
 from sitebackup.taskhub import TaskHubSettings
@@ -67,13 +68,15 @@ class BackupRequest:
     patterns: list[str] = field(default_factory=list)  # gitignore-style, see filters.py
     follow_symlinks: bool = False
     no_wait: bool = False
+    block_size: int = blocks.DEFAULT_BLOCK_SIZE  # files over 4x this go up as block ranges (blocks.py)
 
     def orchestration_input(self, endpoint: str) -> dict[str, Any]:
         # paths and options only: this is stored durably, so never a credential
         return {"source": str(self.source), "container": self.container, "prefix": self.prefix,
                 "endpoint": endpoint, "options": {"concurrency": self.concurrency, "compare": self.compare,
                                                   "patterns": self.patterns,
-                                                  "follow_symlinks": self.follow_symlinks}}
+                                                  "follow_symlinks": self.follow_symlinks,
+                                                  "block_size": self.block_size}}
 
 
 def validate_request(source: str | Path, container: str, prefix: str | None, concurrency: int,
@@ -130,7 +133,30 @@ def summarize(state: dt_client.OrchestrationState) -> dict[str, Any]:
     if state.failure_details is not None:
         summary["error"] = storage.redact(state.failure_details.message)
         summary["error_type"] = state.failure_details.error_type
+    waiting = waiting_status(state)
+    if waiting is not None:
+        summary.update(runtime_status="WAITING", resumable=True, error_type=waiting.get("error_type", ""),
+                       error=f"{storage.redact(waiting.get('error', ''))}; the run is saved, resume with: "
+                             f"sitebackup resume {state.instance_id}")
     return summary
+
+
+def waiting_status(state: dt_client.OrchestrationState) -> dict[str, Any] | None:
+    """The custom status of a run parked until `resume` (see orchestrations.WAITING_PHASE), else None."""
+    if state.runtime_status in TERMINAL or not state.serialized_custom_status:
+        return None
+    status = state.get_custom_status()
+    return status if isinstance(status, dict) and status.get("phase") == WAITING_PHASE else None
+
+
+def release_waiting(client: dt_client.TaskHubGrpcClient, instance_id: str) -> int | None:
+    """Wake a run parked by a destination failure; returns the wait it released (to ignore), if any."""
+    state = client.get_orchestration_state(instance_id)
+    waiting = waiting_status(state) if state is not None else None
+    if waiting is None:
+        return None
+    client.raise_orchestration_event(instance_id, RESUME_EVENT)
+    return waiting.get("waits")
 
 
 def exit_code_for(summary: dict[str, Any]) -> int:
@@ -140,12 +166,16 @@ def exit_code_for(summary: dict[str, Any]) -> int:
         return EXIT_FILES_FAILED if summary.get("files_failed") else EXIT_OK
     if "DestinationError" in (summary.get("error_type") or "") or "DestinationError" in (summary.get("error") or ""):
         return EXIT_DESTINATION
+    if summary.get("resumable"):
+        return EXIT_DESTINATION
     return EXIT_FILES_FAILED
 
 
 def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printer,
-          on_poll: Callable[[], None] | None = None) -> dt_client.OrchestrationState:
-    """Feed the printer from custom status until the instance reaches a terminal state."""
+          on_poll: Callable[[], None] | None = None, *, stop_when_waiting: bool = False,
+          released: int | None = None) -> dt_client.OrchestrationState:
+    """Feed the printer from custom status until the instance reaches a terminal state
+    (or, with *stop_when_waiting*, parks waiting for `resume`; wait number *released* is one we woke)."""
     while True:
         if on_poll is not None:
             on_poll()
@@ -158,6 +188,10 @@ def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printe
                 printer.progress(status)
         if state.runtime_status in TERMINAL:
             return state
+        if stop_when_waiting:
+            waiting = waiting_status(state)
+            if waiting is not None and waiting.get("waits") != released:
+                return state
         time.sleep(POLL_SECONDS)
 
 
@@ -168,9 +202,10 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, insta
     Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work."""
     client = runtime.client()
     try:
+        released = release_waiting(client, instance_id)
         if local_worker:
             runtime.start_worker(deps, concurrency)
-        state = watch(client, instance_id, printer)
+        state = watch(client, instance_id, printer, stop_when_waiting=True, released=released)
     except KeyboardInterrupt:
         printer.close()
         runtime.stop_workers()
@@ -291,7 +326,9 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, ins
 
     client = runtime.client()
     try:
-        state = watch(client, instance_id, printer, on_poll=take_over_if_orphaned)
+        released = release_waiting(client, instance_id)
+        state = watch(client, instance_id, printer, on_poll=take_over_if_orphaned, stop_when_waiting=True,
+                      released=released)
     except KeyboardInterrupt:
         printer.close()
         runtime.stop_workers()

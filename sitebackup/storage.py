@@ -33,6 +33,8 @@ log = logging.getLogger("sitebackup.storage")
 
 ENV_CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
 ENV_ACCOUNT_URL = "AZURE_STORAGE_ACCOUNT_URL"
+ENV_RETRIES = "SITEBACKUP_STORAGE_RETRIES"
+DEFAULT_RETRIES = 5
 MAX_BLOB_NAME = 1024
 # Files up to this size are read, hashed and sent in one Put Blob: on Azurite and on
 # real links alike, requests rather than bytes are the cost for small files.
@@ -126,6 +128,15 @@ def _transport(pool_size: int) -> RequestsTransport:
     return RequestsTransport(session=session, session_owner=True)
 
 
+def storage_retries() -> int:
+    value = os.environ.get(ENV_RETRIES, "").strip()
+    if not value:
+        return DEFAULT_RETRIES
+    if not value.isdigit():
+        raise InputError(f"{ENV_RETRIES} must be a whole number of retries, not {value!r}")
+    return int(value)
+
+
 def make_service_client(settings: StorageSettings, *, quick: bool = False,
                         pool_size: int = 32) -> tuple[BlobServiceClient, str]:
     """Build a client from *settings*; return it with a label that is safe to show and store.
@@ -137,8 +148,10 @@ def make_service_client(settings: StorageSettings, *, quick: bool = False,
         retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=1, random_jitter_range=1)
         kwargs = {"retry_policy": retry, "connection_timeout": 5, "read_timeout": 30}
     else:
-        # about a minute of backoff (3, 5, 9, 17, 33 s) before a request is given up
-        retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=5, random_jitter_range=1)
+        # about a minute of backoff (3, 5, 9, 17, 33 s) before a request is given up; fewer retries
+        # (SITEBACKUP_STORAGE_RETRIES) make a long outage end the run sooner, as a resumable failure
+        retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=storage_retries(),
+                                 random_jitter_range=1)
         kwargs = {"retry_policy": retry, "connection_timeout": 20, "read_timeout": 300,
                   "transport": _transport(pool_size)}
     try:
@@ -177,7 +190,9 @@ def classify(exc: BaseException, label: str) -> DestinationError | None:
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
         return DestinationError(f"cannot reach the blob service at {label}")
     if isinstance(exc, HttpResponseError) and exc.status_code in (401, 403):
-        return DestinationError(f"access denied at {label} ({exc.error_code or exc.status_code})")
+        # error_code may be a StorageErrorCode enum: show its wire value (AuthorizationFailure)
+        code = getattr(exc.error_code, "value", exc.error_code) or exc.status_code
+        return DestinationError(f"access denied at {label} ({code})")
     return None
 
 

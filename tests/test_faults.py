@@ -1,0 +1,403 @@
+"""Faults a backup must survive, each against real processes: the blob service going away,
+throttling, files changing or vanishing under the upload, SIGKILL, unusable state directories
+and credentials that expire mid-run.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from azure.storage.blob import (AccountSasPermissions, BlobServiceClient, ResourceTypes, generate_account_sas)
+
+from azurite import ACCOUNT, KEY, Azurite, free_port
+from conftest import ROOT, run_cli, write_tree
+
+
+@pytest.fixture
+def own_azurite(tmp_path: Path):
+    """An Azurite this test may stop and start again (same port, same data)."""
+    server = Azurite(free_port(), tmp_path / "azurite").start()
+    yield server
+    server.stop()
+
+
+def env_for(conn: str | None, state: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "SITEBACKUP_"))}
+    if conn:
+        env["AZURE_STORAGE_CONNECTION_STRING"] = conn
+    env.update(SITEBACKUP_STATE_DIR=str(state), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def many_files(root: Path, count: int, size: int = 2048) -> dict[str, bytes]:
+    files = {f"d{i % 20:02d}/f{i:05d}.bin": (f"{i:08d}".encode() * (size // 8 + 1))[:size] for i in range(count)}
+    write_tree(root, files)
+    return files
+
+
+def assert_exact(conn: str, container: str, src: Path, prefix: str = "") -> None:
+    """Every file of *src* is a blob with its exact bytes, and there is nothing else."""
+    service = BlobServiceClient.from_connection_string(conn)
+    try:
+        client = service.get_container_client(container)
+        names = {b.name for b in client.list_blobs() if not b.name.startswith(".sitebackup")}
+        files = {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
+        want = {f"{prefix}/{rel}" if prefix else rel for rel in files}
+        assert names == want
+        for rel, path in files.items():
+            name = f"{prefix}/{rel}" if prefix else rel
+            assert client.download_blob(name).readall() == path.read_bytes(), name
+    finally:
+        service.close()
+
+
+class JsonRun:
+    """A `sitebackup ... --json` child process whose NDJSON events we read as they come."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen([sys.executable, "-m", "sitebackup", *args, "--json"], env=env, cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.events: list[dict] = []
+
+    def until(self, predicate, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            self.events.append(event)
+            if predicate(event):
+                return event
+            assert time.monotonic() < deadline, f"no matching event within {timeout}s: {self.events[-3:]}"
+        raise AssertionError(f"process ended first ({self.proc.wait()}): {self.proc.stderr.read()}")
+
+    def finish(self, timeout: float = 120) -> tuple[int, dict, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.events += [json.loads(line) for line in out.splitlines() if line.strip()]
+        return self.proc.returncode, self.events[-1], err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+def uploading(min_done: int = 1):
+    return lambda e: e["event"] == "progress" and e.get("phase") == "uploading" and e["files_done"] >= min_done
+
+
+# ---------------------------------------------------------------- the blob service goes away
+
+
+def test_short_outage_is_retried_and_the_run_completes_exact(own_azurite, tmp_path):
+    src = tmp_path / "site"
+    many_files(src, 400)
+    env = env_for(own_azurite.connection_string, tmp_path / "state")
+    run = JsonRun([str(src), "-c", "outage", "--concurrency", "2"], env)
+    try:
+        run.until(uploading(20))
+        own_azurite.stop()
+        time.sleep(3)
+        own_azurite.start()
+        code, summary, err = run.finish()
+    finally:
+        run.kill()
+    assert code == 0, err
+    assert summary["runtime_status"] == "COMPLETED"
+    assert summary["files_uploaded"] == 400 and summary["files_failed"] == 0
+    assert_exact(own_azurite.connection_string, "outage", src)
+
+
+def test_long_outage_ends_resumable_with_exit_3_and_resume_completes(own_azurite, tmp_path):
+    src = tmp_path / "site"
+    many_files(src, 400)
+    state = tmp_path / "state"
+    # no HTTP retries: the outage outlasts the limit after the three batch attempts (5 s + 10 s apart)
+    env = env_for(own_azurite.connection_string, state, SITEBACKUP_STORAGE_RETRIES="0")
+    run = JsonRun([str(src), "-c", "outage", "--concurrency", "2"], env)
+    try:
+        start = run.until(lambda e: e["event"] == "start")
+        run.until(uploading(20))
+        own_azurite.stop()
+        code, summary, err = run.finish()
+    finally:
+        run.kill()
+    assert code == 3, err
+    assert summary["runtime_status"] == "WAITING" and summary["resumable"] is True
+    assert f"cannot reach the blob service at {own_azurite.endpoint}" in summary["error"]
+    assert f"sitebackup resume {start['instance_id']}" in summary["error"]
+    assert "Traceback" not in err
+
+    own_azurite.start()
+    resumed = run_cli(["resume", start["instance_id"]], env_for(own_azurite.connection_string, state))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "COMPLETED: 400/400 files uploaded" in resumed.stdout
+    assert_exact(own_azurite.connection_string, "outage", src)
+
+
+# ---------------------------------------------------------------- throttling
+
+
+class ThrottlingProxy:
+    """Forwards to Azurite, but answers every *nth* PUT with 503 ServerBusy or 500 OperationTimedOut."""
+
+    def __init__(self, upstream: str, nth: int):
+        self.upstream, self.nth = upstream, nth
+        self.puts = self.throttled = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "PUT":
+                    with proxy.lock:
+                        proxy.puts += 1
+                        busy = proxy.puts % proxy.nth == 0
+                        if busy:
+                            proxy.throttled += 1
+                            code = (503, "ServerBusy") if proxy.throttled % 2 else (500, "OperationTimedOut")
+                    if busy:
+                        reply = f"<?xml version=\"1.0\"?><Error><Code>{code[1]}</Code><Message>busy</Message></Error>"
+                        data = reply.encode()
+                        self.send_response(code[0])
+                        self.send_header("x-ms-error-code", code[1])
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
+                        return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                answer = requests.request(self.command, proxy.upstream + self.path, headers=headers, data=body,
+                                          allow_redirects=False)
+                self.send_response(answer.status_code)
+                for key, value in answer.headers.items():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                data = b"" if self.command == "HEAD" else answer.content
+                self.send_header("Content-Length", answer.headers.get("Content-Length", str(len(data)))
+                                 if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_throttling_is_retried_with_backoff_and_no_file_is_lost(azurite, tmp_path, container_name):
+    src = tmp_path / "site"
+    many_files(src, 150)
+    proxy = ThrottlingProxy(f"http://127.0.0.1:{azurite.port}", nth=12)
+    try:
+        conn = azurite.connection_string.replace(f":{azurite.port}/", f":{proxy.port}/")
+        result = run_cli([str(src), "-c", container_name, "--concurrency", "8"], env_for(conn, tmp_path / "state"))
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert proxy.throttled >= 10  # the retries really happened
+    assert "COMPLETED: 150/150 files uploaded" in result.stdout
+    assert_exact(azurite.connection_string, container_name, src)
+
+
+# ---------------------------------------------------------------- files moving under the upload
+
+
+def results_of(state: Path) -> dict[str, dict]:
+    records = {}
+    for path in (state / "work").glob("*/results/*.json"):
+        for record in json.loads(path.read_text()):
+            records[record["path"]] = record
+    return records
+
+
+def test_file_changing_during_upload_is_retried_once_then_failed_never_recorded(azurite, tmp_path,
+                                                                               container_name):
+    src = tmp_path / "site"
+    write_tree(src, {"stable.txt": b"stable", "big.bin": os.urandom(12 * 1024 * 1024)})
+    state = tmp_path / "state"
+    stop = threading.Event()
+
+    def touch_forever():
+        # a log file being appended to: its mtime moves all the time
+        n = 0
+        while not stop.is_set():
+            n += 1
+            os.utime(src / "big.bin", ns=(n * 1_000_000_000, n * 1_000_000_000))
+            time.sleep(0.002)
+
+    toucher = threading.Thread(target=touch_forever, daemon=True)
+    toucher.start()
+    try:
+        result = run_cli([str(src), "-c", container_name], env_for(azurite.connection_string, state))
+    finally:
+        stop.set()
+        toucher.join()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED big.bin: changed during backup" in result.stderr
+    assert "Traceback" not in result.stderr
+    records = results_of(state)
+    assert records["big.bin"] == {"path": "big.bin", "error": "changed during backup"}
+    assert records["stable.txt"]["size"] == 6
+    # a second run, with the file at rest, backs it up
+    again = run_cli([str(src), "-c", container_name], env_for(azurite.connection_string, state))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_exact(azurite.connection_string, container_name, src)
+
+
+def test_file_deleted_between_scan_and_upload_is_reported_not_fatal(azurite, tmp_path, container_name):
+    src = tmp_path / "site"
+    many_files(src, 400)
+    state = tmp_path / "state"
+    victim = src / "d19" / "f00399.bin"  # in the last page: uploaded last
+    run = JsonRun([str(src), "-c", container_name, "--concurrency", "1"], env_for(azurite.connection_string, state))
+    try:
+        run.until(lambda e: e["event"] == "progress" and e.get("phase") == "uploading")
+        victim.unlink()
+        code, summary, err = run.finish()
+    finally:
+        run.kill()
+    assert code == 1, err
+    assert summary["runtime_status"] == "COMPLETED"
+    assert summary["files_uploaded"] == 399 and summary["files_failed"] == 1
+    assert summary["failures"] == [{"path": "d19/f00399.bin", "error": "No such file or directory"}]
+    assert_exact(azurite.connection_string, container_name, src)
+
+
+# ---------------------------------------------------------------- SIGKILL
+
+
+def kill_at(args: list[str], env: dict[str, str], predicate) -> str:
+    run = JsonRun(args, env)
+    try:
+        start = run.until(lambda e: e["event"] == "start")
+        run.until(predicate)
+        run.proc.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+    return start["instance_id"]
+
+
+def test_sigkill_while_uploading_then_resume_completes_exact(azurite, tmp_path, container_name):
+    src = tmp_path / "site"
+    many_files(src, 400)
+    state = tmp_path / "state"
+    env = env_for(azurite.connection_string, state)
+    instance_id = kill_at([str(src), "-c", container_name, "--concurrency", "2"], env, uploading(20))
+    resumed = run_cli(["resume", instance_id], env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "COMPLETED: 400/400 files uploaded" in resumed.stdout
+    assert_exact(azurite.connection_string, container_name, src)
+
+
+@pytest.mark.slow
+def test_sigkill_loop_at_every_phase_then_rerun_completes_exact(azurite, tmp_path, container_name):
+    src = tmp_path / "site"
+    many_files(src, 600)
+    state = tmp_path / "state"
+    env = env_for(azurite.connection_string, state)
+    args = [str(src), "-c", container_name, "--concurrency", "2"]
+    moments = [lambda e: e["event"] == "start",                      # scheduling / scanning
+               uploading(1), uploading(150), uploading(400),
+               lambda e: e["event"] == "progress" and e["files_done"] >= 590]  # writing the last records
+    for moment in moments:
+        kill_at(args, env, moment)
+    again = run_cli(args, env)  # the same command resumes the unfinished run
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_exact(azurite.connection_string, container_name, src)
+
+
+# ---------------------------------------------------------------- unusable state directory
+
+
+@pytest.fixture
+def mount_point(tmp_path: Path):
+    point = tmp_path / "mnt"
+    point.mkdir()
+    yield point
+    subprocess.run(["umount", str(point)], check=False)
+
+
+def test_read_only_state_directory_is_a_clear_error_before_any_work(azurite, tmp_path, container_name,
+                                                                   mount_point):
+    # CI runs as root, for whom chmod changes nothing: a read-only mount refuses even root
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point)], check=True)
+    src = write_tree(tmp_path / "site", {"a.txt": b"a"})
+    result = run_cli([str(src), "-c", container_name], env_for(azurite.connection_string, mount_point))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"cannot use state directory {mount_point}" in result.stderr and "--state-dir" in result.stderr
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    # the pre-flight may have created the container, but nothing was uploaded
+    client = service.get_container_client(container_name)
+    assert not client.exists() or not list(client.list_blobs())
+
+
+def test_full_state_disk_is_a_clear_error(azurite, tmp_path, container_name, mount_point):
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], check=True)
+    (mount_point / "filler").write_bytes(b"\0" * (64 * 1024 - 4096))
+    try:
+        (mount_point / "filler2").write_bytes(b"\0" * 8192)
+    except OSError:
+        pass
+    src = write_tree(tmp_path / "site", {"a.txt": b"a"})
+    result = run_cli([str(src), "-c", container_name], env_for(azurite.connection_string, mount_point / "state"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "No space left on device" in result.stderr or "full" in result.stderr
+    assert "--state-dir" in result.stderr
+
+
+# ---------------------------------------------------------------- credentials expiring mid-run
+
+
+def account_sas_url(port: int, expires_in: timedelta) -> tuple[str, str]:
+    sas = generate_account_sas(ACCOUNT, KEY, resource_types=ResourceTypes(service=True, container=True, object=True),
+                               permission=AccountSasPermissions(read=True, write=True, list=True, create=True,
+                                                                add=True, delete=True),
+                               expiry=datetime.now(timezone.utc) + expires_in)
+    return f"http://127.0.0.1:{port}/{ACCOUNT}?{sas}", sas
+
+
+def test_expired_sas_stops_with_exit_3_and_resume_with_fresh_sas_completes(azurite, tmp_path, container_name):
+    src = tmp_path / "site"
+    many_files(src, 2500, size=512)
+    state = tmp_path / "state"
+    url, _ = account_sas_url(azurite.port, timedelta(seconds=6))
+    env = env_for(None, state, AZURE_STORAGE_ACCOUNT_URL=url)
+    result = run_cli([str(src), "-c", container_name, "--concurrency", "1"], env)
+    assert result.returncode == 3, result.stdout + result.stderr
+    # Azurite answers an expired SAS with 403 AuthorizationFailure
+    assert f"access denied at http://127.0.0.1:{azurite.port}/{ACCOUNT} (AuthorizationFailure)" in result.stderr
+    assert "resume with: sitebackup resume" in result.stderr and "Traceback" not in result.stderr
+    instance_id = result.stderr.split("sitebackup resume ")[1].split()[0]
+
+    fresh, _ = account_sas_url(azurite.port, timedelta(hours=1))
+    resumed = run_cli(["resume", instance_id], env_for(None, state, AZURE_STORAGE_ACCOUNT_URL=fresh))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "COMPLETED: 2500/2500 files uploaded" in resumed.stdout
+    assert_exact(azurite.connection_string, container_name, src)
