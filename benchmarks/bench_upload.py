@@ -196,11 +196,11 @@ def tool_env(azurite, work: Path) -> dict[str, str]:
     return env
 
 
-def run_timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float, int]:
+def run_timed(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> tuple[float, float, float, int]:
     """Wall seconds, CPU seconds, peak RSS (MB) and exit code of *cmd*, measured with wait4 on the child."""
     with open(log, "wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         killer = threading.Timer(RUN_TIMEOUT, proc.kill)  # a peer retrying forever must not hang the run
         killer.start()
         _pid, status, usage = os.wait4(proc.pid, 0)
@@ -236,7 +236,8 @@ def bench(args: argparse.Namespace) -> list[Row]:
                     client.create_container()
                     cmd = command_for(tool, src, container, azurite, work, args.sitebackup_args)
                     log = work / f"{name}-{tool}-{i}.log"
-                    seconds, cpu, peak, code = run_timed(cmd, env, log)
+                    cwd = args.sitebackup_src if tool == "sitebackup" else ROOT  # `-m` imports from cwd
+                    seconds, cpu, peak, code = run_timed(cmd, env, log, cwd)
                     count = sum(1 for _ in client.list_blob_names())
                     client.delete_container()
                     if code != 0 or count != ds.files:
@@ -281,6 +282,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool; the median is reported")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "sitebackup-bench-data")
     parser.add_argument("--sitebackup-args", default="", help="extra arguments for sitebackup, e.g. '--concurrency 32'")
+    parser.add_argument("--sitebackup-src", type=Path, default=ROOT,
+                        help="checkout whose sitebackup package runs (A/B against a git worktree)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state dirs)")
     parser.add_argument("--peer", choices=["threaded", "asyncio"], help=argparse.SUPPRESS)
     parser.add_argument("--src", type=Path, help=argparse.SUPPRESS)

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from sitebackup import __version__, manage, render, runner, scaleout, storage, taskhub
-from sitebackup import cron, dryrun
+from sitebackup import blocks, cron, dryrun
 from sitebackup import restore as restore_mod
 from sitebackup import verify as verify_mod
 from sitebackup.errors import EXIT_CODES_HELP, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SiteBackupError
@@ -129,6 +129,9 @@ def _render_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
 @storage_options
 @click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
               help="Bound on parallel uploads.")
+@click.option("--block-size", type=click.IntRange(min=1, max=4000), default=blocks.DEFAULT_BLOCK_SIZE // blocks.MIB,
+              show_default=True, metavar="MIB",
+              help="Files over 4x this many MiB go up as parallel, resumable block ranges of this size.")
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
 @cron_options
@@ -139,8 +142,8 @@ def _render_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
 @state_dir_option
 @debug_option
 def backup(source: Path, container: str, prefix: str, connection_string: str | None, account_url: str | None,
-           concurrency: int, json_output: bool, quiet: bool, taskhub: str | None, no_local_worker: bool,
-           detach: bool, state_dir: Path | None, debug: bool, **cron_opts: Any) -> None:
+           concurrency: int, block_size: int, json_output: bool, quiet: bool, taskhub: str | None,
+           no_local_worker: bool, detach: bool, state_dir: Path | None, debug: bool, **cron_opts: Any) -> None:
     """Back up SOURCE to a container (the default command).
 
     Every file becomes a blob named by its path relative to SOURCE.
@@ -157,6 +160,7 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
     settings = storage.StorageSettings.from_options(connection_string, account_url)
     request = runner.validate_request(source, container, cron.expand_prefix(prefix), concurrency,
                                       state_dir or default_state_dir())
+    request.block_size = block_size * blocks.MIB
     log_file, dry_run = cron_opts.pop("log_file"), cron_opts.pop("dry_run")
     request = cron.configure(request, **cron_opts)
     hub = _taskhub_settings(taskhub)
