@@ -59,7 +59,8 @@ def describe(runtime: Runtime, state: dt_client.OrchestrationState) -> dict[str,
         "kind": state.name,
         "runtime_status": state.runtime_status.name,
         "source": inp.get("source"),
-        "destination": destination_label(inp) if "container" in inp else None,
+        # a restore's destination is its directory ("dest"); a backup's is its container
+        "destination": inp.get("dest") or (destination_label(inp) if "container" in inp else None),
         "endpoint": inp.get("endpoint"),
         "custom_status": custom if isinstance(custom, dict) else None,
         "output": output,
@@ -118,9 +119,9 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
             rows.append({
                 "instance_id": info["instance_id"], "kind": info["kind"], "runtime_status": info["runtime_status"],
                 "source": info["source"], "destination": info["destination"],
-                "files": counters.get("files_uploaded", counters.get("files_done", 0)),
+                "files": counters.get("files_uploaded", counters.get("files_restored", counters.get("files_done", 0))),
                 "files_total": counters.get("files_total", 0),
-                "bytes": counters.get("bytes_uploaded", counters.get("bytes_done", 0)),
+                "bytes": counters.get("bytes_uploaded", counters.get("bytes_restored", counters.get("bytes_done", 0))),
                 "created_at": info["created_at"], "duration_s": info["duration_s"],
                 "worker_attached": info["worker_attached"],
             })

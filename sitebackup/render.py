@@ -27,9 +27,10 @@ def status_text(info: dict[str, Any]) -> str:
     counters = info.get("output") if isinstance(info.get("output"), dict) else None
     progress = info.get("custom_status") or {}
     if counters:
-        lines.append(f"  files:        {counters.get('files_uploaded', 0)}/{counters.get('files_total', 0)} uploaded, "
+        verb = "restored" if "files_restored" in counters else "uploaded"  # a restore's output counts restored files
+        lines.append(f"  files:        {counters.get(f'files_{verb}', 0)}/{counters.get('files_total', 0)} {verb}, "
                      f"{counters.get('files_skipped', 0)} skipped, {counters.get('files_failed', 0)} failed")
-        lines.append(f"  bytes:        {human_bytes(counters.get('bytes_uploaded', 0))} uploaded of "
+        lines.append(f"  bytes:        {human_bytes(counters.get(f'bytes_{verb}', 0))} {verb} of "
                      f"{human_bytes(counters.get('bytes_total', 0))}")
         lines += ["  " + line for line in failure_lines({**counters, "instance_id": info["instance_id"]})]
     elif progress:

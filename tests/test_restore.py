@@ -83,6 +83,15 @@ def test_round_trip_is_exact_in_names_bytes_mtimes_and_modes(tmp_path, cli, cont
     diff = subprocess.run(["diff", "-r", str(src), str(dest)], capture_output=True, text=True)
     assert diff.returncode == 0, diff.stdout + diff.stderr
 
+    # status and list describe the restore as one
+    status = cli("status", summary["instance_id"])
+    assert status.returncode == 0, status.stderr
+    assert f"{len(TREE) + 1}/{len(TREE) + 1} restored" in status.stdout
+    assert f"destination:  {dest}" in status.stdout
+    rows = {r["instance_id"]: r for r in json.loads(cli("list", "--json").stdout)}
+    assert rows[summary["instance_id"]]["kind"] == "RestoreSiteContent"
+    assert rows[summary["instance_id"]]["files"] == len(TREE) + 1
+
     # the same restore again: every file is identical, so every file is skipped
     again = cli("restore", run_id, dest, "--json")
     assert again.returncode == 0, again.stderr
