@@ -5,7 +5,7 @@ Run: .venv/bin/python benchmarks/bench_upload.py [--dataset small,medium] [--rep
 
 Datasets are generated once from a fixed seed under --data-dir. Every tool runs as its own process
 (wall time includes start-up, peak RSS comes from wait4 on that process), each run into a fresh
-container that is checked for the right blob count and then deleted. Peers missing from PATH are
+in-memory Azurite, checked for the right blob count afterwards. Peers missing from PATH are
 reported as skipped rows, never silently left out.
 """
 
@@ -215,9 +215,6 @@ def bench(args: argparse.Namespace) -> list[Row]:
     from azurite import Azurite, free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
-    azurite = Azurite(free_port(), work / "azurite", in_memory=True).start()
-    service = BlobServiceClient.from_connection_string(azurite.connection_string)
-    env = tool_env(azurite, work)
     rows: list[Row] = []
     try:
         for name in args.dataset:
@@ -225,21 +222,28 @@ def bench(args: argparse.Namespace) -> list[Row]:
             src = generate(ds, args.data_dir)
             print(f"# {name}: {ds.files} x {ds.size // KIB} KiB at {src}", file=sys.stderr, flush=True)
             for tool in args.tools:
-                cmd0 = command_for(tool, src, "probe", azurite, work, args.sitebackup_args)
+                cmd0 = command_for(tool, src, "probe", Azurite(0, work), work, args.sitebackup_args)
                 if cmd0 is None:
                     rows.append(Row(name, tool, note="skipped: not installed"))
                     continue
                 times, cpus, rss, notes = [], [], [], []
                 for i in range(args.repeat):
+                    # a fresh in-memory Azurite per run: a long-lived one slows down (and once stalled
+                    # for minutes) as deleted containers pile up in its heap
+                    azurite = Azurite(free_port(), work / "azurite", in_memory=True).start()
+                    service = BlobServiceClient.from_connection_string(azurite.connection_string)
                     container = f"b-{tool}-{uuid.uuid4().hex[:10]}"
                     client = service.get_container_client(container)
                     client.create_container()
                     cmd = command_for(tool, src, container, azurite, work, args.sitebackup_args)
                     log = work / f"{name}-{tool}-{i}.log"
                     cwd = args.sitebackup_src if tool == "sitebackup" else ROOT  # `-m` imports from cwd
-                    seconds, cpu, peak, code = run_timed(cmd, env, log, cwd)
-                    count = sum(1 for _ in client.list_blob_names())
-                    client.delete_container()
+                    try:
+                        seconds, cpu, peak, code = run_timed(cmd, tool_env(azurite, work), log, cwd)
+                        count = sum(1 for _ in client.list_blob_names())
+                    finally:
+                        service.close()
+                        azurite.stop()
                     if code != 0 or count != ds.files:
                         notes.append(f"run {i}: exit {code}, {count}/{ds.files} blobs (log {log})")
                     times.append(seconds)
@@ -250,8 +254,6 @@ def bench(args: argparse.Namespace) -> list[Row]:
                 rows.append(Row(name, tool, statistics.median(times), statistics.median(cpus), max(rss),
                                 "; ".join(notes)))
     finally:
-        service.close()
-        azurite.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return rows
