@@ -86,6 +86,9 @@ def normalize_prefix(prefix: str | None) -> str:
 
 
 def blob_name(prefix: str, relpath: str) -> str:
+    if "\\" in relpath:
+        # the service reads '\\' in a blob name as '/': the blob would land under another path
+        raise ValueError("file name contains '\\', which Azure Blob Storage turns into '/'")
     name = f"{prefix}/{relpath}" if prefix else relpath
     if len(name) > MAX_BLOB_NAME:
         raise ValueError(f"blob name is {len(name)} characters; Azure allows {MAX_BLOB_NAME}")
@@ -156,6 +159,7 @@ def make_service_client(settings: StorageSettings, *, quick: bool = False,
                   "transport": _transport(pool_size)}
     try:
         if settings.connection_string:
+            check_connection_string(settings.connection_string)
             client = BlobServiceClient.from_connection_string(settings.connection_string, **kwargs)
             how = "connection string"
         elif settings.account_url:
@@ -183,12 +187,39 @@ def endpoint_label(client: BlobServiceClient | ContainerClient) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
 
 
+# a wrong key or an expired SAS (Azurite answers AuthorizationFailure where Azure says AuthenticationFailed)
+_AUTH_CODES = {"AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticationInfo", "NoAuthenticationInformation"}
+
+
+def check_connection_string(text: str) -> None:
+    """Refuse what the SDK would accept and fail on later (empty or non-base64 keys); never echo values."""
+    if text.strip().lower().rstrip(";") == "usedevelopmentstorage=true":
+        return
+    fields: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise InputError("malformed storage connection string: expected Name=value pairs separated by ';'")
+        fields[key.strip().lower()] = value.strip()
+    if "accountkey" in fields:
+        try:
+            if not fields["accountkey"] or not base64.b64decode(fields["accountkey"], validate=True):
+                raise ValueError
+        except ValueError:
+            raise InputError("malformed storage connection string: AccountKey is empty or not base64") from None
+        if not fields.get("accountname"):
+            raise InputError("malformed storage connection string: AccountKey without AccountName")
+
+
 def classify(exc: BaseException, label: str) -> DestinationError | None:
     """Turn an Azure SDK exception into a one-line DestinationError, or None if it is per-file."""
     if isinstance(exc, ClientAuthenticationError):
         return DestinationError(f"authentication failed at {label}: check the key, SAS or identity")
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
         return DestinationError(f"cannot reach the blob service at {label}")
+    if isinstance(exc, HttpResponseError) and exc.status_code in (401, 403) and \
+            getattr(exc.error_code, "value", exc.error_code) in _AUTH_CODES:
+        return DestinationError(f"authentication failed at {label}: check the key, SAS or identity")
     if isinstance(exc, HttpResponseError) and exc.status_code in (401, 403):
         # error_code may be a StorageErrorCode enum: show its wire value (AuthorizationFailure)
         code = getattr(exc.error_code, "value", exc.error_code) or exc.status_code
