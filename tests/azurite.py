@@ -5,8 +5,6 @@ Azurite comes from the project's package.json (``npm ci``); nothing here install
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time

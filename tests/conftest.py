@@ -16,8 +16,8 @@ from azure.storage.blob import BlobServiceClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from azurite import Azurite, free_port  # noqa: E402
+from helpers import run_cli  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -56,23 +56,8 @@ def cli_env(azurite: Azurite, state_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run the real command in a child process, as a user or cron would."""
-    return subprocess.run([sys.executable, "-m", "sitebackup", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
-
-
 @pytest.fixture
 def cli(cli_env):
     def _run(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
         return run_cli([str(a) for a in args], env if env is not None else cli_env, **kwargs)
     return _run
-
-
-def write_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
-

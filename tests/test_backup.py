@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import pytest
-from conftest import write_tree
+from helpers import write_tree
 
 from sitebackup import runner, storage
 from sitebackup.progress import Printer

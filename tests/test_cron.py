@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from azurite import Azurite, azurite_binary, free_port
-from conftest import ROOT, write_tree
+from helpers import ROOT, write_tree
 from privileges import without_root_powers
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, write_tree
+from helpers import ROOT, write_tree
 
 
 def tree_of(n_dirs: int, per_dir: int, size: int) -> dict[str, bytes]:

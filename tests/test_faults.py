@@ -25,7 +25,7 @@ import requests
 from azure.storage.blob import (AccountSasPermissions, BlobServiceClient, ResourceTypes, generate_account_sas)
 
 from azurite import ACCOUNT, KEY, Azurite, free_port
-from conftest import ROOT, run_cli, write_tree
+from helpers import ROOT, run_cli, write_tree
 
 
 @pytest.fixture

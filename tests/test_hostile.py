@@ -14,7 +14,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from azurite import ACCOUNT, KEY, free_port
-from conftest import write_tree
+from helpers import write_tree
 
 
 def blobs(service: BlobServiceClient, container: str) -> dict[str, bytes]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import ContentSettings
-from conftest import ROOT, write_tree
+from helpers import ROOT, write_tree
 
 from sitebackup.restore import TEMP_SUFFIX, UnsafeName, make_selector, plan_pages, safe_relpath
 

@@ -25,7 +25,7 @@ from sitebackup.runtime import open_backend
 from sitebackup.scan import FileEntry
 from sitebackup.workstore import WorkStore
 
-from conftest import ROOT, write_tree
+from helpers import ROOT, write_tree
 
 MIB = 1024 * 1024
 

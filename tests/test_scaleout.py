@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_tree
+from helpers import ROOT, write_tree
 from sitebackup.taskhub import parse
 from sitebackup.workstore import RESERVED_PREFIX
 

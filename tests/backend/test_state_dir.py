@@ -88,7 +88,7 @@ def test_read_only_database_file(tmp_path):
 def test_tcp_listen_honours_taskhub_header(tmp_path):
     from durabletask import client
 
-    from conftest import QUIET
+    from harness import QUIET
 
     with EmbeddedBackend(tmp_path / "state") as backend:
         pass

@@ -16,7 +16,7 @@ import durabletask.internal.orchestrator_service_pb2 as pb
 from durabletask.client import OrchestrationQuery, OrchestrationStatus
 
 import flows
-from conftest import Harness
+from harness import Harness
 from sitebackup.backend import EmbeddedBackend
 from sitebackup.backend.store import Store
 
