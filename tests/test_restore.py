@@ -307,3 +307,53 @@ def test_pages_bound_count_and_bytes_and_isolate_big_blobs():
     assert sum(len(p) for p in pages) == 1001
     assert ["big", "big", 64 << 20, None, None] in [p[0] for p in pages if len(p) == 1]
     assert max(len(p) for p in pages) <= 256
+
+
+def test_blob_service_outage_parks_the_restore_exit_3_and_resume_completes(tmp_path):
+    from azurite import Azurite, free_port
+
+    server = Azurite(free_port(), tmp_path / "azurite").start()
+    try:
+        files = {f"d{i % 20:02d}/f{i:05d}.bin": f"{i:08d}".encode() * 256 for i in range(1500)}
+        src = write_tree(tmp_path / "site", files)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "SITEBACKUP_"))}
+        # no HTTP retries: the outage outlasts the three batch attempts, so the restore parks
+        env.update(AZURE_STORAGE_CONNECTION_STRING=server.connection_string, SITEBACKUP_STATE_DIR=str(tmp_path / "st"),
+                   PYTHONUNBUFFERED="1", SITEBACKUP_STORAGE_RETRIES="0")
+
+        def run(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "sitebackup", *map(str, args)], env=env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+
+        backed = run(src, "-c", "outage", "--json")
+        assert backed.returncode == 0, backed.stderr
+        run_id = summary_of(backed)["instance_id"]
+        dest = tmp_path / "restored"
+        proc = subprocess.Popen([sys.executable, "-m", "sitebackup", "restore", run_id, str(dest), "--concurrency", "1",
+                                 "--json"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            restore_id = json.loads(proc.stdout.readline())["instance_id"]
+            for line in proc.stdout:
+                event = json.loads(line)
+                if event["event"] == "progress" and event["phase"] == "restoring" and event["files_done"] > 0:
+                    break
+            assert event["files_done"] < len(files), "restore finished before the outage; make the tree bigger"
+            server.stop()
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 3, err
+        summary = json.loads(out.splitlines()[-1])
+        assert summary["runtime_status"] == "WAITING" and summary["resumable"] is True
+        assert f"sitebackup resume {restore_id}" in summary["error"]
+        assert "Traceback" not in err
+
+        server.start()
+        resumed = run("resume", restore_id)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "COMPLETED" in resumed.stdout and "files restored" in resumed.stdout
+        assert {k: v[0] for k, v in tree_of(dest).items()} == files
+    finally:
+        server.stop()
