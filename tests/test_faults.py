@@ -87,7 +87,7 @@ class JsonRun:
     def finish(self, timeout: float = 120) -> tuple[int, dict, str]:
         out, err = self.proc.communicate(timeout=timeout)
         self.events += [json.loads(line) for line in out.splitlines() if line.strip()]
-        return self.proc.returncode, self.events[-1], err
+        return self.proc.returncode, (self.events[-1] if self.events else {}), err
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -375,10 +375,10 @@ def test_full_state_disk_is_a_clear_error(azurite, tmp_path, container_name, mou
 # ---------------------------------------------------------------- credentials expiring mid-run
 
 
-def account_sas_url(port: int, expires_in: timedelta) -> tuple[str, str]:
+def account_sas_url(port: int, expires_in: timedelta, write: bool = True) -> tuple[str, str]:
     sas = generate_account_sas(ACCOUNT, KEY, resource_types=ResourceTypes(service=True, container=True, object=True),
-                               permission=AccountSasPermissions(read=True, write=True, list=True, create=True,
-                                                                add=True, delete=True),
+                               permission=AccountSasPermissions(read=True, write=write, list=True, create=write,
+                                                                add=write, delete=write),
                                expiry=datetime.now(timezone.utc) + expires_in)
     return f"http://127.0.0.1:{port}/{ACCOUNT}?{sas}", sas
 
@@ -387,7 +387,7 @@ def test_expired_sas_stops_with_exit_3_and_resume_with_fresh_sas_completes(azuri
     src = tmp_path / "site"
     many_files(src, 2500, size=512)
     state = tmp_path / "state"
-    url, _ = account_sas_url(azurite.port, timedelta(seconds=6))
+    url, sas = account_sas_url(azurite.port, timedelta(seconds=6))
     env = env_for(None, state, AZURE_STORAGE_ACCOUNT_URL=url)
     result = run_cli([str(src), "-c", container_name, "--concurrency", "1"], env)
     assert result.returncode == 3, result.stdout + result.stderr
@@ -400,3 +400,8 @@ def test_expired_sas_stops_with_exit_3_and_resume_with_fresh_sas_completes(azuri
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "COMPLETED: 2500/2500 files uploaded" in resumed.stdout
     assert_exact(azurite.connection_string, container_name, src)
+    # the failure details the orchestration keeps, and all output, hold neither SAS
+    from test_secrets import assert_nothing_leaks, secret_forms
+
+    assert_nothing_leaks(secret_forms(url, sas, fresh), [result.stdout, result.stderr, resumed.stdout,
+                                                         resumed.stderr], [state])
