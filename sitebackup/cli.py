@@ -17,12 +17,17 @@ from sitebackup import __version__, manage, render, runner, scaleout, storage, t
 from sitebackup import blocks, cron, dryrun
 from sitebackup import restore as restore_mod
 from sitebackup import verify as verify_mod
-from sitebackup.errors import EXIT_CODES_HELP, EXIT_FILES_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SiteBackupError
+from sitebackup.errors import (
+    EXIT_CODES_HELP,
+    EXIT_FILES_FAILED,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    SiteBackupError,
+)
 from sitebackup.orchestrations import DEFAULT_WINDOW
 from sitebackup.progress import human_bytes, make_printer
 from sitebackup.runtime import ENV_STATE_DIR, SDK_LOGGER, default_state_dir
-
-EXIT_INTERNAL = 70
 
 
 class DefaultToBackup(click.Group):
@@ -396,7 +401,10 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
             exclude: tuple[str, ...], overwrite: bool, connection_string: str | None, account_url: str | None,
             concurrency: int, json_output: bool, quiet: bool, taskhub: str | None, state_dir: Path | None,
             debug: bool) -> None:
-    """Restore the files backup run ID recorded (or a container's blobs) into DEST.
+    """Restore a backup run, or a container's blobs, into DEST.
+
+    With ID, restores exactly the files that backup run recorded; with --container (and
+    --prefix), whatever is stored there.
 
     Files land with their recorded modification time and mode. An existing file is skipped when
     identical (same size and MD5) and otherwise left alone and reported unless --overwrite. Blob
@@ -433,7 +441,9 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
 @debug_option
 def verify(instance_id: str, local: bool, download: bool, connection_string: str | None, account_url: str | None,
            json_output: bool, taskhub: str | None, state_dir: Path | None, debug: bool) -> None:
-    """Check every blob backup run ID recorded: present, same size, same MD5.
+    """Check that a backup run's blobs are intact.
+
+    Every blob the run recorded must be present, with the same size and Content-MD5.
 
     \b
     Examples:

@@ -8,12 +8,13 @@ EXIT_FILES_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DESTINATION = 3
 EXIT_ALREADY_RUNNING = 4
+EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every file backed up or unchanged; 1 the run finished but some files failed; "
     "2 usage or input error; 3 destination unreachable or access denied; "
-    "4 the same backup is already running elsewhere (with --no-wait); 130 interrupted."
+    "4 the same backup is already running elsewhere (with --no-wait); 70 internal error; 130 interrupted."
 )
 
 

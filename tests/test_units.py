@@ -60,3 +60,18 @@ def test_large_files_go_alone():
     files = [FileEntry("a", 10, 0), FileEntry("big", 50, 0), FileEntry("b", 10, 0)]
     batches = plan_batches(files, min_batches=1, batch_bytes=40)
     assert [[e.relpath for e in b] for b in batches if any(e.relpath == "big" for e in b)] == [["big"]]
+
+
+def test_every_command_has_help_with_a_description_and_examples():
+    from click.testing import CliRunner
+
+    from sitebackup.cli import cli
+
+    runner = CliRunner()
+    for name, command in cli.commands.items():
+        short = command.get_short_help_str(limit=80)
+        assert short and not short.endswith("..."), (name, short)
+        result = runner.invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Example" in result.output, name
+        assert "Exit codes" in result.output, name
