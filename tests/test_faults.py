@@ -385,11 +385,29 @@ def account_sas_url(port: int, expires_in: timedelta, write: bool = True) -> tup
 
 def test_expired_sas_stops_with_exit_3_and_resume_with_fresh_sas_completes(azurite, tmp_path, container_name):
     src = tmp_path / "site"
-    many_files(src, 2500, size=512)
+    many_files(src, 400, size=512)
     state = tmp_path / "state"
-    url, sas = account_sas_url(azurite.port, timedelta(seconds=6))
+    expiry = time.monotonic() + 5
+    url, sas = account_sas_url(azurite.port, timedelta(seconds=5))
     env = env_for(None, state, AZURE_STORAGE_ACCOUNT_URL=url)
-    result = run_cli([str(src), "-c", container_name, "--concurrency", "1"], env)
+    proc = subprocess.Popen([sys.executable, "-m", "sitebackup", str(src), "-c", container_name, "--concurrency", "1",
+                             "--log-file", str(tmp_path / "run.log")], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # freeze the whole run while uploading until the SAS has expired: no race with a fast machine
+        log = tmp_path / "run.log"
+        while not (log.exists() and "started" in log.read_text()):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(max(0.0, expiry - time.monotonic()) + 1.5)
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"authentication failed at http://127.0.0.1:{azurite.port}/{ACCOUNT}" in result.stderr
     assert "resume with: sitebackup resume" in result.stderr and "Traceback" not in result.stderr
@@ -398,7 +416,7 @@ def test_expired_sas_stops_with_exit_3_and_resume_with_fresh_sas_completes(azuri
     fresh, _ = account_sas_url(azurite.port, timedelta(hours=1))
     resumed = run_cli(["resume", instance_id], env_for(None, state, AZURE_STORAGE_ACCOUNT_URL=fresh))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "COMPLETED: 2500/2500 files uploaded" in resumed.stdout
+    assert "COMPLETED: 400/400 files uploaded" in resumed.stdout
     assert_exact(azurite.connection_string, container_name, src)
     # the failure details the orchestration keeps, and all output, hold neither SAS
     from test_secrets import assert_nothing_leaks, secret_forms
