@@ -172,7 +172,7 @@ def exit_code_for(summary: dict[str, Any]) -> int:
 
 
 def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printer,
-          on_poll: Callable[[], None] | None = None, *, stop_when_waiting: bool = False,
+          on_poll: Callable[[], None] | None = None, *, stop_when_waiting: bool = True,
           released: int | None = None) -> dt_client.OrchestrationState:
     """Feed the printer from custom status until the instance reaches a terminal state
     (or, with *stop_when_waiting*, parks waiting for `resume`; wait number *released* is one we woke)."""
