@@ -143,10 +143,16 @@ def test_long_outage_ends_resumable_with_exit_3_and_resume_completes(own_azurite
     assert f"sitebackup resume {start['instance_id']}" in summary["error"]
     assert "Traceback" not in err
 
+    shown = run_cli(["status", start["instance_id"], "--json"], env)
+    status = json.loads(shown.stdout)
+    assert status["runtime_status"] == "RUNNING"  # parked, not FAILED
+    assert status["custom_status"]["phase"] == "waiting-destination"
+    assert own_azurite.endpoint in status["custom_status"]["error"]
+
     own_azurite.start()
     resumed = run_cli(["resume", start["instance_id"]], env_for(own_azurite.connection_string, state))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "COMPLETED: 400/400 files uploaded" in resumed.stdout
+    assert f"{start['instance_id']} COMPLETED: 400/400 files uploaded" in resumed.stdout
     assert_exact(own_azurite.connection_string, "outage", src)
 
 
