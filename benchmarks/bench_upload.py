@@ -143,6 +143,7 @@ class Row:
     cpu: float | None = None  # the tool's own CPU seconds: steadier than wall time on a shared machine
     rss_mb: float | None = None
     note: str = ""
+    server_cpu: float | None = None  # Azurite's CPU seconds for the run: what the requests cost it
 
 
 def command_for(tool: str, src: Path, container: str, azurite, work: Path, extra: list[str]) -> list[str] | None:
@@ -210,9 +211,43 @@ def run_timed(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) 
     return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode
 
 
-def bench(args: argparse.Namespace) -> list[Row]:
+def run_once(tool: str, name: str, i: int, src: Path, work: Path, args: argparse.Namespace) -> tuple:
+    """One whole-process run into a fresh in-memory Azurite: (seconds, cpu, rss, note or '')."""
     from azure.storage.blob import BlobServiceClient
     from azurite import Azurite, free_port
+
+    # a fresh Azurite per run: a long-lived in-memory one slows down (and once stalled for
+    # minutes) as deleted containers pile up in its heap
+    azurite = Azurite(free_port(), work / "azurite", in_memory=True).start()
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    container = f"b-{tool}-{uuid.uuid4().hex[:10]}"
+    client = service.get_container_client(container)
+    try:
+        client.create_container()
+        cmd = command_for(tool, src, container, azurite, work, args.sitebackup_args)
+        log = work / f"{name}-{tool}-{i}.log"
+        cwd = args.sitebackup_src if tool == "sitebackup" else ROOT  # `-m` imports from cwd
+        seconds, cpu, peak, code = run_timed(cmd, tool_env(azurite, work), log, cwd)
+        count = sum(1 for _ in client.list_blob_names())
+        server_cpu = cpu_seconds(azurite.process.pid)
+    finally:
+        service.close()
+        azurite.stop()
+    expected = DATASETS[name].files
+    print(f"#   {tool} run {i}: {seconds:.2f}s cpu {cpu:.2f}s azurite cpu {server_cpu:.2f}s rss {peak:.0f} MB exit {code} blobs {count}",
+          file=sys.stderr, flush=True)
+    note = f"run {i}: exit {code}, {count}/{expected} blobs (log {log})" if code != 0 or count != expected else ""
+    return seconds, cpu, peak, note, server_cpu
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a live process has used so far (utime + stime from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench(args: argparse.Namespace) -> list[Row]:
+    from azurite import Azurite
 
     work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
     rows: list[Row] = []
@@ -221,38 +256,19 @@ def bench(args: argparse.Namespace) -> list[Row]:
             ds = DATASETS[name]
             src = generate(ds, args.data_dir)
             print(f"# {name}: {ds.files} x {ds.size // KIB} KiB at {src}", file=sys.stderr, flush=True)
+            present = [t for t in args.tools if command_for(t, src, "probe", Azurite(0, work), work, []) is not None]
+            runs: dict[str, list[tuple]] = {t: [] for t in present}
+            # round-robin over tools, so a load spike from elsewhere on the machine hits all of them
+            for i in range(args.repeat):
+                for tool in present:
+                    runs[tool].append(run_once(tool, name, i, src, work, args))
             for tool in args.tools:
-                cmd0 = command_for(tool, src, "probe", Azurite(0, work), work, args.sitebackup_args)
-                if cmd0 is None:
+                if tool not in runs:
                     rows.append(Row(name, tool, note="skipped: not installed"))
                     continue
-                times, cpus, rss, notes = [], [], [], []
-                for i in range(args.repeat):
-                    # a fresh in-memory Azurite per run: a long-lived one slows down (and once stalled
-                    # for minutes) as deleted containers pile up in its heap
-                    azurite = Azurite(free_port(), work / "azurite", in_memory=True).start()
-                    service = BlobServiceClient.from_connection_string(azurite.connection_string)
-                    container = f"b-{tool}-{uuid.uuid4().hex[:10]}"
-                    client = service.get_container_client(container)
-                    client.create_container()
-                    cmd = command_for(tool, src, container, azurite, work, args.sitebackup_args)
-                    log = work / f"{name}-{tool}-{i}.log"
-                    cwd = args.sitebackup_src if tool == "sitebackup" else ROOT  # `-m` imports from cwd
-                    try:
-                        seconds, cpu, peak, code = run_timed(cmd, tool_env(azurite, work), log, cwd)
-                        count = sum(1 for _ in client.list_blob_names())
-                    finally:
-                        service.close()
-                        azurite.stop()
-                    if code != 0 or count != ds.files:
-                        notes.append(f"run {i}: exit {code}, {count}/{ds.files} blobs (log {log})")
-                    times.append(seconds)
-                    cpus.append(cpu)
-                    rss.append(peak)
-                    print(f"#   {tool} run {i}: {seconds:.2f}s cpu {cpu:.2f}s rss {peak:.0f} MB exit {code} blobs {count}",
-                          file=sys.stderr, flush=True)
-                rows.append(Row(name, tool, statistics.median(times), statistics.median(cpus), max(rss),
-                                "; ".join(notes)))
+                seconds, cpus, rss, notes, server = zip(*runs[tool])
+                rows.append(Row(name, tool, statistics.median(seconds), statistics.median(cpus), max(rss),
+                                "; ".join(n for n in notes if n), statistics.median(server)))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -260,19 +276,19 @@ def bench(args: argparse.Namespace) -> list[Row]:
 
 
 def render(rows: list[Row]) -> str:
-    lines = ["| dataset | tool | seconds | files/s | MB/s | CPU s | peak RSS MB | vs fastest peer | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| dataset | tool | seconds | files/s | MB/s | CPU s | Azurite CPU s | peak RSS MB | vs fastest peer | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in rows:
         ds = DATASETS[row.dataset]
         if row.seconds is None:
-            lines.append(f"| {row.dataset} | {row.tool} | | | | | | | {row.note} |")
+            lines.append(f"| {row.dataset} | {row.tool} | | | | | | | | {row.note} |")
             continue
         peers = [r.seconds for r in rows if r.dataset == row.dataset and r.tool != "sitebackup"
                  and r.seconds is not None and not r.note]
         ratio = f"{row.seconds / min(peers):.2f}x" if peers else ""
         mb = ds.files * ds.size / 1e6
         lines.append(f"| {row.dataset} | {row.tool} | {row.seconds:.2f} | {ds.files / row.seconds:.0f} | "
-                     f"{mb / row.seconds:.1f} | {row.cpu:.1f} | {row.rss_mb:.0f} | {ratio} | {row.note} |")
+                     f"{mb / row.seconds:.1f} | {row.cpu:.1f} | {row.server_cpu:.1f} | {row.rss_mb:.0f} | {ratio} | {row.note} |")
     return "\n".join(lines)
 
 

@@ -5,8 +5,8 @@ page per range (``{"file": [relpath, size, mtime_ns], "range": i, "ranges": n, .
 range activity stages one block with ``stage_block``, and once the orchestration has counted the
 file's last range (``count_range``) it schedules the commit task, which hashes the file (streamed)
 and calls ``commit_block_list``. Block ids derive from path, size, mtime, block size and range
-index, so a resumed or repeated run finds the blocks the service already holds (its uncommitted
-block list) and sends only the missing ones. The progress bytes move with every range.
+index, so a resumed or repeated run finds the blocks the service already holds (its block list,
+uncommitted and committed) and sends only the missing ones. The progress bytes move with every range.
 
 The commit of the file whose first range page is ``p`` travels as page ``-1 - p``: it needs no page
 of its own and a failed commit is retried as a commit by the orchestration's page retry queue.
@@ -75,12 +75,17 @@ def count_range(state: dict[str, Any], info: dict[str, int]) -> int | None:
     return commit_task(info["first_page"])
 
 
-def uncommitted_ids(blob: Any) -> set[str]:
+def held_ids(blob: Any) -> set[str]:
+    """Block ids the service holds for *blob*, staged or committed: ids name content, so either serves.
+
+    Committed ones matter when a commit went through but its activity was retried, or the same
+    version was committed before; ``commit_block_list`` takes them too (block state "latest").
+    """
     try:
-        _committed, uncommitted = blob.get_block_list("uncommitted")
+        committed, uncommitted = blob.get_block_list("all")
     except ResourceNotFoundError:  # nothing staged yet: the blob does not exist
         return set()
-    return {block.id for block in uncommitted}
+    return {block.id for block in committed} | {block.id for block in uncommitted}
 
 
 def _unchanged(path: Path, size: int, mtime_ns: int) -> os.stat_result:
@@ -99,7 +104,7 @@ def stage_range(container: ContainerClient, path: Path, name: str, item: dict[st
     bid = block_id(relpath, size, mtime_ns, block_size, index)
     offset = index * block_size
     length = min(block_size, size - offset)
-    if bid in uncommitted_ids(blob):
+    if bid in held_ids(blob):
         return length, False
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -120,7 +125,7 @@ def commit_file(container: ContainerClient, path: Path, name: str, item: dict[st
     _unchanged(path, size, mtime_ns)
     blob = container.get_blob_client(name)
     ids = [block_id(relpath, size, mtime_ns, block_size, i) for i in range(n)]
-    missing = len(set(ids) - uncommitted_ids(blob))
+    missing = len(set(ids) - held_ids(blob))
     if missing:
         raise storage.FileChangedError(f"{missing} of {n} blocks were not staged")
     blob.commit_block_list(

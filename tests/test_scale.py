@@ -5,6 +5,7 @@ Counts and sizes only, never timings. The 100,000-file memory bound is marked sl
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -230,3 +231,23 @@ def test_peak_rss_for_100k_files_stays_under_400_mb(cli_env, tmp_path, container
     assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "err").read_text()[-2000:]
     assert json.loads((tmp_path / "out").read_text().strip().splitlines()[-1])["files_uploaded"] == 100_000
     assert usage.ru_maxrss < 400 * 1024  # KiB on Linux
+
+
+def test_a_repeated_commit_of_a_committed_file_succeeds(azurite, blob_service, tmp_path, container_name):
+    """An activity retried after its commit went through must not report the file failed."""
+    data = os.urandom(5 * MIB)
+    src = write_tree(tmp_path / "src", {"big.bin": data})
+    work = WorkStore(tmp_path / "work")
+    activities.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
+    blob_service.get_container_client(container_name).create_container()
+    deps = activities.ActivityDeps(container_client=blob_service.get_container_client, work=work,
+                                   endpoint=azurite.endpoint)
+    assert [activities.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
+    for _ in range(2):
+        out = activities.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
+        assert out["files_uploaded"] == 1 and out["files_failed"] == 0
+    # ranges of the committed version are not sent again either
+    assert [activities.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [False] * 5
+    blob = blob_service.get_blob_client(container_name, "big.bin")
+    assert blob.download_blob().readall() == data
+    assert list(work.iter_results("run1"))[0]["md5"] == base64.b64encode(hashlib.md5(data).digest()).decode()
