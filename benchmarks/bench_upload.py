@@ -55,7 +55,7 @@ DATASETS = {
     "huge": Dataset("huge", 1, 2 * GIB, 1),
     "scale": Dataset("scale", 100_000, 1 * KIB, 100),
 }
-TOOLS = ["sitebackup", "threaded", "asyncio", "rclone", "azcopy"]
+TOOLS = ["sitebackup", "threaded", "asyncio", "rclone", "azcopy", "sitebackup-base"]
 
 
 def generate(ds: Dataset, base: Path) -> Path:
@@ -147,7 +147,7 @@ class Row:
 
 
 def command_for(tool: str, src: Path, container: str, azurite, work: Path, extra: list[str]) -> list[str] | None:
-    if tool == "sitebackup":
+    if tool.startswith("sitebackup"):
         state = work / f"state-{uuid.uuid4().hex[:8]}"
         return [sys.executable, "-m", "sitebackup", str(src), "--container", container, "--json",
                 "--state-dir", str(state), *extra]
@@ -226,7 +226,7 @@ def run_once(tool: str, name: str, i: int, src: Path, work: Path, args: argparse
         client.create_container()
         cmd = command_for(tool, src, container, azurite, work, args.sitebackup_args)
         log = work / f"{name}-{tool}-{i}.log"
-        cwd = args.sitebackup_src if tool == "sitebackup" else ROOT  # `-m` imports from cwd
+        cwd = args.base_src if tool == "sitebackup-base" else ROOT  # `-m` imports from cwd
         seconds, cpu, peak, code = run_timed(cmd, tool_env(azurite, work), log, cwd)
         count = sum(1 for _ in client.list_blob_names())
         server_cpu = cpu_seconds(azurite.process.pid)
@@ -283,7 +283,7 @@ def render(rows: list[Row]) -> str:
         if row.seconds is None:
             lines.append(f"| {row.dataset} | {row.tool} | | | | | | | | {row.note} |")
             continue
-        peers = [r.seconds for r in rows if r.dataset == row.dataset and r.tool != "sitebackup"
+        peers = [r.seconds for r in rows if r.dataset == row.dataset and not r.tool.startswith("sitebackup")
                  and r.seconds is not None and not r.note]
         ratio = f"{row.seconds / min(peers):.2f}x" if peers else ""
         mb = ds.files * ds.size / 1e6
@@ -300,8 +300,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool; the median is reported")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "sitebackup-bench-data")
     parser.add_argument("--sitebackup-args", default="", help="extra arguments for sitebackup, e.g. '--concurrency 32'")
-    parser.add_argument("--sitebackup-src", type=Path, default=ROOT,
-                        help="checkout whose sitebackup package runs (A/B against a git worktree)")
+    parser.add_argument("--base-src", type=Path,
+                        help="a checkout (git worktree) whose sitebackup runs as tool 'sitebackup-base', for A/B")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state dirs)")
     parser.add_argument("--peer", choices=["threaded", "asyncio"], help=argparse.SUPPRESS)
     parser.add_argument("--src", type=Path, help=argparse.SUPPRESS)
@@ -311,7 +311,7 @@ def main() -> None:
         {"threaded": peer_threaded, "asyncio": peer_asyncio}[args.peer](args.src, args.container)
         return
     args.dataset = [d for d in args.dataset.split(",") if d]
-    args.tools = [t for t in args.tools.split(",") if t]
+    args.tools = [t for t in args.tools.split(",") if t and (t != "sitebackup-base" or args.base_src)]
     unknown = [d for d in args.dataset if d not in DATASETS] + [t for t in args.tools if t not in TOOLS]
     if unknown:
         parser.error(f"unknown dataset or tool: {', '.join(unknown)}")
