@@ -31,8 +31,11 @@ class WorkStore:
         return self.root / instance_id
 
     def _write(self, path: Path, data: Any) -> None:
-        # mode applies to the last directory only: create each level owner-only
-        for folder in reversed([path.parent, *[p for p in path.parent.parents if p == self.root or self.root in p.parents]]):
+        # mkdir's mode applies to the last directory only: create each level owner-only
+        folder = self.root
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for part in path.parent.relative_to(self.root).parts:
+            folder = folder / part
             folder.mkdir(exist_ok=True, mode=0o700)
         # write-then-rename: a kill mid-write never leaves a half page behind
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

@@ -5,25 +5,25 @@ and credentials that expire mid-run.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
-from azure.storage.blob import (AccountSasPermissions, BlobServiceClient, ResourceTypes, generate_account_sas)
-
+from azure.storage.blob import (
+    AccountSasPermissions,
+    BlobServiceClient,
+    ResourceTypes,
+    generate_account_sas,
+)
 from azurite import ACCOUNT, KEY, Azurite, free_port
 from helpers import ROOT, run_cli, write_tree
 
@@ -322,7 +322,8 @@ def test_sigkill_loop_at_every_phase_then_rerun_completes_exact(azurite, tmp_pat
     # then each rerun is killed at its first progress past the last kill: a little further each time
     while kills < 6:
         try:
-            event = kill_at(args, env, lambda e: e["event"] == "progress" and e["files_done"] > done, last=True)
+            event = kill_at(args, env, lambda e, after=done: e["event"] == "progress" and e["files_done"] > after,
+                            last=True)
         except AssertionError:
             break  # the run finished before the next kill: nothing left to interrupt
         done, kills = event["files_done"], kills + 1

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
 from azure.storage.blob import BlobServiceClient
-
 from azurite import ACCOUNT, KEY, free_port
 from helpers import write_tree
 

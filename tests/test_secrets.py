@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from azurite import KEY
-from helpers import write_tree
 from test_faults import JsonRun, account_sas_url, env_for, many_files
 
 from sitebackup.storage import redact
