@@ -314,6 +314,7 @@ def kill_at(args: list[str], env: dict[str, str], predicate, last: bool = False)
 def test_sigkill_loop_at_every_phase_then_rerun_completes_exact(azurite, tmp_path, container_name):
     src = tmp_path / "site"
     many_files(src, 2000)
+    (src / "big.bin").write_bytes(os.urandom(40 * 1024 * 1024))  # uploaded as block ranges, then committed
     state = tmp_path / "state"
     env = env_for(azurite.connection_string, state)
     args = [str(src), "-c", container_name, "--concurrency", "2"]
@@ -331,7 +332,7 @@ def test_sigkill_loop_at_every_phase_then_rerun_completes_exact(azurite, tmp_pat
     # every rerun of the same command resumed the same run; `resume` completes it
     again = run_cli(["resume", instance_id], env)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"{instance_id} COMPLETED: 2000/2000 files uploaded" in again.stdout
+    assert f"{instance_id} COMPLETED: 2001/2001 files uploaded" in again.stdout
     assert_exact(azurite.connection_string, container_name, src)
 
 

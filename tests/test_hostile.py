@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import sqlite3
 import stat
 from pathlib import Path
@@ -13,7 +15,8 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient
 from azurite import ACCOUNT, KEY, free_port
-from helpers import write_tree
+from helpers import ROOT, write_tree
+from privileges import without_root_powers
 
 
 def blobs(service: BlobServiceClient, container: str) -> dict[str, bytes]:
@@ -178,3 +181,17 @@ def test_corrupted_state_database_is_a_clear_error_and_left_untouched(cli, state
     assert db.read_bytes() == garbage  # never silently started over
     with pytest.raises(sqlite3.DatabaseError):
         sqlite3.connect(db).execute("SELECT 1 FROM sqlite_master").fetchall()
+
+
+def test_source_without_read_permission_is_reported(cli_env, tmp_path, blob_service, container_name):
+    # unreadable directories inside the tree: tests/test_cron.py; here the source itself
+    src = write_tree(tmp_path / "site", {"a.txt": b"a"})
+    src.chmod(0o000)
+    try:
+        result = subprocess.run([*without_root_powers(), sys.executable, "-m", "sitebackup", str(src), "-c",
+                                 container_name], env=cli_env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    finally:
+        src.chmod(0o755)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"'{src}' is not readable" in result.stderr and "Traceback" not in result.stderr
+    assert blobs(blob_service, container_name) == {}
