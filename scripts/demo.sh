@@ -17,13 +17,18 @@ PORT=${AZURITE_PORT:-10000}
 .venv/bin/python tests/azurite.py .demo/azurite "$PORT" > .demo/azurite.out &
 AZURITE=$!
 trap 'kill $AZURITE 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do [ -s .demo/azurite.out ] && break; sleep 0.2; done
+for _ in $(seq 1 150); do [ -s .demo/azurite.out ] && break; sleep 0.2; done
+if [ ! -s .demo/azurite.out ]; then
+  echo "demo: Azurite did not start on 127.0.0.1:$PORT (port in use? set AZURITE_PORT); see .demo/azurite/azurite.log" >&2
+  exit 1
+fi
 export AZURE_STORAGE_CONNECTION_STRING=$(head -n 1 .demo/azurite.out)
 export SITEBACKUP_STATE_DIR=${SITEBACKUP_STATE_DIR:-$PWD/.demo/state}
 set +e
-.venv/bin/sitebackup "$SRC" --container demo --json > .demo/last-run.json
+.venv/bin/sitebackup "$SRC" --container demo     # a live progress bar on a terminal
 CODE=$?
 set -e
-ID=$(head -n 1 .demo/last-run.json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["instance_id"])')
-.venv/bin/sitebackup status "$ID" || .venv/bin/python -m json.tool <<< "$(tail -n 1 .demo/last-run.json)"
-echo "backup exit code: $CODE"
+ID=$(.venv/bin/sitebackup list --json --limit 1 | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)[0]["instance_id"])')
+echo
+.venv/bin/sitebackup status "$ID"
+echo "backup exit code: $CODE   (try: .venv/bin/sitebackup list; .venv/bin/sitebackup restore $ID /tmp/restored)"

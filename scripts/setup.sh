@@ -7,8 +7,12 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# pip's build chatter goes to a log; it is shown only when the install fails
+if ! { .venv/bin/python -m pip install --quiet --upgrade pip &&
+       .venv/bin/python -m pip install --quiet -e '.[test]'; } > .venv/pip-install.log 2>&1; then
+  cat .venv/pip-install.log >&2
+  exit 1
+fi
 if [ ! -x node_modules/.bin/azurite-blob ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi

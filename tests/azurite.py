@@ -84,12 +84,17 @@ def start_azurite(location: Path, port: int | None = None, *, in_memory: bool = 
 
 
 if __name__ == "__main__":  # `python tests/azurite.py DIR [PORT]`: run one in the foreground (demo)
+    import signal
     import sys
 
     where = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / ".azurite")
     server = start_azurite(where, int(sys.argv[2]) if len(sys.argv) > 2 else 10000)
+    # Azurite runs in its own session: stop it with us, however we are asked to stop
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(server.connection_string, flush=True)
     try:
         server.process.wait()
     except KeyboardInterrupt:
+        pass
+    finally:
         server.stop()
