@@ -23,6 +23,7 @@ from sitebackup.errors import InputError
 from sitebackup.orchestrations import backup_site_content
 from sitebackup.taskhub import TaskHubSettings
 from sitebackup.workstore import BlobWorkStore, WorkStore
+from sitebackup.workerstop import make_prompt
 
 ENV_STATE_DIR = "SITEBACKUP_STATE_DIR"
 # The SDK logs INFO on every episode; its own logger keeps that out of the user's terminal
@@ -90,6 +91,7 @@ class Runtime:
         worker.add_orchestrator(restore_site_content)
         for activity in [*build_activities(deps), *build_restore_activities(deps)]:
             worker.add_activity(activity)
+        make_prompt(worker)
         worker.start()
         self._workers.append(worker)
         return worker
