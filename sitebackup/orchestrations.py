@@ -14,6 +14,7 @@ pages again. The CLI sees that phase, exits 3, and ``sitebackup resume`` raises 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from collections.abc import Callable, Generator
 from typing import Any
 
 from durabletask import task
@@ -63,6 +64,52 @@ def _merge_failures(state: dict[str, Any], failures: list[dict[str, str]]) -> No
         state["failures"].extend(failures[:room])
 
 
+def run_page_window(ctx: task.OrchestrationContext, state: dict[str, Any], window: int,
+                    schedule: Callable[[int], task.Task[Any]], on_result: Callable[[dict[str, Any]], None],
+                    status: Callable[[str], dict[str, Any]], phase: str) -> Generator[task.Task[Any], Any, None]:
+    """Run this generation's pages (``state["next_page"]`` on, at most ``PAGES_PER_GENERATION``) through a
+    window of at most *window* activities, publishing ``status(phase)`` after every completion.
+
+    Shared by backup and restore (``yield from``). A page whose activity still fails after its
+    retry policy is kept in ``state["retry_pages"]``; scheduling stops, the window drains, and the
+    orchestration waits in ``WAITING_PHASE`` for the ``RESUME_EVENT`` before trying it again.
+    """
+    ctx.set_custom_status(status(phase))
+    in_flight: list[task.Task[Any]] = []
+    pages_in_flight: list[int] = []
+    state.setdefault("retry_pages", [])
+    error: dict[str, str] | None = None
+    last_page = min(state["pages"], state["next_page"] + PAGES_PER_GENERATION)
+    while state["next_page"] < last_page or in_flight or state["retry_pages"]:
+        if error is None:
+            while len(in_flight) < window and (state["retry_pages"] or state["next_page"] < last_page):
+                if state["retry_pages"]:
+                    page = state["retry_pages"].pop(0)
+                else:
+                    page, state["next_page"] = state["next_page"], state["next_page"] + 1
+                in_flight.append(schedule(page))
+                pages_in_flight.append(page)
+        elif not in_flight:
+            # everything in flight has settled: wait, with nothing leased, until someone resumes
+            state["waits"] = state.get("waits", 0) + 1
+            ctx.set_custom_status({**status(WAITING_PHASE), **error, "waits": state["waits"]})
+            yield ctx.wait_for_external_event(RESUME_EVENT)
+            error = None
+            ctx.set_custom_status(status(phase))
+            continue
+        done = yield task.when_any(in_flight)
+        index = in_flight.index(done)
+        in_flight.pop(index)
+        page = pages_in_flight.pop(index)
+        if done.is_failed:
+            state["retry_pages"].append(page)
+            details = done.get_exception().details
+            error = {"error": details.message, "error_type": details.error_type}
+            continue
+        on_result(done.get_result())
+        ctx.set_custom_status(status(phase))
+
+
 def backup_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) -> Any:
     state: dict[str, Any] | None = inp.get("state")
     window = max(1, int(inp.get("options", {}).get("concurrency", DEFAULT_WINDOW)))
@@ -80,41 +127,11 @@ def backup_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) -> 
                      skipped=scan["skipped"])
         _merge_failures(state, scan["failures"])
 
-    ctx.set_custom_status(progress_status("uploading", state))
-    in_flight: list[task.Task[Any]] = []
-    pages_in_flight: list[int] = []
-    state.setdefault("retry_pages", [])
-    error: dict[str, str] | None = None
-    last_page = min(state["pages"], state["next_page"] + PAGES_PER_GENERATION)
-    while state["next_page"] < last_page or in_flight or state["retry_pages"]:
-        if error is None:
-            while len(in_flight) < window and (state["retry_pages"] or state["next_page"] < last_page):
-                if state["retry_pages"]:
-                    page = state["retry_pages"].pop(0)
-                else:
-                    page, state["next_page"] = state["next_page"], state["next_page"] + 1
-                copy_input = {"source": inp["source"], "container": inp["container"],
-                              "prefix": inp.get("prefix", ""), "page": page}
-                in_flight.append(ctx.call_activity(COPY_BATCH, input=copy_input, retry_policy=COPY_RETRY))
-                pages_in_flight.append(page)
-        elif not in_flight:
-            # everything in flight has settled: wait, with nothing leased, until someone resumes
-            state["waits"] = state.get("waits", 0) + 1
-            ctx.set_custom_status({**progress_status(WAITING_PHASE, state), **error, "waits": state["waits"]})
-            yield ctx.wait_for_external_event(RESUME_EVENT)
-            error = None
-            ctx.set_custom_status(progress_status("uploading", state))
-            continue
-        done = yield task.when_any(in_flight)
-        index = in_flight.index(done)
-        in_flight.pop(index)
-        page = pages_in_flight.pop(index)
-        if done.is_failed:
-            state["retry_pages"].append(page)
-            details = done.get_exception().details
-            error = {"error": details.message, "error_type": details.error_type}
-            continue
-        result = done.get_result()
+    def schedule(page: int) -> task.Task[Any]:
+        return ctx.call_activity(COPY_BATCH, retry_policy=COPY_RETRY, input={
+            "source": inp["source"], "container": inp["container"], "prefix": inp.get("prefix", ""), "page": page})
+
+    def on_result(result: dict[str, Any]) -> None:
         if "blocks" in result:  # a range of a large file: after its last one, commit it (sitebackup.blocks)
             commit = blocks.count_range(state, result["blocks"])
             if commit is not None:
@@ -127,7 +144,9 @@ def backup_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) -> 
             state[key] = state.get(key, 0) + result.get(key, 0)
         state["files_skipped"] += result.get("files_unchanged", 0)
         _merge_failures(state, result["failures"])
-        ctx.set_custom_status(progress_status("uploading", state))
+
+    yield from run_page_window(ctx, state, window, schedule, on_result,
+                               lambda phase: progress_status(phase, state), "uploading")
 
     if state["next_page"] < state["pages"]:
         ctx.continue_as_new({**inp, "state": state})

@@ -34,8 +34,7 @@ from sitebackup import storage
 from sitebackup.activities import BATCH_BYTES, BATCH_FILES, MAX_LISTED, ActivityDeps
 from sitebackup.errors import DestinationError, InputError
 from sitebackup.filters import Filter
-from sitebackup.orchestrations import (BACKUP_ORCHESTRATION, COPY_RETRY, DEFAULT_WINDOW, PAGES_PER_GENERATION,
-                                       RESUME_EVENT, WAITING_PHASE)
+from sitebackup.orchestrations import BACKUP_ORCHESTRATION, COPY_RETRY, DEFAULT_WINDOW, run_page_window
 from sitebackup.progress import Printer
 from sitebackup.runner import UNFINISHED, activity_deps, host_and_watch, new_instance_id
 from sitebackup.runtime import open_backend
@@ -158,46 +157,19 @@ def restore_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) ->
         _merge(state["failures"], plan["failures"])
         _merge(state["skipped"], plan["skipped"])
 
-    ctx.set_custom_status(progress_status("restoring", state))
-    in_flight: list[task.Task[Any]] = []
-    pages_in_flight: list[int] = []
-    state.setdefault("retry_pages", [])
-    error: dict[str, str] | None = None
-    last_page = min(state["pages"], state["next_page"] + PAGES_PER_GENERATION)
-    while state["next_page"] < last_page or in_flight or state["retry_pages"]:
-        if error is None:
-            while len(in_flight) < window and (state["retry_pages"] or state["next_page"] < last_page):
-                if state["retry_pages"]:
-                    page = state["retry_pages"].pop(0)
-                else:
-                    page, state["next_page"] = state["next_page"], state["next_page"] + 1
-                batch_input = {"dest": inp["dest"], "container": inp["container"], "page": page,
-                               "overwrite": bool(inp.get("options", {}).get("overwrite"))}
-                in_flight.append(ctx.call_activity(RESTORE_BATCH, input=batch_input, retry_policy=COPY_RETRY))
-                pages_in_flight.append(page)
-        elif not in_flight:
-            # as the backup does: the blob service keeps failing, so park until `resume` (or a re-run)
-            state["waits"] = state.get("waits", 0) + 1
-            ctx.set_custom_status({**progress_status(WAITING_PHASE, state), **error, "waits": state["waits"]})
-            yield ctx.wait_for_external_event(RESUME_EVENT)
-            error = None
-            ctx.set_custom_status(progress_status("restoring", state))
-            continue
-        done = yield task.when_any(in_flight)
-        index = in_flight.index(done)
-        in_flight.pop(index)
-        page = pages_in_flight.pop(index)
-        if done.is_failed:
-            state["retry_pages"].append(page)
-            details = done.get_exception().details
-            error = {"error": details.message, "error_type": details.error_type}
-            continue
-        result = done.get_result()
+    def schedule(page: int) -> task.Task[Any]:
+        return ctx.call_activity(RESTORE_BATCH, retry_policy=COPY_RETRY, input={
+            "dest": inp["dest"], "container": inp["container"], "page": page,
+            "overwrite": bool(inp.get("options", {}).get("overwrite"))})
+
+    def on_result(result: dict[str, Any]) -> None:
         for name in ("files_restored", "bytes_restored", "files_skipped", "files_failed", "files_done", "bytes_done"):
             state[name] += result[name]
         _merge(state["failures"], result["failures"])
         _merge(state["skipped"], result["skipped"])
-        ctx.set_custom_status(progress_status("restoring", state))
+
+    yield from run_page_window(ctx, state, window, schedule, on_result,
+                               lambda phase: progress_status(phase, state), "restoring")
 
     if state["next_page"] < state["pages"]:
         ctx.continue_as_new({**inp, "state": state})

@@ -196,7 +196,8 @@ def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printe
 
 
 def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
-                   printer: Printer, *, local_worker: bool = True) -> dict[str, Any]:
+                   printer: Printer, *, local_worker: bool = True,
+                   on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run a worker in this process until *instance_id* finishes; Ctrl-C leaves it resumable.
 
     Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work."""
@@ -205,7 +206,7 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, insta
         released = release_waiting(client, instance_id)
         if local_worker:
             runtime.start_worker(deps, concurrency)
-        state = watch(client, instance_id, printer, stop_when_waiting=True, released=released)
+        state = watch(client, instance_id, printer, on_poll=on_poll, stop_when_waiting=True, released=released)
     except KeyboardInterrupt:
         printer.close()
         runtime.stop_workers()
@@ -324,17 +325,5 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, ins
             runtime.start_worker(deps, concurrency)
             hosting.append(True)
 
-    client = runtime.client()
-    try:
-        released = release_waiting(client, instance_id)
-        state = watch(client, instance_id, printer, on_poll=take_over_if_orphaned, stop_when_waiting=True,
-                      released=released)
-    except KeyboardInterrupt:
-        printer.close()
-        runtime.stop_workers()
-        raise Interrupted(instance_id) from None
-    finally:
-        client.close()
-    summary = summarize(state)
-    printer.finish(summary)
-    return summary
+    return host_and_watch(runtime, deps, concurrency, instance_id, printer, local_worker=False,
+                          on_poll=take_over_if_orphaned)
