@@ -17,6 +17,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,37 @@ from azure.storage.blob import BlobBlock, ContainerClient, ContentSettings
 from sitebackup import storage
 
 MIB = 1024 * 1024
-DEFAULT_BLOCK_SIZE = 8 * MIB  # a range is read into memory: window x block size bounds the RSS
+DEFAULT_BLOCK_SIZE = 8 * MIB
 MIN_BLOCK_SIZE = 1 * MIB
 MAX_BLOCK_SIZE = 4000 * MIB  # Azure's limit for one block
+# A range is read into memory while it is staged: the bytes held at once, not the window of
+# activities, bound the RSS, so a larger --block-size means fewer ranges in flight, not more memory.
+IN_MEMORY_BYTES = 128 * MIB
+
+
+class ByteBudget:
+    """At most *capacity* bytes taken at once; one request larger than that waits until it is alone."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.taken = 0
+        self.cond = threading.Condition()
+
+    @contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        n = min(n, self.capacity)
+        with self.cond:
+            self.cond.wait_for(lambda: self.taken + n <= self.capacity)
+            self.taken += n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.taken -= n
+                self.cond.notify_all()
+
+
+_in_memory = ByteBudget(IN_MEMORY_BYTES)
 
 
 def threshold(block_size: int) -> int:
@@ -106,13 +137,15 @@ def stage_range(container: ContainerClient, path: Path, name: str, item: dict[st
     length = min(block_size, size - offset)
     if bid in held_ids(blob):
         return length, False
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read(length)
-    if len(data) != length:
-        raise storage.FileChangedError("changed during backup")
-    # transactional MD5 per block: the service checks each range (and Azurite is faster with it)
-    blob.stage_block(bid, data, length=length, validate_content=True)
+    with _in_memory.take(length):
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+        if len(data) != length:
+            raise storage.FileChangedError("changed during backup")
+        # transactional MD5 per block: the service checks each range (and Azurite is faster with it)
+        blob.stage_block(bid, data, length=length, validate_content=True)
+        del data
     return length, True
 
 
