@@ -146,3 +146,26 @@ def test_cancel_stops_a_running_backup(tmp_path, cli, cli_env, blob_service, con
     assert len(etags(blob_service, container_name)) < len(files)
     again = cli("cancel", instance_id)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_ctrl_c_stops_cleanly_exits_130_and_the_run_resumes(tmp_path, cli, cli_env, blob_service, container_name):
+    files = tree_of(6, 400, 2048)
+    src = write_tree(tmp_path / "site", files)
+    proc, instance_id = start_backup(src, container_name, cli_env, "--concurrency", "2")
+    try:
+        wait_for(lambda: (s := status_json(cli, instance_id))["custom_status"] and s["custom_status"]["files_done"])
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert f"resume with: sitebackup resume {instance_id}" in err
+    assert "Traceback" not in err
+    info = status_json(cli, instance_id)
+    assert info["runtime_status"] == "RUNNING" and info["worker_attached"] is False
+
+    result = cli("resume", instance_id, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["files_uploaded"] == len(files)
+    assert set(etags(blob_service, container_name)) == set(files)
