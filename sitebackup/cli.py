@@ -136,7 +136,7 @@ def _render_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
               help="Bound on parallel uploads.")
 @click.option("--block-size", type=click.IntRange(min=1, max=4000), default=blocks.DEFAULT_BLOCK_SIZE // blocks.MIB,
               show_default=True, metavar="MIB",
-              help="Files over 4x this many MiB go up as parallel, resumable block ranges of this size.")
+              help="Files over 4x this many MiB (at most 32 MiB) go up as parallel, resumable block ranges of this size.")
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
 @cron_options

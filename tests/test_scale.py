@@ -162,26 +162,27 @@ class CountingProxy:
 
 def test_resumed_large_file_stages_only_missing_blocks(cli, cli_env, azurite, blob_service, tmp_path,
                                                         container_name):
-    size = 5 * blocks.DEFAULT_BLOCK_SIZE + 12345  # above the threshold: 6 ranges
+    block = 8 * MIB  # keeps the file (and the proxy's traffic) small; the run gets --block-size 8
+    size = 5 * block + 12345  # above the threshold: 6 ranges
     data = os.urandom(size)
     src = write_tree(tmp_path / "src", {"media/big.bin": data})
     st = (src / "media/big.bin").stat()
-    n = blocks.range_count(size, blocks.DEFAULT_BLOCK_SIZE)
-    assert size > blocks.threshold(blocks.DEFAULT_BLOCK_SIZE) and n == 6
+    n = blocks.range_count(size, block)
+    assert size > blocks.threshold(block) and n == 6
     # an earlier run that was killed after staging ranges 0, 2 and 4
     container = blob_service.get_container_client(container_name)
     container.create_container()
     for index in (0, 2, 4):
         item = {"file": ["media/big.bin", size, st.st_mtime_ns], "range": index, "ranges": n,
-                "block_size": blocks.DEFAULT_BLOCK_SIZE, "first_page": 0}
+                "block_size": block, "first_page": 0}
         assert blocks.stage_range(container, src / "media/big.bin", "media/big.bin", item) == (
-            min(blocks.DEFAULT_BLOCK_SIZE, size - index * blocks.DEFAULT_BLOCK_SIZE), True)
+            min(block, size - index * block), True)
 
     proxy = CountingProxy(azurite.endpoint)
     try:
         env = dict(cli_env, AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string.replace(
             azurite.endpoint, proxy.endpoint))
-        result = cli(src, "--container", container_name, "--json", env=env)
+        result = cli(src, "--container", container_name, "--json", "--block-size", "8", env=env)
     finally:
         proxy.close()
     assert result.returncode == 0, result.stderr
