@@ -70,7 +70,7 @@ class BackupRequest:
     patterns: list[str] = field(default_factory=list)  # gitignore-style, see filters.py
     follow_symlinks: bool = False
     no_wait: bool = False
-    block_size: int = blocks.DEFAULT_BLOCK_SIZE  # files over 4x this go up as block ranges (blocks.py)
+    block_size: int = blocks.DEFAULT_BLOCK_SIZE  # files over blocks.threshold(this) go up as block ranges
 
     def orchestration_input(self, endpoint: str) -> dict[str, Any]:
         # paths and options only: this is stored durably, so never a credential
