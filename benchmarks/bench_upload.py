@@ -234,7 +234,8 @@ def run_once(tool: str, name: str, i: int, src: Path, work: Path, args: argparse
         service.close()
         azurite.stop()
     expected = DATASETS[name].files
-    print(f"#   {tool} run {i}: {seconds:.2f}s cpu {cpu:.2f}s azurite cpu {server_cpu:.2f}s rss {peak:.0f} MB exit {code} blobs {count}",
+    print(f"#   {tool} run {i}: {seconds:.2f}s cpu {cpu:.2f}s azurite cpu {server_cpu:.2f}s "
+          f"rss {peak:.0f} MB exit {code} blobs {count}",
           file=sys.stderr, flush=True)
     note = f"run {i}: exit {code}, {count}/{expected} blobs (log {log})" if code != 0 or count != expected else ""
     return seconds, cpu, peak, note, server_cpu

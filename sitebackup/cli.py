@@ -13,8 +13,7 @@ from typing import Any
 
 import click
 
-from sitebackup import __version__, manage, render, runner, scaleout, storage, taskhub
-from sitebackup import blocks, cron, dryrun
+from sitebackup import __version__, blocks, cron, dryrun, manage, render, runner, scaleout, storage, taskhub
 from sitebackup import restore as restore_mod
 from sitebackup import verify as verify_mod
 from sitebackup.errors import (
@@ -199,8 +198,9 @@ def worker(connection_string: str | None, account_url: str | None, taskhub: str 
            state_dir: Path | None, debug: bool) -> None:
     """Run a worker only: work on backups scheduled elsewhere.
 
-    Runs until Ctrl-C or SIGTERM (clean stop, exit 0). Prints one line per finished batch. Storage credentials come from this worker's own options
-    or environment. Every worker must see the source tree at the same path.
+    Runs until Ctrl-C or SIGTERM (clean stop, exit 0). Prints one line per finished batch.
+    Storage credentials come from this worker's own options or environment. Every worker must
+    see the source tree at the same path.
 
     \b
     Examples:

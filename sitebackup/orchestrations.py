@@ -13,8 +13,8 @@ pages again. The CLI sees that phase, exits 3, and ``sitebackup resume`` raises 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from collections.abc import Callable, Generator
+from datetime import datetime, timedelta
 from typing import Any
 
 from durabletask import task

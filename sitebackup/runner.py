@@ -20,20 +20,19 @@ from sitebackup import blocks, incremental, storage
 from sitebackup.activities import ActivityDeps
 from sitebackup.asyncput import AsyncPutter
 from sitebackup.errors import (
-    AlreadyRunningError,
     EXIT_DESTINATION,
     EXIT_FILES_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    AlreadyRunningError,
     InputError,
     SiteBackupError,
 )
-from sitebackup.orchestrations import (BACKUP_ORCHESTRATION, DEFAULT_WINDOW, RESUME_EVENT, WAITING_PHASE,
-                                       destination_label)
+from sitebackup.orchestrations import BACKUP_ORCHESTRATION, DEFAULT_WINDOW, RESUME_EVENT, WAITING_PHASE, destination_label
 from sitebackup.progress import Printer
+from sitebackup.runlock import RunLock
 from sitebackup.runtime import Runtime, open_backend
 from sitebackup.taskhub import TaskHubSettings
-from sitebackup.runlock import RunLock
 from sitebackup.workstore import WorkStore
 
 # polls are cheap local RPCs; a short period ends the run sooner after its last activity
@@ -290,12 +289,10 @@ def run_backup(request: BackupRequest, settings: storage.StorageSettings, printe
                            "attached": live})
             if detach:
                 return {"instance_id": instance_id, "runtime_status": "SCHEDULED", "detached": True}
+            deps = activity_deps(settings, request.state_dir, request.concurrency, runtime)
             if live and local_worker:
-                return attach_and_watch(runtime, activity_deps(settings, request.state_dir, request.concurrency,
-                                                               runtime),
-                                        request.concurrency, instance_id, printer, lock)
-            return host_and_watch(runtime, activity_deps(settings, request.state_dir, request.concurrency, runtime), request.concurrency,
-                                  instance_id, printer, local_worker=local_worker)
+                return attach_and_watch(runtime, deps, request.concurrency, instance_id, printer, lock)
+            return host_and_watch(runtime, deps, request.concurrency, instance_id, printer, local_worker=local_worker)
         finally:
             lock.release()
 

@@ -22,8 +22,8 @@ from sitebackup.activities import ActivityDeps, build_activities
 from sitebackup.errors import InputError
 from sitebackup.orchestrations import backup_site_content
 from sitebackup.taskhub import TaskHubSettings
-from sitebackup.workstore import BlobWorkStore, WorkStore
 from sitebackup.workerstop import make_prompt
+from sitebackup.workstore import BlobWorkStore, WorkStore
 
 ENV_STATE_DIR = "SITEBACKUP_STATE_DIR"
 # The SDK logs INFO on every episode; its own logger keeps that out of the user's terminal

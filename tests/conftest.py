@@ -19,7 +19,6 @@ from azurite import Azurite, free_port  # noqa: E402
 from helpers import run_cli  # noqa: E402
 
 
-
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory):
     server = Azurite(free_port(), tmp_path_factory.mktemp("azurite"))

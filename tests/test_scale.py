@@ -19,14 +19,12 @@ from urllib.parse import urlsplit
 
 import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
+from helpers import ROOT, write_tree
 
 from sitebackup import activities, blocks
 from sitebackup.orchestrations import PAGES_PER_GENERATION
 from sitebackup.runtime import open_backend
-from sitebackup.scan import FileEntry
 from sitebackup.workstore import WorkStore
-
-from helpers import ROOT, write_tree
 
 MIB = 1024 * 1024
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, write_tree
+
 from sitebackup.taskhub import parse
 from sitebackup.workstore import RESERVED_PREFIX
 

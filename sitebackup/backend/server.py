@@ -17,9 +17,8 @@ import threading
 from concurrent import futures
 from pathlib import Path
 
-import grpc
-
 import durabletask.internal.orchestrator_service_pb2_grpc as stubs
+import grpc
 
 from .servicer import DEFAULT_TASKHUB, Servicer
 from .store import Store

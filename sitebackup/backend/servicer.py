@@ -14,12 +14,11 @@ import time
 import uuid
 from collections.abc import Iterator
 
-import grpc
-from google.protobuf import empty_pb2, wrappers_pb2
-
 import durabletask.internal.helpers as helpers
 import durabletask.internal.orchestrator_service_pb2 as pb
 import durabletask.internal.orchestrator_service_pb2_grpc as stubs
+import grpc
+from google.protobuf import empty_pb2, wrappers_pb2
 
 from .store import TERMINAL, AlreadyExists, NotFound, Store
 

@@ -27,10 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from google.protobuf import timestamp_pb2, wrappers_pb2
-
 import durabletask.internal.helpers as helpers
 import durabletask.internal.orchestrator_service_pb2 as pb
+from google.protobuf import timestamp_pb2, wrappers_pb2
 
 TERMINAL = (
     pb.ORCHESTRATION_STATUS_COMPLETED,

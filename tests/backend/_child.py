@@ -10,9 +10,8 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Harness  # noqa: E402
-
 import flows  # noqa: E402
+from harness import Harness  # noqa: E402
 
 
 def main() -> None:

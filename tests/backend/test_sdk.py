@@ -6,12 +6,11 @@ import json
 import time
 from datetime import datetime, timedelta, timezone
 
+import flows
 import grpc
 import pytest
 from durabletask import client
 from durabletask.client import OrchestrationQuery, OrchestrationStatus
-
-import flows
 
 TIMEOUT = 60
 

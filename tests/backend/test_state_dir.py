@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from privileges import without_root_powers
 
 from sitebackup.backend import EmbeddedBackend, StateDirError
@@ -87,7 +86,6 @@ def test_read_only_database_file(tmp_path):
 
 def test_tcp_listen_honours_taskhub_header(tmp_path):
     from durabletask import client
-
     from harness import QUIET
 
     with EmbeddedBackend(tmp_path / "state") as backend:

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import durabletask.internal.orchestrator_service_pb2 as pb
-from durabletask.client import OrchestrationQuery, OrchestrationStatus
-
 import flows
+from durabletask.client import OrchestrationQuery, OrchestrationStatus
 from harness import Harness
+
 from sitebackup.backend import EmbeddedBackend
 from sitebackup.backend.store import Store
 
