@@ -146,7 +146,7 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
             break
         error = None
         try:
-            if known and (not known[1] or incremental.md5_base64(source / relpath) == known[0].get("md5")):
+            if known and (not known[1] or storage.file_md5_b64(source / relpath) == known[0].get("md5")):
                 records.append(incremental.unchanged_record(relpath, known[0]))
                 n_unchanged += 1
                 n_bytes_skipped += known[0]["size"]

@@ -162,7 +162,7 @@ def commit_file(container: ContainerClient, path: Path, name: str, item: dict[st
     relpath, size, mtime_ns = item["file"]
     block_size, n = item["block_size"], item["ranges"]
     st = _unchanged(path, size, mtime_ns)
-    md5 = storage._md5_of_file(path)
+    md5 = storage.file_md5(path)
     _unchanged(path, size, mtime_ns)
     blob = container.get_blob_client(name)
     ids = [block_id(relpath, size, mtime_ns, block_size, i) for i in range(n)]

@@ -77,6 +77,6 @@ def _action(source: Path, entry: FileEntry, previous: dict[str, Any] | None, mod
     decision = incremental.decide(entry.size, entry.mtime_ns, previous, mode)
     if decision == incremental.CHECK:
         assert previous is not None
-        same = incremental.md5_base64(source / entry.relpath) == previous.get("md5")
+        same = storage.file_md5_b64(source / entry.relpath) == previous.get("md5")
         return "unchanged" if same else "upload"
     return "unchanged" if decision == incremental.UNCHANGED else "upload"

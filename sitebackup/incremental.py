@@ -9,9 +9,6 @@ unchanged when its size and modification time equal the recorded ones (``mtime``
 
 from __future__ import annotations
 
-import base64
-import hashlib
-from pathlib import Path
 from typing import Any
 
 from durabletask import client as dt_client
@@ -61,14 +58,6 @@ def decide(size: int, mtime_ns: int, previous: dict[str, Any] | None, mode: str)
     if mode == MODE_CHECKSUM:
         return CHECK
     return UNCHANGED if previous.get("mtime_ns") == mtime_ns else UPLOAD
-
-
-def md5_base64(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    return base64.b64encode(digest.digest()).decode("ascii")
 
 
 def unchanged_record(relpath: str, previous: dict[str, Any]) -> dict[str, Any]:

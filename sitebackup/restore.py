@@ -114,14 +114,6 @@ def md5_b64(digest: bytes | bytearray | None) -> str | None:
     return base64.b64encode(bytes(digest)).decode("ascii") if digest else None
 
 
-def file_md5(path: str) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    return base64.b64encode(digest.digest()).decode("ascii")
-
-
 # ----------------------------------------------------------------------------- orchestration
 
 def progress_status(phase: str, state: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +296,7 @@ def restore_one(client: ContainerClient, dest: str, item: list[Any], *, overwrit
     if st is not None:
         if not stat.S_ISREG(st.st_mode):
             return Outcome("failed", "destination exists and is not a regular file")
-        if md5 and st.st_size == size and file_md5(final) == md5:
+        if md5 and st.st_size == size and storage.file_md5_b64(final) == md5:
             return Outcome("skipped", "identical file exists", size)
         if not overwrite:
             return Outcome("failed", "destination exists and differs (use --overwrite)")
@@ -324,7 +316,7 @@ def restore_one(client: ContainerClient, dest: str, item: list[Any], *, overwrit
         if props.size != size:
             raise _Mismatch(f"blob is {props.size} bytes, expected {size}")
         expected = md5 or blob_md5
-        if expected and file_md5(tmp) != expected:
+        if expected and storage.file_md5_b64(tmp) != expected:
             raise _Mismatch("downloaded content does not match its Content-MD5")
         meta = props.metadata or {}
         mode = meta.get(storage.META_MODE)

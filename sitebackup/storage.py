@@ -248,12 +248,18 @@ def content_type(name: str) -> str:
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-def _md5_of_file(path: Path) -> bytes:
+def file_md5(path: Path | str) -> bytes:
+    """MD5 of a file, streamed: never the whole file in memory."""
     digest = hashlib.md5()
     with open(path, "rb") as fh:
         while chunk := fh.read(1024 * 1024):
             digest.update(chunk)
     return digest.digest()
+
+
+def file_md5_b64(path: Path | str) -> str:
+    """The file's MD5 as Azure reports Content-MD5 (base64)."""
+    return base64.b64encode(file_md5(path)).decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -282,7 +288,7 @@ def upload_file(container: ContainerClient, path: Path, name: str, *, max_concur
             content_settings=ContentSettings(content_type=content_type(name), content_md5=bytearray(md5)),
         )
     else:
-        md5 = _md5_of_file(path)
+        md5 = file_md5(path)
         with open(path, "rb") as fh:
             blob.upload_blob(
                 fh, overwrite=True, length=st.st_size, metadata=metadata, max_concurrency=max_concurrency,

@@ -18,7 +18,7 @@ from azure.storage.blob import ContainerClient
 
 from sitebackup import storage
 from sitebackup.errors import InputError
-from sitebackup.restore import backup_run_input, check_container, file_md5, md5_b64
+from sitebackup.restore import backup_run_input, check_container, md5_b64
 from sitebackup.runtime import Runtime, open_backend
 from sitebackup.taskhub import TaskHubSettings
 
@@ -55,7 +55,7 @@ def _local_problem(source: Path, rec: dict[str, Any]) -> str | None:
     if st.st_size != rec["size"]:
         return f"local size {st.st_size} != recorded {rec['size']}"
     try:
-        if file_md5(path) != rec["md5"]:
+        if storage.file_md5_b64(path) != rec["md5"]:
             return "local content differs from the recorded MD5"
     except OSError as exc:
         return f"local file unreadable: {exc.strerror}"
