@@ -154,9 +154,9 @@ class RichPrinter(PlainPrinter):
 
 
 class JsonPrinter(Printer):
-    """NDJSON on stdout: a start event first (with the instance id), progress at most once a second, summary last."""
+    """NDJSON on stdout: a start event first (with the instance id), progress at most 5 a second, summary last."""
 
-    def __init__(self, out: TextIO | None = None, interval: float = 1.0):
+    def __init__(self, out: TextIO | None = None, interval: float = 0.2):
         self.out = out or sys.stdout
         self.interval = interval
         self.last = 0.0

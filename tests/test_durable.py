@@ -48,7 +48,7 @@ def etags(blob_service, container) -> dict[str, str]:
 
 def test_sigkill_mid_backup_then_resume_completes_without_redoing_finished_batches(
         tmp_path, cli, cli_env, blob_service, container_name):
-    files = tree_of(10, 300, 4096)
+    files = tree_of(10, 500, 4096)
     src = write_tree(tmp_path / "site", files)
     proc, instance_id = start_backup(src, container_name, cli_env, "--concurrency", "2")
     try:

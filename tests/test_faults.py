@@ -106,7 +106,7 @@ def uploading(min_done: int = 1):
 
 def test_short_outage_is_retried_and_the_run_completes_exact(own_azurite, tmp_path):
     src = tmp_path / "site"
-    many_files(src, 400)
+    many_files(src, 1500)  # enough that the run is still uploading when Azurite goes away
     env = env_for(own_azurite.connection_string, tmp_path / "state")
     run = JsonRun([str(src), "-c", "outage", "--concurrency", "2"], env)
     try:
@@ -119,13 +119,13 @@ def test_short_outage_is_retried_and_the_run_completes_exact(own_azurite, tmp_pa
         run.kill()
     assert code == 0, err
     assert summary["runtime_status"] == "COMPLETED"
-    assert summary["files_uploaded"] == 400 and summary["files_failed"] == 0
+    assert summary["files_uploaded"] == 1500 and summary["files_failed"] == 0
     assert_exact(own_azurite.connection_string, "outage", src)
 
 
 def test_long_outage_ends_resumable_with_exit_3_and_resume_completes(own_azurite, tmp_path):
     src = tmp_path / "site"
-    many_files(src, 400)
+    many_files(src, 1500)
     state = tmp_path / "state"
     # no HTTP retries: the outage outlasts the limit after the three batch attempts (5 s + 10 s apart)
     env = env_for(own_azurite.connection_string, state, SITEBACKUP_STORAGE_RETRIES="0")
@@ -152,7 +152,7 @@ def test_long_outage_ends_resumable_with_exit_3_and_resume_completes(own_azurite
     own_azurite.start()
     resumed = run_cli(["resume", start["instance_id"]], env_for(own_azurite.connection_string, state))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"{start['instance_id']} COMPLETED: 400/400 files uploaded" in resumed.stdout
+    assert f"{start['instance_id']} COMPLETED: 1500/1500 files uploaded" in resumed.stdout
     assert_exact(own_azurite.connection_string, "outage", src)
 
 
@@ -279,9 +279,9 @@ def test_file_changing_during_upload_is_retried_once_then_failed_never_recorded(
 
 def test_file_deleted_between_scan_and_upload_is_reported_not_fatal(azurite, tmp_path, container_name):
     src = tmp_path / "site"
-    many_files(src, 400)
+    many_files(src, 1000)
     state = tmp_path / "state"
-    victim = src / "d19" / "f00399.bin"  # in the last page: uploaded last
+    victim = src / "d19" / "f00999.bin"  # in the last page: uploaded last
     run = JsonRun([str(src), "-c", container_name, "--concurrency", "1"], env_for(azurite.connection_string, state))
     try:
         run.until(lambda e: e["event"] == "progress" and e.get("phase") == "uploading")
@@ -291,8 +291,8 @@ def test_file_deleted_between_scan_and_upload_is_reported_not_fatal(azurite, tmp
         run.kill()
     assert code == 1, err
     assert summary["runtime_status"] == "COMPLETED"
-    assert summary["files_uploaded"] == 399 and summary["files_failed"] == 1
-    assert summary["failures"] == [{"path": "d19/f00399.bin", "error": "No such file or directory"}]
+    assert summary["files_uploaded"] == 999 and summary["files_failed"] == 1
+    assert summary["failures"] == [{"path": "d19/f00999.bin", "error": "No such file or directory"}]
     assert_exact(azurite.connection_string, container_name, src)
 
 
