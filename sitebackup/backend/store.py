@@ -808,34 +808,25 @@ class Store:
         return [InstanceRow(*r) for r in rows[:limit]], more
 
     @staticmethod
-    def _filters(hub: str, statuses: list[int], created_from: float | None,
-                 created_to: float | None) -> tuple[list[str], list]:
+    def _filters(hub: str, statuses: list[int], time_from: float | None, time_to: float | None,
+                 column: str = "created_at") -> tuple[list[str], list]:
         where, args = ["taskhub=?"], [hub]
         if statuses:
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             args += list(statuses)
-        if created_from is not None:
-            where.append("created_at >= ?")
-            args.append(created_from)
-        if created_to is not None:
-            where.append("created_at < ?")
-            args.append(created_to)
+        if time_from is not None:
+            where.append(f"{column} >= ?")
+            args.append(time_from)
+        if time_to is not None:
+            where.append(f"{column} < ?")
+            args.append(time_to)
         return where, args
 
     def list_terminal_ids(self, hub: str, *, statuses: list[int], completed_from: float | None,
                           completed_to: float | None, after: tuple[float, str] | None,
                           limit: int) -> tuple[list[tuple[float, str]], bool]:
-        where = ["taskhub=?", f"status IN ({_TERMINAL_SQL})", "completed_at IS NOT NULL"]
-        args: list = [hub]
-        if statuses:
-            where.append(f"status IN ({','.join('?' * len(statuses))})")
-            args += list(statuses)
-        if completed_from is not None:
-            where.append("completed_at >= ?")
-            args.append(completed_from)
-        if completed_to is not None:
-            where.append("completed_at < ?")
-            args.append(completed_to)
+        where, args = self._filters(hub, statuses, completed_from, completed_to, column="completed_at")
+        where += [f"status IN ({_TERMINAL_SQL})", "completed_at IS NOT NULL"]
         if after is not None:
             where.append("(completed_at > ? OR (completed_at = ? AND instance_id > ?))")
             args += [after[0], after[0], after[1]]
