@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from azure.storage.blob import ContentSettings
-
 from sitebackup import storage
 
 
@@ -99,11 +97,7 @@ class AsyncPutter:
                 data = fh.read()
             md5 = hashlib.md5(data).digest()
             storage._check_unchanged(path, st)
-            metadata = {storage.META_MTIME: str(st.st_mtime_ns), storage.META_MODE: format(st.st_mode & 0o7777, "04o")}
-            await client.upload_blob(
-                name, data, overwrite=True, length=len(data), metadata=metadata,
-                content_settings=ContentSettings(content_type=storage.content_type(name), content_md5=bytearray(md5)),
-            )
+            await client.upload_blob(name, data, length=len(data), **storage.single_put_options(name, st, md5))
             return storage.Uploaded(st.st_size, st.st_mtime_ns, base64.b64encode(md5).decode("ascii"))
 
     def close(self) -> None:

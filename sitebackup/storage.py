@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -269,6 +270,21 @@ class Uploaded:
     md5: str  # base64, as Azure reports Content-MD5
 
 
+def single_put_options(name: str, st: os.stat_result, md5: bytes) -> dict[str, Any]:
+    """Keyword arguments of a one-request upload (sync or aio ``upload_blob``) of bytes hashed as *md5*.
+
+    The MD5 goes twice: as the blob's Content-MD5 property, which the service stores unchecked, and
+    as the request's transactional Content-MD5, which it checks against the bytes received, so a
+    body damaged on the way is refused (400 Md5Mismatch) instead of stored under a correct-looking hash.
+    """
+    return {
+        "overwrite": True,
+        "metadata": {META_MTIME: str(st.st_mtime_ns), META_MODE: format(st.st_mode & 0o7777, "04o")},
+        "content_settings": ContentSettings(content_type=content_type(name), content_md5=bytearray(md5)),
+        "headers": {"Content-MD5": base64.b64encode(md5).decode("ascii")},
+    }
+
+
 def upload_file(container: ContainerClient, path: Path, name: str, *, max_concurrency: int = 4) -> Uploaded:
     """Upload *path* as block blob *name* with Content-MD5, content type and mtime/mode metadata.
 
@@ -283,10 +299,7 @@ def upload_file(container: ContainerClient, path: Path, name: str, *, max_concur
             data = fh.read()
         md5 = hashlib.md5(data).digest()
         _check_unchanged(path, st)
-        blob.upload_blob(
-            data, overwrite=True, length=len(data), metadata=metadata,
-            content_settings=ContentSettings(content_type=content_type(name), content_md5=bytearray(md5)),
-        )
+        blob.upload_blob(data, length=len(data), **single_put_options(name, st, md5))
     else:
         md5 = file_md5(path)
         with open(path, "rb") as fh:

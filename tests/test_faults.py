@@ -160,11 +160,13 @@ def test_long_outage_ends_resumable_with_exit_3_and_resume_completes(own_azurite
 
 
 class ThrottlingProxy:
-    """Forwards to Azurite, but answers every *nth* PUT with 503 ServerBusy or 500 OperationTimedOut."""
+    """Forwards to Azurite, but answers every *nth* PUT with 503 ServerBusy or 500 OperationTimedOut;
+    with *damage*, it instead flips one byte in the body of every blob's first upload request."""
 
-    def __init__(self, upstream: str, nth: int):
-        self.upstream, self.nth = upstream, nth
+    def __init__(self, upstream: str, nth: int = 0, damage: bool = False):
+        self.upstream, self.nth, self.damage = upstream, nth, damage
         self.puts = self.throttled = 0
+        self.damaged: set[str] = set()
         self.lock = threading.Lock()
         proxy = self
 
@@ -179,7 +181,10 @@ class ThrottlingProxy:
                 if self.command == "PUT":
                     with proxy.lock:
                         proxy.puts += 1
-                        busy = proxy.puts % proxy.nth == 0
+                        busy = bool(proxy.nth) and proxy.puts % proxy.nth == 0
+                        if proxy.damage and body and self.path.split("?")[0] not in proxy.damaged:
+                            proxy.damaged.add(self.path.split("?")[0])
+                            body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 1]) + body[len(body) // 2 + 1:]
                         if busy:
                             proxy.throttled += 1
                             code = (503, "ServerBusy") if proxy.throttled % 2 else (500, "OperationTimedOut")
@@ -229,6 +234,23 @@ def test_throttling_is_retried_with_backoff_and_no_file_is_lost(azurite, tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
     assert proxy.throttled >= 10  # the retries really happened
     assert "COMPLETED: 150/150 files uploaded" in result.stdout
+    assert_exact(azurite.connection_string, container_name, src)
+
+
+def test_a_body_damaged_on_the_way_is_refused_and_sent_again_never_stored(azurite, tmp_path, container_name):
+    """Every upload carries the MD5 of the bytes read: a flipped byte in flight fails that request
+    (400 Md5Mismatch), the file goes again, and what is stored is byte-exact."""
+    src = tmp_path / "site"
+    many_files(src, 40)
+    proxy = ThrottlingProxy(f"http://127.0.0.1:{azurite.port}", damage=True)
+    try:
+        conn = azurite.connection_string.replace(f":{azurite.port}/", f":{proxy.port}/")
+        result = run_cli([str(src), "-c", container_name], env_for(conn, tmp_path / "state"))
+    finally:
+        proxy.close()
+    assert len(proxy.damaged) >= 40  # every file's first request really was damaged
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "COMPLETED: 40/40 files uploaded" in result.stdout
     assert_exact(azurite.connection_string, container_name, src)
 
 
