@@ -15,10 +15,11 @@ of its own and a failed commit is retried as a commit by the orchestration's pag
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,10 @@ class ByteBudget:
 
 
 _in_memory = ByteBudget(IN_MEMORY_BYTES)
+
+
+class Cancelled(Exception):
+    """The run was cancelled (`sitebackup cancel`) before this range or commit went to the service."""
 
 
 def threshold(block_size: int) -> int:
@@ -134,8 +139,12 @@ def _unchanged(path: Path, size: int, mtime_ns: int) -> os.stat_result:
     return st
 
 
-def stage_range(container: ContainerClient, path: Path, name: str, item: dict[str, Any]) -> tuple[int, bool]:
-    """Stage one range unless the service holds it already; return (its bytes, whether it was sent)."""
+def stage_range(container: ContainerClient, path: Path, name: str, item: dict[str, Any],
+                cancelled: Callable[[], bool] = lambda: False) -> tuple[int, bool]:
+    """Stage one range unless the service holds it already; return (its bytes, whether it was sent).
+
+    Asked right before reading: a range may have waited long for the block list or the memory budget.
+    """
     relpath, size, mtime_ns = item["file"]
     block_size, index = item["block_size"], item["range"]
     _unchanged(path, size, mtime_ns)
@@ -146,6 +155,8 @@ def stage_range(container: ContainerClient, path: Path, name: str, item: dict[st
     if bid in held_ids(blob):
         return length, False
     with _in_memory.take(length):
+        if cancelled():
+            raise Cancelled()
         with open(path, "rb") as fh:
             fh.seek(offset)
             data = fh.read(length)
@@ -157,13 +168,16 @@ def stage_range(container: ContainerClient, path: Path, name: str, item: dict[st
     return length, True
 
 
-def commit_file(container: ContainerClient, path: Path, name: str, item: dict[str, Any]) -> storage.Uploaded:
+def commit_file(container: ContainerClient, path: Path, name: str, item: dict[str, Any],
+                cancelled: Callable[[], bool] = lambda: False) -> storage.Uploaded:
     """Commit the staged ranges as the blob, with Content-MD5 of the whole file streamed from disk."""
     relpath, size, mtime_ns = item["file"]
     block_size, n = item["block_size"], item["ranges"]
     st = _unchanged(path, size, mtime_ns)
     md5 = storage.file_md5(path)
     _unchanged(path, size, mtime_ns)
+    if cancelled():  # hashing a large file takes a while
+        raise Cancelled()
     blob = container.get_blob_client(name)
     ids = [block_id(relpath, size, mtime_ns, block_size, i) for i in range(n)]
     missing = len(set(ids) - held_ids(blob))
@@ -183,18 +197,28 @@ def copy_block_page(deps: Any, run_id: str, page: int, item: dict[str, Any], sou
 
     A range reports its bytes (progress) and always counts as finished, even when it failed: the
     commit then finds the file changed or a block missing and reports the file failed, once.
+    Once the run is cancelled neither a range nor the commit goes to the service and nothing is
+    recorded: the file is neither uploaded nor failed, and the next run of the source sends it.
     """
     relpath = item["file"][0]
     result: dict[str, Any] = {"page": page, "files_uploaded": 0, "bytes_uploaded": 0, "files_failed": 0,
                               "failures": [], "files_unchanged": 0, "bytes_skipped": 0}
+    if page >= 0:
+        result["blocks"] = {"first_page": item["first_page"], "ranges": item["ranges"]}
     client = deps.container_client(container)
+    cancelled = functools.partial(deps.cancelled, run_id)
     error = None
     try:
+        if cancelled():
+            raise Cancelled()
         name = storage.blob_name(prefix, relpath)
         if page >= 0:
-            result["bytes_uploaded"], result["staged"] = stage_range(client, source / relpath, name, item)
+            result["bytes_uploaded"], result["staged"] = stage_range(client, source / relpath, name, item, cancelled)
         else:
-            done = commit_file(client, source / relpath, name, item)
+            done = commit_file(client, source / relpath, name, item, cancelled)
+    except Cancelled:
+        result["cancelled"] = True
+        return result
     except (storage.FileChangedError, ValueError) as exc:
         error = str(exc)
     except OSError as exc:
@@ -205,7 +229,6 @@ def copy_block_page(deps: Any, run_id: str, page: int, item: dict[str, Any], sou
             raise fatal from None
         error = storage.redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
     if page >= 0:
-        result["blocks"] = {"first_page": item["first_page"], "ranges": item["ranges"]}
         return result
     if error is None:
         record = {"path": relpath, "size": done.size, "mtime_ns": done.mtime_ns, "md5": done.md5}

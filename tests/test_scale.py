@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -112,11 +113,18 @@ def test_copy_output_stays_small_for_a_page_of_hundreds_of_failures(tmp_path):
 # ---- block-level resume through a counting proxy -------------------------------------------------
 
 class CountingProxy:
-    """Forwards HTTP to Azurite and counts Put Block requests (`comp=block`)."""
+    """Forwards HTTP to Azurite and counts Put Block requests (`comp=block`).
 
-    def __init__(self, target: str):
+    With *hold_after*, block-list reads after the first *hold_after* wait for ``release``: a range
+    activity reads the block list right before it stages, so the test decides when ranges go on.
+    """
+
+    def __init__(self, target: str, hold_after: int | None = None):
         self.target = urlsplit(target)
         self.staged = 0
+        self.hold_after = hold_after
+        self.block_lists = self.held = 0
+        self.release = threading.Event()
         lock = threading.Lock()
         proxy = self
 
@@ -129,6 +137,13 @@ class CountingProxy:
                 if self.command == "PUT" and "comp=block&" in self.path + "&":
                     with lock:
                         proxy.staged += 1
+                if self.command == "GET" and "comp=blocklist" in self.path and proxy.hold_after is not None:
+                    with lock:
+                        proxy.block_lists += 1
+                        hold = proxy.block_lists > proxy.hold_after
+                        proxy.held += hold
+                    if hold:
+                        proxy.release.wait(120)
                 conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -154,6 +169,7 @@ class CountingProxy:
         return f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -211,6 +227,68 @@ def test_large_file_changed_between_staging_and_commit_is_reported_failed(azurit
     assert out["files_failed"] == 1 and out["failures"][0]["error"] == "changed during backup"
     assert list(work.iter_results("run1")) == [{"path": "big.bin", "error": "changed during backup"}]
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
+
+
+def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
+        cli, cli_env, azurite, blob_service, tmp_path, container_name):
+    size, n, passed, window = 16 * MIB, 16, 6, 4
+    data = os.urandom(size)
+    src = write_tree(tmp_path / "src", {"big.bin": data})
+    # from the 7th range on, activities wait at their block-list read (before staging): the window holds 4
+    proxy = CountingProxy(azurite.endpoint, hold_after=passed)
+    env = dict(cli_env, AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string.replace(
+        azurite.endpoint, proxy.endpoint))
+    proc = subprocess.Popen([sys.executable, "-m", "sitebackup", str(src), "--container", container_name, "--json",
+                             "--block-size", "1", "--concurrency", str(window)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        instance_id = json.loads(proc.stdout.readline())["instance_id"]
+        for _ in range(600):
+            if proxy.held == window:
+                break
+            time.sleep(0.2)
+        assert proxy.held == window and proxy.staged == passed
+        result = cli("cancel", instance_id)
+        assert result.returncode == 0 and "cancelled" in result.stdout
+        time.sleep(1.5)  # outlast the worker's one-second cache of "not cancelled" (runner.CancelCheck)
+        proxy.release.set()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    assert proc.returncode == 1, err
+    assert json.loads(out.splitlines()[-1])["runtime_status"] == "TERMINATED"
+    # the held ranges stopped without staging; nothing was committed
+    assert proxy.staged == passed
+    container = blob_service.get_container_client(container_name)
+    committed, uncommitted = container.get_blob_client("big.bin").get_block_list("all")
+    assert committed == [] and len(uncommitted) == passed < n
+    assert not list(container.list_blob_names())
+
+    again = cli(src, "--container", container_name, "--json", "--block-size", "1")
+    assert again.returncode == 0, again.stderr
+    assert summary_of(again)["files_uploaded"] == 1
+    blob = container.get_blob_client("big.bin")
+    assert blob.download_blob().readall() == data
+    assert bytes(blob.get_blob_properties().content_settings.content_md5) == hashlib.md5(data).digest()
+
+
+def test_a_cancelled_commit_commits_and_records_nothing(azurite, blob_service, tmp_path, container_name):
+    src = write_tree(tmp_path / "src", {"big.bin": os.urandom(5 * MIB)})
+    work = WorkStore(tmp_path / "work")
+    activities.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
+    blob_service.get_container_client(container_name).create_container()
+    deps = activities.ActivityDeps(container_client=blob_service.get_container_client, work=work,
+                                   endpoint=azurite.endpoint)
+    assert [activities.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
+    deps.cancelled = lambda run_id: True
+    staged = activities.copy_page(deps, "run1", 0, src, container_name, "")
+    assert staged["bytes_uploaded"] == 0 and staged["blocks"] == {"first_page": 0, "ranges": 5}
+    out = activities.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
+    assert out["files_uploaded"] == 0 and out["files_failed"] == 0 and out["failures"] == []
+    assert not list(blob_service.get_container_client(container_name).list_blob_names())
+    assert list(work.iter_results("run1")) == []
 
 
 # ---- memory -------------------------------------------------------------------------------------
