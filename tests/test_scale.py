@@ -22,7 +22,7 @@ import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from helpers import ROOT, write_tree
 
-from sitebackup import activities, blocks
+from sitebackup import activities, blocks, storage
 from sitebackup.orchestrations import PAGES_PER_GENERATION
 from sitebackup.runtime import open_backend
 from sitebackup.workstore import WorkStore
@@ -308,6 +308,29 @@ def test_peak_rss_for_100k_files_stays_under_400_mb(cli_env, tmp_path, container
     assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "err").read_text()[-2000:]
     assert json.loads((tmp_path / "out").read_text().strip().splitlines()[-1])["files_uploaded"] == 100_000
     assert usage.ru_maxrss < 400 * 1024  # KiB on Linux
+
+
+@pytest.mark.slow
+def test_peak_rss_for_a_4_gib_file_stays_under_300_mb(cli_env, blob_service, tmp_path, container_name):
+    size = 4 * 1024 * MIB
+    path = tmp_path / "src" / "huge.bin"
+    path.parent.mkdir()
+    with open(path, "wb") as fh:  # sparse: random MiBs at the start, middle and end, holes between
+        for offset in (0, size // 2, size - 4 * MIB):
+            fh.seek(offset)
+            fh.write(os.urandom(4 * MIB))
+    assert path.stat().st_size == size
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sitebackup", str(path.parent), "--container", container_name,
+                                 "--json"], env=cli_env, stdout=out, stderr=err, cwd=ROOT)
+        _pid, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the max of all children
+    assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "err").read_text()[-2000:]
+    assert json.loads((tmp_path / "out").read_text().strip().splitlines()[-1])["files_uploaded"] == 1
+    props = blob_service.get_blob_client(container_name, "huge.bin").get_blob_properties()
+    assert props.size == size
+    assert bytes(props.content_settings.content_md5) == storage.file_md5(path)
+    print(f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB")
+    assert usage.ru_maxrss < 300 * 1024  # KiB on Linux
 
 
 def test_a_repeated_commit_of_a_committed_file_succeeds(azurite, blob_service, tmp_path, container_name):
