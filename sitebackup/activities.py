@@ -42,7 +42,7 @@ class ActivityDeps:
     work: WorkStore | BlobWorkStore
     endpoint: str  # label for messages, never a secret
     large_file_threads: int = 4
-    # asked between files so that `sitebackup cancel` stops uploads at the next file boundary
+    # asked between files (and block ranges) so that `sitebackup cancel` stops uploads at the next boundary
     cancelled: Callable[[str], bool] = lambda run_id: False
     # told (run id, copy result) after every finished batch: `sitebackup worker` prints a status line
     on_batch: Callable[[str, dict[str, Any]], None] | None = None

@@ -340,7 +340,8 @@ def resume(instance_id: str, connection_string: str | None, account_url: str | N
 def cancel(instance_id: str, taskhub: str | None, state_dir: Path | None, debug: bool) -> None:
     """Cancel a run.
 
-    Uploads stop at the next file boundary; blobs already written stay.
+    Uploads stop at the next file boundary (a large file at its next block range); blobs already
+    written stay.
 
     \b
     Example:
