@@ -132,14 +132,15 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
     }
 
 
-def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, container: str, prefix: str) -> dict[str, Any]:
+def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, container: str, prefix: str,
+              md5: str | None = None) -> dict[str, Any]:
     client = deps.container_client(container)
     records: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     n_files = n_bytes = n_failed = n_unchanged = n_bytes_skipped = 0
     items = deps.work.read_page(run_id, page if page >= 0 else blocks.commit_task(page))
-    if isinstance(items, dict):  # a range of a large file or (page < 0) its commit
-        return blocks.copy_block_page(deps, run_id, page, items, source, container, prefix)
+    if isinstance(items, dict):  # a range of a large file or (page < 0) its commit, with the file's MD5 if known
+        return blocks.copy_block_page(deps, run_id, page, items, source, container, prefix, md5)
     early = _put_small_files(deps, run_id, items, source, container, prefix)
     for relpath, _size, _mtime, *known in items:
         if deps.cancelled(run_id):
@@ -227,7 +228,7 @@ def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
     def copy_batch(ctx: task.ActivityContext, inp: dict[str, Any]) -> dict[str, Any]:
         try:
             result = copy_page(deps, ctx.orchestration_id, int(inp["page"]), Path(inp["source"]),
-                               inp["container"], inp.get("prefix", ""))
+                               inp["container"], inp.get("prefix", ""), inp.get("md5"))
         except DestinationError:
             raise
         except Exception as exc:

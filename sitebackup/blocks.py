@@ -168,14 +168,23 @@ def stage_range(container: ContainerClient, path: Path, name: str, item: dict[st
     return length, True
 
 
+def hash_file(path: Path, size: int, mtime_ns: int) -> str:
+    """The whole file's MD5 (base64), streamed, for the version the scan saw: (size, mtime) before and after."""
+    _unchanged(path, size, mtime_ns)
+    md5 = storage.file_md5_b64(path)
+    _unchanged(path, size, mtime_ns)
+    return md5
+
+
 def commit_file(container: ContainerClient, path: Path, name: str, item: dict[str, Any],
-                cancelled: Callable[[], bool] = lambda: False) -> storage.Uploaded:
-    """Commit the staged ranges as the blob, with Content-MD5 of the whole file streamed from disk."""
+                cancelled: Callable[[], bool] = lambda: False, md5: str | None = None) -> storage.Uploaded:
+    """Commit the staged ranges as the blob, with Content-MD5 of the whole file: *md5*, hashed by the
+    file's first range while the others were uploading, or streamed from disk now when it is missing."""
     relpath, size, mtime_ns = item["file"]
     block_size, n = item["block_size"], item["ranges"]
     st = _unchanged(path, size, mtime_ns)
-    md5 = storage.file_md5(path)
-    _unchanged(path, size, mtime_ns)
+    if md5 is None:
+        md5 = hash_file(path, size, mtime_ns)
     if cancelled():  # hashing a large file takes a while
         raise Cancelled()
     blob = container.get_blob_client(name)
@@ -186,17 +195,20 @@ def commit_file(container: ContainerClient, path: Path, name: str, item: dict[st
     blob.commit_block_list(
         [BlobBlock(block_id=i) for i in ids],
         metadata={storage.META_MTIME: str(mtime_ns), storage.META_MODE: format(st.st_mode & 0o7777, "04o")},
-        content_settings=ContentSettings(content_type=storage.content_type(name), content_md5=bytearray(md5)),
+        content_settings=ContentSettings(content_type=storage.content_type(name),
+                                         content_md5=bytearray(base64.b64decode(md5))),
     )
-    return storage.Uploaded(size, mtime_ns, base64.b64encode(md5).decode("ascii"))
+    return storage.Uploaded(size, mtime_ns, md5)
 
 
 def copy_block_page(deps: Any, run_id: str, page: int, item: dict[str, Any], source: Path, container: str,
-                    prefix: str) -> dict[str, Any]:
+                    prefix: str, md5: str | None = None) -> dict[str, Any]:
     """The copy activity for a range page (page >= 0) or a commit task (page < 0), shaped like a batch result.
 
     A range reports its bytes (progress) and always counts as finished, even when it failed: the
     commit then finds the file changed or a block missing and reports the file failed, once.
+    The first range also hashes the whole file and reports the MD5, which the orchestration hands
+    to the commit as *md5*: the hash overlaps the other ranges instead of delaying the commit.
     Once the run is cancelled neither a range nor the commit goes to the service and nothing is
     recorded: the file is neither uploaded nor failed, and the next run of the source sends it.
     """
@@ -214,8 +226,10 @@ def copy_block_page(deps: Any, run_id: str, page: int, item: dict[str, Any], sou
         name = storage.blob_name(prefix, relpath)
         if page >= 0:
             result["bytes_uploaded"], result["staged"] = stage_range(client, source / relpath, name, item, cancelled)
+            if item["range"] == 0:
+                result["md5"] = hash_file(source / relpath, *item["file"][1:])
         else:
-            done = commit_file(client, source / relpath, name, item, cancelled)
+            done = commit_file(client, source / relpath, name, item, cancelled, md5)
     except Cancelled:
         result["cancelled"] = True
         return result

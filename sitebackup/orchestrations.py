@@ -128,14 +128,21 @@ def backup_site_content(ctx: task.OrchestrationContext, inp: dict[str, Any]) -> 
         _merge_failures(state, scan["failures"])
 
     def schedule(page: int) -> task.Task[Any]:
-        return ctx.call_activity(COPY_BATCH, retry_policy=COPY_RETRY, input={
-            "source": inp["source"], "container": inp["container"], "prefix": inp.get("prefix", ""), "page": page})
+        work = {"source": inp["source"], "container": inp["container"], "prefix": inp.get("prefix", ""), "page": page}
+        md5 = state.get("file_md5", {}).get(str(blocks.commit_task(page))) if page < 0 else None
+        if md5:
+            work["md5"] = md5
+        return ctx.call_activity(COPY_BATCH, retry_policy=COPY_RETRY, input=work)
 
     def on_result(result: dict[str, Any]) -> None:
         if "blocks" in result:  # a range of a large file: after its last one, commit it (sitebackup.blocks)
+            if result.get("md5"):  # the first range hashed the whole file: the commit needs not
+                state.setdefault("file_md5", {})[str(result["blocks"]["first_page"])] = result["md5"]
             commit = blocks.count_range(state, result["blocks"])
             if commit is not None:
                 state["retry_pages"].insert(0, commit)
+        elif result["page"] < 0:  # a commit: its file's MD5 has served
+            state.get("file_md5", {}).pop(str(blocks.commit_task(result["page"])), None)
         state["files_uploaded"] += result["files_uploaded"]
         state["bytes_uploaded"] += result["bytes_uploaded"]
         state["files_failed"] += result["files_failed"]

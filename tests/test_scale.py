@@ -94,6 +94,26 @@ def test_history_per_instance_and_payloads_stay_bounded(cli, tmp_path, container
     assert payloads and max(len(p) for p in payloads) < 4096
 
 
+def test_the_first_range_hashes_the_file_and_the_commit_gets_that_md5(cli, tmp_path, container_name, state_dir,
+                                                                      blob_service):
+    """The whole-file MD5 is computed once, by range 0 while the other ranges upload, and handed to the
+    commit through the orchestration, so the commit does not read the file again."""
+    data = os.urandom(6 * MIB)
+    src = write_tree(tmp_path / "src", {"big.bin": data})
+    want = base64.b64encode(hashlib.md5(data).digest()).decode()
+    result = cli(src, "--container", container_name, "--json", "--block-size", "1")
+    assert result.returncode == 0, result.stderr
+    events = history(state_dir, summary_of(result)["instance_id"])
+    inputs = [json.loads(e.taskScheduled.input.value) for e in events if e.HasField("taskScheduled")]
+    outputs = [json.loads(e.taskCompleted.result.value) for e in events if e.HasField("taskCompleted")]
+    commits = [i for i in inputs if isinstance(i, dict) and i.get("page", 0) < 0]
+    assert len(commits) == 1 and commits[0]["md5"] == want
+    hashed = [o for o in outputs if isinstance(o, dict) and "md5" in o]
+    assert len(hashed) == 1 and hashed[0]["md5"] == want  # one range hashed, not every one
+    props = blob_service.get_blob_client(container_name, "big.bin").get_blob_properties()
+    assert base64.b64encode(bytes(props.content_settings.content_md5)).decode() == want
+
+
 def test_copy_output_stays_small_for_a_page_of_hundreds_of_failures(tmp_path):
     """A page of 300 files that all vanished: failures are capped in the output, all kept in the result file."""
     work = WorkStore(tmp_path / "work")
