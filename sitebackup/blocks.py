@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
-from azure.storage.blob import BlobBlock, ContainerClient, ContentSettings
+from azure.storage.blob import BlobBlock, ContainerClient
 
 from sitebackup import storage
 
@@ -192,12 +192,8 @@ def commit_file(container: ContainerClient, path: Path, name: str, item: dict[st
     missing = len(set(ids) - held_ids(blob))
     if missing:
         raise storage.FileChangedError(f"{missing} of {n} blocks were not staged")
-    blob.commit_block_list(
-        [BlobBlock(block_id=i) for i in ids],
-        metadata={storage.META_MTIME: str(mtime_ns), storage.META_MODE: format(st.st_mode & 0o7777, "04o")},
-        content_settings=ContentSettings(content_type=storage.content_type(name),
-                                         content_md5=bytearray(base64.b64decode(md5))),
-    )
+    blob.commit_block_list([BlobBlock(block_id=i) for i in ids],
+                           **storage.blob_properties(name, st, base64.b64decode(md5)))
     return storage.Uploaded(size, mtime_ns, md5)
 
 

@@ -270,6 +270,15 @@ class Uploaded:
     md5: str  # base64, as Azure reports Content-MD5
 
 
+def blob_properties(name: str, st: os.stat_result, md5: bytes) -> dict[str, Any]:
+    """What every backed-up blob carries, as keyword arguments of an upload or a block-list commit:
+    mtime/mode metadata (restore puts them back), content type, and the file's MD5 as Content-MD5."""
+    return {
+        "metadata": {META_MTIME: str(st.st_mtime_ns), META_MODE: format(st.st_mode & 0o7777, "04o")},
+        "content_settings": ContentSettings(content_type=content_type(name), content_md5=bytearray(md5)),
+    }
+
+
 def single_put_options(name: str, st: os.stat_result, md5: bytes) -> dict[str, Any]:
     """Keyword arguments of a one-request upload (sync or aio ``upload_blob``) of bytes hashed as *md5*.
 
@@ -277,12 +286,8 @@ def single_put_options(name: str, st: os.stat_result, md5: bytes) -> dict[str, A
     as the request's transactional Content-MD5, which it checks against the bytes received, so a
     body damaged on the way is refused (400 Md5Mismatch) instead of stored under a correct-looking hash.
     """
-    return {
-        "overwrite": True,
-        "metadata": {META_MTIME: str(st.st_mtime_ns), META_MODE: format(st.st_mode & 0o7777, "04o")},
-        "content_settings": ContentSettings(content_type=content_type(name), content_md5=bytearray(md5)),
-        "headers": {"Content-MD5": base64.b64encode(md5).decode("ascii")},
-    }
+    return {**blob_properties(name, st, md5), "overwrite": True,
+            "headers": {"Content-MD5": base64.b64encode(md5).decode("ascii")}}
 
 
 def upload_file(container: ContainerClient, path: Path, name: str, *, max_concurrency: int = 4) -> Uploaded:
@@ -292,7 +297,6 @@ def upload_file(container: ContainerClient, path: Path, name: str, *, max_concur
     backed up with content other than what we hashed.
     """
     st = os.stat(path)
-    metadata = {META_MTIME: str(st.st_mtime_ns), META_MODE: format(st.st_mode & 0o7777, "04o")}
     blob = container.get_blob_client(name)
     if st.st_size <= SINGLE_PUT_BYTES:
         with open(path, "rb") as fh:
@@ -303,11 +307,8 @@ def upload_file(container: ContainerClient, path: Path, name: str, *, max_concur
     else:
         md5 = file_md5(path)
         with open(path, "rb") as fh:
-            blob.upload_blob(
-                fh, overwrite=True, length=st.st_size, metadata=metadata, max_concurrency=max_concurrency,
-                validate_content=True,
-                content_settings=ContentSettings(content_type=content_type(name), content_md5=bytearray(md5)),
-            )
+            blob.upload_blob(fh, overwrite=True, length=st.st_size, max_concurrency=max_concurrency,
+                             validate_content=True, **blob_properties(name, st, md5))
         _check_unchanged(path, st)
     return Uploaded(st.st_size, st.st_mtime_ns, base64.b64encode(md5).decode("ascii"))
 
