@@ -230,15 +230,21 @@ def test_resumed_large_file_stages_only_missing_blocks(cli, cli_env, azurite, bl
     assert props.metadata["mtime_ns"] == str(st.st_mtime_ns)
 
 
-def test_large_file_changed_between_staging_and_commit_is_reported_failed(azurite, blob_service, tmp_path,
-                                                                          container_name):
-    size = 5 * MIB  # above 4 x the 1 MiB block: five ranges
-    src = write_tree(tmp_path / "src", {"big.bin": os.urandom(size)})
+def five_ranges(azurite, blob_service, tmp_path: Path, container_name: str, data: bytes):
+    """big.bin (5 MiB of *data*) scanned into five 1 MiB range pages; returns (src, work store, deps)."""
+    src = write_tree(tmp_path / "src", {"big.bin": data})
     work = WorkStore(tmp_path / "work")
     activities.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
     blob_service.get_container_client(container_name).create_container()
     deps = activities.ActivityDeps(container_client=blob_service.get_container_client, work=work,
                                    endpoint=azurite.endpoint)
+    return src, work, deps
+
+
+def test_large_file_changed_between_staging_and_commit_is_reported_failed(azurite, blob_service, tmp_path,
+                                                                          container_name):
+    size = 5 * MIB  # above 4 x the 1 MiB block: five ranges
+    src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(size))
     staged = [activities.copy_page(deps, "run1", p, src, container_name, "") for p in range(5)]
     assert sum(r["bytes_uploaded"] for r in staged) == size
     with open(src / "big.bin", "ab") as fh:
@@ -295,12 +301,7 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
 
 
 def test_a_cancelled_commit_commits_and_records_nothing(azurite, blob_service, tmp_path, container_name):
-    src = write_tree(tmp_path / "src", {"big.bin": os.urandom(5 * MIB)})
-    work = WorkStore(tmp_path / "work")
-    activities.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
-    blob_service.get_container_client(container_name).create_container()
-    deps = activities.ActivityDeps(container_client=blob_service.get_container_client, work=work,
-                                   endpoint=azurite.endpoint)
+    src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(5 * MIB))
     assert [activities.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
     deps.cancelled = lambda run_id: True
     staged = activities.copy_page(deps, "run1", 0, src, container_name, "")
@@ -358,12 +359,7 @@ def test_peak_rss_for_a_4_gib_file_stays_under_300_mb(cli_env, blob_service, tmp
 def test_a_repeated_commit_of_a_committed_file_succeeds(azurite, blob_service, tmp_path, container_name):
     """An activity retried after its commit went through must not report the file failed."""
     data = os.urandom(5 * MIB)
-    src = write_tree(tmp_path / "src", {"big.bin": data})
-    work = WorkStore(tmp_path / "work")
-    activities.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
-    blob_service.get_container_client(container_name).create_container()
-    deps = activities.ActivityDeps(container_client=blob_service.get_container_client, work=work,
-                                   endpoint=azurite.endpoint)
+    src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, data)
     assert [activities.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
     for _ in range(2):
         out = activities.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
