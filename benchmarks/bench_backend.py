@@ -16,7 +16,7 @@ from pathlib import Path
 from durabletask import client, task, worker
 from durabletask.testing import InMemoryOrchestrationBackend
 
-from sitebackup.backend import EmbeddedBackend
+from sitebackup.durable.backend import EmbeddedBackend
 
 QUIET = logging.getLogger("bench.quiet")
 QUIET.setLevel(logging.WARNING)

@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# the layers (pyproject.toml [tool.importlinter]): an upward import or a cycle fails before any test runs
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,6 +1,7 @@
-"""The command line: click commands that parse, call one core function, render and pick the exit code.
+"""The command line: click commands that parse, call one command function, render and pick the exit code.
 
-``main`` is the one place where exceptions become exit codes and one-line messages.
+``main`` is the one place where exceptions become exit codes and one-line messages (and, with
+``--json``, one JSON error object on stdout).
 """
 
 from __future__ import annotations
@@ -9,13 +10,20 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from sitebackup import __version__, blocks, cron, dryrun, manage, render, runner, scaleout, storage, taskhub
-from sitebackup import restore as restore_mod
-from sitebackup import verify as verify_mod
+from sitebackup import __version__
+from sitebackup.blob.clients import ENV_ACCOUNT_URL, ENV_CONNECTION_STRING, StorageSettings
+from sitebackup.blob.errors import redact
+from sitebackup.commands import backup as backup_cmd
+from sitebackup.commands import dryrun, manage, scaleout
+from sitebackup.commands import restore as restore_cmd
+from sitebackup.commands import verify as verify_cmd
+from sitebackup.commands.hosting import exit_code_for
+from sitebackup.durable import taskhub as taskhub_mod
+from sitebackup.durable.runtime import ENV_STATE_DIR, SDK_LOGGER, default_state_dir
 from sitebackup.errors import (
     EXIT_CODES_HELP,
     EXIT_FILES_FAILED,
@@ -24,9 +32,12 @@ from sitebackup.errors import (
     EXIT_USAGE,
     SiteBackupError,
 )
-from sitebackup.orchestrations import DEFAULT_WINDOW
-from sitebackup.progress import human_bytes, make_printer
-from sitebackup.runtime import ENV_STATE_DIR, SDK_LOGGER, default_state_dir
+from sitebackup.ui import render
+from sitebackup.ui.logfile import LogPrinter
+from sitebackup.ui.printers import make_printer
+from sitebackup.workflows.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+from sitebackup.workflows.names import DEFAULT_WINDOW
+from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE, MIB
 
 
 class DefaultToBackup(click.Group):
@@ -51,18 +62,18 @@ def debug_option(fn):
 
 def taskhub_option(fn):
     return click.option(
-        "--taskhub", metavar="CONNECTION_STRING", envvar=taskhub.ENV_TASKHUB, show_envvar=False,
+        "--taskhub", metavar="CONNECTION_STRING", envvar=taskhub_mod.ENV_TASKHUB, show_envvar=False,
         help="Use Azure Durable Task Scheduler instead of the embedded backend: "
              "Endpoint=https://...;TaskHub=NAME;Authentication=DefaultAzure "
-             f"[env {taskhub.ENV_TASKHUB}].",
+             f"[env {taskhub_mod.ENV_TASKHUB}].",
     )(fn)
 
 
 def storage_options(fn):
     fn = click.option("--account-url", metavar="URL",
-                      help=f"Account URL, with a SAS or using DefaultAzureCredential [env {storage.ENV_ACCOUNT_URL}].")(fn)
+                      help=f"Account URL, with a SAS or using DefaultAzureCredential [env {ENV_ACCOUNT_URL}].")(fn)
     fn = click.option("--connection-string", metavar="STRING",
-                      help=f"Storage connection string; wins over --account-url [env {storage.ENV_CONNECTION_STRING}].")(fn)
+                      help=f"Storage connection string; wins over --account-url [env {ENV_CONNECTION_STRING}].")(fn)
     return fn
 
 
@@ -80,7 +91,8 @@ def cli() -> None:
     """
 
 
-def cron_options(fn):
+def selection_options(fn):
+    """What a backup compares and leaves out, and how it runs unattended."""
     options = [
         click.option("--checksum", is_flag=True,
                      help="Compare content MD5 with the last run instead of size and modification time."),
@@ -107,25 +119,6 @@ def cron_options(fn):
     return fn
 
 
-def _render_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
-    totals = {k: v for k, v in plan.items() if k != "items"}
-    if json_output:
-        for item in plan["items"]:
-            click.echo(json.dumps({"event": "dry_run", **item}))
-        click.echo(json.dumps({"event": "summary", **totals}))
-        return
-    for item in plan["items"]:
-        if item["action"] == "fail":
-            click.echo(f"FAILED {item['path']}: {item['error']}", err=True)
-        elif not quiet:
-            detail = item.get("reason") or human_bytes(item.get("size", 0))
-            click.echo(f"{'would upload' if item['action'] == 'upload' else item['action']} {item['path']} ({detail})")
-    if not quiet:
-        click.echo(f"dry run: {plan['files_to_upload']} files would be uploaded ({human_bytes(plan['bytes_to_upload'])}), "
-                   f"{plan['files_unchanged']} unchanged ({human_bytes(plan['bytes_skipped'])}), "
-                   f"{plan['files_skipped'] - plan['files_unchanged']} skipped, {plan['files_failed']} failed")
-
-
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--container", "-c", required=True, help="Destination container (created if missing).")
@@ -133,12 +126,13 @@ def _render_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
 @storage_options
 @click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
               help="Bound on parallel uploads.")
-@click.option("--block-size", type=click.IntRange(min=1, max=4000), default=blocks.DEFAULT_BLOCK_SIZE // blocks.MIB,
+@click.option("--block-size", type=click.IntRange(min=MIN_BLOCK_SIZE // MIB, max=MAX_BLOCK_SIZE // MIB),
+              default=DEFAULT_BLOCK_SIZE // MIB,
               show_default=True, metavar="MIB",
               help="Files over 4x this many MiB (at most 32 MiB) go up as parallel, resumable block ranges of this size.")
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
-@cron_options
+@selection_options
 @taskhub_option
 @click.option("--no-local-worker", is_flag=True,
               help="Schedule and watch only; `sitebackup worker` processes do the work.")
@@ -147,7 +141,8 @@ def _render_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
 @debug_option
 def backup(source: Path, container: str, prefix: str, connection_string: str | None, account_url: str | None,
            concurrency: int, block_size: int, json_output: bool, quiet: bool, taskhub: str | None,
-           no_local_worker: bool, detach: bool, state_dir: Path | None, debug: bool, **cron_opts: Any) -> None:
+           no_local_worker: bool, detach: bool, state_dir: Path | None, debug: bool, log_file: Path | None,
+           dry_run: bool, **selection: Any) -> None:
     """Back up SOURCE to a container (the default command).
 
     Every file becomes a blob named by its path relative to SOURCE.
@@ -161,30 +156,26 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
       sitebackup backup ./site -c backups --prefix nightly/web --concurrency 32
       sitebackup backup ./site -c backups --connection-string UseDevelopmentStorage=true
     """
-    settings = storage.StorageSettings.from_options(connection_string, account_url)
-    request = runner.validate_request(source, container, cron.expand_prefix(prefix), concurrency,
-                                      state_dir or default_state_dir())
-    request.block_size = block_size * blocks.MIB
-    log_file, dry_run = cron_opts.pop("log_file"), cron_opts.pop("dry_run")
-    request = cron.configure(request, **cron_opts)
+    settings = StorageSettings.from_options(connection_string, account_url)
+    request = backup_cmd.build_request(source, container, prefix, state_dir=state_dir or default_state_dir(),
+                                       concurrency=concurrency, block_size=block_size * MIB, **selection)
     hub = _taskhub_settings(taskhub)
     if dry_run:
         plan = dryrun.plan_backup(request, settings, hub)
-        _render_plan(plan, json_output, quiet)
+        render.dry_run_plan(plan, json_output, quiet)
         sys.exit(EXIT_FILES_FAILED if plan["files_failed"] else 0)
     printer = make_printer(json_output=json_output, quiet=quiet or (detach and not json_output))
     if log_file is not None:
-        printer = cron.LogPrinter(printer, log_file)
-    summary = runner.run_backup(request, settings, printer, taskhub=hub, local_worker=not no_local_worker,
-                                detach=detach)
+        printer = LogPrinter(printer, log_file)
+    summary = backup_cmd.run_backup(request, settings, printer, taskhub=hub, local_worker=not no_local_worker,
+                                    detach=detach)
     if detach and not json_output:
         click.echo(summary["instance_id"])
-    sys.exit(runner.exit_code_for(summary))
+    sys.exit(exit_code_for(summary))
 
 
-def _taskhub_settings(value: str | None) -> "taskhub.TaskHubSettings | None":
-    # the module name is shadowed by the option inside commands
-    return taskhub.from_option(value)
+def _taskhub_settings(value: str | None) -> taskhub_mod.TaskHubSettings | None:
+    return taskhub_mod.from_option(value)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -207,7 +198,7 @@ def worker(connection_string: str | None, account_url: str | None, taskhub: str 
       sitebackup worker --taskhub "Endpoint=https://NAME.REGION.durabletask.io;TaskHub=backups;Authentication=ManagedIdentity"
       DURABLE_TASK_SCHEDULER_CONNECTION_STRING=... sitebackup worker --concurrency 32
     """
-    settings = storage.StorageSettings.from_options(connection_string, account_url)
+    settings = StorageSettings.from_options(connection_string, account_url)
     hub = _taskhub_settings(taskhub)
 
     def on_batch(instance_id: str, result: dict) -> None:
@@ -272,7 +263,7 @@ def status(instance_id: str, json_output: bool, watch: bool, taskhub: str | None
     hub = _taskhub_settings(taskhub)
     if watch:
         summary = manage.watch_status(state_dir, instance_id, make_printer(json_output=json_output), hub)
-        sys.exit(runner.exit_code_for(summary))
+        sys.exit(exit_code_for(summary))
     info = manage.status(state_dir, instance_id, hub)
     if json_output:
         click.echo(json.dumps(info))
@@ -326,10 +317,10 @@ def resume(instance_id: str, connection_string: str | None, account_url: str | N
     Example:
       sitebackup resume 20261127T225602-0dcb81
     """
-    settings = storage.StorageSettings.from_options(connection_string, account_url)
+    settings = StorageSettings.from_options(connection_string, account_url)
     summary = manage.resume(state_dir or default_state_dir(), instance_id, settings,
                             make_printer(json_output=json_output, quiet=quiet), _taskhub_settings(taskhub))
-    sys.exit(runner.exit_code_for(summary))
+    sys.exit(exit_code_for(summary))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -375,7 +366,7 @@ def purge(older_than: str, taskhub: str | None, connection_string: str | None, a
       sitebackup purge --older-than 30d
     """
     result = manage.purge(state_dir or default_state_dir(), manage.parse_age(older_than), _taskhub_settings(taskhub),
-                          storage.StorageSettings.from_options(connection_string, account_url))
+                          StorageSettings.from_options(connection_string, account_url))
     click.echo(f"purged {len(result['purged'])} finished run(s) older than {older_than}")
     if result["records_kept"] and result["purged"]:
         click.echo("run records under .sitebackup/work/ in their containers were kept: "
@@ -421,13 +412,13 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
     expected = 1 if container else 2
     if len(args) != expected:
         raise click.UsageError("give ID DEST, or --container NAME DEST")
-    settings = storage.StorageSettings.from_options(connection_string, account_url)
-    request = restore_mod.validate_restore(
+    settings = StorageSettings.from_options(connection_string, account_url)
+    request = restore_cmd.validate_restore(
         args[-1], run_id=None if container else args[0], container=container, prefix=prefix, include=list(include),
         exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir or default_state_dir())
-    summary = restore_mod.run_restore(request, settings, make_printer(json_output=json_output, quiet=quiet),
+    summary = restore_cmd.run_restore(request, settings, make_printer(json_output=json_output, quiet=quiet),
                                       _taskhub_settings(taskhub))
-    sys.exit(runner.exit_code_for(summary))
+    sys.exit(exit_code_for(summary))
 
 
 @cli.command(epilog="Exit codes: 0 every recorded blob matches; 1 some do not (listed); 2 usage or input error; "
@@ -451,8 +442,8 @@ def verify(instance_id: str, local: bool, download: bool, connection_string: str
       sitebackup verify 20261127T225602-0dcb81
       sitebackup verify 20261127T225602-0dcb81 --local --download --json
     """
-    settings = storage.StorageSettings.from_options(connection_string, account_url)
-    report = verify_mod.verify_run(state_dir or default_state_dir(), instance_id, settings, local=local,
+    settings = StorageSettings.from_options(connection_string, account_url)
+    report = verify_cmd.verify_run(state_dir or default_state_dir(), instance_id, settings, local=local,
                                    download=download, taskhub=_taskhub_settings(taskhub))
     if json_output:
         click.echo(json.dumps(report))
@@ -479,35 +470,43 @@ def _configure_logging(debug: bool) -> None:
 
 class _RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = storage.redact(record.getMessage())
+        record.msg = redact(record.getMessage())
         record.args = None
         return True
+
+
+def fail(message: str, exit_code: int, json_output: bool) -> NoReturn:
+    """Exit with *exit_code* after one line on stderr, and with ``--json`` one error object on stdout."""
+    message = redact(message)
+    click.echo(message, err=True)
+    if json_output:
+        text = message.removeprefix("sitebackup: error: ").removeprefix("Error: ")
+        click.echo(json.dumps({"event": "error", "exit_code": exit_code, "message": text}))
+    sys.exit(exit_code)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    json_output = "--json" in args
     _configure_logging(debug)
     try:
         cli.main(args=args, prog_name="sitebackup", standalone_mode=False)
     except SiteBackupError as exc:
-        click.echo(f"sitebackup: error: {storage.redact(str(exc))}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("sitebackup: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        fail(f"sitebackup: error: {exc}", exc.exit_code, json_output)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        fail("sitebackup: interrupted", EXIT_INTERRUPTED, json_output)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
-    except KeyboardInterrupt:
-        click.echo("sitebackup: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        code = exc.exit_code or EXIT_USAGE
+        if json_output:
+            click.echo(json.dumps({"event": "error", "exit_code": code, "message": redact(exc.format_message())}))
+        sys.exit(code)
     except Exception as exc:  # a bug: one line, unless --debug asks for the traceback
         if debug:
             import traceback
 
-            click.echo(storage.redact(traceback.format_exc()), err=True)
-        click.echo(f"sitebackup: internal error: {storage.redact(str(exc)) or type(exc).__name__} "
-                   "(rerun with --debug for details)", err=True)
-        sys.exit(EXIT_INTERNAL)
+            click.echo(redact(traceback.format_exc()), err=True)
+        fail(f"sitebackup: internal error: {redact(str(exc)) or type(exc).__name__} "
+             "(rerun with --debug for details)", EXIT_INTERNAL, json_output)
     sys.exit(0)

@@ -9,8 +9,9 @@ import os
 import pytest
 from helpers import write_tree
 
-from sitebackup import runner, storage
-from sitebackup.progress import Printer
+from sitebackup.blob.clients import StorageSettings
+from sitebackup.commands import backup
+from sitebackup.ui.printers import Printer
 
 ODD_TREE = {
     "index.html": b"<html>home</html>",
@@ -94,10 +95,10 @@ class Recorder(Printer):
 def test_custom_status_moves_during_the_run(tmp_path, azurite, state_dir, container_name):
     files = {f"f{i:04d}.bin": os.urandom(2048) for i in range(1200)}
     src = write_tree(tmp_path / "site", files)
-    request = runner.validate_request(src, container_name, "", 2, state_dir)
-    settings = storage.StorageSettings(connection_string=azurite.connection_string)
+    request = backup.build_request(src, container_name, "", state_dir=state_dir, concurrency=2)
+    settings = StorageSettings(connection_string=azurite.connection_string)
     recorder = Recorder()
-    summary = runner.run_backup(request, settings, recorder)
+    summary = backup.run_backup(request, settings, recorder)
     assert summary["files_uploaded"] == 1200
     done = sorted({s["files_done"] for s in recorder.statuses if s.get("phase") == "uploading"})
     # the window publishes after each batch: several intermediate values, not just 0 and the total

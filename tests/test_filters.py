@@ -6,9 +6,9 @@ from datetime import datetime
 
 import pytest
 
-from sitebackup import cron
+from sitebackup.commands.backup import expand_prefix
 from sitebackup.errors import InputError
-from sitebackup.filters import Filter, patterns_for
+from sitebackup.local.filters import Filter, patterns_for
 
 
 @pytest.mark.parametrize("patterns, path, is_dir, excluded", [
@@ -54,8 +54,8 @@ def test_patterns_order_ignore_file_then_files_then_options_then_includes(tmp_pa
 
 def test_prefix_templates_expand_once_with_local_time():
     now = datetime(2026, 3, 4, 5, 6, 7)
-    assert cron.expand_prefix("nightly/{date}/{hostname}-{time}", now, "web1") == "nightly/2026-03-04/web1-050607"
-    assert cron.expand_prefix("plain/prefix", now, "h") == "plain/prefix"
-    assert cron.expand_prefix("", now, "h") == ""
+    assert expand_prefix("nightly/{date}/{hostname}-{time}", now, "web1") == "nightly/2026-03-04/web1-050607"
+    assert expand_prefix("plain/prefix", now, "h") == "plain/prefix"
+    assert expand_prefix("", now, "h") == ""
     with pytest.raises(InputError, match="invalid --prefix template"):
-        cron.expand_prefix("{nope}", now, "h")
+        expand_prefix("{nope}", now, "h")

@@ -22,10 +22,13 @@ import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
 from helpers import ROOT, write_tree
 
-from sitebackup import activities, blocks, storage
-from sitebackup.orchestrations import PAGES_PER_GENERATION
-from sitebackup.runtime import open_backend
-from sitebackup.workstore import WorkStore
+from sitebackup.blob.workstore import LocalWorkStore as WorkStore
+from sitebackup.durable.runtime import open_backend
+from sitebackup.local.files import file_md5
+from sitebackup.workflows import blocks, copy
+from sitebackup.workflows.activity import ActivityDeps
+from sitebackup.workflows.names import MAX_LISTED, PAGES_PER_GENERATION
+from sitebackup.workflows.types import BlockRange
 
 MIB = 1024 * 1024
 
@@ -57,7 +60,7 @@ def test_count_range_schedules_one_commit_after_the_last_range():
 def test_scan_cuts_large_files_into_range_pages(tmp_path: Path):
     src = write_tree(tmp_path / "src", {"big.bin": b"x" * (4 * MIB + 1), "small.txt": b"s"})
     work = WorkStore(tmp_path / "work")
-    out = activities.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
+    out = copy.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
     assert out["pages"] == 1 + 5  # one batch with the small file, five ranges of 1 MiB
     ranges = [work.read_page("run1", p) for p in range(1, 6)]
     assert [r["range"] for r in ranges] == list(range(5))
@@ -123,9 +126,9 @@ def test_copy_output_stays_small_for_a_page_of_hundreds_of_failures(tmp_path):
         def get_blob_client(self, name):  # never reached: every file fails at open
             raise AssertionError(name)
 
-    deps = activities.ActivityDeps(container_client=lambda c: NoClient(), work=work, endpoint="http://x")
-    out = activities.copy_page(deps, "run1", 0, tmp_path / "src", "c", "")
-    assert out["files_failed"] == 300 and len(out["failures"]) == activities.MAX_LISTED
+    deps = ActivityDeps(container_client=lambda c: NoClient(), work=work, endpoint="http://x")
+    out = copy.copy_page(deps, "run1", 0, tmp_path / "src", "c", "")
+    assert out["files_failed"] == 300 and len(out["failures"]) == MAX_LISTED
     assert len(json.dumps(out)) < 4096
     assert sum(1 for r in work.iter_results("run1") if "error" in r) == 300
 
@@ -209,7 +212,7 @@ def test_resumed_large_file_stages_only_missing_blocks(cli, cli_env, azurite, bl
     for index in (0, 2, 4):
         item = {"file": ["media/big.bin", size, st.st_mtime_ns], "range": index, "ranges": n,
                 "block_size": block, "first_page": 0}
-        assert blocks.stage_range(container, src / "media/big.bin", "media/big.bin", item) == (
+        assert blocks.stage_range(container, src / "media/big.bin", "media/big.bin", BlockRange.from_dict(item)) == (
             min(block, size - index * block), True)
 
     proxy = CountingProxy(azurite.endpoint)
@@ -234,10 +237,9 @@ def five_ranges(azurite, blob_service, tmp_path: Path, container_name: str, data
     """big.bin (5 MiB of *data*) scanned into five 1 MiB range pages; returns (src, work store, deps)."""
     src = write_tree(tmp_path / "src", {"big.bin": data})
     work = WorkStore(tmp_path / "work")
-    activities.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
+    copy.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
     blob_service.get_container_client(container_name).create_container()
-    deps = activities.ActivityDeps(container_client=blob_service.get_container_client, work=work,
-                                   endpoint=azurite.endpoint)
+    deps = ActivityDeps(container_client=blob_service.get_container_client, work=work, endpoint=azurite.endpoint)
     return src, work, deps
 
 
@@ -245,11 +247,11 @@ def test_large_file_changed_between_staging_and_commit_is_reported_failed(azurit
                                                                           container_name):
     size = 5 * MIB  # above 4 x the 1 MiB block: five ranges
     src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(size))
-    staged = [activities.copy_page(deps, "run1", p, src, container_name, "") for p in range(5)]
+    staged = [copy.copy_page(deps, "run1", p, src, container_name, "") for p in range(5)]
     assert sum(r["bytes_uploaded"] for r in staged) == size
     with open(src / "big.bin", "ab") as fh:
         fh.write(b"more")
-    out = activities.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
+    out = copy.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
     assert out["files_failed"] == 1 and out["failures"][0]["error"] == "changed during backup"
     assert list(work.iter_results("run1")) == [{"path": "big.bin", "error": "changed during backup"}]
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
@@ -302,11 +304,11 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
 
 def test_a_cancelled_commit_commits_and_records_nothing(azurite, blob_service, tmp_path, container_name):
     src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(5 * MIB))
-    assert [activities.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
+    assert [copy.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
     deps.cancelled = lambda run_id: True
-    staged = activities.copy_page(deps, "run1", 0, src, container_name, "")
+    staged = copy.copy_page(deps, "run1", 0, src, container_name, "")
     assert staged["bytes_uploaded"] == 0 and staged["blocks"] == {"first_page": 0, "ranges": 5}
-    out = activities.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
+    out = copy.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
     assert out["files_uploaded"] == 0 and out["files_failed"] == 0 and out["failures"] == []
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
     assert list(work.iter_results("run1")) == []
@@ -351,7 +353,7 @@ def test_peak_rss_for_a_4_gib_file_stays_under_300_mb(cli_env, blob_service, tmp
     # 4 GiB stays in the session's Azurite otherwise: free it before the bounds are checked
     blob_service.get_container_client(container_name).delete_container()
     assert props.size == size
-    assert bytes(props.content_settings.content_md5) == storage.file_md5(path)
+    assert bytes(props.content_settings.content_md5) == file_md5(path)
     print(f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB")
     assert usage.ru_maxrss < 300 * 1024  # KiB on Linux
 
@@ -360,12 +362,12 @@ def test_a_repeated_commit_of_a_committed_file_succeeds(azurite, blob_service, t
     """An activity retried after its commit went through must not report the file failed."""
     data = os.urandom(5 * MIB)
     src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, data)
-    assert [activities.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
+    assert [copy.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
     for _ in range(2):
-        out = activities.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
+        out = copy.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
         assert out["files_uploaded"] == 1 and out["files_failed"] == 0
     # ranges of the committed version are not sent again either
-    assert [activities.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [False] * 5
+    assert [copy.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [False] * 5
     blob = blob_service.get_blob_client(container_name, "big.bin")
     assert blob.download_blob().readall() == data
     assert list(work.iter_results("run1"))[0]["md5"] == base64.b64encode(hashlib.md5(data).digest()).decode()

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, write_tree
 
-from sitebackup.taskhub import parse
-from sitebackup.workstore import RESERVED_PREFIX
+from sitebackup.blob.naming import RESERVED_PREFIX
+from sitebackup.durable.taskhub import parse
 
 WAIT = 120  # generous bound for slow shared machines; never asserted on
 
@@ -174,7 +174,7 @@ def test_task_hubs_do_not_see_each_others_instances(tmp_path, served, cli, conta
     assert event["event"] == "start"
     instance_id = event["instance_id"]
 
-    from sitebackup.runtime import open_backend
+    from sitebackup.durable.runtime import open_backend
 
     seen = {}
     for name in ("alpha", "beta"):

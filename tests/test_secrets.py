@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from azurite import KEY
 from test_faults import JsonRun, account_sas_url, env_for, many_files
 
-from sitebackup.storage import redact
+from sitebackup.blob.errors import redact
 
 
 def secret_forms(*secrets: str) -> list[bytes]:

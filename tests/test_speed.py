@@ -10,8 +10,10 @@ from durabletask import client as dt_client
 from durabletask import task
 from durabletask import worker as dt_worker
 
-from sitebackup import blocks, workerstop
-from sitebackup.backend import EmbeddedBackend
+from sitebackup.durable import workerstop
+from sitebackup.durable.backend import EmbeddedBackend
+from sitebackup.workflows import blocks
+from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE
 
 MIB = 1024 * 1024
 
@@ -49,7 +51,7 @@ def test_byte_budget_lets_a_request_larger_than_capacity_through_alone():
 def test_ranges_start_at_four_blocks_but_never_above_32_mib():
     assert blocks.threshold(MIB) == 4 * MIB
     assert blocks.threshold(8 * MIB) == 32 * MIB
-    assert blocks.threshold(blocks.DEFAULT_BLOCK_SIZE) == 32 * MIB
+    assert blocks.threshold(DEFAULT_BLOCK_SIZE) == 32 * MIB
     assert blocks.threshold(1000 * MIB) == 32 * MIB
 
 

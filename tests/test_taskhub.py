@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sitebackup.durable.taskhub import ENV_TASKHUB, from_option, parse
 from sitebackup.errors import EXIT_USAGE, InputError
-from sitebackup.taskhub import ENV_TASKHUB, from_option, parse
 
 
 def test_azure_endpoint_with_default_credential():

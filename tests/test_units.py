@@ -4,42 +4,47 @@ from __future__ import annotations
 
 import pytest
 
-from sitebackup import storage
-from sitebackup.activities import plan_batches
+from sitebackup.blob import naming
+from sitebackup.blob.errors import redact
 from sitebackup.errors import InputError
-from sitebackup.scan import FileEntry
+from sitebackup.local.scan import FileEntry
+from sitebackup.workflows.window import plan_pages
+
+
+def plan_batches(files, **kwargs):
+    return plan_pages(files, lambda entry: entry.size, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["abc", "backups", "a-b-c", "a1b2", "x" * 63])
 def test_valid_container_names(name):
-    assert storage.validate_container_name(name) == name
+    assert naming.validate_container_name(name) == name
 
 
 @pytest.mark.parametrize("name", ["", "ab", "x" * 64, "Abc", "a_b", "-ab", "ab-", "a--b", "a.b"])
 def test_invalid_container_names(name):
     with pytest.raises(InputError):
-        storage.validate_container_name(name)
+        naming.validate_container_name(name)
 
 
 def test_prefix_normalization():
-    assert storage.normalize_prefix("/nightly/web/") == "nightly/web"
-    assert storage.normalize_prefix("") == ""
+    assert naming.normalize_prefix("/nightly/web/") == "nightly/web"
+    assert naming.normalize_prefix("") == ""
     for bad in ("a/../b", "..", "a//b", "./a", "a\\b"):
         with pytest.raises(InputError):
-            storage.normalize_prefix(bad)
+            naming.normalize_prefix(bad)
 
 
 def test_blob_name_joins_and_bounds_length():
-    assert storage.blob_name("", "a/b.txt") == "a/b.txt"
-    assert storage.blob_name("p/q", "a/b.txt") == "p/q/a/b.txt"
+    assert naming.blob_name("", "a/b.txt") == "a/b.txt"
+    assert naming.blob_name("p/q", "a/b.txt") == "p/q/a/b.txt"
     with pytest.raises(ValueError):
-        storage.blob_name("", "x" * 1025)
+        naming.blob_name("", "x" * 1025)
 
 
 def test_redact_hides_keys_and_sas():
     text = ("AccountName=a;AccountKey=c2VjcmV0a2V5Cg==;EndpointSuffix=x "
             "https://a.blob.core.windows.net/?sv=2022&sig=abc%2Fdef&se=1 Authorization: Bearer eyJ0eXAi.x.y")
-    out = storage.redact(text)
+    out = redact(text)
     assert "c2VjcmV0a2V5Cg" not in out and "abc%2Fdef" not in out and "eyJ0eXAi" not in out
     assert "AccountName=a" in out
 

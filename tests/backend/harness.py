@@ -11,7 +11,7 @@ from durabletask import client, worker
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flows  # noqa: E402
 
-from sitebackup.backend import EmbeddedBackend  # noqa: E402
+from sitebackup.durable.backend import EmbeddedBackend  # noqa: E402
 
 QUIET = logging.getLogger("sitebackup.tests.quiet")
 QUIET.setLevel(logging.WARNING)

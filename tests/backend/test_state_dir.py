@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from privileges import without_root_powers
 
-from sitebackup.backend import EmbeddedBackend, StateDirError
+from sitebackup.durable.backend import EmbeddedBackend, StateDirError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +55,7 @@ def start_unprivileged(state_dir: Path) -> str:
 
     Root ignores permission bits (and CI runs as root), so the child runs without that power.
     """
-    code = ("import sys; from pathlib import Path; from sitebackup.backend import EmbeddedBackend, StateDirError\n"
+    code = ("import sys; from pathlib import Path; from sitebackup.durable.backend import EmbeddedBackend, StateDirError\n"
             "try:\n    EmbeddedBackend(Path(sys.argv[1])).start()\nexcept StateDirError as e:\n"
             "    print('StateDirError:', e); sys.exit(3)\nprint('started')")
     cmd = [*without_root_powers(), sys.executable, "-c", code, str(state_dir)]

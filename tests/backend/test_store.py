@@ -17,8 +17,8 @@ import flows
 from durabletask.client import OrchestrationQuery, OrchestrationStatus
 from harness import Harness
 
-from sitebackup.backend import EmbeddedBackend
-from sitebackup.backend.store import Store
+from sitebackup.durable.backend import EmbeddedBackend
+from sitebackup.durable.backend.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).resolve().parent / "_child.py"

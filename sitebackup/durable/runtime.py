@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING
 from durabletask import client as dt_client
 from durabletask import worker as dt_worker
 
-from sitebackup.activities import ActivityDeps, build_activities
+from sitebackup.blob.workstore import BlobWorkStore, LocalWorkStore, WorkStore
+from sitebackup.durable.taskhub import TaskHubSettings
+from sitebackup.durable.workerstop import make_prompt
 from sitebackup.errors import InputError
-from sitebackup.orchestrations import backup_site_content
-from sitebackup.taskhub import TaskHubSettings
-from sitebackup.workerstop import make_prompt
-from sitebackup.workstore import BlobWorkStore, WorkStore
+from sitebackup.workflows.registry import ActivityDeps, register
 
 ENV_STATE_DIR = "SITEBACKUP_STATE_DIR"
 # The SDK logs INFO on every episode; its own logger keeps that out of the user's terminal
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
     from azure.storage.blob import BlobServiceClient
 
-    from sitebackup.backend import EmbeddedBackend
+    from sitebackup.durable.backend import EmbeddedBackend
 
 
 def default_state_dir() -> Path:
@@ -60,6 +59,15 @@ class Runtime:
     _workers: list[dt_worker.TaskHubGrpcWorker] = field(default_factory=list)
     _containers: dict[str, str] = field(default_factory=dict)
 
+    @contextmanager
+    def connected(self) -> Iterator[dt_client.TaskHubGrpcClient]:
+        """A client for the duration of a block, closed after."""
+        client = self.client()
+        try:
+            yield client
+        finally:
+            client.close()
+
     def client(self) -> dt_client.TaskHubGrpcClient:
         if self.taskhub is not None:
             from durabletask.azuremanaged.client import DurableTaskSchedulerClient
@@ -84,13 +92,7 @@ class Runtime:
         else:
             worker = dt_worker.TaskHubGrpcWorker(host_address=self.address, logger=SDK_LOGGER,
                                                  concurrency_options=options)
-        # imported here: restore builds on runner, which imports this module
-        from sitebackup.restore import build_restore_activities, restore_site_content
-
-        worker.add_orchestrator(backup_site_content)
-        worker.add_orchestrator(restore_site_content)
-        for activity in [*build_activities(deps), *build_restore_activities(deps)]:
-            worker.add_activity(activity)
+        register(worker, deps)
         make_prompt(worker)
         worker.start()
         self._workers.append(worker)
@@ -104,20 +106,18 @@ class Runtime:
         """Whether a live process works on *instance_id*; None when the backend cannot tell."""
         return self.backend.worker_attached(instance_id) if self.backend else None
 
-    def work_store(self, service: "BlobServiceClient") -> WorkStore | BlobWorkStore:
+    def work_store(self, service: "BlobServiceClient | None") -> WorkStore:
         """Local pages for the embedded backend; blobs in the destination when workers share no disk."""
         if self.taskhub is None:
-            return WorkStore(self.state_dir / "work")
+            return LocalWorkStore(self.state_dir / "work")
+        assert service is not None, "the scheduler's work store lives in the destination container"
         return BlobWorkStore(lambda instance_id: service.get_container_client(self._container_of(instance_id)))
 
     def _container_of(self, instance_id: str) -> str:
         # activities know only the instance id; its input (paths and options) names the container
         if instance_id not in self._containers:
-            client = self.client()
-            try:
+            with self.connected() as client:
                 state = client.get_orchestration_state(instance_id, fetch_payloads=True)
-            finally:
-                client.close()
             inp = state.get_input() if state is not None and state.serialized_input else None
             if not isinstance(inp, dict) or "container" not in inp:
                 raise RuntimeError(f"cannot find the destination container of {instance_id!r}")
@@ -138,7 +138,7 @@ def open_backend(state_dir: Path, taskhub: TaskHubSettings | None = None) -> Ite
             runtime.stop_workers()
         return
 
-    from sitebackup.backend import EmbeddedBackend, StateDirError
+    from sitebackup.durable.backend import EmbeddedBackend, StateDirError
 
     backend = EmbeddedBackend(state_dir)
     try:
@@ -153,3 +153,11 @@ def open_backend(state_dir: Path, taskhub: TaskHubSettings | None = None) -> Ite
             runtime.stop_workers()
         finally:
             backend.stop()
+
+
+@contextmanager
+def open_client(state_dir: Path, taskhub: TaskHubSettings | None = None
+                ) -> Iterator[tuple[Runtime, dt_client.TaskHubGrpcClient]]:
+    """``open_backend`` and a client of it, for commands that only ask the backend."""
+    with open_backend(state_dir, taskhub) as runtime, runtime.connected() as client:
+        yield runtime, client

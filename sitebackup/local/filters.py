@@ -1,4 +1,5 @@
-"""Which paths a backup leaves out: gitignore-style patterns from options, files and ``.sitebackupignore``.
+"""Which paths a backup leaves out and a restore selects: gitignore-style patterns from options, files and
+``.sitebackupignore``.
 
 Pure logic, no walking: ``Filter.excluded(relpath, is_dir)`` answers for one '/'-separated path
 relative to the source root, and ``scan.walk`` calls it so excluded directories are never entered.
@@ -13,6 +14,7 @@ inside an excluded directory cannot be re-included, because that directory is ne
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +129,16 @@ def patterns_for(source: Path, *, excludes: tuple[str, ...] | list[str] = (), in
     patterns.extend(excludes)
     patterns.extend("!" + p.lstrip("!") for p in includes)
     return [p for p in patterns if parse_rule(p) is not None]
+
+
+def make_selector(include: list[str], exclude: list[str]) -> Callable[[str], bool]:
+    """Whether a restore takes a path: it (or a directory above it) matches an --include pattern when any
+    are given, and neither it nor a directory above it matches an --exclude pattern. Patterns are
+    gitignore-style: without a '/' they match a name at any depth."""
+    wanted, unwanted = Filter(include), Filter(exclude)
+
+    def hit(flt: Filter, relpath: str) -> bool:
+        parts = relpath.split("/")
+        return any(flt.excluded("/".join(parts[:i]), i < len(parts)) for i in range(1, len(parts) + 1))
+
+    return lambda relpath: (not wanted or hit(wanted, relpath)) and not (unwanted and hit(unwanted, relpath))

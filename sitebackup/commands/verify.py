@@ -1,4 +1,4 @@
-"""Verifying a backup run: every blob the run recorded is present with the recorded size and Content-MD5.
+"""The verify command: every blob a backup run recorded is present with the recorded size and Content-MD5.
 
 A read-only check, so a plain thread pool rather than an orchestration. ``local`` also compares
 the source files on disk; ``download`` re-hashes blob content instead of trusting Content-MD5.
@@ -6,7 +6,6 @@ the source files on disk; ``download`` re-hashes blob content instead of trustin
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +15,14 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 
-from sitebackup import storage
+from sitebackup.blob.clients import StorageSettings, check_container, service_client
+from sitebackup.blob.errors import classify, one_line
+from sitebackup.blob.naming import blob_name
+from sitebackup.commands.hosting import backup_run_input
+from sitebackup.durable.runtime import open_backend
+from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
-from sitebackup.restore import backup_run_input, check_container, md5_b64
-from sitebackup.runtime import Runtime, open_backend
-from sitebackup.taskhub import TaskHubSettings
+from sitebackup.local.files import b64, file_md5_b64
 
 DEFAULT_THREADS = 16
 
@@ -37,9 +39,9 @@ def _blob_problem(client: ContainerClient, name: str, rec: dict[str, Any], downl
         digest = hashlib.md5()
         for chunk in blob.download_blob().chunks():
             digest.update(chunk)
-        if base64.b64encode(digest.digest()).decode("ascii") != rec["md5"]:
+        if b64(digest.digest()) != rec["md5"]:
             return "blob content does not match the recorded MD5"
-    elif md5_b64(props.content_settings.content_md5) != rec["md5"]:
+    elif b64(props.content_settings.content_md5) != rec["md5"]:
         return "blob Content-MD5 differs from the recorded MD5"
     return None
 
@@ -55,62 +57,47 @@ def _local_problem(source: Path, rec: dict[str, Any]) -> str | None:
     if st.st_size != rec["size"]:
         return f"local size {st.st_size} != recorded {rec['size']}"
     try:
-        if storage.file_md5_b64(path) != rec["md5"]:
+        if file_md5_b64(path) != rec["md5"]:
             return "local content differs from the recorded MD5"
     except OSError as exc:
         return f"local file unreadable: {exc.strerror}"
     return None
 
 
-def _run_records(runtime: Runtime, settings: storage.StorageSettings, run_id: str) -> list[dict[str, Any]]:
-    service, _label = storage.make_service_client(settings)
-    try:
-        return list(runtime.work_store(service).iter_results(run_id))
-    finally:
-        service.close()
-
-
-def verify_run(state_dir: Path, run_id: str, settings: storage.StorageSettings, *, local: bool = False,
+def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local: bool = False,
                download: bool = False, threads: int = DEFAULT_THREADS,
                taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
-    if not settings.configured:
-        raise InputError(storage.NOT_CONFIGURED)
+    settings.require()
     with open_backend(state_dir, taskhub) as runtime:
-        client = runtime.client()
-        try:
+        with runtime.connected() as client:
             inp = backup_run_input(client, run_id)
-        finally:
-            client.close()
         # first: under the scheduler the run record itself is read from the container
-        check_container(settings, inp["container"])
-        records = _run_records(runtime, settings, run_id)
+        check_container(settings, inp.container)
+        with service_client(settings) as (service, _label):
+            records = list(runtime.work_store(service).iter_results(run_id))
     if not records:
         raise InputError(f"run {run_id!r} recorded no files (nothing was copied, or it was purged)")
-    service, label = storage.make_service_client(settings, pool_size=threads + 4)
-    container = service.get_container_client(inp["container"])
-    prefix, source = inp.get("prefix", ""), Path(inp["source"])
     backed_up = [rec for rec in records if "error" not in rec]
+    with service_client(settings, pool_size=threads + 4) as (service, label):
+        container = service.get_container_client(inp.container)
 
-    def check(rec: dict[str, Any]) -> dict[str, str] | None:
-        name = storage.blob_name(prefix, rec["path"])
-        try:
-            problem = _blob_problem(container, name, rec, download)
-        except Exception as exc:
-            fatal = storage.classify(exc, label)
-            if fatal is not None:
-                raise fatal from None
-            problem = f"cannot check blob: {storage.redact(str(exc)).splitlines()[0]}"
-        if problem is None and local:
-            problem = _local_problem(source, rec)
-        return None if problem is None else {"path": rec["path"], "blob": name, "problem": problem}
+        def check(rec: dict[str, Any]) -> dict[str, str] | None:
+            name = blob_name(inp.prefix, rec["path"])
+            try:
+                problem = _blob_problem(container, name, rec, download)
+            except Exception as exc:
+                fatal = classify(exc, label)
+                if fatal is not None:
+                    raise fatal from None
+                problem = f"cannot check blob: {one_line(exc)}"
+            if problem is None and local:
+                problem = _local_problem(Path(inp.source), rec)
+            return None if problem is None else {"path": rec["path"], "blob": name, "problem": problem}
 
-    try:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             mismatches = [m for m in pool.map(check, backed_up) if m is not None]
-    finally:
-        service.close()
     return {
-        "run_id": run_id, "container": inp["container"], "prefix": prefix, "source": str(source),
+        "run_id": run_id, "container": inp.container, "prefix": inp.prefix, "source": inp.source,
         "local": local, "download": download,
         "files_checked": len(backed_up), "files_ok": len(backed_up) - len(mismatches),
         "files_mismatched": len(mismatches), "files_not_backed_up": len(records) - len(backed_up),

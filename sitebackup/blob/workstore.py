@@ -1,10 +1,10 @@
-"""Work pages kept outside the orchestration history.
+"""Work pages and run records, kept outside the orchestration history.
 
 The scan writes the file list as numbered pages; each copy activity reads one page and writes
-one result file (what it uploaded, with sizes and hashes). Only page numbers and counts travel
-through the durable history, so its size does not grow with the number of files.
-``WorkStore`` keeps them in the local state directory; ``BlobWorkStore`` keeps them in the
-destination container when workers on other hosts must see them.
+one result file (what it uploaded, with sizes and hashes): together the results are the run's
+record. Only page numbers and counts travel through the durable history, so its size does not
+grow with the number of files. ``LocalWorkStore`` keeps them in the local state directory;
+``BlobWorkStore`` keeps them in the destination container when workers on other hosts must see them.
 """
 
 from __future__ import annotations
@@ -15,20 +15,44 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sitebackup.blob.naming import RESERVED_PREFIX
 
 if TYPE_CHECKING:
     from azure.storage.blob import ContainerClient
 
 
-class WorkStore:
+class WorkStore(Protocol):
+    """Pages of one run's work and its per-page results, by instance id."""
+
+    def write_page(self, instance_id: str, page: int, items: Any) -> None: ...
+
+    def read_page(self, instance_id: str, page: int) -> Any: ...
+
+    def write_result(self, instance_id: str, page: int, records: list[Any]) -> None: ...
+
+    def has_results(self, instance_id: str) -> bool: ...
+
+    def iter_results(self, instance_id: str) -> Iterator[Any]: ...
+
+    def remove(self, instance_id: str) -> None: ...
+
+
+def _checked(instance_id: str) -> str:
+    if "/" in instance_id or instance_id in ("", ".", ".."):
+        raise ValueError(f"bad instance id {instance_id!r}")
+    return instance_id
+
+
+class LocalWorkStore:
+    """The work store in ``<state dir>/work``."""
+
     def __init__(self, root: Path):
         self.root = root
 
     def _dir(self, instance_id: str) -> Path:
-        if "/" in instance_id or instance_id in ("", ".", ".."):
-            raise ValueError(f"bad instance id {instance_id!r}")
-        return self.root / instance_id
+        return self.root / _checked(instance_id)
 
     def _write(self, path: Path, data: Any) -> None:
         # mkdir's mode applies to the last directory only: create each level owner-only
@@ -70,17 +94,8 @@ class WorkStore:
         shutil.rmtree(self._dir(instance_id), ignore_errors=True)
 
 
-# Reserved at the destination container's root for work files shared by workers on several hosts;
-# a source file that would land there is refused rather than uploaded over them.
-RESERVED_PREFIX = ".sitebackup/"
-
-
-def is_reserved(blob_name: str) -> bool:
-    return blob_name == RESERVED_PREFIX.rstrip("/") or blob_name.startswith(RESERVED_PREFIX)
-
-
 class BlobWorkStore:
-    """The WorkStore interface on blobs, for the scheduler backend where workers share no disk.
+    """The work store on blobs, for the scheduler backend where workers share no disk.
 
     Pages and results live under ``.sitebackup/work/<instance_id>/`` in the backup's destination
     container; *container_for* maps an instance id to that container's client.
@@ -91,9 +106,7 @@ class BlobWorkStore:
 
     @staticmethod
     def _folder(instance_id: str) -> str:
-        if "/" in instance_id or instance_id in ("", ".", ".."):
-            raise ValueError(f"bad instance id {instance_id!r}")
-        return f"{RESERVED_PREFIX}work/{instance_id}/"
+        return f"{RESERVED_PREFIX}work/{_checked(instance_id)}/"
 
     def _write(self, instance_id: str, name: str, data: Any) -> None:
         # one Put Blob is atomic: a reader never sees half a page

@@ -1,4 +1,4 @@
-"""Rendering progress and results: rich bar on a TTY, plain lines for cron, NDJSON for scripts, or nothing.
+"""Printers of a run's progress and results: rich bar on a TTY, plain lines for cron, NDJSON for scripts, or nothing.
 
 Printers only render data they are given (custom-status counters and summaries); they never
 ask the backend anything, so any source of progress can drive any printer.
@@ -30,9 +30,22 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+# a run's kind is its orchestration's durable name (workflows.names)
+KINDS = {"BackupSiteContent": "backup", "RestoreSiteContent": "restore"}
+
+
+def done_verb(counters: dict[str, Any]) -> str:
+    """A restore counts files restored where a backup counts files uploaded."""
+    return "restored" if KINDS.get(counters.get("kind", "")) == "restore" or "files_restored" in counters \
+        else "uploaded"
+
+
+def start_verb(info: dict[str, Any]) -> str:
+    return "attached to" if info.get("attached") else "resuming" if info.get("resumed") else "started"
+
+
 def summary_line(summary: dict[str, Any]) -> str:
-    # a restore's summary counts files restored where a backup's counts files uploaded
-    verb = "restored" if "files_restored" in summary else "uploaded"
+    verb = done_verb(summary)
     parts = [
         f"{summary.get('instance_id', '?')} {summary.get('runtime_status', '?')}:",
         f"{summary.get(f'files_{verb}', 0)}/{summary.get('files_total', 0)} files {verb}",
@@ -88,8 +101,7 @@ class PlainPrinter(Printer):
 
     def start(self, info: dict[str, Any]) -> None:
         if not self.quiet:
-            verb = "attached to" if info.get("attached") else "resuming" if info.get("resumed") else "started"
-            print(f"sitebackup: {verb} {info['instance_id']}: {info['source']} -> {info['destination']}",
+            print(f"sitebackup: {start_verb(info)} {info['instance_id']}: {info['source']} -> {info['destination']}",
                   file=self.out, flush=True)
 
     def message(self, text: str) -> None:

@@ -15,14 +15,24 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from durabletask import client as dt_client
 
-from sitebackup import storage
+from sitebackup.blob.clients import StorageSettings, connect, make_service_client
+from sitebackup.blob.errors import redact
+from sitebackup.commands.hosting import (
+    TERMINAL,
+    activity_deps,
+    attach_and_watch,
+    get_run,
+    host_and_watch,
+    summarize,
+    watch,
+)
+from sitebackup.durable.runlock import RunLock
+from sitebackup.durable.runtime import Runtime, open_backend, open_client
+from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
-from sitebackup.orchestrations import DEFAULT_WINDOW, destination_label
-from sitebackup.progress import Printer
-from sitebackup.runlock import RunLock
-from sitebackup.runner import TERMINAL, activity_deps, attach_and_watch, host_and_watch, summarize, watch
-from sitebackup.runtime import Runtime, open_backend
-from sitebackup.taskhub import TaskHubSettings
+from sitebackup.ui.printers import Printer
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION
+from sitebackup.workflows.types import BackupInput, RestoreInput
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -35,33 +45,22 @@ def parse_age(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-def _get(client: dt_client.TaskHubGrpcClient, instance_id: str) -> dt_client.OrchestrationState:
-    state = client.get_orchestration_state(instance_id, fetch_payloads=True)
-    if state is None:
-        raise InputError(f"no run with id {instance_id!r} in this {_where(client)}")
-    return state
-
-
-def _where(client: dt_client.TaskHubGrpcClient) -> str:
-    from durabletask.azuremanaged.client import DurableTaskSchedulerClient
-
-    return "task hub" if isinstance(client, DurableTaskSchedulerClient) else "state directory"
-
-
 def describe(runtime: Runtime, state: dt_client.OrchestrationState) -> dict[str, Any]:
     """Everything ``status`` shows, as one JSON-ready dict."""
-    inp = state.get_input() if state.serialized_input else {}
-    inp = inp if isinstance(inp, dict) else {}
+    raw = state.get_input() if state.serialized_input else {}
+    raw = raw if isinstance(raw, dict) else {}
     custom = state.get_custom_status() if state.serialized_custom_status else None
     output = state.get_output() if state.serialized_output else None
+    # a restore's destination is its directory; a backup's is its container and prefix
+    inp = BackupInput.from_dict(raw) if state.name == BACKUP_ORCHESTRATION else RestoreInput.from_dict(raw)
+    destination = inp.destination if isinstance(inp, BackupInput) else inp.dest
     info: dict[str, Any] = {
         "instance_id": state.instance_id,
         "kind": state.name,
         "runtime_status": state.runtime_status.name,
-        "source": inp.get("source"),
-        # a restore's destination is its directory ("dest"); a backup's is its container
-        "destination": inp.get("dest") or (destination_label(inp) if "container" in inp else None),
-        "endpoint": inp.get("endpoint"),
+        "source": raw.get("source"),
+        "destination": destination if raw else None,
+        "endpoint": raw.get("endpoint"),
         "custom_status": custom if isinstance(custom, dict) else None,
         "output": output,
         "created_at": state.created_at.isoformat(),
@@ -72,31 +71,23 @@ def describe(runtime: Runtime, state: dt_client.OrchestrationState) -> dict[str,
     }
     if state.failure_details is not None:
         info["failure"] = {"type": state.failure_details.error_type,
-                           "message": storage.redact(state.failure_details.message)}
+                           "message": redact(state.failure_details.message)}
     if state.runtime_status not in TERMINAL:
         info["worker_attached"] = runtime.worker_attached(state.instance_id)
     return info
 
 
 def status(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
-    with open_backend(state_dir, taskhub) as runtime:
-        client = runtime.client()
-        try:
-            return describe(runtime, _get(client, instance_id))
-        finally:
-            client.close()
+    with open_client(state_dir, taskhub) as (runtime, client):
+        return describe(runtime, get_run(client, instance_id))
 
 
 def watch_status(state_dir: Path, instance_id: str, printer: Printer,
                  taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
     """Draw progress until the run finishes, whoever works on it."""
-    with open_backend(state_dir, taskhub) as runtime:
-        client = runtime.client()
-        try:
-            _get(client, instance_id)
-            summary = summarize(watch(client, instance_id, printer))
-        finally:
-            client.close()
+    with open_client(state_dir, taskhub) as (_runtime, client):
+        get_run(client, instance_id)
+        summary = summarize(watch(client, instance_id, printer))
     printer.finish(summary)
     return summary
 
@@ -104,13 +95,9 @@ def watch_status(state_dir: Path, instance_id: str, printer: Printer,
 def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int = 20,
               taskhub: TaskHubSettings | None = None) -> list[dict[str, Any]]:
     wanted = [dt_client.OrchestrationStatus[s.upper()] for s in statuses] if statuses else None
-    with open_backend(state_dir, taskhub) as runtime:
-        client = runtime.client()
-        try:
-            query = dt_client.OrchestrationQuery(runtime_status=wanted, fetch_inputs_and_outputs=True)
-            states = client.get_all_orchestration_states(query)
-        finally:
-            client.close()
+    with open_client(state_dir, taskhub) as (runtime, client):
+        query = dt_client.OrchestrationQuery(runtime_status=wanted, fetch_inputs_and_outputs=True)
+        states = client.get_all_orchestration_states(query)
         states.sort(key=lambda s: s.created_at, reverse=True)
         rows = []
         for state in states[:limit]:
@@ -128,18 +115,15 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
         return rows
 
 
-def resume(state_dir: Path, instance_id: str, settings: storage.StorageSettings, printer: Printer,
+def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer: Printer,
            taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
     """Host a worker until *instance_id* finishes (or just watch, if a live process already works on it).
 
     Under the scheduler nobody can tell whether workers are attached, so this host always joins in:
     the scheduler hands each work item to one worker, so joining never doubles work."""
     with open_backend(state_dir, taskhub) as runtime:
-        client = runtime.client()
-        try:
-            state = _get(client, instance_id)
-        finally:
-            client.close()
+        with runtime.connected() as client:
+            state = get_run(client, instance_id)
         info = describe(runtime, state)
         printer.start({"instance_id": instance_id, "source": info["source"], "destination": info["destination"],
                        "endpoint": info["endpoint"], "resumed": True})
@@ -147,13 +131,13 @@ def resume(state_dir: Path, instance_id: str, settings: storage.StorageSettings,
             summary = summarize(state)
             printer.finish(summary)
             return summary
-        inp = state.get_input() or {}
-        if not settings.configured:
-            raise InputError(storage.NOT_CONFIGURED)
-        storage.connect(settings, inp["container"])
-        concurrency = int(inp.get("options", {}).get("concurrency", DEFAULT_WINDOW))
+        raw = state.get_input() or {}
+        inp = BackupInput.from_dict(raw) if state.name == BACKUP_ORCHESTRATION else RestoreInput.from_dict(raw)
+        connect(settings.require(), inp.container)
+        concurrency = inp.options.concurrency
         deps = activity_deps(settings, state_dir, concurrency, runtime)
-        lock = RunLock.for_backup(state_dir, inp)
+        # a restore's "source" is its label: the lock key stays distinct from every backup's
+        lock = RunLock.for_backup(state_dir, raw.get("source", ""), inp.container, inp.prefix)
         try:
             if lock.try_acquire() and not runtime.worker_attached(instance_id):
                 return host_and_watch(runtime, deps, concurrency, instance_id, printer)
@@ -167,19 +151,15 @@ def resume(state_dir: Path, instance_id: str, settings: storage.StorageSettings,
 
 def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None) -> str:
     """Terminate the run; returns its status before cancelling."""
-    with open_backend(state_dir, taskhub) as runtime:
-        client = runtime.client()
-        try:
-            state = _get(client, instance_id)
-            if state.runtime_status not in TERMINAL:
-                client.terminate_orchestration(instance_id, output={"cancelled": True}, recursive=True)
-            return state.runtime_status.name
-        finally:
-            client.close()
+    with open_client(state_dir, taskhub) as (_runtime, client):
+        state = get_run(client, instance_id)
+        if state.runtime_status not in TERMINAL:
+            client.terminate_orchestration(instance_id, output={"cancelled": True}, recursive=True)
+        return state.runtime_status.name
 
 
 def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | None = None,
-          settings: storage.StorageSettings | None = None) -> dict[str, Any]:
+          settings: StorageSettings | None = None) -> dict[str, Any]:
     """Remove finished runs created before now - *older_than*, with their run records.
 
     Under the scheduler the records are blobs in each run's container, removed only when *settings*
@@ -188,7 +168,7 @@ def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | Non
     with open_backend(state_dir, taskhub) as runtime:
         service = None
         if taskhub is not None and settings is not None and settings.configured:
-            service, _label = storage.make_service_client(settings)
+            service, _label = make_service_client(settings)
         client = runtime.client()
         try:
             query = dt_client.OrchestrationQuery(created_time_to=cutoff, runtime_status=list(TERMINAL))

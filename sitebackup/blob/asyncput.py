@@ -11,36 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import base64
-import hashlib
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sitebackup import storage
-
-
-def make_async_service_client(settings: storage.StorageSettings, in_flight: int) -> Any:
-    """The aio twin of ``storage.make_service_client``, same credential order and retry budget."""
-    import aiohttp
-    from azure.core.pipeline.transport import AioHttpTransport
-    from azure.storage.blob.aio import BlobServiceClient, ExponentialRetry
-
-    retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=storage.storage_retries(),
-                             random_jitter_range=1)
-    # the connector's limit is the real bound on parallel requests: match the window
-    transport = AioHttpTransport(session=aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)),
-                                 session_owner=True)
-    kwargs = {"retry_policy": retry, "connection_timeout": 20, "read_timeout": 300, "transport": transport}
-    if settings.connection_string:
-        return BlobServiceClient.from_connection_string(settings.connection_string, **kwargs)
-    if settings.account_url and "?" in settings.account_url:
-        return BlobServiceClient(settings.account_url, **kwargs)
-    from azure.identity.aio import DefaultAzureCredential
-
-    return BlobServiceClient(settings.account_url, credential=DefaultAzureCredential(), **kwargs)
+from sitebackup.blob.clients import StorageSettings, make_service_client
+from sitebackup.blob.upload import Uploaded, single_put_options, small_file_put, uploaded
 
 
 class Cancelled(Exception):
@@ -50,7 +27,7 @@ class Cancelled(Exception):
 class AsyncPutter:
     """An event loop in a daemon thread with one aio client, started on first use."""
 
-    def __init__(self, settings: storage.StorageSettings, in_flight: int = 32):
+    def __init__(self, settings: StorageSettings, in_flight: int = 32):
         self._settings = settings
         self._in_flight = in_flight
         self._lock = threading.Lock()
@@ -66,7 +43,7 @@ class AsyncPutter:
 
                 async def setup() -> None:
                     # the client and its aiohttp session must be born inside the loop that uses them
-                    self._client = make_async_service_client(self._settings, self._in_flight)
+                    self._client, _label = make_service_client(self._settings, pool_size=self._in_flight, aio=True)
                     self._gate = asyncio.Semaphore(self._in_flight)
 
                 asyncio.run_coroutine_threadsafe(setup(), loop).result()
@@ -76,7 +53,7 @@ class AsyncPutter:
             return self._loop
 
     def put_many(self, container: str, items: list[tuple[Path, str]],
-                 cancelled: Callable[[], bool] = lambda: False) -> list[storage.Uploaded | BaseException]:
+                 cancelled: Callable[[], bool] = lambda: False) -> list[Uploaded | BaseException]:
         """Upload each (path, blob name); return per item an ``Uploaded`` or the exception it raised."""
         loop = self._ensure_loop()
 
@@ -87,18 +64,14 @@ class AsyncPutter:
 
         return asyncio.run_coroutine_threadsafe(all_items(), loop).result()
 
-    async def _put(self, client: Any, path: Path, name: str, cancelled: Callable[[], bool]) -> storage.Uploaded:
+    async def _put(self, client: Any, path: Path, name: str, cancelled: Callable[[], bool]) -> Uploaded:
         async with self._gate:
             if cancelled():
                 raise Cancelled()
-            # small files only: one read, one hash, one request, as storage.upload_file does
-            st = os.stat(path)
-            with open(path, "rb") as fh:
-                data = fh.read()
-            md5 = hashlib.md5(data).digest()
-            storage._check_unchanged(path, st)
-            await client.upload_blob(name, data, length=len(data), **storage.single_put_options(name, st, md5))
-            return storage.Uploaded(st.st_size, st.st_mtime_ns, base64.b64encode(md5).decode("ascii"))
+            # small files only: one read, one hash, one request, as upload.upload_file does
+            data, st, md5 = small_file_put(path)
+            await client.upload_blob(name, data, length=len(data), **single_put_options(name, st, md5))
+            return uploaded(st, md5)
 
     def close(self) -> None:
         with self._lock:

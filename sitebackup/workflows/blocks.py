@@ -1,7 +1,7 @@
 """Large files as block ranges: range pages, deterministic block ids, staging one range, the final commit.
 
 A file larger than ``threshold(block_size)`` is not copied by one activity: the scan writes one
-page per range (``{"file": [relpath, size, mtime_ns], "range": i, "ranges": n, ...}``), each
+page per range (``types.BlockRange``), each
 range activity stages one block with ``stage_block``, and once the orchestration has counted the
 file's last range (``count_range``) it schedules the commit task, which hashes the file (streamed)
 and calls ``commit_block_list``. Block ids derive from path, size, mtime, block size and range
@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,13 +26,15 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobBlock, ContainerClient
 
-from sitebackup import storage
+from sitebackup.blob.errors import file_error
+from sitebackup.blob.naming import backup_blob_name
+from sitebackup.blob.upload import Uploaded, blob_properties
+from sitebackup.blob.workstore import WorkStore
+from sitebackup.local.files import FileChangedError, check_unchanged, hash_version
+from sitebackup.local.scan import FileEntry
+from sitebackup.workflows.activity import ActivityDeps
+from sitebackup.workflows.types import MIB, BlockRange
 
-MIB = 1024 * 1024
-# On Azurite requests, not bytes, cost: 4 x 128 MiB files go up 7% faster in 32 MiB ranges than in
-# 8 MiB ones, with less CPU and RSS (benchmarks/bench_upload.py --dataset large). Memory stays
-# bounded by IN_MEMORY_BYTES whatever the size.
-DEFAULT_BLOCK_SIZE = 32 * MIB
 MIN_BLOCK_SIZE = 1 * MIB
 MAX_BLOCK_SIZE = 4000 * MIB  # Azure's limit for one block
 # A range is read into memory while it is staged: the bytes held at once, not the window of
@@ -94,15 +95,16 @@ def commit_task(first_page: int) -> int:
     return -1 - first_page
 
 
-def write_range_pages(work: Any, run_id: str, first_page: int, files: list[Any], block_size: int) -> int:
-    """Write the range pages of *files* (scan.FileEntry) from page *first_page* on; return how many."""
+def write_range_pages(work: WorkStore, run_id: str, first_page: int, files: list[FileEntry],
+                      block_size: int) -> int:
+    """Write the range pages of *files* from page *first_page* on; return how many."""
     page = first_page
     for entry in files:
         n = range_count(entry.size, block_size)
         start = page
         for index in range(n):
-            work.write_page(run_id, page, {"file": [entry.relpath, entry.size, entry.mtime_ns], "range": index,
-                                           "ranges": n, "block_size": block_size, "first_page": start})
+            work.write_page(run_id, page, BlockRange(file=[entry.relpath, entry.size, entry.mtime_ns], range=index,
+                                                     ranges=n, block_size=block_size, first_page=start).to_dict())
             page += 1
     return page - first_page
 
@@ -132,22 +134,15 @@ def held_ids(blob: Any) -> set[str]:
     return {block.id for block in committed} | {block.id for block in uncommitted}
 
 
-def _unchanged(path: Path, size: int, mtime_ns: int) -> os.stat_result:
-    st = os.stat(path)
-    if st.st_size != size or st.st_mtime_ns != mtime_ns:
-        raise storage.FileChangedError("changed during backup")
-    return st
-
-
-def stage_range(container: ContainerClient, path: Path, name: str, item: dict[str, Any],
+def stage_range(container: ContainerClient, path: Path, name: str, item: BlockRange,
                 cancelled: Callable[[], bool] = lambda: False) -> tuple[int, bool]:
     """Stage one range unless the service holds it already; return (its bytes, whether it was sent).
 
     Asked right before reading: a range may have waited long for the block list or the memory budget.
     """
-    relpath, size, mtime_ns = item["file"]
-    block_size, index = item["block_size"], item["range"]
-    _unchanged(path, size, mtime_ns)
+    relpath, size, mtime_ns = item.relpath, item.size, item.mtime_ns
+    block_size, index = item.block_size, item.range
+    check_unchanged(path, size, mtime_ns)
     blob = container.get_blob_client(name)
     bid = block_id(relpath, size, mtime_ns, block_size, index)
     offset = index * block_size
@@ -161,43 +156,35 @@ def stage_range(container: ContainerClient, path: Path, name: str, item: dict[st
             fh.seek(offset)
             data = fh.read(length)
         if len(data) != length:
-            raise storage.FileChangedError("changed during backup")
+            raise FileChangedError()
         # transactional MD5 per block: the service checks each range (and Azurite is faster with it)
         blob.stage_block(bid, data, length=length, validate_content=True)
         del data
     return length, True
 
 
-def hash_file(path: Path, size: int, mtime_ns: int) -> str:
-    """The whole file's MD5 (base64), streamed, for the version the scan saw: (size, mtime) before and after."""
-    _unchanged(path, size, mtime_ns)
-    md5 = storage.file_md5_b64(path)
-    _unchanged(path, size, mtime_ns)
-    return md5
-
-
-def commit_file(container: ContainerClient, path: Path, name: str, item: dict[str, Any],
-                cancelled: Callable[[], bool] = lambda: False, md5: str | None = None) -> storage.Uploaded:
+def commit_file(container: ContainerClient, path: Path, name: str, item: BlockRange,
+                cancelled: Callable[[], bool] = lambda: False, md5: str | None = None) -> Uploaded:
     """Commit the staged ranges as the blob, with Content-MD5 of the whole file: *md5*, hashed by the
     file's first range while the others were uploading, or streamed from disk now when it is missing."""
-    relpath, size, mtime_ns = item["file"]
-    block_size, n = item["block_size"], item["ranges"]
-    st = _unchanged(path, size, mtime_ns)
+    relpath, size, mtime_ns = item.relpath, item.size, item.mtime_ns
+    block_size, n = item.block_size, item.ranges
+    st = check_unchanged(path, size, mtime_ns)
     if md5 is None:
-        md5 = hash_file(path, size, mtime_ns)
+        md5 = hash_version(path, size, mtime_ns)
     if cancelled():  # hashing a large file takes a while
         raise Cancelled()
     blob = container.get_blob_client(name)
     ids = [block_id(relpath, size, mtime_ns, block_size, i) for i in range(n)]
     missing = len(set(ids) - held_ids(blob))
     if missing:
-        raise storage.FileChangedError(f"{missing} of {n} blocks were not staged")
+        raise FileChangedError(f"{missing} of {n} blocks were not staged")
     blob.commit_block_list([BlobBlock(block_id=i) for i in ids],
-                           **storage.blob_properties(name, st, base64.b64decode(md5)))
-    return storage.Uploaded(size, mtime_ns, md5)
+                           **blob_properties(name, st, base64.b64decode(md5)))
+    return Uploaded(size, mtime_ns, md5)
 
 
-def copy_block_page(deps: Any, run_id: str, page: int, item: dict[str, Any], source: Path, container: str,
+def copy_block_page(deps: ActivityDeps, run_id: str, page: int, item: BlockRange, source: Path, container: str,
                     prefix: str, md5: str | None = None) -> dict[str, Any]:
     """The copy activity for a range page (page >= 0) or a commit task (page < 0), shaped like a batch result.
 
@@ -208,36 +195,29 @@ def copy_block_page(deps: Any, run_id: str, page: int, item: dict[str, Any], sou
     Once the run is cancelled neither a range nor the commit goes to the service and nothing is
     recorded: the file is neither uploaded nor failed, and the next run of the source sends it.
     """
-    relpath = item["file"][0]
+    relpath = item.relpath
     result: dict[str, Any] = {"page": page, "files_uploaded": 0, "bytes_uploaded": 0, "files_failed": 0,
                               "failures": [], "files_unchanged": 0, "bytes_skipped": 0}
     if page >= 0:
-        result["blocks"] = {"first_page": item["first_page"], "ranges": item["ranges"]}
+        result["blocks"] = {"first_page": item.first_page, "ranges": item.ranges}
     client = deps.container_client(container)
     cancelled = functools.partial(deps.cancelled, run_id)
     error = None
     try:
         if cancelled():
             raise Cancelled()
-        name = storage.blob_name(prefix, relpath)
+        name = backup_blob_name(prefix, relpath)
         if page >= 0:
             result["bytes_uploaded"], result["staged"] = stage_range(client, source / relpath, name, item, cancelled)
-            if item["range"] == 0:
-                result["md5"] = hash_file(source / relpath, *item["file"][1:])
+            if item.range == 0:
+                result["md5"] = hash_version(source / relpath, item.size, item.mtime_ns)
         else:
             done = commit_file(client, source / relpath, name, item, cancelled, md5)
     except Cancelled:
         result["cancelled"] = True
         return result
-    except (storage.FileChangedError, ValueError) as exc:
-        error = str(exc)
-    except OSError as exc:
-        error = exc.strerror or type(exc).__name__
     except Exception as exc:
-        fatal = storage.classify(exc, deps.endpoint)
-        if fatal is not None:
-            raise fatal from None
-        error = storage.redact(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+        error = file_error(exc, deps.endpoint)
     if page >= 0:
         return result
     if error is None:
@@ -246,5 +226,5 @@ def copy_block_page(deps: Any, run_id: str, page: int, item: dict[str, Any], sou
     else:
         record = {"path": relpath, "error": error}
         result.update(files_failed=1, failures=[record])
-    deps.work.write_result(run_id, item["first_page"], [record])
+    deps.work.write_result(run_id, item.first_page, [record])
     return result

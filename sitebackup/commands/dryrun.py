@@ -11,38 +11,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sitebackup import incremental, storage
+from sitebackup.blob.clients import NOT_CONFIGURED, StorageSettings, make_service_client
+from sitebackup.commands.backup import BackupRequest, find_baseline
+from sitebackup.durable.runtime import open_client
+from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
-from sitebackup.filters import Filter
-from sitebackup.orchestrations import BACKUP_ORCHESTRATION, destination_label
-from sitebackup.runtime import open_backend
-from sitebackup.scan import Failed, FileEntry, Skipped, describe_os_error, walk
-from sitebackup.taskhub import TaskHubSettings
+from sitebackup.local import incremental
+from sitebackup.local.files import describe_os_error, file_md5_b64
+from sitebackup.local.filters import Filter
+from sitebackup.local.scan import Failed, FileEntry, Skipped, walk
 
 
-def plan_backup(request: Any, settings: storage.StorageSettings,
+def plan_backup(request: BackupRequest, settings: StorageSettings,
                 taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
     if taskhub is not None and not settings.configured and request.compare != incremental.MODE_FORCE:
-        raise InputError("--dry-run with --taskhub reads the last run's record from the container: "
-                         + storage.NOT_CONFIGURED)
+        raise InputError("--dry-run with --taskhub reads the last run's record from the container: " + NOT_CONFIGURED)
     endpoint = None
     service = None
     if settings.configured:
         # the label matches the baseline's endpoint; only the scheduler's work store sends requests
-        service, endpoint = storage.make_service_client(settings, quick=True)
+        service, endpoint = make_service_client(settings, quick=True)
     try:
         inp = request.orchestration_input(endpoint)
         previous: dict[str, dict[str, Any]] = {}
         baseline = None
         if request.compare != incremental.MODE_FORCE:
-            with open_backend(request.state_dir, taskhub) as runtime:
+            with open_client(request.state_dir, taskhub) as (runtime, client):
                 work = runtime.work_store(service)
-                client = runtime.client()
-                try:
-                    baseline = incremental.find_baseline(client, inp, work, BACKUP_ORCHESTRATION)
-                finally:
-                    client.close()
-                previous = incremental.load_baseline(work, baseline)
+                baseline = find_baseline(client, inp, work)
+                if baseline:
+                    previous = incremental.baseline_index(work.iter_results(baseline))
     finally:
         if service is not None:
             service.close()
@@ -64,7 +62,7 @@ def plan_backup(request: Any, settings: storage.StorageSettings,
     upload = [i for i in items if i["action"] == "upload"]
     unchanged = [i for i in items if i["action"] == "unchanged"]
     return {
-        "dry_run": True, "source": str(request.source), "destination": destination_label(inp),
+        "dry_run": True, "source": str(request.source), "destination": inp.destination,
         "baseline": baseline, "items": items,
         "files_to_upload": len(upload), "bytes_to_upload": sum(i["size"] for i in upload),
         "files_unchanged": len(unchanged), "bytes_skipped": sum(i["size"] for i in unchanged),
@@ -77,6 +75,6 @@ def _action(source: Path, entry: FileEntry, previous: dict[str, Any] | None, mod
     decision = incremental.decide(entry.size, entry.mtime_ns, previous, mode)
     if decision == incremental.CHECK:
         assert previous is not None
-        same = storage.file_md5_b64(source / entry.relpath) == previous.get("md5")
+        same = file_md5_b64(source / entry.relpath) == previous.get("md5")
         return "unchanged" if same else "upload"
     return "unchanged" if decision == incremental.UNCHANGED else "upload"

@@ -13,12 +13,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 
-def lock_key(inp: dict[str, Any]) -> str:
-    # the same keys find_unfinished matches on, so "the same backup" means one thing everywhere
-    ident = json.dumps([inp.get("source"), inp.get("container"), inp.get("prefix", "")])
+def lock_key(source: str, container: str, prefix: str) -> str:
+    # what "the same backup" means everywhere (BackupInput.same_backup)
+    ident = json.dumps([source, container, prefix or ""])
     return hashlib.sha256(ident.encode("utf-8")).hexdigest()[:24]
 
 
@@ -28,12 +27,8 @@ class RunLock:
         self.fd: int | None = None
 
     @classmethod
-    def for_backup(cls, state_dir: Path, inp: dict[str, Any]) -> "RunLock":
-        return cls(state_dir / "locks" / f"{lock_key(inp)}.lock")
-
-    @property
-    def held(self) -> bool:
-        return self.fd is not None
+    def for_backup(cls, state_dir: Path, source: str, container: str, prefix: str) -> "RunLock":
+        return cls(state_dir / "locks" / f"{lock_key(source, container, prefix)}.lock")
 
     def try_acquire(self) -> bool:
         """Take the lock without waiting; True if this process holds it now."""

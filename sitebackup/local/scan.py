@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sitebackup.local.files import describe_os_error
+
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -33,10 +35,6 @@ class Failed:
 
 
 Entry = FileEntry | Skipped | Failed
-
-
-def describe_os_error(exc: OSError) -> str:
-    return exc.strerror or exc.__class__.__name__
 
 
 def _is_utf8(name: str) -> bool:

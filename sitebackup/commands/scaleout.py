@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sitebackup import storage
+from sitebackup.blob.clients import StorageSettings
+from sitebackup.commands.hosting import activity_deps
+from sitebackup.durable.runtime import open_backend
+from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
-from sitebackup.runner import activity_deps
-from sitebackup.runtime import open_backend
-from sitebackup.taskhub import TaskHubSettings
 
 
 @contextmanager
@@ -34,11 +34,10 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def run_worker(settings: storage.StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path,
+def run_worker(settings: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path,
                concurrency: int, on_batch: Callable[[str, dict[str, Any]], None]) -> None:
     """Work on every backup the backend hands out until stopped; no scheduling, no watching."""
-    if not settings.configured:
-        raise InputError(storage.NOT_CONFIGURED)
+    settings.require()
     with _stop_on_signals() as stop, open_backend(state_dir, taskhub) as runtime:
         deps = activity_deps(settings, state_dir, concurrency, runtime)
         deps.on_batch = on_batch
@@ -70,7 +69,7 @@ def parse_listen(listen: str, allow_remote: bool) -> str:
 def serve(listen: str, state_dir: Path, *, allow_remote: bool, lease_seconds: float,
           on_ready: Callable[[str], None]) -> None:
     """Serve the embedded backend for *state_dir* on TCP until stopped."""
-    from sitebackup.backend import EmbeddedBackend, StateDirError
+    from sitebackup.durable.backend import EmbeddedBackend, StateDirError
 
     parse_listen(listen, allow_remote)
     with _stop_on_signals() as stop:

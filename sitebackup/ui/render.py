@@ -1,20 +1,20 @@
-"""Turning run descriptions into text for people: the status report and the runs table."""
+"""Turning command results into text for people: the status report, the runs table, the dry-run plan."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.table import Table
 
-from sitebackup.progress import failure_lines, human_bytes
-
-_KINDS = {"BackupSiteContent": "backup", "RestoreSiteContent": "restore"}
+from sitebackup.ui.printers import KINDS, done_verb, failure_lines, human_bytes
 
 
 def status_text(info: dict[str, Any]) -> str:
     status = info["runtime_status"]
-    lines = [f"{info['instance_id']}  {_KINDS.get(info['kind'], info['kind'])}  {status}"]
+    lines = [f"{info['instance_id']}  {KINDS.get(info['kind'], info['kind'])}  {status}"]
     if status in ("RUNNING", "PENDING") and info.get("worker_attached") is False:
         lines[0] += f" — no worker attached; resume with: sitebackup resume {info['instance_id']}"
     if status in ("RUNNING", "PENDING") and info.get("worker_attached") is None:
@@ -27,7 +27,7 @@ def status_text(info: dict[str, Any]) -> str:
     counters = info.get("output") if isinstance(info.get("output"), dict) else None
     progress = info.get("custom_status") or {}
     if counters:
-        verb = "restored" if "files_restored" in counters else "uploaded"  # a restore's output counts restored files
+        verb = done_verb({"kind": info["kind"], **counters})
         lines.append(f"  files:        {counters.get(f'files_{verb}', 0)}/{counters.get('files_total', 0)} {verb}, "
                      f"{counters.get('files_skipped', 0)} skipped, {counters.get('files_failed', 0)} failed")
         lines.append(f"  bytes:        {human_bytes(counters.get(f'bytes_{verb}', 0))} {verb} of "
@@ -53,7 +53,27 @@ def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> No
     for column in ("id", "kind", "status", "source → destination", "files", "bytes", "started", "duration"):
         table.add_column(column, no_wrap=column in ("id", "status"))
     for row in rows:
-        table.add_row(row["instance_id"], _KINDS.get(row["kind"], row["kind"]), row["runtime_status"],
+        table.add_row(row["instance_id"], KINDS.get(row["kind"], row["kind"]), row["runtime_status"],
                       f"{row['source']} → {row['destination']}", f"{row['files']}/{row['files_total']}",
                       human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s")
     console.print(table)
+
+
+def dry_run_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
+    """What a ``--dry-run`` would upload and skip: one line (or JSON event) per file, then the totals."""
+    totals = {k: v for k, v in plan.items() if k != "items"}
+    if json_output:
+        for item in plan["items"]:
+            click.echo(json.dumps({"event": "dry_run", **item}))
+        click.echo(json.dumps({"event": "summary", **totals}))
+        return
+    for item in plan["items"]:
+        if item["action"] == "fail":
+            click.echo(f"FAILED {item['path']}: {item['error']}", err=True)
+        elif not quiet:
+            detail = item.get("reason") or human_bytes(item.get("size", 0))
+            click.echo(f"{'would upload' if item['action'] == 'upload' else item['action']} {item['path']} ({detail})")
+    if not quiet:
+        click.echo(f"dry run: {plan['files_to_upload']} files would be uploaded ({human_bytes(plan['bytes_to_upload'])}), "
+                   f"{plan['files_unchanged']} unchanged ({human_bytes(plan['bytes_skipped'])}), "
+                   f"{plan['files_skipped'] - plan['files_unchanged']} skipped, {plan['files_failed']} failed")

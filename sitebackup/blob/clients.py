@@ -1,0 +1,206 @@
+"""Blob service clients, sync and async, from one credential order; the pre-flight checks of a destination.
+
+The order, documented in the README: ``--connection-string`` / ``AZURE_STORAGE_CONNECTION_STRING``, then
+``--account-url`` / ``AZURE_STORAGE_ACCOUNT_URL`` with a SAS in its query, or without one through
+``DefaultAzureCredential``. Settings live in memory only: never serialized, never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.pipeline.transport import RequestsTransport
+from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
+
+from sitebackup.blob.errors import classify, one_line, redact
+from sitebackup.errors import DestinationError, InputError
+
+log = logging.getLogger("sitebackup.blob")
+
+ENV_CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
+ENV_ACCOUNT_URL = "AZURE_STORAGE_ACCOUNT_URL"
+ENV_RETRIES = "SITEBACKUP_STORAGE_RETRIES"
+DEFAULT_RETRIES = 5
+
+NOT_CONFIGURED = (
+    "no storage configured: pass --connection-string or set AZURE_STORAGE_CONNECTION_STRING, "
+    "or pass --account-url (with a SAS, or signed in for DefaultAzureCredential); "
+    "for a local Azurite use --connection-string UseDevelopmentStorage=true"
+)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where credentials come from, in the documented order. Never serialized anywhere."""
+
+    connection_string: str | None = None
+    account_url: str | None = None
+
+    @classmethod
+    def from_options(cls, connection_string: str | None, account_url: str | None) -> "StorageSettings":
+        return cls(
+            connection_string=connection_string or os.environ.get(ENV_CONNECTION_STRING) or None,
+            account_url=account_url or os.environ.get(ENV_ACCOUNT_URL) or None,
+        )
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.connection_string or self.account_url)
+
+    def require(self) -> "StorageSettings":
+        if not self.configured:
+            raise InputError(NOT_CONFIGURED)
+        return self
+
+
+def storage_retries() -> int:
+    value = os.environ.get(ENV_RETRIES, "").strip()
+    if not value:
+        return DEFAULT_RETRIES
+    if not value.isdigit():
+        raise InputError(f"{ENV_RETRIES} must be a whole number of retries, not {value!r}")
+    return int(value)
+
+
+def _transport(pool_size: int) -> RequestsTransport:
+    # one pooled connection per concurrent upload; urllib3's default of 10 drops and re-opens
+    # connections (and warns) as soon as the upload window is wider than that
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return RequestsTransport(session=session, session_owner=True)
+
+
+def _aio_transport(in_flight: int) -> Any:
+    import aiohttp
+    from azure.core.pipeline.transport import AioHttpTransport
+
+    # the connector's limit is the real bound on parallel requests: match the window
+    return AioHttpTransport(session=aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)),
+                            session_owner=True)
+
+
+def make_service_client(settings: StorageSettings, *, quick: bool = False, pool_size: int = 32,
+                        aio: bool = False) -> tuple[Any, str]:
+    """A ``BlobServiceClient`` (``aio``: the asyncio one, to be made inside its event loop) from *settings*,
+    with a label that is safe to show and store.
+
+    ``quick`` makes a client that gives up within seconds: used for the pre-flight check so an
+    unreachable endpoint answers with exit 3 instead of minutes of retries.
+    """
+    if aio:
+        from azure.storage.blob.aio import BlobServiceClient as Client
+        from azure.storage.blob.aio import ExponentialRetry as Retry
+    else:
+        Client, Retry = BlobServiceClient, ExponentialRetry
+    if quick:
+        retry = Retry(initial_backoff=1, increment_base=2, retry_total=1, random_jitter_range=1)
+        kwargs: dict[str, Any] = {"retry_policy": retry, "connection_timeout": 5, "read_timeout": 30}
+    else:
+        # about a minute of backoff (3, 5, 9, 17, 33 s) before a request is given up; fewer retries
+        # (SITEBACKUP_STORAGE_RETRIES) make a long outage end the run sooner, as a resumable failure
+        retry = Retry(initial_backoff=1, increment_base=2, retry_total=storage_retries(), random_jitter_range=1)
+        kwargs = {"retry_policy": retry, "connection_timeout": 20, "read_timeout": 300,
+                  "transport": _aio_transport(pool_size) if aio else _transport(pool_size)}
+    try:
+        if settings.connection_string:
+            check_connection_string(settings.connection_string)
+            client = Client.from_connection_string(settings.connection_string, **kwargs)
+            how = "connection string"
+        elif settings.account_url and urlsplit(settings.account_url).query:
+            client = Client(settings.account_url, **kwargs)
+            how = "SAS in --account-url"
+        elif settings.account_url:
+            client = Client(settings.account_url, credential=_default_credential(aio), **kwargs)
+            how = "DefaultAzureCredential"
+        else:
+            raise InputError(NOT_CONFIGURED)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"malformed storage connection string or URL: {redact(str(exc))}") from None
+    label = endpoint_label(client)
+    log.info("storage: %s via %s", label, how)
+    return client, label
+
+
+def _default_credential(aio: bool) -> Any:
+    # imported on use: azure.identity costs start-up time that key and SAS users should not pay
+    if aio:
+        from azure.identity.aio import DefaultAzureCredential
+    else:
+        from azure.identity import DefaultAzureCredential
+    return DefaultAzureCredential()
+
+
+@contextmanager
+def service_client(settings: StorageSettings, **kwargs: Any) -> Iterator[tuple[BlobServiceClient, str]]:
+    """``make_service_client`` for the duration of a block, closed after."""
+    client, label = make_service_client(settings, **kwargs)
+    try:
+        yield client, label
+    finally:
+        client.close()
+
+
+def endpoint_label(client: BlobServiceClient | ContainerClient) -> str:
+    """scheme://host[:port]/path of the account endpoint, never the query (which may hold a SAS)."""
+    parts = urlsplit(client.url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
+
+
+def check_connection_string(text: str) -> None:
+    """Refuse what the SDK would accept and fail on later (empty or non-base64 keys); never echo values."""
+    if text.strip().lower().rstrip(";") == "usedevelopmentstorage=true":
+        return
+    fields: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise InputError("malformed storage connection string: expected Name=value pairs separated by ';'")
+        fields[key.strip().lower()] = value.strip()
+    if "accountkey" in fields:
+        try:
+            if not fields["accountkey"] or not base64.b64decode(fields["accountkey"], validate=True):
+                raise ValueError
+        except ValueError:
+            raise InputError("malformed storage connection string: AccountKey is empty or not base64") from None
+        if not fields.get("accountname"):
+            raise InputError("malformed storage connection string: AccountKey without AccountName")
+
+
+def _preflight(settings: StorageSettings, container: str, create: bool) -> str:
+    with service_client(settings.require(), quick=True) as (client, label):
+        try:
+            if create:
+                client.get_container_client(container).create_container()
+            else:
+                client.get_container_client(container).get_container_properties()
+        except ResourceExistsError:
+            pass
+        except ResourceNotFoundError:
+            raise InputError(f"container {container!r} does not exist at {label}") from None
+        except Exception as exc:  # the SDK raises many types; classify the ones that mean "destination"
+            err = classify(exc, label)
+            if err is not None:
+                raise err from None
+            raise DestinationError(f"cannot use container {container!r} at {label}: {one_line(exc)}") from None
+    return label
+
+
+def connect(settings: StorageSettings, container: str) -> str:
+    """Pre-flight of a backup: reach the service, create the container if missing; the endpoint label."""
+    return _preflight(settings, container, create=True)
+
+
+def check_container(settings: StorageSettings, container: str) -> str:
+    """Pre-flight of a restore or verify: the container must exist (never created); the endpoint label."""
+    return _preflight(settings, container, create=False)

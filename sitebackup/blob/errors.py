@@ -1,0 +1,66 @@
+"""What a failure at the blob service means: the whole destination (a DestinationError that stops the
+run, resumable) or one file (a one-line reason), with secrets redacted from every message."""
+
+from __future__ import annotations
+
+import re
+
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+
+from sitebackup.errors import DestinationError
+from sitebackup.local.files import FileChangedError, describe_os_error
+
+_SECRET_PATTERNS = [
+    re.compile(r"(AccountKey=)[^;\s'\"]+", re.IGNORECASE),
+    re.compile(r"(SharedAccessSignature=)[^;\s'\"]+", re.IGNORECASE),
+    re.compile(r"([?&]sig=)[^&\s'\"]+", re.IGNORECASE),
+    re.compile(r"(Bearer\s+)[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE),
+]
+# a wrong key or an expired SAS (Azurite answers AuthorizationFailure where Azure says AuthenticationFailed)
+_AUTH_CODES = {"AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticationInfo", "NoAuthenticationInformation"}
+
+
+def redact(text: str) -> str:
+    """Blank out account keys, SAS signatures and bearer tokens in *text*."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1***", text)
+    return text
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, redacted (its type name when it has none)."""
+    text = str(exc)
+    return redact(text).splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def classify(exc: BaseException, label: str) -> DestinationError | None:
+    """Turn an Azure SDK exception into a one-line DestinationError, or None if it is per-file."""
+    if isinstance(exc, ClientAuthenticationError):
+        return DestinationError(f"authentication failed at {label}: check the key, SAS or identity")
+    if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
+        return DestinationError(f"cannot reach the blob service at {label}")
+    if isinstance(exc, HttpResponseError) and exc.status_code in (401, 403):
+        # error_code may be a StorageErrorCode enum: show its wire value (AuthorizationFailure)
+        code = getattr(exc.error_code, "value", exc.error_code)
+        if code in _AUTH_CODES:
+            return DestinationError(f"authentication failed at {label}: check the key, SAS or identity")
+        return DestinationError(f"access denied at {label} ({code or exc.status_code})")
+    return None
+
+
+def file_error(exc: BaseException, label: str) -> str:
+    """Why one file failed, in one line; raises the DestinationError instead when the whole
+    destination is failing, so the orchestration's retry policy and `resume` take over."""
+    if isinstance(exc, (FileChangedError, ValueError)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    fatal = classify(exc, label)
+    if fatal is not None:
+        raise fatal from None
+    return one_line(exc)

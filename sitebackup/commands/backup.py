@@ -1,0 +1,173 @@
+"""The backup command: build the request from options, pre-flight the destination, schedule or re-attach,
+host the worker and watch.
+
+``expand_prefix`` runs once in the CLI process, so every page of one run (and its resume) uses the
+same expanded prefix; filters are read once too, so a resumed run keeps those it started with.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from durabletask import client as dt_client
+
+from sitebackup.blob.clients import StorageSettings, connect
+from sitebackup.blob.naming import normalize_prefix, validate_container_name
+from sitebackup.blob.workstore import WorkStore
+from sitebackup.commands.hosting import (
+    POLL_SECONDS,
+    activity_deps,
+    attach_and_watch,
+    find_unfinished,
+    host_and_watch,
+    new_instance_id,
+)
+from sitebackup.durable.runlock import RunLock
+from sitebackup.durable.runtime import Runtime, open_backend
+from sitebackup.durable.taskhub import TaskHubSettings
+from sitebackup.errors import AlreadyRunningError, InputError
+from sitebackup.local import filters, incremental
+from sitebackup.ui.printers import Printer
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION, DEFAULT_WINDOW
+from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE, BackupInput, BackupOptions
+
+TEMPLATE_HELP = "use {date}, {time} or {hostname}"
+
+
+@dataclass
+class BackupRequest:
+    source: Path
+    container: str
+    prefix: str = ""
+    concurrency: int = DEFAULT_WINDOW
+    state_dir: Path = field(default_factory=Path)
+    compare: str = incremental.MODE_MTIME  # or checksum / force
+    patterns: list[str] = field(default_factory=list)  # gitignore-style, see local.filters
+    follow_symlinks: bool = False
+    no_wait: bool = False
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def orchestration_input(self, endpoint: str | None) -> BackupInput:
+        return BackupInput(source=str(self.source), container=self.container, prefix=self.prefix, endpoint=endpoint,
+                           options=BackupOptions(concurrency=self.concurrency, compare=self.compare,
+                                                 patterns=self.patterns, follow_symlinks=self.follow_symlinks,
+                                                 block_size=self.block_size))
+
+
+def expand_prefix(template: str | None, now: datetime | None = None, hostname: str | None = None) -> str:
+    """``{date}`` → YYYY-MM-DD, ``{time}`` → HHMMSS (local time), ``{hostname}`` → short host name."""
+    if not template or "{" not in template:
+        return template or ""
+    now = now or datetime.now()
+    values = {"date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H%M%S"),
+              "hostname": hostname or socket.gethostname().split(".")[0]}
+    try:
+        return template.format_map(values)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise InputError(f"invalid --prefix template {template!r}: {TEMPLATE_HELP} "
+                         f"({exc.__class__.__name__}: {exc})") from None
+
+
+def build_request(source: str | Path, container: str, prefix: str | None, *, state_dir: Path,
+                  concurrency: int = DEFAULT_WINDOW, block_size: int = DEFAULT_BLOCK_SIZE, checksum: bool = False,
+                  force: bool = False, excludes: tuple[str, ...] = (), includes: tuple[str, ...] = (),
+                  exclude_from: tuple[Path, ...] = (), no_ignore_file: bool = False, follow_symlinks: bool = False,
+                  no_wait: bool = False) -> BackupRequest:
+    """Validate the backup's options into a request: source, destination, comparison, filters."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InputError(f"source {str(source)!r} does not exist")
+    if not path.is_dir():
+        raise InputError(f"source {str(source)!r} is not a directory")
+    if concurrency < 1:
+        raise InputError("--concurrency must be at least 1")
+    if checksum and force:
+        raise InputError("--checksum and --force exclude each other")
+    mode = incremental.MODE_FORCE if force else incremental.MODE_CHECKSUM if checksum else incremental.MODE_MTIME
+    try:
+        patterns = filters.patterns_for(path, excludes=excludes, includes=includes, exclude_from=exclude_from,
+                                        use_ignore_file=not no_ignore_file)
+    except OSError as exc:
+        raise InputError(f"cannot read filter file {exc.filename}: {exc.strerror}") from None
+    return BackupRequest(source=path.resolve(), container=validate_container_name(container),
+                         prefix=normalize_prefix(expand_prefix(prefix)), concurrency=concurrency,
+                         state_dir=state_dir, compare=mode, patterns=patterns, follow_symlinks=follow_symlinks,
+                         no_wait=no_wait, block_size=block_size)
+
+
+def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore) -> str | None:
+    """The newest completed backup of the same source and destination (and endpoint) whose record remains."""
+    query = dt_client.OrchestrationQuery(runtime_status=[dt_client.OrchestrationStatus.COMPLETED],
+                                         fetch_inputs_and_outputs=True)
+    candidates = []
+    for state in client.get_all_orchestration_states(query):
+        if state.name != BACKUP_ORCHESTRATION or not state.serialized_input:
+            continue
+        other = BackupInput.from_dict(state.get_input())
+        if not inp.same_backup(other):
+            continue
+        if other.endpoint and inp.endpoint and other.endpoint != inp.endpoint:
+            continue
+        candidates.append((state.created_at, state.instance_id))
+    for _created, instance_id in sorted(candidates, reverse=True):
+        if work.has_results(instance_id):
+            return instance_id
+    return None
+
+
+def find_unfinished_backup(client: dt_client.TaskHubGrpcClient, inp: BackupInput) -> str | None:
+    return find_unfinished(client, BACKUP_ORCHESTRATION, lambda other: inp.same_backup(BackupInput.from_dict(other)))
+
+
+def run_backup(request: BackupRequest, settings: StorageSettings, printer: Printer, *,
+               taskhub: TaskHubSettings | None = None, local_worker: bool = True,
+               detach: bool = False) -> dict[str, Any]:
+    """Schedule or resume, then host a worker and watch (or only watch, or with *detach* only schedule)."""
+    endpoint = connect(settings.require(), request.container)
+    inp = request.orchestration_input(endpoint)
+    lock = RunLock.for_backup(request.state_dir, inp.source, inp.container, inp.prefix)
+    with open_backend(request.state_dir, taskhub) as runtime:
+        try:
+            deps = activity_deps(settings, request.state_dir, request.concurrency, runtime)
+            with runtime.connected() as client:
+                instance_id, live = claim_or_find(client, runtime, inp, lock)
+                if live and request.no_wait:
+                    raise AlreadyRunningError(f"the same backup is already running as {instance_id}", instance_id)
+                resumed = instance_id is not None
+                if instance_id is None:
+                    if request.compare != incremental.MODE_FORCE:
+                        inp.baseline = find_baseline(client, inp, deps.work)
+                    instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=inp.to_dict(),
+                                                                    instance_id=new_instance_id())
+            printer.start({"instance_id": instance_id, "source": inp.source, "destination": inp.destination,
+                           "endpoint": endpoint, "resumed": resumed, "attached": live})
+            if detach:
+                return {"instance_id": instance_id, "runtime_status": "SCHEDULED", "detached": True}
+            if live and local_worker:
+                return attach_and_watch(runtime, deps, request.concurrency, instance_id, printer, lock)
+            return host_and_watch(runtime, deps, request.concurrency, instance_id, printer, local_worker=local_worker)
+        finally:
+            lock.release()
+
+
+def claim_or_find(client: dt_client.TaskHubGrpcClient, runtime: Runtime, inp: BackupInput,
+                  lock: RunLock) -> tuple[str | None, bool]:
+    """(unfinished instance id or None, whether a live process works on it).
+
+    Holding *lock* makes this process the one that schedules or resumes; when another live
+    process holds it, wait until that process has scheduled its instance (or let go).
+    """
+    while True:
+        owner = lock.try_acquire()
+        instance_id = find_unfinished_backup(client, inp)
+        if owner:
+            # another kind of process (a worker, a dying one whose leases still run) may hold the work
+            return instance_id, bool(instance_id and runtime.worker_attached(instance_id))
+        if instance_id is not None:
+            return instance_id, True
+        time.sleep(POLL_SECONDS)

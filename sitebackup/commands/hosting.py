@@ -1,0 +1,251 @@
+"""What every command that runs or watches a run shares: finding an unfinished run, hosting a worker,
+watching custom status into a printer, turning an instance's state into a summary and an exit code.
+
+Commands never print: they hand data to a ``ui.printers.Printer``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from durabletask import client as dt_client
+
+from sitebackup.blob.asyncput import AsyncPutter
+from sitebackup.blob.clients import StorageSettings, make_service_client
+from sitebackup.blob.errors import redact
+from sitebackup.durable.runlock import RunLock
+from sitebackup.durable.runtime import Runtime
+from sitebackup.errors import (
+    EXIT_DESTINATION,
+    EXIT_FILES_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    InputError,
+    SiteBackupError,
+)
+from sitebackup.ui.printers import Printer
+from sitebackup.workflows.activity import ActivityDeps
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION, RESUME_EVENT, WAITING_PHASE
+from sitebackup.workflows.types import BackupInput
+
+# polls are cheap local RPCs; a short period ends the run sooner after its last activity
+POLL_SECONDS = 0.1
+FIRST_POLL_SECONDS = 0.02  # doubling up to POLL_SECONDS: a small run is done within the first polls
+TERMINAL = {
+    dt_client.OrchestrationStatus.COMPLETED,
+    dt_client.OrchestrationStatus.FAILED,
+    dt_client.OrchestrationStatus.TERMINATED,
+}
+UNFINISHED = [
+    dt_client.OrchestrationStatus.RUNNING,
+    dt_client.OrchestrationStatus.PENDING,
+    dt_client.OrchestrationStatus.SUSPENDED,
+]
+
+
+class Interrupted(SiteBackupError):
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, instance_id: str):
+        super().__init__(f"interrupted; the run is saved, resume with: sitebackup resume {instance_id}")
+        self.instance_id = instance_id
+
+
+def new_instance_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def find_unfinished(client: dt_client.TaskHubGrpcClient, name: str,
+                    same: Callable[[dict[str, Any]], bool]) -> str | None:
+    """The id of an unfinished run of orchestration *name* whose input is the *same* run, if any."""
+    query = dt_client.OrchestrationQuery(runtime_status=UNFINISHED, fetch_inputs_and_outputs=True)
+    for state in client.get_all_orchestration_states(query):
+        if state.name == name and state.serialized_input and same(state.get_input() or {}):
+            return state.instance_id
+    return None
+
+
+def get_run(client: dt_client.TaskHubGrpcClient, instance_id: str) -> dt_client.OrchestrationState:
+    state = client.get_orchestration_state(instance_id, fetch_payloads=True)
+    if state is None:
+        raise InputError(f"no run with id {instance_id!r} in this state directory or task hub")
+    return state
+
+
+def backup_run_input(client: dt_client.TaskHubGrpcClient, run_id: str) -> BackupInput:
+    """The orchestration input of backup *run_id*: its source, container and prefix."""
+    state = get_run(client, run_id)
+    if state.name != BACKUP_ORCHESTRATION or not state.serialized_input:
+        raise InputError(f"run {run_id!r} is not a backup")
+    return BackupInput.from_dict(state.get_input())
+
+
+def summarize(state: dt_client.OrchestrationState) -> dict[str, Any]:
+    """One flat dict for printers and --json, whatever the instance's fate."""
+    output = state.get_output() if state.serialized_output else None
+    kind = state.name
+    verb = "restored" if kind == RESTORE_ORCHESTRATION else "uploaded"
+    summary: dict[str, Any] = {
+        "instance_id": state.instance_id, "kind": kind, "runtime_status": state.runtime_status.name,
+        "files_total": 0, f"files_{verb}": 0, "files_skipped": 0, "files_failed": 0,
+        "bytes_total": 0, f"bytes_{verb}": 0, "duration_s": 0.0,
+    }
+    if isinstance(output, dict):  # a summary, or what `cancel` left ({"cancelled": true})
+        summary.update(output)
+    if not isinstance(output, dict) or "files_total" not in output:
+        # no summary (yet): the counters come from the last custom status
+        status = state.get_custom_status() if state.serialized_custom_status else None
+        if isinstance(status, dict):
+            unchanged, skipped_bytes = status.get("files_unchanged", 0), status.get("bytes_skipped", 0)
+            summary.update({key: status.get(key, 0) for key in ("files_total", "bytes_total", "files_failed",
+                                                                  "files_skipped")})
+            # files done = uploaded + failed + unchanged for a backup, restored + failed + skipped for a restore
+            not_done = unchanged if kind == BACKUP_ORCHESTRATION else summary["files_skipped"]
+            summary.update({f"bytes_{verb}": status.get("bytes_done", 0) - skipped_bytes,
+                            f"files_{verb}": status.get("files_done", 0) - summary["files_failed"] - not_done})
+            if kind == BACKUP_ORCHESTRATION:
+                summary.update(files_unchanged=unchanged, bytes_skipped=skipped_bytes)
+        summary["duration_s"] = round((state.last_updated_at - state.created_at).total_seconds(), 3)
+    if state.failure_details is not None:
+        summary["error"] = redact(state.failure_details.message)
+        summary["error_type"] = state.failure_details.error_type
+    waiting = waiting_status(state)
+    if waiting is not None:
+        summary.update(runtime_status="WAITING", resumable=True, error_type=waiting.get("error_type", ""),
+                       error=f"{redact(waiting.get('error', ''))}; the run is saved, resume with: "
+                             f"sitebackup resume {state.instance_id}")
+    return summary
+
+
+def waiting_status(state: dt_client.OrchestrationState) -> dict[str, Any] | None:
+    """The custom status of a run parked until `resume` (see workflows.window), else None."""
+    if state.runtime_status in TERMINAL or not state.serialized_custom_status:
+        return None
+    status = state.get_custom_status()
+    return status if isinstance(status, dict) and status.get("phase") == WAITING_PHASE else None
+
+
+def release_waiting(client: dt_client.TaskHubGrpcClient, instance_id: str) -> int | None:
+    """Wake a run parked by a destination failure; returns the wait it released (to ignore), if any."""
+    state = client.get_orchestration_state(instance_id)
+    waiting = waiting_status(state) if state is not None else None
+    if waiting is None:
+        return None
+    client.raise_orchestration_event(instance_id, RESUME_EVENT)
+    return waiting.get("waits")
+
+
+def exit_code_for(summary: dict[str, Any]) -> int:
+    """The exit code of a command that ran or watched a run, from its summary."""
+    if summary.get("detached"):
+        return EXIT_OK
+    if summary["runtime_status"] == "COMPLETED":
+        return EXIT_FILES_FAILED if summary.get("files_failed") else EXIT_OK
+    if summary.get("resumable") or "DestinationError" in (summary.get("error_type") or ""):
+        return EXIT_DESTINATION
+    return EXIT_FILES_FAILED
+
+
+def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printer,
+          on_poll: Callable[[], None] | None = None, *, stop_when_waiting: bool = True,
+          released: int | None = None) -> dt_client.OrchestrationState:
+    """Feed the printer from custom status until the instance reaches a terminal state
+    (or, with *stop_when_waiting*, parks waiting for `resume`; wait number *released* is one we woke)."""
+    delay = FIRST_POLL_SECONDS
+    while True:
+        if on_poll is not None:
+            on_poll()
+        state = client.get_orchestration_state(instance_id)
+        if state is None:
+            raise InputError(f"no run with id {instance_id!r}")
+        if state.serialized_custom_status:
+            status = state.get_custom_status()
+            if isinstance(status, dict):
+                printer.progress(status)
+        if state.runtime_status in TERMINAL:
+            return state
+        if stop_when_waiting:
+            waiting = waiting_status(state)
+            if waiting is not None and waiting.get("waits") != released:
+                return state
+        time.sleep(delay)
+        delay = min(2 * delay, POLL_SECONDS)
+
+
+def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
+                   printer: Printer, *, local_worker: bool = True,
+                   on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run a worker in this process until *instance_id* finishes; Ctrl-C leaves it resumable.
+
+    Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work."""
+    try:
+        with runtime.connected() as client:
+            released = release_waiting(client, instance_id)
+            if local_worker:
+                runtime.start_worker(deps, concurrency)
+            state = watch(client, instance_id, printer, on_poll=on_poll, stop_when_waiting=True, released=released)
+    except KeyboardInterrupt:
+        printer.close()
+        runtime.stop_workers()
+        raise Interrupted(instance_id) from None
+    summary = summarize(state)
+    printer.finish(summary)
+    return summary
+
+
+def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
+                     printer: Printer, lock: RunLock) -> dict[str, Any]:
+    """Show a run another live process hosts, without a worker of our own (no double work);
+    host it ourselves only once no live process works on it any more."""
+    hosting: list[bool] = []
+
+    def take_over_if_orphaned() -> None:
+        if not hosting and lock.try_acquire() and not runtime.worker_attached(instance_id):
+            runtime.start_worker(deps, concurrency)
+            hosting.append(True)
+
+    return host_and_watch(runtime, deps, concurrency, instance_id, printer, local_worker=False,
+                          on_poll=take_over_if_orphaned)
+
+
+class CancelCheck:
+    """Answers "was this run cancelled?" from the backend, asking at most once per *interval* per run."""
+
+    def __init__(self, runtime: Runtime, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.runtime = runtime
+        self.interval = interval
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.checked: dict[str, tuple[float, bool]] = {}
+        self.client: dt_client.TaskHubGrpcClient | None = None
+
+    def __call__(self, run_id: str) -> bool:
+        with self.lock:
+            at, answer = self.checked.get(run_id, (float("-inf"), False))
+            if answer or self.clock() - at < self.interval:
+                return answer
+            if self.client is None:
+                self.client = self.runtime.client()
+            try:
+                state = self.client.get_orchestration_state(run_id, fetch_payloads=False)
+            except Exception:  # backend going away: keep uploading, the lease decides
+                return False
+            answer = state is not None and state.runtime_status == dt_client.OrchestrationStatus.TERMINATED
+            self.checked[run_id] = (self.clock(), answer)
+            return answer
+
+
+def activity_deps(settings: StorageSettings, state_dir: Path, concurrency: int, runtime: Runtime) -> ActivityDeps:
+    """What this process's activities work with: its own storage credentials and the runtime's work store."""
+    service, label = make_service_client(settings, pool_size=2 * concurrency + 8)
+    deps = ActivityDeps(container_client=service.get_container_client, work=runtime.work_store(service),
+                        endpoint=label)
+    deps.put_many = AsyncPutter(settings, in_flight=2 * concurrency).put_many
+    deps.cancelled = CancelCheck(runtime)
+    return deps

@@ -1,0 +1,88 @@
+"""The restore command: validate, pre-flight the container, schedule (or re-attach to) a
+``RestoreSiteContent`` run and host its worker until it finishes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sitebackup.blob.clients import StorageSettings, check_container
+from sitebackup.blob.naming import normalize_prefix, validate_container_name
+from sitebackup.commands.hosting import (
+    activity_deps,
+    backup_run_input,
+    find_unfinished,
+    host_and_watch,
+    new_instance_id,
+)
+from sitebackup.durable.runtime import open_backend
+from sitebackup.durable.taskhub import TaskHubSettings
+from sitebackup.errors import InputError
+from sitebackup.ui.printers import Printer
+from sitebackup.workflows.names import DEFAULT_WINDOW, RESTORE_ORCHESTRATION
+from sitebackup.workflows.types import RestoreInput, RestoreOptions
+
+
+@dataclass
+class RestoreRequest:
+    dest: Path
+    run_id: str | None = None
+    container: str | None = None
+    prefix: str = ""
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    overwrite: bool = False
+    concurrency: int = DEFAULT_WINDOW
+    state_dir: Path = field(default_factory=Path)
+
+
+def validate_restore(dest: str | Path, *, run_id: str | None, container: str | None, prefix: str | None,
+                     include: list[str], exclude: list[str], overwrite: bool, concurrency: int,
+                     state_dir: Path) -> RestoreRequest:
+    path = Path(dest).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"destination {str(dest)!r} is not a directory")
+    if (run_id is None) == (container is None):
+        raise InputError("give either a run ID or --container, not both")
+    if run_id is not None and prefix:
+        raise InputError("--prefix goes with --container; a run ID already knows its prefix")
+    return RestoreRequest(dest=path.resolve(), run_id=run_id,
+                          container=validate_container_name(container) if container else None,
+                          prefix=normalize_prefix(prefix), include=list(include), exclude=list(exclude),
+                          overwrite=overwrite, concurrency=concurrency, state_dir=state_dir)
+
+
+def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Printer,
+                taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+    """Schedule (or re-attach to) a restore and host its worker until it finishes.
+
+    Under the scheduler (*taskhub*) any worker on the task hub may take download batches, so DEST
+    must be a path every worker sees, like a backup's source."""
+    settings.require()
+    with open_backend(request.state_dir, taskhub) as runtime:
+        deps = activity_deps(settings, request.state_dir, request.concurrency, runtime)
+        with runtime.connected() as client:
+            container, prefix = request.container or "", request.prefix
+            if request.run_id:
+                backup = backup_run_input(client, request.run_id)
+                container, prefix = backup.container, backup.prefix
+            # first: under the scheduler the run record itself is read from the container
+            endpoint = check_container(settings, container)
+            if request.run_id and next(iter(deps.work.iter_results(request.run_id)), None) is None:
+                raise InputError(f"run {request.run_id!r} recorded no files (nothing was copied, or it was purged)")
+            request.dest.mkdir(parents=True, exist_ok=True)
+            inp = RestoreInput(dest=str(request.dest), container=container, prefix=prefix, run_id=request.run_id,
+                               endpoint=endpoint, options=RestoreOptions(
+                                   concurrency=request.concurrency, overwrite=request.overwrite,
+                                   include=request.include, exclude=request.exclude))
+            inp.source = inp.source_label
+            instance_id = find_unfinished(client, RESTORE_ORCHESTRATION,
+                                          lambda other: inp.same_restore(RestoreInput.from_dict(other)))
+            resumed = instance_id is not None
+            if instance_id is None:
+                instance_id = client.schedule_new_orchestration(RESTORE_ORCHESTRATION, input=inp.to_dict(),
+                                                                instance_id=new_instance_id())
+        printer.start({"instance_id": instance_id, "source": inp.source, "destination": inp.dest,
+                       "endpoint": endpoint, "resumed": resumed, "action": "Restoring"})
+        return host_and_watch(runtime, deps, request.concurrency, instance_id, printer)

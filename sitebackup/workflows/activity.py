@@ -1,0 +1,55 @@
+"""What every activity gets: its dependencies from the hosting process, and one wrapper for errors.
+
+Dependencies (blob clients, the work store, the cancel check) arrive through closures, never through
+activity inputs: inputs are stored durably and must not carry credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from azure.storage.blob import ContainerClient
+from durabletask import task
+
+from sitebackup.blob.errors import redact
+from sitebackup.blob.workstore import WorkStore
+from sitebackup.errors import DestinationError
+
+log = logging.getLogger("sitebackup.activities")
+
+
+@dataclass
+class ActivityDeps:
+    """What activities need from the hosting process: its own credentials and work store."""
+
+    container_client: Callable[[str], ContainerClient]
+    work: WorkStore
+    endpoint: str  # label for messages, never a secret
+    large_file_threads: int = 4
+    # asked between files (and block ranges) so that `sitebackup cancel` stops uploads at the next boundary
+    cancelled: Callable[[str], bool] = lambda run_id: False
+    # told (run id, copy result) after every finished batch: `sitebackup worker` prints a status line
+    on_batch: Callable[[str, dict[str, Any]], None] | None = None
+    # uploads a page's small files concurrently (blob.asyncput.AsyncPutter.put_many); None: one by one
+    put_many: Callable[..., list[Any]] | None = None
+
+
+def activity(name: str, run: Callable[[task.ActivityContext, dict[str, Any]], Any]) -> Callable[..., Any]:
+    """*run* under its durable *name*: a DestinationError goes up as it is (the orchestration's retry
+    policy and `resume` handle it); anything else becomes a one-line, redacted failure."""
+
+    def wrapped(ctx: task.ActivityContext, inp: dict[str, Any]) -> Any:
+        try:
+            return run(ctx, inp)
+        except DestinationError:
+            raise
+        except Exception as exc:
+            log.debug("activity %s failed", name, exc_info=True)
+            raise RuntimeError(redact(str(exc))) from None
+
+    # the worker registers activities under fn.__name__
+    wrapped.__name__ = name
+    return wrapped

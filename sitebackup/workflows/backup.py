@@ -1,0 +1,72 @@
+"""The ``BackupSiteContent`` orchestration: deterministic workflow code, no I/O, no clocks, no randomness.
+
+Scan once, then keep a bounded window of copy-batch activities in flight (``window.run_page_window``),
+publishing a small counter dict as custom status after every completion. Every
+``PAGES_PER_GENERATION`` pages the orchestration continues as new with its counters, so one
+instance's history stays bounded whatever the size of the tree.
+
+A copy batch that still fails after its retry policy (the destination is down, credentials expired)
+never fails the instance: the run waits in ``WAITING_PHASE`` until ``sitebackup resume``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from durabletask import task
+
+from sitebackup.workflows import blocks
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE
+from sitebackup.workflows.types import BackupInput, CopyInput, ScanInput
+from sitebackup.workflows.window import Tally, run_page_window
+
+TALLY = Tally(
+    kind=BACKUP_ORCHESTRATION,
+    counters=("files_total", "files_uploaded", "files_skipped", "files_failed", "bytes_total", "bytes_uploaded",
+              "files_unchanged", "bytes_skipped"),
+    # unchanged files count as done so the bar reaches its total; summaries separate them again
+    files_done=("files_uploaded", "files_failed", "files_unchanged"),
+    bytes_done=("bytes_uploaded", "bytes_skipped"),
+)
+
+
+def backup_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> Any:
+    inp = BackupInput.from_dict(raw)
+    options = inp.options
+    window = max(1, options.concurrency)
+    state = inp.state
+    if state is None:
+        state = TALLY.new_state(ctx)
+        ctx.set_custom_status(TALLY.status(state, "scanning"))
+        scan = yield ctx.call_activity(SCAN_TREE, input=ScanInput(
+            source=inp.source, min_batches=4 * window, baseline=inp.baseline, compare=options.compare,
+            patterns=options.patterns, follow_symlinks=options.follow_symlinks, block_size=options.block_size))
+        TALLY.add(state, scan)
+        state["pages"] = scan["pages"]
+
+    def schedule(page: int) -> task.Task[Any]:
+        md5 = state.get("file_md5", {}).get(str(blocks.commit_task(page))) if page < 0 else None
+        return ctx.call_activity(COPY_BATCH, retry_policy=BATCH_RETRY, input=CopyInput(
+            source=inp.source, container=inp.container, prefix=inp.prefix, page=page, md5=md5))
+
+    def on_result(result: dict[str, Any]) -> None:
+        if "blocks" in result:  # a range of a large file: after its last one, commit it (workflows.blocks)
+            if result.get("md5"):  # the first range hashed the whole file: the commit needs not
+                state.setdefault("file_md5", {})[str(result["blocks"]["first_page"])] = result["md5"]
+            commit = blocks.count_range(state, result["blocks"])
+            if commit is not None:
+                state["retry_pages"].insert(0, commit)
+        elif result["page"] < 0:  # a commit: its file's MD5 has served
+            state.get("file_md5", {}).pop(str(blocks.commit_task(result["page"])), None)
+        TALLY.add(state, result)
+
+    more = yield from run_page_window(ctx, state, window, schedule, on_result,
+                                      lambda phase: TALLY.status(state, phase), "uploading")
+    if more:
+        ctx.continue_as_new({**raw, "state": state})
+        return None
+    return TALLY.summary(ctx, state, inp.source, inp.destination)
+
+
+# the worker registers orchestrators under fn.__name__: pin it to the durable name
+backup_site_content.__name__ = BACKUP_ORCHESTRATION

@@ -1,0 +1,164 @@
+"""The backup's activities, all its I/O: scanning the tree into pages, and copying one page per call.
+
+A page of small files goes up through the process's asyncio uploader (``ActivityDeps.put_many``);
+files the baseline holds unchanged are recorded without a read or a request; a page of a large
+file's block range goes to ``blocks``. Every page ends with its result records written to the work
+store: together they are the run's record, which restore, verify and the next run read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from azure.storage.blob import ContainerClient
+from durabletask import task
+
+from sitebackup.blob.errors import file_error
+from sitebackup.blob.naming import backup_blob_name
+from sitebackup.blob.upload import SINGLE_PUT_BYTES, Uploaded, upload_file
+from sitebackup.blob.workstore import WorkStore
+from sitebackup.local import incremental
+from sitebackup.local.files import FileChangedError, file_md5_b64
+from sitebackup.local.filters import Filter
+from sitebackup.local.scan import Failed, FileEntry, Skipped, walk
+from sitebackup.workflows import blocks
+from sitebackup.workflows.activity import ActivityDeps, activity
+from sitebackup.workflows.names import COPY_BATCH, SCAN_TREE, UNCHANGED_PAGE
+from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE, BlockRange, CopyInput, CopyItem, ScanInput
+from sitebackup.workflows.window import Listed, plan_pages
+
+
+def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int, baseline: str | None = None,
+                mode: str = incremental.MODE_MTIME, patterns: list[str] | None = None,
+                follow_symlinks: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
+    """Walk *source* into pages of ``CopyItem`` (new, changed and unchanged files) and block ranges."""
+    files: list[FileEntry] = []
+    skipped, failures = Listed(), Listed()
+    rules = Filter(patterns or [])
+    for entry in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
+        if isinstance(entry, FileEntry):
+            files.append(entry)
+        elif isinstance(entry, Skipped):
+            skipped.add({"path": entry.relpath, "reason": entry.reason})
+        elif isinstance(entry, Failed):
+            failures.add({"path": entry.relpath, "error": entry.reason})
+    previous = (incremental.baseline_index(work.iter_results(baseline))
+                if baseline and mode != incremental.MODE_FORCE else {})
+    to_copy: list[CopyItem] = []
+    unchanged: list[CopyItem] = []
+    large: list[FileEntry] = []
+    for e in files:
+        decision = incremental.decide(e.size, e.mtime_ns, previous.get(e.relpath), mode)
+        if decision == incremental.UNCHANGED:
+            unchanged.append(CopyItem(e.relpath, e.size, e.mtime_ns, previous[e.relpath], False))
+        elif decision == incremental.CHECK:  # --checksum: hashed whole by the copy, never in ranges
+            to_copy.append(CopyItem(e.relpath, e.size, e.mtime_ns, previous[e.relpath], True))
+        elif e.size > blocks.threshold(block_size):
+            large.append(e)
+        else:
+            to_copy.append(CopyItem(e.relpath, e.size, e.mtime_ns))
+    batches = plan_pages(to_copy, lambda item: item.size, min_batches=min_batches)
+    for number, batch in enumerate(batches):
+        work.write_page(run_id, number, [item.to_json() for item in batch])
+    for start in range(0, len(unchanged), UNCHANGED_PAGE):
+        work.write_page(run_id, len(batches) + start // UNCHANGED_PAGE,
+                        [item.to_json() for item in unchanged[start:start + UNCHANGED_PAGE]])
+    n_pages = len(batches) + -(-len(unchanged) // UNCHANGED_PAGE)
+    n_pages += blocks.write_range_pages(work, run_id, n_pages, large, block_size)
+    return {
+        "pages": n_pages,
+        "files_total": len(files) + failures.count,
+        "bytes_total": sum(e.size for e in files),
+        "files_skipped": skipped.count,
+        "skipped": skipped.items,
+        "files_failed": failures.count,
+        "failures": failures.items,
+    }
+
+
+def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, container: str, prefix: str,
+              md5: str | None = None) -> dict[str, Any]:
+    raw = deps.work.read_page(run_id, page if page >= 0 else blocks.commit_task(page))
+    if isinstance(raw, dict):  # a range of a large file or (page < 0) its commit, with the file's MD5 if known
+        return blocks.copy_block_page(deps, run_id, page, BlockRange.from_dict(raw), source, container, prefix, md5)
+    items = [CopyItem(*row) for row in raw]
+    client = deps.container_client(container)
+    records: list[dict[str, Any]] = []
+    failures = Listed()
+    n_files = n_bytes = n_unchanged = n_bytes_skipped = 0
+    early = _put_small_files(deps, run_id, items, source, container, prefix)
+    for item in items:
+        if deps.cancelled(run_id):
+            break
+        relpath, previous = item.relpath, item.previous
+        try:
+            if previous is not None and (not item.check or file_md5_b64(source / relpath) == previous.get("md5")):
+                records.append(incremental.unchanged_record(relpath, previous))
+                n_unchanged += 1
+                n_bytes_skipped += previous["size"]
+                continue
+            done = early.get(relpath)
+            if not isinstance(done, Uploaded):  # not sent early, or failed there: one more try here
+                done = _upload_with_one_retry(client, source / relpath, backup_blob_name(prefix, relpath),
+                                              deps.large_file_threads)
+        except Exception as exc:
+            error = file_error(exc, deps.endpoint)
+            records.append({"path": relpath, "error": error})
+            failures.add({"path": relpath, "error": error})
+            continue
+        n_files += 1
+        n_bytes += done.size
+        records.append({"path": relpath, "size": done.size, "mtime_ns": done.mtime_ns, "md5": done.md5})
+    deps.work.write_result(run_id, page, records)
+    # an unchanged file is a skipped one too: files_skipped = not uploaded on purpose
+    return {"page": page, "files_uploaded": n_files, "bytes_uploaded": n_bytes,
+            "files_failed": failures.count, "failures": failures.items,
+            "files_unchanged": n_unchanged, "bytes_skipped": n_bytes_skipped, "files_skipped": n_unchanged}
+
+
+def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], source: Path, container: str,
+                     prefix: str) -> dict[str, Any]:
+    """Send the page's small new files together; relpath -> Uploaded or the exception, handled by the caller."""
+    if deps.put_many is None:
+        return {}
+    todo: list[tuple[Path, str]] = []
+    relpaths: list[str] = []
+    for item in items:
+        if item.previous is not None or item.size > SINGLE_PUT_BYTES:
+            continue
+        try:
+            name = backup_blob_name(prefix, item.relpath)
+        except ValueError:  # reported by the one-by-one path
+            continue
+        todo.append((source / item.relpath, name))
+        relpaths.append(item.relpath)
+    if not todo:
+        return {}
+    return dict(zip(relpaths, deps.put_many(container, todo, lambda: deps.cancelled(run_id))))
+
+
+def _upload_with_one_retry(client: ContainerClient, path: Path, name: str, threads: int) -> Uploaded:
+    try:
+        return upload_file(client, path, name, max_concurrency=threads)
+    except FileChangedError:
+        return upload_file(client, path, name, max_concurrency=threads)
+
+
+def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
+    """The backup activities bound to *deps*, named with their durable names."""
+
+    def scan_tree(ctx: task.ActivityContext, raw: dict[str, Any]) -> dict[str, Any]:
+        inp = ScanInput.from_dict(raw)
+        return scan_source(deps.work, ctx.orchestration_id, Path(inp.source), min_batches=inp.min_batches,
+                           baseline=inp.baseline, mode=inp.compare, patterns=inp.patterns,
+                           follow_symlinks=inp.follow_symlinks, block_size=inp.block_size or DEFAULT_BLOCK_SIZE)
+
+    def copy_batch(ctx: task.ActivityContext, raw: dict[str, Any]) -> dict[str, Any]:
+        inp = CopyInput.from_dict(raw)
+        result = copy_page(deps, ctx.orchestration_id, inp.page, Path(inp.source), inp.container, inp.prefix, inp.md5)
+        if deps.on_batch is not None:
+            deps.on_batch(ctx.orchestration_id, result)
+        return result
+
+    return [activity(SCAN_TREE, scan_tree), activity(COPY_BATCH, copy_batch)]

@@ -1,0 +1,194 @@
+"""The restore's activities, all its I/O: planning what to fetch into pages, and restoring one page per call.
+
+Blob names are untrusted: every name is checked (``local.dest.safe_relpath``) before it is planned
+and again before it is written, and files are written through ``local.dest.DestDir``. Every
+download is checked against the MD5 the run recorded (or the blob's own Content-MD5).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceNotFoundError
+from azure.storage.blob import ContainerClient
+from durabletask import task
+
+from sitebackup.blob.errors import file_error
+from sitebackup.blob.naming import blob_name, is_reserved
+from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
+from sitebackup.local.dest import DestDir, UnsafeName, restored_mode, safe_relpath
+from sitebackup.local.files import b64, fd_md5_b64
+from sitebackup.local.filters import make_selector
+from sitebackup.workflows.activity import ActivityDeps, activity
+from sitebackup.workflows.names import PLAN_RESTORE, RESTORE_BATCH
+from sitebackup.workflows.types import FetchInput, FetchItem, PlanInput, RestoreOptions
+from sitebackup.workflows.window import Listed, plan_pages
+
+# blobs over this size are fetched as ranges of RANGE_BYTES in parallel, written at their offsets
+RANGE_BYTES = STREAM_BLOCK_BYTES
+
+
+def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> dict[str, Any]:
+    """List what to restore (run record or container listing), validate names, write pages."""
+    options = RestoreOptions.from_dict(inp.options)
+    selected = make_selector(options.include, options.exclude)
+    items: list[FetchItem] = []
+    failures, skipped = Listed(), Listed()
+    for relpath, name, rec in _candidates(deps, inp):
+        if name is None:  # the run itself failed to back this file up
+            skipped.add({"path": relpath, "reason": f"not backed up by the run: {rec['error']}"})
+            continue
+        try:
+            safe_relpath(relpath)
+        except UnsafeName as exc:
+            failures.add({"path": name, "error": f"refused: {exc}"})
+            continue
+        if selected(relpath):
+            items.append(FetchItem(name, relpath, int(rec["size"]), rec.get("md5"), rec.get("mtime_ns")))
+    pages = plan_pages(items, lambda item: item.size, min_batches=inp.min_batches)
+    for number, page in enumerate(pages):
+        deps.work.write_page(restore_id, number, page)
+    # refused names count as done: the progress bar reaches its total
+    return {"pages": len(pages), "files_total": len(items) + failures.count, "bytes_total": sum(i.size for i in items),
+            "files_failed": failures.count, "files_done": failures.count, "failures": failures.items,
+            "files_skipped": skipped.count, "skipped": skipped.items}
+
+
+def _candidates(deps: ActivityDeps, inp: PlanInput) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """(relpath, blob name or None if the run failed the file, record) of everything the source holds."""
+    if inp.run_id:
+        for rec in deps.work.iter_results(inp.run_id):
+            yield rec["path"], None if "error" in rec else blob_name(inp.prefix, rec["path"]), rec
+        return
+    client = deps.container_client(inp.container)
+    start = f"{inp.prefix}/" if inp.prefix else None
+    # the SDK pages the listing (5000 names per request) behind this iterator
+    for blob in client.list_blobs(name_starts_with=start, include=["metadata"]):
+        if is_reserved(blob.name):  # work files of multi-host runs, not backed-up content
+            continue
+        meta = blob.metadata or {}
+        yield blob.name[len(start or ""):], blob.name, {
+            "size": blob.size, "md5": b64(blob.content_settings.content_md5),
+            "mtime_ns": _int_or_none(meta.get(META_MTIME))}
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Outcome:
+    kind: str  # "restored", "skipped" or "failed"
+    reason: str = ""
+    size: int = 0
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, *, overwrite: bool,
+                threads: int) -> Outcome:
+    st = dest.lstat(item.relpath)
+    if st is not None:
+        if not stat.S_ISREG(st.st_mode):
+            return Outcome("failed", "destination exists and is not a regular file")
+        if item.md5 and st.st_size == item.size and dest.md5_b64(item.relpath) == item.md5:
+            return Outcome("skipped", "identical file exists", item.size)
+        if not overwrite:
+            return Outcome("failed", "destination exists and differs (use --overwrite)")
+    blob = client.get_blob_client(item.name)
+
+    def fill(fd: int) -> tuple[int, int | None]:
+        props = _download_into(blob, fd, item.size, threads)
+        blob_md5 = b64(props.content_settings.content_md5)
+        if item.md5 and blob_md5 and blob_md5 != item.md5:
+            raise _Mismatch("blob changed since the backup run (Content-MD5 differs from the run record)")
+        if props.size != item.size:
+            raise _Mismatch(f"blob is {props.size} bytes, expected {item.size}")
+        expected = item.md5 or blob_md5
+        if expected and fd_md5_b64(fd) != expected:
+            raise _Mismatch("downloaded content does not match its Content-MD5")
+        meta = props.metadata or {}
+        mtime_ns = item.mtime_ns if item.mtime_ns is not None else _int_or_none(meta.get(META_MTIME))
+        return restored_mode(meta.get(META_MODE)), mtime_ns
+
+    try:
+        dest.write(item.relpath, fill)
+    except _Mismatch as exc:
+        return Outcome("failed", str(exc))
+    return Outcome("restored", size=item.size)
+
+
+def _download_into(blob: Any, fd: int, size: int, threads: int) -> Any:
+    if size <= RANGE_BYTES:
+        downloader = blob.download_blob()
+        os.write(fd, downloader.readall())
+        return downloader.properties
+    props = blob.get_blob_properties()
+    # every range is pinned to the same blob version: a blob rewritten mid-restore fails, never mixes
+    pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
+
+    def fetch(offset: int) -> None:
+        data = blob.download_blob(offset=offset, length=min(RANGE_BYTES, props.size - offset), **pinned).readall()
+        os.pwrite(fd, data, offset)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(fetch, range(0, props.size, RANGE_BYTES)))
+    os.ftruncate(fd, props.size)
+    return props
+
+
+def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> dict[str, Any]:
+    client = deps.container_client(inp.container)
+    dest = DestDir(inp.dest)
+    result = {"files_restored": 0, "bytes_restored": 0, "files_done": 0, "bytes_done": 0}
+    failures, skipped = Listed(), Listed()
+    records: list[dict[str, Any]] = []
+    for item in map(FetchItem._make, deps.work.read_page(restore_id, inp.page)):
+        if deps.cancelled(restore_id):  # `sitebackup cancel` stops a restore at the next file boundary
+            break
+        try:
+            outcome = restore_one(client, dest, item, overwrite=inp.overwrite, threads=deps.large_file_threads)
+        except UnsafeName as exc:
+            outcome = Outcome("failed", f"refused: {exc}")
+        except ResourceNotFoundError:
+            outcome = Outcome("failed", "blob not found")
+        except Exception as exc:
+            outcome = Outcome("failed", file_error(exc, deps.endpoint))
+        result["files_done"] += 1
+        result["bytes_done"] += item.size
+        if outcome.kind == "restored":
+            result["files_restored"] += 1
+            result["bytes_restored"] += outcome.size
+            records.append({"path": item.relpath, "size": item.size})
+        elif outcome.kind == "skipped":
+            skipped.add({"path": item.relpath, "reason": outcome.reason})
+            records.append({"path": item.relpath, "size": item.size, "skipped": outcome.reason})
+        else:
+            failures.add({"path": item.relpath, "error": outcome.reason})
+            records.append({"path": item.relpath, "error": outcome.reason})
+    deps.work.write_result(restore_id, inp.page, records)
+    return {**result, "files_skipped": skipped.count, "skipped": skipped.items,
+            "files_failed": failures.count, "failures": failures.items}
+
+
+def build_restore_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
+    """The restore activities bound to *deps*, named with their durable names."""
+
+    def plan(ctx: task.ActivityContext, raw: dict[str, Any]) -> dict[str, Any]:
+        return plan_restore(deps, ctx.orchestration_id, PlanInput.from_dict(raw))
+
+    def batch(ctx: task.ActivityContext, raw: dict[str, Any]) -> dict[str, Any]:
+        return restore_page(deps, ctx.orchestration_id, FetchInput.from_dict(raw))
+
+    return [activity(PLAN_RESTORE, plan), activity(RESTORE_BATCH, batch)]

@@ -1,0 +1,40 @@
+"""Durable names and limits: what is stored in histories and shared by every worker, in one leaf module.
+
+Renaming an orchestration or activity here breaks runs recorded under the old name: these strings
+are part of the state format.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from durabletask import task
+
+BACKUP_ORCHESTRATION = "BackupSiteContent"
+RESTORE_ORCHESTRATION = "RestoreSiteContent"
+SCAN_TREE = "ScanSourceTree"
+COPY_BATCH = "CopyFileBatch"
+PLAN_RESTORE = "PlanRestore"
+RESTORE_BATCH = "RestoreFileBatch"
+
+# a run parked until `sitebackup resume` raises RESUME_EVENT (see window.run_page_window)
+WAITING_PHASE = "waiting-destination"
+RESUME_EVENT = "resume"
+
+DEFAULT_WINDOW = 16  # activities in flight per run (--concurrency)
+PAGES_PER_GENERATION = 100  # then continue-as-new: one instance's history stays bounded
+# outputs stay small whatever the tree: lists of failures are capped, with counts of the rest
+MAX_LISTED = 20
+BATCH_FILES = 256
+BATCH_BYTES = 16 * 1024 * 1024
+# unchanged files cost no I/O in the copy activity, so their pages are much larger
+UNCHANGED_PAGE = 4096
+
+# a request to the blob service is retried for about a minute (blob.clients.make_service_client);
+# a batch is then attempted three times in all, 5 s and 10 s apart, before the run waits
+BATCH_RETRY = task.RetryPolicy(
+    first_retry_interval=timedelta(seconds=5),
+    max_number_of_attempts=3,
+    backoff_coefficient=2.0,
+    max_retry_interval=timedelta(seconds=60),
+)

@@ -1,0 +1,55 @@
+"""The ``RestoreSiteContent`` orchestration: the backup's shape in reverse, deterministic, no I/O.
+
+One planning activity writes the blobs to fetch as numbered pages into the work store (from a backup
+run's record, or from a container listing), then the shared page window keeps a bounded window of
+download-batch activities in flight and continues as new every ``PAGES_PER_GENERATION`` pages.
+A batch that keeps failing (the blob service is down) parks the run in ``WAITING_PHASE`` until
+``resume`` or a re-run of the same command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from durabletask import task
+
+from sitebackup.workflows.names import BATCH_RETRY, PLAN_RESTORE, RESTORE_BATCH, RESTORE_ORCHESTRATION
+from sitebackup.workflows.types import FetchInput, PlanInput, RestoreInput
+from sitebackup.workflows.window import Tally, run_page_window
+
+TALLY = Tally(
+    kind=RESTORE_ORCHESTRATION,
+    counters=("files_total", "files_restored", "files_skipped", "files_failed", "bytes_total", "bytes_restored",
+              "files_done", "bytes_done"),
+    files_done=("files_done",),
+    bytes_done=("bytes_done",),
+    hidden=("files_done", "bytes_done"),
+)
+
+
+def restore_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> Any:
+    inp = RestoreInput.from_dict(raw)
+    window = max(1, inp.options.concurrency)
+    state = inp.state
+    if state is None:
+        state = TALLY.new_state(ctx)
+        ctx.set_custom_status(TALLY.status(state, "planning"))
+        plan = yield ctx.call_activity(PLAN_RESTORE, input=PlanInput(
+            container=inp.container, prefix=inp.prefix, run_id=inp.run_id, options=inp.options.to_dict(),
+            min_batches=4 * window))
+        TALLY.add(state, plan)
+        state["pages"] = plan["pages"]
+
+    def schedule(page: int) -> task.Task[Any]:
+        return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=FetchInput(
+            dest=inp.dest, container=inp.container, page=page, overwrite=inp.options.overwrite))
+
+    more = yield from run_page_window(ctx, state, window, schedule, lambda result: TALLY.add(state, result),
+                                      lambda phase: TALLY.status(state, phase), "restoring")
+    if more:
+        ctx.continue_as_new({**raw, "state": state})
+        return None
+    return TALLY.summary(ctx, state, inp.source_label, inp.dest)
+
+
+restore_site_content.__name__ = RESTORE_ORCHESTRATION

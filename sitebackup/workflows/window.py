@@ -1,0 +1,170 @@
+"""The page kit backup and restore share: planning pages, the bounded window of batch activities,
+counters summed from results, the fixed-shape progress status and the summary.
+
+Orchestration side only, so deterministic: no I/O, no clocks but the context's. An orchestration's
+state is a plain JSON dict (it travels through continue-as-new); a ``Tally`` names its counters and
+says how they show as progress, so both workflows keep their own counter names (``files_uploaded``,
+``files_restored``) on the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from durabletask import task
+
+from sitebackup.workflows.names import (
+    BATCH_BYTES,
+    BATCH_FILES,
+    MAX_LISTED,
+    PAGES_PER_GENERATION,
+    RESUME_EVENT,
+    WAITING_PHASE,
+)
+
+T = TypeVar("T")
+
+
+def plan_pages(items: Sequence[T], size_of: Callable[[T], int], *, min_batches: int,
+               batch_files: int = BATCH_FILES, batch_bytes: int = BATCH_BYTES) -> list[list[T]]:
+    """Cut *items* into pages bounded by count and bytes; an item of ``batch_bytes`` or more goes alone.
+
+    ``min_batches`` shrinks pages on small trees so that the window of activities stays full.
+    """
+    if items:
+        batch_files = max(1, min(batch_files, math.ceil(len(items) / max(1, min_batches))))
+    pages: list[list[T]] = []
+    current: list[T] = []
+    current_bytes = 0
+    for item in items:
+        size = size_of(item)
+        if size >= batch_bytes:
+            pages.append([item])
+            continue
+        if current and (len(current) >= batch_files or current_bytes + size > batch_bytes):
+            pages.append(current)
+            current, current_bytes = [], 0
+        current.append(item)
+        current_bytes += size
+    if current:
+        pages.append(current)
+    return pages
+
+
+class Listed:
+    """A capped list of ``{"path", "error"|"reason"}`` entries, with the count of everything seen."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, str]] = []
+        self.count = 0
+
+    def add(self, entry: dict[str, str]) -> None:
+        self.count += 1
+        if len(self.items) < MAX_LISTED:
+            self.items.append(entry)
+
+
+def merge_listed(listed: list[dict[str, str]], more: list[dict[str, str]]) -> None:
+    listed.extend(more[:max(0, MAX_LISTED - len(listed))])
+
+
+@dataclass(frozen=True)
+class Tally:
+    """The counters of one workflow: summed from every activity result, shown as progress, summarized."""
+
+    kind: str  # the orchestration name: printers word their lines by it
+    counters: tuple[str, ...]
+    files_done: tuple[str, ...]  # counters that add up to the progress bar's files done
+    bytes_done: tuple[str, ...]
+    hidden: tuple[str, ...] = ()  # counters for progress only, not in the summary
+
+    def new_state(self, ctx: task.OrchestrationContext) -> dict[str, Any]:
+        state: dict[str, Any] = {name: 0 for name in self.counters}
+        state.update(started_at=ctx.current_utc_datetime.isoformat(), pages=0, next_page=0, retry_pages=[],
+                     failures=[], skipped=[])
+        return state
+
+    def add(self, state: dict[str, Any], result: dict[str, Any]) -> None:
+        """Sum a scan, plan or batch result into *state*; its failure and skip lists are merged, capped."""
+        for name in self.counters:
+            state[name] = state.get(name, 0) + result.get(name, 0)
+        merge_listed(state["failures"], result.get("failures") or [])
+        merge_listed(state["skipped"], result.get("skipped") or [])
+
+    def status(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
+        """The fixed-shape custom status: small whatever the tree, so it never nears the 16 KB limit."""
+        return {
+            "phase": phase,
+            "files_done": sum(state.get(n, 0) for n in self.files_done),
+            "files_total": state["files_total"],
+            "bytes_done": sum(state.get(n, 0) for n in self.bytes_done),
+            "bytes_total": state["bytes_total"],
+            "files_failed": state["files_failed"],
+            "files_skipped": state["files_skipped"],
+            "files_unchanged": state.get("files_unchanged", 0),
+            "bytes_skipped": state.get("bytes_skipped", 0),
+        }
+
+    def summary(self, ctx: task.OrchestrationContext, state: dict[str, Any], source: str,
+                destination: str) -> dict[str, Any]:
+        """The orchestration's output, once its last page is done."""
+        started = datetime.fromisoformat(state["started_at"])
+        summary: dict[str, Any] = {"kind": self.kind}
+        summary.update((name, state.get(name, 0)) for name in self.counters if name not in self.hidden)
+        summary.update(source=source, destination=destination,
+                       duration_s=round((ctx.current_utc_datetime - started).total_seconds(), 3),
+                       failures=state["failures"], skipped=state["skipped"])
+        ctx.set_custom_status(self.status(state, "done"))
+        return summary
+
+
+def run_page_window(ctx: task.OrchestrationContext, state: dict[str, Any], window: int,
+                    schedule: Callable[[int], task.Task[Any]], on_result: Callable[[dict[str, Any]], None],
+                    status: Callable[[str], dict[str, Any]], phase: str) -> Generator[task.Task[Any], Any, bool]:
+    """Run this generation's pages (``state["next_page"]`` on, at most ``PAGES_PER_GENERATION``) through a
+    window of at most *window* activities, publishing ``status(phase)`` after every completion; returns
+    whether pages remain for the next generation (continue as new).
+
+    Used with ``yield from``. A page whose activity still fails after its retry policy is kept in
+    ``state["retry_pages"]``; scheduling stops, the window drains, and the orchestration waits in
+    ``WAITING_PHASE`` for the ``RESUME_EVENT`` before trying it again.
+    """
+    ctx.set_custom_status(status(phase))
+    in_flight: list[task.Task[Any]] = []
+    pages_in_flight: list[int] = []
+    state.setdefault("retry_pages", [])
+    error: dict[str, str] | None = None
+    last_page = min(state["pages"], state["next_page"] + PAGES_PER_GENERATION)
+    while state["next_page"] < last_page or in_flight or state["retry_pages"]:
+        if error is None:
+            while len(in_flight) < window and (state["retry_pages"] or state["next_page"] < last_page):
+                if state["retry_pages"]:
+                    page = state["retry_pages"].pop(0)
+                else:
+                    page, state["next_page"] = state["next_page"], state["next_page"] + 1
+                in_flight.append(schedule(page))
+                pages_in_flight.append(page)
+        elif not in_flight:
+            # everything in flight has settled: wait, with nothing leased, until someone resumes
+            state["waits"] = state.get("waits", 0) + 1
+            ctx.set_custom_status({**status(WAITING_PHASE), **error, "waits": state["waits"]})
+            yield ctx.wait_for_external_event(RESUME_EVENT)
+            error = None
+            ctx.set_custom_status(status(phase))
+            continue
+        done = yield task.when_any(in_flight)
+        index = in_flight.index(done)
+        in_flight.pop(index)
+        page = pages_in_flight.pop(index)
+        if done.is_failed:
+            state["retry_pages"].append(page)
+            details = done.get_exception().details
+            error = {"error": details.message, "error_type": details.error_type}
+            continue
+        on_result(done.get_result())
+        ctx.set_custom_status(status(phase))
+    return state["next_page"] < state["pages"]
