@@ -26,6 +26,7 @@ from sitebackup.commands.hosting import (
     find_unfinished,
     host_and_watch,
     new_instance_id,
+    run_input,
 )
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime, open_backend
@@ -106,9 +107,10 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
                                          fetch_inputs_and_outputs=True)
     candidates = []
     for state in client.get_all_orchestration_states(query):
-        if state.name != BACKUP_ORCHESTRATION or not state.serialized_input:
+        raw = run_input(state)
+        if state.name != BACKUP_ORCHESTRATION or not raw:
             continue
-        other = BackupInput.from_dict(state.get_input())
+        other = BackupInput.from_dict(raw)
         if not inp.same_backup(other):
             continue
         if other.endpoint and inp.endpoint and other.endpoint != inp.endpoint:

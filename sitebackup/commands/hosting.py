@@ -66,9 +66,19 @@ def find_unfinished(client: dt_client.TaskHubGrpcClient, name: str,
     """The id of an unfinished run of orchestration *name* whose input is the *same* run, if any."""
     query = dt_client.OrchestrationQuery(runtime_status=UNFINISHED, fetch_inputs_and_outputs=True)
     for state in client.get_all_orchestration_states(query):
-        if state.name == name and state.serialized_input and same(state.get_input() or {}):
+        if state.name == name and (raw := run_input(state)) and same(raw):
             return state.instance_id
     return None
+
+
+def run_input(state: dt_client.OrchestrationState) -> dict[str, Any]:
+    """The run's input when it is a JSON object, else {}: a row may hold anything (or the marker of a
+    payload too large to return), and one odd row must not break commands about the others."""
+    try:
+        raw = state.get_input() if state.serialized_input else None
+    except ValueError:
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def get_run(client: dt_client.TaskHubGrpcClient, instance_id: str) -> dt_client.OrchestrationState:

@@ -23,6 +23,7 @@ from sitebackup.commands.hosting import (
     attach_and_watch,
     get_run,
     host_and_watch,
+    run_input,
     summarize,
     watch,
 )
@@ -47,19 +48,19 @@ def parse_age(text: str) -> timedelta:
 
 def describe(runtime: Runtime, state: dt_client.OrchestrationState) -> dict[str, Any]:
     """Everything ``status`` shows, as one JSON-ready dict."""
-    raw = state.get_input() if state.serialized_input else {}
-    raw = raw if isinstance(raw, dict) else {}
+    raw = run_input(state)
     custom = state.get_custom_status() if state.serialized_custom_status else None
     output = state.get_output() if state.serialized_output else None
-    # a restore's destination is its directory; a backup's is its container and prefix
-    inp = BackupInput.from_dict(raw) if state.name == BACKUP_ORCHESTRATION else RestoreInput.from_dict(raw)
-    destination = inp.destination if isinstance(inp, BackupInput) else inp.dest
+    destination = None
+    if raw:  # a restore's destination is its directory; a backup's is its container and prefix
+        inp = BackupInput.from_dict(raw) if state.name == BACKUP_ORCHESTRATION else RestoreInput.from_dict(raw)
+        destination = inp.destination if isinstance(inp, BackupInput) else inp.dest
     info: dict[str, Any] = {
         "instance_id": state.instance_id,
         "kind": state.name,
         "runtime_status": state.runtime_status.name,
         "source": raw.get("source"),
-        "destination": destination if raw else None,
+        "destination": destination,
         "endpoint": raw.get("endpoint"),
         "custom_status": custom if isinstance(custom, dict) else None,
         "output": output,
@@ -131,7 +132,9 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
             summary = summarize(state)
             printer.finish(summary)
             return summary
-        raw = state.get_input() or {}
+        raw = run_input(state)
+        if not raw:
+            raise InputError(f"run {instance_id!r} has no input sitebackup can resume")
         inp = BackupInput.from_dict(raw) if state.name == BACKUP_ORCHESTRATION else RestoreInput.from_dict(raw)
         connect(settings.require(), inp.container)
         concurrency = inp.options.concurrency
