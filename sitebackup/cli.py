@@ -23,7 +23,7 @@ from sitebackup.commands import restore as restore_cmd
 from sitebackup.commands import verify as verify_cmd
 from sitebackup.commands.hosting import exit_code_for
 from sitebackup.durable import taskhub as taskhub_mod
-from sitebackup.durable.runtime import ENV_STATE_DIR, SDK_LOGGER, default_state_dir
+from sitebackup.durable.runtime import ENV_STATE_DIR, SDK_LOGGER, backend_error, default_state_dir
 from sitebackup.errors import (
     EXIT_CODES_HELP,
     EXIT_FILES_FAILED,
@@ -205,15 +205,17 @@ def worker(connection_string: str | None, account_url: str | None, taskhub: str 
         click.echo(f"batch {instance_id} page {result['page']}: {result['files_uploaded']} files uploaded, "
                    f"{result['bytes_uploaded']} bytes, {result['files_failed']} failed")
 
-    click.echo(f"sitebackup: worker started on {hub.label if hub else 'the embedded backend'}", err=True)
-    scaleout.run_worker(settings, hub, state_dir or default_state_dir(), concurrency, on_batch)
+    def on_started() -> None:
+        click.echo(f"sitebackup: worker started on {hub.label if hub else 'the embedded backend'}", err=True)
+
+    scaleout.run_worker(settings, hub, state_dir or default_state_dir(), concurrency, on_batch, on_started)
     click.echo("sitebackup: worker stopped", err=True)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.option("--listen", required=True, metavar="HOST:PORT",
               help="Loopback address to serve on, e.g. 127.0.0.1:4001 (port 0 picks a free port).")
-@click.option("--allow-remote", is_flag=True, help="Also accept non-loopback addresses (no TLS, no auth!).")
+@click.option("--allow-remote", is_flag=True, help="Also accept non-loopback addresses (no TLS: the token travels in clear!).")
 @click.option("--lease-seconds", type=click.FloatRange(min=0.5), default=30.0, hidden=True,
               help="How long a lost worker's work stays claimed (testing).")
 @state_dir_option
@@ -221,19 +223,25 @@ def worker(connection_string: str | None, account_url: str | None, taskhub: str 
 def serve(listen: str, allow_remote: bool, lease_seconds: float, state_dir: Path | None, debug: bool) -> None:
     """Serve the embedded backend over TCP (local scale-out testing).
 
-    Runs until Ctrl-C or SIGTERM.
+    Runs until Ctrl-C or SIGTERM. The state directory is then this server's alone: other
+    commands reach its runs through --taskhub.
 
-    Plaintext, no authentication. Workers and commands reach it with
-    --taskhub "Endpoint=http://HOST:PORT;TaskHub=NAME;Authentication=None"; each task hub name
-    is separate.
+    Plaintext. Every call must carry the token in STATE_DIR/serve.token (created 0600, kept
+    across restarts; delete it for a new one), or the one in SITEBACKUP_SERVE_TOKEN if set.
+    Workers and commands reach it with
+    --taskhub "Endpoint=http://HOST:PORT;TaskHub=NAME;Authentication=None;TokenFile=STATE_DIR/serve.token"
+    (or that string without TokenFile and the token in SITEBACKUP_SERVE_TOKEN); each task hub
+    name is separate.
 
     \b
     Example:
       sitebackup serve --listen 127.0.0.1:4001
     """
-    def on_ready(address: str) -> None:
-        click.echo(f"sitebackup: serving on {address}: "
-                   f"--taskhub \"Endpoint=http://{address};TaskHub=default;Authentication=None\"", err=True)
+    def on_ready(address: str, token_file: Path | None) -> None:
+        token = f";TokenFile={token_file}" if token_file else ""
+        hint = "" if token_file else f" with {taskhub_mod.ENV_SERVE_TOKEN} set as for this server"
+        click.echo(f"sitebackup: serving on {address}: --taskhub "
+                   f"\"Endpoint=http://{address};TaskHub=default;Authentication=None{token}\"{hint}", err=True)
         click.echo(address)
 
     scaleout.serve(listen, state_dir or default_state_dir(), allow_remote=allow_remote,
@@ -503,6 +511,9 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(json.dumps({"event": "error", "exit_code": code, "message": redact(exc.format_message())}))
         sys.exit(code)
     except Exception as exc:  # a bug: one line, unless --debug asks for the traceback
+        refused = backend_error(exc)
+        if refused is not None:
+            fail(f"sitebackup: error: {refused}", refused.exit_code, json_output)
         if debug:
             import traceback
 

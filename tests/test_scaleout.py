@@ -1,7 +1,7 @@
 """Scale-out through the Durable Task Scheduler code path, for real, on one machine.
 
 ``sitebackup serve`` serves the embedded backend on loopback TCP; ``sitebackup worker`` processes and
-the CLI reach it through ``--taskhub "Endpoint=http://...;Authentication=None"``, i.e. through
+the CLI reach it through ``--taskhub "Endpoint=http://...;Authentication=None;TokenFile=..."``, i.e. through
 durabletask-azuremanaged's ``DurableTaskSchedulerWorker``/``Client`` and the ``taskhub`` header.
 """
 
@@ -60,8 +60,10 @@ def served(tmp_path: Path, cli_env: dict[str, str]):
         assert proc.wait(timeout=60) == 0, out.read_text()
 
 
-def _hub(address: str, name: str = "default") -> str:
-    return f"Endpoint=http://{address};TaskHub={name};Authentication=None"
+def _hub(served: tuple[str, Path], name: str = "default") -> str:
+    """The connection string of the `served` endpoint: a path to its token, never the token itself."""
+    address, state = served
+    return f"Endpoint=http://{address};TaskHub={name};Authentication=None;TokenFile={state / 'serve.token'}"
 
 
 def _streams(state: Path, hub: str) -> int:
@@ -108,10 +110,10 @@ def _workers(tmp_path: Path, env: dict[str, str], hub: str, n: int) -> list[tupl
 def test_two_workers_share_one_backup(tmp_path, served, cli_env, cli, blob_service, container_name):
     address, state = served
     files = _tree(tmp_path / "site", 160, 3000)
-    workers = _workers(tmp_path, cli_env, _hub(address), 2)
+    workers = _workers(tmp_path, cli_env, _hub(served), 2)
     try:
         _until(lambda: _streams(state, "default") >= 2, "both workers to connect")
-        result = cli(tmp_path / "site", "--container", container_name, "--taskhub", _hub(address),
+        result = cli(tmp_path / "site", "--container", container_name, "--taskhub", _hub(served),
                      "--no-local-worker", "--concurrency", "4", "--json", "--state-dir", tmp_path / "cli-state")
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout.splitlines()[-1])
@@ -131,10 +133,10 @@ def test_a_killed_worker_leaves_its_work_to_the_other(tmp_path, served, cli_env,
                                                       container_name):
     address, state = served
     files = _tree(tmp_path / "site", 120, 64 * 1024)
-    (victim, victim_out), (survivor, survivor_out) = _workers(tmp_path, cli_env, _hub(address), 2)
+    (victim, victim_out), (survivor, survivor_out) = _workers(tmp_path, cli_env, _hub(served), 2)
     try:
         _until(lambda: _streams(state, "default") >= 2, "both workers to connect")
-        started = cli(tmp_path / "site", "--container", container_name, "--taskhub", _hub(address),
+        started = cli(tmp_path / "site", "--container", container_name, "--taskhub", _hub(served),
                       "--no-local-worker", "--detach", "--concurrency", "4", "--state-dir", tmp_path / "cli-state")
         assert started.returncode == 0, started.stderr
         instance_id = started.stdout.strip()
@@ -146,14 +148,9 @@ def test_a_killed_worker_leaves_its_work_to_the_other(tmp_path, served, cli_env,
             state_ = client.get_orchestration_state(instance_id)
             return state_ if state_.runtime_status.name in ("COMPLETED", "FAILED", "TERMINATED") else None
 
-        from durabletask.azuremanaged.client import DurableTaskSchedulerClient
-        hub = parse(_hub(address))
-        client = DurableTaskSchedulerClient(host_address=hub.host_address, taskhub=hub.taskhub,
-                                            token_credential=None, secure_channel=False)
-        try:
+        from sitebackup.durable.runtime import open_backend
+        with open_backend(tmp_path / "unused", parse(_hub(served))) as runtime, runtime.connected() as client:
             final = _until(done, "the survivor to finish the backup")
-        finally:
-            client.close()
         assert final.runtime_status.name == "COMPLETED"
         output = final.get_output()
         assert output["files_uploaded"] == len(files) and output["files_failed"] == 0
@@ -167,7 +164,7 @@ def test_a_killed_worker_leaves_its_work_to_the_other(tmp_path, served, cli_env,
 def test_task_hubs_do_not_see_each_others_instances(tmp_path, served, cli, container_name):
     address, _ = served
     write_tree(tmp_path / "site", {"a.txt": b"a"})
-    started = cli(tmp_path / "site", "--container", container_name, "--taskhub", _hub(address, "alpha"),
+    started = cli(tmp_path / "site", "--container", container_name, "--taskhub", _hub(served, "alpha"),
                   "--no-local-worker", "--detach", "--json", "--state-dir", tmp_path / "cli-state")
     assert started.returncode == 0, started.stderr
     event = json.loads(started.stdout.splitlines()[0])
@@ -178,7 +175,7 @@ def test_task_hubs_do_not_see_each_others_instances(tmp_path, served, cli, conta
 
     seen = {}
     for name in ("alpha", "beta"):
-        with open_backend(tmp_path / "unused", parse(_hub(address, name))) as runtime:
+        with open_backend(tmp_path / "unused", parse(_hub(served, name))) as runtime:
             client = runtime.client()
             try:
                 seen[name] = client.get_orchestration_state(instance_id)
@@ -229,7 +226,7 @@ def test_every_command_reads_the_task_hub_after_a_run_done_by_a_worker(tmp_path,
     """list, status, verify, restore, --dry-run and purge see what a `sitebackup worker` did through --taskhub,
     from a state directory that never held the run."""
     address, state = served
-    hub = _hub(address)
+    hub = _hub(served)
     files = {f"d{i % 3}/f{i}.txt": os.urandom(200 + i) for i in range(12)}
     write_tree(tmp_path / "site", files)
     mine = ("--state-dir", tmp_path / "cli-state")
@@ -284,7 +281,7 @@ def test_every_command_reads_the_task_hub_after_a_run_done_by_a_worker(tmp_path,
 def test_status_resume_and_cancel_through_the_task_hub(tmp_path, served, cli_env, cli, blob_service,
                                                         container_name):
     address, _ = served
-    hub = _hub(address)
+    hub = _hub(served)
     files = {f"f{i}.txt": os.urandom(100) for i in range(6)}
     write_tree(tmp_path / "site", files)
     write_tree(tmp_path / "other", {"x.txt": b"x"})

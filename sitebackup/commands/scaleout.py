@@ -1,6 +1,6 @@
 """Scale-out commands: ``sitebackup worker`` (work only, for any backup on the task hub) and
 ``sitebackup serve`` (the embedded backend over TCP, so the Durable Task Scheduler code path runs
-on one machine).
+on one machine; every call must carry its token).
 
 Both run until SIGINT or SIGTERM and then stop cleanly; the CLI renders what they report.
 """
@@ -8,6 +8,7 @@ Both run until SIGINT or SIGTERM and then stop cleanly; the CLI renders what the
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -18,8 +19,10 @@ from typing import Any
 from sitebackup.blob.clients import StorageSettings
 from sitebackup.commands.hosting import activity_deps
 from sitebackup.durable.runtime import open_backend
-from sitebackup.durable.taskhub import TaskHubSettings
+from sitebackup.durable.taskhub import ENV_SERVE_TOKEN, TaskHubSettings
 from sitebackup.errors import InputError
+
+MIN_TOKEN = 16
 
 
 @contextmanager
@@ -35,20 +38,23 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
 
 def run_worker(settings: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path,
-               concurrency: int, on_batch: Callable[[str, dict[str, Any]], None]) -> None:
+               concurrency: int, on_batch: Callable[[str, dict[str, Any]], None],
+               on_started: Callable[[], None]) -> None:
     """Work on every backup the backend hands out until stopped; no scheduling, no watching."""
     settings.require()
     with _stop_on_signals() as stop, open_backend(state_dir, taskhub) as runtime:
+        runtime.check_access()
         deps = activity_deps(settings, state_dir, concurrency, runtime)
         deps.on_batch = on_batch
         runtime.start_worker(deps, concurrency)
+        on_started()
         while not stop.wait(1.0):
             pass
         # open_backend's exit stops the worker, which first finishes the work items it holds
 
 
 def parse_listen(listen: str, allow_remote: bool) -> str:
-    """Validate HOST:PORT; anything but loopback needs *allow_remote* (the service has no auth)."""
+    """Validate HOST:PORT; anything but loopback needs *allow_remote* (no TLS: the token travels in clear)."""
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise InputError(f"--listen must be HOST:PORT, e.g. 127.0.0.1:4001 (got {listen!r})")
@@ -61,26 +67,28 @@ def parse_listen(listen: str, allow_remote: bool) -> str:
         except ValueError:
             raise InputError(f"--listen host must be an IP address or localhost (got {host!r})") from None
     if not loopback and not allow_remote:
-        raise InputError(f"refusing to serve on {host}: the endpoint is plaintext without authentication; "
+        raise InputError(f"refusing to serve on {host}: the endpoint is plaintext (its token travels unencrypted); "
                          "use a loopback address or pass --allow-remote")
     return listen
 
 
 def serve(listen: str, state_dir: Path, *, allow_remote: bool, lease_seconds: float,
-          on_ready: Callable[[str], None]) -> None:
-    """Serve the embedded backend for *state_dir* on TCP until stopped."""
-    from sitebackup.durable.backend import EmbeddedBackend, StateDirError
+          on_ready: Callable[[str, Path | None], None]) -> None:
+    """Serve the embedded backend for *state_dir* on TCP until stopped; *on_ready* gets the address and
+    the token file clients need (None when the token came from the environment)."""
+    from sitebackup.durable.backend import EmbeddedBackend
 
     parse_listen(listen, allow_remote)
+    token = os.environ.get(ENV_SERVE_TOKEN, "").strip() or None
+    if token is not None and len(token) < MIN_TOKEN:
+        raise InputError(f"{ENV_SERVE_TOKEN} must be at least {MIN_TOKEN} characters: a secret nobody can guess")
     with _stop_on_signals() as stop:
         backend = EmbeddedBackend(state_dir, lease_seconds=lease_seconds)
+        address = backend.start(listen=listen, token=token)
         try:
-            address = backend.start(listen=listen)
-        except StateDirError as exc:
-            raise InputError(str(exc)) from None
-        try:
-            on_ready(address)
+            on_ready(address, backend.token_file)
             while not stop.wait(1.0):
-                pass
+                if backend.damage.message is not None:  # every client gets the same error already
+                    raise InputError(backend.damage.message)
         finally:
             backend.stop()

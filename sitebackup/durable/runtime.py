@@ -15,19 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc
 from durabletask import client as dt_client
 from durabletask import worker as dt_worker
+from durabletask.internal.grpc_interceptor import DefaultClientInterceptorImpl
 
 from sitebackup.blob.workstore import BlobWorkStore, LocalWorkStore, WorkStore
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.durable.workerstop import make_prompt
-from sitebackup.errors import InputError
+from sitebackup.errors import InputError, SiteBackupError
 from sitebackup.workflows.registry import ActivityDeps, register
 
 ENV_STATE_DIR = "SITEBACKUP_STATE_DIR"
 # The SDK logs INFO on every episode; its own logger keeps that out of the user's terminal
 # unless --debug lowers the level.
 SDK_LOGGER = logging.getLogger("sitebackup.durabletask")
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -74,8 +77,25 @@ class Runtime:
 
             return DurableTaskSchedulerClient(host_address=self.address, taskhub=self.taskhub.taskhub,
                                               token_credential=self.credential, secure_channel=self.taskhub.secure,
-                                              logger=SDK_LOGGER)
+                                              interceptors=self._interceptors(), logger=SDK_LOGGER)
         return dt_client.TaskHubGrpcClient(host_address=self.address, logger=SDK_LOGGER)
+
+    def _interceptors(self) -> list[DefaultClientInterceptorImpl]:
+        """The `sitebackup serve` token on every call, when the connection string or environment gives one."""
+        from sitebackup.durable.backend.guard import bearer
+
+        token = self.taskhub.serve_token() if self.taskhub is not None else None
+        return [DefaultClientInterceptorImpl([bearer(token)])] if token else []
+
+    def check_access(self) -> None:
+        """Fail now, with the one-line error, if the backend refuses this process; a worker would
+        otherwise retry a refused stream forever without a word. Unreachable is left to its retries."""
+        with self.connected() as client:
+            try:
+                client.get_orchestration_state("sitebackup-access-check")
+            except grpc.RpcError as exc:
+                if exc.code() in _REFUSED:  # type: ignore[attr-defined]
+                    raise
 
     def start_worker(self, deps: ActivityDeps, concurrency: int) -> dt_worker.TaskHubGrpcWorker:
         options = dt_worker.ConcurrencyOptions(
@@ -88,7 +108,8 @@ class Runtime:
 
             worker: dt_worker.TaskHubGrpcWorker = DurableTaskSchedulerWorker(
                 host_address=self.address, taskhub=self.taskhub.taskhub, token_credential=self.credential,
-                secure_channel=self.taskhub.secure, logger=SDK_LOGGER, concurrency_options=options)
+                secure_channel=self.taskhub.secure, interceptors=self._interceptors(), logger=SDK_LOGGER,
+                concurrency_options=options)
         else:
             worker = dt_worker.TaskHubGrpcWorker(host_address=self.address, logger=SDK_LOGGER,
                                                  concurrency_options=options)
@@ -138,13 +159,10 @@ def open_backend(state_dir: Path, taskhub: TaskHubSettings | None = None) -> Ite
             runtime.stop_workers()
         return
 
-    from sitebackup.durable.backend import EmbeddedBackend, StateDirError
+    from sitebackup.durable.backend import EmbeddedBackend
 
     backend = EmbeddedBackend(state_dir)
-    try:
-        address = backend.start()
-    except StateDirError as exc:
-        raise InputError(str(exc)) from None
+    address = backend.start()
     runtime = Runtime(address=address, state_dir=state_dir, backend=backend)
     try:
         yield runtime
@@ -161,3 +179,15 @@ def open_client(state_dir: Path, taskhub: TaskHubSettings | None = None
     """``open_backend`` and a client of it, for commands that only ask the backend."""
     with open_backend(state_dir, taskhub) as runtime, runtime.connected() as client:
         yield runtime, client
+
+
+def backend_error(exc: BaseException) -> SiteBackupError | None:
+    """The one-line error for a backend's refusal or damage that reached a command as a gRPC error."""
+    if not isinstance(exc, grpc.RpcError):
+        return None
+    code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+    if code in _REFUSED:
+        return InputError(f"the task hub refused this client: {details}")
+    if code == grpc.StatusCode.DATA_LOSS:
+        return InputError(details)
+    return None

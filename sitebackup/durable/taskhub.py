@@ -3,6 +3,10 @@
 ``Endpoint=https://...;TaskHub=...;Authentication=DefaultAzure`` is the format the other Durable
 Task SDKs use; durabletask-azuremanaged has no parser for it. Errors name the offending key, never
 a value, so a pasted secret is not echoed back.
+
+A ``sitebackup serve`` endpoint also wants its token: ``TokenFile=PATH`` names the file that holds
+it (a path is safe on a command line, the secret is not), or ``SITEBACKUP_SERVE_TOKEN`` carries the
+token itself in the environment.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
 
 ENV_TASKHUB = "DURABLE_TASK_SCHEDULER_CONNECTION_STRING"
+ENV_SERVE_TOKEN = "SITEBACKUP_SERVE_TOKEN"
 
 # canonical spelling by lower-cased key
 AUTH_MODES = {m.lower(): m for m in
               ("DefaultAzure", "ManagedIdentity", "WorkloadIdentity", "Environment", "AzureCli", "None")}
-_KEYS = {k.lower(): k for k in ("Endpoint", "TaskHub", "Authentication", "ClientID", "TenantID")}
+_KEYS = {k.lower(): k for k in ("Endpoint", "TaskHub", "Authentication", "ClientID", "TenantID", "TokenFile")}
 _CLIENT_ID_MODES = {"DefaultAzure", "ManagedIdentity", "WorkloadIdentity"}
 
 
@@ -34,12 +39,29 @@ class TaskHubSettings:
     authentication: str
     client_id: str | None = None
     tenant_id: str | None = None
+    token_file: str | None = None
 
     @property
     def label(self) -> str:
         """For messages: where and which hub, nothing secret."""
         scheme = "https" if self.secure else "http"
         return f"{scheme}://{self.host_address} task hub {self.taskhub!r}"
+
+    def serve_token(self) -> str | None:
+        """The token for a `sitebackup serve` endpoint: from ``TokenFile``, else the environment."""
+        if self.authentication != "None":
+            return None
+        if self.token_file is None:
+            return os.environ.get(ENV_SERVE_TOKEN, "").strip() or None
+        path = os.path.expanduser(self.token_file)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                token = fh.read(4096).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _fail(f"cannot read TokenFile {path}: {getattr(exc, 'strerror', None) or 'not a token file'}") from None
+        if not token:
+            raise _fail(f"TokenFile {path} is empty")
+        return token
 
     def credential(self) -> "TokenCredential | None":
         try:
@@ -104,8 +126,11 @@ def parse(text: str) -> TaskHubSettings:
     client_id = values.get("ClientID")
     if client_id and auth not in _CLIENT_ID_MODES:
         raise _fail(f"ClientID applies only to {', '.join(sorted(_CLIENT_ID_MODES))}, not to Authentication={auth}")
+    if "TokenFile" in values and auth != "None":
+        raise _fail(f"TokenFile applies only to Authentication=None (a `sitebackup serve` endpoint), not to {auth}")
     return TaskHubSettings(host_address=host_address, secure=secure, taskhub=values["TaskHub"],
-                           authentication=auth, client_id=client_id, tenant_id=values.get("TenantID"))
+                           authentication=auth, client_id=client_id, tenant_id=values.get("TenantID"),
+                           token_file=values.get("TokenFile"))
 
 
 def _endpoint(value: str) -> tuple[str, bool]:

@@ -12,6 +12,7 @@ import pytest
 from privileges import without_root_powers
 
 from sitebackup.durable.backend import EmbeddedBackend, StateDirError
+from sitebackup.durable.backend.guard import bearer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,10 +92,11 @@ def test_tcp_listen_honours_taskhub_header(tmp_path):
     with EmbeddedBackend(tmp_path / "state") as backend:
         pass
     backend = EmbeddedBackend(tmp_path / "state")
-    address = backend.start(listen="127.0.0.1:0")
+    address = backend.start(listen="127.0.0.1:0", token="a-test-token")
     try:
-        hub_a = client.TaskHubGrpcClient(host_address=address, metadata=[("taskhub", "a")], logger=QUIET)
-        plain = client.TaskHubGrpcClient(host_address=address, logger=QUIET)
+        hub_a = client.TaskHubGrpcClient(host_address=address, metadata=[("taskhub", "a"), bearer("a-test-token")],
+                                         logger=QUIET)
+        plain = client.TaskHubGrpcClient(host_address=address, metadata=[bearer("a-test-token")], logger=QUIET)
         iid = hub_a.schedule_new_orchestration("anything", instance_id="x")
         assert hub_a.get_orchestration_state(iid) is not None
         assert plain.get_orchestration_state(iid) is None

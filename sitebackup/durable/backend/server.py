@@ -1,9 +1,9 @@
 """Lifecycle of the embedded backend: state directory, database, gRPC server, lease renewal.
 
 ``EmbeddedBackend.start()`` opens ``<state_dir>/state.db`` and serves the sidecar
-protocol on a private unix socket (or on TCP for ``sitebackup serve``); ``stop()``
-ends the work-item streams, stops the server and releases this process's leases so
-another process can pick the work up at once.
+protocol on a private unix socket (or, for ``sitebackup serve``, on TCP with a required
+token); ``stop()`` ends the work-item streams, stops the server and releases this
+process's leases so another process can pick the work up at once.
 """
 
 from __future__ import annotations
@@ -14,14 +14,19 @@ import socket
 import sqlite3
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 
 import durabletask.internal.orchestrator_service_pb2_grpc as stubs
 import grpc
 
-from .servicer import DEFAULT_TASKHUB, Servicer
-from .store import Store
+from . import statedir
+from .guard import Guard
+from .servicer import DEFAULT_TASKHUB, MAX_MESSAGE, Servicer
+from .statedir import Damage, ServeLock, StateDirError
+from .store import SCHEMA, Store
 
 # sun_path is 108 bytes on Linux; longer socket paths cannot be bound.
 _MAX_SOCKET_PATH = 100
@@ -37,16 +42,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class StateDirError(Exception):
-    """The state directory or its database cannot be used."""
-
-
 class EmbeddedBackend:
     def __init__(self, state_dir: Path, *, lease_seconds: float = 30.0):
         self.state_dir = Path(state_dir).absolute()
         self.lease_seconds = lease_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.store: Store | None = None
+        self.damage = Damage(self.state_dir / statedir.DB_NAME)
+        self._lock = ServeLock(self.state_dir)
+        self.token_file: Path | None = None
         self._servicer: Servicer | None = None
         self._server: grpc.Server | None = None
         self._socket_path: Path | None = None
@@ -61,16 +65,45 @@ class EmbeddedBackend:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, listen: str | None = None) -> str:
-        """Open the store and serve; returns the address for TaskHubGrpcWorker/Client."""
+    def start(self, listen: str | None = None, token: str | None = None) -> str:
+        """Open the store and serve; returns the address for TaskHubGrpcWorker/Client.
+
+        With *listen* (``sitebackup serve``) no other backend may use the state directory meanwhile,
+        and every call must present *token*, by default the one in ``token_file`` (created if missing)."""
         if self._server is not None:
             raise RuntimeError("the embedded backend is already started")
-        self.store = self._open_store()
-        self.store.release_dead_owners(socket.gethostname(), _pid_alive)
-        self._servicer = Servicer(self.store, self.owner, self.lease_seconds)
+        statedir.prepare(self.state_dir)
+        self._lock.acquire(exclusive=listen is not None)
+        try:
+            if listen is not None and not token:
+                self.token_file = statedir.serve_token(self.state_dir)
+                token = self.token_file.read_text().strip()
+            self.store = self._open_store()
+            with self._guarded():
+                self.store.release_dead_owners(socket.gethostname(), _pid_alive)
+            statedir.remove_stale_sockets(self.state_dir / "sock", _pid_alive)
+            address = self._serve(listen, token)
+            if listen is not None:
+                self._lock.record(f"pid {os.getpid()} on {address}")
+        except BaseException:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+            self._lock.release()
+            raise
+        self._stop_renewing.clear()
+        self._renewer = threading.Thread(target=self._renew_loop, name="sitebackup-lease-renewer", daemon=True)
+        self._renewer.start()
+        return address
+
+    def _serve(self, listen: str | None, token: str | None) -> str:
+        assert self.store is not None
+        self._servicer = Servicer(self.store, self.owner, self.lease_seconds, self.damage)
+        # Requests over the SDK's own 4 MiB bound are refused before anything is read into the store.
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sitebackup-backend"),
-            options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
+            interceptors=[Guard(self.damage, token if listen is not None else None)],
+            options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", MAX_MESSAGE)])
         stubs.add_TaskHubSidecarServiceServicer_to_server(self._servicer, server)
         try:
             if listen is not None:
@@ -83,68 +116,71 @@ class EmbeddedBackend:
                 address = f"unix:{self._socket_path}"
             server.start()
         except RuntimeError as ex:
-            self.store.close()
-            self.store = None
+            self._servicer.close()
             raise StateDirError(f"cannot listen on {listen or self._socket_path}: {ex}") from None
         if self._socket_path is not None:
             os.chmod(self._socket_path, 0o600)
         self._server = server
-        self._stop_renewing.clear()
-        self._renewer = threading.Thread(target=self._renew_loop, name="sitebackup-lease-renewer", daemon=True)
-        self._renewer.start()
         return address
 
     def stop(self) -> None:
         if self._server is None:
             return
         assert self._servicer is not None and self.store is not None
-        self._servicer.shutdown()
-        self._server.stop(grace=2).wait()
-        self._server = None
-        self._servicer.close()
-        self._stop_renewing.set()
-        if self._renewer is not None:
-            self._renewer.join()
-        self.store.release_leases(self.owner)
-        self.store.close()
-        self.store = None
-        if self._socket_path is not None:
-            self._socket_path.unlink(missing_ok=True)
-            if self._socket_dir_is_temp:
-                self._socket_path.parent.rmdir()
-            self._socket_path = None
+        try:
+            self._servicer.shutdown()
+            self._server.stop(grace=2).wait()
+            self._servicer.close()
+            self._stop_renewing.set()
+            if self._renewer is not None:
+                self._renewer.join()
+            if self.damage.message is None:  # nothing more is written to a damaged database
+                with self._guarded():
+                    self.store.release_leases(self.owner)
+        finally:
+            self._server = None
+            self.store.close()
+            self.store = None
+            self._lock.release()
+            if self._socket_path is not None:
+                self._socket_path.unlink(missing_ok=True)
+                if self._socket_dir_is_temp:
+                    self._socket_path.parent.rmdir()
+                self._socket_path = None
 
     def worker_attached(self, instance_id: str, taskhub: str = DEFAULT_TASKHUB) -> bool:
         """True when a live process holds a lease on the instance's work or has a work-item stream open."""
         store = self.store or self._open_store()
         try:
-            store.release_dead_owners(socket.gethostname(), _pid_alive)
-            return store.worker_attached(taskhub, instance_id, self.lease_seconds)
+            with self._guarded():
+                store.release_dead_owners(socket.gethostname(), _pid_alive)
+                return store.worker_attached(taskhub, instance_id, self.lease_seconds)
         finally:
             if store is not self.store:
                 store.close()
 
     # --- internals ------------------------------------------------------------------
 
-    def _open_store(self) -> Store:
-        hint = "use --state-dir to choose another location"
-        db_path = self.state_dir / "state.db"
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Turn a damaged database met by this process into the one-line error (``StateDirError``)."""
+        if self.damage.message is not None:
+            raise StateDirError(self.damage.message)
         try:
-            if not self.state_dir.exists():
-                self.state_dir.mkdir(parents=True, mode=0o700)
-                os.chmod(self.state_dir, 0o700)
-            if not os.access(self.state_dir, os.W_OK | os.X_OK):
-                raise PermissionError("not writable")
+            yield
+        except sqlite3.DatabaseError as ex:
+            if not statedir.is_corrupt(ex):
+                raise
+            raise StateDirError(self.damage.note(ex)) from None
+
+    def _open_store(self) -> Store:
+        db_path = statedir.database(self.state_dir, SCHEMA)
+        try:
             return Store(db_path)
         except sqlite3.DatabaseError as ex:
-            if "not a database" in str(ex) or "malformed" in str(ex) or "corrupt" in str(ex):
-                raise StateDirError(
-                    f"state database {db_path} is corrupt or not a SQLite database ({ex}); "
-                    f"it was left untouched: move it aside or {hint}") from None
-            raise StateDirError(f"cannot use state database {db_path}: {ex}; {hint}") from None
-        except OSError as ex:
-            reason = ex.strerror or str(ex)
-            raise StateDirError(f"cannot use state directory {self.state_dir}: {reason}; {hint}") from None
+            if statedir.is_corrupt(ex):
+                raise statedir.corrupt_error(db_path, str(ex)) from None
+            raise StateDirError(f"cannot use state database {db_path}: {ex}; {statedir.HINT}") from None
 
     def _new_socket_path(self) -> Path:
         name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"
@@ -164,5 +200,7 @@ class EmbeddedBackend:
                 assert self.store is not None
                 self.store.renew_leases(self.owner, self.lease_seconds)
                 self.store.release_dead_owners(socket.gethostname(), _pid_alive)
-            except Exception:  # a busy or briefly unavailable database must not kill renewal
-                continue
+            except Exception as ex:  # a busy or briefly unavailable database must not kill renewal
+                if statedir.is_corrupt(ex):
+                    self.damage.note(ex)
+                    return

@@ -4,10 +4,15 @@ Owns the mapping from sidecar RPCs to ``Store`` calls, the ``GetWorkItems`` stre
 (with per-stream flow control) and the waiting RPCs. Waiters wake on the store's
 in-process condition for low latency, and also poll the database because another
 process on the same state directory may have changed it.
+
+Nothing it sends exceeds the 4 MiB a client accepts (``MAX_MESSAGE``, the SDK's default): a
+payload too large to return is replaced by a marker, a query answer is cut into pages, and a work
+item too large to deliver fails its instance or activity instead of breaking the stream for all.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,7 +25,8 @@ import durabletask.internal.orchestrator_service_pb2_grpc as stubs
 import grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
-from .store import TERMINAL, AlreadyExists, NotFound, Store
+from .statedir import Damage, is_corrupt
+from .store import TERMINAL, AlreadyExists, InstanceRow, NotFound, Store
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,9 @@ DEFAULT_TASKHUB = "default"
 POLL_SECONDS = 0.05  # how stale a view of other processes' changes may get
 _ENTITIES = "entities are not supported by the sitebackup embedded backend"
 _DEFAULT_PAGE = 100
+MAX_MESSAGE = 4 * 1024 * 1024
+_PAGE_BYTES = MAX_MESSAGE - 64 * 1024  # room for the response's own fields
+_PAYLOAD_BYTES = 1024 * 1024  # a payload over this is dropped from a state too large to send
 
 
 def _taskhub(context: grpc.ServicerContext) -> str:
@@ -41,6 +50,30 @@ def _seconds(ts) -> float:
     return ts.ToNanoseconds() / 1e9
 
 
+def _omitted(what: str, size: int) -> str:
+    return json.dumps(f"<omitted by sitebackup: {what} of {size} bytes, too large to return "
+                      f"within the {MAX_MESSAGE}-byte message bound>")
+
+
+def _too_large(what: str, size: int) -> pb.TaskFailureDetails:
+    """Why a work item is failed instead of delivered: the worker could not receive it."""
+    return pb.TaskFailureDetails(errorType="MessageTooLarge", isNonRetriable=True,
+                                 errorMessage=f"this {what} work item of {size} bytes is over the "
+                                              f"{MAX_MESSAGE} byte message bound a worker accepts")
+
+
+def state_of(row: InstanceRow, include_payloads: bool) -> pb.OrchestrationState:
+    """The row as a client sees it, small enough to send: oversized payloads become a marker."""
+    state = row.to_state(include_payloads)
+    if state.ByteSize() <= _PAGE_BYTES:
+        return state
+    for field, what in (("input", "input"), ("output", "output"), ("customStatus", "custom status")):
+        value = getattr(state, field)
+        if len(value.value) > _PAYLOAD_BYTES:
+            value.value = _omitted(what, len(value.value))
+    return state
+
+
 class _Stream:
     """Outstanding work items of one GetWorkItems stream, for flow control."""
 
@@ -52,8 +85,9 @@ class _Stream:
 
 
 class Servicer(stubs.TaskHubSidecarServiceServicer):
-    def __init__(self, store: Store, owner: str, lease_seconds: float):
+    def __init__(self, store: Store, owner: str, lease_seconds: float, damage: Damage):
         self.store = store
+        self.damage = damage
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.stopping = threading.Event()
@@ -91,8 +125,11 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
                     return
             try:
                 applied = self.store.complete_activities(batch)
-            except Exception:
-                log.exception("could not record %d activity results; their work items will be re-run", len(batch))
+            except Exception as ex:
+                if is_corrupt(ex):  # every request now answers with it
+                    self.damage.note(ex)
+                else:
+                    log.exception("could not record %d activity results; their work items will be re-run", len(batch))
                 continue
             stale = len(applied) - sum(applied)
             if stale:
@@ -120,7 +157,7 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
                 return pb.GetInstanceResponse(exists=False)
             if done(row):
                 return pb.GetInstanceResponse(exists=True,
-                                              orchestrationState=row.to_state(request.getInputsAndOutputs))
+                                              orchestrationState=state_of(row, request.getInputsAndOutputs))
             # Re-read when this process touched the instance, or after a poll period for other processes.
             while self.store.touched.get(key) == seen and time.monotonic() - read_at < 2 * POLL_SECONDS:
                 left = deadline - time.monotonic()
@@ -157,7 +194,7 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         row = self.store.get_instance(_taskhub(context), request.instanceId)
         if row is None:
             return pb.GetInstanceResponse(exists=False)
-        return pb.GetInstanceResponse(exists=True, orchestrationState=row.to_state(request.getInputsAndOutputs))
+        return pb.GetInstanceResponse(exists=True, orchestrationState=state_of(row, request.getInputsAndOutputs))
 
     def WaitForInstanceStart(self, request, context):
         return self._wait_for(request, context, lambda r: r.status != pb.ORCHESTRATION_STATUS_PENDING, "start")
@@ -212,15 +249,22 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         offset = 0
         if q.HasField("continuationToken") and q.continuationToken.value.isdigit():
             offset = int(q.continuationToken.value)
-        limit = q.maxInstanceCount if q.maxInstanceCount > 0 else None
+        limit = min(q.maxInstanceCount, _DEFAULT_PAGE) if q.maxInstanceCount > 0 else _DEFAULT_PAGE
         rows, more = self.store.query_instances(
             _taskhub(context), statuses=list(q.runtimeStatus),
             created_from=_seconds(q.createdTimeFrom) if q.HasField("createdTimeFrom") else None,
             created_to=_seconds(q.createdTimeTo) if q.HasField("createdTimeTo") else None,
             prefix=q.instanceIdPrefix.value if q.HasField("instanceIdPrefix") else None,
             offset=offset, limit=limit)
-        response = pb.QueryInstancesResponse(
-            orchestrationState=[r.to_state(q.fetchInputsAndOutputs) for r in rows])
+        response = pb.QueryInstancesResponse()
+        size = 0
+        for i, row in enumerate(rows):
+            state = state_of(row, q.fetchInputsAndOutputs)
+            size += state.ByteSize() + 8
+            if i and size > _PAGE_BYTES:  # the rest on the next page
+                rows, more = rows[:i], True
+                break
+            response.orchestrationState.append(state)
         if more:
             response.continuationToken.value = str(offset + len(rows))
         return response
@@ -317,14 +361,28 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         free = stream.max_orchestrations - len(stream.orchestrations)
         if free > 0:
             for claim in self.store.claim_orchestrations(hub, self.owner, min(free, 50), self.lease_seconds, orch_ok):
+                item = pb.WorkItem(completionToken=claim.token, orchestratorRequest=claim.request)
+                if item.ByteSize() > MAX_MESSAGE:
+                    self.store.complete_orchestration(hub, pb.OrchestratorResponse(
+                        instanceId=claim.request.instanceId, completionToken=claim.token,
+                        actions=[pb.OrchestratorAction(id=-1, completeOrchestration=pb.CompleteOrchestrationAction(
+                            orchestrationStatus=pb.ORCHESTRATION_STATUS_FAILED,
+                            failureDetails=_too_large("orchestration", item.ByteSize())))]))
+                    continue
                 self._track(stream, stream.orchestrations, claim.token)
-                items.append(pb.WorkItem(completionToken=claim.token, orchestratorRequest=claim.request))
+                items.append(item)
         # Refill activities in batches rather than one per completion: fewer claim transactions.
         if len(stream.activities) <= stream.max_activities // 2:
             free = min(stream.max_activities - len(stream.activities), 500)
             for claim in self.store.claim_activities(hub, self.owner, free, self.lease_seconds, act_ok):
+                item = pb.WorkItem(completionToken=claim.token, activityRequest=claim.request)
+                if item.ByteSize() > MAX_MESSAGE:
+                    self.store.complete_activity(hub, pb.ActivityResponse(
+                        instanceId=claim.request.orchestrationInstance.instanceId, taskId=claim.request.taskId,
+                        completionToken=claim.token, failureDetails=_too_large("activity", item.ByteSize())))
+                    continue
                 self._track(stream, stream.activities, claim.token)
-                items.append(pb.WorkItem(completionToken=claim.token, activityRequest=claim.request))
+                items.append(item)
         return items
 
     def _track(self, stream: _Stream, bucket: set[str], token: str) -> None:

@@ -1,0 +1,85 @@
+"""What every RPC of the embedded backend passes through: the secret a TCP client must present, and a
+damaged database turned into one ``DATA_LOSS`` answer.
+
+A TCP endpoint is reachable by every local user (loopback is not private), so ``serve`` requires
+``authorization: Bearer TOKEN`` on every call; the unix socket is owner-only and needs none. Once
+a request finds the database damaged, every later request fails the same way at once instead of
+working on state that can no longer be trusted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from .statedir import Damage, is_corrupt
+
+AUTH_HEADER = "authorization"
+_UNAUTHENTICATED = ("this endpoint requires the token of `sitebackup serve`: "
+                    "TokenFile=PATH in the task hub connection string, or SITEBACKUP_SERVE_TOKEN")
+_BEHAVIOURS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+def bearer(token: str) -> tuple[str, str]:
+    """The metadata entry a client sends to present *token*."""
+    return AUTH_HEADER, f"Bearer {token}"
+
+
+class Guard(grpc.ServerInterceptor):
+    def __init__(self, damage: Damage, token: str | None = None):
+        self.damage = damage
+        self._expected = f"Bearer {token}".encode() if token else None
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        wrap = self._guard if self._authorized(handler_call_details.invocation_metadata) else self._deny
+        for kind in _BEHAVIOURS:
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return handler._replace(**{kind: wrap(behaviour, streaming=kind.endswith("_stream"))})
+        return handler
+
+    def _authorized(self, metadata) -> bool:
+        if self._expected is None:
+            return True
+        presented = [value for key, value in metadata or () if key == AUTH_HEADER]
+        return len(presented) == 1 and hmac.compare_digest(str(presented[0]).encode(), self._expected)
+
+    @staticmethod
+    def _deny(behaviour: Callable, streaming: bool) -> Callable:
+        def deny(request: Any, context: grpc.ServicerContext):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+        return deny
+
+    def _guard(self, behaviour: Callable, streaming: bool) -> Callable:
+        def check(context: grpc.ServicerContext) -> None:
+            if self.damage.message is not None:
+                context.abort(grpc.StatusCode.DATA_LOSS, self.damage.message)
+
+        def failed(ex: sqlite3.DatabaseError, context: grpc.ServicerContext) -> None:
+            if not is_corrupt(ex):
+                raise ex
+            context.abort(grpc.StatusCode.DATA_LOSS, self.damage.note(ex))
+
+        if streaming:
+            def stream(request: Any, context: grpc.ServicerContext):
+                check(context)
+                try:
+                    yield from behaviour(request, context)
+                except sqlite3.DatabaseError as ex:
+                    failed(ex, context)
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext):
+            check(context)
+            try:
+                return behaviour(request, context)
+            except sqlite3.DatabaseError as ex:
+                failed(ex, context)
+        return unary
