@@ -22,24 +22,13 @@ import durabletask.internal.orchestrator_service_pb2_grpc as stubs
 import grpc
 import pytest
 from google.protobuf import wrappers_pb2
-from helpers import ROOT, write_tree
+from helpers import ROOT, wait_until, write_tree
 
 from sitebackup.durable.backend import EmbeddedBackend
 from sitebackup.durable.backend.guard import bearer
 from sitebackup.durable.backend.store import Store
 
-WAIT = 120  # generous bound for slow shared machines; never asserted on
 MIB = 1024 * 1024
-
-
-def _until(predicate, what: str):
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"gave up waiting for {what}")
 
 
 def _spawn(args: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:
@@ -65,7 +54,7 @@ class Served:
             assert self.proc.poll() is None, out.read_text()
             lines = [ln for ln in out.read_text().splitlines() if ln.startswith("127.0.0.1:")]
             return lines[0] if lines else None
-        self.address = _until(address, "serve to listen")
+        self.address = wait_until(address, "serve to listen")
 
     @property
     def token(self) -> str:
@@ -130,7 +119,7 @@ def test_serve_and_an_in_process_backend_never_share_a_state_directory(tmp_path,
     # and the other way round: while an in-process backend works on the directory, serve is refused
     worker = _spawn(["worker", "--state-dir", str(state)], cli_env, tmp_path / "worker.out")
     try:
-        _until(lambda: "worker started" in (tmp_path / "worker.out").read_text(), "the worker to start")
+        wait_until(lambda: "worker started" in (tmp_path / "worker.out").read_text(), "the worker to start")
         _one_line_error(cli("serve", "--listen", "127.0.0.1:0", "--state-dir", state, timeout=60),
                         "is in use by another sitebackup process")
         listed = cli("list", "--state-dir", state)  # in-process backends share a state directory
@@ -415,7 +404,7 @@ def _sockets(state: Path) -> set[str]:
 def test_sockets_of_killed_processes_are_removed_and_live_ones_kept(tmp_path, cli_env, cli):
     state = tmp_path / "state"
     victim = _spawn(["worker", "--state-dir", str(state)], cli_env, tmp_path / "victim.out")
-    dead = _until(lambda: _sockets(state), "the victim's socket")
+    dead = wait_until(lambda: _sockets(state), "the victim's socket")
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     assert _sockets(state) == dead  # a killed process cannot clean up after itself
@@ -424,7 +413,7 @@ def test_sockets_of_killed_processes_are_removed_and_live_ones_kept(tmp_path, cl
 
     survivor = _spawn(["worker", "--state-dir", str(state)], cli_env, tmp_path / "survivor.out")
     try:
-        live = _until(lambda: _sockets(state), "the survivor's socket")
+        live = wait_until(lambda: _sockets(state), "the survivor's socket")
         assert cli("list").returncode == 0
         assert _sockets(state) == live
         with socket.socket(socket.AF_UNIX) as probe:

@@ -21,6 +21,8 @@ from durabletask import worker as dt_worker
 from durabletask.internal.grpc_interceptor import DefaultClientInterceptorImpl
 
 from sitebackup.blob.workstore import BlobWorkStore, LocalWorkStore, WorkStore
+from sitebackup.durable.backend.guard import bearer
+from sitebackup.durable.backend.servicer import DEFAULT_TASKHUB
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.durable.workerstop import make_prompt
 from sitebackup.errors import InputError, SiteBackupError
@@ -82,8 +84,6 @@ class Runtime:
 
     def _interceptors(self) -> list[DefaultClientInterceptorImpl]:
         """The `sitebackup serve` token on every call, when the connection string or environment gives one."""
-        from sitebackup.durable.backend.guard import bearer
-
         token = self.taskhub.serve_token() if self.taskhub is not None else None
         return [DefaultClientInterceptorImpl([bearer(token)])] if token else []
 
@@ -122,6 +122,12 @@ class Runtime:
     def stop_workers(self) -> None:
         while self._workers:
             self._workers.pop().stop()
+
+    def status_version(self, instance_id: str) -> int | None:
+        """A number that moves whenever this process's backend applies a change to the instance (an
+        episode, a termination); None under the scheduler, where changes happen elsewhere."""
+        store = self.backend.store if self.backend is not None else None
+        return None if store is None else store.touched.get((DEFAULT_TASKHUB, instance_id), 0)
 
     def worker_attached(self, instance_id: str) -> bool | None:
         """Whether a live process works on *instance_id*; None when the backend cannot tell."""

@@ -377,9 +377,9 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
             for claim in self.store.claim_activities(hub, self.owner, free, self.lease_seconds, act_ok):
                 item = pb.WorkItem(completionToken=claim.token, activityRequest=claim.request)
                 if item.ByteSize() > MAX_MESSAGE:
-                    self.store.complete_activity(hub, pb.ActivityResponse(
+                    self.store.complete_activities([(hub, pb.ActivityResponse(
                         instanceId=claim.request.orchestrationInstance.instanceId, taskId=claim.request.taskId,
-                        completionToken=claim.token, failureDetails=_too_large("activity", item.ByteSize())))
+                        completionToken=claim.token, failureDetails=_too_large("activity", item.ByteSize())))])
                     continue
                 self._track(stream, stream.activities, claim.token)
                 items.append(item)
