@@ -181,6 +181,7 @@ _INSTANCE_COLS = ("instance_id, execution_id, name, version, status, input, outp
 @dataclass
 class _Inflight:
     """What went out in one orchestrator episode, kept until its completion arrives."""
+    owner: str  # whose lease the episode went out under: releasing another owner's leases keeps it
     prefix: bytes | None  # an orchestratorStarted we generated for this episode
     blobs: list[bytes]
     kinds: list[str]
@@ -453,7 +454,7 @@ class Store:
             prefix = started.SerializeToString()
             events.insert(0, started)
         past = self._cached_history(db, hub, iid, history_version)
-        self._inflight[(hub, iid, gen)] = _Inflight(prefix, blobs, kinds, events, history_version)
+        self._inflight[(hub, iid, gen)] = _Inflight(owner, prefix, blobs, kinds, events, history_version)
         request = pb.OrchestratorRequest(instanceId=iid, executionId=wrappers_pb2.StringValue(value=execution_id),
                                          pastEvents=past, newEvents=events)
         return OrchestratorClaim(orchestration_token(iid, gen), request)
@@ -768,7 +769,9 @@ class Store:
             db.execute("UPDATE instances SET lease_owner=NULL, lease_expires=0 WHERE lease_owner=?", (owner,))
             db.execute("UPDATE activities SET lease_owner=NULL, lease_expires=0 WHERE lease_owner=?", (owner,))
             db.execute("DELETE FROM streams WHERE owner=?", (owner,))
-        self._inflight.clear()
+            # only *owner*'s episodes (under the store's lock, like every claim and completion): a dead
+            # peer's release must not orphan this process's own
+            self._inflight = {key: episode for key, episode in self._inflight.items() if episode.owner != owner}
 
     def register_stream(self, hub: str, stream_id: str, owner: str) -> None:
         with self._tx() as db:
