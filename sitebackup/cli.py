@@ -466,6 +466,8 @@ def _configure_logging(debug: bool) -> None:
     SDK_LOGGER.setLevel(logging.DEBUG if debug else logging.CRITICAL)
     if not debug:
         logging.getLogger("azure").setLevel(logging.ERROR)
+        # the embedded backend's failed calls (a full state disk) reach the caller, which says why in one line
+        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 
 class _RedactFilter(logging.Filter):

@@ -1,5 +1,5 @@
-"""Runs that can be trusted to end or to say why not: a state disk that fills mid-run, a live run that
-stalls, a peer process dying on a shared state directory, and a cancelled run's watcher.
+"""Runs that can be trusted to end or to say why not: a state disk that fills mid-run, a peer process
+dying on a shared state directory.
 
 Real processes, a real Azurite, real small file systems (tmpfs) for the full disk.
 """
@@ -7,6 +7,8 @@ Real processes, a real Azurite, real small file systems (tmpfs) for the full dis
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import sqlite3
 import subprocess
 import sys
@@ -15,15 +17,39 @@ import time
 from pathlib import Path
 
 import durabletask.internal.orchestrator_service_pb2 as pb
+import pytest
 from durabletask import client as dt_client
 from durabletask import task
 from durabletask import worker as dt_worker
-from helpers import ROOT
+from helpers import ROOT, JsonRun, assert_exact, env_for, many_files, run_cli, uploading
 
 from sitebackup.durable.backend import EmbeddedBackend
 from sitebackup.durable.backend.store import Store
+from sitebackup.durable.runtime import open_backend
+from sitebackup.errors import EXIT_STATE_FULL, StateFullError
+from sitebackup.workflows.activity import ActivityDeps, unless_halted
 
 CHILD = ROOT / "tests" / "backend" / "_child.py"
+
+
+def mount_tmpfs(point: Path, size: str) -> None:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True)
+
+
+def fill(mount: Path) -> Path:
+    """Write one file until the file system is full; delete it to free the space again."""
+    filler = mount / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def poll_until(predicate, polls: int = 120, interval: float = 0.5):
@@ -33,6 +59,137 @@ def poll_until(predicate, polls: int = 120, interval: float = 0.5):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not reached in {polls} polls")
+
+
+# ---------------------------------------------------------------- the state disk fills mid-run
+
+
+def test_state_disk_filling_mid_run_stops_it_with_exit_5_and_a_rerun_completes_exact(
+        azurite, tmp_path, container_name, mount_point):
+    mount_tmpfs(mount_point, "4m")
+    src = tmp_path / "site"
+    many_files(src, 1500)
+    state = mount_point / "state"
+    env = env_for(azurite.connection_string, state)
+    run = JsonRun([str(src), "-c", container_name, "--concurrency", "2"], env)
+    try:
+        start = run.until(lambda e: e["event"] == "start")
+        run.until(uploading(1))
+        filler = fill(mount_point)
+        # the guard: the run must stop on its own within 30 s (it used to wait forever)
+        code, last, err = run.finish(timeout=30)
+    finally:
+        run.kill()
+    assert code == EXIT_STATE_FULL, err
+    assert "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"sitebackup: error: state directory {state} cannot be written (")
+    assert "No space left on device" in line or "disk is full" in line
+    assert f"sitebackup resume {start['instance_id']}" in line
+    assert last["event"] == "error" and last["exit_code"] == EXIT_STATE_FULL
+
+    filler.unlink()
+    again = run_cli([str(src), "-c", container_name, "--json"], env)
+    assert again.returncode == 0, again.stderr
+    summary = summary_of(again)
+    assert summary["instance_id"] == start["instance_id"] and summary["runtime_status"] == "COMPLETED"
+    assert summary["files_failed"] == 0
+    assert_exact(azurite.connection_string, container_name, src)
+
+
+def test_worker_on_a_state_disk_that_fills_exits_5(azurite, mount_point):
+    mount_tmpfs(mount_point, "4m")
+    state = mount_point / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "sitebackup", "worker"], env=env_for(azurite.connection_string, state),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "worker started" in proc.stderr.readline()
+        db = state / "state.db"
+        poll_until(lambda: stream_owners(db), interval=0.05)  # working on the state dir
+        fill(mount_point)
+        # its next write (the stream or the lease heartbeat, every 10 s) is refused: the guard is the timeout
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_STATE_FULL, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        line for line in err.splitlines() if line.startswith(f"sitebackup: error: state directory {state} cannot be")]
+
+
+def test_work_delivered_after_the_state_disk_filled_fails_at_once_without_running():
+    ran: list[object] = []
+
+    def copy_batch(ctx, inp):
+        ran.append(inp)
+        return "uploaded"
+
+    deps = ActivityDeps(container_client=lambda name: None, work=None, endpoint="test")  # type: ignore[arg-type]
+    guarded = unless_halted(copy_batch, deps)
+    assert guarded.__name__ == "copy_batch" and guarded(None, 1) == "uploaded"
+    deps.halted = lambda: "No space left on device"
+    with pytest.raises(RuntimeError, match="not started: No space left on device"):
+        guarded(None, 2)
+    assert ran == [1]
+
+
+def test_any_failure_after_the_state_disk_filled_is_reported_as_the_full_disk(tmp_path):
+    with pytest.raises(StateFullError, match=f"state directory {tmp_path} cannot be written \\(database or disk"):
+        with open_backend(tmp_path) as runtime:
+            assert runtime.backend is not None
+            runtime.backend.record_fault("database or disk is full")
+            raise RuntimeError("StatusCode.UNKNOWN: Exception calling application")  # what a refused RPC looks like
+
+
+def test_a_write_the_full_disk_refuses_is_rolled_back_reported_and_the_next_one_works(mount_point):
+    mount_tmpfs(mount_point, "1m")
+    faults: list[str] = []
+    store = Store(mount_point / "state.db", on_fault=faults.append)
+    try:
+        store.create_instance("default", "before", "orch")
+        filler = fill(mount_point)
+        with pytest.raises(sqlite3.OperationalError):
+            store.create_instance("default", "big", "orch", input="x" * 600_000)
+        assert faults == ["database or disk is full"]
+        filler.unlink()
+        # a failed COMMIT used to leave the transaction open: "cannot start a transaction within a transaction"
+        store.create_instance("default", "after", "orch")
+        assert store.get_instance("default", "big") is None and store.get_instance("default", "after") is not None
+    finally:
+        store.close()
+
+
+def scheduled_names(events) -> list[str]:
+    return [e.taskScheduled.name for e in events if e.HasField("taskScheduled")]
+
+
+def test_an_episode_the_full_disk_refused_never_reaches_a_later_replay(mount_point):
+    mount_tmpfs(mount_point, "1m")
+    a, b = Store(mount_point / "state.db"), Store(mount_point / "state.db")
+    try:
+        a.create_instance("default", "i1", "orch")
+        [first] = a.claim_orchestrations("default", "A", 10, lease_seconds=0)
+        filler = fill(mount_point)
+        refused = pb.OrchestratorAction(id=1, scheduleTask=pb.ScheduleTaskAction(name="refused"))
+        refused.scheduleTask.input.value = "x" * 600_000
+        with pytest.raises(sqlite3.OperationalError):
+            a.complete_orchestration("default", pb.OrchestratorResponse(
+                instanceId="i1", completionToken=first.token, actions=[refused]))
+        filler.unlink()
+        # another process runs the episode again (the lease lapsed), and its activity's result arrives
+        [again] = b.claim_orchestrations("default", "B", 10, lease_seconds=0)
+        applied = pb.OrchestratorAction(id=1, scheduleTask=pb.ScheduleTaskAction(name="applied"))
+        assert b.complete_orchestration("default", pb.OrchestratorResponse(
+            instanceId="i1", completionToken=again.token, actions=[applied]))
+        [act] = b.claim_activities("default", "B", 10, lease_seconds=30)
+        assert b.complete_activity("default", pb.ActivityResponse(instanceId="i1", taskId=1,
+                                                                  completionToken=act.token))
+        [later] = a.claim_orchestrations("default", "A", 10, lease_seconds=30)
+        assert scheduled_names(later.request.pastEvents) == ["applied"] == scheduled_names(b.history("default", "i1"))
+    finally:
+        a.close()
+        b.close()
 
 
 class Gate:
@@ -45,6 +202,42 @@ class Gate:
     def hold(self) -> None:
         self.entered.set()
         assert self.open.wait(60), "the test never opened the gate"
+
+
+def test_activity_results_the_full_disk_refuses_are_kept_and_written_once_space_returns(mount_point):
+    mount_tmpfs(mount_point, "4m")
+    gate = Gate()
+
+    def held(ctx: task.ActivityContext, _) -> str:
+        gate.hold()
+        return "r" * 200_000  # a result the database must grow for
+
+    def one_held(ctx: task.OrchestrationContext, _):
+        return len((yield ctx.call_activity(held)))
+
+    backend = EmbeddedBackend(mount_point / "state")
+    address = backend.start()
+    worker = dt_worker.TaskHubGrpcWorker(host_address=address)
+    worker.add_activity(held)
+    worker.add_orchestrator(one_held)
+    worker.start()
+    client = dt_client.TaskHubGrpcClient(host_address=address)
+    try:
+        instance_id = client.schedule_new_orchestration(one_held)
+        assert gate.entered.wait(30)
+        filler = fill(mount_point)
+        gate.open.set()
+        poll_until(lambda: backend.fault, interval=0.05)  # the result's write was refused
+        filler.unlink()
+        # it used to be dropped while its lease stayed with this live process: the run waited forever
+        state = client.wait_for_orchestration_completion(instance_id, timeout=30)
+        assert state.runtime_status == dt_client.OrchestrationStatus.COMPLETED
+        assert state.serialized_output == "200000"
+    finally:
+        gate.open.set()
+        worker.stop()
+        client.close()
+        backend.stop()
 
 
 # ---------------------------------------------------------------- a peer dies on a shared state directory

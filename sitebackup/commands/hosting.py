@@ -28,6 +28,7 @@ from sitebackup.errors import (
     EXIT_OK,
     InputError,
     SiteBackupError,
+    StateFullError,
 )
 from sitebackup.ui.printers import Printer
 from sitebackup.workflows.activity import ActivityDeps
@@ -183,17 +184,27 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, insta
                    on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run a worker in this process until *instance_id* finishes; Ctrl-C leaves it resumable.
 
-    Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work."""
+    Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work.
+    A state directory that stops taking writes (disk full) ends the watch with ``StateFullError``."""
+
+    def poll() -> None:
+        runtime.check(instance_id)
+        if on_poll is not None:
+            on_poll()
+
     try:
         with runtime.connected() as client:
             released = release_waiting(client, instance_id)
             if local_worker:
                 runtime.start_worker(deps, concurrency)
-            state = watch(client, instance_id, printer, on_poll=on_poll, stop_when_waiting=True, released=released)
+            state = watch(client, instance_id, printer, on_poll=poll, stop_when_waiting=True, released=released)
     except KeyboardInterrupt:
         printer.close()
         runtime.stop_workers()
         raise Interrupted(instance_id) from None
+    except StateFullError:
+        printer.close()
+        raise
     summary = summarize(state)
     printer.finish(summary)
     return summary
@@ -248,4 +259,5 @@ def activity_deps(settings: StorageSettings, state_dir: Path, concurrency: int, 
                         endpoint=label)
     deps.put_many = AsyncPutter(settings, in_flight=2 * concurrency).put_many
     deps.cancelled = CancelCheck(runtime)
+    deps.halted = runtime.fault
     return deps

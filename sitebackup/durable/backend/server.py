@@ -3,7 +3,8 @@
 ``EmbeddedBackend.start()`` opens ``<state_dir>/state.db`` and serves the sidecar
 protocol on a private unix socket (or on TCP for ``sitebackup serve``); ``stop()``
 ends the work-item streams, stops the server and releases this process's leases so
-another process can pick the work up at once.
+another process can pick the work up at once. ``fault`` says why the state directory
+stopped taking writes (disk full), if it did: the process then stops rather than hang.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class EmbeddedBackend:
         self._socket_dir_is_temp = False
         self._renewer: threading.Thread | None = None
         self._stop_renewing = threading.Event()
+        self.fault: str | None = None
+
+    def record_fault(self, reason: str) -> None:
+        """Note the first reason the state directory refused a write (the database's or the work store's)."""
+        if self.fault is None:
+            self.fault = reason
 
     def __enter__(self) -> "EmbeddedBackend":
         self.start()
@@ -66,7 +73,13 @@ class EmbeddedBackend:
         if self._server is not None:
             raise RuntimeError("the embedded backend is already started")
         self.store = self._open_store()
-        self.store.release_dead_owners(socket.gethostname(), _pid_alive)
+        try:
+            self.store.release_dead_owners(socket.gethostname(), _pid_alive)
+        except sqlite3.Error as ex:  # the first write: a full disk shows here, before any work
+            self.store.close()
+            self.store = None
+            raise StateDirError(f"cannot use state database {self.state_dir / 'state.db'}: {ex}; "
+                                "use --state-dir to choose another location") from None
         self._servicer = Servicer(self.store, self.owner, self.lease_seconds)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sitebackup-backend"),
@@ -105,7 +118,10 @@ class EmbeddedBackend:
         self._stop_renewing.set()
         if self._renewer is not None:
             self._renewer.join()
-        self.store.release_leases(self.owner)
+        try:
+            self.store.release_leases(self.owner)
+        except sqlite3.Error:  # a full disk: the next process releases them (this pid is gone by then)
+            pass
         self.store.close()
         self.store = None
         if self._socket_path is not None:
@@ -135,7 +151,7 @@ class EmbeddedBackend:
                 os.chmod(self.state_dir, 0o700)
             if not os.access(self.state_dir, os.W_OK | os.X_OK):
                 raise PermissionError("not writable")
-            return Store(db_path)
+            return Store(db_path, on_fault=self.record_fault)
         except sqlite3.DatabaseError as ex:
             if "not a database" in str(ex) or "malformed" in str(ex) or "corrupt" in str(ex):
                 raise StateDirError(
