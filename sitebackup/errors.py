@@ -9,6 +9,7 @@ EXIT_USAGE = 2
 EXIT_DESTINATION = 3
 EXIT_ALREADY_RUNNING = 4
 EXIT_STATE_FULL = 5
+EXIT_CANCELLED = 7
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
@@ -16,7 +17,8 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 every file backed up or unchanged; 1 the run finished but some files failed; "
     "2 usage or input error; 3 destination unreachable or access denied; "
     "4 the same backup is already running elsewhere (with --no-wait); 5 the state directory filled up (or "
-    "stopped taking writes) during the run, which is saved; 70 internal error; 130 interrupted."
+    "stopped taking writes) during the run, which is saved; 7 the run was cancelled; 70 internal error; "
+    "130 interrupted."
 )
 
 

@@ -1,5 +1,5 @@
 """Runs that can be trusted to end or to say why not: a state disk that fills mid-run, a peer process
-dying on a shared state directory.
+dying on a shared state directory, and a cancelled run's watcher.
 
 Real processes, a real Azurite, real small file systems (tmpfs) for the full disk.
 """
@@ -26,8 +26,10 @@ from helpers import ROOT, JsonRun, assert_exact, env_for, many_files, run_cli, u
 from sitebackup.durable.backend import EmbeddedBackend
 from sitebackup.durable.backend.store import Store
 from sitebackup.durable.runtime import open_backend
-from sitebackup.errors import EXIT_STATE_FULL, StateFullError
+from sitebackup.errors import EXIT_CANCELLED, EXIT_STATE_FULL, StateFullError
+from sitebackup.ui.printers import failure_lines, summary_line
 from sitebackup.workflows.activity import ActivityDeps, unless_halted
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION
 
 CHILD = ROOT / "tests" / "backend" / "_child.py"
 
@@ -311,3 +313,44 @@ def test_a_sigkilled_peer_on_the_same_state_dir_never_stalls_the_survivors_run(t
         worker.stop()
         client.close()
         survivor.stop()
+
+
+# ---------------------------------------------------------------- a cancelled run
+
+
+def test_a_cancelled_runs_watcher_says_cancelled_exits_7_and_keeps_its_counters(azurite, tmp_path, container_name):
+    src = tmp_path / "site"
+    many_files(src, 1500)
+    env = env_for(azurite.connection_string, tmp_path / "state")
+    run = JsonRun([str(src), "-c", container_name, "--concurrency", "1"], env)
+    try:
+        instance_id = run.until(lambda e: e["event"] == "start")["instance_id"]
+        seen = run.until(uploading(1))
+        assert run_cli(["cancel", instance_id], env).returncode == 0
+        code, summary, err = run.finish()
+    finally:
+        run.kill()
+    assert code == EXIT_CANCELLED, err
+    assert "Traceback" not in err and "WARNING" not in err
+    assert summary["event"] == "summary" and summary["cancelled"] is True
+    assert summary["runtime_status"] == "TERMINATED" and summary["files_total"] == 1500
+    assert seen["files_done"] <= summary["files_uploaded"] < 1500 and summary["bytes_uploaded"] > 0
+
+    status = run_cli(["status", instance_id], env).stdout
+    assert "TERMINATED — cancelled" in status
+    assert f"files:        {summary['files_uploaded']}/1500 done" in status
+    [row] = json.loads(run_cli(["list", "--json"], env).stdout)
+    assert row["files"] == summary["files_uploaded"] and row["bytes"] == summary["bytes_uploaded"]
+
+    resumed = run_cli(["resume", instance_id], env)  # any later watcher says the same
+    assert resumed.returncode == EXIT_CANCELLED
+    assert f"{instance_id} CANCELLED: {summary['files_uploaded']}/1500 files uploaded" in resumed.stdout
+    assert f"run {instance_id} was cancelled" in resumed.stderr
+
+
+def test_a_cancelled_summary_reads_cancelled_in_plain_text():
+    summary = {"instance_id": "r1", "kind": BACKUP_ORCHESTRATION, "runtime_status": "TERMINATED", "cancelled": True,
+               "files_total": 10, "files_uploaded": 4, "bytes_uploaded": 4096, "files_failed": 0, "duration_s": 2.0}
+    assert summary_line(summary).startswith("r1 CANCELLED: 4/10 files uploaded (4.0 KiB)")
+    assert failure_lines(summary) == ["sitebackup: run r1 was cancelled (sitebackup cancel); what it backed up before stays"]
+

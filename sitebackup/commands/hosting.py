@@ -22,6 +22,7 @@ from sitebackup.blob.errors import redact
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime
 from sitebackup.errors import (
+    EXIT_CANCELLED,
     EXIT_DESTINATION,
     EXIT_FILES_FAILED,
     EXIT_INTERRUPTED,
@@ -113,6 +114,8 @@ def summarize(state: dt_client.OrchestrationState) -> dict[str, Any]:
             if kind == BACKUP_ORCHESTRATION:
                 summary.update(files_unchanged=unchanged, bytes_skipped=skipped_bytes)
         summary["duration_s"] = round((state.last_updated_at - state.created_at).total_seconds(), 3)
+    if state.runtime_status == dt_client.OrchestrationStatus.TERMINATED:
+        summary["cancelled"] = True  # `sitebackup cancel` is what terminates a run
     if state.failure_details is not None:
         summary["error"] = redact(state.failure_details.message)
         summary["error_type"] = state.failure_details.error_type
@@ -148,6 +151,8 @@ def exit_code_for(summary: dict[str, Any]) -> int:
         return EXIT_OK
     if summary["runtime_status"] == "COMPLETED":
         return EXIT_FILES_FAILED if summary.get("files_failed") else EXIT_OK
+    if summary.get("cancelled"):
+        return EXIT_CANCELLED
     if summary.get("resumable") or "DestinationError" in (summary.get("error_type") or ""):
         return EXIT_DESTINATION
     return EXIT_FILES_FAILED

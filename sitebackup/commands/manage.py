@@ -102,7 +102,9 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
         rows = []
         for state in states[:limit]:
             info = describe(runtime, state)
-            counters = info["output"] if isinstance(info["output"], dict) else (info["custom_status"] or {})
+            # a summary holds the counters; a cancelled run's output does not: they are in its last status
+            output = info["output"]
+            counters = output if isinstance(output, dict) and "files_total" in output else (info["custom_status"] or {})
             rows.append({
                 "instance_id": info["instance_id"], "kind": info["kind"], "runtime_status": info["runtime_status"],
                 "source": info["source"], "destination": info["destination"],

@@ -46,8 +46,9 @@ def start_verb(info: dict[str, Any]) -> str:
 
 def summary_line(summary: dict[str, Any]) -> str:
     verb = done_verb(summary)
+    status = "CANCELLED" if summary.get("cancelled") else summary.get("runtime_status", "?")
     parts = [
-        f"{summary.get('instance_id', '?')} {summary.get('runtime_status', '?')}:",
+        f"{summary.get('instance_id', '?')} {status}:",
         f"{summary.get(f'files_{verb}', 0)}/{summary.get('files_total', 0)} files {verb}",
         f"({human_bytes(summary.get(f'bytes_{verb}', 0))})",
     ]
@@ -65,6 +66,9 @@ def failure_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("error"):
         # the run itself stopped (a FAILED instance, or one waiting for `resume`): say why
         lines.append(f"sitebackup: error: {summary['error']}")
+    if summary.get("cancelled"):
+        lines.append(f"sitebackup: run {summary.get('instance_id')} was cancelled (sitebackup cancel); "
+                     "what it backed up before stays")
     listed = len(summary.get("failures") or [])
     rest = summary.get("files_failed", 0) - listed
     if rest > 0 and listed:

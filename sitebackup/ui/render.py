@@ -17,6 +17,8 @@ def status_text(info: dict[str, Any]) -> str:
     lines = [f"{info['instance_id']}  {KINDS.get(info['kind'], info['kind'])}  {status}"]
     if status in ("RUNNING", "PENDING") and info.get("worker_attached") is False:
         lines[0] += f" — no worker attached; resume with: sitebackup resume {info['instance_id']}"
+    elif status == "TERMINATED":
+        lines[0] += " — cancelled"
     if status in ("RUNNING", "PENDING") and info.get("worker_attached") is None:
         # the scheduler does not tell clients which workers hold an instance's work
         lines.append("  worker:       unknown with --taskhub")
@@ -24,7 +26,9 @@ def status_text(info: dict[str, Any]) -> str:
     lines.append(f"  destination:  {info.get('destination')}  ({info.get('endpoint')})")
     lines.append(f"  created:      {info['created_at']}")
     lines.append(f"  last update:  {info['last_updated_at']}  ({info['duration_s']:.1f}s)")
-    counters = info.get("output") if isinstance(info.get("output"), dict) else None
+    # a summary holds the counters; a cancelled run's output does not: they are in its last status
+    output = info.get("output")
+    counters = output if isinstance(output, dict) and "files_total" in output else None
     progress = info.get("custom_status") or {}
     if counters:
         verb = done_verb({"kind": info["kind"], **counters})
