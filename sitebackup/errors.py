@@ -9,6 +9,7 @@ EXIT_USAGE = 2
 EXIT_DESTINATION = 3
 EXIT_ALREADY_RUNNING = 4
 EXIT_STATE_FULL = 5
+EXIT_STALLED = 6
 EXIT_CANCELLED = 7
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -17,8 +18,8 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 every file backed up or unchanged; 1 the run finished but some files failed; "
     "2 usage or input error; 3 destination unreachable or access denied; "
     "4 the same backup is already running elsewhere (with --no-wait); 5 the state directory filled up (or "
-    "stopped taking writes) during the run, which is saved; 7 the run was cancelled; 70 internal error; "
-    "130 interrupted."
+    "stopped taking writes) during the run, which is saved; 6 the same backup is running but has made no "
+    "progress for --stall-after (with --no-wait); 7 the run was cancelled; 70 internal error; 130 interrupted."
 )
 
 
@@ -60,3 +61,9 @@ class StateFullError(SiteBackupError):
             else "run the same command again"
         super().__init__(f"state directory {state_dir} cannot be written ({cause}); the run is saved: "
                          f"free space there, then {again}")
+
+
+class StalledError(AlreadyRunningError):
+    """A live process holds the same backup, but the run has made no progress for too long."""
+
+    exit_code = EXIT_STALLED

@@ -1,5 +1,5 @@
-"""Runs that can be trusted to end or to say why not: a state disk that fills mid-run, a peer process
-dying on a shared state directory, and a cancelled run's watcher.
+"""Runs that can be trusted to end or to say why not: a state disk that fills mid-run, a live run that
+stalls, a peer process dying on a shared state directory, and a cancelled run's watcher.
 
 Real processes, a real Azurite, real small file systems (tmpfs) for the full disk.
 """
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import json
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import durabletask.internal.orchestrator_service_pb2 as pb
 import pytest
@@ -23,13 +27,14 @@ from durabletask import task
 from durabletask import worker as dt_worker
 from helpers import ROOT, JsonRun, assert_exact, env_for, many_files, run_cli, uploading
 
+from sitebackup.commands.hosting import stalled_for
 from sitebackup.durable.backend import EmbeddedBackend
 from sitebackup.durable.backend.store import Store
 from sitebackup.durable.runtime import open_backend
-from sitebackup.errors import EXIT_CANCELLED, EXIT_STATE_FULL, StateFullError
+from sitebackup.errors import EXIT_CANCELLED, EXIT_STALLED, EXIT_STATE_FULL, StateFullError
 from sitebackup.ui.printers import failure_lines, summary_line
 from sitebackup.workflows.activity import ActivityDeps, unless_halted
-from sitebackup.workflows.names import BACKUP_ORCHESTRATION
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION, WAITING_PHASE
 
 CHILD = ROOT / "tests" / "backend" / "_child.py"
 
@@ -52,6 +57,12 @@ def fill(mount: Path) -> Path:
 
 def summary_of(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
+
+
+def status_json(env: dict[str, str], instance_id: str, *extra: str) -> dict:
+    result = run_cli(["status", instance_id, "--json", *extra], env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def poll_until(predicate, polls: int = 120, interval: float = 0.5):
@@ -313,6 +324,117 @@ def test_a_sigkilled_peer_on_the_same_state_dir_never_stalls_the_survivors_run(t
         worker.stop()
         client.close()
         survivor.stop()
+
+
+# ---------------------------------------------------------------- a live run that stalls
+
+
+def state_at(status: dt_client.OrchestrationStatus, updated: datetime,
+             custom: dict | None = None) -> dt_client.OrchestrationState:
+    updated = updated.replace(tzinfo=None)  # the SDK gives naive UTC times
+    return dt_client.OrchestrationState(
+        instance_id="r", name=BACKUP_ORCHESTRATION, runtime_status=status, created_at=updated - timedelta(hours=5),
+        last_updated_at=updated, serialized_input=None, serialized_output=None,
+        serialized_custom_status=json.dumps(custom) if custom else None, failure_details=None)
+
+
+def test_a_run_is_stalled_only_when_unfinished_not_waiting_and_idle_past_the_threshold():
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    running = dt_client.OrchestrationStatus.RUNNING
+    limit = timedelta(minutes=10)
+    assert stalled_for(state_at(running, now - timedelta(minutes=11)), limit, now) == timedelta(minutes=11)
+    assert stalled_for(state_at(running, now - timedelta(minutes=9)), limit, now) is None
+    assert stalled_for(state_at(dt_client.OrchestrationStatus.PENDING, now - timedelta(hours=2)), limit, now)
+    assert stalled_for(state_at(dt_client.OrchestrationStatus.COMPLETED, now - timedelta(hours=2)), limit, now) is None
+    parked = state_at(running, now - timedelta(hours=2), {"phase": WAITING_PHASE})
+    assert stalled_for(parked, limit, now) is None  # waiting for `resume`, not stalled
+
+
+class GateProxy:
+    """Forwards HTTP to Azurite; while ``open`` is clear, blob uploads wait there: the run stops moving
+    (a second invocation's pre-flight, on the container, still goes through)."""
+
+    def __init__(self, target: str):
+        self.target = urlsplit(target)
+        self.open = threading.Event()
+        self.open.set()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "PUT" and "restype=container" not in self.path:
+                    proxy.open.wait(120)
+                conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
+                conn.request(self.command, self.path, body=body,
+                             headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
+
+    def close(self) -> None:
+        self.open.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_no_wait_on_a_stalled_run_exits_6_and_status_shows_its_last_progress(azurite, tmp_path, container_name):
+    src = tmp_path / "site"
+    many_files(src, 400)
+    proxy = GateProxy(azurite.endpoint)
+    conn = azurite.connection_string.replace(azurite.endpoint, proxy.endpoint)
+    env = env_for(conn, tmp_path / "state")
+    run = JsonRun([str(src), "-c", container_name, "--concurrency", "2"], env)
+    try:
+        instance_id = run.until(lambda e: e["event"] == "start")["instance_id"]
+        run.until(uploading(1))
+        proxy.open.clear()  # held at the gate: the live run makes no more progress
+        stalled = poll_until(lambda: (s := status_json(env, instance_id, "--stall-after", "1s"))["stalled"] and s)
+        assert stalled["runtime_status"] == "RUNNING" and stalled["worker_attached"] is True
+        assert stalled["idle_s"] > 1 and datetime.fromisoformat(stalled["last_progress_at"]).tzinfo is not None
+        assert status_json(env, instance_id)["stalled"] is False  # the default threshold is an hour
+
+        text = run_cli(["status", instance_id], dict(env, SITEBACKUP_STALL_AFTER="1s"))
+        assert "STALLED: no progress for" in text.stdout and "progress at:" in text.stdout
+
+        healthy = run_cli([str(src), "-c", container_name, "--no-wait"], env)
+        assert healthy.returncode == 4, healthy.stderr
+        late = run_cli([str(src), "-c", container_name, "--no-wait", "--stall-after", "1s"], env)
+        assert late.returncode == EXIT_STALLED, late.stderr
+        [line] = late.stderr.strip().splitlines()
+        assert instance_id in line and "no progress for" in line and "sitebackup cancel" in line
+        by_env = run_cli([str(src), "-c", container_name, "--no-wait"], dict(env, SITEBACKUP_STALL_AFTER="1s"))
+        assert by_env.returncode == EXIT_STALLED, by_env.stderr
+
+        proxy.open.set()
+        code, summary, err = run.finish()
+    finally:
+        run.kill()
+        proxy.close()
+    assert code == 0, err
+    assert summary["runtime_status"] == "COMPLETED" and summary["files_uploaded"] == 400
+    assert_exact(azurite.connection_string, container_name, src)
 
 
 # ---------------------------------------------------------------- a cancelled run

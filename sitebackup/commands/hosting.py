@@ -1,5 +1,6 @@
 """What every command that runs or watches a run shares: finding an unfinished run, hosting a worker,
-watching custom status into a printer, turning an instance's state into a summary and an exit code.
+watching custom status into a printer, telling a stalled run from a live one, turning an instance's
+state into a summary and an exit code.
 
 Commands never print: they hand data to a ``ui.printers.Printer``.
 """
@@ -10,7 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ UNFINISHED = [
     dt_client.OrchestrationStatus.PENDING,
     dt_client.OrchestrationStatus.SUSPENDED,
 ]
+ENV_STALL_AFTER = "SITEBACKUP_STALL_AFTER"
+DEFAULT_STALL_AFTER = "1h"  # a live run without progress for this long is reported stalled (--stall-after)
 
 
 class Interrupted(SiteBackupError):
@@ -133,6 +136,24 @@ def waiting_status(state: dt_client.OrchestrationState) -> dict[str, Any] | None
         return None
     status = state.get_custom_status()
     return status if isinstance(status, dict) and status.get("phase") == WAITING_PHASE else None
+
+
+def last_progress(state: dt_client.OrchestrationState) -> datetime:
+    """When the run last moved: the backend's last update of the instance (an episode applied, with
+    its new custom status, or an event queued for it, such as an activity's result), in UTC."""
+    stamp = state.last_updated_at
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def stalled_for(state: dt_client.OrchestrationState, stall_after: timedelta,
+                now: datetime | None = None) -> timedelta | None:
+    """How long an unfinished run has gone without progress, when that is longer than *stall_after*.
+
+    A run parked until `resume` (destination failure) is waiting, not stalled."""
+    if state.runtime_status in TERMINAL or waiting_status(state) is not None:
+        return None
+    idle = (now or datetime.now(timezone.utc)) - last_progress(state)
+    return idle if idle > stall_after else None
 
 
 def release_waiting(client: dt_client.TaskHubGrpcClient, instance_id: str) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import timedelta
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -28,6 +29,14 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def human_duration(delta: timedelta) -> str:
+    """``1h 5m``, ``3m 12s``, ``42s``: the two largest units, for ages of runs."""
+    seconds = max(0, int(delta.total_seconds()))
+    values = [(seconds // 86400, "d"), (seconds // 3600 % 24, "h"), (seconds // 60 % 60, "m"), (seconds % 60, "s")]
+    first = next((i for i, (n, _) in enumerate(values) if n), len(values) - 1)
+    return " ".join(f"{n}{unit}" for n, unit in values[first:first + 2] if n) or "0s"
 
 
 # a run's kind is its orchestration's durable name (workflows.names)
