@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,7 +22,7 @@ from sitebackup.commands import backup as backup_cmd
 from sitebackup.commands import dryrun, manage, scaleout
 from sitebackup.commands import restore as restore_cmd
 from sitebackup.commands import verify as verify_cmd
-from sitebackup.commands.hosting import exit_code_for
+from sitebackup.commands.hosting import DEFAULT_STALL_AFTER, ENV_STALL_AFTER, exit_code_for
 from sitebackup.durable import taskhub as taskhub_mod
 from sitebackup.durable.runtime import ENV_STATE_DIR, SDK_LOGGER, backend_error, default_state_dir
 from sitebackup.errors import (
@@ -47,6 +48,14 @@ class DefaultToBackup(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["backup", *args]
         return super().parse_args(ctx, args)
+
+
+def stall_after_option(fn):
+    return click.option(
+        "--stall-after", metavar="DURATION", default=DEFAULT_STALL_AFTER, show_default=True, envvar=ENV_STALL_AFTER,
+        callback=lambda _ctx, _param, value: manage.parse_age(value),
+        help=f"A live run without progress for this long (90s, 30m, 2h) is stalled [env {ENV_STALL_AFTER}].",
+    )(fn)
 
 
 def state_dir_option(fn):
@@ -110,7 +119,9 @@ def selection_options(fn):
         click.option("--dry-run", is_flag=True,
                      help="Scan and compare only: list what would be uploaded or skipped, write nothing."),
         click.option("--no-wait", is_flag=True,
-                     help="If the same backup is already running, print its id and exit 4 instead of attaching."),
+                     help="If the same backup is already running, print its id and exit 4 instead of attaching "
+                          "(6 if it has made no progress for --stall-after)."),
+        stall_after_option,
         click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
                      help="Append a timestamped log of the run (start, failures, summary) to PATH."),
     ]
@@ -252,11 +263,12 @@ def serve(listen: str, allow_remote: bool, lease_seconds: float, state_dir: Path
 @click.argument("instance_id")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object.")
 @click.option("--watch", is_flag=True, help="Draw the live progress bar until the run finishes.")
+@stall_after_option
 @taskhub_option
 @state_dir_option
 @debug_option
-def status(instance_id: str, json_output: bool, watch: bool, taskhub: str | None, state_dir: Path | None,
-           debug: bool) -> None:
+def status(instance_id: str, json_output: bool, watch: bool, stall_after: timedelta, taskhub: str | None,
+           state_dir: Path | None, debug: bool) -> None:
     """Show a run's status, progress and summary.
 
     Works from any terminal, while the run is live or after it ended.
@@ -272,7 +284,7 @@ def status(instance_id: str, json_output: bool, watch: bool, taskhub: str | None
     if watch:
         summary = manage.watch_status(state_dir, instance_id, make_printer(json_output=json_output), hub)
         sys.exit(exit_code_for(summary))
-    info = manage.status(state_dir, instance_id, hub)
+    info = manage.status(state_dir, instance_id, hub, stall_after)
     if json_output:
         click.echo(json.dumps(info))
     else:
@@ -474,6 +486,8 @@ def _configure_logging(debug: bool) -> None:
     SDK_LOGGER.setLevel(logging.DEBUG if debug else logging.CRITICAL)
     if not debug:
         logging.getLogger("azure").setLevel(logging.ERROR)
+        # the embedded backend's failed calls (a full state disk) reach the caller, which says why in one line
+        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 
 class _RedactFilter(logging.Filter):

@@ -60,3 +60,12 @@ def cli(cli_env):
     def _run(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
         return run_cli([str(a) for a in args], env if env is not None else cli_env, **kwargs)
     return _run
+
+
+@pytest.fixture
+def mount_point(tmp_path: Path):
+    """An empty directory to mount a small file system on (tmpfs: a full or read-only disk); unmounted after."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    yield point
+    subprocess.run(["umount", str(point)], check=False)

@@ -308,14 +308,6 @@ def test_sigkill_loop_at_every_phase_then_rerun_completes_exact(azurite, tmp_pat
 # ---------------------------------------------------------------- unusable state directory
 
 
-@pytest.fixture
-def mount_point(tmp_path: Path):
-    point = tmp_path / "mnt"
-    point.mkdir()
-    yield point
-    subprocess.run(["umount", str(point)], check=False)
-
-
 def test_read_only_state_directory_is_a_clear_error_before_any_work(azurite, tmp_path, container_name,
                                                                    mount_point):
     # CI runs as root, for whom chmod changes nothing: a read-only mount refuses even root

@@ -9,6 +9,8 @@ grow with the number of files. ``LocalWorkStore`` keeps them in the local state 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -45,27 +47,42 @@ def _checked(instance_id: str) -> str:
     return instance_id
 
 
-class LocalWorkStore:
-    """The work store in ``<state dir>/work``."""
+# what says the state directory itself cannot be written, as opposed to one bad page
+_WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
-    def __init__(self, root: Path):
+
+class LocalWorkStore:
+    """The work store in ``<state dir>/work``; *on_fault* hears why a write failed when the disk is full."""
+
+    def __init__(self, root: Path, on_fault: Callable[[str], None] = lambda reason: None):
         self.root = root
+        self.on_fault = on_fault
 
     def _dir(self, instance_id: str) -> Path:
         return self.root / _checked(instance_id)
 
     def _write(self, path: Path, data: Any) -> None:
-        # mkdir's mode applies to the last directory only: create each level owner-only
-        folder = self.root
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for part in path.parent.relative_to(self.root).parts:
-            folder = folder / part
-            folder.mkdir(exist_ok=True, mode=0o700)
-        # write-then-rename: a kill mid-write never leaves a half page behind
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, separators=(",", ":"))
-        os.replace(tmp, path)
+        try:
+            # mkdir's mode applies to the last directory only: create each level owner-only
+            folder = self.root
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for part in path.parent.relative_to(self.root).parts:
+                folder = folder / part
+                folder.mkdir(exist_ok=True, mode=0o700)
+            # write-then-rename: a kill mid-write never leaves a half page behind
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(data, fh, separators=(",", ":"))
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)  # a half page on a full disk holds the space others need
+                raise
+        except OSError as exc:
+            if exc.errno in _WRITE_FAULTS:
+                self.on_fault(exc.strerror or str(exc))
+            raise
 
     def _read(self, path: Path) -> Any:
         with open(path, encoding="utf-8") as fh:

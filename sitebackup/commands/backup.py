@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +24,19 @@ from sitebackup.commands.hosting import (
     activity_deps,
     attach_and_watch,
     find_unfinished,
+    get_run,
     host_and_watch,
+    last_progress,
     new_instance_id,
     run_input,
+    stalled_for,
 )
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime, open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import AlreadyRunningError, InputError
+from sitebackup.errors import AlreadyRunningError, InputError, StalledError
 from sitebackup.local import filters, incremental
-from sitebackup.ui.printers import Printer
+from sitebackup.ui.printers import Printer, human_duration
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, DEFAULT_WINDOW
 from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE, BackupInput, BackupOptions
 
@@ -52,6 +55,7 @@ class BackupRequest:
     follow_symlinks: bool = False
     no_wait: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
+    stall_after: timedelta | None = None  # a live run idle for longer is stalled; None: never judged
 
     def orchestration_input(self, endpoint: str | None) -> BackupInput:
         return BackupInput(source=str(self.source), container=self.container, prefix=self.prefix, endpoint=endpoint,
@@ -78,7 +82,7 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
                   concurrency: int = DEFAULT_WINDOW, block_size: int = DEFAULT_BLOCK_SIZE, checksum: bool = False,
                   force: bool = False, excludes: tuple[str, ...] = (), includes: tuple[str, ...] = (),
                   exclude_from: tuple[Path, ...] = (), no_ignore_file: bool = False, follow_symlinks: bool = False,
-                  no_wait: bool = False) -> BackupRequest:
+                  no_wait: bool = False, stall_after: timedelta | None = None) -> BackupRequest:
     """Validate the backup's options into a request: source, destination, comparison, filters."""
     path = Path(source).expanduser()
     if not path.exists():
@@ -98,7 +102,7 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
     return BackupRequest(source=path.resolve(), container=validate_container_name(container),
                          prefix=normalize_prefix(expand_prefix(prefix)), concurrency=concurrency,
                          state_dir=state_dir, compare=mode, patterns=patterns, follow_symlinks=follow_symlinks,
-                         no_wait=no_wait, block_size=block_size)
+                         no_wait=no_wait, block_size=block_size, stall_after=stall_after)
 
 
 def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore) -> str | None:
@@ -138,8 +142,7 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
             deps = activity_deps(settings, request.state_dir, request.concurrency, runtime)
             with runtime.connected() as client:
                 instance_id, live = claim_or_find(client, runtime, inp, lock)
-                if live and request.no_wait:
-                    raise AlreadyRunningError(f"the same backup is already running as {instance_id}", instance_id)
+                warning = check_live_run(client, instance_id, request) if live else None
                 resumed = instance_id is not None
                 if instance_id is None:
                     if request.compare != incremental.MODE_FORCE:
@@ -148,6 +151,8 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
                                                                     instance_id=new_instance_id())
             printer.start({"instance_id": instance_id, "source": inp.source, "destination": inp.destination,
                            "endpoint": endpoint, "resumed": resumed, "attached": live})
+            if warning is not None:
+                printer.message(warning)
             if detach:
                 return {"instance_id": instance_id, "runtime_status": "SCHEDULED", "detached": True}
             if live and local_worker:
@@ -155,6 +160,24 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
             return host_and_watch(runtime, deps, request.concurrency, instance_id, printer, local_worker=local_worker)
         finally:
             lock.release()
+
+
+def check_live_run(client: dt_client.TaskHubGrpcClient, instance_id: str, request: BackupRequest) -> str | None:
+    """Before attaching to a run another process hosts: with --no-wait refuse (AlreadyRunningError, or
+    StalledError when it has made no progress for ``stall_after``); else a warning if it looks stalled."""
+    state = get_run(client, instance_id)
+    idle = stalled_for(state, request.stall_after) if request.stall_after is not None else None
+    if idle is None:
+        if request.no_wait:
+            raise AlreadyRunningError(f"the same backup is already running as {instance_id}", instance_id)
+        return None
+    since = last_progress(state).isoformat(timespec="seconds")
+    what = (f"the same backup is running as {instance_id} but has made no progress for {human_duration(idle)} "
+            f"(since {since}, over --stall-after {human_duration(request.stall_after)})")
+    if request.no_wait:
+        raise StalledError(f"{what}: is its process hung? stop it, or cancel the run: sitebackup cancel {instance_id}",
+                           instance_id)
+    return f"warning: {what}; attaching anyway"
 
 
 def claim_or_find(client: dt_client.TaskHubGrpcClient, runtime: Runtime, inp: BackupInput,

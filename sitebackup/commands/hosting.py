@@ -1,5 +1,6 @@
 """What every command that runs or watches a run shares: finding an unfinished run, hosting a worker,
-watching custom status into a printer, turning an instance's state into a summary and an exit code.
+watching custom status into a printer, telling a stalled run from a live one, turning an instance's
+state into a summary and an exit code.
 
 Commands never print: they hand data to a ``ui.printers.Printer``.
 """
@@ -10,7 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,14 @@ from sitebackup.blob.errors import redact
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime
 from sitebackup.errors import (
+    EXIT_CANCELLED,
     EXIT_DESTINATION,
     EXIT_FILES_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     InputError,
     SiteBackupError,
+    StateFullError,
 )
 from sitebackup.ui.printers import Printer
 from sitebackup.workflows.activity import ActivityDeps
@@ -47,6 +50,8 @@ UNFINISHED = [
     dt_client.OrchestrationStatus.PENDING,
     dt_client.OrchestrationStatus.SUSPENDED,
 ]
+ENV_STALL_AFTER = "SITEBACKUP_STALL_AFTER"
+DEFAULT_STALL_AFTER = "1h"  # a live run without progress for this long is reported stalled (--stall-after)
 
 
 class Interrupted(SiteBackupError):
@@ -122,6 +127,8 @@ def summarize(state: dt_client.OrchestrationState) -> dict[str, Any]:
             if kind == BACKUP_ORCHESTRATION:
                 summary.update(files_unchanged=unchanged, bytes_skipped=skipped_bytes)
         summary["duration_s"] = round((state.last_updated_at - state.created_at).total_seconds(), 3)
+    if state.runtime_status == dt_client.OrchestrationStatus.TERMINATED:
+        summary["cancelled"] = True  # `sitebackup cancel` is what terminates a run
     if state.failure_details is not None:
         summary["error"] = redact(state.failure_details.message)
         summary["error_type"] = state.failure_details.error_type
@@ -141,6 +148,24 @@ def waiting_status(state: dt_client.OrchestrationState) -> dict[str, Any] | None
     return status if isinstance(status, dict) and status.get("phase") == WAITING_PHASE else None
 
 
+def last_progress(state: dt_client.OrchestrationState) -> datetime:
+    """When the run last moved: the backend's last update of the instance (an episode applied, with
+    its new custom status, or an event queued for it, such as an activity's result), in UTC."""
+    stamp = state.last_updated_at
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def stalled_for(state: dt_client.OrchestrationState, stall_after: timedelta,
+                now: datetime | None = None) -> timedelta | None:
+    """How long an unfinished run has gone without progress, when that is longer than *stall_after*.
+
+    A run parked until `resume` (destination failure) is waiting, not stalled."""
+    if state.runtime_status in TERMINAL or waiting_status(state) is not None:
+        return None
+    idle = (now or datetime.now(timezone.utc)) - last_progress(state)
+    return idle if idle > stall_after else None
+
+
 def release_waiting(client: dt_client.TaskHubGrpcClient, instance_id: str) -> int | None:
     """Wake a run parked by a destination failure; returns the wait it released (to ignore), if any."""
     state = client.get_orchestration_state(instance_id)
@@ -157,6 +182,8 @@ def exit_code_for(summary: dict[str, Any]) -> int:
         return EXIT_OK
     if summary["runtime_status"] == "COMPLETED":
         return EXIT_FILES_FAILED if summary.get("files_failed") else EXIT_OK
+    if summary.get("cancelled"):
+        return EXIT_CANCELLED
     if summary.get("resumable") or "DestinationError" in (summary.get("error_type") or ""):
         return EXIT_DESTINATION
     return EXIT_FILES_FAILED
@@ -193,17 +220,27 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, insta
                    on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run a worker in this process until *instance_id* finishes; Ctrl-C leaves it resumable.
 
-    Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work."""
+    Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work.
+    A state directory that stops taking writes (disk full) ends the watch with ``StateFullError``."""
+
+    def poll() -> None:
+        runtime.check(instance_id)
+        if on_poll is not None:
+            on_poll()
+
     try:
         with runtime.connected() as client:
             released = release_waiting(client, instance_id)
             if local_worker:
                 runtime.start_worker(deps, concurrency)
-            state = watch(client, instance_id, printer, on_poll=on_poll, stop_when_waiting=True, released=released)
+            state = watch(client, instance_id, printer, on_poll=poll, stop_when_waiting=True, released=released)
     except KeyboardInterrupt:
         printer.close()
         runtime.stop_workers()
         raise Interrupted(instance_id) from None
+    except StateFullError:
+        printer.close()
+        raise
     summary = summarize(state)
     printer.finish(summary)
     return summary
@@ -260,4 +297,5 @@ def activity_deps(settings: StorageSettings, state_dir: Path, concurrency: int, 
                         endpoint=label)
     deps.put_many = AsyncPutter(settings, in_flight=2 * concurrency).put_many
     deps.cancelled = CancelCheck(runtime)
+    deps.halted = runtime.fault
     return deps

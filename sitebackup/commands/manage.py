@@ -23,7 +23,9 @@ from sitebackup.commands.hosting import (
     attach_and_watch,
     get_run,
     host_and_watch,
+    last_progress,
     run_input,
+    stalled_for,
     summarize,
     watch,
 )
@@ -42,12 +44,14 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 def parse_age(text: str) -> timedelta:
     match = _DURATION.match(text.strip().lower())
     if not match:
-        raise InputError(f"invalid age {text!r}: use a number and a unit, e.g. 30d, 12h, 2w")
+        raise InputError(f"invalid duration {text!r}: use a number and a unit (s, m, h, d, w), e.g. 30d, 12h, 90s")
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-def describe(runtime: Runtime, state: dt_client.OrchestrationState) -> dict[str, Any]:
-    """Everything ``status`` shows, as one JSON-ready dict."""
+def describe(runtime: Runtime, state: dt_client.OrchestrationState,
+             stall_after: timedelta | None = None) -> dict[str, Any]:
+    """Everything ``status`` shows, as one JSON-ready dict; an unfinished run idle for longer than
+    *stall_after* is ``stalled``."""
     raw = run_input(state)
     custom = state.get_custom_status() if state.serialized_custom_status else None
     output = state.get_output() if state.serialized_output else None
@@ -67,6 +71,9 @@ def describe(runtime: Runtime, state: dt_client.OrchestrationState) -> dict[str,
         "created_at": state.created_at.isoformat(),
         "last_updated_at": state.last_updated_at.isoformat(),
         "duration_s": round((state.last_updated_at - state.created_at).total_seconds(), 3),
+        "last_progress_at": last_progress(state).isoformat(),
+        "idle_s": None,
+        "stalled": None,
         "worker_attached": None,
         "failure": None,
     }
@@ -75,12 +82,17 @@ def describe(runtime: Runtime, state: dt_client.OrchestrationState) -> dict[str,
                            "message": redact(state.failure_details.message)}
     if state.runtime_status not in TERMINAL:
         info["worker_attached"] = runtime.worker_attached(state.instance_id)
+        now = datetime.now(timezone.utc)
+        info["idle_s"] = round((now - last_progress(state)).total_seconds(), 1)
+        if stall_after is not None:
+            info["stalled"] = stalled_for(state, stall_after, now) is not None
     return info
 
 
-def status(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+def status(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None,
+           stall_after: timedelta | None = None) -> dict[str, Any]:
     with open_client(state_dir, taskhub) as (runtime, client):
-        return describe(runtime, get_run(client, instance_id))
+        return describe(runtime, get_run(client, instance_id), stall_after)
 
 
 def watch_status(state_dir: Path, instance_id: str, printer: Printer,
@@ -103,7 +115,9 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
         rows = []
         for state in states[:limit]:
             info = describe(runtime, state)
-            counters = info["output"] if isinstance(info["output"], dict) else (info["custom_status"] or {})
+            # a summary holds the counters; a cancelled run's output does not: they are in its last status
+            output = info["output"]
+            counters = output if isinstance(output, dict) and "files_total" in output else (info["custom_status"] or {})
             rows.append({
                 "instance_id": info["instance_id"], "kind": info["kind"], "runtime_status": info["runtime_status"],
                 "source": info["source"], "destination": info["destination"],

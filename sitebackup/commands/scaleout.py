@@ -2,7 +2,8 @@
 ``sitebackup serve`` (the embedded backend over TCP, so the Durable Task Scheduler code path runs
 on one machine; every call must carry its token).
 
-Both run until SIGINT or SIGTERM and then stop cleanly; the CLI renders what they report.
+Both run until SIGINT or SIGTERM and then stop cleanly; a worker also stops when its state directory
+stops taking writes (disk full: ``StateFullError``). The CLI renders what they report.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def run_worker(settings: StorageSettings, taskhub: TaskHubSettings | None, state
         runtime.start_worker(deps, concurrency)
         on_started()
         while not stop.wait(1.0):
-            pass
+            runtime.check()
         # open_backend's exit stops the worker, which first finishes the work items it holds
 
 

@@ -2,7 +2,9 @@
 
 ``open_backend`` is the one seam between commands and the durable engine: every command gets a
 ``Runtime`` from it and never cares whether the embedded SQLite backend or Azure Durable Task
-Scheduler (``TaskHubSettings``, through durabletask-azuremanaged) serves it.
+Scheduler (``TaskHubSettings``, through durabletask-azuremanaged) serves it. When the state
+directory stops taking writes (disk full), ``Runtime.check`` raises ``StateFullError`` so the
+command stops instead of waiting for work that can no longer be recorded.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from sitebackup.durable.backend.guard import bearer
 from sitebackup.durable.backend.servicer import DEFAULT_TASKHUB
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.durable.workerstop import make_prompt
-from sitebackup.errors import InputError, SiteBackupError
+from sitebackup.errors import InputError, SiteBackupError, StateFullError
 from sitebackup.workflows.registry import ActivityDeps, register
 
 ENV_STATE_DIR = "SITEBACKUP_STATE_DIR"
@@ -129,6 +131,16 @@ class Runtime:
         store = self.backend.store if self.backend is not None else None
         return None if store is None else store.touched.get((DEFAULT_TASKHUB, instance_id), 0)
 
+    def fault(self) -> str | None:
+        """Why the embedded backend's state directory stopped taking writes, if it did."""
+        return self.backend.fault if self.backend else None
+
+    def check(self, instance_id: str | None = None) -> None:
+        """Raise ``StateFullError`` once the state directory has refused a write."""
+        fault = self.fault()
+        if fault is not None:
+            raise StateFullError(self.state_dir, fault, instance_id)
+
     def worker_attached(self, instance_id: str) -> bool | None:
         """Whether a live process works on *instance_id*; None when the backend cannot tell."""
         return self.backend.worker_attached(instance_id) if self.backend else None
@@ -136,7 +148,8 @@ class Runtime:
     def work_store(self, service: "BlobServiceClient | None") -> WorkStore:
         """Local pages for the embedded backend; blobs in the destination when workers share no disk."""
         if self.taskhub is None:
-            return LocalWorkStore(self.state_dir / "work")
+            assert self.backend is not None
+            return LocalWorkStore(self.state_dir / "work", on_fault=self.backend.record_fault)
         assert service is not None, "the scheduler's work store lives in the destination container"
         return BlobWorkStore(lambda instance_id: service.get_container_client(self._container_of(instance_id)))
 
@@ -172,6 +185,11 @@ def open_backend(state_dir: Path, taskhub: TaskHubSettings | None = None) -> Ite
     runtime = Runtime(address=address, state_dir=state_dir, backend=backend)
     try:
         yield runtime
+    except SiteBackupError:
+        raise
+    except Exception:
+        runtime.check()  # a failed call (gRPC or file) of a full state directory says so, once
+        raise
     finally:
         try:
             runtime.stop_workers()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import timedelta
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -30,6 +31,14 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def human_duration(delta: timedelta) -> str:
+    """``1h 5m``, ``3m 12s``, ``42s``: the two largest units, for ages of runs."""
+    seconds = max(0, int(delta.total_seconds()))
+    values = [(seconds // 86400, "d"), (seconds // 3600 % 24, "h"), (seconds // 60 % 60, "m"), (seconds % 60, "s")]
+    first = next((i for i, (n, _) in enumerate(values) if n), len(values) - 1)
+    return " ".join(f"{n}{unit}" for n, unit in values[first:first + 2] if n) or "0s"
+
+
 # a run's kind is its orchestration's durable name (workflows.names)
 KINDS = {"BackupSiteContent": "backup", "RestoreSiteContent": "restore"}
 
@@ -46,8 +55,9 @@ def start_verb(info: dict[str, Any]) -> str:
 
 def summary_line(summary: dict[str, Any]) -> str:
     verb = done_verb(summary)
+    status = "CANCELLED" if summary.get("cancelled") else summary.get("runtime_status", "?")
     parts = [
-        f"{summary.get('instance_id', '?')} {summary.get('runtime_status', '?')}:",
+        f"{summary.get('instance_id', '?')} {status}:",
         f"{summary.get(f'files_{verb}', 0)}/{summary.get('files_total', 0)} files {verb}",
         f"({human_bytes(summary.get(f'bytes_{verb}', 0))})",
     ]
@@ -65,6 +75,9 @@ def failure_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("error"):
         # the run itself stopped (a FAILED instance, or one waiting for `resume`): say why
         lines.append(f"sitebackup: error: {summary['error']}")
+    if summary.get("cancelled"):
+        lines.append(f"sitebackup: run {summary.get('instance_id')} was cancelled (sitebackup cancel); "
+                     "what it backed up before stays")
     listed = len(summary.get("failures") or [])
     rest = summary.get("files_failed", 0) - listed
     if rest > 0 and listed:

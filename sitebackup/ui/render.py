@@ -3,28 +3,39 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from sitebackup.ui.printers import KINDS, done_verb, failure_lines, human_bytes
+from sitebackup.ui.printers import KINDS, done_verb, failure_lines, human_bytes, human_duration
 
 
 def status_text(info: dict[str, Any]) -> str:
     status = info["runtime_status"]
+    idle = timedelta(seconds=info["idle_s"]) if info.get("idle_s") is not None else None
     lines = [f"{info['instance_id']}  {KINDS.get(info['kind'], info['kind'])}  {status}"]
     if status in ("RUNNING", "PENDING") and info.get("worker_attached") is False:
         lines[0] += f" — no worker attached; resume with: sitebackup resume {info['instance_id']}"
+    elif info.get("stalled") and idle is not None:
+        lines[0] += f" — STALLED: no progress for {human_duration(idle)}; is its process hung?"
+    elif status == "TERMINATED":
+        lines[0] += " — cancelled"
     if status in ("RUNNING", "PENDING") and info.get("worker_attached") is None:
         # the scheduler does not tell clients which workers hold an instance's work
         lines.append("  worker:       unknown with --taskhub")
     lines.append(f"  source:       {info.get('source')}")
     lines.append(f"  destination:  {info.get('destination')}  ({info.get('endpoint')})")
     lines.append(f"  created:      {info['created_at']}")
-    lines.append(f"  last update:  {info['last_updated_at']}  ({info['duration_s']:.1f}s)")
-    counters = info.get("output") if isinstance(info.get("output"), dict) else None
+    if idle is not None:
+        lines.append(f"  progress at:  {info['last_progress_at']}  ({human_duration(idle)} ago)")
+    else:
+        lines.append(f"  last update:  {info['last_updated_at']}  ({info['duration_s']:.1f}s)")
+    # a summary holds the counters; a cancelled run's output does not: they are in its last status
+    output = info.get("output")
+    counters = output if isinstance(output, dict) and "files_total" in output else None
     progress = info.get("custom_status") or {}
     if counters:
         verb = done_verb({"kind": info["kind"], **counters})

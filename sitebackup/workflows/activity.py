@@ -35,6 +35,9 @@ class ActivityDeps:
     on_batch: Callable[[str, dict[str, Any]], None] | None = None
     # uploads a page's small files concurrently (blob.asyncput.AsyncPutter.put_many); None: one by one
     put_many: Callable[..., list[Any]] | None = None
+    # why the hosting process is stopping at once (its state directory is full), else None: the work
+    # items already delivered then end without uploading what could not be recorded
+    halted: Callable[[], str | None] = lambda: None
 
 
 def activity(name: str, run: Callable[[task.ActivityContext, dict[str, Any]], Any]) -> Callable[..., Any]:
@@ -52,4 +55,18 @@ def activity(name: str, run: Callable[[task.ActivityContext, dict[str, Any]], An
 
     # the worker registers activities under fn.__name__
     wrapped.__name__ = name
+    return wrapped
+
+
+def unless_halted(fn: Callable[..., Any], deps: ActivityDeps) -> Callable[..., Any]:
+    """*fn*, failing at once instead of starting while ``deps.halted`` gives a reason (the failure is
+    retried, like any, when the run goes on)."""
+
+    def wrapped(ctx: task.ActivityContext, inp: Any) -> Any:
+        reason = deps.halted()
+        if reason is not None:
+            raise RuntimeError(f"not started: {reason}")
+        return fn(ctx, inp)
+
+    wrapped.__name__ = fn.__name__
     return wrapped

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sitebackup.workflows.activity import ActivityDeps
+from sitebackup.workflows.activity import ActivityDeps, unless_halted
 from sitebackup.workflows.backup import backup_site_content
 from sitebackup.workflows.copy import build_activities
 from sitebackup.workflows.fetch import build_restore_activities
@@ -18,4 +18,4 @@ def register(worker: Any, deps: ActivityDeps) -> None:
     for orchestration in ORCHESTRATIONS:
         worker.add_orchestrator(orchestration)
     for activity in [*build_activities(deps), *build_restore_activities(deps)]:
-        worker.add_activity(activity)
+        worker.add_activity(unless_halted(activity, deps))

@@ -3,7 +3,9 @@
 ``EmbeddedBackend.start()`` opens ``<state_dir>/state.db`` and serves the sidecar
 protocol on a private unix socket (or, for ``sitebackup serve``, on TCP with a required
 token); ``stop()`` ends the work-item streams, stops the server and releases this
-process's leases so another process can pick the work up at once.
+process's leases so another process can pick the work up at once. ``fault`` says why the
+state directory stopped taking writes (disk full), if it did: the process then stops rather
+than hang.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ class EmbeddedBackend:
         self._socket_dir_is_temp = False
         self._renewer: threading.Thread | None = None
         self._stop_renewing = threading.Event()
+        self.fault: str | None = None
+
+    def record_fault(self, reason: str) -> None:
+        """Note the first reason the state directory refused a write (the database's or the work store's)."""
+        if self.fault is None:
+            self.fault = reason
 
     def __enter__(self) -> "EmbeddedBackend":
         self.start()
@@ -79,8 +87,12 @@ class EmbeddedBackend:
                 self.token_file = statedir.serve_token(self.state_dir)
                 token = self.token_file.read_text().strip()
             self.store = self._open_store()
-            with self._guarded():
-                self.store.release_dead_owners(socket.gethostname(), _pid_alive)
+            try:
+                with self._guarded():
+                    self.store.release_dead_owners(socket.gethostname(), _pid_alive)
+            except sqlite3.Error as ex:  # the first write: a full disk shows here, before any work
+                raise StateDirError(f"cannot use state database {self.state_dir / statedir.DB_NAME}: {ex}; "
+                                    f"{statedir.HINT}") from None
             statedir.remove_stale_sockets(self.state_dir / "sock", _pid_alive)
             address = self._serve(listen, token)
             if listen is not None:
@@ -137,6 +149,8 @@ class EmbeddedBackend:
             if self.damage.message is None:  # nothing more is written to a damaged database
                 with self._guarded():
                     self.store.release_leases(self.owner)
+        except sqlite3.Error:  # a full disk: the next process releases them (this pid is gone by then)
+            pass
         finally:
             self._server = None
             self.store.close()
@@ -176,7 +190,7 @@ class EmbeddedBackend:
     def _open_store(self) -> Store:
         db_path = statedir.database(self.state_dir, SCHEMA)
         try:
-            return Store(db_path)
+            return Store(db_path, on_fault=self.record_fault)
         except sqlite3.DatabaseError as ex:
             if statedir.is_corrupt(ex):
                 raise statedir.corrupt_error(db_path, str(ex)) from None

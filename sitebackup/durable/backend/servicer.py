@@ -26,12 +26,13 @@ import grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from .statedir import Damage, is_corrupt
-from .store import TERMINAL, AlreadyExists, InstanceRow, NotFound, Store
+from .store import TERMINAL, AlreadyExists, InstanceRow, NotFound, Store, write_fault
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKHUB = "default"
 POLL_SECONDS = 0.05  # how stale a view of other processes' changes may get
+FLUSH_RETRY_SECONDS = 0.5  # between attempts to write activity results the database refused
 _ENTITIES = "entities are not supported by the sitebackup embedded backend"
 _DEFAULT_PAGE = 100
 MAX_MESSAGE = 4 * 1024 * 1024
@@ -116,24 +117,34 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         # one transaction per batch instead of one per activity keeps large fan-outs cheap.
         # If the process dies before a batch is written, the activity's lease expires and it
         # runs again (activities are at-least-once anyway); a result is never applied twice.
+        # A batch that cannot be written (disk full) is kept and tried again: dropping it would
+        # leave its work items leased to this live process, never to run again.
         while True:
             with self._completions_ready:
                 while not self._completions and not self._flusher_done:
                     self._completions_ready.wait()
                 batch, self._completions = self._completions, []
-                if not batch and self._flusher_done:
+                closing = self._flusher_done
+                if not batch and closing:
                     return
             try:
                 applied = self.store.complete_activities(batch)
-            except Exception as ex:
-                if is_corrupt(ex):  # every request now answers with it
-                    self.damage.note(ex)
-                else:
-                    log.exception("could not record %d activity results; their work items will be re-run", len(batch))
+            except Exception as exc:
+                if is_corrupt(exc):  # every request now answers with it; the results are lost with the db
+                    self.damage.note(exc)
+                    continue
+                if closing:  # the process stops: its leases are released (here or by the next process)
+                    log.debug("dropped %d activity results that could not be recorded: %s", len(batch), exc)
+                    return
+                if write_fault(exc) is None:
+                    log.exception("could not record %d activity results; trying again", len(batch))
+                with self._completions_ready:
+                    self._completions[:0] = batch
+                    self._completions_ready.wait(FLUSH_RETRY_SECONDS)
                 continue
             stale = len(applied) - sum(applied)
-            if stale:
-                log.warning("ignored %d stale activity completion(s)", stale)
+            if stale:  # normal after a cancel or a lost lease
+                log.debug("ignored %d stale activity completion(s)", stale)
 
     # --- helpers --------------------------------------------------------------------
 

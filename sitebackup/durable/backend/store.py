@@ -11,6 +11,10 @@ for a lease that was lost and re-claimed by someone else is rejected.
 
 Every table carries a ``taskhub`` column: instances of different task hubs never see
 each other.
+
+A write that fails because the disk is full (or the database stopped taking writes) is
+rolled back and reported once to ``on_fault``: nothing half-written stays, and the process
+hosting the run can stop instead of retrying forever.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ TERMINAL = (
     pb.ORCHESTRATION_STATUS_TERMINATED,
 )
 _TERMINAL_SQL = ",".join(str(s) for s in TERMINAL)
+# SQLite's primary result codes for "cannot write": the disk is full, an I/O error, read-only
+_WRITE_FAULT_CODES = {13: "database or disk is full", 10: "disk I/O error", 8: "the database is read-only"}
 # Far enough in the future to mean "never"; keeps lease_expires/ready_at NOT NULL-free comparisons simple.
 _NEVER = 1e18
 
@@ -178,9 +184,20 @@ _INSTANCE_COLS = ("instance_id, execution_id, name, version, status, input, outp
                   "failure, tags, created_at, updated_at, completed_at, parent_instance_id")
 
 
+def write_fault(exc: BaseException) -> str | None:
+    """Why the database cannot be written, when *exc* says so (not for a busy lock or a bug)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return _WRITE_FAULT_CODES.get(code & 0xFF)
+    return next((reason for reason in _WRITE_FAULT_CODES.values() if reason in str(exc)), None)  # Python 3.10
+
+
 @dataclass
 class _Inflight:
     """What went out in one orchestrator episode, kept until its completion arrives."""
+    owner: str  # whose lease the episode went out under: releasing another owner's leases keeps it
     prefix: bytes | None  # an orchestratorStarted we generated for this episode
     blobs: list[bytes]
     kinds: list[str]
@@ -232,8 +249,9 @@ def parse_token(token: str) -> tuple[str, int, str] | None:
 class Store:
     """One SQLite connection guarded by a lock; notifies ``changed`` after every commit."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_fault: Callable[[str], None] = lambda reason: None):
         self.path = path
+        self.on_fault = on_fault
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
         self._lock = threading.RLock()
@@ -266,10 +284,17 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                # a COMMIT that failed (disk full) may leave the transaction open: end it, or every later
+                # BEGIN fails and the write lock stays held against the other processes
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._history_cache.clear()  # it may hold events of the episode just rolled back
+                reason = write_fault(exc)
+                if reason is not None:
+                    self.on_fault(reason)
                 raise
-            self._db.execute("COMMIT")
         self.notify()
 
     def notify(self) -> None:
@@ -453,7 +478,7 @@ class Store:
             prefix = started.SerializeToString()
             events.insert(0, started)
         past = self._cached_history(db, hub, iid, history_version)
-        self._inflight[(hub, iid, gen)] = _Inflight(prefix, blobs, kinds, events, history_version)
+        self._inflight[(hub, iid, gen)] = _Inflight(owner, prefix, blobs, kinds, events, history_version)
         request = pb.OrchestratorRequest(instanceId=iid, executionId=wrappers_pb2.StringValue(value=execution_id),
                                          pastEvents=past, newEvents=events)
         return OrchestratorClaim(orchestration_token(iid, gen), request)
@@ -765,7 +790,9 @@ class Store:
             db.execute("UPDATE instances SET lease_owner=NULL, lease_expires=0 WHERE lease_owner=?", (owner,))
             db.execute("UPDATE activities SET lease_owner=NULL, lease_expires=0 WHERE lease_owner=?", (owner,))
             db.execute("DELETE FROM streams WHERE owner=?", (owner,))
-        self._inflight.clear()
+            # only *owner*'s episodes (under the store's lock, like every claim and completion): a dead
+            # peer's release must not orphan this process's own
+            self._inflight = {key: episode for key, episode in self._inflight.items() if episode.owner != owner}
 
     def register_stream(self, hub: str, stream_id: str, owner: str) -> None:
         with self._tx() as db:
