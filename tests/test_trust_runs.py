@@ -196,8 +196,8 @@ def test_an_episode_the_full_disk_refused_never_reaches_a_later_replay(mount_poi
         assert b.complete_orchestration("default", pb.OrchestratorResponse(
             instanceId="i1", completionToken=again.token, actions=[applied]))
         [act] = b.claim_activities("default", "B", 10, lease_seconds=30)
-        assert b.complete_activity("default", pb.ActivityResponse(instanceId="i1", taskId=1,
-                                                                  completionToken=act.token))
+        assert b.complete_activities([("default", pb.ActivityResponse(instanceId="i1", taskId=1,
+                                                                      completionToken=act.token))]) == [True]
         [later] = a.claim_orchestrations("default", "A", 10, lease_seconds=30)
         assert scheduled_names(later.request.pastEvents) == ["applied"] == scheduled_names(b.history("default", "i1"))
     finally:
