@@ -190,6 +190,17 @@ def test_serve_can_take_its_token_from_the_environment(tmp_path, cli_env, cli):
     _one_line_error(weak, "SITEBACKUP_SERVE_TOKEN must be at least 16 characters")
 
 
+def test_serve_refuses_a_token_file_others_can_read_or_one_without_a_token(tmp_path, cli):
+    state = tmp_path / "served-state"
+    state.mkdir(mode=0o700)
+    token_file = state / "serve.token"
+    for mode, text in ((0o644, "a-token-others-could-read-0123456789\n"), (0o600, "\n"), (0o600, "short\n")):
+        token_file.write_text(text)
+        token_file.chmod(mode)
+        refused = cli("serve", "--listen", "127.0.0.1:0", "--state-dir", state, timeout=60)
+        _one_line_error(refused, f"token file {token_file} must be a regular file only this user can read")
+
+
 # ---------------------------------------------------------------- message size
 
 

@@ -23,8 +23,6 @@ from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import ENV_SERVE_TOKEN, TaskHubSettings
 from sitebackup.errors import InputError
 
-MIN_TOKEN = 16
-
 
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
@@ -78,6 +76,7 @@ def serve(listen: str, state_dir: Path, *, allow_remote: bool, lease_seconds: fl
     """Serve the embedded backend for *state_dir* on TCP until stopped; *on_ready* gets the address and
     the token file clients need (None when the token came from the environment)."""
     from sitebackup.durable.backend import EmbeddedBackend
+    from sitebackup.durable.backend.statedir import MIN_TOKEN
 
     parse_listen(listen, allow_remote)
     token = os.environ.get(ENV_SERVE_TOKEN, "").strip() or None

@@ -92,11 +92,12 @@ def test_tcp_listen_honours_taskhub_header(tmp_path):
     with EmbeddedBackend(tmp_path / "state") as backend:
         pass
     backend = EmbeddedBackend(tmp_path / "state")
-    address = backend.start(listen="127.0.0.1:0", token="a-test-token")
+    token = "a-test-token-0123456789"
+    address = backend.start(listen="127.0.0.1:0", token=token)
     try:
-        hub_a = client.TaskHubGrpcClient(host_address=address, metadata=[("taskhub", "a"), bearer("a-test-token")],
+        hub_a = client.TaskHubGrpcClient(host_address=address, metadata=[("taskhub", "a"), bearer(token)],
                                          logger=QUIET)
-        plain = client.TaskHubGrpcClient(host_address=address, metadata=[bearer("a-test-token")], logger=QUIET)
+        plain = client.TaskHubGrpcClient(host_address=address, metadata=[bearer(token)], logger=QUIET)
         iid = hub_a.schedule_new_orchestration("anything", instance_id="x")
         assert hub_a.get_orchestration_state(iid) is not None
         assert plain.get_orchestration_state(iid) is None

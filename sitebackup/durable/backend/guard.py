@@ -31,8 +31,9 @@ def bearer(token: str) -> tuple[str, str]:
 
 class Guard(grpc.ServerInterceptor):
     def __init__(self, damage: Damage, token: str | None = None):
+        """*token*: what every call must present (None: no check, for the owner-only unix socket)."""
         self.damage = damage
-        self._expected = f"Bearer {token}".encode() if token else None
+        self._expected = None if token is None else f"Bearer {token}".encode()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)

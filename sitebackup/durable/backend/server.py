@@ -83,9 +83,10 @@ class EmbeddedBackend:
         statedir.prepare(self.state_dir)
         self._lock.acquire(exclusive=listen is not None)
         try:
-            if listen is not None and not token:
-                self.token_file = statedir.serve_token(self.state_dir)
-                token = self.token_file.read_text().strip()
+            if listen is not None and token is None:
+                self.token_file, token = statedir.serve_token(self.state_dir)
+            if listen is not None and len(token or "") < statedir.MIN_TOKEN:
+                raise StateDirError(f"a serve token needs at least {statedir.MIN_TOKEN} characters")
             self.store = self._open_store()
             try:
                 with self._guarded():

@@ -18,6 +18,7 @@ import secrets
 import sqlite3
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from sitebackup.errors import InputError
@@ -26,6 +27,7 @@ DB_NAME = "state.db"
 SERVE_LOCK = "serve.lock"
 TOKEN_FILE = "serve.token"
 HINT = "use --state-dir to choose another location"
+MIN_TOKEN = 16  # characters of a serve token: a secret nobody guesses
 _NOT_OTHERS = 0o022  # group/other write bits: refused
 _OWNER_ONLY = 0o077  # group/other bits: removed from our own files
 
@@ -174,7 +176,7 @@ class ServeLock:
             self.fd = None
 
 
-def remove_stale_sockets(sock_dir: Path, alive) -> int:
+def remove_stale_sockets(sock_dir: Path, alive: Callable[[int], bool]) -> int:
     """Remove ``PID-*.sock`` files of processes that are gone (SIGKILLed backends leave them)."""
     removed = 0
     try:
@@ -190,18 +192,21 @@ def remove_stale_sockets(sock_dir: Path, alive) -> int:
     return removed
 
 
-def serve_token(state_dir: Path) -> Path:
-    """``<state_dir>/serve.token``: the secret serve's clients must present, created 0600 once and kept
-    across restarts (so running workers keep working); delete it to get a new one."""
+def serve_token(state_dir: Path) -> tuple[Path, str]:
+    """``<state_dir>/serve.token`` and the secret in it, which serve's clients must present: created
+    0600 once and kept across restarts (so running workers keep working); delete it for a new one."""
     path = state_dir / TOKEN_FILE
+    with contextlib.suppress(FileExistsError):
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & _OWNER_ONLY:
-            raise StateDirError(f"token file {path} must be a regular file only this user can read: "
-                                f"delete it to get a new one") from None
-        return path
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32) + "\n")
-    return path
+        with open(path, encoding="utf-8", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as fh:
+            st = os.fstat(fh.fileno())
+            token = fh.read(4096).strip()
+    except (OSError, UnicodeDecodeError):
+        st, token = None, ""
+    if (st is None or not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & _OWNER_ONLY
+            or len(token) < MIN_TOKEN):
+        raise StateDirError(f"token file {path} must be a regular file only this user can read, holding a "
+                            f"token of at least {MIN_TOKEN} characters: delete it to get a new one")
+    return path, token
