@@ -398,10 +398,11 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
     With ID, restores exactly the files that backup run recorded; with --container (and
     --prefix), whatever is stored there.
 
-    Files land with their recorded modification time and mode. An existing file is skipped when
-    identical (same size and MD5) and otherwise left alone and reported unless --overwrite. Blob
-    names that would escape DEST (absolute, '..' or empty segments, NUL, backslash) are refused
-    and reported. Re-running the same command after an interruption resumes the restore.
+    Files land with their recorded modification time and mode (no setuid, setgid or sticky bit;
+    masked by the umask). An existing file is skipped when identical (same size and MD5) and
+    otherwise left alone and reported unless --overwrite. Blob names that would escape DEST
+    (absolute, '..' or empty segments, NUL, backslash) are refused and reported; no symlink
+    under DEST is followed. Re-running the same command after an interruption resumes the restore.
 
     \b
     Examples:
