@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -33,6 +34,7 @@ from sitebackup.errors import (
     SiteBackupError,
 )
 from sitebackup.ui import render
+from sitebackup.ui.escape import printable
 from sitebackup.ui.logfile import LogPrinter
 from sitebackup.ui.printers import make_printer
 from sitebackup.workflows.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
@@ -69,10 +71,20 @@ def taskhub_option(fn):
     )(fn)
 
 
+def warn_secret_on_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A key or SAS signature on the command line is readable by every local user (ps, /proc/PID/cmdline)
+    while the process runs: say so, and which environment variable keeps it private."""
+    if value and redact(value) != value:
+        env = ENV_CONNECTION_STRING if param.name == "connection_string" else ENV_ACCOUNT_URL
+        click.echo(f"sitebackup: warning: the secret in {param.opts[0]} is visible to every local user "
+                   f"(ps, /proc/PID/cmdline); set {env} in the environment instead", err=True)
+    return value
+
+
 def storage_options(fn):
-    fn = click.option("--account-url", metavar="URL",
+    fn = click.option("--account-url", metavar="URL", callback=warn_secret_on_argv,
                       help=f"Account URL, with a SAS or using DefaultAzureCredential [env {ENV_ACCOUNT_URL}].")(fn)
-    fn = click.option("--connection-string", metavar="STRING",
+    fn = click.option("--connection-string", metavar="STRING", callback=warn_secret_on_argv,
                       help=f"Storage connection string; wins over --account-url [env {ENV_CONNECTION_STRING}].")(fn)
     return fn
 
@@ -85,7 +97,7 @@ def cli() -> None:
 
     \b
     Examples:
-      sitebackup ./site --container backups --connection-string "$AZURE_STORAGE_CONNECTION_STRING"
+      AZURE_STORAGE_CONNECTION_STRING=... sitebackup ./site --container backups
       sitebackup backup /var/www --container backups --prefix nightly/web
       sitebackup ./site --container backups --json | tail -n 1
     """
@@ -112,7 +124,8 @@ def selection_options(fn):
         click.option("--no-wait", is_flag=True,
                      help="If the same backup is already running, print its id and exit 4 instead of attaching."),
         click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
-                     help="Append a timestamped log of the run (start, failures, summary) to PATH."),
+                     help="Append a timestamped log of the run (start, failures, summary) to PATH "
+                          "(created 0600; a symlink or hard link there is refused)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -450,7 +463,7 @@ def verify(instance_id: str, local: bool, download: bool, connection_string: str
         click.echo(json.dumps(report))
     else:
         for m in report["mismatches"]:
-            click.echo(f"MISMATCH {m['path']}: {m['problem']}", err=True)
+            click.echo(printable(f"MISMATCH {m['path']}: {m['problem']}"), err=True)
         click.echo(f"{instance_id}: {report['files_ok']}/{report['files_checked']} blobs match, "
                    f"{report['files_mismatched']} mismatched, {report['files_not_backed_up']} not backed up by the run")
     sys.exit(EXIT_FILES_FAILED if report["files_mismatched"] else 0)
@@ -478,7 +491,7 @@ class _RedactFilter(logging.Filter):
 
 def fail(message: str, exit_code: int, json_output: bool) -> NoReturn:
     """Exit with *exit_code* after one line on stderr, and with ``--json`` one error object on stdout."""
-    message = redact(message)
+    message = printable(redact(message))
     click.echo(message, err=True)
     if json_output:
         text = message.removeprefix("sitebackup: error: ").removeprefix("Error: ")
@@ -498,7 +511,11 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         fail("sitebackup: interrupted", EXIT_INTERRUPTED, json_output)
     except click.ClickException as exc:
-        exc.show()
+        # click echoes the offending argument whole: a connection string given in the wrong place
+        shown = io.StringIO()
+        exc.show(file=shown)
+        for line in redact(shown.getvalue()).splitlines():
+            click.echo(printable(line), err=True)
         code = exc.exit_code or EXIT_USAGE
         if json_output:
             click.echo(json.dumps({"event": "error", "exit_code": code, "message": redact(exc.format_message())}))
