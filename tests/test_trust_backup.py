@@ -1,17 +1,22 @@
-"""Backup input that must be refused up front: prefix templates limited to their documented fields,
-and prefixes no blob can live under.
+"""Backup input that must be refused up front or reported for what it is: prefix templates limited to
+their documented fields, prefixes no blob can live under, and a large file changed under its ranges.
 """
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 
 import pytest
 from helpers import write_tree
 
+from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.commands.backup import expand_prefix
 from sitebackup.errors import InputError
+from sitebackup.workflows import blocks, copy
+from sitebackup.workflows.activity import ActivityDeps
 
+MIB = 1024 * 1024
 NOW = datetime(2026, 3, 4, 5, 6, 7)
 
 
@@ -53,3 +58,33 @@ def test_the_longest_prefix_that_leaves_room_for_a_name_is_accepted(tmp_path, cl
     result = cli(src, "-c", container_name, "--prefix", prefix)
     assert result.returncode == 0, result.stderr
     assert list(blob_service.get_container_client(container_name).list_blob_names()) == [f"{prefix}/f"]
+
+
+def test_a_large_file_changed_while_its_ranges_upload_is_reported_changed(azurite, blob_service, tmp_path,
+                                                                          container_name):
+    """The file changes under range 2, then gets its scanned size and mtime back (a copy that keeps
+    times): the commit's own check passes, yet the file is not the one the other ranges read."""
+    src = write_tree(tmp_path / "src", {"big.bin": os.urandom(5 * MIB)})
+    path = src / "big.bin"
+    scanned = path.stat()
+    work = LocalWorkStore(tmp_path / "work")
+    copy.scan_source(work, "run1", src, min_batches=1, block_size=MIB)  # five 1 MiB range pages
+    blob_service.get_container_client(container_name).create_container()
+    deps = ActivityDeps(container_client=blob_service.get_container_client, work=work, endpoint=azurite.endpoint)
+
+    def copy_range(page: int) -> dict:
+        return copy.copy_page(deps, "run1", page, src, container_name, "")
+
+    first, second = copy_range(0), copy_range(1)
+    assert first["staged"] and second["staged"]
+    path.write_bytes(os.urandom(5 * MIB))
+    changed = copy_range(2)
+    assert "staged" not in changed and changed["files_failed"] == 0  # a range never fails the file itself
+    os.utime(path, ns=(scanned.st_atime_ns, scanned.st_mtime_ns))
+    assert [copy_range(p)["staged"] for p in (3, 4)] == [True, True]
+
+    out = copy.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "", first["md5"])
+    assert out["files_failed"] == 1 and out["files_uploaded"] == 0
+    assert out["failures"] == [{"path": "big.bin", "error": "changed during backup"}]
+    assert list(work.iter_results("run1")) == [{"path": "big.bin", "error": "changed during backup"}]
+    assert not list(blob_service.get_container_client(container_name).list_blob_names())
