@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -34,6 +35,7 @@ from sitebackup.errors import (
     SiteBackupError,
 )
 from sitebackup.ui import render
+from sitebackup.ui.escape import printable
 from sitebackup.ui.logfile import LogPrinter
 from sitebackup.ui.printers import make_printer
 from sitebackup.workflows.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
@@ -78,10 +80,20 @@ def taskhub_option(fn):
     )(fn)
 
 
+def warn_secret_on_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A key or SAS signature on the command line is readable by every local user (ps, /proc/PID/cmdline)
+    while the process runs: say so, and which environment variable keeps it private."""
+    if value and redact(value) != value:
+        env = ENV_CONNECTION_STRING if param.name == "connection_string" else ENV_ACCOUNT_URL
+        click.echo(f"sitebackup: warning: the secret in {param.opts[0]} is visible to every local user "
+                   f"(ps, /proc/PID/cmdline); set {env} in the environment instead", err=True)
+    return value
+
+
 def storage_options(fn):
-    fn = click.option("--account-url", metavar="URL",
+    fn = click.option("--account-url", metavar="URL", callback=warn_secret_on_argv,
                       help=f"Account URL, with a SAS or using DefaultAzureCredential [env {ENV_ACCOUNT_URL}].")(fn)
-    fn = click.option("--connection-string", metavar="STRING",
+    fn = click.option("--connection-string", metavar="STRING", callback=warn_secret_on_argv,
                       help=f"Storage connection string; wins over --account-url [env {ENV_CONNECTION_STRING}].")(fn)
     return fn
 
@@ -94,7 +106,7 @@ def cli() -> None:
 
     \b
     Examples:
-      sitebackup ./site --container backups --connection-string "$AZURE_STORAGE_CONNECTION_STRING"
+      AZURE_STORAGE_CONNECTION_STRING=... sitebackup ./site --container backups
       sitebackup backup /var/www --container backups --prefix nightly/web
       sitebackup ./site --container backups --json | tail -n 1
     """
@@ -123,7 +135,8 @@ def selection_options(fn):
                           "(6 if it has made no progress for --stall-after)."),
         stall_after_option,
         click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
-                     help="Append a timestamped log of the run (start, failures, summary) to PATH."),
+                     help="Append a timestamped log of the run (start, failures, summary) to PATH "
+                          "(created 0600; a symlink or hard link there is refused)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -418,10 +431,11 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
     With ID, restores exactly the files that backup run recorded; with --container (and
     --prefix), whatever is stored there.
 
-    Files land with their recorded modification time and mode. An existing file is skipped when
-    identical (same size and MD5) and otherwise left alone and reported unless --overwrite. Blob
-    names that would escape DEST (absolute, '..' or empty segments, NUL, backslash) are refused
-    and reported. Re-running the same command after an interruption resumes the restore.
+    Files land with their recorded modification time and mode (no setuid, setgid or sticky bit;
+    masked by the umask). An existing file is skipped when identical (same size and MD5) and
+    otherwise left alone and reported unless --overwrite. Blob names that would escape DEST
+    (absolute, '..' or empty segments, NUL, backslash) are refused and reported; no symlink
+    under DEST is followed. Re-running the same command after an interruption resumes the restore.
 
     \b
     Examples:
@@ -469,7 +483,7 @@ def verify(instance_id: str, local: bool, download: bool, connection_string: str
         click.echo(json.dumps(report))
     else:
         for m in report["mismatches"]:
-            click.echo(f"MISMATCH {m['path']}: {m['problem']}", err=True)
+            click.echo(printable(f"MISMATCH {m['path']}: {m['problem']}"), err=True)
         click.echo(f"{instance_id}: {report['files_ok']}/{report['files_checked']} blobs match, "
                    f"{report['files_mismatched']} mismatched, {report['files_not_backed_up']} not backed up by the run")
     sys.exit(EXIT_FILES_FAILED if report["files_mismatched"] else 0)
@@ -499,7 +513,7 @@ class _RedactFilter(logging.Filter):
 
 def fail(message: str, exit_code: int, json_output: bool) -> NoReturn:
     """Exit with *exit_code* after one line on stderr, and with ``--json`` one error object on stdout."""
-    message = redact(message)
+    message = printable(redact(message))
     click.echo(message, err=True)
     if json_output:
         text = message.removeprefix("sitebackup: error: ").removeprefix("Error: ")
@@ -519,7 +533,11 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         fail("sitebackup: interrupted", EXIT_INTERRUPTED, json_output)
     except click.ClickException as exc:
-        exc.show()
+        # click echoes the offending argument whole: a connection string given in the wrong place
+        shown = io.StringIO()
+        exc.show(file=shown)
+        for line in redact(shown.getvalue()).splitlines():
+            click.echo(printable(line), err=True)
         code = exc.exit_code or EXIT_USAGE
         if json_output:
             click.echo(json.dumps({"event": "error", "exit_code": code, "message": redact(exc.format_message())}))

@@ -36,6 +36,18 @@ def normalize_prefix(prefix: str | None) -> str:
     return stripped
 
 
+def backup_prefix(prefix: str | None) -> str:
+    """*prefix* normalized for a backup, refused up front when no blob could be stored under it: inside
+    the reserved work prefix, or too long to leave room for a name."""
+    prefix = normalize_prefix(prefix)
+    if is_reserved(prefix):
+        raise InputError(f"invalid prefix {prefix!r}: {RESERVED_PREFIX} is reserved for sitebackup's work files")
+    if len(prefix) + len("/x") > MAX_BLOB_NAME:
+        raise InputError(f"invalid prefix: {len(prefix)} characters leave no room for a file name "
+                         f"(Azure allows {MAX_BLOB_NAME} per blob name)")
+    return prefix
+
+
 def blob_name(prefix: str, relpath: str) -> str:
     if "\\" in relpath:
         # the service reads '\\' in a blob name as '/': the blob would land under another path

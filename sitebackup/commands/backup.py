@@ -8,6 +8,7 @@ same expanded prefix; filters are read once too, so a resumed run keeps those it
 from __future__ import annotations
 
 import socket
+import string
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -17,7 +18,7 @@ from typing import Any
 from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, connect
-from sitebackup.blob.naming import normalize_prefix, validate_container_name
+from sitebackup.blob.naming import backup_prefix, validate_container_name
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.hosting import (
     POLL_SECONDS,
@@ -65,17 +66,27 @@ class BackupRequest:
 
 
 def expand_prefix(template: str | None, now: datetime | None = None, hostname: str | None = None) -> str:
-    """``{date}`` → YYYY-MM-DD, ``{time}`` → HHMMSS (local time), ``{hostname}`` → short host name."""
+    """``{date}`` → YYYY-MM-DD, ``{time}`` → HHMMSS (local time), ``{hostname}`` → short host name; ``{{``
+    and ``}}`` are braces. Only these plain fields: no attribute, index, conversion or format spec."""
     if not template or "{" not in template:
         return template or ""
     now = now or datetime.now()
     values = {"date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H%M%S"),
               "hostname": hostname or socket.gethostname().split(".")[0]}
     try:
-        return template.format_map(values)
-    except (KeyError, ValueError, IndexError) as exc:
-        raise InputError(f"invalid --prefix template {template!r}: {TEMPLATE_HELP} "
-                         f"({exc.__class__.__name__}: {exc})") from None
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InputError(f"invalid --prefix template {template!r}: {TEMPLATE_HELP} ({exc})") from None
+    expanded = []
+    for literal, name, spec, conversion in parts:
+        expanded.append(literal)
+        if name is None:
+            continue
+        if name not in values or spec or conversion:
+            raise InputError(f"invalid --prefix template {template!r}: {TEMPLATE_HELP}, without attributes, "
+                             "indexes, conversions or format specs")
+        expanded.append(values[name])
+    return "".join(expanded)
 
 
 def build_request(source: str | Path, container: str, prefix: str | None, *, state_dir: Path,
@@ -100,7 +111,7 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
     except OSError as exc:
         raise InputError(f"cannot read filter file {exc.filename}: {exc.strerror}") from None
     return BackupRequest(source=path.resolve(), container=validate_container_name(container),
-                         prefix=normalize_prefix(expand_prefix(prefix)), concurrency=concurrency,
+                         prefix=backup_prefix(expand_prefix(prefix)), concurrency=concurrency,
                          state_dir=state_dir, compare=mode, patterns=patterns, follow_symlinks=follow_symlinks,
                          no_wait=no_wait, block_size=block_size, stall_after=stall_after)
 

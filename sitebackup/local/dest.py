@@ -1,23 +1,32 @@
-"""Writing restored files under a destination directory: names checked, temporaries, modes and mtimes.
+"""Writing restored files under a destination directory: names checked, directories walked by descriptor,
+temporaries, modes and mtimes.
 
-Blob names are untrusted: ``safe_relpath`` refuses any name that could land outside the destination,
-and ``DestDir`` creates directories without following symlinks. Each file is written to a temporary
-name next to its target, checked, given its mode and modification time, then renamed into place, so
-a killed restore never leaves a half file under the real name.
+Blob names are untrusted, and so is DEST itself when another user owns it: they can swap any directory
+under it for a symlink at any moment. So ``safe_relpath`` refuses any name that could land outside
+DEST, and every directory is opened relative to its parent's descriptor with ``O_NOFOLLOW``, from DEST
+down: a symlink met on the way fails the file, it is never followed, and there is no path to swap
+between a check and a write. Each file is written to a temporary of its own, created with ``O_EXCL``
+next to its target, checked, given its mode and modification time, then renamed into place relative to
+the same descriptor, so a killed restore never leaves a half file under the real name.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Callable
-from pathlib import Path
 
-from sitebackup.local.files import file_md5_b64
+from sitebackup.local.files import fd_md5_b64
 
 TEMP_SUFFIX = ".sitebackup-part"
 DEFAULT_MODE = 0o644
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# never an existing file (O_EXCL), never through a symlink planted at the name
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OCTAL_MODE = re.compile(r"[0-7]{1,4}")
 
 
 class UnsafeName(ValueError):
@@ -40,81 +49,151 @@ def safe_relpath(name: str) -> str:
     return name
 
 
-def restored_mode(value: str | None) -> int:
-    """The permission bits for a restored file from its ``mode`` metadata (setuid/setgid never restored)."""
-    return (int(value, 8) & 0o1777) if value and value.isdigit() else DEFAULT_MODE
+def restored_mode(value: str | None, umask: int) -> int:
+    """The permission bits for a restored file from its untrusted ``mode`` metadata: the recorded bits
+    less setuid, setgid and sticky, and never more than *umask* allows; DEFAULT_MODE (under the same
+    umask) when the value is missing or not 1-4 octal digits."""
+    mode = int(value, 8) if value and _OCTAL_MODE.fullmatch(value) else DEFAULT_MODE
+    return mode & 0o777 & ~umask
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it: setting it, even for a moment, would apply to
+    files other threads create meanwhile. Linux reports it in /proc; elsewhere it is set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class DestDir:
-    """One restore destination; every path handed in is a checked relative path below it."""
+    """One restore destination; every path handed in is a checked relative path below it.
 
-    def __init__(self, root: str | Path):
+    ``umask`` is the process's, read once: ``restored_mode`` masks modes with it.
+    *temp_tag* names this restore's temporaries (``.NAME.TAG.sitebackup-part``): a restore killed and
+    run again finds its own leftover under the same name and replaces it.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], temp_tag: str = "restore"):
         self.root = os.fspath(root)
+        self.temp_tag = temp_tag
+        self.umask = process_umask()
 
-    def _parent(self, relpath: str) -> str:
-        """Create the parent directories of *relpath* without following symlinks."""
-        current = self.root
-        for part in relpath.split("/")[:-1]:
-            current = os.path.join(current, part)
-            try:
-                st = os.lstat(current)
-            except FileNotFoundError:
+    def _parent_fd(self, relpath: str, create: bool) -> int:
+        """A descriptor of *relpath*'s parent directory, walked from DEST without following symlinks;
+        missing directories are created when *create*, else FileNotFoundError."""
+        fd = _open_dir(self.root, None)
+        try:
+            for part in safe_relpath(relpath).split("/")[:-1]:
                 try:
-                    os.mkdir(current, 0o755)
-                except FileExistsError:  # a parallel batch made it first
-                    pass
-                st = os.lstat(current)
-            if not stat.S_ISDIR(st.st_mode):
-                raise UnsafeName(f"{current!r} is not a directory (symlinks in the destination are not followed)")
-        real_dest = os.path.realpath(self.root)
-        real = os.path.realpath(current)
-        if real != real_dest and not real.startswith(real_dest + os.sep):
-            raise UnsafeName("resolves outside the destination")
-        return current
+                    child = _open_dir(part, fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:  # a parallel batch made it first
+                        pass
+                    child = _open_dir(part, fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def lstat(self, relpath: str) -> os.stat_result | None:
-        safe_relpath(relpath)
         try:
-            return os.lstat(os.path.join(self._parent(relpath), relpath.rsplit("/", 1)[-1]))
+            parent = self._parent_fd(relpath, create=False)
         except FileNotFoundError:
             return None
+        try:
+            return os.stat(_base(relpath), dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(parent)
 
     def md5_b64(self, relpath: str) -> str:
-        return file_md5_b64(os.path.join(self.root, relpath))
+        """The MD5 of the regular file at *relpath* (ValueError if it is anything else by now)."""
+        parent = self._parent_fd(relpath, create=False)
+        try:
+            # O_NONBLOCK: a FIFO swapped in after the caller's lstat does not hang the open
+            fd = os.open(_base(relpath), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("destination exists and is not a regular file")
+            return fd_md5_b64(fd)
+        finally:
+            os.close(fd)
 
     def write(self, relpath: str, fill: Callable[[int], tuple[int, int | None]]) -> None:
         """Write *relpath* atomically: *fill* writes the content into a temporary file's descriptor
         (open for reading too), raises if it is wrong, and returns the (mode, mtime_ns) to give it;
         then the temporary is renamed into place. On any failure the temporary is removed."""
-        safe_relpath(relpath)
-        parent = self._parent(relpath)
-        base = relpath.rsplit("/", 1)[-1]
-        tmp = _temp_name(parent, base)
-        # O_NOFOLLOW: a symlink planted at the temporary name is refused, never written through
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        parent = self._parent_fd(relpath, create=True)
         try:
+            base = _base(relpath)
+            tmp = _temp_name(base, self.temp_tag)
+            fd = _create_temp(tmp, parent)
             try:
-                mode, mtime_ns = fill(fd)
-                os.fchmod(fd, mode)
-                if mtime_ns is not None:
-                    os.utime(fd, ns=(mtime_ns, mtime_ns))
-            finally:
-                os.close(fd)
-            os.replace(tmp, os.path.join(parent, base))
-        except BaseException:
-            _unlink(tmp)
-            raise
+                try:
+                    mode, mtime_ns = fill(fd)
+                    os.fchmod(fd, mode)
+                    if mtime_ns is not None:
+                        os.utime(fd, ns=(mtime_ns, mtime_ns))
+                finally:
+                    os.close(fd)
+                os.rename(tmp, base, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                _unlink(tmp, parent)
+                raise
+        finally:
+            os.close(parent)
 
 
-def _temp_name(parent: str, base: str) -> str:
-    name = f".{base}{TEMP_SUFFIX}"
-    if len(os.fsencode(name)) > 255:
-        name = f".{hashlib.sha1(os.fsencode(base)).hexdigest()[:16]}{TEMP_SUFFIX}"
-    return os.path.join(parent, name)
-
-
-def _unlink(path: str) -> None:
+def _open_dir(name: str, dir_fd: int | None) -> int:
     try:
-        os.unlink(path)
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise UnsafeName(f"{name!r} is not a directory (symlinks in the destination are not followed)") from None
+        raise
+
+
+def _base(relpath: str) -> str:
+    return relpath.rsplit("/", 1)[-1]
+
+
+def _temp_name(base: str, tag: str) -> str:
+    tag = hashlib.sha1(tag.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    name = f".{base}.{tag}{TEMP_SUFFIX}"
+    if len(os.fsencode(name)) > 255:
+        name = f".{hashlib.sha1(os.fsencode(base)).hexdigest()[:16]}.{tag}{TEMP_SUFFIX}"
+    return name
+
+
+def _create_temp(name: str, parent: int) -> int:
+    """Create the temporary *name* in *parent*, 0600. Whatever already holds the name is a leftover of
+    this restore killed earlier, or was planted: it is unlinked, which never touches the file a hard
+    link points to nor follows a symlink, and the name is created afresh, once more at most."""
+    try:
+        return os.open(name, _TEMP_FLAGS, 0o600, dir_fd=parent)
+    except FileExistsError:
+        os.unlink(name, dir_fd=parent)
+    return os.open(name, _TEMP_FLAGS, 0o600, dir_fd=parent)
+
+
+def _unlink(name: str, parent: int) -> None:
+    try:
+        os.unlink(name, dir_fd=parent)
     except OSError:
         pass

@@ -1,14 +1,48 @@
 """``--log-file``: a printer that tees the start line, messages, failures and the summary of a run into
-a timestamped log file while another printer draws the terminal output."""
+a timestamped log file while another printer draws the terminal output.
+
+The log often lives where other users may create files (a shared log or temp directory) and is
+written by root from cron: it is opened without following a symlink, must be a regular file with a
+single link (a planted hard link or FIFO is refused, never written through or waited on), and is
+created owner-only. Every line is escaped (``escape.printable``).
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from sitebackup.errors import InputError
-from sitebackup.ui.printers import Printer, failure_lines, start_verb, summary_line
+from sitebackup.ui.escape import printable
+from sitebackup.ui.printers import Printer, failure_lines, start_line, summary_line
+
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_log(path: Path) -> TextIO:
+    """*path* opened for appending, created 0600; InputError naming it when it is not a plain log file."""
+    def refuse(reason: str) -> InputError:
+        return InputError(f"cannot write log file {str(path)!r}: {reason}")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, _FLAGS, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise refuse("it is a symlink (not followed)") from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise refuse("not a regular file") from None
+        raise refuse(exc.strerror or type(exc).__name__) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise refuse("not a regular file with a single link")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 class LogPrinter(Printer):
@@ -16,19 +50,15 @@ class LogPrinter(Printer):
 
     def __init__(self, inner: Printer, path: Path):
         self.inner = inner
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh: TextIO = open(path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"cannot write log file {str(path)!r}: {exc.strerror}") from None
+        self.fh = open_log(path)
 
     def _log(self, text: str) -> None:
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
-        self.fh.write(f"{stamp} {text}\n")
+        self.fh.write(f"{stamp} {printable(text)}\n")
         self.fh.flush()
 
     def start(self, info: dict[str, Any]) -> None:
-        self._log(f"{start_verb(info)} {info['instance_id']}: {info['source']} -> {info['destination']}")
+        self._log(start_line(info))
         self.inner.start(info)
 
     def progress(self, status: dict[str, Any]) -> None:

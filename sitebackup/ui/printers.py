@@ -1,7 +1,8 @@
 """Printers of a run's progress and results: rich bar on a TTY, plain lines for cron, NDJSON for scripts, or nothing.
 
 Printers only render data they are given (custom-status counters and summaries); they never
-ask the backend anything, so any source of progress can drive any printer.
+ask the backend anything, so any source of progress can drive any printer. Every line they build goes
+through ``escape.printable``, and the rich printer never reads data as markup.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from datetime import timedelta
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape as escape_markup
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -21,6 +23,9 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
+
+from sitebackup.ui.escape import printable
 
 
 def human_bytes(n: float) -> str:
@@ -53,6 +58,10 @@ def start_verb(info: dict[str, Any]) -> str:
     return "attached to" if info.get("attached") else "resuming" if info.get("resumed") else "started"
 
 
+def start_line(info: dict[str, Any]) -> str:
+    return printable(f"{start_verb(info)} {info['instance_id']}: {info['source']} -> {info['destination']}")
+
+
 def summary_line(summary: dict[str, Any]) -> str:
     verb = done_verb(summary)
     status = "CANCELLED" if summary.get("cancelled") else summary.get("runtime_status", "?")
@@ -67,27 +76,27 @@ def summary_line(summary: dict[str, Any]) -> str:
     if other_skipped:
         parts.append(f"{other_skipped} skipped,")
     parts.append(f"{summary.get('files_failed', 0)} failed, {summary.get('duration_s', 0):.1f}s")
-    return " ".join(parts)
+    return printable(" ".join(parts))
 
 
 def failure_lines(summary: dict[str, Any]) -> list[str]:
-    lines = [f"FAILED {f['path']}: {f['error']}" for f in summary.get("failures") or []]
+    lines = [printable(f"FAILED {f['path']}: {f['error']}") for f in summary.get("failures") or []]
     if summary.get("error"):
         # the run itself stopped (a FAILED instance, or one waiting for `resume`): say why
-        lines.append(f"sitebackup: error: {summary['error']}")
+        lines.append(printable(f"sitebackup: error: {summary['error']}"))
     if summary.get("cancelled"):
         lines.append(f"sitebackup: run {summary.get('instance_id')} was cancelled (sitebackup cancel); "
                      "what it backed up before stays")
     listed = len(summary.get("failures") or [])
     rest = summary.get("files_failed", 0) - listed
     if rest > 0 and listed:
-        lines.append(f"... and {rest} more failed files (see: sitebackup status {summary.get('instance_id')})")
+        lines.append(printable(f"... and {rest} more failed files (see: sitebackup status {summary.get('instance_id')})"))
     return lines
 
 
 def skipped_lines(summary: dict[str, Any]) -> list[str]:
     """Notes for what was left out on purpose (symlinks, FIFOs, sockets, devices), as listed in the summary."""
-    return [f"skipped {s['path']}: {s['reason']}" for s in summary.get("skipped") or []]
+    return [printable(f"skipped {s['path']}: {s['reason']}") for s in summary.get("skipped") or []]
 
 
 class Printer:
@@ -114,12 +123,11 @@ class PlainPrinter(Printer):
 
     def start(self, info: dict[str, Any]) -> None:
         if not self.quiet:
-            print(f"sitebackup: {start_verb(info)} {info['instance_id']}: {info['source']} -> {info['destination']}",
-                  file=self.out, flush=True)
+            print(f"sitebackup: {start_line(info)}", file=self.out, flush=True)
 
     def message(self, text: str) -> None:
         if not self.quiet:
-            print(f"sitebackup: {text}", file=self.err, flush=True)
+            print(f"sitebackup: {printable(text)}", file=self.err, flush=True)
 
     def finish(self, summary: dict[str, Any]) -> None:
         for line in failure_lines(summary):
@@ -151,18 +159,20 @@ class RichPrinter(PlainPrinter):
 
     def start(self, info: dict[str, Any]) -> None:
         verb = "Resuming" if info.get("resumed") else info.get("action", "Backing up")
-        self.console.print(f"{verb} [bold]{info['source']}[/] -> [bold]{info['destination']}[/] ({info['instance_id']})")
+        self.console.print(Text.assemble(f"{verb} ", (printable(info["source"]), "bold"), " -> ",
+                                         (printable(info["destination"]), "bold"), f" ({printable(info['instance_id'])})"))
         self.bar.start()
         self.started = True
 
     def message(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(printable(text), markup=False, highlight=False)
 
     def progress(self, status: dict[str, Any]) -> None:
         total = status.get("bytes_total") or None
         files = f"{status.get('files_done', 0)}/{status.get('files_total', 0)} files"
-        self.bar.update(self.task, description=status.get("phase", ""), completed=status.get("bytes_done", 0),
-                        total=total, files=files)
+        # the description column is a markup template: the phase goes in escaped
+        self.bar.update(self.task, description=escape_markup(printable(status.get("phase", ""))),
+                        completed=status.get("bytes_done", 0), total=total, files=files)
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.close()

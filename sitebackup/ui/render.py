@@ -1,4 +1,8 @@
-"""Turning command results into text for people: the status report, the runs table, the dry-run plan."""
+"""Turning command results into text for people: the status report, the runs table, the dry-run plan.
+
+Paths and messages in them are data: every line is escaped (``escape.printable``) and no cell of the
+runs table is read as markup.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from sitebackup.ui.escape import printable
 from sitebackup.ui.printers import KINDS, done_verb, failure_lines, human_bytes, human_duration
 
 
@@ -52,7 +58,7 @@ def status_text(info: dict[str, Any]) -> str:
                      f"{human_bytes(progress.get('bytes_total', 0))}")
     if info.get("failure"):
         lines.append(f"  failure:      {info['failure']['type']}: {info['failure']['message']}")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> None:
@@ -64,9 +70,10 @@ def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> No
     for column in ("id", "kind", "status", "source → destination", "files", "bytes", "started", "duration"):
         table.add_column(column, no_wrap=column in ("id", "status"))
     for row in rows:
-        table.add_row(row["instance_id"], KINDS.get(row["kind"], row["kind"]), row["runtime_status"],
-                      f"{row['source']} → {row['destination']}", f"{row['files']}/{row['files_total']}",
-                      human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s")
+        cells = (row["instance_id"], KINDS.get(row["kind"], row["kind"]), row["runtime_status"],
+                 f"{row['source']} → {row['destination']}", f"{row['files']}/{row['files_total']}",
+                 human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s")
+        table.add_row(*(Text(printable(cell)) for cell in cells))
     console.print(table)
 
 
@@ -80,10 +87,11 @@ def dry_run_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
         return
     for item in plan["items"]:
         if item["action"] == "fail":
-            click.echo(f"FAILED {item['path']}: {item['error']}", err=True)
+            click.echo(printable(f"FAILED {item['path']}: {item['error']}"), err=True)
         elif not quiet:
             detail = item.get("reason") or human_bytes(item.get("size", 0))
-            click.echo(f"{'would upload' if item['action'] == 'upload' else item['action']} {item['path']} ({detail})")
+            verb = "would upload" if item["action"] == "upload" else item["action"]
+            click.echo(printable(f"{verb} {item['path']} ({detail})"))
     if not quiet:
         click.echo(f"dry run: {plan['files_to_upload']} files would be uploaded ({human_bytes(plan['bytes_to_upload'])}), "
                    f"{plan['files_unchanged']} unchanged ({human_bytes(plan['bytes_skipped'])}), "

@@ -15,6 +15,7 @@ of its own and a failed commit is retried as a commit by the orchestration's pag
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import threading
@@ -188,8 +189,9 @@ def copy_block_page(deps: ActivityDeps, run_id: str, page: int, item: BlockRange
                     prefix: str, md5: str | None = None) -> dict[str, Any]:
     """The copy activity for a range page (page >= 0) or a commit task (page < 0), shaped like a batch result.
 
-    A range reports its bytes (progress) and always counts as finished, even when it failed: the
-    commit then finds the file changed or a block missing and reports the file failed, once.
+    A range reports its bytes (progress) and always counts as finished, even when it failed: then it
+    writes why on the file's first page, where the commit finds it and reports the file failed with
+    that reason ("changed during backup"), once, without committing.
     The first range also hashes the whole file and reports the MD5, which the orchestration hands
     to the commit as *md5*: the hash overlaps the other ranges instead of delaying the commit.
     Once the run is cancelled neither a range nor the commit goes to the service and nothing is
@@ -211,6 +213,8 @@ def copy_block_page(deps: ActivityDeps, run_id: str, page: int, item: BlockRange
             result["bytes_uploaded"], result["staged"] = stage_range(client, source / relpath, name, item, cancelled)
             if item.range == 0:
                 result["md5"] = hash_version(source / relpath, item.size, item.mtime_ns)
+        elif item.failed:
+            error = item.failed
         else:
             done = commit_file(client, source / relpath, name, item, cancelled, md5)
     except Cancelled:
@@ -219,6 +223,8 @@ def copy_block_page(deps: ActivityDeps, run_id: str, page: int, item: BlockRange
     except Exception as exc:
         error = file_error(exc, deps.endpoint)
     if page >= 0:
+        if error is not None:
+            deps.work.write_page(run_id, item.first_page, dataclasses.replace(item, range=0, failed=error).to_dict())
         return result
     if error is None:
         record = {"path": relpath, "size": done.size, "mtime_ns": done.mtime_ns, "md5": done.md5}

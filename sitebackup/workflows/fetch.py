@@ -120,7 +120,7 @@ def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, *, over
             raise _Mismatch("downloaded content does not match its Content-MD5")
         meta = props.metadata or {}
         mtime_ns = item.mtime_ns if item.mtime_ns is not None else _int_or_none(meta.get(META_MTIME))
-        return restored_mode(meta.get(META_MODE)), mtime_ns
+        return restored_mode(meta.get(META_MODE), dest.umask), mtime_ns
 
     try:
         dest.write(item.relpath, fill)
@@ -150,7 +150,7 @@ def _download_into(blob: Any, fd: int, size: int, threads: int) -> Any:
 
 def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> dict[str, Any]:
     client = deps.container_client(inp.container)
-    dest = DestDir(inp.dest)
+    dest = DestDir(inp.dest, temp_tag=restore_id)
     result = {"files_restored": 0, "bytes_restored": 0, "files_done": 0, "bytes_done": 0}
     failures, skipped = Listed(), Listed()
     records: list[dict[str, Any]] = []

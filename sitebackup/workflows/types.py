@@ -117,6 +117,7 @@ class BlockRange(Wire):
     ranges: int
     block_size: int
     first_page: int
+    failed: str | None = None  # on the first page, once a range failed: why (the commit reports it)
 
     @property
     def relpath(self) -> str:
