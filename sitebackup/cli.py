@@ -15,8 +15,10 @@ from typing import Any, NoReturn
 import click
 
 from sitebackup import __version__
+from sitebackup.blob import bwlimit
 from sitebackup.blob.clients import ENV_ACCOUNT_URL, ENV_CONNECTION_STRING, StorageSettings
 from sitebackup.blob.errors import redact
+from sitebackup.blob.upload import ACCESS_TIERS
 from sitebackup.commands import backup as backup_cmd
 from sitebackup.commands import dryrun, manage, scaleout
 from sitebackup.commands import restore as restore_cmd
@@ -66,6 +68,27 @@ def taskhub_option(fn):
         help="Use Azure Durable Task Scheduler instead of the embedded backend: "
              "Endpoint=https://...;TaskHub=NAME;Authentication=DefaultAzure "
              f"[env {taskhub_mod.ENV_TASKHUB}].",
+    )(fn)
+
+
+class RateType(click.ParamType):
+    name = "RATE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        try:
+            return bwlimit.parse_rate(str(value))
+        except SiteBackupError as exc:
+            self.fail(str(exc).removeprefix("invalid --bwlimit "), param, ctx)
+
+
+def bwlimit_option(fn):
+    """--bwlimit: set once for the whole process, before any blob client is made."""
+    return click.option(
+        "--bwlimit", type=RateType(), envvar=bwlimit.ENV_BWLIMIT, expose_value=False,
+        callback=lambda _ctx, _param, rate: bwlimit.set_process_limit(rate),
+        help=f"Cap on blob transfers of this process, in {bwlimit.RATE_HELP} [env {bwlimit.ENV_BWLIMIT}].",
     )(fn)
 
 
@@ -124,12 +147,16 @@ def selection_options(fn):
 @click.option("--container", "-c", required=True, help="Destination container (created if missing).")
 @click.option("--prefix", default="", help="Blob name prefix, e.g. nightly/web → nightly/web/css/site.css.")
 @storage_options
+@bwlimit_option
 @click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
               help="Bound on parallel uploads.")
 @click.option("--block-size", type=click.IntRange(min=MIN_BLOCK_SIZE // MIB, max=MAX_BLOCK_SIZE // MIB),
               default=DEFAULT_BLOCK_SIZE // MIB,
               show_default=True, metavar="MIB",
               help="Files over 4x this many MiB (at most 32 MiB) go up as parallel, resumable block ranges of this size.")
+@click.option("--tier", type=click.Choice([t.lower() for t in ACCESS_TIERS], case_sensitive=False),
+              help="Access tier set with every upload (default: the account's); archive blobs cannot be read "
+                   "or replaced until rehydrated.")
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
 @selection_options
@@ -140,7 +167,7 @@ def selection_options(fn):
 @state_dir_option
 @debug_option
 def backup(source: Path, container: str, prefix: str, connection_string: str | None, account_url: str | None,
-           concurrency: int, block_size: int, json_output: bool, quiet: bool, taskhub: str | None,
+           concurrency: int, block_size: int, tier: str | None, json_output: bool, quiet: bool, taskhub: str | None,
            no_local_worker: bool, detach: bool, state_dir: Path | None, debug: bool, log_file: Path | None,
            dry_run: bool, **selection: Any) -> None:
     """Back up SOURCE to a container (the default command).
@@ -158,7 +185,8 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
     """
     settings = StorageSettings.from_options(connection_string, account_url)
     request = backup_cmd.build_request(source, container, prefix, state_dir=state_dir or default_state_dir(),
-                                       concurrency=concurrency, block_size=block_size * MIB, **selection)
+                                       concurrency=concurrency, block_size=block_size * MIB, tier=_tier(tier),
+                                       **selection)
     hub = _taskhub_settings(taskhub)
     if dry_run:
         plan = dryrun.plan_backup(request, settings, hub)
@@ -174,12 +202,18 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
     sys.exit(exit_code_for(summary))
 
 
+def _tier(choice: str | None) -> str | None:
+    """The --tier choice as the service spells it (Hot, Cool, Cold, Archive)."""
+    return next((t for t in ACCESS_TIERS if choice and t.lower() == choice.lower()), None)
+
+
 def _taskhub_settings(value: str | None) -> taskhub_mod.TaskHubSettings | None:
     return taskhub_mod.from_option(value)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @storage_options
+@bwlimit_option
 @taskhub_option
 @click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
               help="Bound on parallel uploads in this worker.")
@@ -301,6 +335,7 @@ def list_(statuses: tuple[str, ...], limit: int, json_output: bool, taskhub: str
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("instance_id")
 @storage_options
+@bwlimit_option
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
 @taskhub_option
@@ -382,6 +417,7 @@ def purge(older_than: str, taskhub: str | None, connection_string: str | None, a
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out paths matching this glob (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files that differ (identical ones are always skipped).")
 @storage_options
+@bwlimit_option
 @click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
               help="Bound on parallel download batches.")
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
@@ -435,7 +471,8 @@ def verify(instance_id: str, local: bool, download: bool, connection_string: str
            json_output: bool, taskhub: str | None, state_dir: Path | None, debug: bool) -> None:
     """Check that a backup run's blobs are intact.
 
-    Every blob the run recorded must be present, with the same size and Content-MD5.
+    Every blob the run recorded must be present, with the same size and Content-MD5 (and the
+    access tier the run set with --tier).
 
     \b
     Examples:
