@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sitebackup.errors import InputError
-from sitebackup.ui.printers import Printer, failure_lines, start_verb, summary_line
+from sitebackup.ui.printers import Printer, failure_lines, start_line, summary_line
 
 
 class LogPrinter(Printer):
@@ -28,7 +28,7 @@ class LogPrinter(Printer):
         self.fh.flush()
 
     def start(self, info: dict[str, Any]) -> None:
-        self._log(f"{start_verb(info)} {info['instance_id']}: {info['source']} -> {info['destination']}")
+        self._log(start_line(info))
         self.inner.start(info)
 
     def progress(self, status: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """Printers of a run's progress and results: rich bar on a TTY, plain lines for cron, NDJSON for scripts, or nothing.
 
 Printers only render data they are given (custom-status counters and summaries); they never
-ask the backend anything, so any source of progress can drive any printer.
+ask the backend anything, so any source of progress can drive any printer. Rate and ETA are the
+printers' own (``RateMeter``, from successive counters): the orchestration publishes no clocks.
+Every byte count a person reads, in the bar, the summary, ``status`` and ``list``, is ``human_bytes``.
 """
 
 from __future__ import annotations
@@ -9,25 +11,64 @@ from __future__ import annotations
 import json
 import sys
 import time
+import unicodedata
+from collections import deque
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.text import Text
+
+_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def plain(value: Any) -> str:
+    """*value* on one line with nothing a terminal or a tab-separated reader would act on: tabs, line
+    breaks, control and format characters (bidi overrides) and undecodable bytes become escapes."""
+    return "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Cs") else c)
+                   for c in str(value))
 
 
 def human_bytes(n: float) -> str:
+    """Binary units, one decimal: the one way sitebackup shows a byte count."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class RateMeter:
+    """Bytes per second and seconds left, from the counters of successive progress statuses.
+
+    The rate counts bytes sent or fetched (``bytes_done`` less ``bytes_skipped``: unchanged files
+    move nothing) over the last *window* seconds; it is None until the samples span *min_span*.
+    """
+
+    def __init__(self, window: float = 10.0, min_span: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.window = window
+        self.min_span = min_span
+        self.clock = clock
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def update(self, status: dict[str, Any]) -> tuple[float | None, float | None]:
+        now = self.clock()
+        moved = status.get("bytes_done", 0) - status.get("bytes_skipped", 0)
+        self.samples.append((now, moved))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        first_at, first = self.samples[0]
+        if now - first_at < self.min_span:
+            return None, None
+        rate = max(0.0, (moved - first) / (now - first_at))
+        left = max(0, status.get("bytes_total", 0) - status.get("bytes_done", 0))
+        return rate, (left / rate if rate else None) if left else 0.0
 
 
 # a run's kind is its orchestration's durable name (workflows.names)
@@ -42,6 +83,10 @@ def done_verb(counters: dict[str, Any]) -> str:
 
 def start_verb(info: dict[str, Any]) -> str:
     return "attached to" if info.get("attached") else "resuming" if info.get("resumed") else "started"
+
+
+def start_line(info: dict[str, Any]) -> str:
+    return f"{start_verb(info)} {info['instance_id']}: {plain(info['source'])} -> {plain(info['destination'])}"
 
 
 def summary_line(summary: dict[str, Any]) -> str:
@@ -61,10 +106,10 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 def failure_lines(summary: dict[str, Any]) -> list[str]:
-    lines = [f"FAILED {f['path']}: {f['error']}" for f in summary.get("failures") or []]
+    lines = [f"FAILED {plain(f['path'])}: {plain(f['error'])}" for f in summary.get("failures") or []]
     if summary.get("error"):
         # the run itself stopped (a FAILED instance, or one waiting for `resume`): say why
-        lines.append(f"sitebackup: error: {summary['error']}")
+        lines.append(f"sitebackup: error: {plain(summary['error'])}")
     listed = len(summary.get("failures") or [])
     rest = summary.get("files_failed", 0) - listed
     if rest > 0 and listed:
@@ -74,7 +119,7 @@ def failure_lines(summary: dict[str, Any]) -> list[str]:
 
 def skipped_lines(summary: dict[str, Any]) -> list[str]:
     """Notes for what was left out on purpose (symlinks, FIFOs, sockets, devices), as listed in the summary."""
-    return [f"skipped {s['path']}: {s['reason']}" for s in summary.get("skipped") or []]
+    return [f"skipped {plain(s['path'])}: {plain(s['reason'])}" for s in summary.get("skipped") or []]
 
 
 class Printer:
@@ -101,8 +146,7 @@ class PlainPrinter(Printer):
 
     def start(self, info: dict[str, Any]) -> None:
         if not self.quiet:
-            print(f"sitebackup: {start_verb(info)} {info['instance_id']}: {info['source']} -> {info['destination']}",
-                  file=self.out, flush=True)
+            print(f"sitebackup: {start_line(info)}", file=self.out, flush=True)
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -123,22 +167,25 @@ class RichPrinter(PlainPrinter):
     def __init__(self, console: Console | None = None):
         super().__init__()
         self.console = console or Console(stderr=True)
+        # our own byte, rate and ETA columns: rich's count decimal megabytes, the summary binary ones
         self.bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TextColumn("{task.fields[files]}"),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[bytes]}"),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[eta]}"),
             console=self.console,
             transient=False,
         )
-        self.task = self.bar.add_task("scanning", total=None, files="")
+        self.task = self.bar.add_task("scanning", total=None, files="", bytes="", rate="", eta="")
+        self.meter = RateMeter()
         self.started = False
 
     def start(self, info: dict[str, Any]) -> None:
         verb = "Resuming" if info.get("resumed") else info.get("action", "Backing up")
-        self.console.print(f"{verb} [bold]{info['source']}[/] -> [bold]{info['destination']}[/] ({info['instance_id']})")
+        self.console.print(Text.assemble(f"{verb} ", (plain(info["source"]), "bold"), " -> ",
+                                         (plain(info["destination"]), "bold"), f" ({info['instance_id']})"))
         self.bar.start()
         self.started = True
 
@@ -147,9 +194,13 @@ class RichPrinter(PlainPrinter):
 
     def progress(self, status: dict[str, Any]) -> None:
         total = status.get("bytes_total") or None
-        files = f"{status.get('files_done', 0)}/{status.get('files_total', 0)} files"
-        self.bar.update(self.task, description=status.get("phase", ""), completed=status.get("bytes_done", 0),
-                        total=total, files=files)
+        done = status.get("bytes_done", 0)
+        rate, eta = self.meter.update(status)
+        self.bar.update(self.task, description=status.get("phase", ""), completed=done, total=total,
+                        files=f"{status.get('files_done', 0)}/{status.get('files_total', 0)} files",
+                        bytes=f"{human_bytes(done)}/{human_bytes(status.get('bytes_total', 0))}",
+                        rate="" if rate is None else f"{human_bytes(rate)}/s",
+                        eta="" if eta is None else f"ETA {human_duration(eta)}")
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.close()
@@ -166,12 +217,16 @@ class RichPrinter(PlainPrinter):
 
 
 class JsonPrinter(Printer):
-    """NDJSON on stdout: a start event first (with the instance id), progress at most 5 a second, summary last."""
+    """NDJSON on stdout: a start event first (with the instance id), progress at most 5 a second, summary last.
 
-    def __init__(self, out: TextIO | None = None, interval: float = 0.2):
+    Progress events carry the status counters plus ``bytes_per_second`` and ``eta_s`` (null until known)."""
+
+    def __init__(self, out: TextIO | None = None, interval: float = 0.2, clock: Callable[[], float] = time.monotonic):
         self.out = out or sys.stdout
         self.interval = interval
-        self.last = 0.0
+        self.clock = clock
+        self.meter = RateMeter(clock=clock)
+        self.last = float("-inf")
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         self.out.write(json.dumps({"event": event, **data}) + "\n")
@@ -184,10 +239,12 @@ class JsonPrinter(Printer):
         self._emit("message", {"message": text})
 
     def progress(self, status: dict[str, Any]) -> None:
-        now = time.monotonic()
+        rate, eta = self.meter.update(status)  # every status is a sample, emitted or not
+        now = self.clock()
         if now - self.last >= self.interval:
             self.last = now
-            self._emit("progress", status)
+            self._emit("progress", {**status, "bytes_per_second": None if rate is None else round(rate),
+                                    "eta_s": None if eta is None else round(eta, 1)})
 
     def finish(self, summary: dict[str, Any]) -> None:
         self._emit("summary", summary)

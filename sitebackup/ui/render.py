@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
-from sitebackup.ui.printers import KINDS, done_verb, failure_lines, human_bytes
+from sitebackup.ui.printers import KINDS, done_verb, failure_lines, human_bytes, plain
 
 
 def status_text(info: dict[str, Any]) -> str:
@@ -20,8 +23,8 @@ def status_text(info: dict[str, Any]) -> str:
     if status in ("RUNNING", "PENDING") and info.get("worker_attached") is None:
         # the scheduler does not tell clients which workers hold an instance's work
         lines.append("  worker:       unknown with --taskhub")
-    lines.append(f"  source:       {info.get('source')}")
-    lines.append(f"  destination:  {info.get('destination')}  ({info.get('endpoint')})")
+    lines.append(f"  source:       {plain(info.get('source'))}")
+    lines.append(f"  destination:  {plain(info.get('destination'))}  ({info.get('endpoint')})")
     lines.append(f"  created:      {info['created_at']}")
     lines.append(f"  last update:  {info['last_updated_at']}  ({info['duration_s']:.1f}s)")
     counters = info.get("output") if isinstance(info.get("output"), dict) else None
@@ -40,23 +43,36 @@ def status_text(info: dict[str, Any]) -> str:
         lines.append(f"  bytes:        {human_bytes(progress.get('bytes_done', 0))} of "
                      f"{human_bytes(progress.get('bytes_total', 0))}")
     if info.get("failure"):
-        lines.append(f"  failure:      {info['failure']['type']}: {info['failure']['message']}")
+        lines.append(f"  failure:      {info['failure']['type']}: {plain(info['failure']['message'])}")
     return "\n".join(lines)
 
 
+RUN_COLUMNS = ("id", "kind", "status", "source", "destination", "files", "bytes", "started", "duration")
+
+
 def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """The runs, newest first: a table on a terminal wide enough for it, otherwise tab-separated lines
+    (a header first), so a pipe, a script or cron's mail gets every value in full, never cut."""
     console = console or Console()
     if not rows:
-        console.print("no runs recorded in this state directory")
+        click.echo("no runs recorded in this state directory", file=console.file)
         return
-    table = Table(box=None, header_style="bold")
-    for column in ("id", "kind", "status", "source → destination", "files", "bytes", "started", "duration"):
-        table.add_column(column, no_wrap=column in ("id", "status"))
-    for row in rows:
-        table.add_row(row["instance_id"], KINDS.get(row["kind"], row["kind"]), row["runtime_status"],
-                      f"{row['source']} → {row['destination']}", f"{row['files']}/{row['files_total']}",
-                      human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s")
-    console.print(table)
+    lines = [[plain(row["instance_id"]), plain(KINDS.get(row["kind"], row["kind"])), plain(row["runtime_status"]),
+              plain(row["source"]), plain(row["destination"]), f"{row['files']}/{row['files_total']}",
+              human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s"]
+             for row in rows]
+    if console.is_terminal:
+        table = Table(box=None, header_style="bold")
+        for column in RUN_COLUMNS:
+            table.add_column(column, no_wrap=True)
+        for line in lines:
+            table.add_row(*map(Text, line))  # Text: a name is never read as rich markup
+        if Measurement.get(console, console.options.update_width(sys.maxsize), table).maximum <= console.width:
+            console.print(table)
+            return
+    # no terminal, or one too narrow for every value in full
+    for line in [list(RUN_COLUMNS), *lines]:
+        click.echo("\t".join(line), file=console.file)
 
 
 def dry_run_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
@@ -69,10 +85,11 @@ def dry_run_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
         return
     for item in plan["items"]:
         if item["action"] == "fail":
-            click.echo(f"FAILED {item['path']}: {item['error']}", err=True)
+            click.echo(f"FAILED {plain(item['path'])}: {plain(item['error'])}", err=True)
         elif not quiet:
             detail = item.get("reason") or human_bytes(item.get("size", 0))
-            click.echo(f"{'would upload' if item['action'] == 'upload' else item['action']} {item['path']} ({detail})")
+            click.echo(f"{'would upload' if item['action'] == 'upload' else item['action']} {plain(item['path'])} "
+                       f"({plain(detail)})")
     if not quiet:
         click.echo(f"dry run: {plan['files_to_upload']} files would be uploaded ({human_bytes(plan['bytes_to_upload'])}), "
                    f"{plan['files_unchanged']} unchanged ({human_bytes(plan['bytes_skipped'])}), "
