@@ -1,4 +1,4 @@
-"""First and second run of the real CLI over an unchanged 5,000-file tree (issue 5): times and bytes.
+"""First and second run of the real CLI over an unchanged 5,000-file tree: times and bytes.
 
 Run: .venv/bin/python benchmarks/incremental_second_run.py [FILES]
 Starts its own in-memory Azurite; prints one row per run.

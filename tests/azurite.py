@@ -36,6 +36,7 @@ class Azurite:
     location: Path  # holds the log; also the data unless in_memory
     process: subprocess.Popen | None = None
     in_memory: bool = False  # --inMemoryPersistence: no disk I/O, for benchmarks
+    access_log: bool = False  # one line per request in azurite.log, for tests that count requests
 
     @property
     def endpoint(self) -> str:
@@ -51,7 +52,7 @@ class Azurite:
         log = open(self.location / "azurite.log", "ab")
         self.process = subprocess.Popen(
             [str(azurite_binary()), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-             "--skipApiVersionCheck", "--loose", "--silent",
+             "--skipApiVersionCheck", "--loose", *([] if self.access_log else ["--silent"]),
              *(["--inMemoryPersistence"] if self.in_memory else ["--location", str(self.location)])],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

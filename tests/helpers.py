@@ -1,10 +1,23 @@
-"""Helpers the tests import by name (conftest modules are not importable reliably: there are two)."""
+"""Helpers the tests import by name (conftest modules are not importable reliably: there are two).
+
+Test modules never import each other: whatever two of them share lives here.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from azure.storage.blob import AccountSasPermissions, BlobServiceClient, ResourceTypes, generate_account_sas
+from azurite import ACCOUNT, KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,3 +34,115 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return root
+
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], what: str = "the condition", timeout: float = 120.0, interval: float = 0.05) -> T:
+    """Poll *predicate* until it returns something truthy and return that; fail naming *what* otherwise.
+
+    The one polling helper: tests wait for an observable condition, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def env_for(conn: str | None, state: Path, **extra: str) -> dict[str, str]:
+    """A child's environment: no inherited Azure or sitebackup settings, this storage and state directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "SITEBACKUP_"))}
+    if conn:
+        env["AZURE_STORAGE_CONNECTION_STRING"] = conn
+    env.update(SITEBACKUP_STATE_DIR=str(state), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def many_files(root: Path, count: int, size: int = 2048) -> dict[str, bytes]:
+    files = {f"d{i % 20:02d}/f{i:05d}.bin": (f"{i:08d}".encode() * (size // 8 + 1))[:size] for i in range(count)}
+    write_tree(root, files)
+    return files
+
+
+def assert_exact(conn: str, container: str, src: Path, prefix: str = "") -> None:
+    """Every file of *src* is a blob with its exact bytes, and there is nothing else."""
+    service = BlobServiceClient.from_connection_string(conn)
+    try:
+        client = service.get_container_client(container)
+        names = {b.name for b in client.list_blobs() if not b.name.startswith(".sitebackup")}
+        files = {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
+        want = {f"{prefix}/{rel}" if prefix else rel for rel in files}
+        assert names == want
+        for rel, path in files.items():
+            name = f"{prefix}/{rel}" if prefix else rel
+            assert client.download_blob(name).readall() == path.read_bytes(), name
+    finally:
+        service.close()
+
+
+class JsonRun:
+    """A `sitebackup ... --json` child process whose NDJSON events we read as they come."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen([sys.executable, "-m", "sitebackup", *args, "--json"], env=env, cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.events: list[dict] = []
+
+    def until(self, predicate: Callable[[dict], bool], timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            self.events.append(event)
+            if predicate(event):
+                return event
+            assert time.monotonic() < deadline, f"no matching event within {timeout}s: {self.events[-3:]}"
+        raise AssertionError(f"process ended first ({self.proc.wait()}): {self.proc.stderr.read()}")
+
+    def finish(self, timeout: float = 120) -> tuple[int, dict, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.events += [json.loads(line) for line in out.splitlines() if line.strip()]
+        return self.proc.returncode, (self.events[-1] if self.events else {}), err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+def uploading(min_done: int = 1) -> Callable[[dict], bool]:
+    return lambda e: e["event"] == "progress" and e.get("phase") == "uploading" and e["files_done"] >= min_done
+
+
+def account_sas_url(port: int, expires_in: timedelta, write: bool = True) -> tuple[str, str]:
+    sas = generate_account_sas(ACCOUNT, KEY, resource_types=ResourceTypes(service=True, container=True, object=True),
+                               permission=AccountSasPermissions(read=True, write=write, list=True, create=write,
+                                                                add=write, delete=write),
+                               expiry=datetime.now(timezone.utc) + expires_in)
+    return f"http://127.0.0.1:{port}/{ACCOUNT}?{sas}", sas
+
+
+def secret_forms(*secrets: str) -> list[bytes]:
+    """Each secret as stored or printed anywhere: raw, URL-decoded, and its query's sig alone."""
+    forms: set[str] = set()
+    for secret in secrets:
+        forms.update({secret, unquote(secret)})
+        query = urlsplit(secret).query if secret.startswith("http") else ""
+        for sig in parse_qs(query).get("sig", []):
+            forms.update({sig, unquote(sig)})
+    return [f.encode() for f in forms if len(f) >= 16]
+
+
+def assert_nothing_leaks(secrets: list[bytes], texts: list[str], dirs: list[Path]) -> None:
+    blobs = [t.encode() for t in texts]
+    for folder in dirs:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                blobs.append(path.read_bytes())  # state.db, its WAL, work pages and results, logs
+    assert blobs
+    for secret in secrets:
+        for data in blobs:
+            assert secret not in data, f"secret found: {secret[:6]!r}..."

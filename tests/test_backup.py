@@ -134,6 +134,21 @@ def test_input_errors_exit_2_with_one_line(tmp_path, cli, args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args, code, message", [
+    (["/nonexistent", "-c", "abc"], 2, "source '/nonexistent' does not exist"),
+    (["status", "no-such-run"], 2, "no run with id 'no-such-run'"),
+    (["backup", "--container", "abc"], 2, "Missing argument"),  # a click usage error
+])
+def test_with_json_a_failing_command_prints_one_json_error_object(cli, args, code, message):
+    result = cli(*args, "--json")
+    assert result.returncode == code
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    event = json.loads(lines[0])
+    assert event["event"] == "error" and event["exit_code"] == code and message in event["message"]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_no_storage_configured_exits_2_naming_the_options(tmp_path, cli, cli_env):
     env = {k: v for k, v in cli_env.items() if not k.startswith("AZURE_")}
     result = cli(tmp_path, "--container", "okname", env=env)

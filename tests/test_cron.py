@@ -11,12 +11,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from azurite import Azurite, azurite_binary, free_port
+from azurite import Azurite, free_port
 from helpers import ROOT, write_tree
 from privileges import without_root_powers
 
@@ -180,20 +179,8 @@ def test_unreadable_directory_and_file_exit_1_and_the_rest_is_uploaded(tmp_path,
 def counting_azurite(tmp_path_factory):
     """A private Azurite with its access log on: every request is one line we can count."""
     location = tmp_path_factory.mktemp("azurite-log")
-    port = free_port()
-    log = open(location / "access.log", "ab")
-    proc = subprocess.Popen([str(azurite_binary()), "--blobHost", "127.0.0.1", "--blobPort", str(port),
-                             "--skipApiVersionCheck", "--loose", "--inMemoryPersistence"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Azurite(port, location, process=proc)
-    import socket
-    for _ in range(300):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.1)
-    yield server, location / "access.log"
+    server = Azurite(free_port(), location, in_memory=True, access_log=True).start()
+    yield server, location / "azurite.log"
     server.stop()
 
 

@@ -12,20 +12,30 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 from azure.storage.blob import (
-    AccountSasPermissions,
     BlobServiceClient,
-    ResourceTypes,
-    generate_account_sas,
 )
-from azurite import ACCOUNT, KEY, Azurite, free_port
-from helpers import ROOT, run_cli, write_tree
+from azurite import ACCOUNT, Azurite, free_port
+from helpers import (
+    ROOT,
+    JsonRun,
+    account_sas_url,
+    assert_exact,
+    assert_nothing_leaks,
+    env_for,
+    many_files,
+    run_cli,
+    secret_forms,
+    uploading,
+    wait_until,
+    write_tree,
+)
 
 
 @pytest.fixture
@@ -36,69 +46,6 @@ def own_azurite(tmp_path: Path):
     if server.process and server.process.poll() is None:
         server.process.kill()  # its data is no longer needed: skip the graceful stop's wait
     server.stop()
-
-
-def env_for(conn: str | None, state: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "SITEBACKUP_"))}
-    if conn:
-        env["AZURE_STORAGE_CONNECTION_STRING"] = conn
-    env.update(SITEBACKUP_STATE_DIR=str(state), PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def many_files(root: Path, count: int, size: int = 2048) -> dict[str, bytes]:
-    files = {f"d{i % 20:02d}/f{i:05d}.bin": (f"{i:08d}".encode() * (size // 8 + 1))[:size] for i in range(count)}
-    write_tree(root, files)
-    return files
-
-
-def assert_exact(conn: str, container: str, src: Path, prefix: str = "") -> None:
-    """Every file of *src* is a blob with its exact bytes, and there is nothing else."""
-    service = BlobServiceClient.from_connection_string(conn)
-    try:
-        client = service.get_container_client(container)
-        names = {b.name for b in client.list_blobs() if not b.name.startswith(".sitebackup")}
-        files = {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
-        want = {f"{prefix}/{rel}" if prefix else rel for rel in files}
-        assert names == want
-        for rel, path in files.items():
-            name = f"{prefix}/{rel}" if prefix else rel
-            assert client.download_blob(name).readall() == path.read_bytes(), name
-    finally:
-        service.close()
-
-
-class JsonRun:
-    """A `sitebackup ... --json` child process whose NDJSON events we read as they come."""
-
-    def __init__(self, args: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "sitebackup", *args, "--json"], env=env, cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.events: list[dict] = []
-
-    def until(self, predicate, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        for line in self.proc.stdout:
-            event = json.loads(line)
-            self.events.append(event)
-            if predicate(event):
-                return event
-            assert time.monotonic() < deadline, f"no matching event within {timeout}s: {self.events[-3:]}"
-        raise AssertionError(f"process ended first ({self.proc.wait()}): {self.proc.stderr.read()}")
-
-    def finish(self, timeout: float = 120) -> tuple[int, dict, str]:
-        out, err = self.proc.communicate(timeout=timeout)
-        self.events += [json.loads(line) for line in out.splitlines() if line.strip()]
-        return self.proc.returncode, (self.events[-1] if self.events else {}), err
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
-
-
-def uploading(min_done: int = 1):
-    return lambda e: e["event"] == "progress" and e.get("phase") == "uploading" and e["files_done"] >= min_done
 
 
 # ---------------------------------------------------------------- the blob service goes away
@@ -402,14 +349,6 @@ def test_full_state_disk_is_a_clear_error(azurite, tmp_path, container_name, mou
 # ---------------------------------------------------------------- credentials expiring mid-run
 
 
-def account_sas_url(port: int, expires_in: timedelta, write: bool = True) -> tuple[str, str]:
-    sas = generate_account_sas(ACCOUNT, KEY, resource_types=ResourceTypes(service=True, container=True, object=True),
-                               permission=AccountSasPermissions(read=True, write=write, list=True, create=write,
-                                                                add=write, delete=write),
-                               expiry=datetime.now(timezone.utc) + expires_in)
-    return f"http://127.0.0.1:{port}/{ACCOUNT}?{sas}", sas
-
-
 def test_expired_sas_stops_with_exit_3_and_resume_with_fresh_sas_completes(azurite, tmp_path, container_name):
     src = tmp_path / "site"
     many_files(src, 400, size=512)
@@ -423,9 +362,9 @@ def test_expired_sas_stops_with_exit_3_and_resume_with_fresh_sas_completes(azuri
     try:
         # freeze the whole run while uploading until the SAS has expired: no race with a fast machine
         log = tmp_path / "run.log"
-        while not (log.exists() and "started" in log.read_text()):
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
+        wait_until(lambda: (log.exists() and "started" in log.read_text()) or proc.poll() is not None,
+                   "the run to start")
+        assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGSTOP)
         time.sleep(max(0.0, expiry - time.monotonic()) + 1.5)
         proc.send_signal(signal.SIGCONT)
@@ -446,7 +385,5 @@ def test_expired_sas_stops_with_exit_3_and_resume_with_fresh_sas_completes(azuri
     assert "COMPLETED: 400/400 files uploaded" in resumed.stdout
     assert_exact(azurite.connection_string, container_name, src)
     # the failure details the orchestration keeps, and all output, hold neither SAS
-    from test_secrets import assert_nothing_leaks, secret_forms
-
     assert_nothing_leaks(secret_forms(url, sas, fresh), [result.stdout, result.stderr, resumed.stdout,
                                                          resumed.stderr], [state])

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import ContentSettings
-from helpers import ROOT, write_tree
+from helpers import ROOT, wait_until, write_tree
 
 from sitebackup.local.dest import TEMP_SUFFIX, UnsafeName, safe_relpath
 from sitebackup.local.filters import make_selector
@@ -270,15 +269,12 @@ def test_restore_killed_with_sigkill_then_rerun_completes_exactly(tmp_path, cli,
     try:
         start = json.loads(proc.stdout.readline())
         restore_id = start["instance_id"]
-        deadline = time.monotonic() + 120
-        done = 0
-        while time.monotonic() < deadline and proc.poll() is None:
+        def files_done() -> int:
             status = cli("status", restore_id, "--json")
             custom = json.loads(status.stdout).get("custom_status") or {} if status.returncode == 0 else {}
-            done = custom.get("files_done", 0)
-            if done > 0:
-                break
-            time.sleep(0.2)
+            return custom.get("files_done", 0) or proc.poll() is not None
+
+        done = wait_until(files_done, "the restore to make progress")
         assert proc.poll() is None, "restore finished before it could be killed; make the tree bigger"
         assert 0 < done < len(files)
         proc.send_signal(signal.SIGKILL)

@@ -13,14 +13,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
-from helpers import ROOT, write_tree
+from helpers import ROOT, wait_until, write_tree
 
 from sitebackup.blob.workstore import LocalWorkStore as WorkStore
 from sitebackup.durable.runtime import open_backend
@@ -271,14 +270,13 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         instance_id = json.loads(proc.stdout.readline())["instance_id"]
-        for _ in range(600):
-            if proxy.held == window:
-                break
-            time.sleep(0.2)
+        wait_until(lambda: proxy.held == window, "the window of ranges to reach the gate")
         assert proxy.held == window and proxy.staged == passed
         result = cli("cancel", instance_id)
         assert result.returncode == 0 and "cancelled" in result.stdout
-        time.sleep(1.5)  # outlast the worker's one-second cache of "not cancelled" (runner.CancelCheck)
+        # once the run's own process has applied the cancel, its ranges see it at their next check
+        wait_until(lambda: json.loads(cli("status", instance_id, "--json").stdout)["runtime_status"] == "TERMINATED",
+                   "the cancel to be applied")
         proxy.release.set()
         out, err = proc.communicate(timeout=120)
     finally:

@@ -7,36 +7,11 @@ from __future__ import annotations
 import os
 import stat
 from datetime import timedelta
-from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from azurite import KEY
-from test_faults import JsonRun, account_sas_url, env_for, many_files
+from helpers import JsonRun, account_sas_url, assert_nothing_leaks, env_for, many_files, secret_forms
 
 from sitebackup.blob.errors import redact
-
-
-def secret_forms(*secrets: str) -> list[bytes]:
-    """Each secret as stored or printed anywhere: raw, URL-decoded, and its query's sig alone."""
-    forms: set[str] = set()
-    for secret in secrets:
-        forms.update({secret, unquote(secret)})
-        query = urlsplit(secret).query if secret.startswith("http") else ""
-        for sig in parse_qs(query).get("sig", []):
-            forms.update({sig, unquote(sig)})
-    return [f.encode() for f in forms if len(f) >= 16]
-
-
-def assert_nothing_leaks(secrets: list[bytes], texts: list[str], dirs: list[Path]) -> None:
-    blobs = [t.encode() for t in texts]
-    for folder in dirs:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                blobs.append(path.read_bytes())  # state.db, its WAL, work pages and results, logs
-    assert blobs
-    for secret in secrets:
-        for data in blobs:
-            assert secret not in data, f"secret found: {secret[:6]!r}..."
 
 
 def test_key_and_sas_never_appear_in_state_or_output(azurite, tmp_path, container_name):

@@ -1,4 +1,4 @@
-"""The speed work of issue 4 keeps its promises: the byte budget of staged ranges, the range
+"""The speed work keeps its promises: the byte budget of staged ranges, the range
 threshold, and a worker that stops promptly still drains what it was given (no timings asserted)."""
 
 from __future__ import annotations

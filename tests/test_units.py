@@ -80,3 +80,37 @@ def test_every_command_has_help_with_a_description_and_examples():
         assert result.exit_code == 0, name
         assert "Example" in result.output, name
         assert "Exit codes" in result.output, name
+
+
+def test_cancel_check_asks_again_when_the_backend_changed_the_run_or_the_interval_passed():
+    from types import SimpleNamespace
+
+    from durabletask.client import OrchestrationStatus
+
+    from sitebackup.commands.hosting import CancelCheck
+
+    status = {"value": OrchestrationStatus.RUNNING}
+    asked: list[str] = []
+
+    class Client:
+        def get_orchestration_state(self, run_id, fetch_payloads=True):
+            asked.append(run_id)
+            return SimpleNamespace(runtime_status=status["value"])
+
+    runtime = SimpleNamespace(version=0, client=Client)
+    runtime.status_version = lambda run_id: runtime.version
+    now = {"t": 100.0}
+    check = CancelCheck(runtime, interval=1.0, clock=lambda: now["t"])
+    assert [check("r"), check("r"), check("r")] == [False, False, False]
+    assert len(asked) == 1  # cached between files
+    status["value"] = OrchestrationStatus.TERMINATED
+    assert check("r") is False  # nothing says the run changed yet
+    runtime.version += 1  # this process's backend applied the cancel
+    assert check("r") is True and len(asked) == 2
+    assert check("r") is True and len(asked) == 2  # a cancel is final: never asked again
+    check2 = CancelCheck(runtime, interval=1.0, clock=lambda: now["t"])
+    status["value"] = OrchestrationStatus.RUNNING
+    assert check2("s") is False
+    now["t"] += 1.5  # under the scheduler nothing moves the version: the interval decides
+    status["value"] = OrchestrationStatus.TERMINATED
+    assert check2("s") is True

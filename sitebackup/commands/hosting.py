@@ -215,20 +215,22 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, ins
 
 
 class CancelCheck:
-    """Answers "was this run cancelled?" from the backend, asking at most once per *interval* per run."""
+    """Answers "was this run cancelled?" from the backend: asked between files, so the answer is cached,
+    and asked again once this process's backend applied a change to the run or after *interval*."""
 
     def __init__(self, runtime: Runtime, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.runtime = runtime
         self.interval = interval
         self.clock = clock
         self.lock = threading.Lock()
-        self.checked: dict[str, tuple[float, bool]] = {}
+        self.checked: dict[str, tuple[float, int | None, bool]] = {}
         self.client: dt_client.TaskHubGrpcClient | None = None
 
     def __call__(self, run_id: str) -> bool:
         with self.lock:
-            at, answer = self.checked.get(run_id, (float("-inf"), False))
-            if answer or self.clock() - at < self.interval:
+            at, version, answer = self.checked.get(run_id, (float("-inf"), None, False))
+            now = self.runtime.status_version(run_id)
+            if answer or (self.clock() - at < self.interval and now == version):
                 return answer
             if self.client is None:
                 self.client = self.runtime.client()
@@ -237,7 +239,7 @@ class CancelCheck:
             except Exception:  # backend going away: keep uploading, the lease decides
                 return False
             answer = state is not None and state.runtime_status == dt_client.OrchestrationStatus.TERMINATED
-            self.checked[run_id] = (self.clock(), answer)
+            self.checked[run_id] = (self.clock(), now, answer)
             return answer
 
 

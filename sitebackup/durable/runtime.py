@@ -19,6 +19,7 @@ from durabletask import client as dt_client
 from durabletask import worker as dt_worker
 
 from sitebackup.blob.workstore import BlobWorkStore, LocalWorkStore, WorkStore
+from sitebackup.durable.backend.servicer import DEFAULT_TASKHUB
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.durable.workerstop import make_prompt
 from sitebackup.errors import InputError
@@ -101,6 +102,12 @@ class Runtime:
     def stop_workers(self) -> None:
         while self._workers:
             self._workers.pop().stop()
+
+    def status_version(self, instance_id: str) -> int | None:
+        """A number that moves whenever this process's backend applies a change to the instance (an
+        episode, a termination); None under the scheduler, where changes happen elsewhere."""
+        store = self.backend.store if self.backend is not None else None
+        return None if store is None else store.touched.get((DEFAULT_TASKHUB, instance_id), 0)
 
     def worker_attached(self, instance_id: str) -> bool | None:
         """Whether a live process works on *instance_id*; None when the backend cannot tell."""

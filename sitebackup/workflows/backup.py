@@ -18,7 +18,7 @@ from durabletask import task
 from sitebackup.workflows import blocks
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE
 from sitebackup.workflows.types import BackupInput, CopyInput, ScanInput
-from sitebackup.workflows.window import Tally, run_page_window
+from sitebackup.workflows.window import Tally
 
 TALLY = Tally(
     kind=BACKUP_ORCHESTRATION,
@@ -34,15 +34,9 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> 
     inp = BackupInput.from_dict(raw)
     options = inp.options
     window = max(1, options.concurrency)
-    state = inp.state
-    if state is None:
-        state = TALLY.new_state(ctx)
-        ctx.set_custom_status(TALLY.status(state, "scanning"))
-        scan = yield ctx.call_activity(SCAN_TREE, input=ScanInput(
-            source=inp.source, min_batches=4 * window, baseline=inp.baseline, compare=options.compare,
-            patterns=options.patterns, follow_symlinks=options.follow_symlinks, block_size=options.block_size))
-        TALLY.add(state, scan)
-        state["pages"] = scan["pages"]
+    state = yield from TALLY.begin(ctx, inp.state, "scanning", SCAN_TREE, ScanInput(
+        source=inp.source, min_batches=4 * window, baseline=inp.baseline, compare=options.compare,
+        patterns=options.patterns, follow_symlinks=options.follow_symlinks, block_size=options.block_size))
 
     def schedule(page: int) -> task.Task[Any]:
         md5 = state.get("file_md5", {}).get(str(blocks.commit_task(page))) if page < 0 else None
@@ -60,12 +54,8 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> 
             state.get("file_md5", {}).pop(str(blocks.commit_task(result["page"])), None)
         TALLY.add(state, result)
 
-    more = yield from run_page_window(ctx, state, window, schedule, on_result,
-                                      lambda phase: TALLY.status(state, phase), "uploading")
-    if more:
-        ctx.continue_as_new({**raw, "state": state})
-        return None
-    return TALLY.summary(ctx, state, inp.source, inp.destination)
+    return (yield from TALLY.run(ctx, raw, state, window, schedule, on_result, "uploading",
+                                 inp.source, inp.destination))
 
 
 # the worker registers orchestrators under fn.__name__: pin it to the durable name

@@ -15,7 +15,7 @@ from durabletask import task
 
 from sitebackup.workflows.names import BATCH_RETRY, PLAN_RESTORE, RESTORE_BATCH, RESTORE_ORCHESTRATION
 from sitebackup.workflows.types import FetchInput, PlanInput, RestoreInput
-from sitebackup.workflows.window import Tally, run_page_window
+from sitebackup.workflows.window import Tally
 
 TALLY = Tally(
     kind=RESTORE_ORCHESTRATION,
@@ -30,26 +30,16 @@ TALLY = Tally(
 def restore_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> Any:
     inp = RestoreInput.from_dict(raw)
     window = max(1, inp.options.concurrency)
-    state = inp.state
-    if state is None:
-        state = TALLY.new_state(ctx)
-        ctx.set_custom_status(TALLY.status(state, "planning"))
-        plan = yield ctx.call_activity(PLAN_RESTORE, input=PlanInput(
-            container=inp.container, prefix=inp.prefix, run_id=inp.run_id, options=inp.options.to_dict(),
-            min_batches=4 * window))
-        TALLY.add(state, plan)
-        state["pages"] = plan["pages"]
+    state = yield from TALLY.begin(ctx, inp.state, "planning", PLAN_RESTORE, PlanInput(
+        container=inp.container, prefix=inp.prefix, run_id=inp.run_id, options=inp.options.to_dict(),
+        min_batches=4 * window))
 
     def schedule(page: int) -> task.Task[Any]:
         return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=FetchInput(
             dest=inp.dest, container=inp.container, page=page, overwrite=inp.options.overwrite))
 
-    more = yield from run_page_window(ctx, state, window, schedule, lambda result: TALLY.add(state, result),
-                                      lambda phase: TALLY.status(state, phase), "restoring")
-    if more:
-        ctx.continue_as_new({**raw, "state": state})
-        return None
-    return TALLY.summary(ctx, state, inp.source_label, inp.dest)
+    return (yield from TALLY.run(ctx, raw, state, window, schedule, lambda result: TALLY.add(state, result),
+                                 "restoring", inp.source_label, inp.dest))
 
 
 restore_site_content.__name__ = RESTORE_ORCHESTRATION

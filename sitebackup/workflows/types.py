@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from sitebackup.workflows.names import DEFAULT_WINDOW
 
@@ -28,10 +28,16 @@ W = TypeVar("W", bound="Wire")
 class Wire:
     """A dataclass read from and written to plain JSON objects."""
 
+    nested: ClassVar[dict[str, type["Wire"]]] = {}  # fields that are Wire dataclasses themselves
+
     @classmethod
     def from_dict(cls: type[W], data: dict[str, Any] | None) -> W:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+        values = {k: v for k, v in (data or {}).items() if k in known}
+        for name, kind in cls.nested.items():
+            if name in values:
+                values[name] = kind.from_dict(values[name] if isinstance(values[name], dict) else {})
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -58,12 +64,7 @@ class BackupInput(Wire):
     options: BackupOptions = field(default_factory=BackupOptions)
     baseline: str | None = None  # the run whose record decides what is unchanged
     state: dict[str, Any] | None = None  # counters carried across continue-as-new
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "BackupInput":
-        inp = super().from_dict(data)
-        inp.options = BackupOptions.from_dict(inp.options if isinstance(inp.options, dict) else {})
-        return inp
+    nested: ClassVar[dict[str, type[Wire]]] = {"options": BackupOptions}
 
     @property
     def destination(self) -> str:
@@ -152,12 +153,7 @@ class RestoreInput(Wire):
     options: RestoreOptions = field(default_factory=RestoreOptions)
     source: str = ""  # a label for `status` and `list`, which show every run's source
     state: dict[str, Any] | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "RestoreInput":
-        inp = super().from_dict(data)
-        inp.options = RestoreOptions.from_dict(inp.options if isinstance(inp.options, dict) else {})
-        return inp
+    nested: ClassVar[dict[str, type[Wire]]] = {"options": RestoreOptions}
 
     @property
     def source_label(self) -> str:

@@ -109,6 +109,31 @@ class Tally:
             "bytes_skipped": state.get("bytes_skipped", 0),
         }
 
+    def begin(self, ctx: task.OrchestrationContext, state: dict[str, Any] | None, phase: str, first: str,
+              first_input: Any) -> Generator[task.Task[Any], Any, dict[str, Any]]:
+        """The run's state: carried over by continue-as-new, or new, counted from the *first* activity
+        (the scan or the plan), which writes the pages and returns their number."""
+        if state is not None:
+            return state
+        state = self.new_state(ctx)
+        ctx.set_custom_status(self.status(state, phase))
+        result = yield ctx.call_activity(first, input=first_input)
+        self.add(state, result)
+        state["pages"] = result["pages"]
+        return state
+
+    def run(self, ctx: task.OrchestrationContext, raw: dict[str, Any], state: dict[str, Any], window: int,
+            schedule: Callable[[int], task.Task[Any]], on_result: Callable[[dict[str, Any]], None], phase: str,
+            source: str, destination: str) -> Generator[task.Task[Any], Any, dict[str, Any] | None]:
+        """This generation's pages through the window; then continue as new with *state* while pages
+        remain, or return the summary."""
+        more = yield from run_page_window(ctx, state, window, schedule, on_result,
+                                          lambda p: self.status(state, p), phase)
+        if more:
+            ctx.continue_as_new({**raw, "state": state})
+            return None
+        return self.summary(ctx, state, source, destination)
+
     def summary(self, ctx: task.OrchestrationContext, state: dict[str, Any], source: str,
                 destination: str) -> dict[str, Any]:
         """The orchestration's output, once its last page is done."""

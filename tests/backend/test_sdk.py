@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import flows
@@ -11,6 +11,7 @@ import grpc
 import pytest
 from durabletask import client
 from durabletask.client import OrchestrationQuery, OrchestrationStatus
+from helpers import wait_until
 
 TIMEOUT = 60
 
@@ -20,14 +21,21 @@ def run(h, orchestrator, input=None, **kwargs):
     return iid, h.client.wait_for_orchestration_completion(iid, timeout=TIMEOUT)
 
 
+def pending_events(h, iid) -> int:
+    """Events queued for *iid* that no orchestrator episode has completed yet."""
+    db = sqlite3.connect(h.state_dir / "state.db")
+    try:
+        return db.execute("SELECT count(*) FROM new_events WHERE instance_id=?", (iid,)).fetchone()[0]
+    finally:
+        db.close()
+
+
 def wait_status(h, iid, status, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached():
         state = h.client.get_orchestration_state(iid)
-        if state is not None and state.runtime_status == status:
-            return state
-        time.sleep(0.05)
-    raise AssertionError(f"{iid} never reached {status}")
+        return state if state is not None and state.runtime_status == status else None
+
+    return wait_until(reached, f"{iid} to reach {status}", timeout)
 
 
 def test_fan_out_fan_in_1000(harness):
@@ -68,11 +76,9 @@ def test_continue_as_new(harness):
 
 def test_raise_event_and_custom_status(harness):
     iid = harness.client.schedule_new_orchestration(flows.waiter)
-    state = wait_status(harness, iid, OrchestrationStatus.RUNNING)
-    deadline = time.monotonic() + TIMEOUT
-    while state.serialized_custom_status is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        state = harness.client.get_orchestration_state(iid)
+    wait_status(harness, iid, OrchestrationStatus.RUNNING)
+    state = wait_until(lambda: (s := harness.client.get_orchestration_state(iid)).serialized_custom_status and s,
+                       "the custom status", TIMEOUT)
     assert json.loads(state.serialized_custom_status) == {"phase": "waiting"}
     harness.client.raise_orchestration_event(iid, "go", data="hello")
     state = harness.client.wait_for_orchestration_completion(iid, timeout=TIMEOUT)
@@ -103,7 +109,8 @@ def test_suspend_and_resume(harness):
     harness.client.suspend_orchestration(iid)
     wait_status(harness, iid, OrchestrationStatus.SUSPENDED)
     harness.client.raise_orchestration_event(iid, "go", data="late")
-    time.sleep(0.3)
+    # the worker has taken the episode with the event (nothing left queued), yet the instance stays suspended
+    wait_until(lambda: not pending_events(harness, iid), "the worker to take the raised event", TIMEOUT)
     assert harness.client.get_orchestration_state(iid).runtime_status == OrchestrationStatus.SUSPENDED
     harness.client.resume_orchestration(iid)
     state = harness.client.wait_for_orchestration_completion(iid, timeout=TIMEOUT)
@@ -191,7 +198,4 @@ def test_worker_attached(harness):
     assert harness.backend.worker_attached(iid)
     harness.worker.stop()
     harness.worker = None
-    deadline = time.monotonic() + 10
-    while harness.backend.worker_attached(iid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not harness.backend.worker_attached(iid)
+    wait_until(lambda: not harness.backend.worker_attached(iid), "the stopped worker to detach", 10)

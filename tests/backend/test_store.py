@@ -45,10 +45,10 @@ def test_expired_lease_is_redelivered_and_stale_completion_rejected(tmp_path):
     assert len(second) == 1 and second[0].token != first[0].token
     result = pb.ActivityResponse(instanceId="i1", taskId=1)
     result.completionToken = first[0].token
-    assert not a.complete_activity("default", result)  # lease lost: rejected
+    assert not a.complete_activities([("default", result)])[0]  # lease lost: rejected
     result.completionToken = second[0].token
-    assert b.complete_activity("default", result)
-    assert not b.complete_activity("default", result)  # never applied twice
+    assert b.complete_activities([("default", result)])[0]
+    assert not b.complete_activities([("default", result)])[0]  # never applied twice
 
 
 def test_orchestrator_lease_expiry_and_stale_completion(tmp_path):

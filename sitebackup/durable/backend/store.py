@@ -694,12 +694,9 @@ class Store:
             claims.append(ActivityClaim(activity_token(row_id, gen), req))
         return claims
 
-    def complete_activity(self, hub: str, response: pb.ActivityResponse) -> bool:
-        """Record an activity's result. False if the token is stale (lease lost) or the work item is gone."""
-        return self.complete_activities([(hub, response)])[0]
-
     def complete_activities(self, batch: list[tuple[str, pb.ActivityResponse]]) -> list[bool]:
-        """Record many activity results in one transaction; per item, whether it was applied."""
+        """Record many activity results in one transaction; per item, whether it was applied (False: the
+        token is stale, the lease was lost, or the work item is gone)."""
         now = time.time()
         keys: list[tuple[str, int, int] | None] = []
         for hub, response in batch:
