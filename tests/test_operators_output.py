@@ -114,5 +114,6 @@ def test_a_real_run_reports_its_rate_under_the_cap(tmp_path, cli, container_name
     events = [json.loads(line) for line in result.stdout.splitlines()]
     progress = [e for e in events if e["event"] == "progress"]
     assert all("bytes_per_second" in e and "eta_s" in e for e in progress)
-    rates = [e["bytes_per_second"] for e in progress if e["bytes_per_second"]]
-    assert rates and max(rates) <= 1.25 * MIB
+    rates = [e["bytes_per_second"] for e in progress if e["bytes_per_second"] is not None]
+    # the last estimate spans most of the run: bytes moved over time, under the cap but for its burst
+    assert rates and 0 < rates[-1] <= 1.2 * MIB
