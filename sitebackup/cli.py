@@ -9,16 +9,22 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
 import sys
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 
 from sitebackup import __version__
+from sitebackup.blob import bwlimit
 from sitebackup.blob.clients import ENV_ACCOUNT_URL, ENV_CONNECTION_STRING, StorageSettings
 from sitebackup.blob.errors import redact
+from sitebackup.blob.upload import ACCESS_TIERS
 from sitebackup.commands import backup as backup_cmd
 from sitebackup.commands import dryrun, manage, scaleout
 from sitebackup.commands import restore as restore_cmd
@@ -32,15 +38,49 @@ from sitebackup.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    InputError,
     SiteBackupError,
 )
 from sitebackup.ui import render
 from sitebackup.ui.escape import printable
 from sitebackup.ui.logfile import LogPrinter
+from sitebackup.ui.metrics import MetricsFileError, MetricsJob
 from sitebackup.ui.printers import make_printer
 from sitebackup.workflows.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from sitebackup.workflows.names import DEFAULT_WINDOW
 from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE, MIB
+
+
+@dataclass
+class Session:
+    """What ``main`` learns about the command it ran, to act on however the command ends."""
+
+    metrics: MetricsJob | None = None
+
+
+def metrics_option(fn):
+    return click.option(
+        "--metrics-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+        help="After the run, whatever its exit code, write its metrics to PATH (Prometheus text for "
+             "node_exporter's textfile collector; other jobs' series in the file are kept).",
+    )(fn)
+
+
+def start_metrics(path: Path | None, command: str, source: str, destination: str) -> MetricsJob | None:
+    """With --metrics-file: the job whose metrics ``main`` writes when the command ends, however it ends."""
+    if path is None:
+        return None
+    path = path.expanduser().absolute()
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"--metrics-file: directory {str(path.parent)!r} does not exist or is not writable")
+    job = MetricsJob(path, command, source, destination)
+    click.get_current_context().ensure_object(Session).metrics = job
+    return job
+
+
+def _destination(container: str | None, prefix: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{container}/{prefix}" if container and prefix else container or prefix
 
 
 class DefaultToBackup(click.Group):
@@ -50,6 +90,40 @@ class DefaultToBackup(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["backup", *args]
         return super().parse_args(ctx, args)
+
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list[CompletionItem]:
+        """Command names, or, when none starts so, directories: the SOURCE of the default command."""
+        items = super().shell_complete(ctx, incomplete)
+        return items or [CompletionItem(incomplete, type="dir")]
+
+
+def complete_dirs(_ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    return [CompletionItem(incomplete, type="dir")]
+
+
+def complete_runs(runs: str):
+    """Shell completion of run ids (``manage.RUNS_FOR``) from the state directory's database, read-only.
+
+    Completion must never print or hang: on any failure, and under --taskhub (no network while
+    completing), it offers nothing."""
+
+    def complete(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+        try:
+            if ctx.params.get("taskhub") or os.environ.get(taskhub_mod.ENV_TASKHUB):
+                return []
+            state_dir = ctx.params.get("state_dir") or default_state_dir()
+            return [CompletionItem(run_id) for run_id in manage.complete_run_ids(state_dir, incomplete, runs)]
+        except Exception:
+            return []
+
+    return complete
+
+
+def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """``restore [ID] DEST``: a backup run id first (unless --container), then DEST."""
+    if ctx.params.get("container") or ctx.params.get("args"):
+        return complete_dirs(ctx, param, incomplete)
+    return complete_runs("backups")(ctx, param, incomplete)
 
 
 def stall_after_option(fn):
@@ -88,6 +162,27 @@ def warn_secret_on_argv(ctx: click.Context, param: click.Parameter, value: str |
         click.echo(f"sitebackup: warning: the secret in {param.opts[0]} is visible to every local user "
                    f"(ps, /proc/PID/cmdline); set {env} in the environment instead", err=True)
     return value
+
+
+class RateType(click.ParamType):
+    name = "RATE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        try:
+            return bwlimit.parse_rate(str(value))
+        except SiteBackupError as exc:
+            self.fail(str(exc).removeprefix("invalid --bwlimit "), param, ctx)
+
+
+def bwlimit_option(fn):
+    """--bwlimit: set once for the whole process, before any blob client is made."""
+    return click.option(
+        "--bwlimit", type=RateType(), envvar=bwlimit.ENV_BWLIMIT, expose_value=False,
+        callback=lambda _ctx, _param, rate: bwlimit.set_process_limit(rate),
+        help=f"Cap on blob transfers of this process, in {bwlimit.RATE_HELP} [env {bwlimit.ENV_BWLIMIT}].",
+    )(fn)
 
 
 def storage_options(fn):
@@ -144,16 +239,20 @@ def selection_options(fn):
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path), shell_complete=complete_dirs)
 @click.option("--container", "-c", required=True, help="Destination container (created if missing).")
 @click.option("--prefix", default="", help="Blob name prefix, e.g. nightly/web → nightly/web/css/site.css.")
 @storage_options
+@bwlimit_option
 @click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
               help="Bound on parallel uploads.")
 @click.option("--block-size", type=click.IntRange(min=MIN_BLOCK_SIZE // MIB, max=MAX_BLOCK_SIZE // MIB),
               default=DEFAULT_BLOCK_SIZE // MIB,
               show_default=True, metavar="MIB",
               help="Files over 4x this many MiB (at most 32 MiB) go up as parallel, resumable block ranges of this size.")
+@click.option("--tier", type=click.Choice([t.lower() for t in ACCESS_TIERS], case_sensitive=False),
+              help="Access tier set with every upload (default: the account's); archive blobs cannot be read "
+                   "or replaced until rehydrated.")
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
 @selection_options
@@ -161,12 +260,13 @@ def selection_options(fn):
 @click.option("--no-local-worker", is_flag=True,
               help="Schedule and watch only; `sitebackup worker` processes do the work.")
 @click.option("--detach", is_flag=True, help="Print the run id (with --json the start event) and exit 0 at once.")
+@metrics_option
 @state_dir_option
 @debug_option
 def backup(source: Path, container: str, prefix: str, connection_string: str | None, account_url: str | None,
-           concurrency: int, block_size: int, json_output: bool, quiet: bool, taskhub: str | None,
-           no_local_worker: bool, detach: bool, state_dir: Path | None, debug: bool, log_file: Path | None,
-           dry_run: bool, **selection: Any) -> None:
+           concurrency: int, block_size: int, tier: str | None, json_output: bool, quiet: bool, taskhub: str | None,
+           no_local_worker: bool, detach: bool, metrics_file: Path | None, state_dir: Path | None, debug: bool,
+           log_file: Path | None, dry_run: bool, **selection: Any) -> None:
     """Back up SOURCE to a container (the default command).
 
     Every file becomes a blob named by its path relative to SOURCE.
@@ -180,9 +280,14 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
       sitebackup backup ./site -c backups --prefix nightly/web --concurrency 32
       sitebackup backup ./site -c backups --connection-string UseDevelopmentStorage=true
     """
+    if metrics_file is not None and (dry_run or detach):
+        raise click.UsageError("--metrics-file describes a finished run: not with --dry-run or --detach")
+    # labelled as written on the command line: a {date} prefix stays one job, not a new series a day
+    metrics = start_metrics(metrics_file, "backup", str(source.expanduser().resolve()), _destination(container, prefix))
     settings = StorageSettings.from_options(connection_string, account_url)
     request = backup_cmd.build_request(source, container, prefix, state_dir=state_dir or default_state_dir(),
-                                       concurrency=concurrency, block_size=block_size * MIB, **selection)
+                                       concurrency=concurrency, block_size=block_size * MIB, tier=_tier(tier),
+                                       **selection)
     hub = _taskhub_settings(taskhub)
     if dry_run:
         plan = dryrun.plan_backup(request, settings, hub)
@@ -193,9 +298,16 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
         printer = LogPrinter(printer, log_file)
     summary = backup_cmd.run_backup(request, settings, printer, taskhub=hub, local_worker=not no_local_worker,
                                     detach=detach)
+    if metrics is not None:
+        metrics.summary = summary
     if detach and not json_output:
         click.echo(summary["instance_id"])
     sys.exit(exit_code_for(summary))
+
+
+def _tier(choice: str | None) -> str | None:
+    """The --tier choice as the service spells it (Hot, Cool, Cold, Archive)."""
+    return next((t for t in ACCESS_TIERS if choice and t.lower() == choice.lower()), None)
 
 
 def _taskhub_settings(value: str | None) -> taskhub_mod.TaskHubSettings | None:
@@ -204,6 +316,7 @@ def _taskhub_settings(value: str | None) -> taskhub_mod.TaskHubSettings | None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @storage_options
+@bwlimit_option
 @taskhub_option
 @click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
               help="Bound on parallel uploads in this worker.")
@@ -273,7 +386,7 @@ def serve(listen: str, allow_remote: bool, lease_seconds: float, state_dir: Path
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("instance_id")
+@click.argument("instance_id", shell_complete=complete_runs("any"))
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object.")
 @click.option("--watch", is_flag=True, help="Draw the live progress bar until the run finishes.")
 @stall_after_option
@@ -332,8 +445,9 @@ def list_(statuses: tuple[str, ...], limit: int, json_output: bool, taskhub: str
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("instance_id")
+@click.argument("instance_id", shell_complete=complete_runs("unfinished"))
 @storage_options
+@bwlimit_option
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
 @taskhub_option
@@ -357,7 +471,7 @@ def resume(instance_id: str, connection_string: str | None, account_url: str | N
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("instance_id")
+@click.argument("instance_id", shell_complete=complete_runs("unfinished"))
 @taskhub_option
 @state_dir_option
 @debug_option
@@ -407,7 +521,7 @@ def purge(older_than: str, taskhub: str | None, connection_string: str | None, a
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("args", nargs=-1, required=True, metavar="[ID] DEST")
+@click.argument("args", nargs=-1, required=True, metavar="[ID] DEST", shell_complete=complete_restore_args)
 @click.option("--container", "-c", help="Restore whatever is under --prefix in this container instead of a run.")
 @click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped.")
 @click.option("--include", multiple=True, metavar="PATTERN",
@@ -415,17 +529,19 @@ def purge(older_than: str, taskhub: str | None, connection_string: str | None, a
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out paths matching this glob (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files that differ (identical ones are always skipped).")
 @storage_options
+@bwlimit_option
 @click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
               help="Bound on parallel download batches.")
 @click.option("--json", "json_output", is_flag=True, help="Print NDJSON events on stdout; the last line is the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only failures.")
+@metrics_option
 @taskhub_option
 @state_dir_option
 @debug_option
 def restore(args: tuple[str, ...], container: str | None, prefix: str, include: tuple[str, ...],
             exclude: tuple[str, ...], overwrite: bool, connection_string: str | None, account_url: str | None,
-            concurrency: int, json_output: bool, quiet: bool, taskhub: str | None, state_dir: Path | None,
-            debug: bool) -> None:
+            concurrency: int, json_output: bool, quiet: bool, metrics_file: Path | None, taskhub: str | None,
+            state_dir: Path | None, debug: bool) -> None:
     """Restore a backup run, or a container's blobs, into DEST.
 
     With ID, restores exactly the files that backup run recorded; with --container (and
@@ -446,39 +562,51 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
     expected = 1 if container else 2
     if len(args) != expected:
         raise click.UsageError("give ID DEST, or --container NAME DEST")
+    metrics = start_metrics(metrics_file, "restore", _destination(container, prefix) if container else args[0],
+                            str(Path(args[-1]).expanduser().resolve()))
     settings = StorageSettings.from_options(connection_string, account_url)
     request = restore_cmd.validate_restore(
         args[-1], run_id=None if container else args[0], container=container, prefix=prefix, include=list(include),
         exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir or default_state_dir())
     summary = restore_cmd.run_restore(request, settings, make_printer(json_output=json_output, quiet=quiet),
                                       _taskhub_settings(taskhub))
+    if metrics is not None:
+        metrics.summary = summary
     sys.exit(exit_code_for(summary))
 
 
 @cli.command(epilog="Exit codes: 0 every recorded blob matches; 1 some do not (listed); 2 usage or input error; "
                     "3 destination unreachable or access denied.")
-@click.argument("instance_id", metavar="ID")
+@click.argument("instance_id", metavar="ID", shell_complete=complete_runs("backups"))
 @click.option("--local", is_flag=True, help="Also compare with the source files on disk (size and MD5).")
 @click.option("--download", is_flag=True, help="Re-hash blob content instead of trusting its Content-MD5.")
 @storage_options
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object with counts and mismatches.")
+@metrics_option
 @taskhub_option
 @state_dir_option
 @debug_option
 def verify(instance_id: str, local: bool, download: bool, connection_string: str | None, account_url: str | None,
-           json_output: bool, taskhub: str | None, state_dir: Path | None, debug: bool) -> None:
+           json_output: bool, metrics_file: Path | None, taskhub: str | None, state_dir: Path | None,
+           debug: bool) -> None:
     """Check that a backup run's blobs are intact.
 
-    Every blob the run recorded must be present, with the same size and Content-MD5.
+    Every blob the run recorded must be present, with the same size and Content-MD5 (and the
+    access tier the run set with --tier).
 
     \b
     Examples:
       sitebackup verify 20261127T225602-0dcb81
       sitebackup verify 20261127T225602-0dcb81 --local --download --json
     """
+    # until the run is found, its id stands for the job; then the backup job it verifies does
+    metrics = start_metrics(metrics_file, "verify", instance_id, "")
     settings = StorageSettings.from_options(connection_string, account_url)
     report = verify_cmd.verify_run(state_dir or default_state_dir(), instance_id, settings, local=local,
                                    download=download, taskhub=_taskhub_settings(taskhub))
+    if metrics is not None:
+        metrics.source, metrics.destination = report["source"], _destination(report["container"], report["prefix"])
+        metrics.summary = report
     if json_output:
         click.echo(json.dumps(report))
     else:
@@ -511,27 +639,30 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-def fail(message: str, exit_code: int, json_output: bool) -> NoReturn:
-    """Exit with *exit_code* after one line on stderr, and with ``--json`` one error object on stdout."""
+def report_error(message: str, exit_code: int, json_output: bool) -> int:
+    """One line on stderr, and with ``--json`` one error object on stdout; returns *exit_code*."""
     message = printable(redact(message))
     click.echo(message, err=True)
     if json_output:
         text = message.removeprefix("sitebackup: error: ").removeprefix("Error: ")
         click.echo(json.dumps({"event": "error", "exit_code": exit_code, "message": text}))
-    sys.exit(exit_code)
+    return exit_code
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
-    json_output = "--json" in args
-    _configure_logging(debug)
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: list[str], session: Session, debug: bool, json_output: bool) -> int:
+    """Run the command line; the exit code, however the command ended."""
     try:
-        cli.main(args=args, prog_name="sitebackup", standalone_mode=False)
+        cli.main(args=args, prog_name="sitebackup", standalone_mode=False, obj=session)
+    except SystemExit as exc:  # commands end with sys.exit(code); so does shell completion
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else EXIT_INTERNAL
     except SiteBackupError as exc:
-        fail(f"sitebackup: error: {exc}", exc.exit_code, json_output)
+        return report_error(f"sitebackup: error: {exc}", exc.exit_code, json_output)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        fail("sitebackup: interrupted", EXIT_INTERRUPTED, json_output)
+        return report_error("sitebackup: interrupted", EXIT_INTERRUPTED, json_output)
     except click.ClickException as exc:
         # click echoes the offending argument whole: a connection string given in the wrong place
         shown = io.StringIO()
@@ -541,15 +672,33 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code or EXIT_USAGE
         if json_output:
             click.echo(json.dumps({"event": "error", "exit_code": code, "message": redact(exc.format_message())}))
-        sys.exit(code)
+        return code
     except Exception as exc:  # a bug: one line, unless --debug asks for the traceback
         refused = backend_error(exc)
         if refused is not None:
-            fail(f"sitebackup: error: {refused}", refused.exit_code, json_output)
+            return report_error(f"sitebackup: error: {refused}", refused.exit_code, json_output)
         if debug:
             import traceback
 
             click.echo(redact(traceback.format_exc()), err=True)
-        fail(f"sitebackup: internal error: {redact(str(exc)) or type(exc).__name__} "
-             "(rerun with --debug for details)", EXIT_INTERNAL, json_output)
-    sys.exit(0)
+        return report_error(f"sitebackup: internal error: {redact(str(exc)) or type(exc).__name__} "
+                            "(rerun with --debug for details)", EXIT_INTERNAL, json_output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    json_output = "--json" in args
+    _configure_logging(debug)
+    # a stop by cron's timeout or systemd ends like Ctrl-C: workers stopped, the run resumable, metrics written
+    signal.signal(signal.SIGTERM, _interrupt)
+    session = Session()
+    code = run(args, session, debug, json_output)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if session.metrics is not None:
+        try:
+            session.metrics.write(code)
+        except (MetricsFileError, KeyboardInterrupt) as exc:
+            click.echo(f"sitebackup: warning: metrics not written: {exc or 'interrupted'}", err=True)
+    sys.exit(code)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sitebackup.blob.bwlimit import process_limiter
 from sitebackup.blob.clients import StorageSettings, make_service_client
 from sitebackup.blob.upload import Uploaded, single_put_options, small_file_put, uploaded
 
@@ -34,6 +35,7 @@ class AsyncPutter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._gate: asyncio.Semaphore | None = None
+        self._limiter = process_limiter()  # --bwlimit: a small file's bytes are paid for before its request
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -52,26 +54,29 @@ class AsyncPutter:
                 atexit.register(self.close)
             return self._loop
 
-    def put_many(self, container: str, items: list[tuple[Path, str]],
-                 cancelled: Callable[[], bool] = lambda: False) -> list[Uploaded | BaseException]:
-        """Upload each (path, blob name); return per item an ``Uploaded`` or the exception it raised."""
+    def put_many(self, container: str, items: list[tuple[Path, str]], cancelled: Callable[[], bool] = lambda: False,
+                 tier: str | None = None) -> list[Uploaded | BaseException]:
+        """Upload each (path, blob name) in access *tier*; return per item an ``Uploaded`` or the exception it raised."""
         loop = self._ensure_loop()
 
         async def all_items() -> list[Any]:
             client = self._client.get_container_client(container)
-            return await asyncio.gather(*(self._put(client, path, name, cancelled) for path, name in items),
+            return await asyncio.gather(*(self._put(client, path, name, cancelled, tier) for path, name in items),
                                         return_exceptions=True)
 
         return asyncio.run_coroutine_threadsafe(all_items(), loop).result()
 
-    async def _put(self, client: Any, path: Path, name: str, cancelled: Callable[[], bool]) -> Uploaded:
+    async def _put(self, client: Any, path: Path, name: str, cancelled: Callable[[], bool],
+                   tier: str | None) -> Uploaded:
         async with self._gate:
             if cancelled():
                 raise Cancelled()
             # small files only: one read, one hash, one request, as upload.upload_file does
             data, st, md5 = small_file_put(path)
-            await client.upload_blob(name, data, length=len(data), **single_put_options(name, st, md5))
-            return uploaded(st, md5)
+            if self._limiter is not None:
+                await self._limiter.acquire_async(len(data))
+            await client.upload_blob(name, data, length=len(data), **single_put_options(name, st, md5, tier))
+            return uploaded(st, md5, tier)
 
     def close(self) -> None:
         with self._lock:

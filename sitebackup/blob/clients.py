@@ -21,6 +21,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.core.pipeline.transport import RequestsTransport
 from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
 
+from sitebackup.blob.bwlimit import PacedAdapter, process_limiter
 from sitebackup.blob.errors import classify, one_line, redact
 from sitebackup.errors import DestinationError, InputError
 
@@ -75,7 +76,9 @@ def _transport(pool_size: int) -> RequestsTransport:
     # one pooled connection per concurrent upload; urllib3's default of 10 drops and re-opens
     # connections (and warns) as soon as the upload window is wider than that
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    limiter = process_limiter()
+    adapter = (requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size) if limiter is None
+               else PacedAdapter(limiter, pool_connections=4, pool_maxsize=pool_size))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return RequestsTransport(session=session, session_owner=True)

@@ -23,6 +23,9 @@ _SECRET_PATTERNS = [
 ]
 # a wrong key or an expired SAS (Azurite answers AuthorizationFailure where Azure says AuthenticationFailed)
 _AUTH_CODES = {"AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticationInfo", "NoAuthenticationInformation"}
+# the service refuses to read or overwrite a blob in the Archive tier until it is rehydrated
+ARCHIVED = ("blob is in the Archive tier: rehydrate it first (az storage blob set-tier --container-name CONTAINER "
+            "--name BLOB --tier Hot --rehydrate-priority Standard; this takes hours), then run again")
 
 
 def redact(text: str) -> str:
@@ -36,6 +39,10 @@ def one_line(exc: BaseException) -> str:
     """The first line of an exception's message, redacted (its type name when it has none)."""
     text = str(exc)
     return redact(text).splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def is_archived(exc: BaseException) -> bool:
+    return isinstance(exc, HttpResponseError) and getattr(exc.error_code, "value", exc.error_code) == "BlobArchived"
 
 
 def classify(exc: BaseException, label: str) -> DestinationError | None:
@@ -60,6 +67,8 @@ def file_error(exc: BaseException, label: str) -> str:
         return str(exc)
     if isinstance(exc, OSError):
         return describe_os_error(exc)
+    if is_archived(exc):
+        return ARCHIVED
     fatal = classify(exc, label)
     if fatal is not None:
         raise fatal from None

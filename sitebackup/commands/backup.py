@@ -57,12 +57,13 @@ class BackupRequest:
     no_wait: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
     stall_after: timedelta | None = None  # a live run idle for longer is stalled; None: never judged
+    tier: str | None = None  # blob.upload.ACCESS_TIERS
 
     def orchestration_input(self, endpoint: str | None) -> BackupInput:
         return BackupInput(source=str(self.source), container=self.container, prefix=self.prefix, endpoint=endpoint,
                            options=BackupOptions(concurrency=self.concurrency, compare=self.compare,
                                                  patterns=self.patterns, follow_symlinks=self.follow_symlinks,
-                                                 block_size=self.block_size))
+                                                 block_size=self.block_size, tier=self.tier))
 
 
 def expand_prefix(template: str | None, now: datetime | None = None, hostname: str | None = None) -> str:
@@ -93,7 +94,7 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
                   concurrency: int = DEFAULT_WINDOW, block_size: int = DEFAULT_BLOCK_SIZE, checksum: bool = False,
                   force: bool = False, excludes: tuple[str, ...] = (), includes: tuple[str, ...] = (),
                   exclude_from: tuple[Path, ...] = (), no_ignore_file: bool = False, follow_symlinks: bool = False,
-                  no_wait: bool = False, stall_after: timedelta | None = None) -> BackupRequest:
+                  no_wait: bool = False, stall_after: timedelta | None = None, tier: str | None = None) -> BackupRequest:
     """Validate the backup's options into a request: source, destination, comparison, filters."""
     path = Path(source).expanduser()
     if not path.exists():
@@ -113,7 +114,7 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
     return BackupRequest(source=path.resolve(), container=validate_container_name(container),
                          prefix=backup_prefix(expand_prefix(prefix)), concurrency=concurrency,
                          state_dir=state_dir, compare=mode, patterns=patterns, follow_symlinks=follow_symlinks,
-                         no_wait=no_wait, block_size=block_size, stall_after=stall_after)
+                         no_wait=no_wait, block_size=block_size, stall_after=stall_after, tier=tier)
 
 
 def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore) -> str | None:

@@ -19,6 +19,7 @@ from sitebackup.blob.clients import StorageSettings, connect, make_service_clien
 from sitebackup.blob.errors import redact
 from sitebackup.commands.hosting import (
     TERMINAL,
+    UNFINISHED,
     activity_deps,
     attach_and_watch,
     get_run,
@@ -30,11 +31,11 @@ from sitebackup.commands.hosting import (
     watch,
 )
 from sitebackup.durable.runlock import RunLock
-from sitebackup.durable.runtime import Runtime, open_backend, open_client
+from sitebackup.durable.runtime import Runtime, open_backend, open_client, peek_run_ids
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
 from sitebackup.ui.printers import Printer
-from sitebackup.workflows.names import BACKUP_ORCHESTRATION
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION
 from sitebackup.workflows.types import BackupInput, RestoreInput
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -46,6 +47,20 @@ def parse_age(text: str) -> timedelta:
     if not match:
         raise InputError(f"invalid duration {text!r}: use a number and a unit (s, m, h, d, w), e.g. 30d, 12h, 90s")
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+# which runs each command can take, for shell completion
+RUNS_FOR = {
+    "any": ((), ()),
+    "unfinished": ((BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION), tuple(s.value for s in UNFINISHED)),
+    "backups": ((BACKUP_ORCHESTRATION,), (dt_client.OrchestrationStatus.COMPLETED.value,)),
+}
+
+
+def complete_run_ids(state_dir: Path, prefix: str, runs: str) -> list[str]:
+    """Ids of the state directory's *runs* (a ``RUNS_FOR`` key) starting with *prefix*, newest first."""
+    names, statuses = RUNS_FOR[runs]
+    return peek_run_ids(state_dir, prefix, names=names, statuses=statuses)
 
 
 def describe(runtime: Runtime, state: dt_client.OrchestrationState,

@@ -1,4 +1,5 @@
-"""The verify command: every blob a backup run recorded is present with the recorded size and Content-MD5.
+"""The verify command: every blob a backup run recorded is present with the recorded size, Content-MD5 and
+access tier.
 
 A read-only check, so a plain thread pool rather than an orchestration. ``local`` also compares
 the source files on disk; ``download`` re-hashes blob content instead of trusting Content-MD5.
@@ -16,7 +17,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 
 from sitebackup.blob.clients import StorageSettings, check_container, service_client
-from sitebackup.blob.errors import classify, one_line
+from sitebackup.blob.errors import ARCHIVED, classify, is_archived, one_line
 from sitebackup.blob.naming import blob_name
 from sitebackup.commands.hosting import backup_run_input
 from sitebackup.durable.runtime import open_backend
@@ -35,6 +36,9 @@ def _blob_problem(client: ContainerClient, name: str, rec: dict[str, Any], downl
         return "blob missing"
     if props.size != rec["size"]:
         return f"blob size {props.size} != recorded {rec['size']}"
+    tier = getattr(props.blob_tier, "value", props.blob_tier)
+    if rec.get("tier") and tier != rec["tier"]:
+        return f"blob tier {tier} != recorded {rec['tier']}"
     if download:
         digest = hashlib.md5()
         for chunk in blob.download_blob().chunks():
@@ -89,7 +93,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local
                 fatal = classify(exc, label)
                 if fatal is not None:
                     raise fatal from None
-                problem = f"cannot check blob: {one_line(exc)}"
+                problem = f"cannot check blob: {ARCHIVED if is_archived(exc) else one_line(exc)}"
             if problem is None and local:
                 problem = _local_problem(Path(inp.source), rec)
             return None if problem is None else {"path": rec["path"], "blob": name, "problem": problem}

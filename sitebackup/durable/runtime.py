@@ -197,6 +197,16 @@ def open_backend(state_dir: Path, taskhub: TaskHubSettings | None = None) -> Ite
             backend.stop()
 
 
+def peek_run_ids(state_dir: Path, prefix: str, *, names: tuple[str, ...] = (), statuses: tuple[int, ...] = (),
+                 limit: int = 100) -> list[str]:
+    """Run ids in the embedded backend's database, newest first, read without serving it (shell completion)."""
+    from sitebackup.durable.backend.servicer import DEFAULT_TASKHUB
+    from sitebackup.durable.backend.store import peek_instance_ids
+
+    return peek_instance_ids(state_dir / "state.db", DEFAULT_TASKHUB, prefix=prefix, names=names,
+                             statuses=statuses, limit=limit)
+
+
 @contextmanager
 def open_client(state_dir: Path, taskhub: TaskHubSettings | None = None
                 ) -> Iterator[tuple[Runtime, dt_client.TaskHubGrpcClient]]:

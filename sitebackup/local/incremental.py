@@ -36,6 +36,10 @@ def decide(size: int, mtime_ns: int, previous: dict[str, Any] | None, mode: str)
 
 
 def unchanged_record(relpath: str, previous: dict[str, Any]) -> dict[str, Any]:
-    """The new run's record of a skipped file: what the container holds, carried from the baseline."""
-    return {"path": relpath, "size": previous["size"], "mtime_ns": previous["mtime_ns"], "md5": previous["md5"],
-            "unchanged": True}
+    """The new run's record of a skipped file: what the container holds, carried from the baseline
+    (its access tier too: an unchanged blob keeps the tier it was uploaded with)."""
+    record = {"path": relpath, "size": previous["size"], "mtime_ns": previous["mtime_ns"], "md5": previous["md5"],
+              "unchanged": True}
+    if previous.get("tier"):
+        record["tier"] = previous["tier"]
+    return record

@@ -2,7 +2,9 @@
 
 Printers only render data they are given (custom-status counters and summaries); they never
 ask the backend anything, so any source of progress can drive any printer. Every line they build goes
-through ``escape.printable``, and the rich printer never reads data as markup.
+through ``escape.printable``, and the rich printer never reads data as markup. Rate and ETA are the
+printers' own (``RateMeter``, from successive counters): the orchestration publishes no clocks.
+Every byte count a person reads, in the bar, the summary, ``status`` and ``list``, is ``human_bytes``.
 """
 
 from __future__ import annotations
@@ -10,25 +12,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape as escape_markup
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.text import Text
 
 from sitebackup.ui.escape import printable
 
 
 def human_bytes(n: float) -> str:
+    """Binary units, one decimal: the one way sitebackup shows a byte count."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -42,6 +40,39 @@ def human_duration(delta: timedelta) -> str:
     values = [(seconds // 86400, "d"), (seconds // 3600 % 24, "h"), (seconds // 60 % 60, "m"), (seconds % 60, "s")]
     first = next((i for i, (n, _) in enumerate(values) if n), len(values) - 1)
     return " ".join(f"{n}{unit}" for n, unit in values[first:first + 2] if n) or "0s"
+
+
+def clock_duration(seconds: float) -> str:
+    """``H:MM:SS``: the ETA beside the bar."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class RateMeter:
+    """Bytes per second and seconds left, from the counters of successive progress statuses.
+
+    The rate counts bytes sent or fetched (``bytes_done`` less ``bytes_skipped``: unchanged files
+    move nothing) over the last *window* seconds; it is None until the samples span *min_span*.
+    """
+
+    def __init__(self, window: float = 10.0, min_span: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.window = window
+        self.min_span = min_span
+        self.clock = clock
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def update(self, status: dict[str, Any]) -> tuple[float | None, float | None]:
+        now = self.clock()
+        moved = status.get("bytes_done", 0) - status.get("bytes_skipped", 0)
+        self.samples.append((now, moved))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        first_at, first = self.samples[0]
+        if now - first_at < self.min_span:
+            return None, None
+        rate = max(0.0, (moved - first) / (now - first_at))
+        left = max(0, status.get("bytes_total", 0) - status.get("bytes_done", 0))
+        return rate, (left / rate if rate else None) if left else 0.0
 
 
 # a run's kind is its orchestration's durable name (workflows.names)
@@ -148,13 +179,15 @@ class RichPrinter(PlainPrinter):
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TextColumn("{task.fields[files]}"),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
+            # our own byte, rate and ETA columns: rich's count decimal megabytes, the summary binary ones
+            TextColumn("{task.fields[bytes]}"),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[eta]}"),
             console=self.console,
             transient=False,
         )
-        self.task = self.bar.add_task("scanning", total=None, files="")
+        self.task = self.bar.add_task("scanning", total=None, files="", bytes="", rate="", eta="")
+        self.meter = RateMeter()
         self.started = False
 
     def start(self, info: dict[str, Any]) -> None:
@@ -169,10 +202,15 @@ class RichPrinter(PlainPrinter):
 
     def progress(self, status: dict[str, Any]) -> None:
         total = status.get("bytes_total") or None
-        files = f"{status.get('files_done', 0)}/{status.get('files_total', 0)} files"
+        done = status.get("bytes_done", 0)
+        rate, eta = self.meter.update(status)
         # the description column is a markup template: the phase goes in escaped
         self.bar.update(self.task, description=escape_markup(printable(status.get("phase", ""))),
-                        completed=status.get("bytes_done", 0), total=total, files=files)
+                        completed=done, total=total,
+                        files=f"{status.get('files_done', 0)}/{status.get('files_total', 0)} files",
+                        bytes=f"{human_bytes(done)}/{human_bytes(status.get('bytes_total', 0))}",
+                        rate="" if rate is None else f"{human_bytes(rate)}/s",
+                        eta="" if eta is None else f"ETA {clock_duration(eta)}")
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.close()
@@ -189,12 +227,16 @@ class RichPrinter(PlainPrinter):
 
 
 class JsonPrinter(Printer):
-    """NDJSON on stdout: a start event first (with the instance id), progress at most 5 a second, summary last."""
+    """NDJSON on stdout: a start event first (with the instance id), progress at most 5 a second, summary last.
 
-    def __init__(self, out: TextIO | None = None, interval: float = 0.2):
+    Progress events carry the status counters plus ``bytes_per_second`` and ``eta_s`` (null until known)."""
+
+    def __init__(self, out: TextIO | None = None, interval: float = 0.2, clock: Callable[[], float] = time.monotonic):
         self.out = out or sys.stdout
         self.interval = interval
-        self.last = 0.0
+        self.clock = clock
+        self.meter = RateMeter(clock=clock)
+        self.last = float("-inf")
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         self.out.write(json.dumps({"event": event, **data}) + "\n")
@@ -207,10 +249,12 @@ class JsonPrinter(Printer):
         self._emit("message", {"message": text})
 
     def progress(self, status: dict[str, Any]) -> None:
-        now = time.monotonic()
+        rate, eta = self.meter.update(status)  # every status is a sample, emitted or not
+        now = self.clock()
         if now - self.last >= self.interval:
             self.last = now
-            self._emit("progress", status)
+            self._emit("progress", {**status, "bytes_per_second": None if rate is None else round(rate),
+                                    "eta_s": None if eta is None else round(eta, 1)})
 
     def finish(self, summary: dict[str, Any]) -> None:
         self._emit("summary", summary)

@@ -7,11 +7,13 @@ runs table is read as markup.
 from __future__ import annotations
 
 import json
+import sys
 from datetime import timedelta
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -61,20 +63,32 @@ def status_text(info: dict[str, Any]) -> str:
     return "\n".join(map(printable, lines))
 
 
+RUN_COLUMNS = ("id", "kind", "status", "source", "destination", "files", "bytes", "started", "duration")
+
+
 def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """The runs, newest first: a table on a terminal wide enough for it, otherwise tab-separated lines
+    (a header first), so a pipe, a script or cron's mail gets every value in full, never cut."""
     console = console or Console()
     if not rows:
-        console.print("no runs recorded in this state directory")
+        click.echo("no runs recorded in this state directory", file=console.file)
         return
-    table = Table(box=None, header_style="bold")
-    for column in ("id", "kind", "status", "source → destination", "files", "bytes", "started", "duration"):
-        table.add_column(column, no_wrap=column in ("id", "status"))
-    for row in rows:
-        cells = (row["instance_id"], KINDS.get(row["kind"], row["kind"]), row["runtime_status"],
-                 f"{row['source']} → {row['destination']}", f"{row['files']}/{row['files_total']}",
-                 human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s")
-        table.add_row(*(Text(printable(cell)) for cell in cells))
-    console.print(table)
+    lines = [[printable(row["instance_id"]), printable(KINDS.get(row["kind"], row["kind"])), printable(row["runtime_status"]),
+              printable(row["source"]), printable(row["destination"]), f"{row['files']}/{row['files_total']}",
+              human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s"]
+             for row in rows]
+    if console.is_terminal:
+        table = Table(box=None, header_style="bold")
+        for column in RUN_COLUMNS:
+            table.add_column(column, no_wrap=True)
+        for line in lines:
+            table.add_row(*map(Text, line))  # Text: a name is never read as rich markup
+        if Measurement.get(console, console.options.update_width(sys.maxsize), table).maximum <= console.width:
+            console.print(table)
+            return
+    # no terminal, or one too narrow for every value in full
+    for line in [list(RUN_COLUMNS), *lines]:
+        click.echo("\t".join(line), file=console.file)
 
 
 def dry_run_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:

@@ -41,7 +41,7 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> 
     def schedule(page: int) -> task.Task[Any]:
         md5 = state.get("file_md5", {}).get(str(blocks.commit_task(page))) if page < 0 else None
         return ctx.call_activity(COPY_BATCH, retry_policy=BATCH_RETRY, input=CopyInput(
-            source=inp.source, container=inp.container, prefix=inp.prefix, page=page, md5=md5))
+            source=inp.source, container=inp.container, prefix=inp.prefix, page=page, md5=md5, tier=options.tier))
 
     def on_result(result: dict[str, Any]) -> None:
         if "blocks" in result:  # a range of a large file: after its last one, commit it (workflows.blocks)

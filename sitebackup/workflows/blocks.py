@@ -165,7 +165,8 @@ def stage_range(container: ContainerClient, path: Path, name: str, item: BlockRa
 
 
 def commit_file(container: ContainerClient, path: Path, name: str, item: BlockRange,
-                cancelled: Callable[[], bool] = lambda: False, md5: str | None = None) -> Uploaded:
+                cancelled: Callable[[], bool] = lambda: False, md5: str | None = None,
+                tier: str | None = None) -> Uploaded:
     """Commit the staged ranges as the blob, with Content-MD5 of the whole file: *md5*, hashed by the
     file's first range while the others were uploading, or streamed from disk now when it is missing."""
     relpath, size, mtime_ns = item.relpath, item.size, item.mtime_ns
@@ -181,12 +182,12 @@ def commit_file(container: ContainerClient, path: Path, name: str, item: BlockRa
     if missing:
         raise FileChangedError(f"{missing} of {n} blocks were not staged")
     blob.commit_block_list([BlobBlock(block_id=i) for i in ids],
-                           **blob_properties(name, st, base64.b64decode(md5)))
-    return Uploaded(size, mtime_ns, md5)
+                           **blob_properties(name, st, base64.b64decode(md5), tier))
+    return Uploaded(size, mtime_ns, md5, tier)
 
 
 def copy_block_page(deps: ActivityDeps, run_id: str, page: int, item: BlockRange, source: Path, container: str,
-                    prefix: str, md5: str | None = None) -> dict[str, Any]:
+                    prefix: str, md5: str | None = None, tier: str | None = None) -> dict[str, Any]:
     """The copy activity for a range page (page >= 0) or a commit task (page < 0), shaped like a batch result.
 
     A range reports its bytes (progress) and always counts as finished, even when it failed: then it
@@ -216,7 +217,7 @@ def copy_block_page(deps: ActivityDeps, run_id: str, page: int, item: BlockRange
         elif item.failed:
             error = item.failed
         else:
-            done = commit_file(client, source / relpath, name, item, cancelled, md5)
+            done = commit_file(client, source / relpath, name, item, cancelled, md5, tier)
     except Cancelled:
         result["cancelled"] = True
         return result
@@ -227,7 +228,7 @@ def copy_block_page(deps: ActivityDeps, run_id: str, page: int, item: BlockRange
             deps.work.write_page(run_id, item.first_page, dataclasses.replace(item, range=0, failed=error).to_dict())
         return result
     if error is None:
-        record = {"path": relpath, "size": done.size, "mtime_ns": done.mtime_ns, "md5": done.md5}
+        record = done.record(relpath)
         result["files_uploaded"] = 1
     else:
         record = {"path": relpath, "error": error}

@@ -78,16 +78,17 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
 
 
 def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, container: str, prefix: str,
-              md5: str | None = None) -> dict[str, Any]:
+              md5: str | None = None, tier: str | None = None) -> dict[str, Any]:
     raw = deps.work.read_page(run_id, page if page >= 0 else blocks.commit_task(page))
     if isinstance(raw, dict):  # a range of a large file or (page < 0) its commit, with the file's MD5 if known
-        return blocks.copy_block_page(deps, run_id, page, BlockRange.from_dict(raw), source, container, prefix, md5)
+        return blocks.copy_block_page(deps, run_id, page, BlockRange.from_dict(raw), source, container, prefix, md5,
+                                      tier)
     items = [CopyItem(*row) for row in raw]
     client = deps.container_client(container)
     records: list[dict[str, Any]] = []
     failures = Listed()
     n_files = n_bytes = n_unchanged = n_bytes_skipped = 0
-    early = _put_small_files(deps, run_id, items, source, container, prefix)
+    early = _put_small_files(deps, run_id, items, source, container, prefix, tier)
     for item in items:
         if deps.cancelled(run_id):
             break
@@ -101,7 +102,7 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
             done = early.get(relpath)
             if not isinstance(done, Uploaded):  # not sent early, or failed there: one more try here
                 done = _upload_with_one_retry(client, source / relpath, backup_blob_name(prefix, relpath),
-                                              deps.large_file_threads)
+                                              deps.large_file_threads, tier)
         except Exception as exc:
             error = file_error(exc, deps.endpoint)
             records.append({"path": relpath, "error": error})
@@ -109,7 +110,7 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
             continue
         n_files += 1
         n_bytes += done.size
-        records.append({"path": relpath, "size": done.size, "mtime_ns": done.mtime_ns, "md5": done.md5})
+        records.append(done.record(relpath))
     deps.work.write_result(run_id, page, records)
     # an unchanged file is a skipped one too: files_skipped = not uploaded on purpose
     return {"page": page, "files_uploaded": n_files, "bytes_uploaded": n_bytes,
@@ -118,7 +119,7 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
 
 
 def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], source: Path, container: str,
-                     prefix: str) -> dict[str, Any]:
+                     prefix: str, tier: str | None) -> dict[str, Any]:
     """Send the page's small new files together; relpath -> Uploaded or the exception, handled by the caller."""
     if deps.put_many is None:
         return {}
@@ -135,14 +136,15 @@ def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], sou
         relpaths.append(item.relpath)
     if not todo:
         return {}
-    return dict(zip(relpaths, deps.put_many(container, todo, lambda: deps.cancelled(run_id))))
+    return dict(zip(relpaths, deps.put_many(container, todo, lambda: deps.cancelled(run_id), tier)))
 
 
-def _upload_with_one_retry(client: ContainerClient, path: Path, name: str, threads: int) -> Uploaded:
+def _upload_with_one_retry(client: ContainerClient, path: Path, name: str, threads: int,
+                           tier: str | None) -> Uploaded:
     try:
-        return upload_file(client, path, name, max_concurrency=threads)
+        return upload_file(client, path, name, max_concurrency=threads, tier=tier)
     except FileChangedError:
-        return upload_file(client, path, name, max_concurrency=threads)
+        return upload_file(client, path, name, max_concurrency=threads, tier=tier)
 
 
 def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
@@ -156,7 +158,8 @@ def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
 
     def copy_batch(ctx: task.ActivityContext, raw: dict[str, Any]) -> dict[str, Any]:
         inp = CopyInput.from_dict(raw)
-        result = copy_page(deps, ctx.orchestration_id, inp.page, Path(inp.source), inp.container, inp.prefix, inp.md5)
+        result = copy_page(deps, ctx.orchestration_id, inp.page, Path(inp.source), inp.container, inp.prefix, inp.md5,
+                           inp.tier)
         if deps.on_batch is not None:
             deps.on_batch(ctx.orchestration_id, result)
         return result

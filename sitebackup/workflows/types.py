@@ -52,6 +52,7 @@ class BackupOptions(Wire):
     patterns: list[str] = field(default_factory=list)  # gitignore-style, see local.filters
     follow_symlinks: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE  # files over blocks.threshold(this) go up as block ranges
+    tier: str | None = None  # access tier set with every upload (blob.upload.ACCESS_TIERS); None: account default
 
 
 @dataclass
@@ -92,6 +93,7 @@ class CopyInput(Wire):
     prefix: str = ""
     page: int = 0  # < 0: the commit of the large file whose first range page is -1 - page
     md5: str | None = None  # for a commit: the whole file's MD5, hashed by its first range
+    tier: str | None = None  # BackupOptions.tier
 
 
 class CopyItem(NamedTuple):

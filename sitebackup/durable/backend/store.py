@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import quote
 
 import durabletask.internal.helpers as helpers
 import durabletask.internal.orchestrator_service_pb2 as pb
@@ -899,3 +900,21 @@ class Store:
                 raise AlreadyExists(f"Orchestration instance '{instance_id}' is not in a terminal state")
             self._create_tx(db, hub, new_instance_id, name, version=version, input=task_input,
                             tags=json.loads(tags) if tags else None, replaceable=TERMINAL)
+
+
+def peek_instance_ids(path: Path, hub: str, *, prefix: str = "", names: tuple[str, ...] = (),
+                      statuses: tuple[int, ...] = (), limit: int = 100) -> list[str]:
+    """Instance ids starting with *prefix*, newest first, through a read-only connection that never waits
+    for a lock: for shell completion, which must answer at once or not at all (errors propagate)."""
+    db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=0)
+    try:
+        where, args = Store._filters(hub, list(statuses), None, None)
+        where.append("substr(instance_id, 1, ?) = ?")
+        args += [len(prefix), prefix]
+        if names:
+            where.append(f"name IN ({','.join('?' * len(names))})")
+            args += list(names)
+        sql = f"SELECT instance_id FROM instances WHERE {' AND '.join(where)} ORDER BY created_at DESC LIMIT ?"
+        return [row[0] for row in db.execute(sql, (*args, limit))]
+    finally:
+        db.close()

@@ -1,0 +1,169 @@
+"""``--metrics-file``: the last run of a job as Prometheus text for node_exporter's textfile collector.
+
+A job is one command, source and destination (the ``command``, ``source`` and ``destination``
+labels), so one file can serve every cron line of a host. A write reads the file, replaces only
+this job's series and writes the whole file back, holding a lock on its directory so that two jobs
+ending together keep each other's series. The new text goes to a fresh temporary in the same
+directory, renamed over the file: the collector never reads half a file. Series of other programs
+in the file are kept as they were.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+PREFIX = "sitebackup_"
+JOB_LABELS = ("command", "source", "destination")
+LAST_SUCCESS = PREFIX + "last_success_timestamp_seconds"
+GAUGES = {
+    PREFIX + "last_run_start_timestamp_seconds": "When the last run of the job started (Unix time).",
+    PREFIX + "last_run_end_timestamp_seconds": "When the last run of the job ended (Unix time).",
+    PREFIX + "last_run_duration_seconds": "How long the last run of the job took, start-up included.",
+    PREFIX + "last_run_exit_code": "Exit code of the last run: 0 done, 1 some files failed, 2 usage, "
+                                   "3 destination, 4 already running, 70 internal, 130 interrupted.",
+    LAST_SUCCESS: "When the last run of the job that exited 0 ended (Unix time).",
+}
+FILES = PREFIX + "last_run_files"
+BYTES = PREFIX + "last_run_bytes"
+COUNTS = {
+    FILES: "Files of the last run by state, from its summary (skipped counts unchanged files too).",
+    BYTES: "Bytes of the last run by state, from its summary.",
+}
+
+
+class MetricsFileError(Exception):
+    """The metrics file cannot be read or written."""
+
+
+@dataclass
+class MetricsJob:
+    """One command's metrics: its labels, when it started, and (once it has one) its run's summary."""
+
+    path: Path
+    command: str
+    source: str
+    destination: str
+    started: float = field(default_factory=time.time)
+    summary: dict[str, Any] | None = None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"command": self.command, "source": self.source, "destination": self.destination}
+
+    def write(self, exit_code: int, ended: float | None = None) -> None:
+        """Replace this job's series in the file with this run's; MetricsFileError when that fails."""
+        ended = time.time() if ended is None else ended
+        try:
+            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise MetricsFileError(f"cannot open directory {str(self.path.parent)!r}: {exc.strerror}") from None
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)
+            families = _read(self.path)
+            values = {
+                PREFIX + "last_run_start_timestamp_seconds": self.started,
+                PREFIX + "last_run_end_timestamp_seconds": ended,
+                PREFIX + "last_run_duration_seconds": round(ended - self.started, 3),
+                PREFIX + "last_run_exit_code": exit_code,
+                LAST_SUCCESS: ended if exit_code == 0 else _value(families.get(LAST_SUCCESS), self.labels),
+            }
+            text = generate_latest(_registry(families, self.labels, values, _counts(self.summary)))
+            _replace(self.path, text)
+        except OSError as exc:
+            raise MetricsFileError(f"cannot write {str(self.path)!r}: {exc.strerror or exc}") from None
+        finally:
+            os.close(directory)  # and with it the lock
+
+
+def _counts(summary: dict[str, Any] | None) -> dict[str, dict[str, int]]:
+    """{FILES: {state: n}, BYTES: {state: n}} from a summary's files_* and bytes_* counters."""
+    counts: dict[str, dict[str, int]] = {FILES: {}, BYTES: {}}
+    for key, value in (summary or {}).items():
+        kind, _, state = key.partition("_")
+        if kind in ("files", "bytes") and state and isinstance(value, int) and not isinstance(value, bool):
+            counts[FILES if kind == "files" else BYTES][state] = value
+    return counts
+
+
+def _read(path: Path) -> dict[str, Metric]:
+    """The families in the file now: none if it is missing or not Prometheus text (it is replaced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # never read through a planted symlink
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise MetricsFileError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    with open(fd, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    try:
+        return {family.name: family for family in text_string_to_metric_families(text)}
+    except ValueError:
+        return {}
+
+
+def _value(family: Metric | None, labels: dict[str, str]) -> float | None:
+    for sample in family.samples if family is not None else ():
+        if _job_of(sample.labels) == labels:
+            return sample.value
+    return None
+
+
+def _job_of(labels: dict[str, str]) -> dict[str, str]:
+    return {name: labels.get(name, "") for name in JOB_LABELS}
+
+
+def _registry(families: dict[str, Metric], labels: dict[str, str], values: dict[str, float | None],
+              counts: dict[str, dict[str, int]]) -> CollectorRegistry:
+    out: list[Metric] = []
+    ours = {**GAUGES, **COUNTS}
+    for name, doc in ours.items():
+        extra = ("state",) if name in COUNTS else ()
+        gauge = GaugeMetricFamily(name, doc, labels=[*JOB_LABELS, *extra])
+        for sample in families[name].samples if name in families else ():
+            if _job_of(sample.labels) != labels:  # another job's series, kept as it was
+                gauge.add_metric([sample.labels.get(n, "") for n in (*JOB_LABELS, *extra)], sample.value)
+        if name in COUNTS:
+            for state, value in sorted(counts[name].items()):
+                gauge.add_metric([*labels.values(), state], value)
+        elif values[name] is not None:
+            gauge.add_metric(list(labels.values()), values[name])
+        out.append(gauge)
+    out += [family for name, family in families.items() if name not in ours]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(out))
+    return registry
+
+
+class _Families:
+    def __init__(self, families: Iterable[Metric]):
+        self.families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def _replace(path: Path, text: bytes) -> None:
+    """Write *text* to a fresh, unguessable temporary beside *path* (O_EXCL: no planted file or symlink is
+    followed) and rename it over *path*; the collector, another user, reads it: mode 0644."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fchmod(fh.fileno(), 0o644)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
