@@ -37,5 +37,8 @@ def decide(size: int, mtime_ns: int, previous: dict[str, Any] | None, mode: str)
 
 def unchanged_record(relpath: str, previous: dict[str, Any]) -> dict[str, Any]:
     """The new run's record of a skipped file: what the container holds, carried from the baseline."""
-    return {"path": relpath, "size": previous["size"], "mtime_ns": previous["mtime_ns"], "md5": previous["md5"],
-            "unchanged": True}
+    record = {"path": relpath, "size": previous["size"], "mtime_ns": previous["mtime_ns"], "md5": previous["md5"],
+              "unchanged": True}
+    if previous.get("etag"):
+        record["etag"] = previous["etag"]
+    return record

@@ -1,4 +1,5 @@
-"""Turning command results into text for people: the status report, the runs table, the dry-run plan."""
+"""Turning command results into text for people: the status report, the runs table, the dry-run plan, the prune
+report."""
 
 from __future__ import annotations
 
@@ -50,12 +51,14 @@ def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> No
         console.print("no runs recorded in this state directory")
         return
     table = Table(box=None, header_style="bold")
-    for column in ("id", "kind", "status", "source → destination", "files", "bytes", "started", "duration"):
+    for column in ("id", "kind", "status", "restorable", "source → destination", "files", "bytes", "started",
+                   "duration"):
         table.add_column(column, no_wrap=column in ("id", "status"))
     for row in rows:
         table.add_row(row["instance_id"], KINDS.get(row["kind"], row["kind"]), row["runtime_status"],
-                      f"{row['source']} → {row['destination']}", f"{row['files']}/{row['files_total']}",
-                      human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s")
+                      row.get("restorable") or "-", f"{row['source']} → {row['destination']}",
+                      f"{row['files']}/{row['files_total']}", human_bytes(row["bytes"]),
+                      row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s")
     console.print(table)
 
 
@@ -77,3 +80,17 @@ def dry_run_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
         click.echo(f"dry run: {plan['files_to_upload']} files would be uploaded ({human_bytes(plan['bytes_to_upload'])}), "
                    f"{plan['files_unchanged']} unchanged ({human_bytes(plan['bytes_skipped'])}), "
                    f"{plan['files_skipped'] - plan['files_unchanged']} skipped, {plan['files_failed']} failed")
+
+
+def prune_report(report: dict[str, Any]) -> None:
+    """One line per run kept or removed, then what was (or with --dry-run would be) freed."""
+    for run in report["kept"]:
+        click.echo(f"keep   {run['instance_id']}  {run['created_at'][:19].replace('T', ' ')}  "
+                   f"({', '.join(run['reasons'])})")
+    for run in report["removed"]:
+        click.echo(f"remove {run['instance_id']}  {run['created_at'][:19].replace('T', ' ')}  ({run['reason']})")
+    for run_id in report["unfinished"]:
+        click.echo(f"leave  {run_id}  (unfinished)")
+    verb = "would remove" if report["dry_run"] else "removed"
+    click.echo(f"{verb} {len(report['removed'])} run(s), {report['blobs_removed']} blob(s) and "
+               f"{report['snapshots_removed']} snapshot(s), {human_bytes(report['bytes_removed'])}")
