@@ -26,7 +26,8 @@ from sitebackup.blob.clients import ENV_ACCOUNT_URL, ENV_CONNECTION_STRING, Stor
 from sitebackup.blob.errors import redact
 from sitebackup.blob.upload import ACCESS_TIERS
 from sitebackup.commands import backup as backup_cmd
-from sitebackup.commands import dryrun, manage, scaleout
+from sitebackup.commands import dryrun, manage, retention, scaleout
+from sitebackup.commands import prune as prune_cmd
 from sitebackup.commands import restore as restore_cmd
 from sitebackup.commands import verify as verify_cmd
 from sitebackup.commands.hosting import DEFAULT_STALL_AFTER, ENV_STALL_AFTER, exit_code_for
@@ -500,13 +501,13 @@ def cancel(instance_id: str, taskhub: str | None, state_dir: Path | None, debug:
 @debug_option
 def purge(older_than: str, taskhub: str | None, connection_string: str | None, account_url: str | None,
           state_dir: Path | None, debug: bool) -> None:
-    """Remove finished runs older than AGE.
+    """Remove finished runs older than AGE; completed backups are left to prune.
 
-    Their history and run records go with them. With --taskhub the run records are blobs under
-    .sitebackup/work/ in each run's container: they are removed only when storage credentials
-    (options or environment) are given, and kept otherwise.
-
-    Purged runs can no longer be restored by id or serve as the baseline of incremental runs.
+    Their history and run records go with them: restores, and failed or cancelled backups. Completed
+    backups stay until `sitebackup prune` drops them, so that purge never makes a run prune keeps
+    unrestorable. With --taskhub the run records are blobs under .sitebackup/work/ in each run's
+    container: they are removed only when storage credentials (options or environment) are given,
+    and kept otherwise.
 
     \b
     Example:
@@ -515,15 +516,75 @@ def purge(older_than: str, taskhub: str | None, connection_string: str | None, a
     result = manage.purge(state_dir or default_state_dir(), manage.parse_age(older_than), _taskhub_settings(taskhub),
                           StorageSettings.from_options(connection_string, account_url))
     click.echo(f"purged {len(result['purged'])} finished run(s) older than {older_than}")
+    if result["backups_kept"]:
+        click.echo(f"kept {len(result['backups_kept'])} completed backup run(s): `sitebackup prune` decides how long "
+                   "backups stay restorable")
     if result["records_kept"] and result["purged"]:
         click.echo("run records under .sitebackup/work/ in their containers were kept: "
                    "give storage credentials to remove them too", err=True)
+
+
+PRUNE_EXIT_CODES = ("Exit codes: 0 pruned (or, with --dry-run, planned); 2 usage or input error; "
+                    "3 destination unreachable or access denied; 4 a backup of the container is running.")
+
+
+def keep_count(name: str, what: str):
+    return click.option(f"--keep-{name}", type=click.IntRange(min=0), default=0, metavar="N",
+                        help=f"Keep the newest run of each of the last N {what} that have runs.")
+
+
+@cli.command(epilog=PRUNE_EXIT_CODES)
+@click.option("--container", "-c", required=True, help="The destination whose backup runs to prune.")
+@click.option("--prefix", default="", help="The destination's blob name prefix, as given to the backups "
+                                           "({hostname}, {date} and {time} expanded the same way).")
+@click.option("--keep-last", type=click.IntRange(min=0), default=0, metavar="N", help="Keep the N newest runs.")
+@keep_count("hourly", "hours")
+@keep_count("daily", "days")
+@keep_count("weekly", "weeks")
+@keep_count("monthly", "months")
+@click.option("--keep-within", metavar="DURATION",
+              help="Keep every run started less than DURATION (30d, 12h, 2w) before the newest run.")
+@click.option("--dry-run", is_flag=True, help="List the runs, blobs and bytes that would be removed; remove nothing.")
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON object.")
+@storage_options
+@taskhub_option
+@state_dir_option
+@debug_option
+def prune(container: str, prefix: str, keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int,
+          keep_monthly: int, keep_within: str | None, dry_run: bool, json_output: bool, connection_string: str | None,
+          account_url: str | None, taskhub: str | None, state_dir: Path | None, debug: bool) -> None:
+    """Forget old backup runs of a destination and free what only they kept.
+
+    Keep rules as restic's forget: a run any rule keeps is kept, the newest completed run always
+    is, unfinished runs are never touched, failed and cancelled runs are dropped. Dropped runs lose
+    their record and history; every blob and snapshot no remaining run references goes.
+
+    A prune that is interrupted finishes its job when run again.
+
+    \b
+    Examples:
+      sitebackup prune -c backups --prefix web --keep-daily 7 --keep-weekly 4 --keep-monthly 12
+      sitebackup prune -c backups --keep-last 3 --dry-run
+    """
+    policy = retention.Policy(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
+                              monthly=keep_monthly, within=manage.parse_age(keep_within) if keep_within else None)
+    request = prune_cmd.prune_request(container, prefix, policy, dry_run=dry_run,
+                                      state_dir=state_dir or default_state_dir())
+    report = prune_cmd.run_prune(request, StorageSettings.from_options(connection_string, account_url),
+                                 _taskhub_settings(taskhub))
+    if json_output:
+        click.echo(json.dumps(report))
+    else:
+        render.prune_report(report)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("args", nargs=-1, required=True, metavar="[ID] DEST", shell_complete=complete_restore_args)
 @click.option("--container", "-c", help="Restore whatever is under --prefix in this container instead of a run.")
 @click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped.")
+@click.option("--as-of", metavar="TIME",
+              help="With --container: the tree the latest completed backup of the container and prefix started at "
+                   "or before TIME recorded (ISO date or date and time, local unless an offset is given).")
 @click.option("--include", multiple=True, metavar="PATTERN",
               help="Only paths matching this glob (repeatable); a pattern without '/' matches any path component.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out paths matching this glob (repeatable).")
@@ -538,14 +599,16 @@ def purge(older_than: str, taskhub: str | None, connection_string: str | None, a
 @taskhub_option
 @state_dir_option
 @debug_option
-def restore(args: tuple[str, ...], container: str | None, prefix: str, include: tuple[str, ...],
+def restore(args: tuple[str, ...], container: str | None, prefix: str, as_of: str | None, include: tuple[str, ...],
             exclude: tuple[str, ...], overwrite: bool, connection_string: str | None, account_url: str | None,
             concurrency: int, json_output: bool, quiet: bool, metrics_file: Path | None, taskhub: str | None,
             state_dir: Path | None, debug: bool) -> None:
     """Restore a backup run, or a container's blobs, into DEST.
 
-    With ID, restores exactly the files that backup run recorded; with --container (and
-    --prefix), whatever is stored there.
+    With ID, restores exactly the files that backup run recorded, in the versions it recorded
+    (from blob snapshots where later runs replaced them); with --container (and --prefix) and
+    --as-of TIME, the same for the latest completed run at or before TIME; with --container
+    alone, whatever is stored there now.
 
     Files land with their recorded modification time and mode (no setuid, setgid or sticky bit;
     masked by the umask). An existing file is skipped when identical (same size and MD5) and
@@ -558,6 +621,7 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
       sitebackup restore 20261127T225602-0dcb81 ./restored
       sitebackup restore 20261127T225602-0dcb81 ./restored --include 'css/*' --exclude '*.log'
       sitebackup restore --container backups --prefix nightly/web ./restored --overwrite
+      sitebackup restore --container backups --as-of 2026-03-01T03:00 ./restored
     """
     expected = 1 if container else 2
     if len(args) != expected:
@@ -567,7 +631,8 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, include: 
     settings = StorageSettings.from_options(connection_string, account_url)
     request = restore_cmd.validate_restore(
         args[-1], run_id=None if container else args[0], container=container, prefix=prefix, include=list(include),
-        exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir or default_state_dir())
+        exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir or default_state_dir(),
+        as_of=as_of)
     summary = restore_cmd.run_restore(request, settings, make_printer(json_output=json_output, quiet=quiet),
                                       _taskhub_settings(taskhub))
     if metrics is not None:

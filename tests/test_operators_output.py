@@ -33,11 +33,11 @@ def test_list_without_a_terminal_prints_every_value_whole_tab_separated(tmp_path
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()[:2]
     assert header.split("\t") == ["id", "kind", "status", "source", "destination", "files", "bytes", "started",
-                                  "duration"]
+                                  "duration", "restorable"]
     fields = row.split("\t")
     assert fields[:6] == [run["instance_id"], "backup", "COMPLETED", str(src), f"{container_name}/{prefix.rstrip('/')}",
                           "2/2"]
-    assert fields[6] == "3 B" and "…" not in result.stdout
+    assert fields[6] == "3 B" and fields[9] == "yes" and "…" not in result.stdout
 
 
 def test_the_table_is_drawn_only_on_a_terminal_wide_enough_for_every_value():

@@ -260,9 +260,12 @@ def test_every_command_reads_the_task_hub_after_a_run_done_by_a_worker(tmp_path,
     assert any(True for _ in work.list_blobs(name_starts_with=prefix))
     purged = cli("purge", "--older-than", "0s", "--taskhub", hub, *mine)
     assert purged.returncode == 0, purged.stderr
-    assert "purged 2 " in purged.stdout  # the backup and the restore
-    assert not any(True for _ in work.list_blobs(name_starts_with=f"{RESERVED_PREFIX}work/"))
-    assert cli("status", run_id, "--taskhub", hub, *mine).returncode == 2
+    assert "purged 1 " in purged.stdout  # the restore: the completed backup is left to `prune`
+    assert {b.name.split("/")[2] for b in work.list_blobs(name_starts_with=f"{RESERVED_PREFIX}work/")} == {run_id}
+    assert cli("status", run_id, "--taskhub", hub, *mine).returncode == 0
+    pruned = cli("prune", "-c", container_name, "--keep-last", "1", "--taskhub", hub, "--json", *mine)
+    assert pruned.returncode == 0, pruned.stderr
+    assert [r["instance_id"] for r in json.loads(pruned.stdout)["kept"]] == [run_id]
     _assert_exact(blob_service, container_name, files)
 
 

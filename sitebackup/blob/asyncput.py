@@ -16,9 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+
 from sitebackup.blob.bwlimit import process_limiter
 from sitebackup.blob.clients import StorageSettings, make_service_client
-from sitebackup.blob.upload import Uploaded, single_put_options, small_file_put, uploaded
+from sitebackup.blob.upload import (
+    Held,
+    Uploaded,
+    already_there,
+    replace_conditions,
+    single_put_options,
+    small_file_put,
+    uploaded,
+)
 
 
 class Cancelled(Exception):
@@ -54,29 +64,33 @@ class AsyncPutter:
                 atexit.register(self.close)
             return self._loop
 
-    def put_many(self, container: str, items: list[tuple[Path, str]], cancelled: Callable[[], bool] = lambda: False,
-                 tier: str | None = None) -> list[Uploaded | BaseException]:
-        """Upload each (path, blob name) in access *tier*; return per item an ``Uploaded`` or the exception it raised."""
+    def put_many(self, container: str, items: list[tuple[Path, str, Held | None]],
+                 cancelled: Callable[[], bool] = lambda: False, tier: str | None = None) -> list[Uploaded | BaseException]:
+        """Upload each (path, blob name, what the baseline held there) in access *tier*; return per item an
+        ``Uploaded`` or the exception it raised."""
         loop = self._ensure_loop()
 
         async def all_items() -> list[Any]:
             client = self._client.get_container_client(container)
-            return await asyncio.gather(*(self._put(client, path, name, cancelled, tier) for path, name in items),
-                                        return_exceptions=True)
+            return await asyncio.gather(*(self._put(client, path, name, held, cancelled, tier)
+                                          for path, name, held in items), return_exceptions=True)
 
         return asyncio.run_coroutine_threadsafe(all_items(), loop).result()
 
-    async def _put(self, client: Any, path: Path, name: str, cancelled: Callable[[], bool],
-                   tier: str | None) -> Uploaded:
+    async def _put(self, client: Any, path: Path, name: str, held: Held | None,
+                   cancelled: Callable[[], bool], tier: str | None) -> Uploaded:
         async with self._gate:
             if cancelled():
                 raise Cancelled()
-            # small files only: one read, one hash, one request, as upload.upload_file does
+            # small files only: one read, one hash, one request (two for a changed file), as upload.upload_file does
             data, st, md5 = small_file_put(path)
             if self._limiter is not None:
                 await self._limiter.acquire_async(len(data))
-            await client.upload_blob(name, data, length=len(data), **single_put_options(name, st, md5, tier))
-            return uploaded(st, md5, tier)
+            blob = client.get_blob_client(name)
+            options = single_put_options(name, st, md5, tier)
+            done = await _replace(blob, lambda **c: blob.upload_blob(data, length=len(data), **options, **c),
+                                  uploaded(st, md5).md5, st.st_mtime_ns, held)
+            return uploaded(st, md5, tier, done["etag"])
 
     def close(self) -> None:
         with self._lock:
@@ -85,3 +99,23 @@ class AsyncPutter:
             return
         asyncio.run_coroutine_threadsafe(self._client.close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
+
+
+async def _replace(blob: Any, put: Callable[..., Any], md5: str, mtime_ns: int, held: Held | None) -> Any:
+    """``upload.replace`` on the async client: the old content is kept as a snapshot when it may differ."""
+    conditions = replace_conditions(md5, held)
+    if conditions is not None:
+        try:
+            return await put(**conditions)
+        except (ResourceExistsError, ResourceModifiedError):
+            try:
+                props = await blob.get_blob_properties()
+            except ResourceNotFoundError:
+                return await put()
+            if already_there(props, md5, mtime_ns):
+                return {"etag": props.etag}
+    try:
+        await blob.create_snapshot()
+    except ResourceNotFoundError:
+        pass
+    return await put()

@@ -1,4 +1,5 @@
-"""Uploading one local file as a block blob with its Content-MD5, content type and mtime/mode metadata."""
+"""Uploading one local file as a block blob with its Content-MD5, content type and mtime/mode metadata, and
+replacing a blob without losing the content an earlier run recorded there (``replace``)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import base64
 import hashlib
 import mimetypes
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from azure.storage.blob import ContainerClient, ContentSettings, StandardBlobTier
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.storage.blob import BlobClient, ContainerClient, ContentSettings, StandardBlobTier
 
-from sitebackup.local.files import check_unchanged, file_md5, read_whole
+from sitebackup.local.files import b64, check_unchanged, file_md5, read_whole
 
 # Files up to this size are read, hashed and sent in one Put Blob: on Azurite and on
 # real links alike, requests rather than bytes are the cost for small files.
@@ -30,13 +34,81 @@ class Uploaded:
     mtime_ns: int
     md5: str  # base64, as Azure reports Content-MD5
     tier: str | None = None  # the access tier set with the upload; None: the account's default
+    etag: str | None = None  # of the blob as this upload left it: the next run replaces it only if still so
 
     def record(self, relpath: str) -> dict[str, Any]:
-        """The run record of the file: what restore, verify and the next run read."""
-        rec: dict[str, Any] = {"path": relpath, "size": self.size, "mtime_ns": self.mtime_ns, "md5": self.md5}
+        """The file's line in the run record: what restore, verify and prune look for (by name and MD5)."""
+        record: dict[str, Any] = {"path": relpath, "size": self.size, "mtime_ns": self.mtime_ns, "md5": self.md5}
         if self.tier:
-            rec["tier"] = self.tier
-        return rec
+            record["tier"] = self.tier
+        if self.etag:
+            record["etag"] = self.etag
+        return record
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the baseline run recorded at a blob name: its Content-MD5 and, when recorded, its ETag."""
+
+    md5: str
+    etag: str | None = None
+
+    @classmethod
+    def of(cls, record: dict[str, Any] | None) -> "Held | None":
+        return cls(record["md5"], record.get("etag")) if record and record.get("md5") else None
+
+
+def replace_conditions(md5: str, held: Held | None) -> dict[str, Any] | None:
+    """The conditions under which content hashed *md5* may go over the blob without keeping what is there,
+    as keyword arguments of the put or commit; None when the old content must be kept as a snapshot first.
+
+    A name the baseline did not hold is written only if it does not exist (If-None-Match: \\*), and the
+    baseline's own bytes only if the blob still is what the baseline wrote (If-Match: its ETag). Anything
+    else (other bytes, or a condition that fails) may be content a run recorded: it is kept as a snapshot.
+    """
+    if held is None:
+        return {"match_condition": MatchConditions.IfMissing}
+    if held.md5 == md5 and held.etag:
+        return {"etag": held.etag, "match_condition": MatchConditions.IfNotModified}
+    return None
+
+
+def keep_snapshot(blob: BlobClient) -> None:
+    """Keep the blob's current content as a snapshot (Snapshot Blob: one request); nothing to keep if it is gone."""
+    try:
+        blob.create_snapshot()
+    except ResourceNotFoundError:
+        pass
+
+
+def already_there(props: Any, md5: str, mtime_ns: int) -> bool:
+    """Whether a blob found where the baseline did not expect it is this very version of the file (same
+    Content-MD5 and mtime metadata): an attempt of the same run that was killed, or a lost state directory."""
+    return b64(props.content_settings.content_md5) == md5 and (props.metadata or {}).get(META_MTIME) == str(mtime_ns)
+
+
+def replace(blob: BlobClient, put: Callable[..., dict[str, Any]], md5: str, mtime_ns: int,
+            held: Held | None) -> dict[str, Any]:
+    """``put(**conditions)`` the version (*md5*, *mtime_ns*) of a file at *blob*, first keeping old content as a
+    snapshot when it may differ (``replace_conditions``); returns the put's response (its ``etag``).
+
+    A new file and the baseline's own bytes cost no extra request, a changed file one (the snapshot).
+    When the blob is not what the baseline recorded, it is asked for its properties: if it already is
+    this version nothing is sent again, else it is kept as a snapshot and replaced.
+    """
+    conditions = replace_conditions(md5, held)
+    if conditions is not None:
+        try:
+            return put(**conditions)
+        except (ResourceExistsError, ResourceModifiedError):
+            try:
+                props = blob.get_blob_properties()
+            except ResourceNotFoundError:
+                return put()
+            if already_there(props, md5, mtime_ns):
+                return {"etag": props.etag}
+    keep_snapshot(blob)
+    return put()
 
 
 def content_type(name: str) -> str:
@@ -73,24 +145,29 @@ def small_file_put(path: Path) -> tuple[bytes, os.stat_result, bytes]:
     return data, st, hashlib.md5(data).digest()
 
 
-def uploaded(st: os.stat_result, md5: bytes, tier: str | None = None) -> Uploaded:
-    return Uploaded(st.st_size, st.st_mtime_ns, base64.b64encode(md5).decode("ascii"), tier)
+def uploaded(st: os.stat_result, md5: bytes, tier: str | None = None, etag: str | None = None) -> Uploaded:
+    return Uploaded(st.st_size, st.st_mtime_ns, base64.b64encode(md5).decode("ascii"), tier, etag)
 
 
-def upload_file(container: ContainerClient, path: Path, name: str, *, max_concurrency: int = 4,
-                tier: str | None = None) -> Uploaded:
-    """Upload *path* as block blob *name*; FileChangedError when the file moved under us, so a blob
-    is never recorded as backed up with content other than what we hashed."""
+def upload_file(container: ContainerClient, path: Path, name: str, *, held: Held | None = None,
+                max_concurrency: int = 4, tier: str | None = None) -> Uploaded:
+    """Upload *path* as block blob *name* in access *tier* over what the baseline *held* there (``replace``); FileChangedError
+    when the file moved under us, so a blob is never recorded as backed up with content other than what we hashed."""
     if os.stat(path).st_size <= SINGLE_PUT_BYTES:
         data, st, md5 = small_file_put(path)
-        container.get_blob_client(name).upload_blob(data, length=len(data),
-                                                    **single_put_options(name, st, md5, tier))
-        return uploaded(st, md5, tier)
+        blob = container.get_blob_client(name)
+        done = replace(blob, lambda **c: blob.upload_blob(data, length=len(data), **single_put_options(name, st, md5, tier),
+                                                          **c), uploaded(st, md5).md5, st.st_mtime_ns, held)
+        return uploaded(st, md5, tier, done["etag"])
     st = os.stat(path)
     md5 = file_md5(path)
-    with open(path, "rb") as fh:
-        container.get_blob_client(name).upload_blob(fh, overwrite=True, length=st.st_size,
-                                                    max_concurrency=max_concurrency, validate_content=True,
-                                                    **blob_properties(name, st, md5, tier))
+    blob = container.get_blob_client(name)
+
+    def put(**conditions: Any) -> dict[str, Any]:
+        with open(path, "rb") as fh:
+            return blob.upload_blob(fh, overwrite=True, length=st.st_size, max_concurrency=max_concurrency,
+                                    validate_content=True, **blob_properties(name, st, md5, tier), **conditions)
+
+    done = replace(blob, put, uploaded(st, md5).md5, st.st_mtime_ns, held)
     check_unchanged(path, st.st_size, st.st_mtime_ns)
-    return uploaded(st, md5, tier)
+    return uploaded(st, md5, tier, done["etag"])

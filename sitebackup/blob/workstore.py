@@ -5,6 +5,9 @@ one result file (what it uploaded, with sizes and hashes): together the results 
 record. Only page numbers and counts travel through the durable history, so its size does not
 grow with the number of files. ``LocalWorkStore`` keeps them in the local state directory;
 ``BlobWorkStore`` keeps them in the destination container when workers on other hosts must see them.
+
+A run ``prune`` drops gets a *pruned mark* before anything of it is deleted: it is the journal a
+killed prune resumes from, and stays as the tombstone that lets ``restore ID`` say the run was pruned.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from azure.core.exceptions import AzureError
 
 from sitebackup.blob.naming import RESERVED_PREFIX
 
@@ -38,7 +43,14 @@ class WorkStore(Protocol):
 
     def iter_results(self, instance_id: str) -> Iterator[Any]: ...
 
-    def remove(self, instance_id: str) -> None: ...
+    def remove(self, instance_id: str, keep_mark: bool = False) -> None: ...
+
+    def mark_pruned(self, instance_id: str, info: dict[str, Any]) -> None: ...
+
+    def pruned(self, instance_id: str) -> dict[str, Any] | None: ...
+
+
+MARK = "pruned.json"
 
 
 def _checked(instance_id: str) -> str:
@@ -107,8 +119,21 @@ class LocalWorkStore:
         for path in sorted(folder.glob("*.json")):
             yield from self._read(path)
 
-    def remove(self, instance_id: str) -> None:
-        shutil.rmtree(self._dir(instance_id), ignore_errors=True)
+    def remove(self, instance_id: str, keep_mark: bool = False) -> None:
+        folder = self._dir(instance_id)
+        for part in ("pages", "results") if keep_mark else ():
+            shutil.rmtree(folder / part, ignore_errors=True)
+        if not keep_mark:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def mark_pruned(self, instance_id: str, info: dict[str, Any]) -> None:
+        self._write(self._dir(instance_id) / MARK, info)
+
+    def pruned(self, instance_id: str) -> dict[str, Any] | None:
+        try:
+            return self._read(self._dir(instance_id) / MARK)
+        except (FileNotFoundError, ValueError):
+            return None
 
 
 class BlobWorkStore:
@@ -152,7 +177,20 @@ class BlobWorkStore:
         for name in sorted(b.name for b in container.list_blobs(name_starts_with=folder)):
             yield from json.loads(container.download_blob(name).readall())
 
-    def remove(self, instance_id: str) -> None:
+    def remove(self, instance_id: str, keep_mark: bool = False) -> None:
         container = self.container_for(instance_id)
+        mark = self._folder(instance_id) + MARK
         for blob in container.list_blobs(name_starts_with=self._folder(instance_id)):
-            container.delete_blob(blob.name)
+            if not (keep_mark and blob.name == mark):
+                container.delete_blob(blob.name)
+
+    def mark_pruned(self, instance_id: str, info: dict[str, Any]) -> None:
+        self._write(instance_id, MARK, info)
+
+    def pruned(self, instance_id: str) -> dict[str, Any] | None:
+        """The run's pruned mark; None when there is none or it cannot be read: the run's container unknown
+        (its history is gone) or unreachable (the caller's own requests report that)."""
+        try:
+            return self._read(instance_id, MARK)
+        except (AzureError, LookupError):
+            return None

@@ -118,7 +118,8 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
 
 
 def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore) -> str | None:
-    """The newest completed backup of the same source and destination (and endpoint) whose record remains."""
+    """The newest completed backup of the same source and destination (and endpoint) whose record remains
+    (and that no prune is dropping)."""
     query = dt_client.OrchestrationQuery(runtime_status=[dt_client.OrchestrationStatus.COMPLETED],
                                          fetch_inputs_and_outputs=True)
     candidates = []
@@ -133,7 +134,7 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
             continue
         candidates.append((state.created_at, state.instance_id))
     for _created, instance_id in sorted(candidates, reverse=True):
-        if work.has_results(instance_id):
+        if work.has_results(instance_id) and work.pruned(instance_id) is None:
             return instance_id
     return None
 
@@ -157,8 +158,8 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
                 warning = check_live_run(client, instance_id, request) if live else None
                 resumed = instance_id is not None
                 if instance_id is None:
-                    if request.compare != incremental.MODE_FORCE:
-                        inp.baseline = find_baseline(client, inp, deps.work)
+                    # with --force too: the baseline says what each name holds, to keep as a snapshot
+                    inp.baseline = find_baseline(client, inp, deps.work)
                     instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=inp.to_dict(),
                                                                     instance_id=new_instance_id())
             printer.start({"instance_id": instance_id, "source": inp.source, "destination": inp.destination,

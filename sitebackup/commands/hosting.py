@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from durabletask import client as dt_client
 from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
 from sitebackup.blob.errors import redact
+from sitebackup.blob.workstore import WorkStore
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime
 from sitebackup.errors import (
@@ -93,12 +95,45 @@ def get_run(client: dt_client.TaskHubGrpcClient, instance_id: str) -> dt_client.
     return state
 
 
-def backup_run_input(client: dt_client.TaskHubGrpcClient, run_id: str) -> BackupInput:
-    """The orchestration input of backup *run_id*: its source, container and prefix."""
+def backup_run_input(client: dt_client.TaskHubGrpcClient, run_id: str, work: WorkStore | None = None) -> BackupInput:
+    """The orchestration input of backup *run_id*: its source, container and prefix; an InputError naming
+    the prune when *work* holds the run's pruned mark."""
+    mark = work.pruned(run_id) if work is not None else None
+    if mark is not None:
+        raise InputError(f"run {run_id!r} was pruned on {mark.get('at', '?')[:19]} (sitebackup prune): "
+                         "its record and the file versions only it needed are gone")
     state = get_run(client, run_id)
     if state.name != BACKUP_ORCHESTRATION or not state.serialized_input:
         raise InputError(f"run {run_id!r} is not a backup")
     return BackupInput.from_dict(state.get_input())
+
+
+@dataclass(frozen=True)
+class BackupRun:
+    instance_id: str
+    created_at: datetime  # UTC
+    status: dt_client.OrchestrationStatus
+    inp: BackupInput
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+def backup_runs(client: dt_client.TaskHubGrpcClient, container: str, endpoint: str | None) -> list[BackupRun]:
+    """Every backup run to *container* this backend knows, oldest first; runs recorded with another endpoint
+    wrote to another account's container of that name and are left out."""
+    query = dt_client.OrchestrationQuery(fetch_inputs_and_outputs=True)
+    runs = []
+    for state in client.get_all_orchestration_states(query):
+        if state.name != BACKUP_ORCHESTRATION or not state.serialized_input:
+            continue
+        inp = BackupInput.from_dict(state.get_input())
+        if inp.container != container or (inp.endpoint and endpoint and inp.endpoint != endpoint):
+            continue
+        created = state.created_at if state.created_at.tzinfo else state.created_at.replace(tzinfo=timezone.utc)
+        runs.append(BackupRun(state.instance_id, created, state.runtime_status, inp))
+    return sorted(runs, key=lambda run: run.created_at)
 
 
 def summarize(state: dt_client.OrchestrationState) -> dict[str, Any]:

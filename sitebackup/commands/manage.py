@@ -17,6 +17,7 @@ from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, connect, make_service_client
 from sitebackup.blob.errors import redact
+from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.hosting import (
     TERMINAL,
     UNFINISHED,
@@ -124,6 +125,8 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
               taskhub: TaskHubSettings | None = None) -> list[dict[str, Any]]:
     wanted = [dt_client.OrchestrationStatus[s.upper()] for s in statuses] if statuses else None
     with open_client(state_dir, taskhub) as (runtime, client):
+        # under the scheduler records are blobs, and `list` takes no storage credentials: status alone answers
+        work = runtime.work_store(None) if taskhub is None else None
         query = dt_client.OrchestrationQuery(runtime_status=wanted, fetch_inputs_and_outputs=True)
         states = client.get_all_orchestration_states(query)
         states.sort(key=lambda s: s.created_at, reverse=True)
@@ -135,6 +138,7 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
             counters = output if isinstance(output, dict) and "files_total" in output else (info["custom_status"] or {})
             rows.append({
                 "instance_id": info["instance_id"], "kind": info["kind"], "runtime_status": info["runtime_status"],
+                "restorable": restorable(state, work),
                 "source": info["source"], "destination": info["destination"],
                 "files": counters.get("files_uploaded", counters.get("files_restored", counters.get("files_done", 0))),
                 "files_total": counters.get("files_total", 0),
@@ -143,6 +147,20 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
                 "worker_attached": info["worker_attached"],
             })
         return rows
+
+
+def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> str | None:
+    """Whether ``restore ID`` can bring a backup run back: "yes" (completed, kept by every prune so far),
+    "partial" (failed or cancelled: the files it recorded), "pruned" (a prune is removing it), "no"
+    (unfinished, or its record is gone); None for a restore."""
+    if state.name != BACKUP_ORCHESTRATION:
+        return None
+    if work is not None and work.pruned(state.instance_id) is not None:
+        return "pruned"
+    if state.runtime_status not in TERMINAL or (work is not None and not work.has_results(state.instance_id)
+                                                and state.runtime_status != dt_client.OrchestrationStatus.COMPLETED):
+        return "no"
+    return "yes" if state.runtime_status == dt_client.OrchestrationStatus.COMPLETED else "partial"
 
 
 def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer: Printer,
@@ -192,7 +210,8 @@ def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = 
 
 def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | None = None,
           settings: StorageSettings | None = None) -> dict[str, Any]:
-    """Remove finished runs created before now - *older_than*, with their run records.
+    """Remove finished runs created before now - *older_than*, with their run records; completed backups
+    are left to ``prune``, whose keep rules decide how long they stay restorable.
 
     Under the scheduler the records are blobs in each run's container, removed only when *settings*
     reach the storage account; ``records_kept`` says when they were left in place."""
@@ -204,7 +223,10 @@ def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | Non
         client = runtime.client()
         try:
             query = dt_client.OrchestrationQuery(created_time_to=cutoff, runtime_status=list(TERMINAL))
-            ids = [s.instance_id for s in client.get_all_orchestration_states(query)]
+            states = client.get_all_orchestration_states(query)
+            backups = [s.instance_id for s in states if s.name == BACKUP_ORCHESTRATION
+                       and s.runtime_status == dt_client.OrchestrationStatus.COMPLETED]
+            ids = [s.instance_id for s in states if s.instance_id not in backups]
             work = runtime.work_store(service) if taskhub is None or service is not None else None
             for instance_id in ids:
                 if work is not None:
@@ -214,7 +236,7 @@ def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | Non
                     except ResourceNotFoundError:  # the container itself is gone
                         pass
                 client.purge_orchestration(instance_id, recursive=True)
-            return {"purged": ids, "records_kept": work is None}
+            return {"purged": ids, "records_kept": work is None, "backups_kept": backups}
         finally:
             client.close()
             if service is not None:

@@ -1,17 +1,26 @@
 """The restore command: validate, pre-flight the container, schedule (or re-attach to) a
-``RestoreSiteContent`` run and host its worker until it finishes."""
+``RestoreSiteContent`` run and host its worker until it finishes.
+
+``--as-of TIME`` picks the run to restore: the latest completed backup of the container and prefix
+started at or before TIME, then restored as by its id.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from durabletask import client as dt_client
+
 from sitebackup.blob.clients import StorageSettings, check_container
 from sitebackup.blob.naming import normalize_prefix, validate_container_name
+from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.hosting import (
     activity_deps,
     backup_run_input,
+    backup_runs,
     find_unfinished,
     host_and_watch,
     new_instance_id,
@@ -35,11 +44,23 @@ class RestoreRequest:
     overwrite: bool = False
     concurrency: int = DEFAULT_WINDOW
     state_dir: Path = field(default_factory=Path)
+    as_of: datetime | None = None  # with container: restore the latest completed run started at or before it
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 date or date and time (``2026-03-01``, ``2026-03-01T03:00``, ``2026-03-01 03:00:00+01:00``),
+    local time unless it names an offset; a date alone is its midnight."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InputError(f"invalid time {text!r}: use a date or a date and time, e.g. 2026-03-01 or "
+                         "2026-03-01T03:00") from None
+    return when if when.tzinfo is not None else when.astimezone()
 
 
 def validate_restore(dest: str | Path, *, run_id: str | None, container: str | None, prefix: str | None,
                      include: list[str], exclude: list[str], overwrite: bool, concurrency: int,
-                     state_dir: Path) -> RestoreRequest:
+                     state_dir: Path, as_of: str | None = None) -> RestoreRequest:
     path = Path(dest).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"destination {str(dest)!r} is not a directory")
@@ -47,10 +68,26 @@ def validate_restore(dest: str | Path, *, run_id: str | None, container: str | N
         raise InputError("give either a run ID or --container, not both")
     if run_id is not None and prefix:
         raise InputError("--prefix goes with --container; a run ID already knows its prefix")
+    if run_id is not None and as_of:
+        raise InputError("--as-of goes with --container; a run ID already names the run")
     return RestoreRequest(dest=path.resolve(), run_id=run_id,
                           container=validate_container_name(container) if container else None,
                           prefix=normalize_prefix(prefix), include=list(include), exclude=list(exclude),
-                          overwrite=overwrite, concurrency=concurrency, state_dir=state_dir)
+                          overwrite=overwrite, concurrency=concurrency, state_dir=state_dir,
+                          as_of=parse_time(as_of) if as_of else None)
+
+
+def run_as_of(client: dt_client.TaskHubGrpcClient, work: WorkStore, container: str, prefix: str,
+              endpoint: str, as_of: datetime) -> str:
+    """The latest completed backup of *container*/*prefix* started at or before *as_of* that no prune dropped."""
+    runs = [run for run in backup_runs(client, container, endpoint)
+            if run.inp.prefix == prefix and run.status == dt_client.OrchestrationStatus.COMPLETED
+            and run.created_at <= as_of and work.pruned(run.instance_id) is None]
+    if not runs:
+        where = f"{container}/{prefix}" if prefix else container
+        raise InputError(f"no completed backup of {where} started at or before {as_of.isoformat(timespec='seconds')} "
+                         "in this state directory or task hub")
+    return runs[-1].instance_id
 
 
 def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Printer,
@@ -65,10 +102,12 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
         with runtime.connected() as client:
             container, prefix = request.container or "", request.prefix
             if request.run_id:
-                backup = backup_run_input(client, request.run_id)
+                backup = backup_run_input(client, request.run_id, deps.work)
                 container, prefix = backup.container, backup.prefix
             # first: under the scheduler the run record itself is read from the container
             endpoint = check_container(settings, container)
+            if request.as_of is not None:
+                request.run_id = run_as_of(client, deps.work, container, prefix, endpoint, request.as_of)
             if request.run_id and next(iter(deps.work.iter_results(request.run_id)), None) is None:
                 raise InputError(f"run {request.run_id!r} recorded no files (nothing was copied, or it was purged)")
             request.dest.mkdir(parents=True, exist_ok=True)

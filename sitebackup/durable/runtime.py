@@ -160,7 +160,7 @@ class Runtime:
                 state = client.get_orchestration_state(instance_id, fetch_payloads=True)
             inp = state.get_input() if state is not None and state.serialized_input else None
             if not isinstance(inp, dict) or "container" not in inp:
-                raise RuntimeError(f"cannot find the destination container of {instance_id!r}")
+                raise LookupError(f"cannot find the destination container of {instance_id!r}")
             self._containers[instance_id] = inp["container"]
         return self._containers[instance_id]
 

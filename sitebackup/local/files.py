@@ -69,10 +69,3 @@ def read_whole(path: Path | str) -> tuple[bytes, os.stat_result]:
     check_unchanged(path, st.st_size, st.st_mtime_ns)
     return data, st
 
-
-def hash_version(path: Path | str, size: int, mtime_ns: int) -> str:
-    """The MD5 (base64) of the version the scan saw, streamed: (size, mtime) checked before and after."""
-    check_unchanged(path, size, mtime_ns)
-    md5 = file_md5_b64(path)
-    check_unchanged(path, size, mtime_ns)
-    return md5

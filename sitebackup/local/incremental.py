@@ -42,4 +42,6 @@ def unchanged_record(relpath: str, previous: dict[str, Any]) -> dict[str, Any]:
               "unchanged": True}
     if previous.get("tier"):
         record["tier"] = previous["tier"]
+    if previous.get("etag"):
+        record["etag"] = previous["etag"]
     return record

@@ -1,4 +1,5 @@
-"""Turning command results into text for people: the status report, the runs table, the dry-run plan.
+"""Turning command results into text for people: the status report, the runs table, the dry-run plan,
+the prune report.
 
 Paths and messages in them are data: every line is escaped (``escape.printable``) and no cell of the
 runs table is read as markup.
@@ -63,7 +64,8 @@ def status_text(info: dict[str, Any]) -> str:
     return "\n".join(map(printable, lines))
 
 
-RUN_COLUMNS = ("id", "kind", "status", "source", "destination", "files", "bytes", "started", "duration")
+RUN_COLUMNS = ("id", "kind", "status", "source", "destination", "files", "bytes", "started", "duration",
+               "restorable")
 
 
 def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> None:
@@ -75,7 +77,8 @@ def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> No
         return
     lines = [[printable(row["instance_id"]), printable(KINDS.get(row["kind"], row["kind"])), printable(row["runtime_status"]),
               printable(row["source"]), printable(row["destination"]), f"{row['files']}/{row['files_total']}",
-              human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s"]
+              human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s",
+              printable(row.get("restorable") or "-")]
              for row in rows]
     if console.is_terminal:
         table = Table(box=None, header_style="bold")
@@ -110,3 +113,17 @@ def dry_run_plan(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
         click.echo(f"dry run: {plan['files_to_upload']} files would be uploaded ({human_bytes(plan['bytes_to_upload'])}), "
                    f"{plan['files_unchanged']} unchanged ({human_bytes(plan['bytes_skipped'])}), "
                    f"{plan['files_skipped'] - plan['files_unchanged']} skipped, {plan['files_failed']} failed")
+
+
+def prune_report(report: dict[str, Any]) -> None:
+    """One line per run kept or removed, then what was (or with --dry-run would be) freed."""
+    for run in report["kept"]:
+        click.echo(f"keep   {run['instance_id']}  {run['created_at'][:19].replace('T', ' ')}  "
+                   f"({', '.join(run['reasons'])})")
+    for run in report["removed"]:
+        click.echo(f"remove {run['instance_id']}  {run['created_at'][:19].replace('T', ' ')}  ({run['reason']})")
+    for run_id in report["unfinished"]:
+        click.echo(f"leave  {run_id}  (unfinished)")
+    verb = "would remove" if report["dry_run"] else "removed"
+    click.echo(f"{verb} {len(report['removed'])} run(s), {report['blobs_removed']} blob(s) and "
+               f"{report['snapshots_removed']} snapshot(s), {human_bytes(report['bytes_removed'])}")

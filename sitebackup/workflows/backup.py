@@ -39,19 +39,19 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> 
         patterns=options.patterns, follow_symlinks=options.follow_symlinks, block_size=options.block_size))
 
     def schedule(page: int) -> task.Task[Any]:
-        md5 = state.get("file_md5", {}).get(str(blocks.commit_task(page))) if page < 0 else None
+        large = state.get("large", {}).get(str(blocks.commit_task(page)), {}) if page < 0 else {}
         return ctx.call_activity(COPY_BATCH, retry_policy=BATCH_RETRY, input=CopyInput(
-            source=inp.source, container=inp.container, prefix=inp.prefix, page=page, md5=md5, tier=options.tier))
+            source=inp.source, container=inp.container, prefix=inp.prefix, page=page, md5=large.get("md5"),
+            blocks=large.get("ids"), digest=large.get("digest"), tier=options.tier))
 
     def on_result(result: dict[str, Any]) -> None:
         if "blocks" in result:  # a range of a large file: after its last one, commit it (workflows.blocks)
-            if result.get("md5"):  # the first range hashed the whole file: the commit needs not
-                state.setdefault("file_md5", {})[str(result["blocks"]["first_page"])] = result["md5"]
+            blocks.note_range(state, result)
             commit = blocks.count_range(state, result["blocks"])
             if commit is not None:
                 state["retry_pages"].insert(0, commit)
-        elif result["page"] < 0:  # a commit: its file's MD5 has served
-            state.get("file_md5", {}).pop(str(blocks.commit_task(result["page"])), None)
+        elif result["page"] < 0:  # a commit: what its ranges reported has served
+            state.get("large", {}).pop(str(blocks.commit_task(result["page"])), None)
         TALLY.add(state, result)
 
     return (yield from TALLY.run(ctx, raw, state, window, schedule, on_result, "uploading",

@@ -2,8 +2,10 @@
 
 A page of small files goes up through the process's asyncio uploader (``ActivityDeps.put_many``);
 files the baseline holds unchanged are recorded without a read or a request; a page of a large
-file's block range goes to ``blocks``. Every page ends with its result records written to the work
-store: together they are the run's record, which restore, verify and the next run read.
+file's block range goes to ``blocks``. A file replacing content the baseline recorded keeps that
+content as a blob snapshot first (``blob.upload.replace``), so every earlier run stays restorable.
+Every page ends with its result records written to the work store: together they are the run's
+record, which restore, verify, prune and the next run read.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from durabletask import task
 
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.naming import backup_blob_name
-from sitebackup.blob.upload import SINGLE_PUT_BYTES, Uploaded, upload_file
+from sitebackup.blob.upload import SINGLE_PUT_BYTES, Held, Uploaded, upload_file
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.local import incremental
 from sitebackup.local.files import FileChangedError, file_md5_b64
@@ -43,21 +45,23 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
             skipped.add({"path": entry.relpath, "reason": entry.reason})
         elif isinstance(entry, Failed):
             failures.add({"path": entry.relpath, "error": entry.reason})
-    previous = (incremental.baseline_index(work.iter_results(baseline))
-                if baseline and mode != incremental.MODE_FORCE else {})
+    # with --force too: what the baseline recorded at a name is kept as a snapshot before it is replaced
+    previous = incremental.baseline_index(work.iter_results(baseline)) if baseline else {}
     to_copy: list[CopyItem] = []
     unchanged: list[CopyItem] = []
-    large: list[FileEntry] = []
+    large: list[tuple[FileEntry, list[Any] | None]] = []
     for e in files:
-        decision = incremental.decide(e.size, e.mtime_ns, previous.get(e.relpath), mode)
+        before = previous.get(e.relpath)
+        decision = incremental.decide(e.size, e.mtime_ns, before, mode)
+        held = [before["md5"], before.get("etag")] if before else None
         if decision == incremental.UNCHANGED:
-            unchanged.append(CopyItem(e.relpath, e.size, e.mtime_ns, previous[e.relpath], False))
+            unchanged.append(CopyItem(e.relpath, e.size, e.mtime_ns, before, False))
         elif decision == incremental.CHECK:  # --checksum: hashed whole by the copy, never in ranges
-            to_copy.append(CopyItem(e.relpath, e.size, e.mtime_ns, previous[e.relpath], True))
+            to_copy.append(CopyItem(e.relpath, e.size, e.mtime_ns, before, True))
         elif e.size > blocks.threshold(block_size):
-            large.append(e)
+            large.append((e, held))
         else:
-            to_copy.append(CopyItem(e.relpath, e.size, e.mtime_ns))
+            to_copy.append(CopyItem(e.relpath, e.size, e.mtime_ns, held=held))
     batches = plan_pages(to_copy, lambda item: item.size, min_batches=min_batches)
     for number, batch in enumerate(batches):
         work.write_page(run_id, number, [item.to_json() for item in batch])
@@ -78,11 +82,11 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
 
 
 def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, container: str, prefix: str,
-              md5: str | None = None, tier: str | None = None) -> dict[str, Any]:
+              commit: blocks.Commit | None = None, tier: str | None = None) -> dict[str, Any]:
     raw = deps.work.read_page(run_id, page if page >= 0 else blocks.commit_task(page))
-    if isinstance(raw, dict):  # a range of a large file or (page < 0) its commit, with the file's MD5 if known
-        return blocks.copy_block_page(deps, run_id, page, BlockRange.from_dict(raw), source, container, prefix, md5,
-                                      tier)
+    if isinstance(raw, dict):  # a range of a large file or (page < 0) its commit, with what its ranges reported
+        return blocks.copy_block_page(deps, run_id, page, BlockRange.from_dict(raw), source, container, prefix,
+                                      commit, tier)
     items = [CopyItem(*row) for row in raw]
     client = deps.container_client(container)
     records: list[dict[str, Any]] = []
@@ -102,7 +106,7 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
             done = early.get(relpath)
             if not isinstance(done, Uploaded):  # not sent early, or failed there: one more try here
                 done = _upload_with_one_retry(client, source / relpath, backup_blob_name(prefix, relpath),
-                                              deps.large_file_threads, tier)
+                                              item.what_is_held(), deps.large_file_threads, tier)
         except Exception as exc:
             error = file_error(exc, deps.endpoint)
             records.append({"path": relpath, "error": error})
@@ -120,10 +124,11 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
 
 def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], source: Path, container: str,
                      prefix: str, tier: str | None) -> dict[str, Any]:
-    """Send the page's small new files together; relpath -> Uploaded or the exception, handled by the caller."""
+    """Send the page's small new and changed files together; relpath -> Uploaded or the exception, handled
+    by the caller."""
     if deps.put_many is None:
         return {}
-    todo: list[tuple[Path, str]] = []
+    todo: list[tuple[Path, str, Held | None]] = []
     relpaths: list[str] = []
     for item in items:
         if item.previous is not None or item.size > SINGLE_PUT_BYTES:
@@ -132,19 +137,19 @@ def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], sou
             name = backup_blob_name(prefix, item.relpath)
         except ValueError:  # reported by the one-by-one path
             continue
-        todo.append((source / item.relpath, name))
+        todo.append((source / item.relpath, name, item.what_is_held()))
         relpaths.append(item.relpath)
     if not todo:
         return {}
     return dict(zip(relpaths, deps.put_many(container, todo, lambda: deps.cancelled(run_id), tier)))
 
 
-def _upload_with_one_retry(client: ContainerClient, path: Path, name: str, threads: int,
-                           tier: str | None) -> Uploaded:
+def _upload_with_one_retry(client: ContainerClient, path: Path, name: str, held: Held | None,
+                           threads: int, tier: str | None) -> Uploaded:
     try:
-        return upload_file(client, path, name, max_concurrency=threads, tier=tier)
+        return upload_file(client, path, name, held=held, max_concurrency=threads, tier=tier)
     except FileChangedError:
-        return upload_file(client, path, name, max_concurrency=threads, tier=tier)
+        return upload_file(client, path, name, held=held, max_concurrency=threads, tier=tier)
 
 
 def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
@@ -158,8 +163,8 @@ def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
 
     def copy_batch(ctx: task.ActivityContext, raw: dict[str, Any]) -> dict[str, Any]:
         inp = CopyInput.from_dict(raw)
-        result = copy_page(deps, ctx.orchestration_id, inp.page, Path(inp.source), inp.container, inp.prefix, inp.md5,
-                           inp.tier)
+        result = copy_page(deps, ctx.orchestration_id, inp.page, Path(inp.source), inp.container, inp.prefix,
+                           blocks.Commit(inp.md5, inp.blocks, inp.digest), inp.tier)
         if deps.on_batch is not None:
             deps.on_batch(ctx.orchestration_id, result)
         return result

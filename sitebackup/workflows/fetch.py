@@ -3,6 +3,10 @@
 Blob names are untrusted: every name is checked (``local.dest.safe_relpath``) before it is planned
 and again before it is written, and files are written through ``local.dest.DestDir``. Every
 download is checked against the MD5 the run recorded (or the blob's own Content-MD5).
+
+A run's file is read from the copy holding the version the run recorded (``blob.history``): the
+current blob, or the snapshot a later run kept when it replaced it, chosen for the whole run by one
+listing when the pages are planned, and again for one file if its blob is replaced while restoring.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from azure.storage.blob import ContainerClient
 from durabletask import task
 
 from sitebackup.blob.errors import file_error
+from sitebackup.blob.history import PRUNED, choose, copies_by_name, copies_of, copy_client
 from sitebackup.blob.naming import blob_name, is_reserved
 from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
 from sitebackup.local.dest import DestDir, UnsafeName, restored_mode, safe_relpath
@@ -51,6 +56,8 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> dict[st
             continue
         if selected(relpath):
             items.append(FetchItem(name, relpath, int(rec["size"]), rec.get("md5"), rec.get("mtime_ns")))
+    if inp.run_id:
+        items = _recorded_versions(deps.container_client(inp.container), inp.prefix, items, failures)
     pages = plan_pages(items, lambda item: item.size, min_batches=inp.min_batches)
     for number, page in enumerate(pages):
         deps.work.write_page(restore_id, number, page)
@@ -58,6 +65,20 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> dict[st
     return {"pages": len(pages), "files_total": len(items) + failures.count, "bytes_total": sum(i.size for i in items),
             "files_failed": failures.count, "files_done": failures.count, "failures": failures.items,
             "files_skipped": skipped.count, "skipped": skipped.items}
+
+
+def _recorded_versions(client: ContainerClient, prefix: str, items: list[FetchItem],
+                       failures: Listed) -> list[FetchItem]:
+    """Each item pointed at the copy holding its recorded version; one whose version no copy holds is failed."""
+    copies = copies_by_name(client, prefix, {item.name for item in items})
+    found = []
+    for item in items:
+        copy = choose(copies.get(item.name, []), item.md5)
+        if copy is None:
+            failures.add({"path": item.relpath, "error": PRUNED})
+        else:
+            found.append(item._replace(snapshot=copy.snapshot))
+    return found
 
 
 def _candidates(deps: ActivityDeps, inp: PlanInput) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
@@ -96,6 +117,10 @@ class _Mismatch(Exception):
     pass
 
 
+class _Replaced(_Mismatch):
+    """The current blob no longer holds the recorded version (replaced or removed since the plan)."""
+
+
 def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, *, overwrite: bool,
                 threads: int) -> Outcome:
     st = dest.lstat(item.relpath)
@@ -106,13 +131,32 @@ def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, *, over
             return Outcome("skipped", "identical file exists", item.size)
         if not overwrite:
             return Outcome("failed", "destination exists and differs (use --overwrite)")
-    blob = client.get_blob_client(item.name)
+    try:
+        _write(client.get_blob_client(item.name, snapshot=item.snapshot), dest, item, threads)
+    except (_Replaced, ResourceNotFoundError) as exc:
+        if item.snapshot is not None:  # removed by a prune since the plan
+            return Outcome("failed", PRUNED)
+        # a run replaced the blob since the plan, keeping the recorded version as a snapshot: read that
+        copy = choose(copies_of(client, item.name), item.md5)
+        if copy is None:
+            return Outcome("failed", "blob not found" if isinstance(exc, ResourceNotFoundError) else PRUNED)
+        try:
+            _write(copy_client(client, copy), dest, item, threads)
+        except _Mismatch as again:
+            return Outcome("failed", str(again))
+    except _Mismatch as exc:
+        return Outcome("failed", str(exc))
+    return Outcome("restored", size=item.size)
+
+
+def _write(blob: Any, dest: DestDir, item: FetchItem, threads: int) -> None:
+    """Download *blob* into the item's file under *dest*, checked against the recorded size and MD5."""
 
     def fill(fd: int) -> tuple[int, int | None]:
         props = _download_into(blob, fd, item.size, threads)
         blob_md5 = b64(props.content_settings.content_md5)
         if item.md5 and blob_md5 and blob_md5 != item.md5:
-            raise _Mismatch("blob changed since the backup run (Content-MD5 differs from the run record)")
+            raise _Replaced("blob changed since the backup run (Content-MD5 differs from the run record)")
         if props.size != item.size:
             raise _Mismatch(f"blob is {props.size} bytes, expected {item.size}")
         expected = item.md5 or blob_md5
@@ -122,11 +166,7 @@ def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, *, over
         mtime_ns = item.mtime_ns if item.mtime_ns is not None else _int_or_none(meta.get(META_MTIME))
         return restored_mode(meta.get(META_MODE), dest.umask), mtime_ns
 
-    try:
-        dest.write(item.relpath, fill)
-    except _Mismatch as exc:
-        return Outcome("failed", str(exc))
-    return Outcome("restored", size=item.size)
+    dest.write(item.relpath, fill)
 
 
 def _download_into(blob: Any, fd: int, size: int, threads: int) -> Any:

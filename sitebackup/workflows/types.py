@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
+from sitebackup.blob.upload import Held
 from sitebackup.workflows.names import DEFAULT_WINDOW
 
 MIB = 1024 * 1024
@@ -94,20 +95,33 @@ class CopyInput(Wire):
     page: int = 0  # < 0: the commit of the large file whose first range page is -1 - page
     md5: str | None = None  # for a commit: the whole file's MD5, hashed by its first range
     tier: str | None = None  # BackupOptions.tier
+    blocks: list[str | None] | None = None  # for a commit: the id each range staged (blocks.content_block_id)
+    digest: str | None = None  # for a commit: blocks.ids_digest of the ids the first range hashed with the MD5
 
 
 class CopyItem(NamedTuple):
     """One file of a copy page: to upload, or (``previous`` set) in the baseline record, where
-    ``check`` says its content must be hashed to tell whether it changed (``--checksum``)."""
+    ``check`` says its content must be hashed to tell whether it changed (``--checksum``).
+
+    ``held`` is [Content-MD5, ETag] of what the baseline recorded at the name of a file to upload,
+    so the copy keeps that content as a snapshot before replacing it (``blob.upload.replace``).
+    """
 
     relpath: str
     size: int
     mtime_ns: int
     previous: dict[str, Any] | None = None
     check: bool = False
+    held: list[Any] | None = None
 
     def to_json(self) -> list[Any]:
-        return list(self) if self.previous is not None else [self.relpath, self.size, self.mtime_ns]
+        if self.previous is None and self.held is None:
+            return [self.relpath, self.size, self.mtime_ns]
+        return list(self)
+
+    def what_is_held(self) -> Held | None:
+        """What the baseline recorded at this file's name, for ``blob.upload.replace``."""
+        return Held(*self.held) if self.held else Held.of(self.previous)
 
 
 @dataclass
@@ -120,6 +134,7 @@ class BlockRange(Wire):
     block_size: int
     first_page: int
     failed: str | None = None  # on the first page, once a range failed: why (the commit reports it)
+    held: list[Any] | None = None  # [Content-MD5, ETag] the baseline recorded at the file's name (CopyItem.held)
 
     @property
     def relpath(self) -> str:
@@ -184,10 +199,11 @@ class FetchInput(Wire):
 
 
 class FetchItem(NamedTuple):
-    """One blob of a restore page."""
+    """One blob of a restore page: the current blob, or (``snapshot`` set) the snapshot holding the recorded version."""
 
     name: str
     relpath: str
     size: int
     md5: str | None
     mtime_ns: int | None
+    snapshot: str | None = None
