@@ -36,16 +36,17 @@ def command_lines() -> list[tuple[str, list[str]]]:
             in_code = not in_code
             continue
         text = line.split("#", 1)[0].strip()
-        match = re.search(r"(?:^|[\s;(|$])(?:\S*/)?sitebackup(?:@\S+)? (.*)", text) if in_code else None
-        if not match:
-            continue
-        try:
-            words = shlex.split(match.group(1), posix=True)
-        except ValueError:  # an unbalanced quote in a shell fragment: take the words as they are
-            words = match.group(1).split()
-        command = words[0] if words and words[0] in COMMANDS else "backup"
-        flags = [w.strip("[]().,").split("=", 1)[0] for w in words]
-        found.append((command, [f for f in flags if FLAG.fullmatch(f)]))
+        for part in re.split(r";|&&|\|\||\|", text) if in_code else ():  # one shell line may run several commands
+            match = re.search(r"(?:^|[\s($])(?:\S*/)?sitebackup(?:@\S+)? (.*)", part)
+            if not match:
+                continue
+            try:
+                words = shlex.split(match.group(1), posix=True)
+            except ValueError:  # an unbalanced quote in a shell fragment: take the words as they are
+                words = match.group(1).split()
+            command = words[0] if words and words[0] in COMMANDS else "backup"
+            flags = [w.strip("[]().,").split("=", 1)[0] for w in words]
+            found.append((command, [f for f in flags if FLAG.fullmatch(f)]))
     return found
 
 
