@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import stat
 import statistics
 import subprocess
@@ -216,8 +217,14 @@ def run_timed(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT,
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        killer.cancel()
+        try:
+            _pid, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # the benchmark is stopped: leave no tool running behind it
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            killer.cancel()
         elapsed = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode
@@ -230,15 +237,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def azurite_server(work: Path, heap_mb: int | None = None) -> Iterator:
-    """A fresh in-memory Azurite, stopped after the block; *heap_mb* raises Node's heap limit."""
+def azurite_server(work: Path, heap_mb: int | None = None, access_log: bool = False) -> Iterator:
+    """A fresh in-memory Azurite, stopped after the block; *heap_mb* raises Node's heap limit; *access_log*:
+    one line per request in work/azurite/azurite.log."""
     from azurite import Azurite, free_port
 
     saved = os.environ.get("NODE_OPTIONS")
     if heap_mb:  # Azurite inherits our environment
         os.environ["NODE_OPTIONS"] = f"{saved or ''} --max-old-space-size={heap_mb}".strip()
     try:
-        server = Azurite(free_port(), work / "azurite", in_memory=True).start()
+        server = Azurite(free_port(), work / "azurite", in_memory=True, access_log=access_log).start()
     finally:
         if heap_mb:
             if saved is None:
@@ -466,14 +474,29 @@ class Bench:
         return rows
 
 
-def write_readme(args: argparse.Namespace, table: str, started: datetime, load_start: tuple[float, ...]) -> None:
-    content = report.block(table, when=started, machine_line=report.machine(ROOT, load_start),
-                           command=report.command_line(sys.argv, ROOT))
-    report.write_readme(ROOT / "README.md", args.readme_block, content)
-    print(f"# README.md: block {args.readme_block!r} rewritten", file=sys.stderr)
+def measure(args: argparse.Namespace) -> dict:
+    """Run the benchmark: its rows, with when, where and how they were measured."""
+    started, load_start = datetime.now(timezone.utc), os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
+    bench = Bench(args, work)
+    rows: list[Row] = []
+    try:
+        for name in args.dataset:
+            ds = DATASETS[name]
+            if name == "million" and args.million_files != ds.files:
+                ds = dataclasses.replace(ds, name=f"million-{args.million_files}", files=args.million_files)
+            rows += bench.rows(generate(ds, args.data_dir))
+        for tree in args.tree:
+            rows += bench.rows(tree_source(tree))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return {"started": started.isoformat(), "machine": report.machine(ROOT, load_start),
+            "command": report.command_line(sys.argv, ROOT), "rows": [dataclasses.asdict(r) for r in rows]}
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop Azurite and the tool running on the way out
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="small,medium",
                         help=f"comma-separated, from: {', '.join(DATASETS)} (default small,medium); may be empty with --tree")
@@ -493,6 +516,8 @@ def main() -> None:
     parser.add_argument("--write-readme", action="store_true",
                         help="replace the README block between <!-- NAME:begin --> and <!-- NAME:end --> with this table")
     parser.add_argument("--readme-block", default="bench", help="the NAME of that block (default bench)")
+    parser.add_argument("--save", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--load", type=Path, help="measure nothing: show (and with --write-readme, write) saved results")
     args = parser.parse_args()
     args.dataset = [d for d in args.dataset.split(",") if d]
     args.ops = [o for o in args.ops.split(",") if o]
@@ -501,7 +526,7 @@ def main() -> None:
                + [t for t in args.tools if t not in TOOLS])
     if unknown:
         parser.error(f"unknown dataset, operation or tool: {', '.join(unknown)}")
-    if not args.dataset and not args.tree:
+    if not args.dataset and not args.tree and not args.load:
         parser.error("nothing to measure: give --dataset or --tree")
     for tree in args.tree:
         if not tree.is_dir():
@@ -510,25 +535,16 @@ def main() -> None:
         parser.error("--readme-block: lowercase letters, digits and hyphens")
     args.sitebackup_args = args.sitebackup_args.split()
     args.restore_args = args.restore_args.split()
-    started, load_start = datetime.now(timezone.utc), os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
-    bench = Bench(args, work)
-    rows: list[Row] = []
-    try:
-        for name in args.dataset:
-            ds = DATASETS[name]
-            if name == "million" and args.million_files != ds.files:
-                ds = dataclasses.replace(ds, name=f"million-{args.million_files}", files=args.million_files)
-            rows += bench.rows(generate(ds, args.data_dir))
-        for tree in args.tree:
-            rows += bench.rows(tree_source(tree))
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    table = report.render(rows)
+    results = json.loads(args.load.read_text()) if args.load else measure(args)
+    if args.save:
+        args.save.write_text(json.dumps(results, indent=1))
+    table = report.render([Row(**r) for r in results["rows"]])
     print(table)
     if args.write_readme:
-        write_readme(args, table, started, load_start)
+        content = report.block(table, when=datetime.fromisoformat(results["started"]), machine_line=results["machine"],
+                               command=results["command"])
+        report.write_readme(ROOT / "README.md", args.readme_block, content)
+        print(f"# README.md: block {args.readme_block!r} rewritten", file=sys.stderr)
 
 
 if __name__ == "__main__":

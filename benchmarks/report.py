@@ -58,7 +58,7 @@ def render(rows: list[Row]) -> str:
     for row in rows:
         head = f"| {row.dataset} | {row.op} | {row.tool} |"
         if row.seconds is None:
-            lines.append(f"{head} | | | | | | | | | | | {row.note} |")
+            lines.append(f"{head}{' |' * 10} {row.note} |")
             continue
         group = [r for r in rows if (r.dataset, r.op) == (row.dataset, row.op) and r.seconds and not r.note]
         peers = [r.seconds for r in group if r.peer]
