@@ -495,6 +495,12 @@ def measure(args: argparse.Namespace) -> dict:
             "command": report.command_line(sys.argv, ROOT), "rows": [dataclasses.asdict(r) for r in rows]}
 
 
+def saved_runs(path: Path) -> list[dict]:
+    """The runs a --save file holds (a list of runs; a single run from before is taken too)."""
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else [data]
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop Azurite and the tool running on the way out
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -517,7 +523,9 @@ def main() -> None:
                         help="replace the README block between <!-- NAME:begin --> and <!-- NAME:end --> with this table")
     parser.add_argument("--readme-block", default="bench", help="the NAME of that block (default bench)")
     parser.add_argument("--save", type=Path, help="also write the results as JSON to this file")
-    parser.add_argument("--load", type=Path, help="measure nothing: show (and with --write-readme, write) saved results")
+    parser.add_argument("--load", type=Path, action="append", default=[],
+                        help="measure nothing: show (and with --write-readme, write) saved results; repeatable, "
+                             "the runs' rows one after the other")
     args = parser.parse_args()
     args.dataset = [d for d in args.dataset.split(",") if d]
     args.ops = [o for o in args.ops.split(",") if o]
@@ -535,14 +543,14 @@ def main() -> None:
         parser.error("--readme-block: lowercase letters, digits and hyphens")
     args.sitebackup_args = args.sitebackup_args.split()
     args.restore_args = args.restore_args.split()
-    results = json.loads(args.load.read_text()) if args.load else measure(args)
+    runs = [run for path in args.load for run in saved_runs(path)] or [measure(args)]
     if args.save:
-        args.save.write_text(json.dumps(results, indent=1))
-    table = report.render([Row(**r) for r in results["rows"]])
+        args.save.write_text(json.dumps(runs, indent=1))
+    table = report.render([Row(**r) for run in runs for r in run["rows"]])
     print(table)
     if args.write_readme:
-        content = report.block(table, when=datetime.fromisoformat(results["started"]), machine_line=results["machine"],
-                               command=results["command"])
+        content = report.block(table, when=datetime.fromisoformat(runs[0]["started"]), machine_line=runs[0]["machine"],
+                               commands=[run["command"] for run in runs])
         report.write_readme(ROOT / "README.md", args.readme_block, content)
         print(f"# README.md: block {args.readme_block!r} rewritten", file=sys.stderr)
 

@@ -122,8 +122,8 @@ def command_line(argv: list[str], root: Path) -> str:
     return shlex.join([str(exe), str(script), *argv[1:]])
 
 
-def block(table: str, *, when: datetime, machine_line: str, command: str) -> str:
-    """The README block: caption, table, machine and command."""
+def block(table: str, *, when: datetime, machine_line: str, commands: list[str]) -> str:
+    """The README block: caption, table, machine and the command (or commands, run one after the other)."""
     return "\n".join([
         f"Measured {when.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine_line}.",
         "Every tool runs as its own process against a fresh in-memory Azurite on the same machine; seconds are the "
@@ -133,7 +133,7 @@ def block(table: str, *, when: datetime, machine_line: str, command: str) -> str
         "",
         table,
         "",
-        f"Command: `{command}`",
+        "Command: " + ", then ".join(f"`{command}`" for command in commands),
     ])
 
 

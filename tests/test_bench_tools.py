@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
 import sys
 from datetime import datetime, timezone
@@ -106,10 +108,12 @@ def test_the_readme_has_each_benchmark_block_once():
 
 def test_block_names_date_machine_and_command():
     when = datetime(2026, 11, 30, 12, 5, tzinfo=timezone.utc)
-    text = report.block("| t |", when=when, machine_line="2 cores (CPU X)", command="python b.py --repeat 3")
+    text = report.block("| t |", when=when, machine_line="2 cores (CPU X)", commands=["python b.py --repeat 3"])
     assert "2026-11-30 12:05 UTC" in text
     assert "2 cores (CPU X)" in text
-    assert "`python b.py --repeat 3`" in text
+    assert "Command: `python b.py --repeat 3`" in text
+    two = report.block("| t |", when=when, machine_line="m", commands=["python b.py a", "python b.py b"])
+    assert "Command: `python b.py a`, then `python b.py b`" in two
     assert "| t |" in text
     assert "noisy" in text  # the caption says to read ratios, not seconds
 
@@ -125,6 +129,16 @@ def test_machine_line_names_cores_python_and_azurite():
 def test_command_line_is_quoted_and_relative_to_the_repository():
     line = report.command_line([str(BENCH / "bench_upload.py"), "--tree", "/srv/my site", "--repeat", "3"], ROOT)
     assert line.endswith("benchmarks/bench_upload.py --tree '/srv/my site' --repeat 3")
+
+
+def test_saved_runs_read_back_as_a_list_whatever_was_saved(tmp_path: Path):
+    run = {"started": "2026-11-30T12:00:00+00:00", "machine": "m", "command": "c",
+           "rows": [dataclasses.asdict(row("backup", "sitebackup", 1.0))]}
+    (tmp_path / "one.json").write_text(json.dumps(run))
+    (tmp_path / "list.json").write_text(json.dumps([run, run]))
+    assert bench_upload.saved_runs(tmp_path / "one.json") == [run]
+    assert bench_upload.saved_runs(tmp_path / "list.json") == [run, run]
+    assert report.Row(**run["rows"][0]) == row("backup", "sitebackup", 1.0)
 
 
 def test_walk_counts_regular_files_and_bytes_without_following_symlinks(tmp_path: Path):
