@@ -55,6 +55,7 @@ SEED = 20261127
 RUN_TIMEOUT = 1800  # seconds, raised for large trees: a peer retrying forever must not hang the run
 FILES_PER_SECOND_FLOOR = 50  # the slowest rate a run is given before it is killed
 SCALE_AZURITE_HEAP_MB = 8192  # a million blobs' records outgrow Node's default heap
+AZURITE_STARTS, AZURITE_START_SECONDS = 3, 120
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,15 @@ def azurite_server(work: Path, heap_mb: int | None = None, access_log: bool = Fa
     if heap_mb:  # Azurite inherits our environment
         os.environ["NODE_OPTIONS"] = f"{saved or ''} --max-old-space-size={heap_mb}".strip()
     try:
-        server = Azurite(free_port(), work / "azurite", in_memory=True, access_log=access_log).start()
+        for attempt in range(AZURITE_STARTS):
+            try:
+                server = Azurite(free_port(), work / "azurite", in_memory=True, access_log=access_log).start(
+                    timeout=AZURITE_START_SECONDS)
+                break
+            except RuntimeError as exc:  # a loaded machine: Node can take minutes to listen
+                print(f"# Azurite start {attempt + 1}/{AZURITE_STARTS} failed: {exc}", file=sys.stderr, flush=True)
+                if attempt + 1 == AZURITE_STARTS:
+                    raise
     finally:
         if heap_mb:
             if saved is None:
@@ -475,24 +484,35 @@ class Bench:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """Run the benchmark: its rows, with when, where and how they were measured."""
+    """Run the benchmark: its rows, with when, where and how they were measured. With --save, the rows
+    so far are saved after every dataset: a run that dies late keeps what it measured."""
     started, load_start = datetime.now(timezone.utc), os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
     bench = Bench(args, work)
     rows: list[Row] = []
+
+    def results() -> dict:
+        return {"started": started.isoformat(), "machine": report.machine(ROOT, load_start),
+                "command": report.command_line(sys.argv, ROOT), "rows": [dataclasses.asdict(r) for r in rows]}
+
+    sources = [lambda name=name: generate(dataset(name, args), args.data_dir) for name in args.dataset]
+    sources += [lambda tree=tree: tree_source(tree) for tree in args.tree]
     try:
-        for name in args.dataset:
-            ds = DATASETS[name]
-            if name == "million" and args.million_files != ds.files:
-                ds = dataclasses.replace(ds, name=f"million-{args.million_files}", files=args.million_files)
-            rows += bench.rows(generate(ds, args.data_dir))
-        for tree in args.tree:
-            rows += bench.rows(tree_source(tree))
+        for source in sources:
+            rows += bench.rows(source())
+            if args.save:
+                args.save.write_text(json.dumps([results()], indent=1))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    return {"started": started.isoformat(), "machine": report.machine(ROOT, load_start),
-            "command": report.command_line(sys.argv, ROOT), "rows": [dataclasses.asdict(r) for r in rows]}
+    return results()
+
+
+def dataset(name: str, args: argparse.Namespace) -> Dataset:
+    ds = DATASETS[name]
+    if name == "million" and args.million_files != ds.files:
+        ds = dataclasses.replace(ds, name=f"million-{args.million_files}", files=args.million_files)
+    return ds
 
 
 def saved_runs(path: Path) -> list[dict]:

@@ -321,6 +321,23 @@ class Profiler:
         self.measured: dict[tuple[str, str], tuple[float, float, float, int]] = {}
         self.requests: dict[str, collections.Counter] = {}
         self.threads: dict[tuple[str, str], dict[str, float]] = {}
+        self.load()
+
+    def load(self) -> None:
+        """What earlier passes into the same --out measured: passes can be run (and re-run) one at a time."""
+        saved = self.out / "passes.json"
+        if not saved.exists():
+            return
+        data = json.loads(saved.read_text())
+        self.measured = {tuple(k.split("/")): tuple(v) for k, v in data["measured"].items()}
+        self.requests = {op: collections.Counter(kinds) for op, kinds in data["requests"].items()}
+        self.threads = {tuple(k.split("/")): v for k, v in data["threads"].items()}
+
+    def save(self) -> None:
+        (self.out / "passes.json").write_text(json.dumps({
+            "measured": {"/".join(k): v for k, v in self.measured.items()},
+            "requests": self.requests,
+            "threads": {"/".join(k): v for k, v in self.threads.items()}}, indent=1))
 
     def one_pass(self, mode: str) -> None:
         """Back up and restore once, both under *mode*: plain, cprofile or py-spy."""
@@ -354,6 +371,7 @@ class Profiler:
                     self.threads[(mode, op)] = json.loads(threads.read_text())
                 if op == "backup":
                     run_id = bench_upload.first_json(log)["instance_id"]
+                self.save()
                 print(f"# {mode} {op}: {timed[0]:.1f}s cpu {timed[1]:.1f}s rss {timed[2]:.0f} MB",
                       file=sys.stderr, flush=True)
 
@@ -475,12 +493,13 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "sitebackup-bench-data")
     parser.add_argument("--out", type=Path, help="where the raw profiles go (default: a new temporary directory)")
     parser.add_argument("--top", type=int, default=25, help="functions listed per table")
-    parser.add_argument("--modes", default="plain,cprofile,py-spy", help="passes to run (default all three)")
+    parser.add_argument("--modes", default="plain,cprofile,py-spy",
+                        help="passes to run (default all three; none: report what --out holds)")
     args = parser.parse_args()
     args.out = args.out or Path(tempfile.mkdtemp(prefix="profile-"))
     args.out.mkdir(parents=True, exist_ok=True)
     profiler = Profiler(args)
-    for mode in args.modes.split(","):
+    for mode in [m for m in args.modes.split(",") if m and m != "none"]:
         if mode == "py-spy" and not profiler.py_spy():
             print("# py-spy not installed: that pass is left out", file=sys.stderr)
             continue
