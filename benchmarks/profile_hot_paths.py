@@ -8,12 +8,12 @@ directory, each a whole `sitebackup` process as the benchmark runs it:
 
 1. plain, with Azurite's access log on: wall, CPU and peak RSS, the requests per file by kind, and the
    CPU of every OS thread (sampled from /proc, grouped by thread name: gRPC's C threads included);
-2. under cProfile in every thread, timed by each thread's CPU clock (a blocked thread costs nothing, so
-   this is CPU, not waiting): top functions by cumulative and by self time, the CPU by layer (each
-   function's self time to its layer, time of generic helpers such as json or threading handed up to
-   their callers) and the inclusive CPU of named entry points (imports, the progress watch, ...);
-3. under `py-spy record` (every thread): the samples by layer, samples of threads parked in a wait
-   dropped (py-spy's own idle detection does not see them here). Wall-clock samples, a cross-check.
+2. under cProfile in every thread, timed by each thread's CPU clock: top functions by cumulative and by
+   self time, with call counts (per-call costs). cProfile's times for the upload event loop are not to
+   be trusted whole (a negative self time shows up on its epoll wait), so shares come from py-spy;
+3. under `py-spy record --nonblocking` (every thread, the process never paused, so parked threads read
+   as idle): each sample on CPU assigned to one layer (``classify``), and to every entry point on its
+   stack (imports, the progress watch, the event loop's puts, ...).
 
 Shares are turned into seconds with the plain run's CPU: the profilers' overhead is not the tool's.
 Prints Markdown on stdout; the raw profiles stay in --out.
@@ -53,8 +53,6 @@ CONTEXTS = [
     (STARTUP, ("importlib._bootstrap", "<frozen importlib")),
     (POLLING, ("watch (sitebackup/commands/hosting.py", "GetInstance (", "sitebackup/ui/")),
 ]
-# a function of its own: module-level code runs once, at import
-MODULE_CODE = (STARTUP, ("<module>",))
 LAYERS = [
     ("cancel checks", ("CancelCheck", "__call__ (sitebackup/commands/hosting.py")),
     ("pages and records (JSON files)", ("sitebackup/blob/workstore.py",)),
@@ -94,51 +92,6 @@ def classify(stack: list[str]) -> str:
     return OTHER
 
 
-def own_layer(label: str) -> str | None:
-    """The layer one function names by itself, or None for a generic helper (its caller decides)."""
-    for layer, marks in [*CONTEXTS, MODULE_CODE, *LAYERS]:
-        if any(mark in label for mark in marks):
-            return layer
-    return None
-
-
-def cprofile_layers(stats: dict) -> dict[str, float]:
-    """Self CPU by layer: a function's self time goes to its own layer; a generic helper's is shared out
-    among its callers in proportion to what each call cost them, up the call graph (a cycle ends in OTHER)."""
-    labels = {func: func_label(func) for func in stats}
-    memo: dict[tuple, dict[str, float]] = {}
-    active: set[tuple] = set()
-
-    def shares(func: tuple) -> dict[str, float]:
-        if func in memo:
-            return memo[func]
-        layer = own_layer(labels.get(func, ""))
-        if layer is not None or func in active or func not in stats:
-            return {layer or OTHER: 1.0}
-        active.add(func)
-        weights = {caller: entry[3] for caller, entry in stats[func][4].items()}
-        total = sum(weights.values())
-        out: collections.Counter = collections.Counter()
-        for caller, weight in weights.items():
-            for name, share in shares(caller).items():
-                out[name] += share * weight / total if total else share / len(weights)
-        active.discard(func)
-        memo[func] = dict(out) or {OTHER: 1.0}
-        return memo[func]
-
-    result: collections.Counter = collections.Counter()
-    for func, (_cc, _nc, tt, _ct, callers) in stats.items():
-        if not tt:
-            continue
-        # the self time a helper spent on behalf of each caller is known exactly one level up
-        parts = {func: tt} if own_layer(labels[func]) or not callers else \
-            {caller: tt * entry[2] / (sum(e[2] for e in callers.values()) or 1.0) for caller, entry in callers.items()}
-        for owner, part in parts.items():
-            for name, share in shares(owner).items():
-                result[name] += part * share
-    return dict(result)
-
-
 def _prefixes() -> list[str]:
     paths = sysconfig.get_paths()
     found = {paths["purelib"], paths["platlib"], paths["stdlib"], str(ROOT)}
@@ -160,27 +113,30 @@ def func_label(func: tuple) -> str:
     return normal(f"{name} ({filename}:{line})") if filename != "~" else name
 
 
-# inclusive CPU of the entry points of each piece of work (cProfile cumulative time, CPU clock)
+# the entry points of each piece of work: a sample counts for every one its stack passes through
 ENTRY_POINTS = [
     ("imports (start-up)", "_find_and_load (<frozen importlib._bootstrap>"),
     ("progress watch loop (client side)", "watch (sitebackup/commands/hosting.py"),
     ("GetInstance answers (backend side of the watch)", "GetInstance (sitebackup/durable/backend/servicer.py"),
-    ("cancel checks", "__call__ (sitebackup/commands/hosting.py"),
+    ("cancel checks", "CancelCheck.__call__"),
     ("scan activity", "scan_source (sitebackup/workflows/copy.py"),
-    ("copy activities", "copy_page (sitebackup/workflows/copy.py"),
-    ("small-file puts on the event loop", "_put (sitebackup/blob/asyncput.py"),
+    ("copy activities (the activity threads)", "copy_page (sitebackup/workflows/copy.py"),
+    ("small-file puts (the event loop)", "AsyncPutter._put (sitebackup/blob/asyncput.py"),
+    ("  of which reading and hashing the file", "small_file_put (sitebackup/blob/upload.py"),
+    ("  of which a blob client per file", "get_blob_client (azure/storage/blob/aio/_container_client_async.py"),
+    ("  of which request signing (SharedKey)", "SharedKeyCredentialPolicy"),
     ("restore plan activity", "plan_restore (sitebackup/workflows/fetch.py"),
     ("restore batch activities", "restore_page (sitebackup/workflows/fetch.py"),
+    ("  of which the download (SDK, HTTP)", "_download_into (sitebackup/workflows/fetch.py"),
+    ("  of which the MD5 check of the written file", "fd_md5_b64 (sitebackup/local/files.py"),
+    ("  of which directory checks and writes (DestDir)", "sitebackup/local/dest.py"),
     ("page reads", "read_page (sitebackup/blob/workstore.py"),
     ("page and record writes", "_write (sitebackup/blob/workstore.py"),
     ("orchestrator episodes (replay, worker side)", "_execute_orchestrator (durabletask/worker.py"),
-    ("activity execution wrapper (SDK)", "_execute_activity (durabletask/worker.py"),
     ("work-item stream (backend)", "GetWorkItems (sitebackup/durable/backend/servicer.py"),
     ("activity completions (backend)", "CompleteActivityTask (sitebackup/durable/backend/servicer.py"),
     ("orchestrator completions (backend)", "CompleteOrchestratorTask (sitebackup/durable/backend/servicer.py"),
-    ("MD5 (OpenSSL)", "_hashlib.openssl_md5"),
-    ("MD5 updates", "'update' of '_hashlib.HASH'"),
-    ("SQLite statements", "'execute' of 'sqlite3.Connection'"),
+    ("SQLite store (any caller)", "sitebackup/durable/backend/store.py"),
 ]
 
 
@@ -288,9 +244,9 @@ def requests_by_kind(lines: list[str]) -> collections.Counter:
     return kinds
 
 
-def pyspy_layers(raw: Path) -> tuple[collections.Counter, int]:
-    """py-spy raw samples by layer, and the number dropped as waits."""
-    samples: collections.Counter = collections.Counter()
+def pyspy_stacks(raw: Path) -> tuple[list[tuple[list[str], int]], int]:
+    """py-spy raw samples as (stack from the root, count), and the number dropped as waits."""
+    stacks: list[tuple[list[str], int]] = []
     dropped = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -300,8 +256,8 @@ def pyspy_layers(raw: Path) -> tuple[collections.Counter, int]:
         if not frames or any(mark in frames[-1] for mark in WAITS):
             dropped += int(count)
             continue
-        samples[classify(frames)] += int(count)
-    return samples, dropped
+        stacks.append((frames, int(count)))
+    return stacks, dropped
 
 
 def table(title: str, parts: dict[str, float], cpu: float, files: int, unit: str = "share") -> str:
@@ -377,8 +333,10 @@ class Profiler:
 
     def wrap(self, mode: str, op: str, argv: list[str]) -> list[str]:
         if mode == "py-spy":
-            return [str(self.py_spy()), "record", "--subprocesses", "--full-filenames", "--format", "raw", "--rate", "100",
-                    "--output", str(self.out / f"{op}.pyspy.txt"), "--", sys.executable, "-m", "sitebackup", *argv]
+            # --nonblocking: a paused process shows every thread running; unpaused, parked threads read as idle
+            return [str(self.py_spy()), "record", "--nonblocking", "--subprocesses", "--full-filenames", "--format", "raw",
+                    "--rate", "100", "--output", str(self.out / f"{op}.pyspy.txt"), "--", sys.executable, "-m",
+                    "sitebackup", *argv]
         profile = ["--cprofile", str(self.out / f"{op}.prof")] if mode == "cprofile" else []
         return [sys.executable, __file__, "--child", str(self.out / f"{mode}-{op}.threads.json"), *profile, "--", *argv]
 
@@ -393,7 +351,7 @@ class Profiler:
     def report(self) -> str:
         parts = [self.runs_table()]
         for op in ("backup", "restore"):
-            parts += [self.thread_table(op), self.layer_tables(op), self.entry_points(op), self.top(op)]
+            parts += [self.thread_table(op), self.layer_tables(op), self.top(op)]
         return "\n\n".join(p for p in parts if p)
 
     def plain_cpu(self, op: str) -> float:
@@ -431,38 +389,24 @@ class Profiler:
         return "\n".join(lines)
 
     def layer_tables(self, op: str) -> str:
-        cpu, files = self.plain_cpu(op), self.source.files
-        parts = []
-        prof = self.out / f"{op}.prof"
-        if prof.exists():
-            parts.append(table(f"CPU of the {op} by layer (cProfile self time, CPU clock, generic helpers handed up to "
-                               f"their callers; seconds = share x the plain run's {cpu:.1f} s)",
-                               cprofile_layers(pstats.Stats(str(prof)).stats), cpu, files))
         raw = self.out / f"{op}.pyspy.txt"
-        if raw.exists():
-            samples, dropped = pyspy_layers(raw)
-            parts.append(table(f"The same by py-spy samples ({sum(samples.values())} kept, {dropped} of parked threads "
-                               f"dropped; wall-clock sampling, a cross-check)", dict(samples), cpu, files))
-        return "\n\n".join(parts)
-
-    def entry_points(self, op: str) -> str:
-        prof = self.out / f"{op}.prof"
-        if not prof.exists():
+        if not raw.exists():
             return ""
-        stats = pstats.Stats(str(prof)).stats
-        total = sum(entry[2] for entry in stats.values()) or 1.0
-        cpu = self.plain_cpu(op)
-        lines = [f"Inclusive CPU of entry points in the {op} (cProfile cumulative, share of all profiled CPU; "
-                 f"they nest, so shares do not add up)", "",
-                 "| work | calls | share | est. CPU s | est. ms/file |", "| --- | ---: | ---: | ---: | ---: |"]
+        cpu, files = self.plain_cpu(op), self.source.files
+        stacks, dropped = pyspy_stacks(raw)
+        total = sum(n for _s, n in stacks) or 1
+        layers: collections.Counter = collections.Counter()
+        for frames, n in stacks:
+            layers[classify(frames)] += n
+        lines = [table(f"CPU of the {op} by layer (py-spy --nonblocking, {total} samples on CPU, {dropped} of parked "
+                       f"threads dropped; seconds = share x the plain run's {cpu:.1f} s)", dict(layers), cpu, files)]
+        lines += ["", f"CPU under the entry points of the {op} (a sample counts for each one on its stack: they nest)", "",
+                  "| work | samples | share | est. CPU s | est. ms/file |", "| --- | ---: | ---: | ---: | ---: |"]
         for title, mark in ENTRY_POINTS:
-            found = [(func, entry) for func, entry in stats.items() if mark in func_label(func)]
-            if not found:
-                continue
-            calls = sum(entry[1] for _f, entry in found)
-            share = sum(entry[3] for _f, entry in found) / total
-            lines.append(f"| {title} | {calls} | {100 * share:.1f}% | {share * cpu:.2f} | "
-                         f"{1000 * share * cpu / self.source.files:.3f} |")
+            n = sum(count for frames, count in stacks if any(mark in frame for frame in frames))
+            if n:
+                lines.append(f"| {title} | {n} | {100 * n / total:.1f}% | {cpu * n / total:.2f} | "
+                             f"{1000 * cpu * n / total / files:.3f} |")
         return "\n".join(lines)
 
     def top(self, op: str) -> str:

@@ -206,29 +206,19 @@ def test_profile_contexts_hold_for_the_whole_stack():
                      "_blocking (grpc/_channel.py:1)"]) == "durable: gRPC"
 
 
-def test_cprofile_layers_hand_a_helpers_self_time_to_its_callers_layers():
-    md5 = ("~", 0, "<built-in method _hashlib.openssl_md5>")
-    dumps = ("/lib/json/__init__.py", 1, "dumps")
-    write = ("/x/sitebackup/blob/workstore.py", 1, "_write")
-    worker = ("/x/durabletask/worker.py", 1, "_execute_activity")
-    loads = ("/lib/json/__init__.py", 2, "loads")
-    loop = ("/lib/json/decoder.py", 3, "raw_decode")
-    # (calls, primitive calls, self time, cumulative time, {caller: (calls, calls, self time, cumulative)})
-    stats = {
-        md5: (10, 10, 2.0, 2.0, {}),
-        write: (5, 5, 0.5, 3.5, {worker: (5, 5, 0.5, 3.5)}),
-        worker: (5, 5, 1.0, 8.0, {}),
-        dumps: (8, 8, 4.0, 4.0, {write: (2, 2, 3.0, 3.0), worker: (6, 6, 1.0, 1.0)}),
-        # a recursive helper with no other caller: OTHER, never an endless loop
-        loads: (1, 1, 0.5, 0.5, {loop: (1, 1, 0.5, 0.5)}),
-        loop: (1, 1, 0.5, 0.5, {loads: (1, 1, 0.5, 0.5)}),
-    }
-    layers = profile.cprofile_layers(stats)
-    assert layers["hashing"] == pytest.approx(2.0)
-    assert layers["pages and records (JSON files)"] == pytest.approx(0.5 + 3.0)
-    assert layers["durable: servicer and worker SDK"] == pytest.approx(1.0 + 1.0)
-    assert layers[profile.OTHER] == pytest.approx(1.0)
-    assert sum(layers.values()) == pytest.approx(sum(entry[2] for entry in stats.values()))
+def test_pyspy_stacks_drop_parked_threads_and_cut_install_prefixes(tmp_path: Path):
+    site = profile.PREFIXES[-1]  # any install prefix
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join([
+        'process 1:"python -m sitebackup";run (threading.py:1);_put (sitebackup/blob/asyncput.py:70) 7',
+        'process 1:"python -m sitebackup";run (threading.py:1);Condition.wait (threading.py:327) 5',
+        f"run (threading.py:1);send ({site}azure/core/pipeline/_base.py:9) 3",
+        "not a sample line",
+    ]))
+    stacks, dropped = profile.pyspy_stacks(raw)
+    assert dropped == 5
+    assert stacks == [(["run (threading.py:1)", "_put (sitebackup/blob/asyncput.py:70)"], 7),
+                      (["run (threading.py:1)", "send (azure/core/pipeline/_base.py:9)"], 3)]
 
 
 def test_requests_are_counted_by_kind_from_the_access_log():
