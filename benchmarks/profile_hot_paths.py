@@ -30,6 +30,7 @@ import os
 import pstats
 import re
 import shutil
+import signal
 import sys
 import sysconfig
 import tempfile
@@ -432,6 +433,7 @@ def main() -> None:
         profile = Path(rest[1]) if rest[0] == "--cprofile" else None
         run_child(Path(sys.argv[2]), profile, rest[rest.index("--") + 1:])
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop Azurite and the profiled run on the way out
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="small", choices=[d for d in bench_upload.DATASETS if d != "million"])
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "sitebackup-bench-data")
