@@ -8,12 +8,15 @@ directory, each a whole `sitebackup` process as the benchmark runs it:
 
 1. plain, with Azurite's access log on: wall, CPU and peak RSS, the requests per file by kind, and the
    CPU of every OS thread (sampled from /proc, grouped by thread name: gRPC's C threads included);
-2. under cProfile in every thread, timed by each thread's CPU clock: top functions by cumulative and by
-   self time, with call counts (per-call costs). cProfile's times for the upload event loop are not to
-   be trusted whole (a negative self time shows up on its epoll wait), so shares come from py-spy;
-3. under `py-spy record --nonblocking` (every thread, the process never paused, so parked threads read
-   as idle): each sample on CPU assigned to one layer (``classify``), and to every entry point on its
-   stack (imports, the progress watch, the event loop's puts, ...).
+2. under cProfile in every thread, timed by each thread's CPU clock (a parked thread costs nothing):
+   the CPU by layer (each function's self time to its layer, a generic helper's such as json's handed up
+   to its callers), the inclusive CPU of named entry points, and the top functions by cumulative and by
+   self time with their call counts. cProfile reports the upload loop's epoll wait with a large negative
+   self time: clipped to zero, the profiled threads add up to the CPU /proc measured for them;
+3. under `py-spy record --nonblocking` (every thread, the process never paused): the same layers and
+   entry points from whole stacks. py-spy counts a thread blocked inside a C call under one of our
+   frames (a lock, a socket read) as running, so its shares are busy-or-blocked time: where cProfile and
+   py-spy disagree, the difference is waiting (lock contention, network), not CPU.
 
 Shares are turned into seconds with the plain run's CPU: the profilers' overhead is not the tool's.
 Prints Markdown on stdout; the raw profiles stay in --out.
@@ -54,6 +57,8 @@ CONTEXTS = [
     (STARTUP, ("importlib._bootstrap", "<frozen importlib")),
     (POLLING, ("watch (sitebackup/commands/hosting.py", "GetInstance (", "sitebackup/ui/")),
 ]
+# a function of its own in cProfile: module-level code runs once, at import
+MODULE_CODE = (STARTUP, ("<module>",))
 LAYERS = [
     ("cancel checks", ("CancelCheck", "__call__ (sitebackup/commands/hosting.py")),
     ("pages and records (JSON files)", ("sitebackup/blob/workstore.py",)),
@@ -93,6 +98,72 @@ def classify(stack: list[str]) -> str:
     return OTHER
 
 
+def own_layer(label: str) -> str | None:
+    """The layer one function names by itself, or None for a generic helper (its caller decides)."""
+    for layer, marks in [*CONTEXTS, MODULE_CODE, *LAYERS]:
+        if any(mark in label for mark in marks):
+            return layer
+    return None
+
+
+def self_time(entry: tuple) -> float:
+    """A function's self time, never below zero: cProfile reports the upload loop's epoll wait as negative
+    (minus the whole run's worth); clipped, the profiled threads add up to the CPU /proc measured."""
+    return max(entry[2], 0.0)
+
+
+def cprofile_layers(stats: dict) -> dict[str, float]:
+    """Self CPU by layer: a function's self time goes to its own layer; a generic helper's is shared out
+    among its callers in proportion to what each call cost them, up the call graph (a cycle ends in OTHER)."""
+    labels = {func: func_label(func) for func in stats}
+    memo: dict[tuple, dict[str, float]] = {}
+    active: set[tuple] = set()
+
+    def shares(func: tuple) -> dict[str, float]:
+        if func in memo:
+            return memo[func]
+        layer = own_layer(labels.get(func, ""))
+        if layer is not None or func in active or func not in stats:
+            return {layer or OTHER: 1.0}
+        active.add(func)
+        weights = {caller: max(entry[3], 0.0) for caller, entry in stats[func][4].items()}
+        total = sum(weights.values())
+        out: collections.Counter = collections.Counter()
+        for caller, weight in weights.items():
+            for name, share in shares(caller).items():
+                out[name] += share * weight / total if total else share / len(weights)
+        active.discard(func)
+        memo[func] = dict(out) or {OTHER: 1.0}
+        return memo[func]
+
+    result: collections.Counter = collections.Counter()
+    for func, entry in stats.items():
+        tt, callers = self_time(entry), entry[4]
+        if not tt:
+            continue
+        # the self time a helper spent on behalf of each caller is known exactly one level up
+        split = {caller: self_time(e) for caller, e in callers.items()}
+        parts = {func: tt} if own_layer(labels[func]) or not sum(split.values()) else \
+            {caller: tt * part / sum(split.values()) for caller, part in split.items()}
+        for owner, part in parts.items():
+            for name, share in shares(owner).items():
+                result[name] += part * share
+    return dict(result)
+
+
+def cprofile_inclusive(stats: dict, mark: str) -> tuple[int, float]:
+    """Calls and inclusive CPU of the functions whose label holds *mark*, each counted where it is entered
+    from outside the set (a match called by a match is already inside its caller's time)."""
+    matching = {func for func in stats if mark in func_label(func)}
+    calls, cpu = 0, 0.0
+    for func in matching:
+        _cc, nc, _tt, ct, callers = stats[func]
+        inside = sum(max(e[3], 0.0) for caller, e in callers.items() if caller in matching)
+        calls += nc - sum(e[1] for caller, e in callers.items() if caller in matching)
+        cpu += max(ct, 0.0) - inside
+    return calls, cpu
+
+
 def _prefixes() -> list[str]:
     paths = sysconfig.get_paths()
     found = {paths["purelib"], paths["platlib"], paths["stdlib"], str(ROOT)}
@@ -119,25 +190,28 @@ ENTRY_POINTS = [
     ("imports (start-up)", "_find_and_load (<frozen importlib._bootstrap>"),
     ("progress watch loop (client side)", "watch (sitebackup/commands/hosting.py"),
     ("GetInstance answers (backend side of the watch)", "GetInstance (sitebackup/durable/backend/servicer.py"),
-    ("cancel checks", "CancelCheck.__call__"),
+    ("cancel checks", "__call__ (sitebackup/commands/hosting.py"),
     ("scan activity", "scan_source (sitebackup/workflows/copy.py"),
     ("copy activities (the activity threads)", "copy_page (sitebackup/workflows/copy.py"),
-    ("small-file puts (the event loop)", "AsyncPutter._put (sitebackup/blob/asyncput.py"),
+    ("small-file puts (the event loop)", "_put (sitebackup/blob/asyncput.py"),
     ("  of which reading and hashing the file", "small_file_put (sitebackup/blob/upload.py"),
-    ("  of which a blob client per file", "get_blob_client (azure/storage/blob/aio/_container_client_async.py"),
-    ("  of which request signing (SharedKey)", "SharedKeyCredentialPolicy"),
+    ("  of which the MD5 itself", "openssl_md5"),
+    ("a blob client per file (any caller)", "get_blob_client (azure/storage/blob/"),
+    ("request signing, SharedKey (any caller)", "on_request (azure/storage/blob/_shared/authentication.py"),
+    ("aiohttp send (any caller)", "send (azure/core/pipeline/transport/_aiohttp.py"),
+    ("content type guess", "guess_type (mimetypes.py"),
     ("restore plan activity", "plan_restore (sitebackup/workflows/fetch.py"),
     ("restore batch activities", "restore_page (sitebackup/workflows/fetch.py"),
     ("  of which the download (SDK, HTTP)", "_download_into (sitebackup/workflows/fetch.py"),
     ("  of which the MD5 check of the written file", "fd_md5_b64 (sitebackup/local/files.py"),
-    ("  of which directory checks and writes (DestDir)", "sitebackup/local/dest.py"),
+    ("  of which directory checks (lstat per segment, realpath)", "_parent (sitebackup/local/dest.py"),
     ("page reads", "read_page (sitebackup/blob/workstore.py"),
     ("page and record writes", "_write (sitebackup/blob/workstore.py"),
     ("orchestrator episodes (replay, worker side)", "_execute_orchestrator (durabletask/worker.py"),
     ("work-item stream (backend)", "GetWorkItems (sitebackup/durable/backend/servicer.py"),
     ("activity completions (backend)", "CompleteActivityTask (sitebackup/durable/backend/servicer.py"),
     ("orchestrator completions (backend)", "CompleteOrchestratorTask (sitebackup/durable/backend/servicer.py"),
-    ("SQLite store (any caller)", "sitebackup/durable/backend/store.py"),
+    ("SQLite statements", "'execute' of 'sqlite3.Connection'"),
 ]
 
 
@@ -390,25 +464,40 @@ class Profiler:
         return "\n".join(lines)
 
     def layer_tables(self, op: str) -> str:
-        raw = self.out / f"{op}.pyspy.txt"
-        if not raw.exists():
-            return ""
         cpu, files = self.plain_cpu(op), self.source.files
-        stacks, dropped = pyspy_stacks(raw)
-        total = sum(n for _s, n in stacks) or 1
-        layers: collections.Counter = collections.Counter()
-        for frames, n in stacks:
-            layers[classify(frames)] += n
-        lines = [table(f"CPU of the {op} by layer (py-spy --nonblocking, {total} samples on CPU, {dropped} of parked "
-                       f"threads dropped; seconds = share x the plain run's {cpu:.1f} s)", dict(layers), cpu, files)]
-        lines += ["", f"CPU under the entry points of the {op} (a sample counts for each one on its stack: they nest)", "",
-                  "| work | samples | share | est. CPU s | est. ms/file |", "| --- | ---: | ---: | ---: | ---: |"]
+        prof, raw = self.out / f"{op}.prof", self.out / f"{op}.pyspy.txt"
+        stats = pstats.Stats(str(prof)).stats if prof.exists() else None
+        stacks, dropped = pyspy_stacks(raw) if raw.exists() else ([], 0)
+        samples = sum(n for _s, n in stacks)
+        parts = []
+        if stats is not None:
+            parts.append(table(f"CPU of the {op} by layer (cProfile self time on each thread's CPU clock, generic helpers "
+                               f"handed up to their callers; seconds = share x the plain run's {cpu:.1f} s)",
+                               cprofile_layers(stats), cpu, files))
+        if stacks:
+            layers: collections.Counter = collections.Counter()
+            for frames, n in stacks:
+                layers[classify(frames)] += n
+            parts.append(table(f"The same from py-spy --nonblocking ({samples} samples kept, {dropped} of parked threads "
+                               "dropped). py-spy also counts a thread blocked inside a C call under one of our frames "
+                               "(a lock, a socket read) as running: these shares are busy-or-blocked time, not CPU",
+                               dict(layers), cpu, files))
+        if stats is None and not stacks:
+            return ""
+        total = sum(self_time(e) for e in stats.values()) if stats else 1.0
+        lines = [f"Entry points of the {op}: inclusive CPU (cProfile) and busy samples (py-spy); they nest", "",
+                 "| work | calls | CPU share | est. CPU s | est. ms/file | py-spy share |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for title, mark in ENTRY_POINTS:
-            n = sum(count for frames, count in stacks if any(mark in frame for frame in frames))
-            if n:
-                lines.append(f"| {title} | {n} | {100 * n / total:.1f}% | {cpu * n / total:.2f} | "
-                             f"{1000 * cpu * n / total / files:.3f} |")
-        return "\n".join(lines)
+            calls, inclusive = cprofile_inclusive(stats, mark) if stats else (0, 0.0)
+            busy = sum(n for frames, n in stacks if any(mark in frame for frame in frames))
+            if not calls and not busy:
+                continue
+            share = inclusive / total
+            lines.append(f"| {title} | {calls} | {100 * share:.1f}% | {share * cpu:.2f} | {1000 * share * cpu / files:.3f} "
+                         f"| {100 * busy / (samples or 1):.1f}% |")
+        parts.append("\n".join(lines))
+        return "\n\n".join(parts)
 
     def top(self, op: str) -> str:
         prof = self.out / f"{op}.prof"

@@ -221,6 +221,48 @@ def test_pyspy_stacks_drop_parked_threads_and_cut_install_prefixes(tmp_path: Pat
                       (["run (threading.py:1)", "send (azure/core/pipeline/_base.py:9)"], 3)]
 
 
+def test_cprofile_layers_hand_a_helpers_self_time_to_its_callers_layers():
+    md5 = ("~", 0, "<built-in method _hashlib.openssl_md5>")
+    dumps = ("/lib/json/__init__.py", 1, "dumps")
+    write = ("/x/sitebackup/blob/workstore.py", 1, "_write")
+    worker = ("/x/durabletask/worker.py", 1, "_execute_activity")
+    loads = ("/lib/json/__init__.py", 2, "loads")
+    loop = ("/lib/json/decoder.py", 3, "raw_decode")
+    poll = ("~", 0, "<method 'poll' of 'select.epoll' objects>")
+    # (calls, primitive calls, self time, cumulative time, {caller: (calls, calls, self time, cumulative)})
+    stats = {
+        md5: (10, 10, 2.0, 2.0, {}),
+        write: (5, 5, 0.5, 3.5, {worker: (5, 5, 0.5, 3.5)}),
+        worker: (5, 5, 1.0, 8.0, {}),
+        dumps: (8, 8, 4.0, 4.0, {write: (2, 2, 3.0, 3.0), worker: (6, 6, 1.0, 1.0)}),
+        # a recursive helper with no other caller: OTHER, never an endless loop
+        loads: (1, 1, 0.5, 0.5, {loop: (1, 1, 0.5, 0.5)}),
+        loop: (1, 1, 0.5, 0.5, {loads: (1, 1, 0.5, 0.5)}),
+        # cProfile's negative wait: counted as nothing
+        poll: (3, 3, -9.0, -9.0, {}),
+    }
+    layers = profile.cprofile_layers(stats)
+    assert layers["hashing"] == pytest.approx(2.0)
+    assert layers["pages and records (JSON files)"] == pytest.approx(0.5 + 3.0)
+    assert layers["durable: servicer and worker SDK"] == pytest.approx(1.0 + 1.0)
+    assert layers[profile.OTHER] == pytest.approx(1.0)
+    assert sum(layers.values()) == pytest.approx(8.5)
+
+
+def test_cprofile_inclusive_counts_a_nested_match_once():
+    outer = ("sitebackup/blob/workstore.py", 1, "_write")
+    inner = ("sitebackup/blob/workstore.py", 9, "_write")  # a second function matching the same mark
+    caller = ("sitebackup/workflows/copy.py", 1, "copy_page")
+    stats = {
+        outer: (4, 4, 1.0, 5.0, {caller: (4, 4, 1.0, 5.0)}),
+        inner: (6, 6, 2.0, 2.0, {outer: (2, 2, 1.0, 1.5), caller: (4, 4, 1.0, 0.5)}),
+        caller: (1, 1, 0.1, 9.0, {}),
+    }
+    calls, cpu = profile.cprofile_inclusive(stats, "_write (sitebackup/blob/workstore.py")
+    assert calls == 4 + 4
+    assert cpu == pytest.approx(5.0 + 0.5)
+
+
 def test_requests_are_counted_by_kind_from_the_access_log():
     lines = [
         '127.0.0.1 - - [30/Nov/2026:13:23:13 +0000] "PUT /devstoreaccount1/c?restype=container HTTP/1.1" 201 -',
