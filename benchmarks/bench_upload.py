@@ -15,7 +15,8 @@ load spike from elsewhere on the machine hits all of them; a row is the median o
   asyncio-get peer, each into a fresh DEST checked for the right files and bytes afterwards.
 - million (1,000,000 sparse files of 0-1 KiB, about 100 per directory): sitebackup's scan against a
   bare scandir + stat walk of the same tree, measured in the same run: a dry run with nothing to
-  compare, one full backup, then an unchanged second run and a dry run against it.
+  compare (--ops dry-run), one full backup, then an unchanged second run and a dry run against it
+  (--ops backup).
 
 rclone and AzCopy are used when on PATH; tools missing are reported as skipped rows, never left out.
 """
@@ -78,7 +79,7 @@ DATASETS = {
 BACKUP_TOOLS = ["sitebackup", "threaded", "threaded-md5", "asyncio", "rclone", "azcopy", "sitebackup-base"]
 RESTORE_TOOLS = ["sitebackup", "asyncio-get", "sitebackup-base"]
 TOOLS = list(dict.fromkeys(BACKUP_TOOLS + RESTORE_TOOLS))
-OPS = ["backup", "restore"]
+OPS = ["backup", "restore", "dry-run"]  # dry-run: the million dataset's first dry run
 
 
 @dataclass(frozen=True)
@@ -446,10 +447,11 @@ class Bench:
         state = self.work / "state-scan"
         container = f"s-{uuid.uuid4().hex[:10]}"
         # (op, sitebackup's extra arguments, the summary counter that must reach the file count, runs)
-        steps = [("first dry-run", ["--dry-run"], "files_to_upload", self.args.repeat),
-                 ("backup", [], "files_uploaded", 1),
-                 ("unchanged", [], "files_unchanged", self.args.repeat),
-                 ("dry-run", ["--dry-run"], "files_unchanged", self.args.repeat)]
+        steps = [("first dry-run", ["--dry-run"], "files_to_upload", self.args.repeat)] if "dry-run" in self.args.ops else []
+        if "backup" in self.args.ops:  # a full backup, then the runs that compare against it
+            steps += [("backup", [], "files_uploaded", 1),
+                      ("unchanged", [], "files_unchanged", self.args.repeat),
+                      ("dry-run", ["--dry-run"], "files_unchanged", self.args.repeat)]
         with azurite_server(self.work, heap_mb=SCALE_AZURITE_HEAP_MB) as azurite:
             env = tool_env(azurite, self.work)
             service = BlobServiceClient.from_connection_string(azurite.connection_string)
@@ -530,7 +532,9 @@ def main() -> None:
                         help="files in the million dataset (default 1,000,000; fewer for a quick look)")
     parser.add_argument("--tree", type=Path, action="append", default=[],
                         help="also measure this directory (repeatable): its regular files, symlinks not followed")
-    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated, from: backup, restore (default both)")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help="comma-separated, from: backup, restore, dry-run (default all; dry-run is the million "
+                             "dataset's first dry run, backup its full backup and the runs against it)")
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, from: {', '.join(TOOLS)}")
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool; the median is reported")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "sitebackup-bench-data")
