@@ -1,21 +1,37 @@
-"""Benchmark: `sitebackup` against plain Python uploaders, rclone and AzCopy on one in-memory Azurite.
+"""Benchmark: `sitebackup` backup and restore against plain Python peers, rclone and AzCopy on Azurite.
 
-Run: .venv/bin/python benchmarks/bench_upload.py [--dataset small,medium] [--repeat 3] [--tools ...]
-(the asyncio peer needs aiohttp: `pip install -e .[bench]`).
+Run: .venv/bin/python benchmarks/bench_upload.py [--dataset small,medium,large] [--ops backup,restore]
+     [--repeat 3] [--tree PATH] [--tools ...] [--write-readme]
+(the asyncio peers need aiohttp: `pip install -e .[bench]`; the peers are in benchmarks/peers.py).
 
-Datasets are generated once from a fixed seed under --data-dir. Every tool runs as its own process
-(wall time includes start-up, peak RSS comes from wait4 on that process), each run into a fresh
-in-memory Azurite, checked for the right blob count afterwards. Peers missing from PATH are
-reported as skipped rows, never silently left out.
+Datasets are generated once from a fixed seed under --data-dir; `--tree PATH` measures any directory too.
+Every tool runs as its own process: wall time includes start-up, CPU (user + sys) and peak RSS come
+from wait4 on that process, its waited-for children included. Runs go round-robin over the tools, so a
+load spike from elsewhere on the machine hits all of them; a row is the median of --repeat runs.
+
+- backup: each run uploads into a fresh in-memory Azurite and is checked for the right blob count.
+- restore: one untimed `sitebackup` backup fills an Azurite that the dataset's restore runs then only
+  read; `sitebackup restore ID DEST` (from a copy of that backup's state directory) runs beside the
+  asyncio-get peer, each into a fresh DEST checked for the right files and bytes afterwards.
+- million (1,000,000 sparse files of 0-1 KiB, about 100 per directory): sitebackup's scan against a
+  bare scandir + stat walk of the same tree, measured in the same run: a dry run with nothing to
+  compare (--ops dry-run), one full backup, then an unchanged second run and a dry run against it
+  (--ops backup).
+
+rclone and AzCopy are used when on PATH; tools missing are reported as skipped rows, never left out.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import dataclasses
+import json
 import os
 import random
 import shutil
+import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -23,29 +39,33 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT / "tests")]
+import peers  # noqa: E402
+import report  # noqa: E402
+from report import Row  # noqa: E402
 
 KIB, MIB, GIB = 1024, 1024 ** 2, 1024 ** 3
 SEED = 20261127
-THREADS = 16
-IN_FLIGHT = 32
-# one Put Blob per file up to this size for the Python peers: on Azurite requests cost, bytes don't
-PEER_SINGLE_PUT = 256 * MIB
-RUN_TIMEOUT = 1800
+RUN_TIMEOUT = 1800  # seconds, raised for large trees: a peer retrying forever must not hang the run
+FILES_PER_SECOND_FLOOR = 10  # the slowest rate a run is given before it is killed (a loaded machine is slow)
+SCALE_AZURITE_HEAP_MB = 8192  # a million blobs' records outgrow Node's default heap
+AZURITE_STARTS, AZURITE_START_SECONDS = 3, 120
 
 
 @dataclass(frozen=True)
 class Dataset:
     name: str
     files: int
-    size: int
+    size: int  # bytes per file; for a sparse dataset the largest size, sizes drawn from 0..size
     fanout: int  # files per directory, nested two levels deep
+    sparse: bool = False  # content is a hole: a million files cost seconds to create and no disk
 
 
 DATASETS = {
@@ -54,127 +74,85 @@ DATASETS = {
     "large": Dataset("large", 4, 128 * MIB, 4),
     "huge": Dataset("huge", 1, 2 * GIB, 1),
     "scale": Dataset("scale", 100_000, 1 * KIB, 100),
+    "million": Dataset("million", 1_000_000, 1 * KIB, 100, sparse=True),
 }
-TOOLS = ["sitebackup", "threaded", "threaded-md5", "asyncio", "rclone", "azcopy", "sitebackup-base"]
+BACKUP_TOOLS = ["sitebackup", "threaded", "threaded-md5", "asyncio", "rclone", "azcopy", "sitebackup-base"]
+RESTORE_TOOLS = ["sitebackup", "asyncio-get", "sitebackup-base"]
+TOOLS = list(dict.fromkeys(BACKUP_TOOLS + RESTORE_TOOLS))
+OPS = ["backup", "restore", "dry-run"]  # dry-run: the million dataset's first dry run
 
 
-def generate(ds: Dataset, base: Path) -> Path:
-    """Write *ds* under base/name once; a marker file says it is complete."""
+@dataclass(frozen=True)
+class Source:
+    """A tree to measure: a generated dataset or a directory given with --tree."""
+
+    name: str
+    root: Path
+    files: int
+    bytes: int
+
+
+def generate(ds: Dataset, base: Path) -> Source:
+    """Write *ds* under base/name once; a marker file (holding the totals) says it is complete."""
     root = base / ds.name
     marker = base / f".{ds.name}.done"
-    if marker.exists():
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    rng = random.Random(f"{SEED}-{ds.name}")
-    for i in range(ds.files):
-        d = i // ds.fanout
-        path = root / f"d{d // 100:03d}" / f"d{d % 100:02d}" / f"f{i:06d}.bin"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            left = ds.size
-            while left:
-                n = min(left, 8 * MIB)
-                fh.write(rng.randbytes(n))
-                left -= n
-    marker.touch()
-    return root
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        rng = random.Random(f"{SEED}-{ds.name}")
+        total = 0
+        for i in range(ds.files):
+            d = i // ds.fanout
+            folder = root / f"d{d // 100:03d}" / f"d{d % 100:02d}"
+            if i % ds.fanout == 0:
+                folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"f{i:06d}.bin"
+            if ds.sparse:
+                size = rng.randint(0, ds.size)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.ftruncate(fd, size)
+                os.close(fd)
+                total += size
+                continue
+            with open(path, "wb") as fh:
+                left = ds.size
+                while left:
+                    n = min(left, 8 * MIB)
+                    fh.write(rng.randbytes(n))
+                    left -= n
+            total += ds.size
+        marker.write_text(json.dumps({"files": ds.files, "bytes": total}))
+    try:
+        totals = json.loads(marker.read_text())
+    except ValueError:  # a marker from before totals were kept: fixed-size files
+        totals = {"files": ds.files, "bytes": ds.files * ds.size}
+    return Source(ds.name, root, totals["files"], totals["bytes"])
 
 
-def list_files(src: Path) -> list[tuple[Path, str]]:
-    out = []
-    for dirpath, _dirs, names in os.walk(src):
-        for name in names:
-            path = Path(dirpath) / name
-            out.append((path, path.relative_to(src).as_posix()))
-    return out
+def tree_source(path: Path) -> Source:
+    files, size = peers.walk(path)
+    return Source(f"tree {path.name}", path.resolve(), files, size)
 
 
-# ---- the Python peers, each run in its own process via `--peer` -------------------------------
+# ---- commands ----------------------------------------------------------------------------------
 
-def peer_threaded(src: Path, container: str, with_md5: bool = False) -> None:
-    """16 threads, one Put Blob per file up to 256 MiB; *with_md5*: the file's MD5 as its Content-MD5,
-    the integrity work sitebackup does on every file (and needs for `verify` and `--checksum`)."""
-    import hashlib
-
-    import requests
-    from azure.core.pipeline.transport import RequestsTransport
-    from azure.storage.blob import BlobServiceClient, ContentSettings
-
-    session = requests.Session()
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=2 * THREADS))
-    service = BlobServiceClient.from_connection_string(
-        os.environ["AZURE_STORAGE_CONNECTION_STRING"], transport=RequestsTransport(session=session),
-        max_single_put_size=PEER_SINGLE_PUT)
-    client = service.get_container_client(container)
-
-    def put(item: tuple[Path, str]) -> None:
-        path, name = item
-        settings = None
-        if with_md5:
-            digest = hashlib.md5()
-            with open(path, "rb") as fh:
-                while chunk := fh.read(MIB):
-                    digest.update(chunk)
-            settings = ContentSettings(content_md5=bytearray(digest.digest()))
-        with open(path, "rb") as fh:
-            client.upload_blob(name, fh, length=path.stat().st_size, overwrite=True, max_concurrency=4,
-                               content_settings=settings)
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        for _ in pool.map(put, list_files(src)):
-            pass
+def peer_command(tool: str, src: Path, container: str | None = None) -> list[str]:
+    return [sys.executable, str(HERE / "peers.py"), tool, "--src", str(src),
+            *(["--container", container] if container else [])]
 
 
-def peer_asyncio(src: Path, container: str) -> None:
-    from azure.storage.blob.aio import BlobServiceClient
-
-    async def main() -> None:
-        async with BlobServiceClient.from_connection_string(
-                os.environ["AZURE_STORAGE_CONNECTION_STRING"], max_single_put_size=PEER_SINGLE_PUT) as service:
-            client = service.get_container_client(container)
-            gate = asyncio.Semaphore(IN_FLIGHT)
-
-            async def put(path: Path, name: str) -> None:
-                async with gate:
-                    with open(path, "rb") as fh:
-                        await client.upload_blob(name, fh, length=path.stat().st_size, overwrite=True,
-                                                 max_concurrency=4)
-
-            await asyncio.gather(*(put(p, n) for p, n in list_files(src)))
-
-    asyncio.run(main())
-
-
-# ---- the harness -------------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    dataset: str
-    tool: str
-    seconds: float | None = None
-    cpu: float | None = None  # the tool's own CPU seconds: steadier than wall time on a shared machine
-    rss_mb: float | None = None
-    note: str = ""
-    server_cpu: float | None = None  # Azurite's CPU seconds for the run: what the requests cost it
-
-
-def command_for(tool: str, src: Path, container: str, azurite, work: Path, extra: list[str]) -> list[str] | None:
+def backup_command(tool: str, src: Path, container: str, azurite, state: Path, extra: list[str]) -> list[str] | None:
+    """The command line of *tool* backing *src* up into *container*, or None if it is not installed."""
     if tool.startswith("sitebackup"):
-        state = work / f"state-{uuid.uuid4().hex[:8]}"
-        return [sys.executable, "-m", "sitebackup", str(src), "--container", container, "--json",
-                "--state-dir", str(state), *extra]
+        return sitebackup_command([str(src), "--container", container], state, extra)
     if tool in ("threaded", "threaded-md5", "asyncio"):
-        if tool == "asyncio":
-            try:
-                import aiohttp  # noqa: F401
-            except ImportError:
-                return None
-        return [sys.executable, __file__, "--peer", tool, "--src", str(src), "--container", container]
+        if tool == "asyncio" and not aiohttp_installed():
+            return None
+        return peer_command(tool, src, container)
     if tool == "rclone":
         if not shutil.which("rclone"):
             return None
-        return ["rclone", "copy", str(src), f"bench:{container}", "--transfers", str(IN_FLIGHT),
-                "--checkers", str(IN_FLIGHT), "--no-check-dest", "-q"]
+        return ["rclone", "copy", str(src), f"bench:{container}", "--transfers", str(peers.IN_FLIGHT),
+                "--checkers", str(peers.IN_FLIGHT), "--no-check-dest", "-q"]
     if tool == "azcopy":
         if not shutil.which("azcopy"):
             return None
@@ -187,6 +165,18 @@ def command_for(tool: str, src: Path, container: str, azurite, work: Path, extra
         return ["azcopy", "copy", f"{src}/*", f"{azurite.endpoint}/{container}?{sas}", "--recursive",
                 "--from-to=LocalBlob", "--log-level=ERROR", "--output-level=quiet"]
     raise ValueError(tool)
+
+
+def sitebackup_command(args: list[str], state: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "sitebackup", *args, "--json", "--state-dir", str(state), *extra]
+
+
+def aiohttp_installed() -> bool:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def account_sas() -> str:
@@ -209,48 +199,37 @@ def tool_env(azurite, work: Path) -> dict[str, str]:
     return env
 
 
-def run_timed(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> tuple[float, float, float, int]:
-    """Wall seconds, CPU seconds, peak RSS (MB) and exit code of *cmd*, measured with wait4 on the child."""
+# ---- measuring ---------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    seconds: float
+    cpu: float
+    rss_mb: float
+    server_cpu: float
+    note: str = ""
+
+
+def run_timed(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT,
+              timeout: float = RUN_TIMEOUT) -> tuple[float, float, float, int]:
+    """Wall seconds, CPU seconds (user + sys), peak RSS (MB) and exit code of *cmd*, from wait4 on the child:
+    its rusage covers the descendants it waited for too."""
     with open(log, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
-        killer = threading.Timer(RUN_TIMEOUT, proc.kill)  # a peer retrying forever must not hang the run
+        killer = threading.Timer(timeout, proc.kill)
         killer.start()
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        killer.cancel()
+        try:
+            _pid, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # the benchmark is stopped: leave no tool running behind it
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            killer.cancel()
         elapsed = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode
-
-
-def run_once(tool: str, name: str, i: int, src: Path, work: Path, args: argparse.Namespace) -> tuple:
-    """One whole-process run into a fresh in-memory Azurite: (seconds, cpu, rss, note or '')."""
-    from azure.storage.blob import BlobServiceClient
-    from azurite import Azurite, free_port
-
-    # a fresh Azurite per run: a long-lived in-memory one slows down (and once stalled for
-    # minutes) as deleted containers pile up in its heap
-    azurite = Azurite(free_port(), work / "azurite", in_memory=True).start()
-    service = BlobServiceClient.from_connection_string(azurite.connection_string)
-    container = f"b-{tool}-{uuid.uuid4().hex[:10]}"
-    client = service.get_container_client(container)
-    try:
-        client.create_container()
-        cmd = command_for(tool, src, container, azurite, work, args.sitebackup_args)
-        log = work / f"{name}-{tool}-{i}.log"
-        cwd = args.base_src if tool == "sitebackup-base" else ROOT  # `-m` imports from cwd
-        seconds, cpu, peak, code = run_timed(cmd, tool_env(azurite, work), log, cwd)
-        count = sum(1 for _ in client.list_blob_names())
-        server_cpu = cpu_seconds(azurite.process.pid)
-    finally:
-        service.close()
-        azurite.stop()
-    expected = DATASETS[name].files
-    print(f"#   {tool} run {i}: {seconds:.2f}s cpu {cpu:.2f}s azurite cpu {server_cpu:.2f}s "
-          f"rss {peak:.0f} MB exit {code} blobs {count}",
-          file=sys.stderr, flush=True)
-    note = f"run {i}: exit {code}, {count}/{expected} blobs (log {log})" if code != 0 or count != expected else ""
-    return seconds, cpu, peak, note, server_cpu
 
 
 def cpu_seconds(pid: int) -> float:
@@ -259,85 +238,345 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def bench(args: argparse.Namespace) -> list[Row]:
-    from azurite import Azurite
+@contextlib.contextmanager
+def azurite_server(work: Path, heap_mb: int | None = None, access_log: bool = False) -> Iterator:
+    """A fresh in-memory Azurite, stopped after the block; *heap_mb* raises Node's heap limit; *access_log*:
+    one line per request in work/azurite/azurite.log."""
+    from azurite import Azurite, free_port
 
-    work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
-    rows: list[Row] = []
+    saved = os.environ.get("NODE_OPTIONS")
+    if heap_mb:  # Azurite inherits our environment
+        os.environ["NODE_OPTIONS"] = f"{saved or ''} --max-old-space-size={heap_mb}".strip()
     try:
-        for name in args.dataset:
-            ds = DATASETS[name]
-            src = generate(ds, args.data_dir)
-            print(f"# {name}: {ds.files} x {ds.size // KIB} KiB at {src}", file=sys.stderr, flush=True)
-            present = [t for t in args.tools if command_for(t, src, "probe", Azurite(0, work), work, []) is not None]
-            runs: dict[str, list[tuple]] = {t: [] for t in present}
-            # round-robin over tools, so a load spike from elsewhere on the machine hits all of them
-            for i in range(args.repeat):
-                for tool in present:
-                    runs[tool].append(run_once(tool, name, i, src, work, args))
-            for tool in args.tools:
-                if tool not in runs:
-                    rows.append(Row(name, tool, note="skipped: not installed"))
-                    continue
-                seconds, cpus, rss, notes, server = zip(*runs[tool])
-                rows.append(Row(name, tool, statistics.median(seconds), statistics.median(cpus), max(rss),
-                                "; ".join(n for n in notes if n), statistics.median(server)))
+        for attempt in range(AZURITE_STARTS):
+            try:
+                server = Azurite(free_port(), work / "azurite", in_memory=True, access_log=access_log).start(
+                    timeout=AZURITE_START_SECONDS)
+                break
+            except RuntimeError as exc:  # a loaded machine: Node can take minutes to listen
+                print(f"# Azurite start {attempt + 1}/{AZURITE_STARTS} failed: {exc}", file=sys.stderr, flush=True)
+                if attempt + 1 == AZURITE_STARTS:
+                    raise
+    finally:
+        if heap_mb:
+            if saved is None:
+                os.environ.pop("NODE_OPTIONS")
+            else:
+                os.environ["NODE_OPTIONS"] = saved
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def last_json(log: Path) -> dict:
+    """The last JSON object a `sitebackup --json` run printed (its summary), or {}."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                return {}
+    return {}
+
+
+def first_json(log: Path) -> dict:
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            return json.loads(line)
+    return {}
+
+
+def no_sockets(folder: str, names: list[str]) -> list[str]:
+    """copytree's ignore: a state directory may hold a socket, which cannot be copied."""
+    return [n for n in names if stat.S_ISSOCK(os.lstat(os.path.join(folder, n)).st_mode)]
+
+
+def timeout_for(source: Source) -> float:
+    return max(RUN_TIMEOUT, source.files / FILES_PER_SECOND_FLOOR)
+
+
+def log_run(label: str, run: Run, extra: str) -> None:
+    print(f"#   {label}: {run.seconds:.2f}s cpu {run.cpu:.2f}s azurite cpu {run.server_cpu:.2f}s "
+          f"rss {run.rss_mb:.0f} MB {extra}", file=sys.stderr, flush=True)
+
+
+def median_row(source: Source, op: str, tool: str, runs: list[Run]) -> Row:
+    return Row(source.name, op, tool, source.files, source.bytes,
+               seconds=statistics.median(r.seconds for r in runs), cpu=statistics.median(r.cpu for r in runs),
+               rss_mb=max(r.rss_mb for r in runs), server_cpu=statistics.median(r.server_cpu for r in runs),
+               note="; ".join(r.note for r in runs if r.note))
+
+
+def round_robin(tools: list[str], repeat: int, once: Callable[[str, int], Run]) -> dict[str, list[Run]]:
+    runs: dict[str, list[Run]] = {t: [] for t in tools}
+    for i in range(repeat):
+        for tool in tools:
+            runs[tool].append(once(tool, i))
+    return runs
+
+
+# ---- the benchmark -----------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path):
+        self.args = args
+        self.work = work
+
+    def cwd(self, tool: str) -> Path:
+        return self.args.base_src if tool == "sitebackup-base" else ROOT  # `-m` imports from cwd
+
+    def tools(self, known: list[str]) -> list[str]:
+        return [t for t in known if t in self.args.tools and (t != "sitebackup-base" or self.args.base_src)]
+
+    def rows(self, source: Source) -> list[Row]:
+        print(f"# {source.name}: {source.files} files, {source.bytes / MIB:.1f} MiB at {source.root}",
+              file=sys.stderr, flush=True)
+        if source.name.startswith("million"):  # measured against the walk, not against uploaders
+            return self.scan(source)
+        rows: list[Row] = []
+        if "backup" in self.args.ops:
+            rows += self.backup(source)
+        if "restore" in self.args.ops:
+            rows += self.restore(source)
+        return rows
+
+    def backup(self, source: Source) -> list[Row]:
+        from azurite import Azurite
+
+        probe = self.work / "probe"
+        tools = self.tools(BACKUP_TOOLS)
+        present = [t for t in tools if backup_command(t, source.root, "probe", Azurite(0, probe), probe, []) is not None]
+        runs = round_robin(present, self.args.repeat, lambda tool, i: self.backup_once(tool, source, i))
+        return [median_row(source, "backup", t, runs[t]) if t in runs
+                else Row(source.name, "backup", t, note="skipped: not installed") for t in tools]
+
+    def backup_once(self, tool: str, source: Source, i: int) -> Run:
+        from azure.storage.blob import BlobServiceClient
+
+        # a fresh Azurite per run: a long-lived in-memory one slows down (and once stalled for
+        # minutes) as deleted containers pile up in its heap
+        with azurite_server(self.work) as azurite:
+            service = BlobServiceClient.from_connection_string(azurite.connection_string)
+            container = f"b-{tool}-{uuid.uuid4().hex[:10]}"
+            client = service.get_container_client(container)
+            try:
+                client.create_container()
+                extra = self.args.sitebackup_args + (["--no-ignore-file"] if source.name.startswith("tree") else [])
+                cmd = backup_command(tool, source.root, container, azurite, self.work / f"state-{uuid.uuid4().hex[:8]}",
+                                     extra)
+                log = self.work / f"{source.name}-backup-{tool}-{i}.log"
+                seconds, cpu, peak, code = run_timed(cmd, tool_env(azurite, self.work), log, self.cwd(tool),
+                                                     timeout_for(source))
+                count = sum(1 for _ in client.list_blob_names())
+                server_cpu = cpu_seconds(azurite.process.pid)
+            finally:
+                service.close()
+        ok = code == 0 and count == source.files
+        run = Run(seconds, cpu, peak, server_cpu, "" if ok else f"run {i}: exit {code}, {count}/{source.files} blobs (log {log})")
+        log_run(f"backup {tool} run {i}", run, f"exit {code} blobs {count}")
+        return run
+
+    def restore(self, source: Source) -> list[Row]:
+        from azure.storage.blob import BlobServiceClient
+
+        tools = self.tools(RESTORE_TOOLS)
+        if "asyncio-get" in tools and not aiohttp_installed():
+            tools.remove("asyncio-get")
+        with azurite_server(self.work) as azurite:
+            env = tool_env(azurite, self.work)
+            service = BlobServiceClient.from_connection_string(azurite.connection_string)
+            try:
+                # the backups restored from, untimed; the peers restore what the current sitebackup wrote
+                made = {variant: self.setup_backup(variant, source, service, env)
+                        for variant in ["sitebackup", *(t for t in tools if t == "sitebackup-base")]}
+            finally:
+                service.close()
+            runs = round_robin(tools, self.args.repeat,
+                               lambda tool, i: self.restore_once(tool, source, i, made, azurite, env))
+        rows = [median_row(source, "restore", t, runs[t]) for t in tools]
+        if "asyncio-get" in self.args.tools and "asyncio-get" not in tools:
+            rows.append(Row(source.name, "restore", "asyncio-get", note="skipped: aiohttp not installed"))
+        return rows
+
+    def setup_backup(self, variant: str, source: Source, service, env: dict[str, str]) -> tuple[str, str, Path]:
+        """Back *source* up with *variant* for the restores to read: (container, run id, state dir)."""
+        container = f"r-{variant}-{uuid.uuid4().hex[:10]}"
+        service.create_container(container)
+        state = self.work / f"state-{container}"
+        log = self.work / f"{source.name}-restore-setup-{variant}.log"
+        cmd = sitebackup_command([str(source.root), "--container", container], state, self.args.sitebackup_args)
+        _s, _c, _r, code = run_timed(cmd, env, log, self.cwd(variant), timeout_for(source))
+        summary = last_json(log)
+        if code != 0 or summary.get("files_uploaded", 0) + summary.get("files_unchanged", 0) != source.files:
+            raise SystemExit(f"the backup for the {source.name} restore failed (exit {code}); see {log}")
+        return container, first_json(log)["instance_id"], state
+
+    def restore_once(self, tool: str, source: Source, i: int, made: dict[str, tuple[str, str, Path]], azurite,
+                     env: dict[str, str]) -> Run:
+        dest = self.work / f"dest-{uuid.uuid4().hex[:8]}"
+        log = self.work / f"{source.name}-restore-{tool}-{i}.log"
+        state = None
+        if tool.startswith("sitebackup"):
+            _container, run_id, made_state = made[tool]
+            # every restore starts from the state the backup left, not from the previous restore's
+            state = self.work / f"state-{uuid.uuid4().hex[:8]}"
+            shutil.copytree(made_state, state, symlinks=True, ignore=no_sockets)
+            cmd = sitebackup_command(["restore", run_id, str(dest)], state, self.args.restore_args)
+        else:
+            dest.mkdir()
+            cmd = peer_command("asyncio-get", dest, made["sitebackup"][0])
+        before = cpu_seconds(azurite.process.pid)
+        seconds, cpu, peak, code = run_timed(cmd, env, log, self.cwd(tool), timeout_for(source))
+        server_cpu = cpu_seconds(azurite.process.pid) - before
+        files, size = peers.walk(dest) if dest.exists() else (0, 0)
+        shutil.rmtree(dest, ignore_errors=True)
+        if state is not None:
+            shutil.rmtree(state, ignore_errors=True)
+        ok = code == 0 and (files, size) == (source.files, source.bytes)
+        run = Run(seconds, cpu, peak, server_cpu,
+                  "" if ok else f"run {i}: exit {code}, {files}/{source.files} files, {size}/{source.bytes} bytes (log {log})")
+        log_run(f"restore {tool} run {i}", run, f"exit {code} files {files}")
+        return run
+
+    def scan(self, source: Source) -> list[Row]:
+        """sitebackup's dry runs and unchanged second run against a bare walk, with one full backup between."""
+        from azure.storage.blob import BlobServiceClient
+
+        rows: list[Row] = []
+        state = self.work / "state-scan"
+        container = f"s-{uuid.uuid4().hex[:10]}"
+        # (op, sitebackup's extra arguments, the summary counter that must reach the file count, runs)
+        steps = [("first dry-run", ["--dry-run"], "files_to_upload", self.args.repeat)] if "dry-run" in self.args.ops else []
+        if "backup" in self.args.ops:  # a full backup, then the runs that compare against it
+            steps += [("backup", [], "files_uploaded", 1),
+                      ("unchanged", [], "files_unchanged", self.args.repeat),
+                      ("dry-run", ["--dry-run"], "files_unchanged", self.args.repeat)]
+        with azurite_server(self.work, heap_mb=SCALE_AZURITE_HEAP_MB) as azurite:
+            env = tool_env(azurite, self.work)
+            service = BlobServiceClient.from_connection_string(azurite.connection_string)
+            service.create_container(container)
+            service.close()
+            for op, extra, counter, repeat in steps:
+                tools = ["walk", "sitebackup"] if op != "backup" else ["sitebackup"]
+
+                def once(tool: str, i: int, op=op, extra=extra, counter=counter) -> Run:
+                    log = self.work / f"{source.name}-{op.replace(' ', '-')}-{tool}-{i}.log"
+                    if tool == "walk":
+                        cmd = peer_command("walk", source.root)
+                    else:
+                        cmd = sitebackup_command([str(source.root), "--container", container, *extra], state,
+                                                 self.args.sitebackup_args)
+                    before = cpu_seconds(azurite.process.pid)
+                    seconds, cpu, peak, code = run_timed(cmd, env, log, ROOT, timeout_for(source))
+                    server_cpu = cpu_seconds(azurite.process.pid) - before
+                    done = (int(log.read_text().split()[0]) if tool == "walk" and code == 0
+                            else last_json(log).get(counter, 0))
+                    ok = code == 0 and done == source.files
+                    run = Run(seconds, cpu, peak, server_cpu,
+                              "" if ok else f"run {i}: exit {code}, {done}/{source.files} files (log {log})")
+                    log_run(f"{op} {tool} run {i}", run, f"exit {code} files {done}")
+                    return run
+
+                runs = round_robin(tools, repeat, once)
+                rows += [median_row(source, op, t, runs[t]) for t in tools]
+                if op == "backup" and runs["sitebackup"][0].note:
+                    break  # no baseline: the unchanged runs would measure a full backup
+        return rows
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the benchmark: its rows, with when, where and how they were measured. With --save, the rows
+    so far are saved after every dataset: a run that dies late keeps what it measured."""
+    started, load_start = datetime.now(timezone.utc), os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
+    bench = Bench(args, work)
+    rows: list[Row] = []
+
+    def results() -> dict:
+        return {"started": started.isoformat(), "machine": report.machine(ROOT, load_start),
+                "command": report.command_line(sys.argv, ROOT), "rows": [dataclasses.asdict(r) for r in rows]}
+
+    sources = [lambda name=name: generate(dataset(name, args), args.data_dir) for name in args.dataset]
+    sources += [lambda tree=tree: tree_source(tree) for tree in args.tree]
+    try:
+        for source in sources:
+            rows += bench.rows(source())
+            if args.save:
+                args.save.write_text(json.dumps([results()], indent=1))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    return rows
+    return results()
 
 
-def render(rows: list[Row]) -> str:
-    # "vs threaded-md5": against the peer that does the same integrity work (an MD5 per file)
-    lines = ["| dataset | tool | seconds | files/s | MB/s | CPU s | Azurite CPU s | peak RSS MB | vs fastest peer "
-             "| vs threaded-md5 | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for row in rows:
-        ds = DATASETS[row.dataset]
-        if row.seconds is None:
-            lines.append(f"| {row.dataset} | {row.tool} | | | | | | | | | {row.note} |")
-            continue
-        peers = [r.seconds for r in rows if r.dataset == row.dataset and not r.tool.startswith("sitebackup")
-                 and r.seconds is not None and not r.note]
-        ratio = f"{row.seconds / min(peers):.2f}x" if peers else ""
-        same = [r.seconds for r in rows if r.dataset == row.dataset and r.tool == "threaded-md5" and r.seconds]
-        same_ratio = f"{row.seconds / same[0]:.2f}x" if same else ""
-        mb = ds.files * ds.size / 1e6
-        lines.append(f"| {row.dataset} | {row.tool} | {row.seconds:.2f} | {ds.files / row.seconds:.0f} | "
-                     f"{mb / row.seconds:.1f} | {row.cpu:.1f} | {row.server_cpu:.1f} | {row.rss_mb:.0f} | {ratio} | {same_ratio} "
-                     f"| {row.note} |")
-    return "\n".join(lines)
+def dataset(name: str, args: argparse.Namespace) -> Dataset:
+    ds = DATASETS[name]
+    if name == "million" and args.million_files != ds.files:
+        ds = dataclasses.replace(ds, name=f"million-{args.million_files}", files=args.million_files)
+    return ds
+
+
+def saved_runs(path: Path) -> list[dict]:
+    """The runs a --save file holds (a list of runs; a single run from before is taken too)."""
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else [data]
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop Azurite and the tool running on the way out
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="small,medium",
-                        help=f"comma-separated, from: {', '.join(DATASETS)} (default small,medium)")
+                        help=f"comma-separated, from: {', '.join(DATASETS)} (default small,medium); may be empty with --tree")
+    parser.add_argument("--million-files", type=int, default=DATASETS["million"].files,
+                        help="files in the million dataset (default 1,000,000; fewer for a quick look)")
+    parser.add_argument("--tree", type=Path, action="append", default=[],
+                        help="also measure this directory (repeatable): its regular files, symlinks not followed")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help="comma-separated, from: backup, restore, dry-run (default all; dry-run is the million "
+                             "dataset's first dry run, backup its full backup and the runs against it)")
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, from: {', '.join(TOOLS)}")
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool; the median is reported")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "sitebackup-bench-data")
-    parser.add_argument("--sitebackup-args", default="", help="extra arguments for sitebackup, e.g. '--concurrency 32'")
+    parser.add_argument("--sitebackup-args", default="", help="extra arguments for sitebackup backups, e.g. '--concurrency 32'")
+    parser.add_argument("--restore-args", default="", help="extra arguments for sitebackup restores, e.g. '--concurrency 32'")
     parser.add_argument("--base-src", type=Path,
                         help="a checkout (git worktree) whose sitebackup runs as tool 'sitebackup-base', for A/B")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state dirs)")
-    parser.add_argument("--peer", choices=["threaded", "threaded-md5", "asyncio"], help=argparse.SUPPRESS)
-    parser.add_argument("--src", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--container", help=argparse.SUPPRESS)
+    parser.add_argument("--write-readme", action="store_true",
+                        help="replace the README block between <!-- NAME:begin --> and <!-- NAME:end --> with this table")
+    parser.add_argument("--readme-block", default="bench", help="the NAME of that block (default bench)")
+    parser.add_argument("--save", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--load", type=Path, action="append", default=[],
+                        help="measure nothing: show (and with --write-readme, write) saved results; repeatable, "
+                             "the runs' rows one after the other")
     args = parser.parse_args()
-    if args.peer:
-        if args.peer == "asyncio":
-            peer_asyncio(args.src, args.container)
-        else:
-            peer_threaded(args.src, args.container, with_md5=args.peer == "threaded-md5")
-        return
     args.dataset = [d for d in args.dataset.split(",") if d]
-    args.tools = [t for t in args.tools.split(",") if t and (t != "sitebackup-base" or args.base_src)]
-    unknown = [d for d in args.dataset if d not in DATASETS] + [t for t in args.tools if t not in TOOLS]
+    args.ops = [o for o in args.ops.split(",") if o]
+    args.tools = [t for t in args.tools.split(",") if t]
+    unknown = ([d for d in args.dataset if d not in DATASETS] + [o for o in args.ops if o not in OPS]
+               + [t for t in args.tools if t not in TOOLS])
     if unknown:
-        parser.error(f"unknown dataset or tool: {', '.join(unknown)}")
+        parser.error(f"unknown dataset, operation or tool: {', '.join(unknown)}")
+    if not args.dataset and not args.tree and not args.load:
+        parser.error("nothing to measure: give --dataset or --tree")
+    for tree in args.tree:
+        if not tree.is_dir():
+            parser.error(f"--tree {tree}: not a directory")
+    if args.write_readme and not report.MARKER_NAME.fullmatch(args.readme_block):
+        parser.error("--readme-block: lowercase letters, digits and hyphens")
     args.sitebackup_args = args.sitebackup_args.split()
-    print(render(bench(args)))
+    args.restore_args = args.restore_args.split()
+    runs = [run for path in args.load for run in saved_runs(path)] or [measure(args)]
+    if args.save:
+        args.save.write_text(json.dumps(runs, indent=1))
+    table = report.render([Row(**r) for run in runs for r in run["rows"]])
+    print(table)
+    if args.write_readme:
+        content = report.block(table, when=datetime.fromisoformat(runs[0]["started"]), machine_line=runs[0]["machine"],
+                               commands=[run["command"] for run in runs])
+        report.write_readme(ROOT / "README.md", args.readme_block, content)
+        print(f"# README.md: block {args.readme_block!r} rewritten", file=sys.stderr)
 
 
 if __name__ == "__main__":
