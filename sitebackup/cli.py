@@ -547,12 +547,14 @@ def keep_count(name: str, what: str):
 @click.option("--dry-run", is_flag=True, help="List the runs, blobs and bytes that would be removed; remove nothing.")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object.")
 @storage_options
+@metrics_option
 @taskhub_option
 @state_dir_option
 @debug_option
 def prune(container: str, prefix: str, keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int,
           keep_monthly: int, keep_within: str | None, dry_run: bool, json_output: bool, connection_string: str | None,
-          account_url: str | None, taskhub: str | None, state_dir: Path | None, debug: bool) -> None:
+          account_url: str | None, metrics_file: Path | None, taskhub: str | None, state_dir: Path | None,
+          debug: bool) -> None:
     """Forget old backup runs of a destination and free what only they kept.
 
     Keep rules as restic's forget: a run any rule keeps is kept, the newest completed run always
@@ -565,13 +567,21 @@ def prune(container: str, prefix: str, keep_last: int, keep_hourly: int, keep_da
     Examples:
       sitebackup prune -c backups --prefix web --keep-daily 7 --keep-weekly 4 --keep-monthly 12
       sitebackup prune -c backups --keep-last 3 --dry-run
+      sitebackup prune -c backups --keep-daily 7 --metrics-file /var/lib/node_exporter/prune.prom
     """
+    if metrics_file is not None and dry_run:
+        raise click.UsageError("--metrics-file describes a finished prune: not with --dry-run")
+    metrics = start_metrics(metrics_file, "prune", "", _destination(container, prefix))
     policy = retention.Policy(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
                               monthly=keep_monthly, within=manage.parse_age(keep_within) if keep_within else None)
     request = prune_cmd.prune_request(container, prefix, policy, dry_run=dry_run,
                                       state_dir=state_dir or default_state_dir())
     report = prune_cmd.run_prune(request, StorageSettings.from_options(connection_string, account_url),
                                  _taskhub_settings(taskhub))
+    if metrics is not None:
+        metrics.summary = {"runs_kept": len(report["kept"]), "runs_removed": len(report["removed"]),
+                           "blobs_removed": report["blobs_removed"], "snapshots_removed": report["snapshots_removed"],
+                           "bytes_removed": report["bytes_removed"]}
     if json_output:
         click.echo(json.dumps(report))
     else:

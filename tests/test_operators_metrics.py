@@ -94,6 +94,23 @@ def test_restore_and_verify_write_their_own_series(tmp_path, cli, container_name
     assert job_values(prom, "verify", "no-such-run", "")["sitebackup_last_run_exit_code"] == 2
 
 
+def test_prune_writes_the_runs_blobs_and_bytes_it_removed(tmp_path, cli, container_name):
+    prom = tmp_path / "m.prom"
+    src = write_tree(tmp_path / "site", {"a.txt": b"first", "b.txt": b"bb"})
+    assert cli(src, "-c", container_name).returncode == 0
+    (src / "a.txt").write_bytes(b"second version")  # run 2 keeps run 1's a.txt as a snapshot
+    (src / "b.txt").unlink()  # and drops b.txt from its record
+    assert cli(src, "-c", container_name).returncode == 0
+    assert cli("prune", "-c", container_name, "--keep-last", "1", "--metrics-file", prom).returncode == 0
+    pruned = job_values(prom, "prune", "", container_name)
+    assert pruned["sitebackup_last_run_exit_code"] == 0
+    assert (pruned["sitebackup_last_run_runs[kept]"], pruned["sitebackup_last_run_runs[removed]"]) == (1, 1)
+    assert pruned["sitebackup_last_run_blobs[removed]"] == 1  # b.txt
+    assert pruned["sitebackup_last_run_snapshots[removed]"] == 1  # the first a.txt
+    assert pruned["sitebackup_last_run_bytes[removed]"] == len(b"first") + len(b"bb")
+    assert cli("prune", "-c", container_name, "--keep-last", "1", "--dry-run", "--metrics-file", prom).returncode == 2
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_writes_exit_code_130(tmp_path, cli_env, container_name, sig):
     prom = tmp_path / "m.prom"

@@ -36,10 +36,18 @@ GAUGES = {
 }
 FILES = PREFIX + "last_run_files"
 BYTES = PREFIX + "last_run_bytes"
+RUNS = PREFIX + "last_run_runs"
+BLOBS = PREFIX + "last_run_blobs"
+SNAPSHOTS = PREFIX + "last_run_snapshots"
 COUNTS = {
     FILES: "Files of the last run by state, from its summary (skipped counts unchanged files too).",
     BYTES: "Bytes of the last run by state, from its summary.",
+    RUNS: "Backup runs the last prune kept and removed.",
+    BLOBS: "Blobs the last prune removed.",
+    SNAPSHOTS: "Blob snapshots the last prune removed.",
 }
+# a summary counter ``KIND_STATE`` feeds family KINDS[KIND] with label state=STATE
+KINDS = {"files": FILES, "bytes": BYTES, "runs": RUNS, "blobs": BLOBS, "snapshots": SNAPSHOTS}
 
 
 class MetricsFileError(Exception):
@@ -87,12 +95,13 @@ class MetricsJob:
 
 
 def _counts(summary: dict[str, Any] | None) -> dict[str, dict[str, int]]:
-    """{FILES: {state: n}, BYTES: {state: n}} from a summary's files_* and bytes_* counters."""
-    counts: dict[str, dict[str, int]] = {FILES: {}, BYTES: {}}
+    """{FILES: {state: n}, BYTES: {state: n}, ...} from a summary's files_*, bytes_*, runs_*, blobs_* and
+    snapshots_* counters."""
+    counts: dict[str, dict[str, int]] = {family: {} for family in KINDS.values()}
     for key, value in (summary or {}).items():
         kind, _, state = key.partition("_")
-        if kind in ("files", "bytes") and state and isinstance(value, int) and not isinstance(value, bool):
-            counts[FILES if kind == "files" else BYTES][state] = value
+        if kind in KINDS and state and isinstance(value, int) and not isinstance(value, bool):
+            counts[KINDS[kind]][state] = value
     return counts
 
 
