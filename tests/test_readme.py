@@ -68,3 +68,12 @@ def test_every_readme_command_line_uses_options_its_command_has():
     assert len(lines) >= 10
     wrong = [(command, flag) for command, flags in lines for flag in flags if flag not in COMMANDS[command]]
     assert not wrong, f"README command lines with options their command lacks: {wrong}"
+
+
+def test_the_module_map_names_every_module():
+    start = README.index("\nsitebackup/\n")
+    block = README[start:README.index("```", start)]
+    modules = {p.stem for p in (ROOT / "sitebackup").rglob("*.py") if p.stem not in ("__init__", "__main__")}
+    modules -= {p.stem for p in (ROOT / "sitebackup" / "durable" / "backend").glob("*.py")}  # "backend/" stands for them
+    missing = {m for m in modules if not re.search(rf"\b{m}\b", block)}
+    assert not missing, f"modules missing from the README module map: {sorted(missing)}"
