@@ -5,13 +5,16 @@ Test modules never import each other: whatever two of them share lives here.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -146,3 +149,72 @@ def assert_nothing_leaks(secrets: list[bytes], texts: list[str], dirs: list[Path
     for secret in secrets:
         for data in blobs:
             assert secret not in data, f"secret found: {secret[:6]!r}..."
+
+
+class ForwardingProxy:
+    """An HTTP proxy in front of Azurite for tests that count, hold, alter or refuse blob requests.
+
+    Subclasses override ``intercept``; ``endpoint`` is the proxy's URL, with the target's path (the
+    account), to put in a connection string.
+    """
+
+    def __init__(self, target: str):
+        self.target = urlsplit(target)
+        self.lock = threading.Lock()
+        self.release = threading.Event()  # for subclasses that hold requests until the test says so
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def reply_error(self, status: int, code: str) -> None:
+                """Answer as the service does when it refuses a request, without forwarding it."""
+                data = f'<?xml version="1.0"?><Error><Code>{code}</Code><Message>{code}</Message></Error>'.encode()
+                self.send_response(status)
+                self.send_header("x-ms-error-code", code)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _forward(self):
+                body = proxy.intercept(self, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if body is None:
+                    return
+                conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
+                conn.request(self.command, self.path, body=body,
+                             headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                # a HEAD answer's Content-Length is the blob's size, not this (empty) body's
+                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def intercept(self, request: BaseHTTPRequestHandler, body: bytes) -> bytes | None:
+        """The body to forward for *request* (``command``, ``path``, ``headers``), possibly altered; None when
+        the request was answered here (``request.reply_error``) or is dropped unanswered."""
+        return body
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -13,17 +13,16 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
 from azure.storage.blob import (
     BlobServiceClient,
 )
 from azurite import ACCOUNT, Azurite, free_port
 from helpers import (
     ROOT,
+    ForwardingProxy,
     JsonRun,
     account_sas_url,
     assert_exact,
@@ -106,67 +105,34 @@ def test_long_outage_ends_resumable_with_exit_3_and_resume_completes(own_azurite
 # ---------------------------------------------------------------- throttling
 
 
-class ThrottlingProxy:
-    """Forwards to Azurite, but answers every *nth* PUT with 503 ServerBusy or 500 OperationTimedOut;
-    with *damage*, it instead flips one byte in the body of every blob's first upload request."""
+class ThrottlingProxy(ForwardingProxy):
+    """Answers every *nth* PUT with 503 ServerBusy or 500 OperationTimedOut; with *damage*, it instead
+    flips one byte in the body of every blob's first upload request."""
 
     def __init__(self, upstream: str, nth: int = 0, damage: bool = False):
-        self.upstream, self.nth, self.damage = upstream, nth, damage
+        self.nth, self.damage = nth, damage
         self.puts = self.throttled = 0
         self.damaged: set[str] = set()
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.command == "PUT":
-                    with proxy.lock:
-                        proxy.puts += 1
-                        busy = bool(proxy.nth) and proxy.puts % proxy.nth == 0
-                        if proxy.damage and body and self.path.split("?")[0] not in proxy.damaged:
-                            proxy.damaged.add(self.path.split("?")[0])
-                            body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 1]) + body[len(body) // 2 + 1:]
-                        if busy:
-                            proxy.throttled += 1
-                            code = (503, "ServerBusy") if proxy.throttled % 2 else (500, "OperationTimedOut")
-                    if busy:
-                        reply = f"<?xml version=\"1.0\"?><Error><Code>{code[1]}</Code><Message>busy</Message></Error>"
-                        data = reply.encode()
-                        self.send_response(code[0])
-                        self.send_header("x-ms-error-code", code[1])
-                        self.send_header("Content-Type", "application/xml")
-                        self.send_header("Content-Length", str(len(data)))
-                        self.end_headers()
-                        self.wfile.write(data)
-                        return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                answer = requests.request(self.command, proxy.upstream + self.path, headers=headers, data=body,
-                                          allow_redirects=False)
-                self.send_response(answer.status_code)
-                for key, value in answer.headers.items():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                data = b"" if self.command == "HEAD" else answer.content
-                self.send_header("Content-Length", answer.headers.get("Content-Length", str(len(data)))
-                                 if self.command == "HEAD" else str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        super().__init__(upstream)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def intercept(self, request, body):
+        if request.command != "PUT":
+            return body
+        blob = request.path.split("?")[0]
+        with self.lock:
+            self.puts += 1
+            busy = bool(self.nth) and self.puts % self.nth == 0
+            if self.damage and body and blob not in self.damaged:
+                self.damaged.add(blob)
+                body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 1]) + body[len(body) // 2 + 1:]
+            if busy:
+                self.throttled += 1
+                status, code = (503, "ServerBusy") if self.throttled % 2 else (500, "OperationTimedOut")
+        if busy:
+            request.reply_error(status, code)
+            return None
+        return body
 
 
 def test_throttling_is_retried_with_backoff_and_no_file_is_lost(azurite, tmp_path, container_name):
@@ -345,8 +311,10 @@ def test_expired_sas_stops_with_exit_3_and_resume_with_fresh_sas_completes(azuri
     src = tmp_path / "site"
     many_files(src, 400, size=512)
     state = tmp_path / "state"
-    expiry = time.monotonic() + 5
-    url, sas = account_sas_url(azurite.port, timedelta(seconds=5))
+    # long enough for a loaded machine to start the run (it must start before the SAS expires)
+    lifetime = 20
+    expiry = time.monotonic() + lifetime
+    url, sas = account_sas_url(azurite.port, timedelta(seconds=lifetime))
     env = env_for(None, state, AZURE_STORAGE_ACCOUNT_URL=url)
     proc = subprocess.Popen([sys.executable, "-m", "sitebackup", str(src), "-c", container_name, "--concurrency", "1",
                              "--log-file", str(tmp_path / "run.log")], env=env, cwd=ROOT, text=True,

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from azure.storage.blob import ContentSettings
-from helpers import ROOT, write_tree
+from helpers import ROOT, ForwardingProxy, write_tree
 
 from sitebackup.blob.history import PRUNED, Copy
 from sitebackup.blob.workstore import LocalWorkStore
@@ -307,8 +303,7 @@ def test_purge_leaves_completed_backups_to_prune(tmp_path, cli, container_name):
     run_id = backup(cli, src, container_name)
     restored = restore(cli, run_id, tmp_path / "dest")
     assert restored.returncode == 0, restored.stderr
-    time.sleep(1.1)
-    purged = cli("purge", "--older-than", "1s")
+    purged = cli("purge", "--older-than", "0s")
     assert purged.returncode == 0, purged.stderr
     assert "purged 1 " in purged.stdout and "kept 1 completed backup run(s)" in purged.stdout
     assert restore(cli, run_id, tmp_path / "again").returncode == 0
@@ -316,67 +311,32 @@ def test_purge_leaves_completed_backups_to_prune(tmp_path, cli, container_name):
 
 # ---- through a proxy: requests counted, deletes held ------------------------------------------------
 
-class Proxy:
-    """Forwards HTTP to Azurite and logs (method, path and query, If-Match, If-None-Match) of every request.
+class Proxy(ForwardingProxy):
+    """Logs (method, path and query, If-Match, If-None-Match) of every request.
 
     Once ``pass_deletes`` is set, DELETE requests after that many more wait until ``release`` and are never
     forwarded (the client is killed meanwhile)."""
 
     def __init__(self, target: str):
-        self.target = urlsplit(target)
         self.pass_deletes: int | None = None
         self.deletes = 0
         self.held = 0
         self.log: list[tuple[str, str, str | None, str | None]] = []
-        self.release = threading.Event()
-        lock = threading.Lock()
-        proxy = self
+        super().__init__(target)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with lock:
-                    proxy.log.append((self.command, self.path, self.headers.get("If-Match"),
-                                      self.headers.get("If-None-Match")))
-                if self.command == "DELETE" and proxy.pass_deletes is not None:
-                    with lock:
-                        proxy.deletes += 1
-                        hold = proxy.deletes > proxy.pass_deletes
-                        proxy.held += hold
-                    if hold:
-                        proxy.release.wait(120)
-                        return  # the client was killed meanwhile: never forwarded
-                conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
-
-        Handler.protocol_version = "HTTP/1.1"
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+    def intercept(self, request, body):
+        with self.lock:
+            self.log.append((request.command, request.path, request.headers.get("If-Match"),
+                             request.headers.get("If-None-Match")))
+            hold = False
+            if request.command == "DELETE" and self.pass_deletes is not None:
+                self.deletes += 1
+                hold = self.deletes > self.pass_deletes
+                self.held += hold
+        if hold:
+            self.release.wait(120)
+            return None  # the client was killed meanwhile: never forwarded
+        return body
 
 
 def test_prune_killed_while_deleting_then_run_again_finishes_and_kept_runs_restore(

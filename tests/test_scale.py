@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from durabletask.internal import orchestrator_service_pb2 as pb
-from helpers import ROOT, wait_until, write_tree
+from helpers import ROOT, ForwardingProxy, wait_until, write_tree
 
 from sitebackup.blob.workstore import LocalWorkStore as WorkStore
 from sitebackup.durable.runtime import open_backend
@@ -135,66 +131,31 @@ def test_copy_output_stays_small_for_a_page_of_hundreds_of_failures(tmp_path):
 
 # ---- block-level resume through a counting proxy -------------------------------------------------
 
-class CountingProxy:
-    """Forwards HTTP to Azurite and counts Put Block requests (`comp=block`).
+class CountingProxy(ForwardingProxy):
+    """Counts Put Block requests (`comp=block`).
 
     With *hold_after*, block-list reads after the first *hold_after* wait for ``release``: a range
     activity reads the block list right before it stages, so the test decides when ranges go on.
     """
 
     def __init__(self, target: str, hold_after: int | None = None):
-        self.target = urlsplit(target)
         self.staged = 0
         self.hold_after = hold_after
         self.block_lists = self.held = 0
-        self.release = threading.Event()
-        lock = threading.Lock()
-        proxy = self
+        super().__init__(target)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.command == "PUT" and "comp=block&" in self.path + "&":
-                    with lock:
-                        proxy.staged += 1
-                if self.command == "GET" and "comp=blocklist" in self.path and proxy.hold_after is not None:
-                    with lock:
-                        proxy.block_lists += 1
-                        hold = proxy.block_lists > proxy.hold_after
-                        proxy.held += hold
-                    if hold:
-                        proxy.release.wait(120)
-                conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
-
-        Handler.protocol_version = "HTTP/1.1"
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+    def intercept(self, request, body):
+        hold = False
+        with self.lock:
+            if request.command == "PUT" and "comp=block&" in request.path + "&":
+                self.staged += 1
+            if request.command == "GET" and "comp=blocklist" in request.path and self.hold_after is not None:
+                self.block_lists += 1
+                hold = self.block_lists > self.hold_after
+                self.held += hold
+        if hold:
+            self.release.wait(120)
+        return body
 
 
 def test_resumed_large_file_stages_only_missing_blocks(cli, cli_env, azurite, blob_service, tmp_path,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import http.client
 import json
 import sqlite3
 import subprocess
@@ -16,16 +15,14 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import durabletask.internal.orchestrator_service_pb2 as pb
 import pytest
 from durabletask import client as dt_client
 from durabletask import task
 from durabletask import worker as dt_worker
-from helpers import ROOT, JsonRun, assert_exact, env_for, many_files, run_cli, uploading
+from helpers import ROOT, ForwardingProxy, JsonRun, assert_exact, env_for, many_files, run_cli, uploading
 
 from sitebackup.commands.hosting import stalled_for
 from sitebackup.durable.backend import EmbeddedBackend
@@ -350,53 +347,23 @@ def test_a_run_is_stalled_only_when_unfinished_not_waiting_and_idle_past_the_thr
     assert stalled_for(parked, limit, now) is None  # waiting for `resume`, not stalled
 
 
-class GateProxy:
-    """Forwards HTTP to Azurite; while ``open`` is clear, blob uploads wait there: the run stops moving
-    (a second invocation's pre-flight, on the container, still goes through)."""
+class GateProxy(ForwardingProxy):
+    """While ``open`` is clear, blob uploads wait here: the run stops moving (a second invocation's
+    pre-flight, on the container, still goes through)."""
 
     def __init__(self, target: str):
-        self.target = urlsplit(target)
         self.open = threading.Event()
         self.open.set()
-        proxy = self
+        super().__init__(target)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.command == "PUT" and "restype=container" not in self.path:
-                    proxy.open.wait(120)
-                conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
-                conn.request(self.command, self.path, body=body,
-                             headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
+    def intercept(self, request, body):
+        if request.command == "PUT" and "restype=container" not in request.path:
+            self.open.wait(120)
+        return body
 
     def close(self) -> None:
         self.open.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def test_no_wait_on_a_stalled_run_exits_6_and_status_shows_its_last_progress(azurite, tmp_path, container_name):
