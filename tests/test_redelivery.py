@@ -16,8 +16,11 @@ from helpers import open_stream_ids
 from sitebackup.durable.backend import EmbeddedBackend
 from sitebackup.durable.backend.servicer import PING_SECONDS
 
-SILENT = 1.0  # the worker reconnects after a stream silent this long
-PERIODS = 5  # the activity lasts this many silent-disconnect periods
+# Long enough that a loaded machine's scheduling delays neither let a renewed lease lapse nor make a
+# pinged stream look silent; the activity outlasts several of both.
+SILENT = 1.5  # the worker reconnects after a stream silent this long
+LEASE = 1.5
+PERIODS = 4  # the activity lasts this many silent-disconnect periods
 
 
 class Probe:
@@ -49,7 +52,7 @@ def run_long_activity(tmp_path, ping_seconds: float) -> tuple[Probe, dt_client.O
     def orchestration(ctx: task.OrchestrationContext, _):
         return (yield ctx.call_activity(long_work))
 
-    backend = EmbeddedBackend(state, lease_seconds=SILENT / 2, ping_seconds=ping_seconds)
+    backend = EmbeddedBackend(state, lease_seconds=LEASE, ping_seconds=ping_seconds)
     address = backend.start()
     worker = dt_worker.TaskHubGrpcWorker(host_address=address, resiliency_options=GrpcWorkerResiliencyOptions(
         silent_disconnect_timeout_seconds=SILENT, reconnect_backoff_base_seconds=0.05,
@@ -69,7 +72,7 @@ def run_long_activity(tmp_path, ping_seconds: float) -> tuple[Probe, dt_client.O
 
 
 def test_an_activity_lasting_several_silent_disconnect_periods_runs_once_and_its_result_counts(tmp_path):
-    probe, done = run_long_activity(tmp_path, ping_seconds=SILENT / 4)
+    probe, done = run_long_activity(tmp_path, ping_seconds=SILENT / 6)
     assert done.runtime_status == dt_client.OrchestrationStatus.COMPLETED
     assert done.serialized_output == '"done"'
     assert probe.executions == 1
