@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -54,6 +55,16 @@ def wait_until(predicate: Callable[[], T], what: str = "the condition", timeout:
         if time.monotonic() >= deadline:
             raise AssertionError(f"gave up waiting for {what} after {timeout:.0f}s")
         time.sleep(interval)
+
+
+def open_stream_ids(state_dir: Path) -> set[str]:
+    """The work-item streams an embedded backend on *state_dir* has open, read beside it: a worker that
+    reconnects shows up as a new id."""
+    db = sqlite3.connect(f"file:{state_dir / 'state.db'}?mode=ro", uri=True)
+    try:
+        return {row[0] for row in db.execute("SELECT stream_id FROM streams")}
+    finally:
+        db.close()
 
 
 def env_for(conn: str | None, state: Path, **extra: str) -> dict[str, str]:

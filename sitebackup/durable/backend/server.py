@@ -26,7 +26,7 @@ import grpc
 
 from . import statedir
 from .guard import Guard
-from .servicer import DEFAULT_TASKHUB, MAX_MESSAGE, Servicer
+from .servicer import DEFAULT_TASKHUB, MAX_MESSAGE, PING_SECONDS, Servicer
 from .statedir import Damage, ServeLock, StateDirError
 from .store import SCHEMA, Store
 
@@ -45,9 +45,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 class EmbeddedBackend:
-    def __init__(self, state_dir: Path, *, lease_seconds: float = 30.0):
+    def __init__(self, state_dir: Path, *, lease_seconds: float = 30.0, ping_seconds: float = PING_SECONDS):
         self.state_dir = Path(state_dir).absolute()
         self.lease_seconds = lease_seconds
+        self.ping_seconds = ping_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.store: Store | None = None
         self.damage = Damage(self.state_dir / statedir.DB_NAME)
@@ -111,7 +112,10 @@ class EmbeddedBackend:
 
     def _serve(self, listen: str | None, token: str | None) -> str:
         assert self.store is not None
-        self._servicer = Servicer(self.store, self.owner, self.lease_seconds, self.damage)
+        # Over TCP the workers are other processes (their stream closing may mean they died); on the
+        # private socket they are this process's own.
+        self._servicer = Servicer(self.store, self.owner, self.lease_seconds, self.damage,
+                                  remote_workers=listen is not None, ping_seconds=self.ping_seconds)
         # Requests over the SDK's own 4 MiB bound are refused before anything is read into the store.
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="sitebackup-backend"),

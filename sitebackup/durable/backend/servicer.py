@@ -5,6 +5,13 @@ Owns the mapping from sidecar RPCs to ``Store`` calls, the ``GetWorkItems`` stre
 in-process condition for low latency, and also poll the database because another
 process on the same state directory may have changed it.
 
+An idle stream gets the protocol's health ping every ``PING_SECONDS``: the SDK worker takes a stream
+that delivers nothing for 120 s as silently disconnected and reconnects. A stream's work items are
+disowned when it closes only if its worker may be another process (``sitebackup serve``): on the
+private socket every worker is this live process's, and it still finishes what it was given after a
+reconnect, so that work stays leased (and renewed) and the next stream counts it, instead of being
+delivered a second time while it runs.
+
 Nothing it sends exceeds the 4 MiB a client accepts (``MAX_MESSAGE``, the SDK's default): a
 payload too large to return is replaced by a marker, a query answer is cut into pages, and a work
 item too large to deliver fails its instance or activity instead of breaking the stream for all.
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TASKHUB = "default"
 POLL_SECONDS = 0.05  # how stale a view of other processes' changes may get
+PING_SECONDS = 30.0  # well within the SDK worker's 120 s silent-disconnect timeout
 FLUSH_RETRY_SECONDS = 0.5  # between attempts to write activity results the database refused
 _ENTITIES = "entities are not supported by the sitebackup embedded backend"
 _DEFAULT_PAGE = 100
@@ -86,14 +94,20 @@ class _Stream:
 
 
 class Servicer(stubs.TaskHubSidecarServiceServicer):
-    def __init__(self, store: Store, owner: str, lease_seconds: float, damage: Damage):
+    def __init__(self, store: Store, owner: str, lease_seconds: float, damage: Damage, *,
+                 remote_workers: bool, ping_seconds: float = PING_SECONDS):
         self.store = store
         self.damage = damage
         self.owner = owner
         self.lease_seconds = lease_seconds
+        self.remote_workers = remote_workers
+        self.ping_seconds = ping_seconds
         self.stopping = threading.Event()
         self._streams_lock = threading.Lock()
         self._token_stream: dict[str, _Stream] = {}
+        # This process's work items whose stream closed, kept for the next stream (local workers only).
+        self._unattached = _Stream(1, 1)
+        self._open: set[_Stream] = set()
         self._completions: list[tuple[str, pb.ActivityResponse]] = []
         self._completions_ready = threading.Condition()
         self._flusher_done = False
@@ -347,25 +361,55 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         stream = _Stream(5 * (request.maxConcurrentActivityWorkItems or 100),
                          request.maxConcurrentOrchestrationWorkItems or 100)
         self.store.register_stream(hub, stream_id, self.owner)
+        self._attach(stream)
         try:
+            sent = time.monotonic()
             while context.is_active() and not self.stopping.is_set():
                 generation = self.store.generation
                 items = self._claim(hub, stream, orch_ok, act_ok)
                 if items:
                     yield from items
+                    sent = time.monotonic()
+                elif time.monotonic() - sent >= self.ping_seconds:
+                    yield pb.WorkItem(healthPing=pb.HealthPing())
+                    sent = time.monotonic()
                 else:
                     self._wait_changed(generation, POLL_SECONDS)
         finally:
-            with self._streams_lock:
-                held = stream.activities | stream.orchestrations
-                for token in held:
-                    self._token_stream.pop(token, None)
-            if not self.stopping.is_set():
+            held = self._detach(stream)
+            if held and not self.stopping.is_set():
                 # The worker behind this stream may be gone (killed on another host): this process
                 # must not keep its leases alive forever. stop() releases everything anyway.
                 for token in held:
                     self.store.disown(hub, token, self.lease_seconds)
             self.store.unregister_stream(hub, stream_id)
+
+    def _attach(self, stream: _Stream) -> None:
+        """Open *stream*; a local worker's reconnect takes over the work its earlier stream still runs."""
+        with self._streams_lock:
+            self._open.add(stream)
+            if not self.remote_workers:
+                self._move(self._unattached, stream)
+
+    def _detach(self, stream: _Stream) -> set[str]:
+        """Close *stream*; the tokens to disown (a remote worker's), or none when this process runs them."""
+        with self._streams_lock:
+            self._open.discard(stream)
+            if not self.remote_workers:
+                self._move(stream, next(iter(self._open), self._unattached))
+                return set()
+            held = stream.activities | stream.orchestrations
+            for token in held:
+                self._token_stream.pop(token, None)
+            return held
+
+    def _move(self, source: _Stream, target: _Stream) -> None:
+        for token in source.activities | source.orchestrations:
+            self._token_stream[token] = target
+        target.activities |= source.activities
+        target.orchestrations |= source.orchestrations
+        source.activities.clear()
+        source.orchestrations.clear()
 
     def _claim(self, hub: str, stream: _Stream, orch_ok, act_ok) -> list[pb.WorkItem]:
         items: list[pb.WorkItem] = []

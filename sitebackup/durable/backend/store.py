@@ -505,8 +505,8 @@ class Store:
                               " WHERE taskhub=? AND id=? AND lease_token=?", (hub, int(key), gen)).rowcount > 0
 
     def disown(self, hub: str, token: str, lease_seconds: float) -> None:
-        """Stop renewing a work item whose stream closed: its lease runs out once, then another
-        stream may claim it. A completion that still arrives in time is accepted (same token)."""
+        """Stop renewing a work item whose stream to another process's worker closed: its lease runs out
+        once, then another stream may claim it. A completion that still arrives in time is accepted (same token)."""
         parsed = parse_token(token)
         if parsed is None:
             return
