@@ -27,13 +27,14 @@ from helpers import wait_until, write_tree
 from sitebackup.blob.asyncget import AsyncGetter
 from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
+from sitebackup.blob.history import PRUNED
 from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.commands.hosting import CancelCheck
 from sitebackup.local.dest import TEMP_SUFFIX
 from sitebackup.local.files import b64
 from sitebackup.workflows.activity import ActivityDeps
-from sitebackup.workflows.fetch import restore_page
-from sitebackup.workflows.types import FetchInput, FetchItem
+from sitebackup.workflows.fetch import plan_restore, restore_page
+from sitebackup.workflows.types import FetchInput, FetchItem, PlanInput
 
 MIB = 1024 * 1024
 
@@ -82,13 +83,13 @@ def test_both_clients_read_a_download_in_megabyte_chunks_not_4_kib(azurite, blob
     assert max(chunks) > 4096 and len(chunks) < 3 * MIB // 8192, chunks
 
 
-def _page_deps(tmp_path: Path, azurite, sync_endpoint: str) -> tuple[ActivityDeps, AsyncPutter]:
-    """Activity deps whose sync client talks to *sync_endpoint* and whose small downloads go through an
-    asyncio getter on the suite's Azurite."""
+def _page_deps(work: Path, azurite, sync_endpoint: str) -> tuple[ActivityDeps, AsyncPutter]:
+    """Activity deps on the work store in *work*, whose sync client talks to *sync_endpoint* and whose small
+    downloads go through an asyncio getter on the suite's Azurite."""
     putter = AsyncPutter(StorageSettings(connection_string=azurite.connection_string))
     sync_conn = azurite.connection_string.replace(azurite.endpoint, sync_endpoint)
     service, label = make_service_client(StorageSettings(connection_string=sync_conn), quick=True)
-    deps = ActivityDeps(container_client=service.get_container_client, work=LocalWorkStore(tmp_path / "work"),
+    deps = ActivityDeps(container_client=service.get_container_client, work=LocalWorkStore(work),
                         endpoint=label, get_many=AsyncGetter(putter).get_many)
     return deps, putter
 
@@ -109,7 +110,7 @@ def test_a_page_of_small_files_comes_through_the_asyncio_loop_each_checked_again
     items = [FetchItem(name, name, len(data), b64(hashlib.md5(data).digest()), mtime + i)
              for i, (name, data) in enumerate(files.items())]
     # the sync client points at a closed port: every small file must come through the asyncio getter
-    deps, putter = _page_deps(tmp_path, azurite, "http://127.0.0.1:9/devstoreaccount1")
+    deps, putter = _page_deps(tmp_path / "work", azurite, "http://127.0.0.1:9/devstoreaccount1")
     deps.work.write_page("r1", 0, items)
     (tmp_path / "out").mkdir()
     try:
@@ -236,3 +237,35 @@ def test_a_restore_by_run_id_sends_one_get_per_small_file_and_a_range_per_8_mib(
     # beside the blobs: the container check and one listing of the copies the run's versions are in
     others = [request for request in proxy.requests if not request[1].startswith(prefix + "/")]
     assert len(others) <= 2, others
+
+
+def test_the_asyncio_path_reads_snapshots_and_falls_back_to_the_kept_copy_as_the_sync_one_does(
+        tmp_path, cli, azurite, blob_service, container_name, state_dir):
+    src = write_tree(tmp_path / "site", {"x.txt": b"one", "y.txt": b"why", "z.txt": b"zed"})
+    backed = cli(src, "-c", container_name, "--json")
+    assert backed.returncode == 0, backed.stderr
+    run_id = json.loads(backed.stdout.splitlines()[-1])["instance_id"]
+    cc = blob_service.get_container_client(container_name)
+
+    def replace(name: str, data: bytes, keep: bool) -> None:
+        blob = cc.get_blob_client(name)
+        if keep:  # as a backup run does
+            blob.create_snapshot()
+        blob.upload_blob(data, overwrite=True, content_settings=ContentSettings(
+            content_md5=bytearray(hashlib.md5(data).digest())))
+
+    replace("z.txt", b"zzz", keep=True)  # before the plan: planned from its snapshot
+    deps, putter = _page_deps(state_dir / "work", azurite, azurite.endpoint)
+    try:
+        assert plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id))["pages"] == 1
+        assert sum(1 for row in deps.work.read_page("r1", 0) if FetchItem._make(row).snapshot) == 1
+        replace("x.txt", b"two", keep=True)  # after it: read from the snapshot kept
+        replace("y.txt", b"not why", keep=False)  # after it, nothing kept: pruned
+        (tmp_path / "dest").mkdir()
+        out = restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "dest"), container=container_name, page=0))
+    finally:
+        putter.close()
+    assert out["files_restored"] == 2
+    assert (tmp_path / "dest" / "x.txt").read_bytes() == b"one" and (tmp_path / "dest" / "z.txt").read_bytes() == b"zed"
+    assert out["failures"] == [{"path": "y.txt", "error": PRUNED}]
+    assert not (tmp_path / "dest" / "y.txt").exists()
