@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,12 @@ class AsyncPutter:
                 # close the aiohttp session while the loop still runs, not in a warning at exit
                 atexit.register(self.close)
             return self._loop
+
+    def submit(self, work: Callable[[Any, asyncio.Semaphore], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future:
+        """Run ``work(service client, in-flight gate)`` on this loop; a future of its result. Restore's
+        ``blob.asyncget`` shares the loop, its connection pool and its window of requests this way."""
+        loop = self._ensure_loop()
+        return asyncio.run_coroutine_threadsafe(work(self._client, self._gate), loop)
 
     def put_many(self, container: str, items: list[tuple[Path, str, Held | None]],
                  cancelled: Callable[[], bool] = lambda: False, tier: str | None = None) -> list[Uploaded | BaseException]:

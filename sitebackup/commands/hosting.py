@@ -18,6 +18,7 @@ from typing import Any
 
 from durabletask import client as dt_client
 
+from sitebackup.blob.asyncget import AsyncGetter
 from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
 from sitebackup.blob.errors import redact
@@ -298,7 +299,10 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, ins
 
 class CancelCheck:
     """Answers "was this run cancelled?" from the backend: asked between files, so the answer is cached,
-    and asked again once this process's backend applied a change to the run or after *interval*."""
+    and asked again once this process's backend applied a change to the run or after *interval*.
+
+    One thread at a time asks the backend, without holding the lock: the others take the last answer
+    instead of queueing behind the round trip (a cancel is seen one file later at most)."""
 
     def __init__(self, runtime: Runtime, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.runtime = runtime
@@ -306,23 +310,30 @@ class CancelCheck:
         self.clock = clock
         self.lock = threading.Lock()
         self.checked: dict[str, tuple[float, int | None, bool]] = {}
+        self.asking: set[str] = set()
         self.client: dt_client.TaskHubGrpcClient | None = None
 
     def __call__(self, run_id: str) -> bool:
         with self.lock:
             at, version, answer = self.checked.get(run_id, (float("-inf"), None, False))
             now = self.runtime.status_version(run_id)
-            if answer or (self.clock() - at < self.interval and now == version):
+            if answer or run_id in self.asking or (self.clock() - at < self.interval and now == version):
                 return answer
+            self.asking.add(run_id)
             if self.client is None:
                 self.client = self.runtime.client()
-            try:
-                state = self.client.get_orchestration_state(run_id, fetch_payloads=False)
-            except Exception:  # backend going away: keep uploading, the lease decides
-                return False
-            answer = state is not None and state.runtime_status == dt_client.OrchestrationStatus.TERMINATED
+            client = self.client
+        try:
+            state = client.get_orchestration_state(run_id, fetch_payloads=False)
+        except Exception:  # backend going away: keep uploading, the lease decides
+            with self.lock:
+                self.asking.discard(run_id)
+            return False
+        answer = state is not None and state.runtime_status == dt_client.OrchestrationStatus.TERMINATED
+        with self.lock:
+            self.asking.discard(run_id)
             self.checked[run_id] = (self.clock(), now, answer)
-            return answer
+        return answer
 
 
 def activity_deps(settings: StorageSettings, state_dir: Path, concurrency: int, runtime: Runtime) -> ActivityDeps:
@@ -330,7 +341,9 @@ def activity_deps(settings: StorageSettings, state_dir: Path, concurrency: int, 
     service, label = make_service_client(settings, pool_size=2 * concurrency + 8)
     deps = ActivityDeps(container_client=service.get_container_client, work=runtime.work_store(service),
                         endpoint=label)
-    deps.put_many = AsyncPutter(settings, in_flight=2 * concurrency).put_many
+    putter = AsyncPutter(settings, in_flight=2 * concurrency)
+    deps.put_many = putter.put_many
+    deps.get_many = AsyncGetter(putter).get_many  # the same loop, connection pool and window
     deps.cancelled = CancelCheck(runtime)
     deps.halted = runtime.fault
     return deps

@@ -35,6 +35,8 @@ class ActivityDeps:
     on_batch: Callable[[str, dict[str, Any]], None] | None = None
     # uploads a page's small files concurrently (blob.asyncput.AsyncPutter.put_many); None: one by one
     put_many: Callable[..., list[Any]] | None = None
+    # downloads a restore page's small files concurrently (blob.asyncget.AsyncGetter.get_many); None: one by one
+    get_many: Callable[..., list[Any]] | None = None
     # why the hosting process is stopping at once (its state directory is full), else None: the work
     # items already delivered then end without uploading what could not be recorded
     halted: Callable[[], str | None] = lambda: None

@@ -7,14 +7,18 @@ download is checked against the MD5 the run recorded (or the blob's own Content-
 A run's file is read from the copy holding the version the run recorded (``blob.history``): the
 current blob, or the snapshot a later run kept when it replaced it, chosen for the whole run by one
 listing when the pages are planned, and again for one file if its blob is replaced while restoring.
+
+A page's small files are downloaded together on the process's asyncio loop (``ActivityDeps.get_many``)
+and written in page order as they arrive; large ones in ranges with the sync client.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +27,8 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 from durabletask import task
 
+from sitebackup.blob.asyncget import Got
+from sitebackup.blob.asyncput import Cancelled
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.history import PRUNED, choose, copies_by_name, copies_of, copy_client
 from sitebackup.blob.naming import blob_name, is_reserved
@@ -121,18 +127,30 @@ class _Replaced(_Mismatch):
     """The current blob no longer holds the recorded version (replaced or removed since the plan)."""
 
 
-def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, *, overwrite: bool,
-                threads: int) -> Outcome:
+def _existing(dest: DestDir, item: FetchItem, overwrite: bool) -> Outcome | None:
+    """What the file already at the item's path decides (skipped or failed), or None: fetch it."""
     st = dest.lstat(item.relpath)
-    if st is not None:
-        if not stat.S_ISREG(st.st_mode):
-            return Outcome("failed", "destination exists and is not a regular file")
-        if item.md5 and st.st_size == item.size and dest.md5_b64(item.relpath) == item.md5:
-            return Outcome("skipped", "identical file exists", item.size)
-        if not overwrite:
-            return Outcome("failed", "destination exists and differs (use --overwrite)")
+    if st is None:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return Outcome("failed", "destination exists and is not a regular file")
+    if item.md5 and st.st_size == item.size and dest.md5_b64(item.relpath) == item.md5:
+        return Outcome("skipped", "identical file exists", item.size)
+    if not overwrite:
+        return Outcome("failed", "destination exists and differs (use --overwrite)")
+    return None
+
+
+def _fetch(client: ContainerClient, dest: DestDir, item: FetchItem, threads: int,
+           got: Future[Got] | None) -> Outcome:
+    """Write the item from *got* (its download on the asyncio loop) or, without one, with the sync client."""
     try:
-        _write(client.get_blob_client(item.name, snapshot=item.snapshot), dest, item, threads)
+        if got is None:
+            blob = client.get_blob_client(item.name, snapshot=item.snapshot)
+            _write(dest, item, lambda fd: _download_into(blob, fd, item.size, threads))
+        else:
+            content = got.result()
+            _write(dest, item, lambda fd: _write_content(fd, content))
     except (_Replaced, ResourceNotFoundError) as exc:
         if item.snapshot is not None:  # removed by a prune since the plan
             return Outcome("failed", PRUNED)
@@ -141,7 +159,7 @@ def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, *, over
         if copy is None:
             return Outcome("failed", "blob not found" if isinstance(exc, ResourceNotFoundError) else PRUNED)
         try:
-            _write(copy_client(client, copy), dest, item, threads)
+            _write(dest, item, lambda fd: _download_into(copy_client(client, copy), fd, item.size, threads))
         except _Mismatch as again:
             return Outcome("failed", str(again))
     except _Mismatch as exc:
@@ -149,11 +167,12 @@ def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, *, over
     return Outcome("restored", size=item.size)
 
 
-def _write(blob: Any, dest: DestDir, item: FetchItem, threads: int) -> None:
-    """Download *blob* into the item's file under *dest*, checked against the recorded size and MD5."""
+def _write(dest: DestDir, item: FetchItem, download: Callable[[int], Any]) -> None:
+    """Write the item's file under *dest* with *download* (content into the descriptor, the blob's
+    properties back), checked against the recorded size and MD5."""
 
     def fill(fd: int) -> tuple[int, int | None]:
-        props = _download_into(blob, fd, item.size, threads)
+        props = download(fd)
         blob_md5 = b64(props.content_settings.content_md5)
         if item.md5 and blob_md5 and blob_md5 != item.md5:
             raise _Replaced("blob changed since the backup run (Content-MD5 differs from the run record)")
@@ -167,6 +186,11 @@ def _write(blob: Any, dest: DestDir, item: FetchItem, threads: int) -> None:
         return restored_mode(meta.get(META_MODE), dest.umask), mtime_ns
 
     dest.write(item.relpath, fill)
+
+
+def _write_content(fd: int, content: Got) -> Any:
+    os.write(fd, content.data)
+    return content.properties
 
 
 def _download_into(blob: Any, fd: int, size: int, threads: int) -> Any:
@@ -188,23 +212,48 @@ def _download_into(blob: Any, fd: int, size: int, threads: int) -> Any:
     return props
 
 
+def _guarded(run: Callable[[], Outcome | None], endpoint: str) -> Outcome | None:
+    """*run*'s outcome, with what it raised turned into the file's failure."""
+    try:
+        return run()
+    except UnsafeName as exc:
+        return Outcome("failed", f"refused: {exc}")
+    except ResourceNotFoundError:
+        return Outcome("failed", "blob not found")
+    except Exception as exc:
+        return Outcome("failed", file_error(exc, endpoint))
+
+
+def _start_small_downloads(deps: ActivityDeps, restore_id: str, container: str, items: list[FetchItem],
+                           checked: list[Outcome | None]) -> dict[int, Future[Got]]:
+    """Start the page's small downloads together on the asyncio loop; item index -> its future."""
+    if deps.get_many is None:
+        return {}
+    small = [i for i, item in enumerate(items) if checked[i] is None and item.size <= RANGE_BYTES]
+    if not small:
+        return {}
+    wanted = [(items[i].name, items[i].snapshot, items[i].size) for i in small]
+    return dict(zip(small, deps.get_many(container, wanted, lambda: deps.cancelled(restore_id))))
+
+
 def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> dict[str, Any]:
     client = deps.container_client(inp.container)
     dest = DestDir(inp.dest, temp_tag=restore_id)
     result = {"files_restored": 0, "bytes_restored": 0, "files_done": 0, "bytes_done": 0}
     failures, skipped = Listed(), Listed()
     records: list[dict[str, Any]] = []
-    for item in map(FetchItem._make, deps.work.read_page(restore_id, inp.page)):
+    items = list(map(FetchItem._make, deps.work.read_page(restore_id, inp.page)))
+    # the destination is checked before anything is fetched: a file already there is never downloaded
+    checked = [_guarded(functools.partial(_existing, dest, item, inp.overwrite), deps.endpoint) for item in items]
+    downloads = _start_small_downloads(deps, restore_id, inp.container, items, checked)
+    for index, item in enumerate(items):
         if deps.cancelled(restore_id):  # `sitebackup cancel` stops a restore at the next file boundary
             break
-        try:
-            outcome = restore_one(client, dest, item, overwrite=inp.overwrite, threads=deps.large_file_threads)
-        except UnsafeName as exc:
-            outcome = Outcome("failed", f"refused: {exc}")
-        except ResourceNotFoundError:
-            outcome = Outcome("failed", "blob not found")
-        except Exception as exc:
-            outcome = Outcome("failed", file_error(exc, deps.endpoint))
+        got = downloads.get(index)
+        if got is not None and isinstance(got.exception(), Cancelled):
+            break
+        outcome = checked[index] or _guarded(
+            functools.partial(_fetch, client, dest, item, deps.large_file_threads, got), deps.endpoint)
         result["files_done"] += 1
         result["bytes_done"] += item.size
         if outcome.kind == "restored":
