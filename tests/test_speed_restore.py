@@ -15,21 +15,18 @@ import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 from azure.core.pipeline.transport._aiohttp import AioHttpStreamDownloadGenerator
 from azure.core.pipeline.transport._requests_basic import StreamDownloadGenerator
 from azure.storage.blob import ContentSettings
-from durabletask.client import OrchestrationStatus
-from helpers import wait_until, write_tree
+from helpers import write_tree
 
 from sitebackup.blob.asyncget import AsyncGetter
 from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
 from sitebackup.blob.history import PRUNED
 from sitebackup.blob.workstore import LocalWorkStore
-from sitebackup.commands.hosting import CancelCheck
 from sitebackup.local.dest import TEMP_SUFFIX
 from sitebackup.local.files import b64
 from sitebackup.workflows.activity import ActivityDeps
@@ -129,36 +126,6 @@ def test_a_page_of_small_files_comes_through_the_asyncio_loop_each_checked_again
         else:
             assert path.read_bytes() == files[item.relpath] and path.stat().st_mtime_ns == item.mtime_ns
     assert sorted(p.name for p in out.rglob("*") if p.is_file() and p.name.endswith(TEMP_SUFFIX)) == []
-
-
-def test_cancel_checks_of_other_threads_take_the_last_answer_while_one_asks_the_backend():
-    release = threading.Event()
-    asked: list[str] = []
-
-    class Client:
-        def get_orchestration_state(self, run_id, fetch_payloads=True):
-            asked.append(run_id)
-            release.wait(60)
-            return SimpleNamespace(runtime_status=OrchestrationStatus.TERMINATED)
-
-    runtime = SimpleNamespace(client=Client, status_version=lambda run_id: None)
-    check = CancelCheck(runtime, interval=1.0)
-    first: list[bool] = []
-    asking = threading.Thread(target=lambda: first.append(check("r")))
-    asking.start()
-    wait_until(lambda: asked, "the first check to reach the backend")
-    # the round trip is under way: the other activity threads neither queue behind it nor ask again
-    others: list[bool] = []
-    threads = [threading.Thread(target=lambda: others.append(check("r"))) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: len(others) == 4, "the other checks to answer while the first one waits")
-    assert others == [False] * 4 and asked == ["r"]
-    release.set()
-    asking.join()
-    for thread in threads:
-        thread.join()
-    assert first == [True] and check("r") is True and asked == ["r"]
 
 
 class RequestLog:

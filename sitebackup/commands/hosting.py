@@ -299,10 +299,7 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, ins
 
 class CancelCheck:
     """Answers "was this run cancelled?" from the backend: asked between files, so the answer is cached,
-    and asked again once this process's backend applied a change to the run or after *interval*.
-
-    One thread at a time asks the backend, without holding the lock: the others take the last answer
-    instead of queueing behind the round trip (a cancel is seen one file later at most)."""
+    and asked again once this process's backend applied a change to the run or after *interval*."""
 
     def __init__(self, runtime: Runtime, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.runtime = runtime
@@ -310,30 +307,23 @@ class CancelCheck:
         self.clock = clock
         self.lock = threading.Lock()
         self.checked: dict[str, tuple[float, int | None, bool]] = {}
-        self.asking: set[str] = set()
         self.client: dt_client.TaskHubGrpcClient | None = None
 
     def __call__(self, run_id: str) -> bool:
         with self.lock:
             at, version, answer = self.checked.get(run_id, (float("-inf"), None, False))
             now = self.runtime.status_version(run_id)
-            if answer or run_id in self.asking or (self.clock() - at < self.interval and now == version):
+            if answer or (self.clock() - at < self.interval and now == version):
                 return answer
-            self.asking.add(run_id)
             if self.client is None:
                 self.client = self.runtime.client()
-            client = self.client
-        try:
-            state = client.get_orchestration_state(run_id, fetch_payloads=False)
-        except Exception:  # backend going away: keep uploading, the lease decides
-            with self.lock:
-                self.asking.discard(run_id)
-            return False
-        answer = state is not None and state.runtime_status == dt_client.OrchestrationStatus.TERMINATED
-        with self.lock:
-            self.asking.discard(run_id)
+            try:
+                state = self.client.get_orchestration_state(run_id, fetch_payloads=False)
+            except Exception:  # backend going away: keep uploading, the lease decides
+                return False
+            answer = state is not None and state.runtime_status == dt_client.OrchestrationStatus.TERMINATED
             self.checked[run_id] = (self.clock(), now, answer)
-        return answer
+            return answer
 
 
 def activity_deps(settings: StorageSettings, state_dir: Path, concurrency: int, runtime: Runtime) -> ActivityDeps:
