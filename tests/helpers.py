@@ -146,3 +146,53 @@ def assert_nothing_leaks(secrets: list[bytes], texts: list[str], dirs: list[Path
     for secret in secrets:
         for data in blobs:
             assert secret not in data, f"secret found: {secret[:6]!r}..."
+
+
+class RecordingProxy:
+    """Forwards HTTP to a blob service and records every request's method, path (with its query) and headers."""
+
+    def __init__(self, target: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.target = urlsplit(target)
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                with lock:
+                    proxy.requests.append((self.command, self.path, dict(headers)))
+                conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+        Handler.protocol_version = "HTTP/1.1"
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
