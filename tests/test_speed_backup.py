@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -13,7 +15,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from durabletask import client as dt_client
 from durabletask import task
 from durabletask import worker as dt_worker
-from helpers import RecordingProxy, assert_nothing_leaks, env_for, many_files, run_cli, secret_forms, write_tree
+from helpers import ROOT, RecordingProxy, assert_nothing_leaks, env_for, many_files, run_cli, secret_forms, write_tree
 
 from sitebackup.commands import hosting
 from sitebackup.durable.backend import EmbeddedBackend
@@ -185,3 +187,23 @@ def test_a_refused_put_raises_what_the_sdk_would():
     assert response_error(SimpleNamespace(status_code=500, reason="Server Error", headers={}, text=lambda: "")
                           ).error_code is None
 
+
+LAZY = ("rich", "azure.identity", "durabletask.azuremanaged")
+REPORT_MODULES = f"""
+import atexit, sys
+atexit.register(lambda: print("LOADED", sorted({{m for m in sys.modules if m.startswith({LAZY!r})}}), file=sys.stderr))
+from sitebackup.cli import main
+sys.argv[0] = "sitebackup"
+main()
+"""
+
+
+def test_a_cron_run_with_a_connection_string_loads_no_terminal_ui_identity_or_scheduler_code(azurite, tmp_path,
+                                                                                           container_name):
+    src = tmp_path / "site"
+    many_files(src, 5)
+    env = env_for(azurite.connection_string, tmp_path / "state")
+    run = subprocess.run([sys.executable, "-c", REPORT_MODULES, str(src), "-c", container_name], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "LOADED []" in run.stderr
