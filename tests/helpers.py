@@ -229,3 +229,17 @@ class ForwardingProxy:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+class RecordingProxy(ForwardingProxy):
+    """Records every request's method, path (with its query) and headers."""
+
+    def __init__(self, target: str):
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        super().__init__(target)
+
+    def intercept(self, request, body):
+        with self.lock:
+            self.requests.append((request.command, request.path,
+                                  {k: v for k, v in request.headers.items() if k.lower() != "connection"}))
+        return body

@@ -5,6 +5,11 @@ aiohttp spends much less CPU per request than threads over requests, and one loo
 connection pool keeps ``in_flight`` Put Blobs going whatever the number of activities feeding it.
 Activities stay synchronous (the worker runs them in threads): they hand a page's small files to
 ``AsyncPutter.put_many`` and block on the results.
+
+The Put Blob of a small file is built here (``ContainerPuts``) from headers computed once per container,
+and sent through a pipeline of retries alone, authorized by a container SAS in its URL: with an account
+key, one signed in memory for this process (``clients.container_sas``) instead of a SharedKey HMAC per
+request. The rare requests of a changed file (properties, snapshot) go through the SDK's client.
 """
 
 from __future__ import annotations
@@ -13,27 +18,74 @@ import asyncio
 import atexit
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Coroutine
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
+from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.rest import HttpRequest
 
 from sitebackup.blob.bwlimit import process_limiter
-from sitebackup.blob.clients import StorageSettings, make_service_client
+from sitebackup.blob.clients import StorageSettings, container_sas, make_service_client, put_pipeline
+from sitebackup.blob.errors import response_error
 from sitebackup.blob.upload import (
     Held,
     Uploaded,
     already_there,
+    put_headers,
     replace_conditions,
-    single_put_options,
     small_file_put,
     uploaded,
 )
 
+# a run's SAS is signed for an hour and replaced a quarter of an hour before it runs out, so a request
+# (with its retries, about a minute) never carries an expired one
+SAS_LIFETIME = timedelta(hours=1)
+SAS_MARGIN = timedelta(minutes=15)
+
 
 class Cancelled(Exception):
     """The run was cancelled before this file's turn came."""
+
+
+class ContainerPuts:
+    """Put Blob requests into one container, through *pipeline* (``clients.put_pipeline``), authorized as
+    *container* (an aio ``ContainerClient``) is: by the SAS in its URL, a SAS signed with its account key
+    (renewed well before it expires), or its token credential in the pipeline."""
+
+    def __init__(self, container: Any, pipeline: Any, clock: Callable[[], float] = time.monotonic):
+        parts = urlsplit(container.url)
+        self._base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", ""))
+        self._query = f"?{parts.query}" if parts.query else ""
+        self._credential = container.credential
+        self._container = container.container_name
+        self._pipeline = pipeline
+        self._clock = clock
+        self._headers = {"x-ms-version": container.api_version, "x-ms-blob-type": "BlockBlob",
+                         "Content-Type": "application/octet-stream", "Accept": "application/xml"}
+        self._renew_at: float | None = None
+        self._sign()
+
+    def _sign(self) -> None:
+        sas = container_sas(self._credential, self._container, SAS_LIFETIME)
+        if sas is not None:
+            self._query = f"?{sas}"
+            self._renew_at = self._clock() + (SAS_LIFETIME - SAS_MARGIN).total_seconds()
+
+    async def put(self, name: str, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        """Put *data* as block blob *name* with *headers* (``upload.put_headers``); the response's ``etag``."""
+        if self._renew_at is not None and self._clock() >= self._renew_at:
+            self._sign()
+        request = HttpRequest("PUT", self._base + quote(name, safe="~/") + self._query,
+                              headers={**self._headers, **headers}, content=data)
+        response = await self._pipeline.send_request(request)
+        if response.status_code != 201:
+            raise response_error(response)
+        return {"etag": response.headers["ETag"]}
 
 
 class AsyncPutter:
@@ -45,6 +97,8 @@ class AsyncPutter:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
+        self._pipeline: Any = None
+        self._puts: dict[str, ContainerPuts] = {}
         self._gate: asyncio.Semaphore | None = None
         self._limiter = process_limiter()  # --bwlimit: a small file's bytes are paid for before its request
 
@@ -57,6 +111,7 @@ class AsyncPutter:
                 async def setup() -> None:
                     # the client and its aiohttp session must be born inside the loop that uses them
                     self._client, _label = make_service_client(self._settings, pool_size=self._in_flight, aio=True)
+                    self._pipeline = put_pipeline(self._client.credential, self._in_flight)
                     self._gate = asyncio.Semaphore(self._in_flight)
 
                 asyncio.run_coroutine_threadsafe(setup(), loop).result()
@@ -79,12 +134,15 @@ class AsyncPutter:
 
         async def all_items() -> list[Any]:
             client = self._client.get_container_client(container)
-            return await asyncio.gather(*(self._put(client, path, name, held, cancelled, tier)
+            if container not in self._puts:
+                self._puts[container] = ContainerPuts(client, self._pipeline)
+            puts = self._puts[container]
+            return await asyncio.gather(*(self._put(client, puts, path, name, held, cancelled, tier)
                                           for path, name, held in items), return_exceptions=True)
 
         return asyncio.run_coroutine_threadsafe(all_items(), loop).result()
 
-    async def _put(self, client: Any, path: Path, name: str, held: Held | None,
+    async def _put(self, client: Any, puts: ContainerPuts, path: Path, name: str, held: Held | None,
                    cancelled: Callable[[], bool], tier: str | None) -> Uploaded:
         async with self._gate:
             if cancelled():
@@ -93,10 +151,13 @@ class AsyncPutter:
             data, st, md5 = small_file_put(path)
             if self._limiter is not None:
                 await self._limiter.acquire_async(len(data))
-            blob = client.get_blob_client(name)
-            options = single_put_options(name, st, md5, tier)
-            done = await _replace(blob, lambda **c: blob.upload_blob(data, length=len(data), **options, **c),
-                                  uploaded(st, md5).md5, st.st_mtime_ns, held)
+
+            def put(match_condition: MatchConditions | None = None, etag: str | None = None) -> Any:
+                return puts.put(name, data, put_headers(name, st, md5, tier, etag,
+                                                        match_condition == MatchConditions.IfMissing))
+
+            done = await _replace(lambda: client.get_blob_client(name), put, uploaded(st, md5).md5,
+                                  st.st_mtime_ns, held)
             return uploaded(st, md5, tier, done["etag"])
 
     def close(self) -> None:
@@ -105,16 +166,20 @@ class AsyncPutter:
         if loop is None:
             return
         asyncio.run_coroutine_threadsafe(self._client.close(), loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._pipeline.close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
 
 
-async def _replace(blob: Any, put: Callable[..., Any], md5: str, mtime_ns: int, held: Held | None) -> Any:
-    """``upload.replace`` on the async client: the old content is kept as a snapshot when it may differ."""
+async def _replace(blob_client: Callable[[], Any], put: Callable[..., Any], md5: str, mtime_ns: int,
+                   held: Held | None) -> Any:
+    """``upload.replace`` on the async client: the old content is kept as a snapshot when it may differ.
+    The SDK's client of the blob is made only when the put alone does not do."""
     conditions = replace_conditions(md5, held)
     if conditions is not None:
         try:
             return await put(**conditions)
         except (ResourceExistsError, ResourceModifiedError):
+            blob = blob_client()
             try:
                 props = await blob.get_blob_properties()
             except ResourceNotFoundError:
@@ -122,7 +187,7 @@ async def _replace(blob: Any, put: Callable[..., Any], md5: str, mtime_ns: int, 
             if already_there(props, md5, mtime_ns):
                 return {"etag": props.etag}
     try:
-        await blob.create_snapshot()
+        await blob_client().create_snapshot()
     except ResourceNotFoundError:
         pass
     return await put()

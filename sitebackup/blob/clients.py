@@ -13,13 +13,20 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.core.pipeline.transport import RequestsTransport
-from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
+from azure.storage.blob import (
+    BlobServiceClient,
+    ContainerClient,
+    ContainerSasPermissions,
+    ExponentialRetry,
+    generate_container_sas,
+)
 
 from sitebackup.blob.bwlimit import PacedAdapter, process_limiter
 from sitebackup.blob.errors import classify, one_line, redact
@@ -34,6 +41,8 @@ DEFAULT_RETRIES = 5
 # response bodies are read in chunks of this size: azure-core's default (4 KiB) costs a Python-level
 # iteration per 4 KiB, most of a large download's CPU; the SDK's own default is lost with our transports
 DOWNLOAD_CHUNK_BYTES = 4 * 1024 * 1024
+CONNECTION_TIMEOUT, READ_TIMEOUT = 20, 300  # seconds
+STORAGE_SCOPE = "https://storage.azure.com/.default"
 
 NOT_CONFIGURED = (
     "no storage configured: pass --connection-string or set AZURE_STORAGE_CONNECTION_STRING, "
@@ -93,7 +102,50 @@ def _aio_transport(in_flight: int) -> Any:
 
     # the connector's limit is the real bound on parallel requests: match the window
     return AioHttpTransport(session=aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)),
-                            session_owner=True, connection_data_block_size=DOWNLOAD_CHUNK_BYTES)
+                            session_owner=True, connection_timeout=CONNECTION_TIMEOUT, read_timeout=READ_TIMEOUT,
+                            connection_data_block_size=DOWNLOAD_CHUNK_BYTES)
+
+
+def _retry(aio: bool, quick: bool) -> Any:
+    if aio:
+        from azure.storage.blob.aio import ExponentialRetry as Retry
+    else:
+        Retry = ExponentialRetry
+    if quick:
+        return Retry(initial_backoff=1, increment_base=2, retry_total=1, random_jitter_range=1)
+    # about a minute of backoff (3, 5, 9, 17, 33 s) before a request is given up; fewer retries
+    # (SITEBACKUP_STORAGE_RETRIES) make a long outage end the run sooner, as a resumable failure
+    return Retry(initial_backoff=1, increment_base=2, retry_total=storage_retries(), random_jitter_range=1)
+
+
+def put_pipeline(credential: Any, in_flight: int) -> Any:
+    """An azure-core async pipeline client for lean requests beside an aio client whose ``credential``
+    is given: the same retries, timeouts and connection window, and only the policies a request
+    authorized by a SAS in its URL needs (a bearer token policy for a token credential).
+
+    The SDK's clients run a dozen policies and build a client object per blob; for small files
+    that per-request work, not the bytes, is what the client spends its CPU on."""
+    from azure.core import AsyncPipelineClient
+    from azure.core.pipeline import AsyncPipeline
+    from azure.core.pipeline.policies import AsyncBearerTokenCredentialPolicy
+
+    policies: list[Any] = [_retry(aio=True, quick=False)]
+    if hasattr(credential, "get_token"):
+        policies.append(AsyncBearerTokenCredentialPolicy(credential, STORAGE_SCOPE))
+    transport = _aio_transport(in_flight)
+    return AsyncPipelineClient("", pipeline=AsyncPipeline(transport, policies))
+
+
+def container_sas(credential: Any, container: str, lifetime: timedelta) -> str | None:
+    """A SAS for creating and writing blobs of *container* for *lifetime*, signed in memory with the
+    account key the client *credential* holds (one HMAC per run, not one per request); None without a
+    key. It lives only in this process: never stored, logged or passed to another."""
+    key = getattr(credential, "account_key", None)
+    if not key:
+        return None
+    return generate_container_sas(credential.account_name, container, account_key=key,
+                                  permission=ContainerSasPermissions(create=True, write=True),
+                                  expiry=datetime.now(timezone.utc) + lifetime)
 
 
 def make_service_client(settings: StorageSettings, *, quick: bool = False, pool_size: int = 32,
@@ -106,18 +158,13 @@ def make_service_client(settings: StorageSettings, *, quick: bool = False, pool_
     """
     if aio:
         from azure.storage.blob.aio import BlobServiceClient as Client
-        from azure.storage.blob.aio import ExponentialRetry as Retry
     else:
-        Client, Retry = BlobServiceClient, ExponentialRetry
+        Client = BlobServiceClient
     if quick:
-        retry = Retry(initial_backoff=1, increment_base=2, retry_total=1, random_jitter_range=1)
-        kwargs: dict[str, Any] = {"retry_policy": retry, "connection_timeout": 5, "read_timeout": 30}
+        kwargs: dict[str, Any] = {"retry_policy": _retry(aio, quick), "connection_timeout": 5, "read_timeout": 30}
     else:
-        # about a minute of backoff (3, 5, 9, 17, 33 s) before a request is given up; fewer retries
-        # (SITEBACKUP_STORAGE_RETRIES) make a long outage end the run sooner, as a resumable failure
-        retry = Retry(initial_backoff=1, increment_base=2, retry_total=storage_retries(), random_jitter_range=1)
-        kwargs = {"retry_policy": retry, "connection_timeout": 20, "read_timeout": 300,
-                  "transport": _aio_transport(pool_size) if aio else _transport(pool_size)}
+        kwargs = {"retry_policy": _retry(aio, quick), "connection_timeout": CONNECTION_TIMEOUT,
+                  "read_timeout": READ_TIMEOUT, "transport": _aio_transport(pool_size) if aio else _transport(pool_size)}
     try:
         if settings.connection_string:
             check_connection_string(settings.connection_string)

@@ -4,10 +4,15 @@ run, resumable) or one file (a one-line reason), with secrets redacted from ever
 from __future__ import annotations
 
 import re
+from typing import Any
+from xml.etree import ElementTree
 
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
 )
@@ -23,9 +28,30 @@ _SECRET_PATTERNS = [
 ]
 # a wrong key or an expired SAS (Azurite answers AuthorizationFailure where Azure says AuthenticationFailed)
 _AUTH_CODES = {"AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticationInfo", "NoAuthenticationInformation"}
+# as the SDK maps them; anything else is an HttpResponseError
+_ERROR_TYPES: dict[int, type[HttpResponseError]] = {
+    401: ClientAuthenticationError, 404: ResourceNotFoundError, 409: ResourceExistsError, 412: ResourceModifiedError}
 # the service refuses to read or overwrite a blob in the Archive tier until it is rehydrated
 ARCHIVED = ("blob is in the Archive tier: rehydrate it first (az storage blob set-tier --container-name CONTAINER "
             "--name BLOB --tier Hot --rehydrate-priority Standard; this takes hours), then run again")
+
+
+def response_error(response: Any) -> HttpResponseError:
+    """The exception the SDK raises for a refused storage request, for a request sent without it: the
+    type ``replace`` and ``classify`` tell apart, the service's ``x-ms-error-code`` as ``error_code``,
+    its message first (what one-line reports show)."""
+    code = response.headers.get("x-ms-error-code")
+    try:
+        message = ElementTree.fromstring(response.text()).findtext("Message") or ""
+    except ElementTree.ParseError:
+        message = ""
+    kind = _ERROR_TYPES.get(response.status_code, HttpResponseError)
+    if code in _AUTH_CODES:
+        kind = ClientAuthenticationError
+    error = kind(message=f"{message.splitlines()[0] if message else response.reason}\nErrorCode:{code}",
+                 response=response)
+    error.error_code = code
+    return error
 
 
 def redact(text: str) -> str:

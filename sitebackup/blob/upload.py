@@ -139,6 +139,23 @@ def single_put_options(name: str, st: os.stat_result, md5: bytes, tier: str | No
             "headers": {"Content-MD5": base64.b64encode(md5).decode("ascii")}}
 
 
+def put_headers(name: str, st: os.stat_result, md5: bytes, tier: str | None, held_etag: str | None,
+                if_missing: bool) -> dict[str, str]:
+    """The headers of a Put Blob that ``single_put_options`` describes to the SDK, for a request built
+    without it: the same properties, both Content-MD5s, the tier, and the condition ``replace`` chose
+    (*if_missing*: If-None-Match, *held_etag*: If-Match)."""
+    digest = base64.b64encode(md5).decode("ascii")
+    headers = {"Content-MD5": digest, "x-ms-blob-content-md5": digest, "x-ms-blob-content-type": content_type(name),
+               f"x-ms-meta-{META_MTIME}": str(st.st_mtime_ns), f"x-ms-meta-{META_MODE}": format(st.st_mode & 0o7777, "04o")}
+    if tier:
+        headers["x-ms-access-tier"] = StandardBlobTier(tier).value
+    if if_missing:
+        headers["If-None-Match"] = "*"
+    elif held_etag:
+        headers["If-Match"] = held_etag
+    return headers
+
+
 def small_file_put(path: Path) -> tuple[bytes, os.stat_result, bytes]:
     """A small file's bytes, stat and MD5, read once: what a one-request upload sends."""
     data, st = read_whole(path)

@@ -43,6 +43,10 @@ from sitebackup.workflows.types import BackupInput
 # polls are cheap local RPCs; a short period ends the run sooner after its last activity
 POLL_SECONDS = 0.1
 FIRST_POLL_SECONDS = 0.02  # doubling up to POLL_SECONDS: a small run is done within the first polls
+# A run hosted by this process's embedded backend is read again as soon as that backend changes it (an
+# episode: new counters, or the end), and otherwise only this often, for what other processes change
+# (a cancel, a peer's worker): no reads while nothing moves.
+IDLE_READ_SECONDS = 1.0
 TERMINAL = {
     dt_client.OrchestrationStatus.COMPLETED,
     dt_client.OrchestrationStatus.FAILED,
@@ -227,10 +231,14 @@ def exit_code_for(summary: dict[str, Any]) -> int:
 
 def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printer,
           on_poll: Callable[[], None] | None = None, *, stop_when_waiting: bool = True,
-          released: int | None = None) -> dt_client.OrchestrationState:
+          released: int | None = None, runtime: Runtime | None = None) -> dt_client.OrchestrationState:
     """Feed the printer from custom status until the instance reaches a terminal state
-    (or, with *stop_when_waiting*, parks waiting for `resume`; wait number *released* is one we woke)."""
+    (or, with *stop_when_waiting*, parks waiting for `resume`; wait number *released* is one we woke).
+
+    With the *runtime* whose embedded backend serves the run, the status is read when that backend
+    changed it (``IDLE_READ_SECONDS`` at the latest), else polled."""
     delay = FIRST_POLL_SECONDS
+    version = runtime.status_version(instance_id) if runtime is not None else None
     while True:
         if on_poll is not None:
             on_poll()
@@ -247,8 +255,11 @@ def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printe
             waiting = waiting_status(state)
             if waiting is not None and waiting.get("waits") != released:
                 return state
-        time.sleep(delay)
-        delay = min(2 * delay, POLL_SECONDS)
+        if runtime is not None and version is not None:
+            version = runtime.wait_status(instance_id, version, IDLE_READ_SECONDS)
+        else:
+            time.sleep(delay)
+            delay = min(2 * delay, POLL_SECONDS)
 
 
 def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
@@ -269,7 +280,8 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, insta
             released = release_waiting(client, instance_id)
             if local_worker:
                 runtime.start_worker(deps, concurrency)
-            state = watch(client, instance_id, printer, on_poll=poll, stop_when_waiting=True, released=released)
+            state = watch(client, instance_id, printer, on_poll=poll, stop_when_waiting=True, released=released,
+                          runtime=runtime)
     except KeyboardInterrupt:
         printer.close()
         runtime.stop_workers()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -130,6 +131,18 @@ class Runtime:
         episode, a termination); None under the scheduler, where changes happen elsewhere."""
         store = self.backend.store if self.backend is not None else None
         return None if store is None else store.touched.get((DEFAULT_TASKHUB, instance_id), 0)
+
+    def wait_status(self, instance_id: str, seen: int | None, timeout: float) -> int | None:
+        """Block until ``status_version`` of the instance moves from *seen* or *timeout* passes; the version
+        then. Without an embedded backend nothing here can tell: it just waits *timeout*."""
+        store = self.backend.store if self.backend is not None else None
+        if store is None:
+            time.sleep(timeout)
+            return None
+        key = (DEFAULT_TASKHUB, instance_id)
+        with store.changed:
+            store.changed.wait_for(lambda: store.touched.get(key, 0) != seen, timeout)
+            return store.touched.get(key, 0)
 
     def fault(self) -> str | None:
         """Why the embedded backend's state directory stopped taking writes, if it did."""

@@ -15,14 +15,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TextIO
-
-from rich.console import Console
-from rich.markup import escape as escape_markup
-from rich.progress import BarColumn, Progress, TextColumn
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sitebackup.ui.escape import printable
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def human_bytes(n: float) -> str:
@@ -173,6 +171,10 @@ class RichPrinter(PlainPrinter):
     """A live bar on stderr, drawn from the custom-status counters."""
 
     def __init__(self, console: Console | None = None):
+        # rich is imported only where a bar is drawn: cron runs (no terminal) never pay for it
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn
+
         super().__init__()
         self.console = console or Console(stderr=True)
         self.bar = Progress(
@@ -191,6 +193,8 @@ class RichPrinter(PlainPrinter):
         self.started = False
 
     def start(self, info: dict[str, Any]) -> None:
+        from rich.text import Text
+
         verb = "Resuming" if info.get("resumed") else info.get("action", "Backing up")
         self.console.print(Text.assemble(f"{verb} ", (printable(info["source"]), "bold"), " -> ",
                                          (printable(info["destination"]), "bold"), f" ({printable(info['instance_id'])})"))
@@ -201,6 +205,8 @@ class RichPrinter(PlainPrinter):
         self.console.print(printable(text), markup=False, highlight=False)
 
     def progress(self, status: dict[str, Any]) -> None:
+        from rich.markup import escape as escape_markup
+
         total = status.get("bytes_total") or None
         done = status.get("bytes_done", 0)
         rate, eta = self.meter.update(status)

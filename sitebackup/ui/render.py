@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import sys
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
-from rich.text import Text
 
 from sitebackup.ui.escape import printable
 from sitebackup.ui.printers import KINDS, done_verb, failure_lines, human_bytes, human_duration
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def status_text(info: dict[str, Any]) -> str:
@@ -71,6 +70,11 @@ RUN_COLUMNS = ("id", "kind", "status", "source", "destination", "files", "bytes"
 def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> None:
     """The runs, newest first: a table on a terminal wide enough for it, otherwise tab-separated lines
     (a header first), so a pipe, a script or cron's mail gets every value in full, never cut."""
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+    from rich.text import Text
+
     console = console or Console()
     if not rows:
         click.echo("no runs recorded in this state directory", file=console.file)
