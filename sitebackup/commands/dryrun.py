@@ -4,6 +4,8 @@ No orchestration is scheduled and the container is neither created nor listed: t
 comparison with the baseline run's record (found through the durable client of the selected
 backend, read from its work store) answer what a real run would upload and skip. Under the
 scheduler that record is read from the container's reserved ``.sitebackup/work/`` prefix.
+Each file's line goes out as the walk reaches it and the record is read beside the walk, so
+nothing is kept per file.
 """
 
 from __future__ import annotations
@@ -23,13 +25,9 @@ from sitebackup.local.filters import Filter
 from sitebackup.local.scan import FileEntry, Skipped, walk
 
 
-def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: TaskHubSettings | None = None,
-                on_item: Callable[[dict[str, Any]], None] = lambda item: None) -> dict[str, Any]:
-    """Walk and compare, handing each file's line to *on_item* as the walk goes; return the totals.
-
-    The baseline record is read beside the walk (``incremental.Baseline``) and nothing is kept per file:
-    memory stays flat whatever the size of the tree.
-    """
+def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: TaskHubSettings | None,
+                on_item: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Walk and compare, handing each file's line to *on_item* as the walk goes; return the totals."""
     if taskhub is not None and not settings.configured and request.compare != incremental.MODE_FORCE:
         raise InputError("--dry-run with --taskhub reads the last run's record from the container: " + NOT_CONFIGURED)
     endpoint = None
