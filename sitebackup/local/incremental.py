@@ -36,16 +36,22 @@ class Baseline:
     def __init__(self, records: Iterable[dict[str, Any]]):
         self._records = iter(records)
         self._head: dict[str, Any] | None = None
-        self._head_key: tuple[str, ...] = ()
+        self._head_key: tuple[str, ...] | None = None  # computed only when a path does not match the head
         self._advance()
 
     def _advance(self) -> None:
+        self._head = self._head_key = None
         for record in self._records:
             # failed files hold nothing in the container
             if "error" not in record and "md5" in record:
-                self._head, self._head_key = record, walk_key(record["path"])
+                self._head = record
                 return
-        self._head = None
+
+    def _key(self) -> tuple[str, ...]:
+        assert self._head is not None
+        if self._head_key is None:
+            self._head_key = walk_key(self._head["path"])
+        return self._head_key
 
     def get(self, relpath: str) -> dict[str, Any] | None:
         """The record of *relpath*, or None; paths must come in walk order (``local.scan.walk_key``)."""
@@ -53,7 +59,7 @@ class Baseline:
             return None
         if self._head["path"] != relpath:  # the common case (an unchanged tree) needs no key
             key = walk_key(relpath)
-            while self._head is not None and self._head_key < key:
+            while self._head is not None and self._key() < key:
                 self._advance()
             if self._head is None or self._head["path"] != relpath:
                 return None
