@@ -291,8 +291,8 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
                                        **selection)
     hub = _taskhub_settings(taskhub)
     if dry_run:
-        plan = dryrun.plan_backup(request, settings, hub)
-        render.dry_run_plan(plan, json_output, quiet)
+        plan = dryrun.plan_backup(request, settings, hub, lambda item: render.dry_run_item(item, json_output, quiet))
+        render.dry_run_totals(plan, json_output, quiet)
         sys.exit(EXIT_FILES_FAILED if plan["files_failed"] else 0)
     printer = make_printer(json_output=json_output, quiet=quiet or (detach and not json_output))
     if log_file is not None:

@@ -57,10 +57,11 @@ def test_scan_cuts_large_files_into_range_pages(tmp_path: Path):
     src = write_tree(tmp_path / "src", {"big.bin": b"x" * (4 * MIB + 1), "small.txt": b"s"})
     work = WorkStore(tmp_path / "work")
     out = copy.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
-    assert out["pages"] == 1 + 5  # one batch with the small file, five ranges of 1 MiB
-    ranges = [work.read_page("run1", p) for p in range(1, 6)]
+    assert out["pages"] == 5 + 1  # in walk order: five ranges of 1 MiB, then one batch with the small file
+    ranges = [work.read_page("run1", p) for p in range(5)]
     assert [r["range"] for r in ranges] == list(range(5))
-    assert {r["first_page"] for r in ranges} == {1} and {r["ranges"] for r in ranges} == {5}
+    assert {r["first_page"] for r in ranges} == {0} and {r["ranges"] for r in ranges} == {5}
+    assert work.read_page("run1", 5)[0][0] == "small.txt"
 
 
 # ---- history and payloads -----------------------------------------------------------------------

@@ -4,10 +4,13 @@ No orchestration is scheduled and the container is neither created nor listed: t
 comparison with the baseline run's record (found through the durable client of the selected
 backend, read from its work store) answer what a real run would upload and skip. Under the
 scheduler that record is read from the container's reserved ``.sitebackup/work/`` prefix.
+Each file's line goes out as the walk reaches it and the record is read beside the walk, so
+nothing is kept per file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,12 @@ from sitebackup.errors import InputError
 from sitebackup.local import incremental
 from sitebackup.local.files import describe_os_error, file_md5_b64
 from sitebackup.local.filters import Filter
-from sitebackup.local.scan import Failed, FileEntry, Skipped, walk
+from sitebackup.local.scan import FileEntry, Skipped, walk
 
 
-def plan_backup(request: BackupRequest, settings: StorageSettings,
-                taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: TaskHubSettings | None,
+                on_item: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Walk and compare, handing each file's line to *on_item* as the walk goes; return the totals."""
     if taskhub is not None and not settings.configured and request.compare != incremental.MODE_FORCE:
         raise InputError("--dry-run with --taskhub reads the last run's record from the container: " + NOT_CONFIGURED)
     endpoint = None
@@ -33,42 +37,52 @@ def plan_backup(request: BackupRequest, settings: StorageSettings,
         service, endpoint = make_service_client(settings, quick=True)
     try:
         inp = request.orchestration_input(endpoint)
-        previous: dict[str, dict[str, Any]] = {}
+        records: Iterable[dict[str, Any]] = ()
         baseline = None
         if request.compare != incremental.MODE_FORCE:
             with open_client(request.state_dir, taskhub) as (runtime, client):
                 work = runtime.work_store(service)
                 baseline = find_baseline(client, inp, work)
-                if baseline:
-                    previous = incremental.baseline_index(work.iter_results(baseline))
+            if baseline:
+                records = work.iter_results(baseline)
+        totals = _walk(request, incremental.Baseline(records), on_item)
     finally:
         if service is not None:
             service.close()
+    return {"dry_run": True, "source": str(request.source), "destination": inp.destination, "baseline": baseline,
+            **totals}
+
+
+def _walk(request: BackupRequest, previous: incremental.Baseline,
+          on_item: Callable[[dict[str, Any]], None]) -> dict[str, int]:
+    totals = dict.fromkeys(("files_to_upload", "bytes_to_upload", "files_unchanged", "bytes_skipped",
+                            "files_skipped", "files_failed"), 0)
     rules = Filter(request.patterns)
-    items: list[dict[str, Any]] = []
     for entry in walk(request.source, excluded=rules.excluded if rules else None,
                       follow_symlinks=request.follow_symlinks):
         if isinstance(entry, FileEntry):
             try:
                 action = _action(request.source, entry, previous.get(entry.relpath), request.compare)
             except OSError as exc:
-                items.append({"action": "fail", "path": entry.relpath, "error": describe_os_error(exc)})
-                continue
-            items.append({"action": action, "path": entry.relpath, "size": entry.size})
+                item = {"action": "fail", "path": entry.relpath, "error": describe_os_error(exc)}
+            else:
+                item = {"action": action, "path": entry.relpath, "size": entry.size}
+                if action == "upload":
+                    totals["files_to_upload"] += 1
+                    totals["bytes_to_upload"] += entry.size
+                else:  # an unchanged file is a skipped one too: not uploaded on purpose
+                    totals["files_unchanged"] += 1
+                    totals["files_skipped"] += 1
+                    totals["bytes_skipped"] += entry.size
         elif isinstance(entry, Skipped):
-            items.append({"action": "skip", "path": entry.relpath, "reason": entry.reason})
-        elif isinstance(entry, Failed):
-            items.append({"action": "fail", "path": entry.relpath, "error": entry.reason})
-    upload = [i for i in items if i["action"] == "upload"]
-    unchanged = [i for i in items if i["action"] == "unchanged"]
-    return {
-        "dry_run": True, "source": str(request.source), "destination": inp.destination,
-        "baseline": baseline, "items": items,
-        "files_to_upload": len(upload), "bytes_to_upload": sum(i["size"] for i in upload),
-        "files_unchanged": len(unchanged), "bytes_skipped": sum(i["size"] for i in unchanged),
-        "files_skipped": len(unchanged) + sum(1 for i in items if i["action"] == "skip"),
-        "files_failed": sum(1 for i in items if i["action"] == "fail"),
-    }
+            item = {"action": "skip", "path": entry.relpath, "reason": entry.reason}
+            totals["files_skipped"] += 1
+        else:
+            item = {"action": "fail", "path": entry.relpath, "error": entry.reason}
+        if item["action"] == "fail":
+            totals["files_failed"] += 1
+        on_item(item)
+    return totals
 
 
 def _action(source: Path, entry: FileEntry, previous: dict[str, Any] | None, mode: str) -> str:

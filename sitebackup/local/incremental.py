@@ -5,12 +5,20 @@ commands layer); only its id travels in the orchestration input and the scan act
 record from the work store. A file is
 unchanged when its size and modification time equal the recorded ones (``mtime`` mode), or, in
 ``checksum`` mode, when its content MD5 equals the recorded MD5; ``force`` uploads everything.
+
+The record is read beside the walk, never held whole: the scan writes its pages in walk order, so
+the record (its result pages in page order) is in walk order too, and each walked path finds its
+record by advancing one cursor (``Baseline``, a sorted merge-join). A record out of that order only
+costs uploads: a file whose record is not found is sent again, and ``blob.upload.replace`` still
+keeps the content at its name as a snapshot.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+
+from sitebackup.local.scan import walk_key
 
 MODE_MTIME = "mtime"
 MODE_CHECKSUM = "checksum"
@@ -22,9 +30,42 @@ UNCHANGED = "unchanged"
 CHECK = "check"  # same size, content must be hashed to tell
 
 
-def baseline_index(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """path → record of every file the baseline run holds in the container (failed files excluded)."""
-    return {r["path"]: r for r in records if "error" not in r and "md5" in r}
+class Baseline:
+    """The baseline run's record, looked up path by path in walk order while it is read page by page."""
+
+    def __init__(self, records: Iterable[dict[str, Any]]):
+        self._records = iter(records)
+        self._head: dict[str, Any] | None = None
+        self._head_key: tuple[str, ...] | None = None  # computed only when a path does not match the head
+        self._advance()
+
+    def _advance(self) -> None:
+        self._head = self._head_key = None
+        for record in self._records:
+            # failed files hold nothing in the container
+            if "error" not in record and "md5" in record:
+                self._head = record
+                return
+
+    def _key(self) -> tuple[str, ...]:
+        assert self._head is not None
+        if self._head_key is None:
+            self._head_key = walk_key(self._head["path"])
+        return self._head_key
+
+    def get(self, relpath: str) -> dict[str, Any] | None:
+        """The record of *relpath*, or None; paths must come in walk order (``local.scan.walk_key``)."""
+        if self._head is None:
+            return None
+        if self._head["path"] != relpath:  # the common case (an unchanged tree) needs no key
+            key = walk_key(relpath)
+            while self._head is not None and self._key() < key:
+                self._advance()
+            if self._head is None or self._head["path"] != relpath:
+                return None
+        found = self._head
+        self._advance()
+        return found
 
 
 def decide(size: int, mtime_ns: int, previous: dict[str, Any] | None, mode: str) -> str:

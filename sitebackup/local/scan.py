@@ -2,6 +2,9 @@
 
 A walk yields what is to be backed up (regular files), what is skipped on purpose (symlinks,
 FIFOs, sockets, devices) and what could not be read (reported as failures by path, never fatal).
+It holds one directory listing and the stack of directories still to walk, never the tree: its
+order (``walk_key``) is a function of the paths alone, so a record written in walk order can be
+read beside the next walk in one pass (``local.incremental.Baseline``).
 """
 
 from __future__ import annotations
@@ -61,6 +64,14 @@ def _special_kind(mode: int) -> str | None:
 
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def walk_key(relpath: str) -> tuple[str, ...]:
+    """Sorts relative paths in ``walk`` order: a directory's files by name, then its subdirectories by name,
+    each whole before the next."""
+    *dirs, name = relpath.split("/")
+    # "1" before a directory name, "0" before the file name: a directory's files sort before its subdirectories
+    return (*("1" + d for d in dirs), "0" + name)
 
 
 def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None,

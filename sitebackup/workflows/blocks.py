@@ -39,9 +39,8 @@ from sitebackup.blob.naming import backup_blob_name
 from sitebackup.blob.upload import Held, Uploaded, blob_properties, replace
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.local.files import CHUNK, FileChangedError, check_unchanged
-from sitebackup.local.scan import FileEntry
 from sitebackup.workflows.activity import ActivityDeps
-from sitebackup.workflows.types import MIB, BlockRange
+from sitebackup.workflows.types import MIB, BlockRange, CopyItem
 
 MIN_BLOCK_SIZE = 1 * MIB
 MAX_BLOCK_SIZE = 4000 * MIB  # Azure's limit for one block
@@ -137,20 +136,15 @@ def commit_task(first_page: int) -> int:
     return -1 - first_page
 
 
-def write_range_pages(work: WorkStore, run_id: str, first_page: int, files: list[tuple[FileEntry, list[Any] | None]],
-                      block_size: int) -> int:
-    """Write the range pages of *files* (each with what the baseline held at its name) from page *first_page*
+def write_range_pages(work: WorkStore, run_id: str, first_page: int, item: CopyItem, block_size: int) -> int:
+    """Write the range pages of the file *item* (with what the baseline held at its name) from page *first_page*
     on; return how many."""
-    page = first_page
-    for entry, held in files:
-        n = range_count(entry.size, block_size)
-        start = page
-        for index in range(n):
-            work.write_page(run_id, page, BlockRange(file=[entry.relpath, entry.size, entry.mtime_ns], range=index,
-                                                     ranges=n, block_size=block_size, first_page=start,
-                                                     held=held).to_dict())
-            page += 1
-    return page - first_page
+    n = range_count(item.size, block_size)
+    for index in range(n):
+        work.write_page(run_id, first_page + index, BlockRange(
+            file=[item.relpath, item.size, item.mtime_ns], range=index, ranges=n, block_size=block_size,
+            first_page=first_page, held=item.held).to_dict())
+    return n
 
 
 def count_range(state: dict[str, Any], info: dict[str, int]) -> int | None:

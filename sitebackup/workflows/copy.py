@@ -10,6 +10,7 @@ record, which restore, verify, prune and the next run read.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,57 +24,62 @@ from sitebackup.blob.workstore import WorkStore
 from sitebackup.local import incremental
 from sitebackup.local.files import FileChangedError, file_md5_b64
 from sitebackup.local.filters import Filter
-from sitebackup.local.scan import Failed, FileEntry, Skipped, walk
+from sitebackup.local.scan import Failed, Skipped, walk
 from sitebackup.workflows import blocks
 from sitebackup.workflows.activity import ActivityDeps, activity
-from sitebackup.workflows.names import COPY_BATCH, SCAN_TREE, UNCHANGED_PAGE
+from sitebackup.workflows.names import COPY_BATCH, SCAN_TREE
 from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE, BlockRange, CopyInput, CopyItem, ScanInput
-from sitebackup.workflows.window import Listed, plan_pages
+from sitebackup.workflows.window import Listed, stream_pages
 
 
 def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int, baseline: str | None = None,
                 mode: str = incremental.MODE_MTIME, patterns: list[str] | None = None,
                 follow_symlinks: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
-    """Walk *source* into pages of ``CopyItem`` (new, changed and unchanged files) and block ranges."""
-    files: list[FileEntry] = []
+    """Walk *source* into pages of ``CopyItem`` (new, changed and unchanged files) and block ranges.
+
+    Pages are written as the walk goes, in walk order, and the baseline record is read beside it
+    (``incremental.Baseline``): memory holds a page and a directory listing, not the tree. The
+    results the copies write per page are then in walk order too: the next run's baseline.
+    """
     skipped, failures = Listed(), Listed()
+    totals = {"files": 0, "bytes": 0}
     rules = Filter(patterns or [])
-    for entry in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
-        if isinstance(entry, FileEntry):
-            files.append(entry)
-        elif isinstance(entry, Skipped):
-            skipped.add({"path": entry.relpath, "reason": entry.reason})
-        elif isinstance(entry, Failed):
-            failures.add({"path": entry.relpath, "error": entry.reason})
     # with --force too: what the baseline recorded at a name is kept as a snapshot before it is replaced
-    previous = incremental.baseline_index(work.iter_results(baseline)) if baseline else {}
-    to_copy: list[CopyItem] = []
-    unchanged: list[CopyItem] = []
-    large: list[tuple[FileEntry, list[Any] | None]] = []
-    for e in files:
-        before = previous.get(e.relpath)
-        decision = incremental.decide(e.size, e.mtime_ns, before, mode)
-        held = [before["md5"], before.get("etag")] if before else None
-        if decision == incremental.UNCHANGED:
-            unchanged.append(CopyItem(e.relpath, e.size, e.mtime_ns, before, False))
-        elif decision == incremental.CHECK:  # --checksum: hashed whole by the copy, never in ranges
-            to_copy.append(CopyItem(e.relpath, e.size, e.mtime_ns, before, True))
-        elif e.size > blocks.threshold(block_size):
-            large.append((e, held))
+    previous = incremental.Baseline(work.iter_results(baseline) if baseline else ())
+    large_above = blocks.threshold(block_size)
+
+    def items() -> Iterator[CopyItem]:
+        for e in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
+            if isinstance(e, Skipped):
+                skipped.add({"path": e.relpath, "reason": e.reason})
+                continue
+            if isinstance(e, Failed):
+                failures.add({"path": e.relpath, "error": e.reason})
+                continue
+            totals["files"] += 1
+            totals["bytes"] += e.size
+            before = previous.get(e.relpath)
+            decision = incremental.decide(e.size, e.mtime_ns, before, mode)
+            if decision != incremental.UPLOAD:  # --checksum: hashed whole by the copy, never in ranges
+                yield CopyItem(e.relpath, e.size, e.mtime_ns, before, decision == incremental.CHECK)
+            else:
+                yield CopyItem(e.relpath, e.size, e.mtime_ns, held=[before["md5"], before.get("etag")] if before else None)
+
+    def large(item: CopyItem) -> bool:
+        return item.previous is None and item.size > large_above
+
+    n_pages = 0
+    for batch in stream_pages(items(), lambda item: item.size, min_batches=min_batches,
+                              light=lambda item: item.previous is not None and not item.check, alone=large):
+        if large(batch[0]):
+            n_pages += blocks.write_range_pages(work, run_id, n_pages, batch[0], block_size)
         else:
-            to_copy.append(CopyItem(e.relpath, e.size, e.mtime_ns, held=held))
-    batches = plan_pages(to_copy, lambda item: item.size, min_batches=min_batches)
-    for number, batch in enumerate(batches):
-        work.write_page(run_id, number, [item.to_json() for item in batch])
-    for start in range(0, len(unchanged), UNCHANGED_PAGE):
-        work.write_page(run_id, len(batches) + start // UNCHANGED_PAGE,
-                        [item.to_json() for item in unchanged[start:start + UNCHANGED_PAGE]])
-    n_pages = len(batches) + -(-len(unchanged) // UNCHANGED_PAGE)
-    n_pages += blocks.write_range_pages(work, run_id, n_pages, large, block_size)
+            work.write_page(run_id, n_pages, [item.to_json() for item in batch])
+            n_pages += 1
     return {
         "pages": n_pages,
-        "files_total": len(files) + failures.count,
-        "bytes_total": sum(e.size for e in files),
+        "files_total": totals["files"] + failures.count,
+        "bytes_total": totals["bytes"],
         "files_skipped": skipped.count,
         "skipped": skipped.items,
         "files_failed": failures.count,

@@ -29,6 +29,8 @@ BATCH_FILES = 256
 BATCH_BYTES = 16 * 1024 * 1024
 # unchanged files cost no I/O in the copy activity, so their pages are much larger
 UNCHANGED_PAGE = 4096
+# a scan holds back this many files to cut its first pages smaller, so a small tree still fills the window
+SCAN_HEAD = 4096
 
 # a request to the blob service is retried for about a minute (blob.clients.make_service_client);
 # a batch is then attempted three times in all, 5 s and 10 s apart, before the run waits

@@ -1,4 +1,4 @@
-"""The page kit backup and restore share: planning pages, the bounded window of batch activities,
+"""The page kit backup and restore share: planning pages (whole, or as a scan goes), the bounded window of batch activities,
 counters summed from results, the fixed-shape progress status and the summary.
 
 Orchestration side only, so deterministic: no I/O, no clocks but the context's. An orchestration's
@@ -9,8 +9,9 @@ says how they show as progress, so both workflows keep their own counter names (
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -23,6 +24,8 @@ from sitebackup.workflows.names import (
     MAX_LISTED,
     PAGES_PER_GENERATION,
     RESUME_EVENT,
+    SCAN_HEAD,
+    UNCHANGED_PAGE,
     WAITING_PHASE,
 )
 
@@ -53,6 +56,52 @@ def plan_pages(items: Sequence[T], size_of: Callable[[T], int], *, min_batches: 
     if current:
         pages.append(current)
     return pages
+
+
+def stream_pages(items: Iterable[T], size_of: Callable[[T], int], *, min_batches: int,
+                 light: Callable[[T], bool] = lambda item: False, alone: Callable[[T], bool] = lambda item: False,
+                 batch_files: int = BATCH_FILES, batch_bytes: int = BATCH_BYTES,
+                 page_items: int = UNCHANGED_PAGE, head_items: int = SCAN_HEAD) -> Iterator[list[T]]:
+    """Cut *items* into pages in their order as they come, holding one page (and the head below), not them all.
+
+    A page holds at most ``batch_files`` items to copy and ``batch_bytes`` of theirs, and at most
+    ``page_items`` in all: a *light* item (recorded without I/O) counts only there. An item that goes
+    *alone*, or of ``batch_bytes`` or more, is a page of its own. The first ``head_items`` items are
+    held back and cut into at least ``min_batches`` pages as ``plan_pages`` cuts a small tree, so the
+    window of activities starts full; the rest go in full pages.
+    """
+    it = iter(items)
+    head = list(itertools.islice(it, head_items))
+    heavy = sum(1 for item in head if not (light(item) or alone(item)))
+    head_files = max(1, min(batch_files, math.ceil(heavy / max(1, min_batches)))) if heavy else batch_files
+    current: list[T] = []
+    current_files = current_bytes = 0
+    for index, item in enumerate(itertools.chain(_taken(head), it)):
+        limit = head_files if index < head_items else batch_files
+        is_light = light(item)
+        size = 0 if is_light else size_of(item)
+        if alone(item) or size >= batch_bytes:
+            if current:
+                yield current
+                current, current_files, current_bytes = [], 0, 0
+            yield [item]
+            continue
+        if current and (len(current) >= page_items or not is_light and (
+                current_files >= limit or current_bytes + size > batch_bytes)):
+            yield current
+            current, current_files, current_bytes = [], 0, 0
+        current.append(item)
+        current_files += not is_light
+        current_bytes += size
+    if current:
+        yield current
+
+
+def _taken(items: list[T]) -> Iterator[T]:
+    """*items* in order, each let go once yielded."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 class Listed:

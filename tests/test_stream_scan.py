@@ -1,0 +1,249 @@
+"""The streamed scan: walk order, the baseline read beside the walk, pages cut as the walk goes, and memory
+that stays flat whatever the size of the tree (scan activity, unchanged run and dry run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import ROOT, write_tree
+
+from sitebackup.blob.workstore import LocalWorkStore
+from sitebackup.local import incremental
+from sitebackup.local.scan import FileEntry, walk, walk_key
+from sitebackup.workflows import copy
+from sitebackup.workflows.types import CopyItem
+from sitebackup.workflows.window import plan_pages, stream_pages
+
+MIB = 1024 * 1024
+# the goal: a million files in under 400 MB of RSS; the suite checks the same bound, scaled, on 20,000:
+# what the process holds before its first file is taken from the 400 MB, and what is left is scaled
+FILES = 20_000
+GOAL_MB = 400
+
+
+def share_mb(base_mb: float) -> float:
+    """How much a run of FILES files may grow over *base_mb* for a million to stay under GOAL_MB."""
+    return (GOAL_MB - base_mb) * FILES / 1_000_000
+
+
+def flat_tree(root: Path, files: int, per_dir: int = 100) -> Path:
+    """*files* empty files, *per_dir* to a directory, two levels deep (as the benchmark's million tree)."""
+    for d in range(-(-files // per_dir)):
+        folder = root / f"g{d // 10:03d}" / f"d{d % 10}"
+        folder.mkdir(parents=True)
+        for i in range(min(per_dir, files - d * per_dir)):
+            (folder / f"f{i:03d}").touch()
+    return root
+
+
+def records_of(root: Path) -> list[dict]:
+    """A run record of every file of *root* as a backup writes it, in walk order."""
+    return [{"path": e.relpath, "size": e.size, "mtime_ns": e.mtime_ns, "md5": "1B2M2Y8AsgTpgAmY7PhCfg==",
+             "etag": '"0x1"'} for e in walk(root) if isinstance(e, FileEntry)]
+
+
+def write_record(work: LocalWorkStore, run_id: str, records: list[dict], page: int = 4096) -> None:
+    for start in range(0, len(records), page):
+        work.write_result(run_id, start // page, records[start:start + page])
+
+
+# ---- walk order and the merge-join --------------------------------------------------------------
+
+def test_walk_key_sorts_paths_as_the_walk_yields_them(tmp_path: Path):
+    names = ["a", "a.txt", "a-b", "ab", "b/x", "a/z", "a/b/c", "a/b.txt", "a/b-c/d", "Z", "é", "a/a/a/a", "0"]
+    src = write_tree(tmp_path / "src", {n if "/" in n or n not in ("a", "ab") else n + "/f": b"" for n in names})
+    walked = [e.relpath for e in walk(src) if isinstance(e, FileEntry)]
+    assert len(walked) == len(names)
+    shuffled = random.Random(1).sample(walked, len(walked))
+    assert sorted(shuffled, key=walk_key) == walked
+
+
+def test_baseline_finds_each_record_in_one_pass_and_nothing_it_does_not_hold():
+    records = [{"path": p, "size": 1, "mtime_ns": 1, "md5": p} for p in ("a", "c", "d/x", "d/y", "e/f/g")]
+    records.insert(2, {"path": "c2", "error": "failed"})
+    read = []
+    baseline = incremental.Baseline(read.append(r) or r for r in records)
+    found = {p: baseline.get(p) for p in ("0", "a", "b", "c", "c2", "d/w", "d/y", "e/f/g", "z")}
+    assert {p: r["md5"] for p, r in found.items() if r} == {"a": "a", "c": "c", "d/y": "d/y", "e/f/g": "e/f/g"}
+    assert read == records  # each record read once
+
+
+# ---- pages as the walk goes ---------------------------------------------------------------------
+
+def test_stream_pages_cuts_files_to_copy_as_plan_pages_does():
+    rng = random.Random(7)
+    for n in (0, 1, 5, 63, 64, 300, 3000):
+        sizes = [rng.choice((0, 10, 1000, 3 * MIB)) for _ in range(n)]  # plan_pages puts larger ones first
+        for min_batches in (1, 4, 64):
+            assert list(stream_pages(sizes, lambda s: s, min_batches=min_batches)) == \
+                plan_pages(sizes, lambda s: s, min_batches=min_batches)
+
+
+def test_stream_pages_keeps_order_and_bounds_every_page():
+    rng = random.Random(3)
+    items = [(i, rng.random() < 0.7, rng.random() < 0.01) for i in range(30_000)]  # (n, unchanged, large)
+    pages = list(stream_pages(items, lambda item: 1000, min_batches=64, light=lambda item: item[1],
+                              alone=lambda item: item[2]))
+    assert [item for page in pages for item in page] == items
+    for page in pages:
+        assert len(page) <= 4096 and sum(not light for _, light, _ in page) <= 256
+        assert len(page) == 1 or not any(large for _, _, large in page)
+    first = pages[:64]
+    assert all(sum(not light for _, light, _ in page) <= 64 for page in first)  # the head cut smaller
+
+
+def test_stream_pages_holds_back_only_its_head():
+    pulled = []
+
+    def items():
+        for i in range(100_000):
+            pulled.append(i)
+            yield i
+
+    first = next(iter(stream_pages(items(), lambda item: 1, min_batches=64)))
+    assert len(first) == 64 and len(pulled) <= 4096 + 1
+
+
+def test_scan_pages_mix_new_unchanged_and_large_files_in_walk_order(tmp_path: Path):
+    """Pages follow the walk whatever each file needs, so the results (the run's record) are in walk order."""
+    src = write_tree(tmp_path / "src", {"a/1": b"1", "a/big": b"x" * (4 * MIB + 1), "a/b/2": b"22", "c": b"3"})
+    work = LocalWorkStore(tmp_path / "work")
+    base = [r if r["path"] != "a/big" else {**r, "size": 5} for r in records_of(src) if r["path"] != "a/1"]
+    write_record(work, "base", base)  # a/1 is new, a/big changed
+    out = copy.scan_source(work, "run", src, min_batches=1, baseline="base", block_size=MIB)
+    assert out["pages"] == 1 + 5 + 1
+    first, last = [CopyItem(*row) for row in work.read_page("run", 0)], [CopyItem(*row) for row in work.read_page("run", 6)]
+    assert [(i.relpath, i.previous is None) for i in first] == [("c", False), ("a/1", True)]
+    assert [(i.relpath, i.previous is None) for i in last] == [("a/b/2", False)]
+    ranges = [work.read_page("run", p) for p in range(1, 6)]
+    assert {r["file"][0] for r in ranges} == {"a/big"} and {r["first_page"] for r in ranges} == {1}
+    assert ranges[0]["held"] == ["1B2M2Y8AsgTpgAmY7PhCfg==", '"0x1"']  # kept as a snapshot when replaced
+
+
+def test_record_of_a_mixed_run_is_in_walk_order_and_the_next_run_finds_every_file(tmp_path, cli, state_dir,
+                                                                                   container_name):
+    files = {f"d{i % 3}/s{i % 2}/f{i}": str(i).encode() for i in range(12)}
+    src = write_tree(tmp_path / "src", {**files, "top": b"t", "d1/big": os.urandom(4 * MIB + 1)})
+    args = [src, "-c", container_name, "--json", "--block-size", "1"]
+    assert cli(*args).returncode == 0
+    (src / "d0" / "s0" / "f0").write_bytes(b"changed")
+    (src / "d2" / "new").write_bytes(b"new")
+    (src / "d1" / "big").write_bytes(os.urandom(4 * MIB + 2))
+    second = cli(*args)
+    summary = json.loads(second.stdout.splitlines()[-1])
+    assert (summary["files_uploaded"], summary["files_unchanged"]) == (3, 12), second.stderr
+    paths = [r["path"] for r in LocalWorkStore(state_dir / "work").iter_results(summary["instance_id"])]
+    assert paths == [e.relpath for e in walk(src) if isinstance(e, FileEntry)]
+    third = json.loads(cli(*args).stdout.splitlines()[-1])
+    assert (third["files_uploaded"], third["files_unchanged"]) == (0, 15)
+
+
+# ---- memory: a bound that does not grow with the tree -------------------------------------------
+
+# VmHWM, not ru_maxrss: that counts the RSS of the process that forked the child too (the test runner's)
+PEAK_KB = """
+def peak_kb():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+"""
+
+SCAN_IN_A_CHILD = PEAK_KB + """
+import json, sys
+from pathlib import Path
+from sitebackup.blob.workstore import LocalWorkStore
+from sitebackup.workflows import copy
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # the peak from here on: the scan's, not the imports'
+before = peak_kb()
+out = copy.scan_source(LocalWorkStore(Path(sys.argv[2])), "run", Path(sys.argv[1]), min_batches=64, baseline="base")
+print(json.dumps({**out, "before_kb": before, "grew_kb": peak_kb() - before}))
+"""
+
+# the command itself, telling its peak RSS as it exits
+CLI_IN_A_CHILD = PEAK_KB + """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write(str(peak_kb())))
+sys.argv[0] = "sitebackup"
+runpy.run_module("sitebackup", run_name="__main__")
+"""
+
+
+def scan_in_a_child(src: Path, work: Path) -> dict:
+    """The scan of *src* against a record of every file it holds, in a child: its result and RSS growth."""
+    shutil.rmtree(work, ignore_errors=True)
+    write_record(LocalWorkStore(work), "base", records_of(src))
+    child = subprocess.run([sys.executable, "-c", SCAN_IN_A_CHILD, src, work], capture_output=True, text=True,
+                           cwd=ROOT, timeout=600)
+    assert child.returncode == 0, child.stderr
+    return json.loads(child.stdout)
+
+
+def test_scan_of_an_unchanged_tree_grows_rss_by_no_more_than_its_share_of_the_bound(tmp_path: Path):
+    """The scan of an unchanged run of FILES files against one of 5,000: what the other files add stays within
+    their share of the goal."""
+    flat_tree(tmp_path / "src" / "a", 5_000)
+    small = scan_in_a_child(tmp_path / "src", tmp_path / "work")
+    flat_tree(tmp_path / "src" / "b", FILES - 5_000)
+    large = scan_in_a_child(tmp_path / "src", tmp_path / "work")
+    assert (small["files_total"], large["files_total"]) == (5_000, FILES)
+    assert large["pages"] == -(-FILES // 4096)  # unchanged files: full pages
+    share = share_mb(small["before_kb"] / 1024) * (FILES - 5_000) / FILES
+    assert (large["grew_kb"] - small["grew_kb"]) / 1024 < share, (small, large)
+
+
+def peak_rss_mb(args: list[str], env: dict[str, str], out: Path) -> tuple[int, float]:
+    """Run sitebackup with stdout to *out*; its exit code and its peak RSS."""
+    peak = out.with_suffix(".peak")
+    with open(out, "w") as fh:
+        proc = subprocess.run([sys.executable, "-c", CLI_IN_A_CHILD, peak, *args], env=env, stdout=fh,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode, int(peak.read_text()) / 1024
+
+
+def stand_for(state_dir: Path, run_id: str, src: Path) -> None:
+    """Make *run_id*'s record that of a run of every file *src* holds now (the seed file's line kept)."""
+    results = state_dir / "work" / run_id / "results"
+    kept = {r["path"]: r for page in results.iterdir() for r in json.loads(page.read_text())}
+    for page in results.iterdir():
+        page.unlink()
+    write_record(LocalWorkStore(state_dir / "work"), run_id, [kept.get(r["path"], r) for r in records_of(src)])
+
+
+def test_unchanged_run_and_dry_run_grow_by_no_more_than_their_share_of_the_bound(tmp_path, cli_env, state_dir,
+                                                                                 container_name):
+    """An unchanged run and a dry run of FILES files against one of 5,000: the RSS they add for the other files
+    stays within those files' share of the goal. The record of each baseline stands for a run of the whole
+    tree (written here: uploading the files would take minutes); one page in flight (--concurrency 1), as the
+    pages in flight are bounded by the window, not by the tree."""
+    src = write_tree(tmp_path / "src", {"seed": b"s"})
+    # one malloc arena: glibc keeps what a thread freed in that thread's arena, so which worker thread ran
+    # each page would show as growth; it is bounded by the threads, not the files
+    cli_env = {**cli_env, "MALLOC_ARENA_MAX": "1"}
+    args = [str(src), "-c", container_name, "--json", "--concurrency", "1"]
+
+    def runs(n: int, baseline: str) -> tuple[float, float, str]:
+        stand_for(state_dir, baseline, src)
+        code, dry = peak_rss_mb([*args, "--dry-run"], cli_env, tmp_path / f"dry{n}")
+        lines = (tmp_path / f"dry{n}").read_text().splitlines()
+        assert code == 0 and len(lines) == n + 2 and json.loads(lines[-1])["files_unchanged"] == n + 1
+        code, run = peak_rss_mb(args, cli_env, tmp_path / f"run{n}")
+        summary = json.loads((tmp_path / f"run{n}").read_text().splitlines()[-1])
+        assert code == 0 and (summary["files_unchanged"], summary["files_uploaded"]) == (n + 1, 0)
+        return dry, run, summary["instance_id"]
+
+    assert peak_rss_mb(args, cli_env, tmp_path / "seed")[0] == 0
+    seed_id = json.loads((tmp_path / "seed").read_text().splitlines()[-1])["instance_id"]
+    flat_tree(src / "a", 5_000)
+    dry_small, run_small, small_id = runs(5_000, seed_id)
+    flat_tree(src / "b", FILES - 5_000)
+    dry_large, run_large, _ = runs(FILES, small_id)
+    share = share_mb(min(dry_small, run_small)) * (FILES - 5_000) / FILES
+    assert dry_large - dry_small < share and run_large - run_small < share, (dry_small, dry_large, run_small, run_large)
