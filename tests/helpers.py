@@ -5,6 +5,7 @@ Test modules never import each other: whatever two of them share lives here.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -20,7 +21,14 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from azure.storage.blob import AccountSasPermissions, BlobServiceClient, ResourceTypes, generate_account_sas
+from azure.storage.blob import (
+    AccountSasPermissions,
+    BlobServiceClient,
+    ContainerClient,
+    ContentSettings,
+    ResourceTypes,
+    generate_account_sas,
+)
 from azurite import ACCOUNT, KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,3 +251,12 @@ class RecordingProxy(ForwardingProxy):
             self.requests.append((request.command, request.path,
                                   {k: v for k, v in request.headers.items() if k.lower() != "connection"}))
         return body
+
+
+def replace_blob(container: ContainerClient, name: str, data: bytes, keep: bool) -> None:
+    """Replace blob *name* with *data* behind sitebackup's back; *keep* first takes a snapshot, as a backup run does."""
+    blob = container.get_blob_client(name)
+    if keep:
+        blob.create_snapshot()
+    blob.upload_blob(data, overwrite=True, content_settings=ContentSettings(
+        content_md5=bytearray(hashlib.md5(data).digest())))

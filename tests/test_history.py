@@ -13,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from azure.storage.blob import ContentSettings
-from helpers import ROOT, ForwardingProxy, write_tree
+from helpers import ROOT, ForwardingProxy, replace_blob, write_tree
 
 from sitebackup.blob.history import PRUNED, Copy
 from sitebackup.blob.workstore import LocalWorkStore
@@ -434,16 +433,9 @@ def test_a_blob_replaced_after_the_restore_was_planned_is_read_from_the_snapshot
                         endpoint=azurite.endpoint)
     cc = blob_service.get_container_client(container_name)
 
-    def replace(name: str, data: bytes, keep: bool) -> None:
-        blob = cc.get_blob_client(name)
-        if keep:  # as a backup run does
-            blob.create_snapshot()
-        blob.upload_blob(data, overwrite=True, content_settings=ContentSettings(
-            content_md5=bytearray(hashlib.md5(data).digest())))
-
     assert fetch.plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id))["pages"] == 1
-    replace("x.txt", b"two", keep=True)
-    replace("y.txt", b"not why", keep=False)
+    replace_blob(cc, "x.txt", b"two", keep=True)
+    replace_blob(cc, "y.txt", b"not why", keep=False)
     (tmp_path / "dest").mkdir()
     out = fetch.restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "dest"), container=container_name, page=0))
     assert out["files_restored"] == 1

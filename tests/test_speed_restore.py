@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.client
 import json
 import os
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from azure.core.pipeline.transport._aiohttp import AioHttpStreamDownloadGenerator
 from azure.core.pipeline.transport._requests_basic import StreamDownloadGenerator
 from azure.storage.blob import ContentSettings
-from helpers import write_tree
+from helpers import ForwardingProxy, replace_blob, write_tree
 
 from sitebackup.blob.asyncget import AsyncGetter
 from sitebackup.blob.asyncput import AsyncPutter
@@ -128,54 +125,18 @@ def test_a_page_of_small_files_comes_through_the_asyncio_loop_each_checked_again
     assert sorted(p.name for p in out.rglob("*") if p.is_file() and p.name.endswith(TEMP_SUFFIX)) == []
 
 
-class RequestLog:
-    """An HTTP proxy in front of Azurite that notes every request as (method, path without its query,
-    query): what a restore costs per file, counted."""
+class RequestLog(ForwardingProxy):
+    """Notes every request as (method, path without its query, query): what a restore costs per file, counted."""
 
     def __init__(self, target: str):
-        self.target = urlsplit(target)
         self.requests: list[tuple[str, str, str]] = []
-        log = self
+        super().__init__(target)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                path, _, query = self.path.partition("?")
-                log.requests.append((self.command, path, query))
-                conn = http.client.HTTPConnection(log.target.hostname, log.target.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status, resp.reason)
-                # a HEAD's Content-Length is the blob's size, kept as it came
-                dropped = ("transfer-encoding", "connection") + (() if self.command == "HEAD" else ("content-length",))
-                for k, v in resp.getheaders():
-                    if k.lower() not in dropped:
-                        self.send_header(k, v)
-                if self.command != "HEAD":
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{self.target.path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def intercept(self, request, body):
+        path, _, query = request.path.partition("?")
+        with self.lock:
+            self.requests.append((request.command, path, query))
+        return body
 
 
 def test_a_restore_by_run_id_sends_one_get_per_small_file_and_a_range_per_8_mib(tmp_path, cli, cli_env, azurite,
@@ -214,20 +175,13 @@ def test_the_asyncio_path_reads_snapshots_and_falls_back_to_the_kept_copy_as_the
     run_id = json.loads(backed.stdout.splitlines()[-1])["instance_id"]
     cc = blob_service.get_container_client(container_name)
 
-    def replace(name: str, data: bytes, keep: bool) -> None:
-        blob = cc.get_blob_client(name)
-        if keep:  # as a backup run does
-            blob.create_snapshot()
-        blob.upload_blob(data, overwrite=True, content_settings=ContentSettings(
-            content_md5=bytearray(hashlib.md5(data).digest())))
-
-    replace("z.txt", b"zzz", keep=True)  # before the plan: planned from its snapshot
+    replace_blob(cc, "z.txt", b"zzz", keep=True)  # before the plan: planned from its snapshot
     deps, putter = _page_deps(state_dir / "work", azurite, azurite.endpoint)
     try:
         assert plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id))["pages"] == 1
         assert sum(1 for row in deps.work.read_page("r1", 0) if FetchItem._make(row).snapshot) == 1
-        replace("x.txt", b"two", keep=True)  # after it: read from the snapshot kept
-        replace("y.txt", b"not why", keep=False)  # after it, nothing kept: pruned
+        replace_blob(cc, "x.txt", b"two", keep=True)  # after it: read from the snapshot kept
+        replace_blob(cc, "y.txt", b"not why", keep=False)  # after it, nothing kept: pruned
         (tmp_path / "dest").mkdir()
         out = restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "dest"), container=container_name, page=0))
     finally:
