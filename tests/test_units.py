@@ -114,3 +114,24 @@ def test_cancel_check_asks_again_when_the_backend_changed_the_run_or_the_interva
     now["t"] += 1.5  # under the scheduler nothing moves the version: the interval decides
     status["value"] = OrchestrationStatus.TERMINATED
     assert check2("s") is True
+
+
+def test_both_transports_of_our_own_carry_the_clients_timeouts():
+    import asyncio
+
+    from sitebackup.blob.clients import CONNECTION_TIMEOUT, READ_TIMEOUT, StorageSettings, make_service_client
+
+    settings = StorageSettings(connection_string="DefaultEndpointsProtocol=http;AccountName=a;AccountKey=a2V5;"
+                                                 "BlobEndpoint=http://127.0.0.1:9/a;")
+    client, _label = make_service_client(settings)
+    config = client._config.transport.connection_config  # the SDK reads its timeouts from here
+    assert (config.timeout, config.read_timeout) == (CONNECTION_TIMEOUT, READ_TIMEOUT)
+    client.close()
+
+    async def aio() -> tuple[float, float]:
+        client, _label = make_service_client(settings, aio=True)
+        async with client:
+            config = client._config.transport.connection_config
+            return config.timeout, config.read_timeout
+
+    assert asyncio.run(aio()) == (CONNECTION_TIMEOUT, READ_TIMEOUT)

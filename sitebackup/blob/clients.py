@@ -93,7 +93,9 @@ def _transport(pool_size: int) -> RequestsTransport:
                else PacedAdapter(limiter, pool_connections=4, pool_maxsize=pool_size))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    return RequestsTransport(session=session, session_owner=True, connection_data_block_size=DOWNLOAD_CHUNK_BYTES)
+    # a transport of our own: the client's connection_timeout/read_timeout options would not reach it
+    return RequestsTransport(session=session, session_owner=True, connection_data_block_size=DOWNLOAD_CHUNK_BYTES,
+                             connection_timeout=CONNECTION_TIMEOUT, read_timeout=READ_TIMEOUT)
 
 
 def _aio_transport(in_flight: int) -> Any:
