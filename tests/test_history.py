@@ -10,10 +10,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from helpers import ROOT, ForwardingProxy, replace_blob, write_tree
+from helpers import ROOT, ForwardingProxy, replace_blob, wait_until, write_tree
 
 from sitebackup.blob.history import PRUNED, Copy
 from sitebackup.blob.workstore import LocalWorkStore
@@ -359,10 +358,7 @@ def test_prune_killed_while_deleting_then_run_again_finishes_and_kept_runs_resto
         proc = subprocess.Popen([sys.executable, "-m", "sitebackup", "prune", "-c", container_name, "--keep-last", "1"],
                                 env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            for _ in range(600):
-                if proxy.held or proc.poll() is not None:
-                    break
-                time.sleep(0.1)
+            wait_until(lambda: proxy.held or proc.poll() is not None, "a DELETE to be held", timeout=60, interval=0.1)
             assert proxy.held and proc.poll() is None, proc.communicate()
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)

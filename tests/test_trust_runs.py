@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from durabletask import client as dt_client
 from durabletask import task
 from durabletask import worker as dt_worker
-from helpers import ROOT, ForwardingProxy, JsonRun, assert_exact, env_for, many_files, run_cli, uploading
+from helpers import ROOT, ForwardingProxy, JsonRun, assert_exact, env_for, many_files, run_cli, uploading, wait_until
 
 from sitebackup.commands.hosting import stalled_for
 from sitebackup.durable.backend import EmbeddedBackend
@@ -60,15 +59,6 @@ def status_json(env: dict[str, str], instance_id: str, *extra: str) -> dict:
     result = run_cli(["status", instance_id, "--json", *extra], env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def poll_until(predicate, polls: int = 120, interval: float = 0.5):
-    for _ in range(polls):
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not reached in {polls} polls")
 
 
 # ---------------------------------------------------------------- the state disk fills mid-run
@@ -115,7 +105,7 @@ def test_worker_on_a_state_disk_that_fills_exits_5(azurite, mount_point):
     try:
         assert "worker started" in proc.stderr.readline()
         db = state / "state.db"
-        poll_until(lambda: stream_owners(db), interval=0.05)  # working on the state dir
+        wait_until(lambda: stream_owners(db), "the run to work on the state dir", timeout=6)
         fill(mount_point)
         # its next write (the stream or the lease heartbeat, every 10 s) is refused: the guard is the timeout
         out, err = proc.communicate(timeout=60)
@@ -237,7 +227,7 @@ def test_activity_results_the_full_disk_refuses_are_kept_and_written_once_space_
         assert gate.entered.wait(30)
         filler = fill(mount_point)
         gate.open.set()
-        poll_until(lambda: backend.fault, interval=0.05)  # the result's write was refused
+        wait_until(lambda: backend.fault, "the full disk to be noticed", timeout=6)  # the result's write was refused
         filler.unlink()
         # it used to be dropped while its lease stayed with this live process: the run waited forever
         state = client.wait_for_orchestration_completion(instance_id, timeout=30)
@@ -305,7 +295,8 @@ def test_a_sigkilled_peer_on_the_same_state_dir_never_stalls_the_survivors_run(t
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert peer.stdout.readline().strip() == "ready"
         marker = f":{peer.pid}:"
-        poll_until(lambda: any(marker in owner for owner in stream_owners(state / "state.db")), interval=0.05)
+        wait_until(lambda: any(marker in owner for owner in stream_owners(state / "state.db")), "the peer's stream",
+                   timeout=6)
         peer.kill()
         peer.wait()
         survivor.worker_attached(instance_id)  # looks for dead local owners and releases theirs
@@ -377,7 +368,8 @@ def test_no_wait_on_a_stalled_run_exits_6_and_status_shows_its_last_progress(azu
         instance_id = run.until(lambda e: e["event"] == "start")["instance_id"]
         run.until(uploading(1))
         proxy.open.clear()  # held at the gate: the live run makes no more progress
-        stalled = poll_until(lambda: (s := status_json(env, instance_id, "--stall-after", "1s"))["stalled"] and s)
+        stalled = wait_until(lambda: (s := status_json(env, instance_id, "--stall-after", "1s"))["stalled"] and s,
+                         "the run to be reported stalled", timeout=60, interval=0.5)
         assert stalled["runtime_status"] == "RUNNING" and stalled["worker_attached"] is True
         assert stalled["idle_s"] > 1 and datetime.fromisoformat(stalled["last_progress_at"]).tzinfo is not None
         assert status_json(env, instance_id)["stalled"] is False  # the default threshold is an hour
