@@ -24,10 +24,10 @@ from sitebackup.blob.workstore import WorkStore
 from sitebackup.local import incremental
 from sitebackup.local.files import FileChangedError, file_md5_b64
 from sitebackup.local.filters import Filter
-from sitebackup.local.scan import Failed, Skipped, walk
+from sitebackup.local.scan import Failed, FileEntry, Skipped, walk
 from sitebackup.workflows import blocks
 from sitebackup.workflows.activity import ActivityDeps, activity
-from sitebackup.workflows.names import COPY_BATCH, SCAN_TREE
+from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, SCAN_TREE
 from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE, BlockRange, CopyInput, CopyItem, ScanInput
 from sitebackup.workflows.window import Listed, stream_pages
 
@@ -39,10 +39,15 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
 
     Pages are written as the walk goes, in walk order, and the baseline record is read beside it
     (``incremental.Baseline``): memory holds a page and a directory listing, not the tree. The
-    results the copies write per page are then in walk order too: the next run's baseline.
+    results the copies write per page are then in walk order too: the next run's baseline. A page of
+    unchanged files only is recorded here, as its copy would record it (``done``: its number is in
+    the result's ``done`` ranges, which the orchestration skips), so an unchanged tree costs no copy.
     """
+    # run again after a kill, a scan starts over: no result of an earlier attempt may join the record
+    work.remove(run_id)
     skipped, failures = Listed(), Listed()
-    totals = {"files": 0, "bytes": 0}
+    totals = {"files": 0, "bytes": 0, "unchanged": 0, "unchanged_bytes": 0}
+    done: list[list[int]] = []  # [first, last + 1] of the pages recorded here
     rules = Filter(patterns or [])
     # with --force too: what the baseline recorded at a name is kept as a snapshot before it is replaced
     previous = incremental.Baseline(work.iter_results(baseline) if baseline else ())
@@ -50,11 +55,11 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
 
     def items() -> Iterator[CopyItem]:
         for e in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
-            if isinstance(e, Skipped):
-                skipped.add({"path": e.relpath, "reason": e.reason})
-                continue
-            if isinstance(e, Failed):
-                failures.add({"path": e.relpath, "error": e.reason})
+            if type(e) is not FileEntry:
+                if isinstance(e, Skipped):
+                    skipped.add({"path": e.relpath, "reason": e.reason})
+                elif isinstance(e, Failed):
+                    failures.add({"path": e.relpath, "error": e.reason})
                 continue
             totals["files"] += 1
             totals["bytes"] += e.size
@@ -68,19 +73,35 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
     def large(item: CopyItem) -> bool:
         return item.previous is None and item.size > large_above
 
+    def light(item: CopyItem) -> bool:
+        return item.previous is not None and not item.check
+
     n_pages = 0
-    for batch in stream_pages(items(), lambda item: item.size, min_batches=min_batches,
-                              light=lambda item: item.previous is not None and not item.check, alone=large):
+    for batch in stream_pages(items(), lambda item: item.size, min_batches=min_batches, light=light, alone=large):
         if large(batch[0]):
             n_pages += blocks.write_range_pages(work, run_id, n_pages, batch[0], block_size)
+            continue
+        if all(map(light, batch)) and (len(done) < MAX_DONE_RANGES or done[-1][1] == n_pages):
+            work.write_result(run_id, n_pages, [incremental.unchanged_record(item.relpath, item.previous)
+                                                for item in batch])
+            totals["unchanged"] += len(batch)
+            totals["unchanged_bytes"] += sum(item.size for item in batch)
+            if done and done[-1][1] == n_pages:
+                done[-1][1] += 1
+            else:
+                done.append([n_pages, n_pages + 1])
         else:
             work.write_page(run_id, n_pages, [item.to_json() for item in batch])
-            n_pages += 1
+        n_pages += 1
     return {
         "pages": n_pages,
+        "done": done,
         "files_total": totals["files"] + failures.count,
         "bytes_total": totals["bytes"],
-        "files_skipped": skipped.count,
+        # an unchanged file is a skipped one too, as copy_page counts it
+        "files_skipped": skipped.count + totals["unchanged"],
+        "files_unchanged": totals["unchanged"],
+        "bytes_skipped": totals["unchanged_bytes"],
         "skipped": skipped.items,
         "files_failed": failures.count,
         "failures": failures.items,

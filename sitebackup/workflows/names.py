@@ -29,6 +29,9 @@ BATCH_FILES = 256
 BATCH_BYTES = 16 * 1024 * 1024
 # unchanged files cost no I/O in the copy activity, so their pages are much larger
 UNCHANGED_PAGE = 4096
+# a scan records a page of unchanged files itself, sparing it an activity, while its list of such pages
+# (ranges of page numbers, in the scan's result and the orchestration's state) stays this short
+MAX_DONE_RANGES = 64
 # a scan holds back this many files to cut its first pages smaller, so a small tree still fills the window
 SCAN_HEAD = 4096
 

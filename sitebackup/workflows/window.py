@@ -169,6 +169,7 @@ class Tally:
         result = yield ctx.call_activity(first, input=first_input)
         self.add(state, result)
         state["pages"] = result["pages"]
+        state["done"] = result.get("done") or []
         return state
 
     def run(self, ctx: task.OrchestrationContext, raw: dict[str, Any], state: dict[str, Any], window: int,
@@ -211,6 +212,7 @@ def run_page_window(ctx: task.OrchestrationContext, state: dict[str, Any], windo
     in_flight: list[task.Task[Any]] = []
     pages_in_flight: list[int] = []
     state.setdefault("retry_pages", [])
+    _skip_done(state)
     error: dict[str, str] | None = None
     last_page = min(state["pages"], state["next_page"] + PAGES_PER_GENERATION)
     while state["next_page"] < last_page or in_flight or state["retry_pages"]:
@@ -220,6 +222,7 @@ def run_page_window(ctx: task.OrchestrationContext, state: dict[str, Any], windo
                     page = state["retry_pages"].pop(0)
                 else:
                     page, state["next_page"] = state["next_page"], state["next_page"] + 1
+                    _skip_done(state)
                 in_flight.append(schedule(page))
                 pages_in_flight.append(page)
         elif not in_flight:
@@ -242,3 +245,11 @@ def run_page_window(ctx: task.OrchestrationContext, state: dict[str, Any], windo
         on_result(done.get_result())
         ctx.set_custom_status(status(phase))
     return state["next_page"] < state["pages"]
+
+
+def _skip_done(state: dict[str, Any]) -> None:
+    """Move ``state["next_page"]`` past the pages the first activity finished itself (``state["done"]``: sorted
+    [first, last + 1] ranges, dropped as they are passed)."""
+    done = state.get("done")
+    while done and done[0][0] <= state["next_page"]:
+        state["next_page"] = max(state["next_page"], done.pop(0)[1])
