@@ -65,7 +65,14 @@ def _encode(data: Any) -> bytes:
     run of a large tree is mostly pages and records. (They are read back with ``json``: orjson parses them only
     a little faster, into several times the memory.) A path that is not valid UTF-8 never gets here (the scan
     reports it), so orjson's refusal of lone surrogates is a bug worth its traceback."""
-    return orjson.dumps(data)
+    return orjson.dumps(data, default=_as_list)
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A named tuple (a page item), written as json writes it: an array."""
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 # what says the state directory itself cannot be written, as opposed to one bad page
