@@ -115,10 +115,10 @@ def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None,
                             yield Skipped(rel, "symlink (not followed)")
                         continue
                     followed = _follow(child.path, rel, real_root, ancestors, excluded)
-                    if isinstance(followed, tuple):
-                        subdirs.append(followed)
-                    elif followed is not None:
+                    if isinstance(followed, (FileEntry, Skipped)):  # a FileEntry is a tuple too: asked first
                         yield followed
+                    elif followed is not None:
+                        subdirs.append(followed)
                     continue
                 if child.is_dir(follow_symlinks=False):
                     if not (excluded and excluded(rel, True)):

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import click
+import orjson
 
 from sitebackup.ui.escape import printable
 from sitebackup.ui.printers import KINDS, done_verb, failure_lines, human_bytes, human_duration
@@ -105,7 +106,11 @@ def dry_run_item(item: dict[str, Any], json_output: bool, quiet: bool) -> None:
     million of them then cost a fraction of the walk. Escaped (or JSON), they hold no control character.
     """
     if json_output:
-        sys.stdout.write(json.dumps({"event": "dry_run", **item}) + "\n")
+        event = {"event": "dry_run", **item}
+        # compact, as orjson writes it at a fraction of json's CPU (a line per file); a name that is not ASCII
+        # gets json's \u escapes, as in every other event, so no line carries a raw control character
+        line = orjson.dumps(event)
+        sys.stdout.write((line.decode() if line.isascii() else json.dumps(event, separators=(",", ":"))) + "\n")
     elif item["action"] == "fail":
         click.echo(printable(f"FAILED {item['path']}: {item['error']}"), err=True)
     elif not quiet:
