@@ -20,6 +20,10 @@ from sitebackup.local.files import b64
 
 PRUNED = "pruned: no copy of the recorded version remains in the container"
 
+# entries a listing request asks for: the SDK holds a page parsed at about 12 KB an entry (60 MB at the
+# service's most, 5,000); a thousand keeps that near 12 MB for a request per thousand copies
+LISTING_PAGE = 1000
+
 
 @dataclass(frozen=True)
 class Copy:
@@ -39,17 +43,13 @@ def _copy(blob: BlobProperties) -> Copy:
 
 
 def _copies(container: ContainerClient, start: str | None) -> Iterator[Copy]:
-    return map(_copy, container.list_blobs(name_starts_with=start, include=["snapshots"]))
+    return map(_copy, container.list_blobs(name_starts_with=start, include=["snapshots"],
+                                           results_per_page=LISTING_PAGE))
 
 
 def list_copies(container: ContainerClient, prefix: str = "") -> Iterator[Copy]:
     """Every copy under *prefix* (the whole container when empty), sitebackup's reserved work files left out."""
     return (copy for copy in _copies(container, f"{prefix}/" if prefix else None) if not is_reserved(copy.name))
-
-
-# entries a listing request asks for: the SDK holds a page parsed at about 12 KB an entry (60 MB at the
-# service's most, 5,000); a thousand keeps that near 12 MB for a request per thousand copies
-LISTING_PAGE = 1000
 
 
 class CopyLookup:
