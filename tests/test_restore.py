@@ -17,7 +17,7 @@ from helpers import ROOT, wait_until, write_tree
 
 from sitebackup.local.dest import TEMP_SUFFIX, UnsafeName, safe_relpath
 from sitebackup.local.filters import make_selector
-from sitebackup.workflows.window import plan_pages
+from sitebackup.workflows.window import stream_pages
 
 BIG = 20 * 1024 * 1024  # over storage.SINGLE_PUT_BYTES and restore.RANGE_BYTES: block-range download
 
@@ -325,7 +325,7 @@ def test_selection_patterns():
 
 def test_pages_bound_count_and_bytes_and_isolate_big_blobs():
     items = [[f"n{i}", f"n{i}", 10, None, None] for i in range(1000)] + [["big", "big", 64 << 20, None, None]]
-    pages = plan_pages(items, lambda item: item[2], min_batches=4)
+    pages = list(stream_pages(items, lambda item: item[2], min_batches=4))
     assert sum(len(p) for p in pages) == 1001
     assert ["big", "big", 64 << 20, None, None] in [p[0] for p in pages if len(p) == 1]
     assert max(len(p) for p in pages) <= 256

@@ -18,7 +18,7 @@ from sitebackup.local import incremental
 from sitebackup.local.scan import FileEntry, walk, walk_key
 from sitebackup.workflows import copy
 from sitebackup.workflows.types import CopyItem
-from sitebackup.workflows.window import plan_pages, stream_pages
+from sitebackup.workflows.window import stream_pages
 
 MIB = 1024 * 1024
 # the goal: a million files in under 400 MB of RSS; the suite checks the same bound, scaled, on 20,000:
@@ -79,13 +79,15 @@ def test_baseline_finds_each_record_in_one_pass_and_nothing_it_does_not_hold():
 
 # ---- pages as the walk goes ---------------------------------------------------------------------
 
-def test_stream_pages_cuts_files_to_copy_as_plan_pages_does():
+def test_stream_pages_cuts_a_small_tree_to_fill_the_window():
     rng = random.Random(7)
     for n in (0, 1, 5, 63, 64, 300, 3000):
-        sizes = [rng.choice((0, 10, 1000, 3 * MIB)) for _ in range(n)]  # plan_pages puts larger ones first
+        sizes = [rng.choice((0, 10, 1000, 3 * MIB)) for _ in range(n)]
         for min_batches in (1, 4, 64):
-            assert list(stream_pages(sizes, lambda s: s, min_batches=min_batches)) == \
-                plan_pages(sizes, lambda s: s, min_batches=min_batches)
+            pages = list(stream_pages(sizes, lambda s: s, min_batches=min_batches))
+            assert [s for page in pages for s in page] == sizes
+            # a page takes at most its share of the files: min_batches pages or so, whatever the sizes
+            assert all(len(page) <= max(1, -(-n // min_batches)) and sum(page) <= 16 * MIB for page in pages)
 
 
 def test_stream_pages_keeps_order_and_bounds_every_page():

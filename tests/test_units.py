@@ -8,11 +8,11 @@ from sitebackup.blob import naming
 from sitebackup.blob.errors import redact
 from sitebackup.errors import InputError
 from sitebackup.local.scan import FileEntry
-from sitebackup.workflows.window import plan_pages
+from sitebackup.workflows.window import stream_pages
 
 
 def plan_batches(files, **kwargs):
-    return plan_pages(files, lambda entry: entry.size, **kwargs)
+    return list(stream_pages(files, lambda entry: entry.size, **kwargs))
 
 
 @pytest.mark.parametrize("name", ["abc", "backups", "a-b-c", "a1b2", "x" * 63])

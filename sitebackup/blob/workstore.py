@@ -54,6 +54,12 @@ class WorkStore(Protocol):
 MARK = "pruned.json"
 
 
+def page_number(name: str) -> int:
+    """The page number of a page or result file's name (``…/000042.json``): files are read in this order, not by
+    name, as a page past 999,999 has a longer name that sorts before ``999999.json``."""
+    return int(name.rpartition("/")[2].removesuffix(".json"))
+
+
 def _checked(instance_id: str) -> str:
     if "/" in instance_id or instance_id in ("", ".", ".."):
         raise ValueError(f"bad instance id {instance_id!r}")
@@ -132,7 +138,7 @@ class LocalWorkStore:
         folder = self._dir(instance_id) / "results"
         if not folder.is_dir():
             return
-        for path in sorted(folder.glob("*.json")):
+        for path in sorted(folder.glob("*.json"), key=lambda path: page_number(path.name)):
             yield from self._read(path)
 
     def remove(self, instance_id: str, keep_mark: bool = False) -> None:
@@ -190,7 +196,7 @@ class BlobWorkStore:
     def iter_results(self, instance_id: str) -> Iterator[Any]:
         container = self.container_for(instance_id)
         folder = self._folder(instance_id) + "results/"
-        for name in sorted(b.name for b in container.list_blobs(name_starts_with=folder)):
+        for name in sorted((b.name for b in container.list_blobs(name_starts_with=folder)), key=page_number):
             yield from json.loads(container.download_blob(name).readall())
 
     def remove(self, instance_id: str, keep_mark: bool = False) -> None:

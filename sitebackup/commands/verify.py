@@ -2,16 +2,19 @@
 Content-MD5 and access tier: the copy ``restore ID`` would read (the current blob, or the snapshot holding
 that version).
 
-A read-only check, so one listing and a plain thread pool rather than an orchestration. ``local``
-also compares the source files on disk; ``download`` re-hashes that copy's content instead of
-trusting its Content-MD5.
+A read-only check, so listings read beside the record (``history.CopyLookup``) and a plain thread pool
+rather than an orchestration. ``local`` also compares the source files on disk; ``download`` re-hashes
+that copy's content instead of trusting its Content-MD5.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from azure.storage.blob import ContainerClient
 
 from sitebackup.blob.clients import StorageSettings, check_container, service_client
 from sitebackup.blob.errors import ARCHIVED, classify, is_archived, one_line
-from sitebackup.blob.history import Copy, choose, copies_by_name, copy_client
+from sitebackup.blob.history import Copy, CopyLookup, choose, copy_client
 from sitebackup.blob.naming import blob_name
 from sitebackup.commands.hosting import backup_run_input
 from sitebackup.durable.runtime import open_backend
@@ -29,6 +32,7 @@ from sitebackup.errors import DestinationError, InputError
 from sitebackup.local.files import b64, file_md5_b64
 
 DEFAULT_THREADS = 16
+IN_FLIGHT_PER_THREAD = 4
 
 
 def _blob_problem(container: ContainerClient, copies: list[Copy], rec: dict[str, Any], download: bool) -> str | None:
@@ -75,29 +79,40 @@ def _local_problem(source: Path, rec: dict[str, Any]) -> str | None:
 def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local: bool = False,
                download: bool = False, threads: int = DEFAULT_THREADS,
                taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+    """Check the run's record as it is read: memory holds the files in flight and what the lookup of recorded
+    versions holds (``history.CopyLookup``), not the record."""
     settings.require()
-    with open_backend(state_dir, taskhub) as runtime, service_client(settings) as (service, _label):
+    with open_backend(state_dir, taskhub) as runtime, service_client(settings, pool_size=threads + 4) as (service, label):
         work = runtime.work_store(service)
         with runtime.connected() as client:
             inp = backup_run_input(client, run_id, work)
         # first: under the scheduler the run record itself is read from the container
         check_container(settings, inp.container)
-        records = list(work.iter_results(run_id))
-    if not records:
-        raise InputError(f"run {run_id!r} recorded no files (nothing was copied, or it was purged)")
-    backed_up = [rec for rec in records if "error" not in rec]
-    with service_client(settings, pool_size=threads + 4) as (service, label):
+        records = work.iter_results(run_id)
+        first = next(records, None)
+        if first is None:
+            raise InputError(f"run {run_id!r} recorded no files (nothing was copied, or it was purged)")
         container = service.get_container_client(inp.container)
-        names = {rec["path"]: blob_name(inp.prefix, rec["path"]) for rec in backed_up}
-        try:
-            copies = copies_by_name(container, inp.prefix, set(names.values()))
-        except Exception as exc:
-            raise classify(exc, label) or DestinationError(f"cannot list {inp.container!r}: {one_line(exc)}") from None
+        lookup = CopyLookup(container, inp.prefix)
+        counts = {"checked": 0, "not_backed_up": 0}
 
-        def check(rec: dict[str, Any]) -> dict[str, str] | None:
-            name = names[rec["path"]]
+        def looked_up() -> Iterator[tuple[dict[str, Any], str, list[Copy]]]:
+            for rec in itertools.chain([first], records):
+                if "error" in rec:
+                    counts["not_backed_up"] += 1
+                    continue
+                counts["checked"] += 1
+                name = blob_name(inp.prefix, rec["path"])
+                try:
+                    copies = lookup.copies(name)
+                except Exception as exc:
+                    raise classify(exc, label) or DestinationError(
+                        f"cannot list {inp.container!r}: {one_line(exc)}") from None
+                yield rec, name, copies
+
+        def check(rec: dict[str, Any], name: str, copies: list[Copy]) -> dict[str, str] | None:
             try:
-                problem = _blob_problem(container, copies.get(name, []), rec, download)
+                problem = _blob_problem(container, copies, rec, download)
             except Exception as exc:
                 fatal = classify(exc, label)
                 if fatal is not None:
@@ -107,12 +122,26 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local
                 problem = _local_problem(Path(inp.source), rec)
             return None if problem is None else {"path": rec["path"], "blob": name, "problem": problem}
 
+        mismatches: list[dict[str, str]] = []
+
+        def take(future: Future[dict[str, str] | None]) -> None:
+            mismatch = future.result()
+            if mismatch is not None:
+                mismatches.append(mismatch)
+
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            mismatches = [m for m in pool.map(check, backed_up) if m is not None]
+            # checks in flight are bounded, their results taken in record order
+            in_flight: deque[Future[dict[str, str] | None]] = deque()
+            for job in looked_up():
+                in_flight.append(pool.submit(check, *job))
+                while in_flight and (len(in_flight) > IN_FLIGHT_PER_THREAD * threads or in_flight[0].done()):
+                    take(in_flight.popleft())
+            while in_flight:
+                take(in_flight.popleft())
     return {
         "run_id": run_id, "container": inp.container, "prefix": inp.prefix, "source": inp.source,
         "local": local, "download": download,
-        "files_checked": len(backed_up), "files_ok": len(backed_up) - len(mismatches),
-        "files_mismatched": len(mismatches), "files_not_backed_up": len(records) - len(backed_up),
+        "files_checked": counts["checked"], "files_ok": counts["checked"] - len(mismatches),
+        "files_mismatched": len(mismatches), "files_not_backed_up": counts["not_backed_up"],
         "mismatches": mismatches,
     }

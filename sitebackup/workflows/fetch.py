@@ -5,8 +5,8 @@ and again before it is written, and files are written through ``local.dest.DestD
 download is checked against the MD5 the run recorded (or the blob's own Content-MD5).
 
 A run's file is read from the copy holding the version the run recorded (``blob.history``): the
-current blob, or the snapshot a later run kept when it replaced it, chosen for the whole run by one
-listing when the pages are planned, and again for one file if its blob is replaced while restoring.
+current blob, or the snapshot a later run kept when it replaced it, chosen by listings read beside the
+run's record as the pages are planned, and again for one file if its blob is replaced while restoring.
 
 A page's small files are downloaded together on the process's asyncio loop (``ActivityDeps.get_many``)
 and written in page order as they arrive; large ones in ranges with the sync client.
@@ -30,7 +30,7 @@ from durabletask import task
 from sitebackup.blob.asyncget import Got
 from sitebackup.blob.asyncput import Cancelled
 from sitebackup.blob.errors import file_error
-from sitebackup.blob.history import PRUNED, choose, copies_by_name, copies_of, copy_client
+from sitebackup.blob.history import PRUNED, CopyLookup, choose, copies_of, copy_client
 from sitebackup.blob.naming import blob_name, is_reserved
 from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
 from sitebackup.local.dest import DestDir, UnsafeName, restored_mode, safe_relpath
@@ -39,52 +39,54 @@ from sitebackup.local.filters import make_selector
 from sitebackup.workflows.activity import ActivityDeps, activity
 from sitebackup.workflows.names import PLAN_RESTORE, RESTORE_BATCH
 from sitebackup.workflows.types import FetchInput, FetchItem, PlanInput, RestoreOptions
-from sitebackup.workflows.window import Listed, plan_pages
+from sitebackup.workflows.window import Listed, stream_pages
 
 # blobs over this size are fetched as ranges of RANGE_BYTES in parallel, written at their offsets
 RANGE_BYTES = STREAM_BLOCK_BYTES
 
 
 def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> dict[str, Any]:
-    """List what to restore (run record or container listing), validate names, write pages."""
+    """List what to restore (run record or container listing), validate names, write pages as the list is read.
+
+    Memory holds a page and what the lookup of recorded versions holds (``history.CopyLookup``), not the list.
+    """
     options = RestoreOptions.from_dict(inp.options)
     selected = make_selector(options.include, options.exclude)
-    items: list[FetchItem] = []
     failures, skipped = Listed(), Listed()
-    for relpath, name, rec in _candidates(deps, inp):
-        if name is None:  # the run itself failed to back this file up
-            skipped.add({"path": relpath, "reason": f"not backed up by the run: {rec['error']}"})
-            continue
-        try:
-            safe_relpath(relpath)
-        except UnsafeName as exc:
-            failures.add({"path": name, "error": f"refused: {exc}"})
-            continue
-        if selected(relpath):
-            items.append(FetchItem(name, relpath, int(rec["size"]), rec.get("md5"), rec.get("mtime_ns")))
-    if inp.run_id:
-        items = _recorded_versions(deps.container_client(inp.container), inp.prefix, items, failures)
-    pages = plan_pages(items, lambda item: item.size, min_batches=inp.min_batches)
-    for number, page in enumerate(pages):
-        deps.work.write_page(restore_id, number, page)
+    totals = {"files": 0, "bytes": 0}
+    lookup = CopyLookup(deps.container_client(inp.container), inp.prefix) if inp.run_id else None
+
+    def items() -> Iterator[FetchItem]:
+        for relpath, name, rec in _candidates(deps, inp):
+            if name is None:  # the run itself failed to back this file up
+                skipped.add({"path": relpath, "reason": f"not backed up by the run: {rec['error']}"})
+                continue
+            try:
+                safe_relpath(relpath)
+            except UnsafeName as exc:
+                failures.add({"path": name, "error": f"refused: {exc}"})
+                continue
+            if not selected(relpath):
+                continue
+            item = FetchItem(name, relpath, int(rec["size"]), rec.get("md5"), rec.get("mtime_ns"))
+            if lookup is not None:  # the copy holding the version the run recorded
+                copy = choose(lookup.copies(name), item.md5)
+                if copy is None:
+                    failures.add({"path": relpath, "error": PRUNED})
+                    continue
+                item = item._replace(snapshot=copy.snapshot)
+            totals["files"] += 1
+            totals["bytes"] += item.size
+            yield item
+
+    pages = 0
+    for page in stream_pages(items(), lambda item: item.size, min_batches=inp.min_batches):
+        deps.work.write_page(restore_id, pages, page)
+        pages += 1
     # refused names count as done: the progress bar reaches its total
-    return {"pages": len(pages), "files_total": len(items) + failures.count, "bytes_total": sum(i.size for i in items),
+    return {"pages": pages, "files_total": totals["files"] + failures.count, "bytes_total": totals["bytes"],
             "files_failed": failures.count, "files_done": failures.count, "failures": failures.items,
             "files_skipped": skipped.count, "skipped": skipped.items}
-
-
-def _recorded_versions(client: ContainerClient, prefix: str, items: list[FetchItem],
-                       failures: Listed) -> list[FetchItem]:
-    """Each item pointed at the copy holding its recorded version; one whose version no copy holds is failed."""
-    copies = copies_by_name(client, prefix, {item.name for item in items})
-    found = []
-    for item in items:
-        copy = choose(copies.get(item.name, []), item.md5)
-        if copy is None:
-            failures.add({"path": item.relpath, "error": PRUNED})
-        else:
-            found.append(item._replace(snapshot=copy.snapshot))
-    return found
 
 
 def _candidates(deps: ActivityDeps, inp: PlanInput) -> Iterator[tuple[str, str | None, dict[str, Any]]]:

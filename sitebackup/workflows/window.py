@@ -1,4 +1,4 @@
-"""The page kit backup and restore share: planning pages (whole, or as a scan goes), the bounded window of batch activities,
+"""The page kit backup and restore share: cutting pages as a scan or plan goes, the bounded window of batch activities,
 counters summed from results, the fixed-shape progress status and the summary.
 
 Orchestration side only, so deterministic: no I/O, no clocks but the context's. An orchestration's
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -32,32 +32,6 @@ from sitebackup.workflows.names import (
 T = TypeVar("T")
 
 
-def plan_pages(items: Sequence[T], size_of: Callable[[T], int], *, min_batches: int,
-               batch_files: int = BATCH_FILES, batch_bytes: int = BATCH_BYTES) -> list[list[T]]:
-    """Cut *items* into pages bounded by count and bytes; an item of ``batch_bytes`` or more goes alone.
-
-    ``min_batches`` shrinks pages on small trees so that the window of activities stays full.
-    """
-    if items:
-        batch_files = max(1, min(batch_files, math.ceil(len(items) / max(1, min_batches))))
-    pages: list[list[T]] = []
-    current: list[T] = []
-    current_bytes = 0
-    for item in items:
-        size = size_of(item)
-        if size >= batch_bytes:
-            pages.append([item])
-            continue
-        if current and (len(current) >= batch_files or current_bytes + size > batch_bytes):
-            pages.append(current)
-            current, current_bytes = [], 0
-        current.append(item)
-        current_bytes += size
-    if current:
-        pages.append(current)
-    return pages
-
-
 def stream_pages(items: Iterable[T], size_of: Callable[[T], int], *, min_batches: int,
                  light: Callable[[T], bool] = lambda item: False, alone: Callable[[T], bool] = lambda item: False,
                  batch_files: int = BATCH_FILES, batch_bytes: int = BATCH_BYTES,
@@ -67,8 +41,8 @@ def stream_pages(items: Iterable[T], size_of: Callable[[T], int], *, min_batches
     A page holds at most ``batch_files`` items to copy and ``batch_bytes`` of theirs, and at most
     ``page_items`` in all: a *light* item (recorded without I/O) counts only there. An item that goes
     *alone*, or of ``batch_bytes`` or more, is a page of its own. The first ``head_items`` items are
-    held back and cut into at least ``min_batches`` pages as ``plan_pages`` cuts a small tree, so the
-    window of activities starts full; the rest go in full pages.
+    held back and cut into pages of at most 1/``min_batches`` of their files each, so that the window of
+    activities starts full on a small tree too; the rest go in full pages.
     """
     it = iter(items)
     head = list(itertools.islice(it, head_items))
