@@ -31,6 +31,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -479,7 +480,9 @@ class Bench:
                     done = (int(log.read_text().split()[0]) if tool == "walk" and code == 0
                             else last_json(log).get(counter, 0))
                     if op == "stand-in" and code == 0:
-                        done = stand_in(state, last_json(log)["instance_id"], source.root)
+                        # in a process of its own: a child forked later would count this one's RSS as its own
+                        with multiprocessing.get_context("spawn").Pool(1) as pool:
+                            done = pool.apply(stand_in, (state, last_json(log)["instance_id"], source.root))
                     ok = code == 0 and done == source.files
                     run = Run(seconds, cpu, peak, server_cpu,
                               "" if ok else f"run {i}: exit {code}, {done}/{source.files} files (log {log})")

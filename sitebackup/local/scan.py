@@ -42,8 +42,6 @@ Entry = FileEntry | Skipped | Failed
 
 
 def _is_utf8(name: str) -> bool:
-    if name.isascii():
-        return True
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates (PEP 383)
@@ -102,9 +100,11 @@ def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None,
             yield Failed(reldir or ".", f"cannot read directory: {describe_os_error(exc)}")
             continue
         subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
+        under = f"{reldir}/" if reldir else ""
         for child in children:
-            rel = f"{reldir}/{child.name}" if reldir else child.name
-            if not _is_utf8(child.name):
+            name = child.name
+            rel = under + name
+            if not name.isascii() and not _is_utf8(name):
                 # a blob name must be UTF-8; report the path readably rather than guess an encoding
                 yield Failed(printable(rel), "file name is not valid UTF-8")
                 continue
