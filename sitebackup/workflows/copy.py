@@ -53,7 +53,8 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
     previous = incremental.Baseline(work.iter_results(baseline) if baseline else ())
     large_above = blocks.threshold(block_size)
 
-    def items() -> Iterator[CopyItem]:
+    def items() -> Iterator[CopyItem | dict[str, Any]]:
+        """What each file needs: a ``CopyItem``, or for an unchanged file its record, ready as it is."""
         for e in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
             if type(e) is not FileEntry:
                 if isinstance(e, Skipped):
@@ -65,16 +66,23 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
             totals["bytes"] += e.size
             before = previous.get(e.relpath)
             decision = incremental.decide(e.size, e.mtime_ns, before, mode)
-            if decision != incremental.UPLOAD:  # --checksum: hashed whole by the copy, never in ranges
-                yield CopyItem(e.relpath, e.size, e.mtime_ns, before, decision == incremental.CHECK)
+            if decision == incremental.UNCHANGED:
+                yield incremental.unchanged_record(e.relpath, before)
+            elif decision == incremental.CHECK:  # --checksum: hashed whole by the copy, never in ranges
+                yield CopyItem(e.relpath, e.size, e.mtime_ns, before, True)
             else:
                 yield CopyItem(e.relpath, e.size, e.mtime_ns, held=[before["md5"], before.get("etag")] if before else None)
 
-    def large(item: CopyItem) -> bool:
-        return item.previous is None and item.size > large_above
+    def large(item: CopyItem | dict[str, Any]) -> bool:
+        return type(item) is CopyItem and item.previous is None and item.size > large_above
 
-    def light(item: CopyItem) -> bool:
-        return item.previous is not None and not item.check
+    def light(item: CopyItem | dict[str, Any]) -> bool:
+        return type(item) is dict
+
+    def as_row(item: CopyItem | dict[str, Any]) -> list[Any]:
+        if type(item) is dict:
+            return CopyItem(item["path"], item["size"], item["mtime_ns"], item).to_json()
+        return item.to_json()
 
     n_pages = 0
     for batch in stream_pages(items(), lambda item: item.size, min_batches=min_batches, light=light, alone=large):
@@ -82,16 +90,15 @@ def scan_source(work: WorkStore, run_id: str, source: Path, *, min_batches: int,
             n_pages += blocks.write_range_pages(work, run_id, n_pages, batch[0], block_size)
             continue
         if all(map(light, batch)) and (len(done) < MAX_DONE_RANGES or done[-1][1] == n_pages):
-            work.write_result(run_id, n_pages, [incremental.unchanged_record(item.relpath, item.previous)
-                                                for item in batch])
+            work.write_result(run_id, n_pages, batch)
             totals["unchanged"] += len(batch)
-            totals["unchanged_bytes"] += sum(item.size for item in batch)
+            totals["unchanged_bytes"] += sum(record["size"] for record in batch)
             if done and done[-1][1] == n_pages:
                 done[-1][1] += 1
             else:
                 done.append([n_pages, n_pages + 1])
         else:
-            work.write_page(run_id, n_pages, [item.to_json() for item in batch])
+            work.write_page(run_id, n_pages, [as_row(item) for item in batch])
         n_pages += 1
     return {
         "pages": n_pages,
