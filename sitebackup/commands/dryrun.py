@@ -55,34 +55,33 @@ def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: Task
 
 def _walk(request: BackupRequest, previous: incremental.Baseline,
           on_item: Callable[[dict[str, Any]], None]) -> dict[str, int]:
-    totals = dict.fromkeys(("files_to_upload", "bytes_to_upload", "files_unchanged", "bytes_skipped",
-                            "files_skipped", "files_failed"), 0)
+    upload = upload_bytes = unchanged = unchanged_bytes = skipped = failed = 0
     rules = Filter(request.patterns)
     for entry in walk(request.source, excluded=rules.excluded if rules else None,
                       follow_symlinks=request.follow_symlinks):
-        if isinstance(entry, FileEntry):
+        if type(entry) is FileEntry:
             try:
                 action = _action(request.source, entry, previous.get(entry.relpath), request.compare)
             except OSError as exc:
                 item = {"action": "fail", "path": entry.relpath, "error": describe_os_error(exc)}
+                failed += 1
             else:
                 item = {"action": action, "path": entry.relpath, "size": entry.size}
                 if action == "upload":
-                    totals["files_to_upload"] += 1
-                    totals["bytes_to_upload"] += entry.size
+                    upload += 1
+                    upload_bytes += entry.size
                 else:  # an unchanged file is a skipped one too: not uploaded on purpose
-                    totals["files_unchanged"] += 1
-                    totals["files_skipped"] += 1
-                    totals["bytes_skipped"] += entry.size
+                    unchanged += 1
+                    unchanged_bytes += entry.size
         elif isinstance(entry, Skipped):
             item = {"action": "skip", "path": entry.relpath, "reason": entry.reason}
-            totals["files_skipped"] += 1
+            skipped += 1
         else:
             item = {"action": "fail", "path": entry.relpath, "error": entry.reason}
-        if item["action"] == "fail":
-            totals["files_failed"] += 1
+            failed += 1
         on_item(item)
-    return totals
+    return {"files_to_upload": upload, "bytes_to_upload": upload_bytes, "files_unchanged": unchanged,
+            "bytes_skipped": unchanged_bytes, "files_skipped": skipped + unchanged, "files_failed": failed}
 
 
 def _action(source: Path, entry: FileEntry, previous: dict[str, Any] | None, mode: str) -> str:
