@@ -275,8 +275,12 @@ def azurite_server(work: Path, heap_mb: int | None = None, access_log: bool = Fa
 
 
 def last_json(log: Path) -> dict:
-    """The last JSON object a `sitebackup --json` run printed (its summary), or {}."""
-    for line in reversed(log.read_text(errors="replace").splitlines()):
+    """The last JSON object a `sitebackup --json` run printed (its summary), or {}. Read from the log's tail:
+    a dry run's log holds a line per file, and this process's RSS would count in every child's peak after it."""
+    with open(log, "rb") as fh:
+        fh.seek(max(0, fh.seek(0, os.SEEK_END) - 256 * 1024))
+        tail = fh.read().decode(errors="replace")
+    for line in reversed(tail.splitlines()):
         if line.startswith("{"):
             try:
                 return json.loads(line)
