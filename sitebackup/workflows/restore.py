@@ -30,9 +30,10 @@ TALLY = Tally(
 def restore_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> Any:
     inp = RestoreInput.from_dict(raw)
     window = max(1, inp.options.concurrency)
+    # as many pages as the window has slots at least, as a backup cuts them (workflows.backup)
     state = yield from TALLY.begin(ctx, inp.state, "planning", PLAN_RESTORE, PlanInput(
         container=inp.container, prefix=inp.prefix, run_id=inp.run_id, options=inp.options.to_dict(),
-        min_batches=4 * window))
+        min_batches=window))
 
     def schedule(page: int) -> task.Task[Any]:
         return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=FetchInput(
