@@ -42,9 +42,9 @@ class BlobFacts:
         return cls(props.size, b64(props.content_settings.content_md5), dict(props.metadata or {}))
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> "BlobFacts":
-        """From the headers of a whole-blob Get Blob (200): its length, Content-MD5 and x-ms-meta-*."""
-        return cls(int(headers["Content-Length"]), headers.get("Content-MD5") or headers.get("x-ms-blob-content-md5"),
+    def from_headers(cls, size: int, headers: Mapping[str, str]) -> "BlobFacts":
+        """Of a whole-blob Get Blob (200) whose body is *size* bytes, from its Content-MD5 and x-ms-meta-*."""
+        return cls(size, headers.get("Content-MD5") or headers.get("x-ms-blob-content-md5"),
                    {k[len(_META):]: v for k, v in headers.items() if k.lower().startswith(_META)})
 
 
@@ -77,7 +77,8 @@ class ContainerGets:
         response = await self._pipeline.send_request(HttpRequest("GET", self._urls.blob(name), headers=self._headers))
         if response.status_code != 200:
             raise response_error(response)
-        return Got(response.content, BlobFacts.from_headers(response.headers))
+        data = response.content
+        return Got(data, BlobFacts.from_headers(len(data), response.headers))
 
 
 class AsyncGetter:

@@ -18,7 +18,7 @@ from durabletask import task
 from sitebackup.workflows import blocks
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE
 from sitebackup.workflows.types import BackupInput, CopyInput, ScanInput
-from sitebackup.workflows.window import Tally
+from sitebackup.workflows.window import Tally, min_pages
 
 TALLY = Tally(
     kind=BACKUP_ORCHESTRATION,
@@ -34,11 +34,8 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> 
     inp = BackupInput.from_dict(raw)
     options = inp.options
     window = max(1, options.concurrency)
-    # one page per slot of the window at least: a small tree still fills it, and no more, as every page
-    # costs an activity and an episode replaying the generation's history, while the event loop keeps its
-    # requests in flight whatever the size of the pages that feed it
     state = yield from TALLY.begin(ctx, inp.state, "scanning", SCAN_TREE, ScanInput(
-        source=inp.source, min_batches=window, baseline=inp.baseline, compare=options.compare,
+        source=inp.source, min_batches=min_pages(window, options.shared), baseline=inp.baseline, compare=options.compare,
         patterns=options.patterns, follow_symlinks=options.follow_symlinks, block_size=options.block_size))
 
     def schedule(page: int) -> task.Task[Any]:
