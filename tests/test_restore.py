@@ -257,7 +257,7 @@ def test_usage_errors_are_one_line(tmp_path, cli, container_name):
 
 
 def test_restore_killed_with_sigkill_then_rerun_completes_exactly(tmp_path, cli, cli_env, container_name):
-    files = {f"d{i % 13}/f{i:04d}.bin": os.urandom(40_000 + i) for i in range(700)}
+    files = {f"d{i % 13}/f{i:04d}.bin": os.urandom(20_000 + i) for i in range(2000)}
     src = write_tree(tmp_path / "site", files)
     run_id = backup(cli, src, container_name)
     dest = tmp_path / "restored"

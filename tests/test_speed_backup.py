@@ -9,6 +9,7 @@ import hashlib
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -81,6 +82,42 @@ def test_a_hosted_run_is_read_only_when_its_backend_changed_it(tmp_path: Path, m
     assert state.runtime_status == dt_client.OrchestrationStatus.COMPLETED
     assert printer.seen[-1] == {"phase": "done", "files_done": 2}
     assert 1 <= client.reads <= changes + 1 <= 4
+
+
+def test_a_run_watched_from_elsewhere_is_read_at_most_twice_a_second(tmp_path: Path):
+    """`status --watch` (no embedded backend of its own) polls the serving process: a bounded rate."""
+    release = threading.Event()
+
+    def slow(ctx: task.ActivityContext, n: int) -> int:
+        release.wait(60)
+        return n + 1
+
+    def orchestrator(ctx: task.OrchestrationContext, n: int):
+        ctx.set_custom_status({"phase": "copy", "files_done": 0})
+        return (yield ctx.call_activity(slow, input=n))
+
+    backend = EmbeddedBackend(tmp_path / "state")
+    address = backend.start()
+    worker = dt_worker.TaskHubGrpcWorker(host_address=address)
+    worker.add_orchestrator(orchestrator)
+    worker.add_activity(slow)
+    inner = dt_client.TaskHubGrpcClient(host_address=address)
+    try:
+        worker.start()
+        instance_id = inner.schedule_new_orchestration(orchestrator, input=1)
+        threading.Timer(2.0, release.set).start()
+        client = CountingClient(inner)
+        started = time.monotonic()
+        state = hosting.watch(client, instance_id, Progress())
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+        worker.stop()
+        inner.close()
+        backend.stop()
+    assert state.runtime_status == dt_client.OrchestrationStatus.COMPLETED
+    # the first reads come quickly (20 ms doubling), then one per POLL_SECONDS: 10 Hz would be 20 or more
+    assert elapsed >= 2.0 and client.reads <= 6 + elapsed / hosting.POLL_SECONDS <= 6 + elapsed / 0.5, client.reads
 
 
 def blob_puts(proxy: RecordingProxy) -> list[tuple[str, dict[str, str]]]:

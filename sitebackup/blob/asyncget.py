@@ -1,8 +1,10 @@
 """Small-file downloads of a restore through the process's one asyncio loop, the one uploads use.
 
-A restore of small files costs requests, not bytes, as a backup does: the async SDK over aiohttp spends
-much less CPU per request than the sync SDK over requests in threads, and ``AsyncPutter``'s loop, client,
-connection pool and window of ``in_flight`` requests serve downloads as well. Activities stay
+A restore of small files costs requests, not bytes, as a backup does, and so does one of 1 MiB files
+once the bytes come in large chunks: ``AsyncPutter``'s loop, connection pool and window of ``in_flight``
+requests serve downloads as well. A download is one Get Blob built here (``ContainerGets``) and sent
+through the same lean pipeline as the puts, authorized by a read-only container SAS signed in memory
+(``asyncput.SignedUrls``): no SDK client, downloader or header deserializer per file. Activities stay
 synchronous: they hand a page's small files to ``AsyncGetter.get_many`` and take each file's content
 from its future in page order, writing one while the next ones arrive.
 """
@@ -10,22 +12,73 @@ from its future in page order, writing one while the next ones arrive.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sitebackup.blob.asyncput import AsyncPutter, Cancelled
+from azure.core.rest import HttpRequest
+
+from sitebackup.blob.asyncput import AsyncPutter, Cancelled, SignedUrls
 from sitebackup.blob.bwlimit import process_limiter
+from sitebackup.blob.errors import response_error
+from sitebackup.local.files import b64
+
+_META = "x-ms-meta-"
+
+
+@dataclass(frozen=True)
+class BlobFacts:
+    """What a download says of its blob, for the caller's checks: size, Content-MD5 (base64), metadata."""
+
+    size: int
+    md5: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, props: Any) -> "BlobFacts":
+        """From the SDK's ``BlobProperties`` of a download."""
+        return cls(props.size, b64(props.content_settings.content_md5), dict(props.metadata or {}))
+
+    @classmethod
+    def from_headers(cls, size: int, headers: Mapping[str, str]) -> "BlobFacts":
+        """Of a whole-blob Get Blob (200) whose body is *size* bytes, from its Content-MD5 and x-ms-meta-*."""
+        return cls(size, headers.get("Content-MD5") or headers.get("x-ms-blob-content-md5"),
+                   {k[len(_META):]: v for k, v in headers.items() if k.lower().startswith(_META)})
 
 
 @dataclass(frozen=True)
 class Got:
-    """A downloaded blob: its content and the properties the service sent with it (size, Content-MD5,
-    metadata) for the caller's checks."""
+    """A downloaded blob: its content and what the service said of it."""
 
     data: bytes
-    properties: Any
+    facts: BlobFacts
+
+
+class ContainerGets:
+    """Get Blob requests of one container's blobs, through *pipeline* (``clients.put_pipeline``), authorized
+    as *container* (an aio ``ContainerClient``) is, with a read-only SAS when it holds an account key."""
+
+    def __init__(self, container: Any, pipeline: Any, clock: Callable[[], float] = time.monotonic):
+        self._container = container
+        self._urls = SignedUrls(container, read=True, clock=clock)
+        self._pipeline = pipeline
+        self._headers = {"x-ms-version": container.api_version}
+
+    async def get(self, name: str, snapshot: str | None) -> Got:
+        """The whole of blob *name* (its *snapshot*, if given), read into memory by the pipeline, so a
+        connection lost mid-body is retried like any failed request."""
+        if snapshot is not None:
+            # through the SDK's client: Azurite refuses a container SAS on a snapshot read (it signs the
+            # request's snapshot into the SAS), and only files replaced since their run come from one
+            downloader = await self._container.get_blob_client(name, snapshot=snapshot).download_blob()
+            return Got(await downloader.readall(), BlobFacts.of(downloader.properties))
+        response = await self._pipeline.send_request(HttpRequest("GET", self._urls.blob(name), headers=self._headers))
+        if response.status_code != 200:
+            raise response_error(response)
+        data = response.content
+        return Got(data, BlobFacts.from_headers(len(data), response.headers))
 
 
 class AsyncGetter:
@@ -34,6 +87,7 @@ class AsyncGetter:
     def __init__(self, putter: AsyncPutter):
         self._putter = putter
         self._limiter = process_limiter()  # a small file's bytes are paid for before its request
+        self._gets: dict[str, ContainerGets] = {}  # touched on the loop's thread only
 
     def get_many(self, container: str, items: list[tuple[str, str | None, int]],
                  cancelled: Callable[[], bool] = lambda: False) -> list[Future[Got]]:
@@ -42,10 +96,12 @@ class AsyncGetter:
         before its turn). A page's downloads share the loop's window with everything else on it."""
         futures: list[Future[Got]] = [Future() for _ in items]
 
-        async def page(client: Any, gate: asyncio.Semaphore) -> None:
+        async def page(client: Any, pipeline: Any, gate: asyncio.Semaphore) -> None:
             try:
-                container_client = client.get_container_client(container)
-                await asyncio.gather(*(self._settle(future, self._get(container_client, gate, item, cancelled))
+                if container not in self._gets:
+                    self._gets[container] = ContainerGets(client.get_container_client(container), pipeline)
+                gets = self._gets[container]
+                await asyncio.gather(*(self._settle(future, self._get(gets, gate, item, cancelled))
                                        for item, future in zip(items, futures)))
             finally:  # the loop closing under it must not leave the activity waiting forever
                 for future in futures:
@@ -62,7 +118,7 @@ class AsyncGetter:
         except Exception as exc:
             future.set_exception(exc)
 
-    async def _get(self, container_client: Any, gate: asyncio.Semaphore, item: tuple[str, str | None, int],
+    async def _get(self, gets: ContainerGets, gate: asyncio.Semaphore, item: tuple[str, str | None, int],
                    cancelled: Callable[[], bool]) -> Got:
         name, snapshot, size = item
         async with gate:
@@ -70,5 +126,4 @@ class AsyncGetter:
                 raise Cancelled()
             if self._limiter is not None:
                 await self._limiter.acquire_async(size)
-            downloader = await container_client.get_blob_client(name, snapshot=snapshot).download_blob()
-            return Got(await downloader.readall(), downloader.properties)
+            return await gets.get(name, snapshot)

@@ -7,9 +7,10 @@ Activities stay synchronous (the worker runs them in threads): they hand a page'
 ``AsyncPutter.put_many`` and block on the results.
 
 The Put Blob of a small file is built here (``ContainerPuts``) from headers computed once per container,
-and sent through a pipeline of retries alone, authorized by a container SAS in its URL: with an account
-key, one signed in memory for this process (``clients.container_sas``) instead of a SharedKey HMAC per
-request. The rare requests of a changed file (properties, snapshot) go through the SDK's client.
+and sent through a pipeline of retries alone, authorized by a container SAS in its URL (``SignedUrls``,
+which restore's lean GETs use too): with an account key, one signed in memory for this process
+(``clients.container_sas``) instead of a SharedKey HMAC per request. The rare requests of a changed file
+(properties, snapshot) go through the SDK's client.
 """
 
 from __future__ import annotations
@@ -52,36 +53,48 @@ class Cancelled(Exception):
     """The run was cancelled before this file's turn came."""
 
 
-class ContainerPuts:
-    """Put Blob requests into one container, through *pipeline* (``clients.put_pipeline``), authorized as
-    *container* (an aio ``ContainerClient``) is: by the SAS in its URL, a SAS signed with its account key
-    (renewed well before it expires), or its token credential in the pipeline."""
+class SignedUrls:
+    """Blob URLs of one container, authorized as *container* (an aio ``ContainerClient``) is: by the SAS in
+    its URL, a SAS signed with its account key (renewed well before it expires) that reads blobs (*read*)
+    or creates and writes them, or its token credential in the pipeline (no query)."""
 
-    def __init__(self, container: Any, pipeline: Any, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, container: Any, read: bool, clock: Callable[[], float] = time.monotonic):
         parts = urlsplit(container.url)
         self._base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", ""))
         self._query = f"?{parts.query}" if parts.query else ""
         self._credential = container.credential
         self._container = container.container_name
-        self._pipeline = pipeline
+        self._read = read
         self._clock = clock
-        self._headers = {"x-ms-version": container.api_version, "x-ms-blob-type": "BlockBlob",
-                         "Content-Type": "application/octet-stream", "Accept": "application/xml"}
         self._renew_at: float | None = None
         self._sign()
 
     def _sign(self) -> None:
-        sas = container_sas(self._credential, self._container, SAS_LIFETIME)
+        sas = container_sas(self._credential, self._container, SAS_LIFETIME, self._read)
         if sas is not None:
             self._query = f"?{sas}"
             self._renew_at = self._clock() + (SAS_LIFETIME - SAS_MARGIN).total_seconds()
 
-    async def put(self, name: str, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
-        """Put *data* as block blob *name* with *headers* (``upload.put_headers``); the response's ``etag``."""
+    def blob(self, name: str) -> str:
+        """The URL of blob *name*, authorized."""
         if self._renew_at is not None and self._clock() >= self._renew_at:
             self._sign()
-        request = HttpRequest("PUT", self._base + quote(name, safe="~/") + self._query,
-                              headers={**self._headers, **headers}, content=data)
+        return self._base + quote(name, safe="~/") + self._query
+
+
+class ContainerPuts:
+    """Put Blob requests into one container, through *pipeline* (``clients.put_pipeline``), authorized as
+    *container* is (``SignedUrls``)."""
+
+    def __init__(self, container: Any, pipeline: Any, clock: Callable[[], float] = time.monotonic):
+        self._urls = SignedUrls(container, read=False, clock=clock)
+        self._pipeline = pipeline
+        self._headers = {"x-ms-version": container.api_version, "x-ms-blob-type": "BlockBlob",
+                         "Content-Type": "application/octet-stream", "Accept": "application/xml"}
+
+    async def put(self, name: str, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        """Put *data* as block blob *name* with *headers* (``upload.put_headers``); the response's ``etag``."""
+        request = HttpRequest("PUT", self._urls.blob(name), headers={**self._headers, **headers}, content=data)
         response = await self._pipeline.send_request(request)
         if response.status_code != 201:
             raise response_error(response)
@@ -120,11 +133,12 @@ class AsyncPutter:
                 atexit.register(self.close)
             return self._loop
 
-    def submit(self, work: Callable[[Any, asyncio.Semaphore], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future:
-        """Run ``work(service client, in-flight gate)`` on this loop; a future of its result. Restore's
-        ``blob.asyncget`` shares the loop, its connection pool and its window of requests this way."""
+    def submit(self, work: Callable[[Any, Any, asyncio.Semaphore], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future:
+        """Run ``work(service client, lean request pipeline, in-flight gate)`` on this loop; a future of its
+        result. Restore's ``blob.asyncget`` shares the loop, its connection pool and its window of requests
+        this way."""
         loop = self._ensure_loop()
-        return asyncio.run_coroutine_threadsafe(work(self._client, self._gate), loop)
+        return asyncio.run_coroutine_threadsafe(work(self._client, self._pipeline, self._gate), loop)
 
     def put_many(self, container: str, items: list[tuple[Path, str, Held | None]],
                  cancelled: Callable[[], bool] = lambda: False, tier: str | None = None) -> list[Uploaded | BaseException]:

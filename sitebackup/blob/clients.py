@@ -138,15 +138,16 @@ def put_pipeline(credential: Any, in_flight: int) -> Any:
     return AsyncPipelineClient("", pipeline=AsyncPipeline(transport, policies))
 
 
-def container_sas(credential: Any, container: str, lifetime: timedelta) -> str | None:
-    """A SAS for creating and writing blobs of *container* for *lifetime*, signed in memory with the
-    account key the client *credential* holds (one HMAC per run, not one per request); None without a
-    key. It lives only in this process: never stored, logged or passed to another."""
+def container_sas(credential: Any, container: str, lifetime: timedelta, read: bool = False) -> str | None:
+    """A SAS for reading blobs of *container* (*read*), or else for creating and writing them, for
+    *lifetime*, signed in memory with the account key the client *credential* holds (one HMAC per run,
+    not one per request); None without a key. It lives only in this process: never stored, logged or
+    passed to another."""
     key = getattr(credential, "account_key", None)
     if not key:
         return None
-    return generate_container_sas(credential.account_name, container, account_key=key,
-                                  permission=ContainerSasPermissions(create=True, write=True),
+    permission = ContainerSasPermissions(read=True) if read else ContainerSasPermissions(create=True, write=True)
+    return generate_container_sas(credential.account_name, container, account_key=key, permission=permission,
                                   expiry=datetime.now(timezone.utc) + lifetime)
 
 

@@ -149,6 +149,7 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
     """Schedule or resume, then host a worker and watch (or only watch, or with *detach* only schedule)."""
     endpoint = connect(settings.require(), request.container)
     inp = request.orchestration_input(endpoint)
+    inp.options.shared = taskhub is not None
     lock = RunLock.for_backup(request.state_dir, inp.source, inp.container, inp.prefix)
     with open_backend(request.state_dir, taskhub) as runtime:
         try:

@@ -40,9 +40,11 @@ from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION, RESUME_EVENT, WAITING_PHASE
 from sitebackup.workflows.types import BackupInput
 
-# polls are cheap local RPCs; a short period ends the run sooner after its last activity
-POLL_SECONDS = 0.1
-FIRST_POLL_SECONDS = 0.02  # doubling up to POLL_SECONDS: a small run is done within the first polls
+# what is watched from elsewhere (`status --watch`, a run hosted by another process or by the scheduler's
+# workers) is polled: each read is a request the serving process (or the scheduler) answers, so twice a
+# second at most, after a quick start so that a small run is seen done within the first polls
+POLL_SECONDS = 0.5
+FIRST_POLL_SECONDS = 0.02  # doubling up to POLL_SECONDS
 # A run hosted by this process's embedded backend is read again as soon as that backend changes it (an
 # episode: new counters, or the end), and otherwise only this often, for what other processes change
 # (a cancel, a peer's worker): no reads while nothing moves.

@@ -114,7 +114,7 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
             inp = RestoreInput(dest=str(request.dest), container=container, prefix=prefix, run_id=request.run_id,
                                endpoint=endpoint, options=RestoreOptions(
                                    concurrency=request.concurrency, overwrite=request.overwrite,
-                                   include=request.include, exclude=request.exclude))
+                                   include=request.include, exclude=request.exclude, shared=taskhub is not None))
             inp.source = inp.source_label
             instance_id = find_unfinished(client, RESTORE_ORCHESTRATION,
                                           lambda other: inp.same_restore(RestoreInput.from_dict(other)))

@@ -18,7 +18,7 @@ from durabletask import task
 from sitebackup.workflows import blocks
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE
 from sitebackup.workflows.types import BackupInput, CopyInput, ScanInput
-from sitebackup.workflows.window import Tally
+from sitebackup.workflows.window import Tally, min_pages
 
 TALLY = Tally(
     kind=BACKUP_ORCHESTRATION,
@@ -35,7 +35,7 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> 
     options = inp.options
     window = max(1, options.concurrency)
     state = yield from TALLY.begin(ctx, inp.state, "scanning", SCAN_TREE, ScanInput(
-        source=inp.source, min_batches=4 * window, baseline=inp.baseline, compare=options.compare,
+        source=inp.source, min_batches=min_pages(window, options.shared), baseline=inp.baseline, compare=options.compare,
         patterns=options.patterns, follow_symlinks=options.follow_symlinks, block_size=options.block_size))
 
     def schedule(page: int) -> task.Task[Any]:

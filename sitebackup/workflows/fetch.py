@@ -27,7 +27,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 from durabletask import task
 
-from sitebackup.blob.asyncget import Got
+from sitebackup.blob.asyncget import BlobFacts, Got
 from sitebackup.blob.asyncput import Cancelled
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.history import PRUNED, CopyLookup, choose, copies_of, copy_client
@@ -169,37 +169,36 @@ def _fetch(client: ContainerClient, dest: DestDir, item: FetchItem, threads: int
     return Outcome("restored", size=item.size)
 
 
-def _write(dest: DestDir, item: FetchItem, download: Callable[[int], Any]) -> None:
-    """Write the item's file under *dest* with *download* (content into the descriptor, the blob's
-    properties back), checked against the recorded size and MD5."""
+def _write(dest: DestDir, item: FetchItem, download: Callable[[int], BlobFacts]) -> None:
+    """Write the item's file under *dest* with *download* (content into the descriptor, what the service
+    said of the blob back), checked against the recorded size and MD5."""
 
     def fill(fd: int) -> tuple[int, int | None]:
-        props = download(fd)
-        blob_md5 = b64(props.content_settings.content_md5)
-        if item.md5 and blob_md5 and blob_md5 != item.md5:
+        facts = download(fd)
+        if item.md5 and facts.md5 and facts.md5 != item.md5:
             raise _Replaced("blob changed since the backup run (Content-MD5 differs from the run record)")
-        if props.size != item.size:
-            raise _Mismatch(f"blob is {props.size} bytes, expected {item.size}")
-        expected = item.md5 or blob_md5
+        if facts.size != item.size:
+            raise _Mismatch(f"blob is {facts.size} bytes, expected {item.size}")
+        expected = item.md5 or facts.md5
         if expected and fd_md5_b64(fd) != expected:
             raise _Mismatch("downloaded content does not match its Content-MD5")
-        meta = props.metadata or {}
+        meta = facts.metadata
         mtime_ns = item.mtime_ns if item.mtime_ns is not None else _int_or_none(meta.get(META_MTIME))
         return restored_mode(meta.get(META_MODE), dest.umask), mtime_ns
 
     dest.write(item.relpath, fill)
 
 
-def _write_content(fd: int, content: Got) -> Any:
+def _write_content(fd: int, content: Got) -> BlobFacts:
     os.write(fd, content.data)
-    return content.properties
+    return content.facts
 
 
-def _download_into(blob: Any, fd: int, size: int, threads: int) -> Any:
+def _download_into(blob: Any, fd: int, size: int, threads: int) -> BlobFacts:
     if size <= RANGE_BYTES:
         downloader = blob.download_blob()
         os.write(fd, downloader.readall())
-        return downloader.properties
+        return BlobFacts.of(downloader.properties)
     props = blob.get_blob_properties()
     # every range is pinned to the same blob version: a blob rewritten mid-restore fails, never mixes
     pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
@@ -211,7 +210,7 @@ def _download_into(blob: Any, fd: int, size: int, threads: int) -> Any:
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         list(pool.map(fetch, range(0, props.size, RANGE_BYTES)))
     os.ftruncate(fd, props.size)
-    return props
+    return BlobFacts.of(props)
 
 
 def _guarded(run: Callable[[], Outcome | None], endpoint: str) -> Outcome | None:

@@ -15,7 +15,7 @@ from durabletask import task
 
 from sitebackup.workflows.names import BATCH_RETRY, PLAN_RESTORE, RESTORE_BATCH, RESTORE_ORCHESTRATION
 from sitebackup.workflows.types import FetchInput, PlanInput, RestoreInput
-from sitebackup.workflows.window import Tally
+from sitebackup.workflows.window import Tally, min_pages
 
 TALLY = Tally(
     kind=RESTORE_ORCHESTRATION,
@@ -32,7 +32,7 @@ def restore_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) ->
     window = max(1, inp.options.concurrency)
     state = yield from TALLY.begin(ctx, inp.state, "planning", PLAN_RESTORE, PlanInput(
         container=inp.container, prefix=inp.prefix, run_id=inp.run_id, options=inp.options.to_dict(),
-        min_batches=4 * window))
+        min_batches=min_pages(window, inp.options.shared)))
 
     def schedule(page: int) -> task.Task[Any]:
         return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=FetchInput(

@@ -54,6 +54,7 @@ class BackupOptions(Wire):
     follow_symlinks: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE  # files over blocks.threshold(this) go up as block ranges
     tier: str | None = None  # access tier set with every upload (blob.upload.ACCESS_TIERS); None: account default
+    shared: bool = False  # workers on other hosts take pages too (a task hub): cut finer so that each gets some
 
 
 @dataclass
@@ -157,6 +158,7 @@ class RestoreOptions(Wire):
     overwrite: bool = False
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    shared: bool = False  # as BackupOptions.shared
 
 
 @dataclass

@@ -32,6 +32,14 @@ from sitebackup.workflows.names import (
 T = TypeVar("T")
 
 
+def min_pages(window: int, shared: bool) -> int:
+    """The fewest pages a run cuts its tree into: one per slot of its *window*, so a small tree still fills
+    it, and no more, as every page costs an activity and an orchestrator episode replaying the generation's
+    history while the event loop keeps its requests in flight whatever the size of the pages feeding it.
+    When workers on other hosts take pages too (*shared*), four per slot, so that each worker gets some."""
+    return window * (4 if shared else 1)
+
+
 def stream_pages(items: Iterable[T], size_of: Callable[[T], int], *, min_batches: int,
                  light: Callable[[T], bool] = lambda item: False, alone: Callable[[T], bool] = lambda item: False,
                  batch_files: int = BATCH_FILES, batch_bytes: int = BATCH_BYTES,
