@@ -79,8 +79,8 @@ def history(state_dir: Path, instance_id: str) -> list[pb.HistoryEvent]:
 def test_history_per_instance_and_payloads_stay_bounded(cli, tmp_path, container_name, state_dir):
     n = 1200
     src = write_tree(tmp_path / "src", {f"d{i % 7}/f{i:05d}.txt": b"%d" % i for i in range(n)})
-    # concurrency 64 asks for 4 x 64 batches: more pages than one generation holds
-    result = cli(src, "--container", container_name, "--json", "--concurrency", "64")
+    # concurrency 128 asks for a page per window slot, 128 of them: more pages than one generation holds
+    result = cli(src, "--container", container_name, "--json", "--concurrency", "128")
     assert result.returncode == 0, result.stderr
     summary = summary_of(result)
     assert summary["files_uploaded"] == n
