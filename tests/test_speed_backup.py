@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -43,9 +45,10 @@ class Progress:
         self.seen.append(status)
 
 
-def test_a_hosted_run_is_read_only_when_its_backend_changed_it(tmp_path: Path, monkeypatch):
-    # no idle reads at all: every read must come from a change this process's backend applied
-    monkeypatch.setattr(hosting, "IDLE_READ_SECONDS", 3600.0)
+@contextlib.contextmanager
+def held_run(tmp_path: Path, hold_seconds: float) -> Iterator[tuple[Runtime, dt_client.TaskHubGrpcClient, str]]:
+    """A run on a real embedded backend whose one activity is held *hold_seconds*: its runtime, a client and
+    its instance id. Its status says "copy" with 0 files done until the activity ends, then "done" with 2."""
     release = threading.Event()
 
     def slow(ctx: task.ActivityContext, n: int) -> int:
@@ -60,7 +63,6 @@ def test_a_hosted_run_is_read_only_when_its_backend_changed_it(tmp_path: Path, m
 
     backend = EmbeddedBackend(tmp_path / "state")
     address = backend.start()
-    runtime = Runtime(address=address, state_dir=tmp_path / "state", backend=backend)
     worker = dt_worker.TaskHubGrpcWorker(host_address=address)
     worker.add_orchestrator(orchestrator)
     worker.add_activity(slow)
@@ -68,17 +70,24 @@ def test_a_hosted_run_is_read_only_when_its_backend_changed_it(tmp_path: Path, m
     try:
         worker.start()
         instance_id = inner.schedule_new_orchestration(orchestrator, input=1)
-        first = runtime.status_version(instance_id)
-        # the activity is held long enough for a 10 Hz poll to read the unchanged run several times
-        threading.Timer(0.8, release.set).start()
-        client, printer = CountingClient(inner), Progress()
-        state = hosting.watch(client, instance_id, printer, runtime=runtime)
-        changes = runtime.status_version(instance_id) - first
+        threading.Timer(hold_seconds, release.set).start()
+        yield Runtime(address=address, state_dir=tmp_path / "state", backend=backend), inner, instance_id
     finally:
         release.set()
         worker.stop()
         inner.close()
         backend.stop()
+
+
+def test_a_hosted_run_is_read_only_when_its_backend_changed_it(tmp_path: Path, monkeypatch):
+    # no idle reads at all: every read must come from a change this process's backend applied
+    monkeypatch.setattr(hosting, "IDLE_READ_SECONDS", 3600.0)
+    # the activity is held long enough for a poll to read the unchanged run several times
+    with held_run(tmp_path, 0.8) as (runtime, inner, instance_id):
+        first = runtime.status_version(instance_id)
+        client, printer = CountingClient(inner), Progress()
+        state = hosting.watch(client, instance_id, printer, runtime=runtime)
+        changes = runtime.status_version(instance_id) - first
     assert state.runtime_status == dt_client.OrchestrationStatus.COMPLETED
     assert printer.seen[-1] == {"phase": "done", "files_done": 2}
     assert 1 <= client.reads <= changes + 1 <= 4
@@ -86,35 +95,11 @@ def test_a_hosted_run_is_read_only_when_its_backend_changed_it(tmp_path: Path, m
 
 def test_a_run_watched_from_elsewhere_is_read_at_most_twice_a_second(tmp_path: Path):
     """`status --watch` (no embedded backend of its own) polls the serving process: a bounded rate."""
-    release = threading.Event()
-
-    def slow(ctx: task.ActivityContext, n: int) -> int:
-        release.wait(60)
-        return n + 1
-
-    def orchestrator(ctx: task.OrchestrationContext, n: int):
-        ctx.set_custom_status({"phase": "copy", "files_done": 0})
-        return (yield ctx.call_activity(slow, input=n))
-
-    backend = EmbeddedBackend(tmp_path / "state")
-    address = backend.start()
-    worker = dt_worker.TaskHubGrpcWorker(host_address=address)
-    worker.add_orchestrator(orchestrator)
-    worker.add_activity(slow)
-    inner = dt_client.TaskHubGrpcClient(host_address=address)
-    try:
-        worker.start()
-        instance_id = inner.schedule_new_orchestration(orchestrator, input=1)
-        threading.Timer(2.0, release.set).start()
+    with held_run(tmp_path, 2.0) as (_runtime, inner, instance_id):
         client = CountingClient(inner)
         started = time.monotonic()
         state = hosting.watch(client, instance_id, Progress())
         elapsed = time.monotonic() - started
-    finally:
-        release.set()
-        worker.stop()
-        inner.close()
-        backend.stop()
     assert state.runtime_status == dt_client.OrchestrationStatus.COMPLETED
     # the first reads come quickly (20 ms doubling), then one per POLL_SECONDS: 10 Hz would be 20 or more
     assert elapsed >= 2.0 and client.reads <= 6 + elapsed / hosting.POLL_SECONDS <= 6 + elapsed / 0.5, client.reads
