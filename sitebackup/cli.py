@@ -291,7 +291,8 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
                                        **selection)
     hub = _taskhub_settings(taskhub)
     if dry_run:
-        plan = dryrun.plan_backup(request, settings, hub, lambda item: render.dry_run_item(item, json_output, quiet))
+        with render.DryRunLines(json_output, quiet) as lines:
+            plan = dryrun.plan_backup(request, settings, hub, lines.add)
         render.dry_run_totals(plan, json_output, quiet)
         sys.exit(EXIT_FILES_FAILED if plan["files_failed"] else 0)
     printer = make_printer(json_output=json_output, quiet=quiet or (detach and not json_output))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -99,24 +100,56 @@ def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> No
         click.echo("\t".join(line), file=console.file)
 
 
-def dry_run_item(item: dict[str, Any], json_output: bool, quiet: bool) -> None:
-    """One file of a ``--dry-run``, as the walk reaches it: a line (failures on stderr) or a JSON event.
+class DryRunLines:
+    """The files of a ``--dry-run``, a line each as the walk reaches them (failures on stderr), or a JSON event.
 
-    Lines go to stdout's buffer, not through ``click.echo`` (a terminal check and a flush per call): a
-    million of them then cost a fraction of the walk. Escaped (or JSON), they hold no control character.
+    Lines are written in batches (every ``BATCH`` lines, or when ``FLUSH_SECONDS`` have passed since the last
+    write): a write per line is a system call per file when stdout is unbuffered (``python -u``,
+    PYTHONUNBUFFERED), a fifth of a million-file dry run's CPU. Escaped (or JSON), they hold no control
+    character. Use it as a context manager: what is held is written however the walk ends.
     """
-    if json_output:
-        event = {"event": "dry_run", **item}
-        # compact, as orjson writes it at a fraction of json's CPU (a line per file); a name that is not ASCII
-        # gets json's \u escapes, as in every other event, so no line carries a raw control character
-        line = orjson.dumps(event)
-        sys.stdout.write((line.decode() if line.isascii() else json.dumps(event, separators=(",", ":"))) + "\n")
-    elif item["action"] == "fail":
-        click.echo(printable(f"FAILED {item['path']}: {item['error']}"), err=True)
-    elif not quiet:
-        detail = item.get("reason") or human_bytes(item.get("size", 0))
-        verb = "would upload" if item["action"] == "upload" else item["action"]
-        sys.stdout.write(printable(f"{verb} {item['path']} ({detail})") + "\n")
+
+    BATCH = 1000
+    FLUSH_SECONDS = 0.25
+
+    def __init__(self, json_output: bool, quiet: bool):
+        self.json_output = json_output
+        self.quiet = quiet
+        self._held: list[str] = []
+        self._since = time.monotonic()
+
+    def __enter__(self) -> DryRunLines:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.flush()
+
+    def add(self, item: dict[str, Any]) -> None:
+        if self.json_output:
+            event = {"event": "dry_run", **item}
+            # compact, as orjson writes it at a fraction of json's CPU (a line per file); a name that is not
+            # ASCII gets json's \u escapes, as in every other event, so no line carries a raw control character
+            line = orjson.dumps(event)
+            self._held.append(line.decode() if line.isascii() else json.dumps(event, separators=(",", ":")))
+        elif item["action"] == "fail":
+            self.flush()  # in order with the lines before it on a terminal showing both streams
+            click.echo(printable(f"FAILED {item['path']}: {item['error']}"), err=True)
+            return
+        elif not self.quiet:
+            detail = item.get("reason") or human_bytes(item.get("size", 0))
+            verb = "would upload" if item["action"] == "upload" else item["action"]
+            self._held.append(printable(f"{verb} {item['path']} ({detail})"))
+        else:
+            return
+        if len(self._held) >= self.BATCH or time.monotonic() - self._since >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._held:
+            sys.stdout.write("\n".join(self._held) + "\n")
+            sys.stdout.flush()
+            self._held.clear()
+        self._since = time.monotonic()
 
 
 def dry_run_totals(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
