@@ -15,8 +15,9 @@ from pathlib import Path
 from helpers import ROOT, ForwardingProxy, replace_blob, wait_until, write_tree
 
 from sitebackup.blob.history import PRUNED, Copy
+from sitebackup.blob.naming import overlaps
 from sitebackup.blob.workstore import LocalWorkStore
-from sitebackup.commands.prune import overlaps, unneeded
+from sitebackup.commands.prune import unneeded
 from sitebackup.workflows import blocks, fetch
 from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.types import FetchInput, PlanInput

@@ -58,6 +58,12 @@ def blob_name(prefix: str, relpath: str) -> str:
     return name
 
 
+def overlaps(prefix: str, other: str) -> bool:
+    """Whether blob names under *prefix* and under *other* can be the same names."""
+    return not prefix or not other or prefix == other or prefix.startswith(other + "/") or \
+        other.startswith(prefix + "/")
+
+
 def is_reserved(name: str) -> bool:
     return name == RESERVED_PREFIX.rstrip("/") or name.startswith(RESERVED_PREFIX)
 

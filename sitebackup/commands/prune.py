@@ -33,7 +33,7 @@ from durabletask import client as dt_client
 from sitebackup.blob.clients import StorageSettings, check_container, service_client
 from sitebackup.blob.errors import classify, one_line
 from sitebackup.blob.history import Copy, copy_client, list_copies
-from sitebackup.blob.naming import blob_name, normalize_prefix, validate_container_name
+from sitebackup.blob.naming import blob_name, normalize_prefix, overlaps, validate_container_name
 from sitebackup.blob.workstore import BlobWorkStore, WorkStore
 from sitebackup.commands.backup import expand_prefix
 from sitebackup.commands.hosting import BackupRun, backup_runs
@@ -62,12 +62,6 @@ def prune_request(container: str, prefix: str | None, policy: Policy, *, dry_run
         raise InputError("give at least one --keep-* rule (the newest run is always kept; nothing else would be)")
     return PruneRequest(container=validate_container_name(container), prefix=normalize_prefix(expand_prefix(prefix)),
                         policy=policy, dry_run=dry_run, state_dir=state_dir)
-
-
-def overlaps(prefix: str, other: str) -> bool:
-    """Whether blob names under *prefix* and under *other* can be the same names."""
-    return not prefix or not other or prefix == other or prefix.startswith(other + "/") or \
-        other.startswith(prefix + "/")
 
 
 def unneeded(copies: list[Copy], needed: set[str]) -> list[Copy]:

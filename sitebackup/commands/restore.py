@@ -15,7 +15,7 @@ from typing import Any
 from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, check_container
-from sitebackup.blob.naming import normalize_prefix, validate_container_name
+from sitebackup.blob.naming import normalize_prefix, overlaps, validate_container_name
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.hosting import (
     activity_deps,
@@ -90,6 +90,16 @@ def run_as_of(client: dt_client.TaskHubGrpcClient, work: WorkStore, container: s
     return runs[-1].instance_id
 
 
+def later_backups(client: dt_client.TaskHubGrpcClient, run_id: str, container: str, prefix: str,
+                  endpoint: str) -> bool:
+    """Whether a backup this backend knows, of names the run's overlap, started after it or has not finished:
+    only such a run (or another tool) can have replaced the blobs the run wrote. Unknown run: True."""
+    runs = backup_runs(client, container, endpoint)
+    run = next((r for r in runs if r.instance_id == run_id), None)
+    return run is None or any(other.instance_id != run_id and overlaps(prefix, other.inp.prefix)
+                              and (other.created_at >= run.created_at or not other.finished) for other in runs)
+
+
 def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Printer,
                 taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
     """Schedule (or re-attach to) a restore and host its worker until it finishes.
@@ -111,8 +121,9 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
             if request.run_id and next(iter(deps.work.iter_results(request.run_id)), None) is None:
                 raise InputError(f"run {request.run_id!r} recorded no files (nothing was copied, or it was purged)")
             request.dest.mkdir(parents=True, exist_ok=True)
+            later = later_backups(client, request.run_id, container, prefix, endpoint) if request.run_id else True
             inp = RestoreInput(dest=str(request.dest), container=container, prefix=prefix, run_id=request.run_id,
-                               endpoint=endpoint, options=RestoreOptions(
+                               endpoint=endpoint, later_backups=later, options=RestoreOptions(
                                    concurrency=request.concurrency, overwrite=request.overwrite,
                                    include=request.include, exclude=request.exclude, shared=taskhub is not None))
             inp.source = inp.source_label

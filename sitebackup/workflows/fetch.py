@@ -6,7 +6,8 @@ download is checked against the MD5 the run recorded (or the blob's own Content-
 
 A run's file is read from the copy holding the version the run recorded (``blob.history``): the
 current blob, or the snapshot a later run kept when it replaced it, chosen by listings read beside the
-run's record as the pages are planned, and again for one file if its blob is replaced while restoring.
+run's record as the pages are planned when later backups of its names exist, and for one file when its
+current blob turns out to hold another version as it is fetched (replaced while restoring, or by another writer).
 
 A page's small files are downloaded together on the process's asyncio loop (``ActivityDeps.get_many``)
 and written in page order as they arrive; large ones in ranges with the sync client.
@@ -54,7 +55,10 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> dict[st
     selected = make_selector(options.include, options.exclude)
     failures, skipped = Listed(), Listed()
     totals = {"files": 0, "bytes": 0}
-    lookup = CopyLookup(deps.container_client(inp.container), inp.prefix) if inp.run_id else None
+    # with no backup since the run, its files are the current blobs (a request per file, no listing): one that
+    # another writer replaced anyway is found by its Content-MD5 as it is fetched, and looked up then
+    lookup = CopyLookup(deps.container_client(inp.container), inp.prefix) if inp.run_id and inp.later_backups \
+        else None
 
     def items() -> Iterator[FetchItem]:
         for relpath, name, rec in _candidates(deps, inp):

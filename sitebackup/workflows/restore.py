@@ -32,7 +32,7 @@ def restore_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) ->
     window = max(1, inp.options.concurrency)
     state = yield from TALLY.begin(ctx, inp.state, "planning", PLAN_RESTORE, PlanInput(
         container=inp.container, prefix=inp.prefix, run_id=inp.run_id, options=inp.options.to_dict(),
-        min_batches=min_pages(window, inp.options.shared)))
+        min_batches=min_pages(window, inp.options.shared), later_backups=inp.later_backups))
 
     def schedule(page: int) -> task.Task[Any]:
         return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=FetchInput(

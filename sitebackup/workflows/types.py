@@ -171,6 +171,8 @@ class RestoreInput(Wire):
     options: RestoreOptions = field(default_factory=RestoreOptions)
     source: str = ""  # a label for `status` and `list`, which show every run's source
     state: dict[str, Any] | None = None
+    # a backup after the run may have replaced its blobs (see PlanInput); False only for the newest run
+    later_backups: bool = True
     nested: ClassVar[dict[str, type[Wire]]] = {"options": RestoreOptions}
 
     @property
@@ -190,6 +192,9 @@ class PlanInput(Wire):
     run_id: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     min_batches: int = 1
+    # True: listings find each file's copy (current blob or snapshot) as the pages are planned; False (no
+    # backup of these names since the run): the current blobs are read, and one found replaced is looked up alone
+    later_backups: bool = True
 
 
 @dataclass
