@@ -15,11 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from azure.storage.blob import BlobServiceClient
 from helpers import ROOT, ForwardingProxy, env_for, run_cli, run_cli_peak, wait_until, write_tree
 
 from sitebackup.blob.history import Copy
 from sitebackup.blob.workstore import LocalWorkStore, page_number
-from sitebackup.commands.prune import SCHEMA, needed_beside, unneeded
+from sitebackup.commands.prune import IN_FLIGHT, SCHEMA, delete_copies, needed_beside, unneeded
 from sitebackup.errors import EXIT_DESTINATION, EXIT_STATE_FULL
 
 # the goal: a million files in under 400 MB of RSS; checked, scaled, on 20,000 names against 5,000
@@ -245,3 +246,46 @@ def test_reading_beside_a_listing_in_order_costs_one_query_and_finds_what_a_dict
     found = {copies[0].name: md5s for copies, md5s in needed_beside(((n, [c(n, None, "m1")]) for n in listed), db)}
     assert found == {name: expected[name] for name in listed if name in expected}
     assert len(queries) == 1, queries[:5]
+
+
+# ---- deletes as the listing goes, a bounded number waiting ---------------------------------------
+
+class CountDeletes(ForwardingProxy):
+    """Holds DELETEs until ``release``; counts those it forwarded."""
+
+    def __init__(self, target: str):
+        self.forwarded = 0
+        super().__init__(target)
+
+    def intercept(self, request, body):
+        if request.command == "DELETE":
+            self.release.wait(120)
+            with self.lock:
+                self.forwarded += 1
+        return body
+
+
+def test_deletes_follow_the_listing_with_at_most_IN_FLIGHT_waiting(azurite, blob_service, container_name):
+    blob_service.create_container(container_name)
+    proxy = CountDeletes(azurite.endpoint)
+    pulled = 0
+
+    def listing():
+        """A name's doomed copy at a time, as the sweep yields them; the deletes answer once IN_FLIGHT wait."""
+        nonlocal pulled
+        for i in range(IN_FLIGHT + 40):
+            pulled += 1
+            with proxy.lock:
+                waiting = pulled - 1 - proxy.forwarded
+            assert waiting <= IN_FLIGHT, (pulled, proxy.forwarded)
+            if pulled == IN_FLIGHT + 1:
+                proxy.release.set()
+            yield [Copy(f"gone/{i:04d}", None, "x", 1, '"0x1"')]  # never stored: NotFound is done
+
+    try:
+        service = BlobServiceClient.from_connection_string(
+            azurite.connection_string.replace(azurite.endpoint, proxy.endpoint))
+        delete_copies(service.get_container_client(container_name), listing(), "test")
+    finally:
+        proxy.close()
+    assert pulled == proxy.forwarded == IN_FLIGHT + 40

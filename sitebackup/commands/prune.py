@@ -135,7 +135,7 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
                 for run_id in dropped:
                     if work.pruned(run_id) is None:
                         work.mark_pruned(run_id, {"at": at, "container": request.container, "prefix": request.prefix})
-                _delete(container, doomed, label)
+                delete_copies(container, doomed, label)
             for run_id in dropped:
                 work.remove(run_id, keep_mark=True)
                 client.purge_orchestration(run_id, recursive=True)
@@ -282,7 +282,7 @@ class Freed:
             yield doomed
 
 
-def _delete(container: ContainerClient, groups: Iterable[list[Copy]], label: str) -> None:
+def delete_copies(container: ContainerClient, groups: Iterable[list[Copy]], label: str) -> None:
     """Delete each name's doomed copies as the listing yields them, IN_FLIGHT at most waiting on the pool.
 
     A current blob goes with its snapshots, only while it is what was listed (its ETag); one a backup replaced
