@@ -289,3 +289,33 @@ def test_deletes_follow_the_listing_with_at_most_IN_FLIGHT_waiting(azurite, blob
     finally:
         proxy.close()
     assert pulled == proxy.forwarded == IN_FLIGHT + 40
+
+
+def test_a_killed_prune_leaves_its_database_to_the_next_one_which_spares_a_live_prune_s(
+        tmp_path, cli, cli_env, azurite, state_dir, container_name):
+    proxy = HoldDeletes(azurite.endpoint)
+    try:
+        env = {**cli_env, "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string.replace(
+            azurite.endpoint, proxy.endpoint)}
+        first, _second = two_runs(lambda *args: cli(*args, env=env), tmp_path, container_name, "p")
+        args = ["prune", "-c", container_name, "--prefix", "p", "--keep-last", "1", "--json"]
+        proc = subprocess.Popen([sys.executable, "-m", "sitebackup", *args], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: proxy.held or proc.poll() is not None, "a DELETE to be held", timeout=60)
+            [live] = scratch(state_dir)
+            assert summary_of(run_cli([*args, "--dry-run"], env))["dry_run"]
+            assert scratch(state_dir) == [live]  # the live prune's, locked: spared
+            proc.kill()
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert scratch(state_dir) == [live]  # a kill runs no finally
+        proxy.release.set()
+        report = summary_of(run_cli(args, env))
+        assert [r["instance_id"] for r in report["removed"]] == [first]
+        assert scratch(state_dir) == []
+    finally:
+        proxy.close()

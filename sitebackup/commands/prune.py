@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import itertools
 import os
 import sqlite3
@@ -58,6 +59,7 @@ from sitebackup.errors import AlreadyRunningError, DestinationError, InputError,
 
 DELETE_THREADS = 16
 IN_FLIGHT = 256  # deletes handed to the pool and not done: the listing waits for them, memory does not grow
+SCRATCH = ".prune-"  # the temporary database's name in the state directory: .prune-XXXXXXXX.db
 SCHEMA = "CREATE TABLE needed (name TEXT NOT NULL, md5 TEXT NOT NULL, PRIMARY KEY (name, md5)) WITHOUT ROWID"
 # what says the state directory cannot take the temporary database, as opposed to a bug
 _WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
@@ -186,11 +188,11 @@ def _needed(state_dir: Path, work: WorkStore, remaining: list[BackupRun], droppe
     every file the remaining runs need, and (name, "") of a name only the dropped runs wrote. On disk, so
     prune's memory does not grow with the names; it holds names and hashes, no secrets."""
     prepare(state_dir)  # under the scheduler nothing else has made it
+    _remove_stale(state_dir)
     try:
-        fd, path = tempfile.mkstemp(prefix=".prune-", suffix=".db", dir=state_dir)  # 0600, O_EXCL
+        fd, path = _scratch(state_dir)
     except OSError as exc:
         raise (_state_full(state_dir, exc) or exc) from None
-    os.close(fd)
     db = None
     try:
         try:
@@ -212,6 +214,33 @@ def _needed(state_dir: Path, work: WorkStore, remaining: list[BackupRun], droppe
             db.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        os.close(fd)
+
+
+def _scratch(state_dir: Path) -> tuple[int, str]:
+    """A new owner-only file for the temporary database, and a descriptor holding its lock while prune lives."""
+    while True:
+        fd, path = tempfile.mkstemp(prefix=SCRATCH, suffix=".db", dir=state_dir)  # 0600, O_EXCL
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            return fd, path
+        os.close(fd)  # taken for a killed prune's and removed before it was locked: another name
+
+
+def _remove_stale(state_dir: Path) -> None:
+    """Remove the temporary databases of prunes that were killed (nothing holds their lock): they can be large."""
+    for path in state_dir.glob(f"{SCRATCH}*.db"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except OSError:  # a live prune's
+            pass
+        finally:
+            os.close(fd)
 
 
 def _state_full(state_dir: Path, exc: BaseException) -> StateFullError | None:
