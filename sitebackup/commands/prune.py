@@ -253,7 +253,7 @@ def needed_beside(groups: Iterable[tuple[str, list[Copy]]], needed: sqlite3.Conn
                   ) -> Iterator[tuple[list[Copy], set[str]]]:
     """Each listed name in the *needed* table, with its copies and the MD5s remaining runs reference there.
 
-    The service lists names in UTF-8 byte order, which is the table's (SQLite compares TEXT with memcmp) and
+    Azure lists names in UTF-8 byte order, which is the table's (SQLite compares TEXT with memcmp) and
     Python's (code points): one pass reads the table beside the listing. A name listed after a greater one
     (the orders disagree) is looked up alone: a disagreement costs a query, never a wrong answer.
     """
@@ -320,8 +320,9 @@ def delete_copies(container: ContainerClient, groups: Iterable[list[Copy]], labe
     failed: list[BaseException] = []
 
     def done(future: Future[None]) -> None:
-        if future.exception() is not None:
-            failed.append(future.exception())  # type: ignore[arg-type]
+        error = future.exception()
+        if error is not None:
+            failed.append(error)
         slots.release()
 
     with ThreadPoolExecutor(max_workers=DELETE_THREADS) as pool:
