@@ -526,7 +526,8 @@ def purge(older_than: str, taskhub: str | None, connection_string: str | None, a
 
 
 PRUNE_EXIT_CODES = ("Exit codes: 0 pruned (or, with --dry-run, planned); 2 usage or input error; "
-                    "3 destination unreachable or access denied; 4 a backup of the container is running.")
+                    "3 destination unreachable or access denied; 4 a backup of the container is running; "
+                    "5 the state directory has no room for the names the runs recorded (nothing removed).")
 
 
 def keep_count(name: str, what: str):

@@ -52,14 +52,15 @@ class AlreadyRunningError(SiteBackupError):
 
 
 class StateFullError(SiteBackupError):
-    """The state directory filled up (or stopped taking writes) during a run; the run is saved."""
+    """The state directory filled up (or stopped taking writes) during a run; the run is saved (*kept* says
+    what a command that is not a run kept)."""
 
     exit_code = EXIT_STATE_FULL
 
-    def __init__(self, state_dir: object, cause: str, instance_id: str | None = None):
+    def __init__(self, state_dir: object, cause: str, instance_id: str | None = None, kept: str = "the run is saved"):
         again = f"run the same command again, or: sitebackup resume {instance_id}" if instance_id \
             else "run the same command again"
-        super().__init__(f"state directory {state_dir} cannot be written ({cause}); the run is saved: "
+        super().__init__(f"state directory {state_dir} cannot be written ({cause}); {kept}: "
                          f"free space there, then {again}")
 
 

@@ -260,3 +260,24 @@ def replace_blob(container: ContainerClient, name: str, data: bytes, keep: bool)
         blob.create_snapshot()
     blob.upload_blob(data, overwrite=True, content_settings=ContentSettings(
         content_md5=bytearray(hashlib.md5(data).digest())))
+
+
+# the command in a child that writes its peak RSS to the file named first as it exits: VmHWM, not ru_maxrss
+# (that counts the RSS of the process that forked the child too, the test runner's)
+PEAK_CLI_CHILD = """
+import atexit, runpy, sys
+def peak_kb():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write(str(peak_kb())))
+sys.argv[0] = "sitebackup"
+runpy.run_module("sitebackup", run_name="__main__")
+"""
+
+
+def run_cli_peak(args: list[str], env: dict[str, str], peak: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the real command in a child; its result and its peak RSS in MB."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_CLI_CHILD, str(peak), *map(str, args)], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return proc, int(peak.read_text()) / 1024 if peak.exists() else float("nan")

@@ -13,13 +13,26 @@ The order makes a prune killed at any point, then run again, finish the job with
 decide; mark every dropped run pruned (the journal: a marked run stays dropped whatever the next
 attempt's rules say); delete the copies; remove the dropped runs' records, keeping their marks as
 tombstones; purge their durable history last.
+
+Memory does not grow with the number of names: what the runs recorded goes to a temporary database in
+the state directory, read beside the container's listing (both in name order), and each name's copies
+to remove are counted (the dry run's report) or deleted as the listing reaches them.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
+import fcntl
 import itertools
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+import os
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,11 +51,18 @@ from sitebackup.blob.workstore import BlobWorkStore, WorkStore
 from sitebackup.commands.backup import expand_prefix
 from sitebackup.commands.hosting import BackupRun, backup_runs
 from sitebackup.commands.retention import Policy, apply_policy
+from sitebackup.durable.backend.statedir import prepare
+from sitebackup.durable.backend.store import write_fault
 from sitebackup.durable.runtime import Runtime, open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import AlreadyRunningError, DestinationError, InputError
+from sitebackup.errors import AlreadyRunningError, DestinationError, InputError, StateFullError
 
 DELETE_THREADS = 16
+IN_FLIGHT = 256  # deletes handed to the pool and not done: the listing waits for them, memory does not grow
+SCRATCH = ".prune-"  # the temporary database's name in the state directory: .prune-XXXXXXXX.db
+SCHEMA = "CREATE TABLE needed (name TEXT NOT NULL, md5 TEXT NOT NULL, PRIMARY KEY (name, md5)) WITHOUT ROWID"
+# what says the state directory cannot take the temporary database, as opposed to a bug
+_WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 INCOMPLETE = "failed or cancelled"
 EARLIER_PRUNE = "dropped by an earlier prune that did not finish"
 
@@ -99,24 +119,23 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
                     if overlaps(request.prefix, run.inp.prefix)]
             _refuse_if_live(runtime, runs)
             kept, dropped = _decide(request, runs, work)
-            try:
-                doomed = _sweep_plan(container, request.prefix, [run for run in runs if run.instance_id not in dropped],
-                                     [run for run in runs if run.instance_id in dropped], work)
-            except Exception as exc:
-                raise classify(exc, label) or DestinationError(f"cannot list {request.container!r}: {one_line(exc)}") \
-                    from None
-            report = _report(request, runs, kept, dropped, doomed)
-            if request.dry_run:
-                return report
-            at = datetime.now(timezone.utc).isoformat()
-            for run_id in dropped:
-                if work.pruned(run_id) is None:
-                    work.mark_pruned(run_id, {"at": at, "container": request.container, "prefix": request.prefix})
-            _delete(container, doomed, label)
+            remaining = [run for run in runs if run.instance_id not in dropped and work.pruned(run.instance_id) is None]
+            freed = Freed()
+            with _needed(request.state_dir, work, remaining, [run for run in runs if run.instance_id in dropped],
+                         label) as needed:
+                doomed = freed.count(_sweep(container, request.prefix, needed, label))
+                if request.dry_run:
+                    collections.deque(doomed, maxlen=0)
+                    return _report(request, runs, kept, dropped, freed)
+                at = datetime.now(timezone.utc).isoformat()
+                for run_id in dropped:
+                    if work.pruned(run_id) is None:
+                        work.mark_pruned(run_id, {"at": at, "container": request.container, "prefix": request.prefix})
+                delete_copies(container, doomed, label)
             for run_id in dropped:
                 work.remove(run_id, keep_mark=True)
                 client.purge_orchestration(run_id, recursive=True)
-    return report
+    return _report(request, runs, kept, dropped, freed)
 
 
 def _refuse_if_live(runtime: Runtime, runs: list[BackupRun]) -> None:
@@ -156,51 +175,187 @@ def _records(work: WorkStore, runs: Iterable[BackupRun]) -> Iterable[tuple[str, 
                     continue
 
 
-def _sweep_plan(container: ContainerClient, prefix: str, remaining: list[BackupRun], dropped: list[BackupRun],
-                work: WorkStore) -> list[Copy]:
-    """The copies to delete: of the names runs here wrote, those no remaining run references (``unneeded``)."""
-    needed: dict[str, set[str]] = {}
-    for name, md5 in _records(work, (run for run in remaining if work.pruned(run.instance_id) is None)):
-        needed.setdefault(name, set()).add(md5)
-    for name, _md5 in _records(work, dropped):
-        needed.setdefault(name, set())
-    doomed: list[Copy] = []
-    # a name's copies are listed together, whatever the service's order among them
-    for name, copies in itertools.groupby(list_copies(container, prefix), key=lambda c: c.name):
-        if name in needed:
-            doomed.extend(unneeded(list(copies), needed[name]))
-    return doomed
-
-
-def _delete(container: ContainerClient, doomed: list[Copy], label: str) -> None:
-    """Delete the copies: a current blob with its snapshots, only while it is what was listed (its ETag);
-    one a backup replaced since keeps its new content, and the snapshots listed go one by one."""
-    bases = {c.name for c in doomed if c.snapshot is None}
-
-    def delete(copy: Copy) -> None:
+@contextmanager
+def _needed(state_dir: Path, work: WorkStore, remaining: list[BackupRun], dropped: list[BackupRun], label: str
+            ) -> Iterator[sqlite3.Connection]:
+    """A temporary database in *state_dir* of what the runs recorded, removed on the way out: (name, MD5) of
+    every file the remaining runs need, and (name, "") of a name only the dropped runs wrote. On disk, so
+    prune's memory does not grow with the names; it holds names and hashes, no secrets."""
+    prepare(state_dir)  # under the scheduler nothing else has made it
+    _remove_stale(state_dir)
+    try:
+        fd, path = _scratch(state_dir)
+    except OSError as exc:
+        raise (_state_full(state_dir, exc) or exc) from None
+    db = None
+    try:
         try:
-            if copy.snapshot is not None:
-                copy_client(container, copy).delete_blob()
-                return
-            try:
-                container.get_blob_client(copy.name).delete_blob(delete_snapshots="include", etag=copy.etag,
-                                                                 match_condition=MatchConditions.IfNotModified)
-            except ResourceModifiedError:
-                for snapshot in (c for c in doomed if c.name == copy.name and c.snapshot is not None):
-                    delete(snapshot)
-        except ResourceNotFoundError:  # gone already: an earlier attempt deleted it
-            pass
+            db = sqlite3.connect(path)
+            # a scratch file nobody reads after a crash: no journal, no fsync
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute(SCHEMA)
+            with db:
+                db.executemany("INSERT OR IGNORE INTO needed VALUES (?, ?)", _records(work, remaining))
+                db.executemany("INSERT INTO needed SELECT ?1, '' WHERE NOT EXISTS "
+                               "(SELECT 1 FROM needed WHERE name = ?1)", ((name,) for name, _ in _records(work, dropped)))
         except Exception as exc:
-            raise classify(exc, label) or DestinationError(f"cannot delete {copy.name!r}: {one_line(exc)}") from None
+            raise _state_full(state_dir, exc) or classify(exc, label) or \
+                DestinationError(f"cannot read the records of the runs: {one_line(exc)}") from None
+        yield db
+    finally:
+        if db is not None:
+            db.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
 
-    # snapshots of a base that goes are deleted with it
-    todo = [c for c in doomed if c.snapshot is None or c.name not in bases]
+
+def _scratch(state_dir: Path) -> tuple[int, str]:
+    """A new owner-only file for the temporary database, and a descriptor holding its lock while prune lives."""
+    while True:
+        fd, path = tempfile.mkstemp(prefix=SCRATCH, suffix=".db", dir=state_dir)  # 0600, O_EXCL
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            return fd, path
+        os.close(fd)  # taken for a killed prune's and removed before it was locked: another name
+
+
+def _remove_stale(state_dir: Path) -> None:
+    """Remove the temporary databases of prunes that were killed (nothing holds their lock): they can be large."""
+    for path in state_dir.glob(f"{SCRATCH}*.db"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except OSError:  # a live prune's
+            pass
+        finally:
+            os.close(fd)
+
+
+def _state_full(state_dir: Path, exc: BaseException) -> StateFullError | None:
+    """The one-line error when *exc* says the state directory cannot be written (full, read-only)."""
+    cause = write_fault(exc) or (exc.strerror if isinstance(exc, OSError) and exc.errno in _WRITE_FAULTS else None)
+    return StateFullError(state_dir, cause, kept="nothing was removed") if cause else None
+
+
+def needed_beside(groups: Iterable[tuple[str, list[Copy]]], needed: sqlite3.Connection
+                  ) -> Iterator[tuple[list[Copy], set[str]]]:
+    """Each listed name in the *needed* table, with its copies and the MD5s remaining runs reference there.
+
+    Azure lists names in UTF-8 byte order, which is the table's (SQLite compares TEXT with memcmp) and
+    Python's (code points): one pass reads the table beside the listing. A name listed after a greater one
+    (the orders disagree) is looked up alone: a disagreement costs a query, never a wrong answer.
+    """
+    rows = needed.execute("SELECT name, md5 FROM needed ORDER BY name")
+    row = next(rows, None)
+    last = ""  # the greatest name listed so far: the table is read up to it
+    for name, copies in groups:
+        if name < last:
+            md5s = [md5 for (md5,) in needed.execute("SELECT md5 FROM needed WHERE name = ?", (name,))]
+        else:
+            last = name
+            while row is not None and row[0] < name:
+                row = next(rows, None)
+            md5s = []
+            while row is not None and row[0] == name:
+                md5s.append(row[1])
+                row = next(rows, None)
+        if md5s:
+            yield copies, {md5 for md5 in md5s if md5}
+
+
+def _sweep(container: ContainerClient, prefix: str, needed: sqlite3.Connection, label: str) -> Iterator[list[Copy]]:
+    """Per name runs here wrote, as the container lists it, the copies no remaining run references (``unneeded``)."""
+    # a name's copies are listed together, whatever the service's order among them
+    groups = ((name, list(copies)) for name, copies in itertools.groupby(_listing(container, prefix, label),
+                                                                         key=lambda c: c.name))
+    for copies, md5s in needed_beside(groups, needed):
+        doomed = unneeded(copies, md5s)
+        if doomed:
+            yield doomed
+
+
+def _listing(container: ContainerClient, prefix: str, label: str) -> Iterator[Copy]:
+    try:
+        yield from list_copies(container, prefix)
+    except Exception as exc:
+        raise classify(exc, label) or DestinationError(f"cannot list {container.container_name!r}: {one_line(exc)}") \
+            from None
+
+
+@dataclass
+class Freed:
+    """What the copies to delete add up to: the report's counts, kept as the listing goes."""
+
+    blobs: int = 0
+    snapshots: int = 0
+    bytes: int = 0
+
+    def count(self, groups: Iterable[list[Copy]]) -> Iterator[list[Copy]]:
+        for doomed in groups:
+            for copy in doomed:
+                self.blobs += copy.snapshot is None
+                self.snapshots += copy.snapshot is not None
+                self.bytes += copy.size
+            yield doomed
+
+
+def delete_copies(container: ContainerClient, groups: Iterable[list[Copy]], label: str) -> None:
+    """Delete each name's doomed copies as the listing yields them, IN_FLIGHT at most waiting on the pool.
+
+    A current blob goes with its snapshots, only while it is what was listed (its ETag); one a backup replaced
+    since keeps its new content, and the snapshots listed go one by one. The first failure stops the pass."""
+    slots = threading.Semaphore(IN_FLIGHT)
+    failed: list[BaseException] = []
+
+    def done(future: Future[None]) -> None:
+        error = future.exception()
+        if error is not None:
+            failed.append(error)
+        slots.release()
+
     with ThreadPoolExecutor(max_workers=DELETE_THREADS) as pool:
-        list(pool.map(delete, todo))
+        for copy, snapshots in itertools.chain.from_iterable(map(_deletes, groups)):
+            slots.acquire()
+            if failed:
+                break
+            pool.submit(_delete_copy, container, copy, snapshots, label).add_done_callback(done)
+    if failed:
+        raise failed[0]
+
+
+def _deletes(doomed: list[Copy]) -> list[tuple[Copy, list[Copy]]]:
+    """The deletes of one name's doomed copies: its base (with the snapshots to delete if the base changed),
+    or else each snapshot. Snapshots of a base that goes are deleted with it."""
+    base = next((c for c in doomed if c.snapshot is None), None)
+    snapshots = [c for c in doomed if c.snapshot is not None]
+    return [(base, snapshots)] if base is not None else [(c, []) for c in snapshots]
+
+
+def _delete_copy(container: ContainerClient, copy: Copy, snapshots: list[Copy], label: str) -> None:
+    try:
+        if copy.snapshot is not None:
+            copy_client(container, copy).delete_blob()
+            return
+        try:
+            container.get_blob_client(copy.name).delete_blob(delete_snapshots="include", etag=copy.etag,
+                                                             match_condition=MatchConditions.IfNotModified)
+        except ResourceModifiedError:
+            for snapshot in snapshots:
+                _delete_copy(container, snapshot, [], label)
+    except ResourceNotFoundError:  # gone already: an earlier attempt deleted it
+        pass
+    except Exception as exc:
+        raise classify(exc, label) or DestinationError(f"cannot delete {copy.name!r}: {one_line(exc)}") from None
 
 
 def _report(request: PruneRequest, runs: list[BackupRun], kept: dict[str, list[str]], dropped: dict[str, str],
-            doomed: list[Copy]) -> dict[str, Any]:
+            freed: Freed) -> dict[str, Any]:
     created = {run.instance_id: run.created_at.isoformat() for run in runs}
     return {
         "container": request.container, "prefix": request.prefix, "dry_run": request.dry_run,
@@ -209,7 +364,7 @@ def _report(request: PruneRequest, runs: list[BackupRun], kept: dict[str, list[s
         "removed": [{"instance_id": run_id, "created_at": created[run_id], "reason": why}
                     for run_id, why in sorted(dropped.items(), key=lambda item: created[item[0]], reverse=True)],
         "unfinished": [run.instance_id for run in runs if not run.finished and run.inp.prefix == request.prefix],
-        "blobs_removed": sum(1 for c in doomed if c.snapshot is None),
-        "snapshots_removed": sum(1 for c in doomed if c.snapshot is not None),
-        "bytes_removed": sum(c.size for c in doomed),
+        "blobs_removed": freed.blobs,
+        "snapshots_removed": freed.snapshots,
+        "bytes_removed": freed.bytes,
     }
