@@ -47,8 +47,6 @@ from sitebackup.blob.upload import (
 # (with its retries, about a minute) never carries an expired one
 SAS_LIFETIME = timedelta(hours=1)
 SAS_MARGIN = timedelta(minutes=15)
-# from this size (as walked) a file is read and hashed in a thread, off the event loop
-THREAD_READ_BYTES = 256 * 1024
 
 
 class Cancelled(Exception):
@@ -142,10 +140,10 @@ class AsyncPutter:
         loop = self._ensure_loop()
         return asyncio.run_coroutine_threadsafe(work(self._client, self._pipeline, self._gate), loop)
 
-    def put_many(self, container: str, items: list[tuple[Path, str, Held | None, int]],
+    def put_many(self, container: str, items: list[tuple[Path, str, Held | None]],
                  cancelled: Callable[[], bool] = lambda: False, tier: str | None = None) -> list[Uploaded | BaseException]:
-        """Upload each (path, blob name, what the baseline held there, size when walked) in access *tier*; return
-        per item an ``Uploaded`` or the exception it raised."""
+        """Upload each (path, blob name, what the baseline held there) in access *tier*; return per item an
+        ``Uploaded`` or the exception it raised."""
         loop = self._ensure_loop()
 
         async def all_items() -> list[Any]:
@@ -153,23 +151,18 @@ class AsyncPutter:
             if container not in self._puts:
                 self._puts[container] = ContainerPuts(client, self._pipeline)
             puts = self._puts[container]
-            return await asyncio.gather(*(self._put(client, puts, path, name, held, size, cancelled, tier)
-                                          for path, name, held, size in items), return_exceptions=True)
+            return await asyncio.gather(*(self._put(client, puts, path, name, held, cancelled, tier)
+                                          for path, name, held in items), return_exceptions=True)
 
         return asyncio.run_coroutine_threadsafe(all_items(), loop).result()
 
-    async def _put(self, client: Any, puts: ContainerPuts, path: Path, name: str, held: Held | None, size: int,
+    async def _put(self, client: Any, puts: ContainerPuts, path: Path, name: str, held: Held | None,
                    cancelled: Callable[[], bool], tier: str | None) -> Uploaded:
         async with self._gate:
             if cancelled():
                 raise Cancelled()
-            # small files only: one read, one hash, one request (two for a changed file), as upload.upload_file does;
-            # a file of a MiB takes milliseconds to read and hash, which a thread spends while the loop keeps
-            # the other requests moving (hashlib and reads release the GIL); a few KiB are not worth the hop
-            if size >= THREAD_READ_BYTES:
-                data, st, md5 = await asyncio.to_thread(small_file_put, path)
-            else:
-                data, st, md5 = small_file_put(path)
+            # small files only: one read, one hash, one request (two for a changed file), as upload.upload_file does
+            data, st, md5 = small_file_put(path)
             if self._limiter is not None:
                 await self._limiter.acquire_async(len(data))
 

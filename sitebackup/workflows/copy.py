@@ -162,7 +162,7 @@ def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], sou
     by the caller."""
     if deps.put_many is None:
         return {}
-    todo: list[tuple[Path, str, Held | None, int]] = []
+    todo: list[tuple[Path, str, Held | None]] = []
     relpaths: list[str] = []
     for item in items:
         if item.previous is not None or item.size > SINGLE_PUT_BYTES:
@@ -171,7 +171,7 @@ def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], sou
             name = backup_blob_name(prefix, item.relpath)
         except ValueError:  # reported by the one-by-one path
             continue
-        todo.append((source / item.relpath, name, item.what_is_held(), item.size))
+        todo.append((source / item.relpath, name, item.what_is_held()))
         relpaths.append(item.relpath)
     if not todo:
         return {}
