@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 
 from sitebackup.blob import naming
-from sitebackup.blob.errors import redact
+from sitebackup.blob.errors import file_error, redact
 from sitebackup.errors import InputError
 from sitebackup.local.scan import FileEntry
 from sitebackup.workflows.window import stream_pages
@@ -135,3 +136,10 @@ def test_both_transports_of_our_own_carry_the_clients_timeouts():
             return config.timeout, config.read_timeout
 
     assert asyncio.run(aio()) == (CONNECTION_TIMEOUT, READ_TIMEOUT)
+
+
+def test_an_sdk_error_without_a_service_code_fails_the_file_in_one_line():
+    # the SDK raises HttpResponseError of its own (a body it could not decode) with no error_code attribute
+    exc = HttpResponseError("Received response with content-encoding: gzip, but failed to decode it.")
+    assert not hasattr(exc, "error_code")
+    assert file_error(exc, "http://127.0.0.1:1/acct") == "Received response with content-encoding: gzip, but failed to decode it."

@@ -72,9 +72,12 @@ class ContainerGets:
         if snapshot is not None:
             # through the SDK's client: Azurite refuses a container SAS on a snapshot read (it signs the
             # request's snapshot into the SAS), and only files replaced since their run come from one
-            downloader = await self._container.get_blob_client(name, snapshot=snapshot).download_blob()
+            downloader = await self._container.get_blob_client(name, snapshot=snapshot).download_blob(decompress=False)
             return Got(await downloader.readall(), BlobFacts.of(downloader.properties))
-        response = await self._pipeline.send_request(HttpRequest("GET", self._urls.blob(name), headers=self._headers))
+        # auto_decompress=False: a blob marked Content-Encoding: gzip is restored as the bytes it holds (the ones
+        # its Content-MD5 is of), never inflated on the way
+        response = await self._pipeline.send_request(HttpRequest("GET", self._urls.blob(name), headers=self._headers),
+                                                     auto_decompress=False)
         if response.status_code != 200:
             raise response_error(response)
         data = response.content

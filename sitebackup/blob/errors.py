@@ -67,8 +67,15 @@ def one_line(exc: BaseException) -> str:
     return redact(text).splitlines()[0] if text.strip() else type(exc).__name__
 
 
+def error_code(exc: HttpResponseError) -> str | None:
+    """The service's error code as its wire string (the SDK may give a StorageErrorCode enum), or None: an
+    HttpResponseError the SDK raises of its own (a body it could not decode, say) has no error_code at all."""
+    code = getattr(exc, "error_code", None)
+    return getattr(code, "value", code)
+
+
 def is_archived(exc: BaseException) -> bool:
-    return isinstance(exc, HttpResponseError) and getattr(exc.error_code, "value", exc.error_code) == "BlobArchived"
+    return isinstance(exc, HttpResponseError) and error_code(exc) == "BlobArchived"
 
 
 def classify(exc: BaseException, label: str) -> DestinationError | None:
@@ -78,8 +85,7 @@ def classify(exc: BaseException, label: str) -> DestinationError | None:
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
         return DestinationError(f"cannot reach the blob service at {label}")
     if isinstance(exc, HttpResponseError) and exc.status_code in (401, 403):
-        # error_code may be a StorageErrorCode enum: show its wire value (AuthorizationFailure)
-        code = getattr(exc.error_code, "value", exc.error_code)
+        code = error_code(exc)
         if code in _AUTH_CODES:
             return DestinationError(f"authentication failed at {label}: check the key, SAS or identity")
         return DestinationError(f"access denied at {label} ({code or exc.status_code})")

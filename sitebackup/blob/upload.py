@@ -111,8 +111,17 @@ def replace(blob: BlobClient, put: Callable[..., dict[str, Any]], md5: str, mtim
     return put()
 
 
+# a compressed file is typed as what it is, never as what is inside it: "site.tar.gz" typed as a tar would be
+# saved or opened as one, and the blob carries no Content-Encoding, so no client inflates it on the way down
+COMPRESSED_TYPES = {"gzip": "application/gzip", "bzip2": "application/x-bzip2", "xz": "application/x-xz",
+                    "compress": "application/x-compress", "br": "application/x-brotli"}
+
+
 def content_type(name: str) -> str:
-    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+    guessed, encoding = mimetypes.guess_type(name)
+    if encoding is not None:
+        return COMPRESSED_TYPES.get(encoding, "application/octet-stream")
+    return guessed or "application/octet-stream"
 
 
 def blob_properties(name: str, st: os.stat_result, md5: bytes, tier: str | None = None) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def _blob_problem(container: ContainerClient, copies: list[Copy], rec: dict[str,
     if download:
         digest = hashlib.md5()
         try:
-            for chunk in copy_client(container, copy).download_blob().chunks():
+            for chunk in copy_client(container, copy).download_blob(decompress=False).chunks():
                 digest.update(chunk)
         except ResourceNotFoundError:
             return "blob missing"

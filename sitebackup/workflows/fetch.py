@@ -200,7 +200,8 @@ def _write_content(fd: int, content: Got) -> BlobFacts:
 
 def _download_into(blob: Any, fd: int, size: int, threads: int) -> BlobFacts:
     if size <= RANGE_BYTES:
-        downloader = blob.download_blob()
+        # decompress=False everywhere: the blob's own bytes, whatever Content-Encoding it is marked with
+        downloader = blob.download_blob(decompress=False)
         os.write(fd, downloader.readall())
         return BlobFacts.of(downloader.properties)
     props = blob.get_blob_properties()
@@ -208,7 +209,8 @@ def _download_into(blob: Any, fd: int, size: int, threads: int) -> BlobFacts:
     pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
 
     def fetch(offset: int) -> None:
-        data = blob.download_blob(offset=offset, length=min(RANGE_BYTES, props.size - offset), **pinned).readall()
+        data = blob.download_blob(offset=offset, length=min(RANGE_BYTES, props.size - offset),
+                                  decompress=False, **pinned).readall()
         os.pwrite(fd, data, offset)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
