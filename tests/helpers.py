@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -38,6 +39,13 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, **kwargs
     """Run the real command in a child process, as a user or cron would."""
     return subprocess.run([sys.executable, "-m", "sitebackup", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+
+
+def sigint_as_at_a_terminal() -> None:
+    """``preexec_fn`` for a child the test sends SIGINT: a shell starts background jobs with SIGINT ignored
+    and children inherit that (Python then installs no KeyboardInterrupt handler), so a suite run from a
+    script would see Ctrl-C ignored; a user's Ctrl-C comes at a terminal, where SIGINT is not ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_tree(root: Path, files: dict[str, bytes]) -> Path:
