@@ -30,7 +30,7 @@ from sitebackup.commands import dryrun, manage, retention, scaleout
 from sitebackup.commands import prune as prune_cmd
 from sitebackup.commands import restore as restore_cmd
 from sitebackup.commands import verify as verify_cmd
-from sitebackup.commands.hosting import DEFAULT_STALL_AFTER, ENV_STALL_AFTER, exit_code_for
+from sitebackup.commands.hosting import DEFAULT_STALL_AFTER, ENV_STALL_AFTER, end_process, exit_code_for
 from sitebackup.durable import taskhub as taskhub_mod
 from sitebackup.durable.runtime import ENV_STATE_DIR, SDK_LOGGER, backend_error, default_state_dir
 from sitebackup.errors import (
@@ -778,4 +778,6 @@ def main(argv: list[str] | None = None) -> None:
             session.metrics.write(code)
         except (MetricsFileError, KeyboardInterrupt) as exc:
             click.echo(f"sitebackup: warning: metrics not written: {exc or 'interrupted'}", err=True)
+    if argv is None:  # the program itself, not a caller in this process
+        end_process(code)
     sys.exit(code)

@@ -1,20 +1,23 @@
 """What every command that runs or watches a run shares: finding an unfinished run, hosting a worker,
 watching custom status into a printer, telling a stalled run from a live one, turning an instance's
-state into a summary and an exit code.
+state into a summary and an exit code, and ending the process once a command is done.
 
 Commands never print: they hand data to a ``ui.printers.Printer``.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from durabletask import client as dt_client
 
@@ -351,3 +354,23 @@ def activity_deps(settings: StorageSettings, state_dir: Path, concurrency: int, 
     deps.cancelled = CancelCheck(runtime)
     deps.halted = runtime.fault
     return deps
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with *code* once the command is done, without the interpreter's teardown.
+
+    Freeing every object of a heap that holds gRPC, protobuf and both Azure SDKs costs about 0.2 s of CPU at
+    each exit (measured: a third of a one-file backup's cost above a plain uploader) and writes nothing: by
+    now the state database is closed and the run's records committed. Exit handlers still run (the
+    ``--log-file`` flush, the aio session's close) and stdout/stderr are flushed; while a non-daemon thread
+    still runs, the normal exit is taken, which waits for it."""
+    main = threading.main_thread()
+    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (| head) or a closed stream: nothing to keep
+            pass
+    os._exit(code)
