@@ -3,8 +3,8 @@
 The SDK's work-item consumers (durabletask 1.12, ``_AsyncWorkerManager._consume_queue``) wait
 for the next item with a fixed 1 s timeout and look at the shutdown flag only between waits, so
 every ``worker.stop()`` of an idle worker costs up to a second of wall time: most of a short
-run's shutdown. ``make_prompt`` swaps in a manager whose consumers' wait re-checks the flag every
-``POLL_SECONDS`` and ends as soon as shutdown is set and the queue is empty. Draining is
+run's shutdown. ``make_prompt`` swaps in a manager whose consumers' wait is woken by ``shutdown()`` itself, so a
+consumer ends as soon as shutdown is set, its queue is empty and nothing it started still runs. Draining is
 unchanged: items already queued or running are still finished, as ``stop()`` promises.
 If the SDK's internals differ from what this expects, the worker keeps its own manager.
 """
@@ -16,7 +16,8 @@ from typing import Any
 
 from durabletask import worker as dt_worker
 
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.05  # the drain's pace while items this consumer started still run
+WAIT_SECONDS = 1.0  # an idle wait, as the SDK's: shutdown() wakes it sooner
 _Manager = getattr(dt_worker, "_AsyncWorkerManager", None)
 
 
@@ -30,18 +31,42 @@ def make_prompt(worker: dt_worker.TaskHubGrpcWorker) -> None:
 
 if _Manager is not None:
     class _PromptManager(_Manager):  # type: ignore[misc, valid-type]
+        def shutdown(self) -> None:
+            super().shutdown()
+            # called on the worker's loop (its stream ended) and later from stop()'s thread: wake the waits
+            for loop, stopping in getattr(self, "_stopping", ()):
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(stopping.set)
+
         async def _consume_queue(self, queue: asyncio.Queue, semaphore: asyncio.Semaphore) -> None:
             wait_for_item = queue.get
+            stopping = asyncio.Event()
+            # a reconnect runs the consumers again on a new loop: drop the waits of closed ones
+            self._stopping = [(loop, event) for loop, event in getattr(self, "_stopping", ()) if not loop.is_closed()]
+            self._stopping.append((asyncio.get_running_loop(), stopping))
+            polls = 0
 
             async def get() -> Any:
+                nonlocal polls
                 # the consumer treats TimeoutError as "no item yet" and then checks the shutdown flag
                 while not (self._shutdown and queue.empty()):
+                    if self._shutdown:
+                        return queue.get_nowait()
+                    item = asyncio.ensure_future(wait_for_item())
+                    stop = asyncio.ensure_future(stopping.wait())
                     try:
-                        return await asyncio.wait_for(wait_for_item(), POLL_SECONDS)
-                    except asyncio.TimeoutError:
-                        continue
-                # still draining running items: don't let the consumer spin
-                await asyncio.sleep(POLL_SECONDS)
+                        await asyncio.wait((item, stop), timeout=WAIT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        stop.cancel()
+                        if not item.done():
+                            item.cancel()  # an item not yet taken stays in the queue
+                    if item.done() and not item.cancelled():
+                        return item.result()
+                # shutting down with nothing queued: the first time, let the consumer leave at once if
+                # nothing of its own still runs; after that it is draining running items, so don't spin
+                polls += 1
+                if polls > 1:
+                    await asyncio.sleep(POLL_SECONDS)
                 raise asyncio.TimeoutError
 
             queue.get = get  # type: ignore[method-assign]
