@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -77,10 +77,11 @@ def _local_problem(source: Path, rec: dict[str, Any]) -> str | None:
 
 
 def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local: bool = False,
-               download: bool = False, threads: int = DEFAULT_THREADS,
-               taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+               download: bool = False, threads: int = DEFAULT_THREADS, taskhub: TaskHubSettings | None = None,
+               on_mismatch: Callable[[dict[str, str]], None] | None = None) -> dict[str, Any]:
     """Check the run's record as it is read: memory holds the files in flight and what the lookup of recorded
-    versions holds (``history.CopyLookup``), not the record."""
+    versions holds (``history.CopyLookup``), not the record. Each mismatch goes to *on_mismatch* as it is
+    found, in record order; without one, they are collected in the report's ``mismatches``."""
     settings.require()
     with open_backend(state_dir, taskhub) as runtime, service_client(settings, pool_size=threads + 4) as (service, label):
         work = runtime.work_store(service)
@@ -123,11 +124,13 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local
             return None if problem is None else {"path": rec["path"], "blob": name, "problem": problem}
 
         mismatches: list[dict[str, str]] = []
+        counts["mismatched"] = 0
 
         def take(future: Future[dict[str, str] | None]) -> None:
             mismatch = future.result()
             if mismatch is not None:
-                mismatches.append(mismatch)
+                counts["mismatched"] += 1
+                (on_mismatch or mismatches.append)(mismatch)
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             # checks in flight are bounded, their results taken in record order
@@ -141,7 +144,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local
     return {
         "run_id": run_id, "container": inp.container, "prefix": inp.prefix, "source": inp.source,
         "local": local, "download": download,
-        "files_checked": counts["checked"], "files_ok": counts["checked"] - len(mismatches),
-        "files_mismatched": len(mismatches), "files_not_backed_up": counts["not_backed_up"],
-        "mismatches": mismatches,
+        "files_checked": counts["checked"], "files_ok": counts["checked"] - counts["mismatched"],
+        "files_mismatched": counts["mismatched"], "files_not_backed_up": counts["not_backed_up"],
+        **({} if on_mismatch else {"mismatches": mismatches}),
     }
