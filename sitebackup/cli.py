@@ -679,19 +679,21 @@ def verify(instance_id: str, local: bool, download: bool, connection_string: str
     # until the run is found, its id stands for the job; then the backup job it verifies does
     metrics = start_metrics(metrics_file, "verify", instance_id, "")
     settings = StorageSettings.from_options(connection_string, account_url)
+    mismatches: list[dict[str, str]] = []
+
     def listed(m: dict[str, str]) -> None:
         click.echo(printable(f"MISMATCH {m['path']}: {m['problem']}"), err=True)
 
     # listed as found (a run of a million changed files lists them all without holding them); --json's one
     # object carries them in a list
-    report = verify_cmd.verify_run(state_dir or default_state_dir(), instance_id, settings, local=local,
-                                   download=download, taskhub=_taskhub_settings(taskhub),
-                                   on_mismatch=None if json_output else listed)
+    report = verify_cmd.verify_run(state_dir or default_state_dir(), instance_id, settings,
+                                   mismatches.append if json_output else listed, local=local, download=download,
+                                   taskhub=_taskhub_settings(taskhub))
     if metrics is not None:
         metrics.source, metrics.destination = report["source"], _destination(report["container"], report["prefix"])
         metrics.summary = report
     if json_output:
-        click.echo(json.dumps(report))
+        click.echo(json.dumps({**report, "mismatches": mismatches}))
     else:
         click.echo(f"{instance_id}: {report['files_ok']}/{report['files_checked']} blobs match, "
                    f"{report['files_mismatched']} mismatched, {report['files_not_backed_up']} not backed up by the run")

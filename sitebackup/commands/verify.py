@@ -76,12 +76,12 @@ def _local_problem(source: Path, rec: dict[str, Any]) -> str | None:
     return None
 
 
-def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local: bool = False,
-               download: bool = False, threads: int = DEFAULT_THREADS, taskhub: TaskHubSettings | None = None,
-               on_mismatch: Callable[[dict[str, str]], None] | None = None) -> dict[str, Any]:
+def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_mismatch: Callable[[dict[str, str]], None],
+               *, local: bool = False, download: bool = False, threads: int = DEFAULT_THREADS,
+               taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
     """Check the run's record as it is read: memory holds the files in flight and what the lookup of recorded
-    versions holds (``history.CopyLookup``), not the record. Each mismatch goes to *on_mismatch* as it is
-    found, in record order; without one, they are collected in the report's ``mismatches``."""
+    versions holds (``history.CopyLookup``), not the record nor its mismatches: each goes to *on_mismatch* as
+    it is found, in record order."""
     settings.require()
     with open_backend(state_dir, taskhub) as runtime, service_client(settings, pool_size=threads + 4) as (service, label):
         work = runtime.work_store(service)
@@ -95,7 +95,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local
             raise InputError(f"run {run_id!r} recorded no files (nothing was copied, or it was purged)")
         container = service.get_container_client(inp.container)
         lookup = CopyLookup(container, inp.prefix)
-        counts = {"checked": 0, "not_backed_up": 0}
+        counts = {"checked": 0, "not_backed_up": 0, "mismatched": 0}
 
         def looked_up() -> Iterator[tuple[dict[str, Any], str, list[Copy]]]:
             for rec in itertools.chain([first], records):
@@ -123,14 +123,11 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local
                 problem = _local_problem(Path(inp.source), rec)
             return None if problem is None else {"path": rec["path"], "blob": name, "problem": problem}
 
-        mismatches: list[dict[str, str]] = []
-        counts["mismatched"] = 0
-
         def take(future: Future[dict[str, str] | None]) -> None:
             mismatch = future.result()
             if mismatch is not None:
                 counts["mismatched"] += 1
-                (on_mismatch or mismatches.append)(mismatch)
+                on_mismatch(mismatch)
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             # checks in flight are bounded, their results taken in record order
@@ -146,5 +143,4 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, *, local
         "local": local, "download": download,
         "files_checked": counts["checked"], "files_ok": counts["checked"] - counts["mismatched"],
         "files_mismatched": counts["mismatched"], "files_not_backed_up": counts["not_backed_up"],
-        **({} if on_mismatch else {"mismatches": mismatches}),
     }
