@@ -35,8 +35,10 @@ if _Manager is not None:
             super().shutdown()
             # called on the worker's loop (its stream ended) and later from stop()'s thread: wake the waits
             for loop, stopping in getattr(self, "_stopping", ()):
-                if not loop.is_closed():
+                try:
                     loop.call_soon_threadsafe(stopping.set)
+                except RuntimeError:  # that loop is closed: its consumers are gone
+                    pass
 
         async def _consume_queue(self, queue: asyncio.Queue, semaphore: asyncio.Semaphore) -> None:
             wait_for_item = queue.get
