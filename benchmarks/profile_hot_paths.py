@@ -25,6 +25,7 @@ Prints Markdown on stdout; the raw profiles stay in --out.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import cProfile
 import io
@@ -279,13 +280,13 @@ def run_child(out: Path, profile: Path | None, argv: list[str]) -> None:
         main = cProfile.Profile(time.thread_time)
         profilers.append(main)
         main.enable()
-    sys.argv = ["sitebackup", *argv]
-    code: int | str | None = 0
-    try:
-        runpy.run_module("sitebackup", run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        code = exc.code
-    finally:
+    written = False
+
+    def write() -> None:
+        nonlocal written
+        if written:
+            return
+        written = True
         if profile is not None:
             main.disable()
             merged = None
@@ -300,6 +301,18 @@ def run_child(out: Path, profile: Path | None, argv: list[str]) -> None:
                 merged.dump_stats(profile)
         cpu.done.set()
         out.write_text(json.dumps(cpu.groups()))
+
+    # registered first, so run last: sitebackup ends with os._exit after the exit handlers
+    # (commands/hosting.end_process), so code after run_module would never run
+    atexit.register(write)
+    sys.argv = ["sitebackup", *argv]
+    code: int | str | None = 0
+    try:
+        runpy.run_module("sitebackup", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        write()
     sys.exit(code)
 
 
