@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import pytest
 from durabletask import client as dt_client
 from durabletask import task
 from durabletask import worker as dt_worker
@@ -210,7 +211,7 @@ def test_a_refused_put_raises_what_the_sdk_would():
                           ).error_code is None
 
 
-LAZY = ("rich", "azure.identity", "durabletask.azuremanaged")
+LAZY = ("rich", "azure.identity", "durabletask.azuremanaged", "prometheus_client")
 REPORT_MODULES = f"""
 import atexit, sys
 atexit.register(lambda: print("LOADED", sorted({{m for m in sys.modules if m.startswith({LAZY!r})}}), file=sys.stderr))
@@ -220,7 +221,7 @@ main()
 """
 
 
-def test_a_cron_run_with_a_connection_string_loads_no_terminal_ui_identity_or_scheduler_code(azurite, tmp_path,
+def test_a_cron_run_with_a_connection_string_loads_no_terminal_ui_identity_scheduler_or_metrics_code(azurite, tmp_path,
                                                                                            container_name):
     src = tmp_path / "site"
     many_files(src, 5)
@@ -229,3 +230,43 @@ def test_a_cron_run_with_a_connection_string_loads_no_terminal_ui_identity_or_sc
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "LOADED []" in run.stderr
+
+
+def _upload_loops() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "sitebackup-asyncput")
+
+
+def test_the_upload_client_made_ahead_serves_the_first_page_and_a_broken_one_fails_every_page(azurite, blob_service,
+                                                                                             tmp_path, container_name):
+    from sitebackup.blob.asyncput import AsyncPutter
+    from sitebackup.blob.clients import StorageSettings
+    from sitebackup.blob.upload import Uploaded
+    from sitebackup.errors import InputError
+
+    blob_service.create_container(container_name)
+    src = tmp_path / "src"
+    write_tree(src, {"a.txt": b"alpha", "b.txt": b"beta"})
+    before = _upload_loops()
+    putter = AsyncPutter(StorageSettings(connection_string=azurite.connection_string))
+    putter.start()
+    putter.start()  # once is all it takes: no second loop
+    assert _upload_loops() == before + 1
+    try:
+        done = putter.put_many(container_name, [(src / "a.txt", "a.txt", None), (src / "b.txt", "b.txt", None)])
+        assert all(isinstance(d, Uploaded) for d in done), done
+        assert _upload_loops() == before + 1
+        container = blob_service.get_container_client(container_name)
+        assert container.download_blob("b.txt").readall() == b"beta"
+    finally:
+        putter.close()
+    deadline = time.monotonic() + 10
+    while _upload_loops() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _upload_loops() == before
+
+    broken = AsyncPutter(StorageSettings(connection_string="AccountName=x;AccountKey=not base64!"))
+    broken.start()
+    for _ in range(2):
+        with pytest.raises(InputError, match="AccountKey"):
+            broken.put_many(container_name, [(src / "a.txt", "a.txt", None)])
+    broken.close()  # returns: nothing was made to close

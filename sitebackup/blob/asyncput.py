@@ -102,36 +102,48 @@ class ContainerPuts:
 
 
 class AsyncPutter:
-    """An event loop in a daemon thread with one aio client, started on first use."""
+    """An event loop in a daemon thread with one aio client, started by ``start`` or on first use."""
 
     def __init__(self, settings: StorageSettings, in_flight: int = 32):
         self._settings = settings
         self._in_flight = in_flight
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: concurrent.futures.Future | None = None  # the client made on the loop
         self._client: Any = None
         self._pipeline: Any = None
         self._puts: dict[str, ContainerPuts] = {}
         self._gate: asyncio.Semaphore | None = None
         self._limiter = process_limiter()  # --bwlimit: a small file's bytes are paid for before its request
 
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+    def start(self) -> None:
+        """Start the loop and make its client without waiting for them: the hosting process calls this before
+        the run's first page exists, so the client is made while the durable runtime starts, not after."""
         with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="sitebackup-asyncput", daemon=True).start()
+            if self._loop is not None:
+                return
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="sitebackup-asyncput", daemon=True).start()
 
-                async def setup() -> None:
-                    # the client and its aiohttp session must be born inside the loop that uses them
-                    self._client, _label = make_service_client(self._settings, pool_size=self._in_flight, aio=True)
-                    self._pipeline = put_pipeline(self._client.credential, self._in_flight)
-                    self._gate = asyncio.Semaphore(self._in_flight)
+            async def setup() -> None:
+                # the client and its aiohttp session must be born inside the loop that uses them
+                self._client, _label = make_service_client(self._settings, pool_size=self._in_flight, aio=True)
+                self._pipeline = put_pipeline(self._client.credential, self._in_flight)
+                self._gate = asyncio.Semaphore(self._in_flight)
 
-                asyncio.run_coroutine_threadsafe(setup(), loop).result()
-                self._loop = loop
-                # close the aiohttp session while the loop still runs, not in a warning at exit
-                atexit.register(self.close)
-            return self._loop
+            self._ready = asyncio.run_coroutine_threadsafe(setup(), loop)
+            self._loop = loop
+            # close the aiohttp session while the loop still runs, not in a warning at exit
+            atexit.register(self.close)
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        self.start()
+        with self._lock:
+            loop, ready = self._loop, self._ready
+        if loop is None or ready is None:
+            raise RuntimeError("the upload loop was closed")
+        ready.result()  # a client that could not be made fails every caller alike
+        return loop
 
     def submit(self, work: Callable[[Any, Any, asyncio.Semaphore], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future:
         """Run ``work(service client, lean request pipeline, in-flight gate)`` on this loop; a future of its
@@ -177,10 +189,16 @@ class AsyncPutter:
     def close(self) -> None:
         with self._lock:
             loop, self._loop = self._loop, None
-        if loop is None:
+            ready, self._ready = self._ready, None
+        if loop is None or ready is None:
             return
-        asyncio.run_coroutine_threadsafe(self._client.close(), loop).result(timeout=10)
-        asyncio.run_coroutine_threadsafe(self._pipeline.close(), loop).result(timeout=10)
+        try:
+            ready.result(timeout=10)
+        except Exception:  # no client was made: nothing to close but the loop
+            pass
+        else:
+            asyncio.run_coroutine_threadsafe(self._client.close(), loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self._pipeline.close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
 
 

@@ -349,6 +349,7 @@ def activity_deps(settings: StorageSettings, state_dir: Path, concurrency: int, 
     deps = ActivityDeps(container_client=service.get_container_client, work=runtime.work_store(service),
                         endpoint=label)
     putter = AsyncPutter(settings, in_flight=2 * concurrency)
+    putter.start()  # its client is made while the runtime starts the run, ready for the first page
     deps.put_many = putter.put_many
     deps.get_many = AsyncGetter(putter).get_many  # the same loop, connection pool and window
     deps.cancelled = CancelCheck(runtime)

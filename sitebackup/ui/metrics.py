@@ -17,11 +17,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 PREFIX = "sitebackup_"
 JOB_LABELS = ("command", "source", "destination")
@@ -86,6 +86,8 @@ class MetricsJob:
                 PREFIX + "last_run_exit_code": exit_code,
                 LAST_SUCCESS: ended if exit_code == 0 else _value(families.get(LAST_SUCCESS), self.labels),
             }
+            from prometheus_client import generate_latest  # on use: every run without the option is spared its import
+
             text = generate_latest(_registry(families, self.labels, values, _counts(self.summary)))
             _replace(self.path, text)
         except OSError as exc:
@@ -113,6 +115,8 @@ def _read(path: Path) -> dict[str, Metric]:
         return {}
     except OSError as exc:
         raise MetricsFileError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    from prometheus_client.parser import text_string_to_metric_families
+
     with open(fd, encoding="utf-8", errors="replace") as fh:
         text = fh.read()
     try:
@@ -134,6 +138,9 @@ def _job_of(labels: dict[str, str]) -> dict[str, str]:
 
 def _registry(families: dict[str, Metric], labels: dict[str, str], values: dict[str, float | None],
               counts: dict[str, dict[str, int]]) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
+
     out: list[Metric] = []
     ours = {**GAUGES, **COUNTS}
     for name, doc in ours.items():
