@@ -127,7 +127,8 @@ def block(table: str, *, when: datetime, machine_line: str, commands: list[str])
     return "\n".join([
         f"Measured {when.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC on {machine_line}.",
         "Every tool runs as its own process against a fresh in-memory Azurite on the same machine; seconds are the "
-        "median of the runs, CPU is user + sys of the tool's process tree, Azurite CPU what Azurite used during the run. The machine is shared and noisy: "
+        "median of the runs, CPU is user + sys of the tool's process tree, Azurite CPU what Azurite used during "
+        "the run. The machine is shared and noisy: "
         "compare the ratios within one run (same-work peer: threaded-md5 for backup, asyncio-get for restore, "
         "the bare walk for dry-run and unchanged runs), not absolute seconds across runs.",
         "",

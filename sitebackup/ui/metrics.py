@@ -86,7 +86,8 @@ class MetricsJob:
                 PREFIX + "last_run_exit_code": exit_code,
                 LAST_SUCCESS: ended if exit_code == 0 else _value(families.get(LAST_SUCCESS), self.labels),
             }
-            from prometheus_client import generate_latest  # on use: every run without the option is spared its import
+            # prometheus_client is imported here and below, on use: runs without --metrics-file never load it
+            from prometheus_client import generate_latest
 
             text = generate_latest(_registry(families, self.labels, values, _counts(self.summary)))
             _replace(self.path, text)
@@ -109,14 +110,14 @@ def _counts(summary: dict[str, Any] | None) -> dict[str, dict[str, int]]:
 
 def _read(path: Path) -> dict[str, Metric]:
     """The families in the file now: none if it is missing or not Prometheus text (it is replaced)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # never read through a planted symlink
     except FileNotFoundError:
         return {}
     except OSError as exc:
         raise MetricsFileError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    from prometheus_client.parser import text_string_to_metric_families
-
     with open(fd, encoding="utf-8", errors="replace") as fh:
         text = fh.read()
     try:
