@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -11,8 +13,9 @@ from pathlib import Path
 import pytest
 from privileges import without_root_powers
 
-from sitebackup.durable.backend import EmbeddedBackend, StateDirError
+from sitebackup.durable.backend import EmbeddedBackend, StateDirError, statedir
 from sitebackup.durable.backend.guard import bearer
+from sitebackup.durable.backend.store import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,11 +113,6 @@ def test_tcp_listen_honours_taskhub_header(tmp_path):
 def test_a_new_database_gets_its_whole_schema_in_one_transaction(tmp_path, monkeypatch):
     # a transaction per statement cost a journal and its fsyncs apiece: 0.24 s for a new state directory
     # against 0.05 s in one (benchmarks/PROFILE.md, "Fixed costs"); the spy only reads the SQL sqlite runs
-    import sqlite3
-
-    from sitebackup.durable.backend import statedir
-    from sitebackup.durable.backend.store import SCHEMA
-
     statements: list[str] = []
     real_connect = sqlite3.connect
 
@@ -136,7 +134,7 @@ def test_a_new_database_gets_its_whole_schema_in_one_transaction(tmp_path, monke
     assert creates and len(creates) == SCHEMA.upper().count("CREATE ")
     assert len(begins) == 1 and len(commits) == 1, statements
     assert begins[0] < creates[0] and creates[-1] < commits[0], statements
-    with sqlite3.connect(db_path) as db:
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
         rows = db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index') AND name NOT LIKE 'sqlite%'")
         made = {name for (name,) in rows}
     assert len(made) == len(creates)
