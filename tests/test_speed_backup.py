@@ -221,8 +221,8 @@ main()
 """
 
 
-def test_a_cron_run_with_a_connection_string_loads_no_terminal_ui_identity_scheduler_or_metrics_code(azurite, tmp_path,
-                                                                                           container_name):
+def test_a_cron_run_with_a_connection_string_loads_no_terminal_ui_identity_scheduler_or_metrics_code(
+        azurite, tmp_path, container_name):
     src = tmp_path / "site"
     many_files(src, 5)
     env = env_for(azurite.connection_string, tmp_path / "state")

@@ -116,12 +116,13 @@ class AsyncPutter:
         self._gate: asyncio.Semaphore | None = None
         self._limiter = process_limiter()  # --bwlimit: a small file's bytes are paid for before its request
 
-    def start(self) -> None:
+    def start(self) -> tuple[asyncio.AbstractEventLoop, concurrent.futures.Future]:
         """Start the loop and make its client without waiting for them: the hosting process calls this before
-        the run's first page exists, so the client is made while the durable runtime starts, not after."""
+        the run's first page exists, so the client is made while the durable runtime starts, not after.
+        The loop and the future of its client."""
         with self._lock:
-            if self._loop is not None:
-                return
+            if self._loop is not None and self._ready is not None:
+                return self._loop, self._ready
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="sitebackup-asyncput", daemon=True).start()
 
@@ -135,13 +136,10 @@ class AsyncPutter:
             self._loop = loop
             # close the aiohttp session while the loop still runs, not in a warning at exit
             atexit.register(self.close)
+            return loop, self._ready
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        self.start()
-        with self._lock:
-            loop, ready = self._loop, self._ready
-        if loop is None or ready is None:
-            raise RuntimeError("the upload loop was closed")
+        loop, ready = self.start()
         ready.result()  # a client that could not be made fails every caller alike
         return loop
 
