@@ -4,6 +4,7 @@ correct backup; never a traceback, never a blob outside the prefix.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -144,6 +145,20 @@ def test_wrong_key_is_exit_3_authentication_failed(cli, cli_env, azurite, tmp_pa
     line = one_line_error(cli(src, "-c", container_name, env=dict(cli_env, AZURE_STORAGE_CONNECTION_STRING=wrong)), 3)
     assert f"authentication failed at {azurite.endpoint}" in line
     assert "A" * 20 not in line
+
+
+def test_a_refused_pre_flight_schedules_nothing_and_the_next_run_starts_fresh(cli, cli_env, azurite, tmp_path,
+                                                                              blob_service, container_name):
+    """A destination that refuses the credentials is found before anything is scheduled: no run is left
+    to resume, and the next run (with the right key) starts afresh."""
+    src = write_tree(tmp_path / "site", {"a.txt": b"a"})
+    wrong = azurite.connection_string.replace(KEY, "A" * 86 + "==")
+    one_line_error(cli(src, "-c", container_name, env=dict(cli_env, AZURE_STORAGE_CONNECTION_STRING=wrong)), 3)
+    assert json.loads(cli("list", "--json").stdout) == []
+    result = cli(src, "-c", container_name, "--no-wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming" not in (result.stdout + result.stderr).lower()
+    assert blobs(blob_service, container_name) == {"a.txt": b"a"}
 
 
 def test_unreachable_host_is_exit_3_quickly(cli, cli_env, tmp_path, container_name):
