@@ -81,7 +81,8 @@ DATASETS = {
     "scale": Dataset("scale", 100_000, 1 * KIB, 100),
     "million": Dataset("million", 1_000_000, 1 * KIB, 100, sparse=True),
 }
-BACKUP_TOOLS = ["sitebackup", "threaded", "threaded-md5", "asyncio", "rclone", "azcopy", "sitebackup-base"]
+BACKUP_TOOLS = ["sitebackup", "threaded", "threaded-md5", "asyncio", "asyncio-md5", "rclone", "azcopy",
+                "sitebackup-base"]
 RESTORE_TOOLS = ["sitebackup", "asyncio-get", "sitebackup-base"]
 TOOLS = list(dict.fromkeys(BACKUP_TOOLS + RESTORE_TOOLS))
 OPS = ["backup", "restore", "dry-run"]  # dry-run: the million dataset's first dry run
@@ -149,8 +150,8 @@ def backup_command(tool: str, src: Path, container: str, azurite, state: Path, e
     """The command line of *tool* backing *src* up into *container*, or None if it is not installed."""
     if tool.startswith("sitebackup"):
         return sitebackup_command([str(src), "--container", container], state, extra)
-    if tool in ("threaded", "threaded-md5", "asyncio"):
-        if tool == "asyncio" and not aiohttp_installed():
+    if tool in ("threaded", "threaded-md5", "asyncio", "asyncio-md5"):
+        if tool.startswith("asyncio") and not aiohttp_installed():
             return None
         return peer_command(tool, src, container)
     if tool == "rclone":

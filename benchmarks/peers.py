@@ -3,7 +3,8 @@
 `python benchmarks/peers.py TOOL --src PATH [--container NAME]` with TOOL one of:
 
 - ``threaded`` / ``threaded-md5``: 16 threads, one Put Blob per file (md5: the file's MD5 as Content-MD5);
-- ``asyncio``: the async SDK over aiohttp, 32 uploads in flight, no MD5;
+- ``asyncio`` / ``asyncio-md5``: the async SDK over aiohttp, 32 uploads in flight (md5: each file read once,
+  its MD5 sent as Content-MD5: the integrity work sitebackup does on every file);
 - ``asyncio-get``: the async SDK, 32 downloads in flight into --src, with sitebackup's restore integrity work:
   each download checked against the blob's Content-MD5, written to a temporary name, given its recorded
   mode and mtime, then renamed into place;
@@ -31,7 +32,7 @@ IN_FLIGHT = 32
 SINGLE_PUT = 256 * MIB
 # downloads up to this size are one GET held in memory; larger ones are fetched in parallel ranges
 SINGLE_GET = 8 * MIB
-PEERS = ("threaded", "threaded-md5", "asyncio", "asyncio-get", "walk")
+PEERS = ("threaded", "threaded-md5", "asyncio", "asyncio-md5", "asyncio-get", "walk")
 
 
 def regular_files(src: Path) -> Iterator[tuple[Path, str]]:
@@ -95,7 +96,8 @@ def threaded(src: Path, container: str, with_md5: bool = False) -> int:
         return sum(1 for _ in pool.map(put, regular_files(src)))
 
 
-def asyncio_put(src: Path, container: str) -> int:
+def asyncio_put(src: Path, container: str, with_md5: bool = False) -> int:
+    from azure.storage.blob import ContentSettings
     from azure.storage.blob.aio import BlobServiceClient
 
     async def main() -> int:
@@ -106,6 +108,12 @@ def asyncio_put(src: Path, container: str) -> int:
 
             async def put(path: Path, name: str) -> None:
                 async with gate:
+                    if with_md5:
+                        data = path.read_bytes()
+                        settings = ContentSettings(content_md5=bytearray(hashlib.md5(data).digest()))
+                        await client.upload_blob(name, data, overwrite=True, max_concurrency=4,
+                                                 content_settings=settings)
+                        return
                     with open(path, "rb") as fh:
                         await client.upload_blob(name, fh, length=os.fstat(fh.fileno()).st_size, overwrite=True,
                                                  max_concurrency=4)
@@ -187,6 +195,7 @@ def main() -> None:
     run = {"threaded": lambda: threaded(args.src, args.container),
            "threaded-md5": lambda: threaded(args.src, args.container, with_md5=True),
            "asyncio": lambda: asyncio_put(args.src, args.container),
+           "asyncio-md5": lambda: asyncio_put(args.src, args.container, with_md5=True),
            "asyncio-get": lambda: asyncio_get(args.src, args.container)}[args.tool]
     print(f"{run()} files")
 

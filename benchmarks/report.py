@@ -16,7 +16,7 @@ from pathlib import Path
 
 MIB = 1024 ** 2
 # the peer doing the same work as sitebackup, per operation: the ratio that says what the design costs
-SAME_WORK = {"backup": "threaded-md5", "restore": "asyncio-get", "first dry-run": "walk", "dry-run": "walk",
+SAME_WORK = {"backup": "asyncio-md5", "restore": "asyncio-get", "first dry-run": "walk", "dry-run": "walk",
              "unchanged": "walk"}
 
 
@@ -129,8 +129,9 @@ def block(table: str, *, when: datetime, machine_line: str, commands: list[str])
         "Every tool runs as its own process against a fresh in-memory Azurite on the same machine; seconds are the "
         "median of the runs, CPU is user + sys of the tool's process tree, Azurite CPU what Azurite used during "
         "the run. The machine is shared and noisy: "
-        "compare the ratios within one run (same-work peer: threaded-md5 for backup, asyncio-get for restore, "
-        "the bare walk for dry-run and unchanged runs), not absolute seconds across runs.",
+        f"compare the ratios within one run (same-work peer: {SAME_WORK['backup']} for backup, "
+        f"{SAME_WORK['restore']} for restore, the bare walk for dry-run and unchanged runs), not absolute seconds "
+        "across runs.",
         "",
         table,
         "",

@@ -51,7 +51,7 @@ def cells(table: str, tool: str, op: str = "backup") -> dict[str, str]:
 
 def test_ratios_are_against_the_fastest_and_the_same_work_peer_of_the_same_operation():
     table = report.render([
-        row("backup", "sitebackup", 12.0), row("backup", "asyncio", 10.0), row("backup", "threaded-md5", 15.0),
+        row("backup", "sitebackup", 12.0), row("backup", "asyncio", 10.0), row("backup", "asyncio-md5", 15.0),
         row("restore", "sitebackup", 9.0), row("restore", "asyncio-get", 6.0),
     ])
     assert cells(table, "sitebackup")["vs fastest peer"] == "1.20x"
@@ -59,7 +59,7 @@ def test_ratios_are_against_the_fastest_and_the_same_work_peer_of_the_same_opera
     assert cells(table, "sitebackup", "restore")["vs fastest peer"] == "1.50x"
     assert cells(table, "sitebackup", "restore")["vs same-work peer"] == "1.50x"
     # a peer is compared with the other peers, never with itself
-    assert cells(table, "threaded-md5")["vs same-work peer"] == ""
+    assert cells(table, "asyncio-md5")["vs same-work peer"] == ""
     assert cells(table, "asyncio-get", "restore")["vs fastest peer"] == ""
 
 
