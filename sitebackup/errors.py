@@ -3,6 +3,36 @@
 One place owns the mapping so ``--help``, README and behaviour cannot drift apart.
 """
 
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class ExitCode(NamedTuple):
+    code: int
+    name: str
+    meaning: str
+
+
+# The one table of exit codes: --help epilogs, the metrics' help text, docs/cli.md and the README read it.
+EXIT_CODES = (
+    ExitCode(0, "ok", "done: every file backed up or unchanged (restored, verified, pruned)"),
+    ExitCode(1, "files-failed", "the run finished but some files failed or mismatched (listed on stderr and in --json)"),
+    ExitCode(2, "usage", "usage or input error (missing source, invalid container name, no storage configured, ...)"),
+    ExitCode(3, "destination", "destination unreachable, authentication failed or access denied"),
+    ExitCode(4, "already-running", "the same backup is already running in another process (with --no-wait), "
+                                   "or a backup of the container is running (prune)"),
+    ExitCode(5, "state-full", "the state directory filled up or stopped taking writes; the run is saved: "
+                              "free space, then run the same command again"),
+    ExitCode(6, "stalled", "the same backup is running in another process but has made no progress for "
+                           "--stall-after (with --no-wait)"),
+    ExitCode(7, "cancelled", "the run was cancelled (sitebackup cancel); what it uploaded before stays"),
+    ExitCode(70, "internal", "internal error (a bug: rerun with --debug and report it)"),
+    ExitCode(130, "interrupted", "interrupted (Ctrl-C, or SIGTERM from timeout, kill or systemd); the run is "
+                                 "saved and resumable"),
+)
+_BY_CODE = {e.code: e for e in EXIT_CODES}
+
 EXIT_OK = 0
 EXIT_FILES_FAILED = 1
 EXIT_USAGE = 2
@@ -14,13 +44,14 @@ EXIT_CANCELLED = 7
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 every file backed up or unchanged; 1 the run finished but some files failed; "
-    "2 usage or input error; 3 destination unreachable or access denied; "
-    "4 the same backup is already running elsewhere (with --no-wait); 5 the state directory filled up (or "
-    "stopped taking writes) during the run, which is saved; 6 the same backup is running but has made no "
-    "progress for --stall-after (with --no-wait); 7 the run was cancelled; 70 internal error; 130 interrupted."
-)
+
+def exit_codes_help(*codes: int) -> str:
+    """The ``Exit codes: ...`` epilog of a command that can end with *codes* (all of them when none given)."""
+    chosen = [_BY_CODE[c] for c in codes] if codes else list(EXIT_CODES)
+    return "Exit codes: " + "; ".join(f"{e.code} {e.meaning}" for e in chosen) + "."
+
+
+EXIT_CODES_HELP = exit_codes_help()
 
 
 class SiteBackupError(Exception):
