@@ -42,6 +42,9 @@ from sitebackup.errors import (
     InputError,
     SiteBackupError,
 )
+from sitebackup.model.codec import to_wire
+from sitebackup.model.reports import Mismatch
+from sitebackup.model.work import DEFAULT_BLOCK_SIZE, MIB, BackupCounts, PageResult, summary_to_wire
 from sitebackup.ui import render
 from sitebackup.ui.escape import printable
 from sitebackup.ui.logfile import LogPrinter
@@ -49,7 +52,6 @@ from sitebackup.ui.metrics import MetricsFileError, MetricsJob
 from sitebackup.ui.printers import make_printer
 from sitebackup.workflows.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from sitebackup.workflows.names import DEFAULT_WINDOW
-from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE, MIB
 
 
 @dataclass
@@ -294,16 +296,16 @@ def backup(source: Path, container: str, prefix: str, connection_string: str | N
         with render.DryRunLines(json_output, quiet) as lines:
             plan = dryrun.plan_backup(request, settings, hub, lines.add)
         render.dry_run_totals(plan, json_output, quiet)
-        sys.exit(EXIT_FILES_FAILED if plan["files_failed"] else 0)
+        sys.exit(EXIT_FILES_FAILED if plan.files_failed else 0)
     printer = make_printer(json_output=json_output, quiet=quiet or (detach and not json_output))
     if log_file is not None:
         printer = LogPrinter(printer, log_file)
     summary = backup_cmd.run_backup(request, settings, printer, taskhub=hub, local_worker=not no_local_worker,
                                     detach=detach)
     if metrics is not None:
-        metrics.summary = summary
+        metrics.summary = summary_to_wire(summary)
     if detach and not json_output:
-        click.echo(summary["instance_id"])
+        click.echo(summary.instance_id)
     sys.exit(exit_code_for(summary))
 
 
@@ -340,9 +342,10 @@ def worker(connection_string: str | None, account_url: str | None, taskhub: str 
     settings = StorageSettings.from_options(connection_string, account_url)
     hub = _taskhub_settings(taskhub)
 
-    def on_batch(instance_id: str, result: dict) -> None:
-        click.echo(f"batch {instance_id} page {result['page']}: {result['files_uploaded']} files uploaded, "
-                   f"{result['bytes_uploaded']} bytes, {result['files_failed']} failed")
+    def on_batch(instance_id: str, result: PageResult[BackupCounts]) -> None:
+        counts = result.counts
+        click.echo(f"batch {instance_id} page {result.page}: {counts.files_uploaded} files uploaded, "
+                   f"{counts.bytes_uploaded} bytes, {counts.files_failed} failed")
 
     def on_started() -> None:
         click.echo(f"sitebackup: worker started on {hub.label if hub else 'the embedded backend'}", err=True)
@@ -414,7 +417,7 @@ def status(instance_id: str, json_output: bool, watch: bool, stall_after: timede
         sys.exit(exit_code_for(summary))
     info = manage.status(state_dir, instance_id, hub, stall_after)
     if json_output:
-        click.echo(json.dumps(info))
+        click.echo(json.dumps(to_wire(info)))
     else:
         click.echo(render.status_text(info))
 
@@ -441,7 +444,7 @@ def list_(statuses: tuple[str, ...], limit: int, json_output: bool, taskhub: str
     rows = manage.list_runs(state_dir or default_state_dir(), statuses=list(statuses), limit=limit,
                             taskhub=_taskhub_settings(taskhub))
     if json_output:
-        click.echo(json.dumps(rows))
+        click.echo(json.dumps(to_wire(rows)))
     else:
         render.runs_table(rows)
 
@@ -516,11 +519,11 @@ def purge(older_than: str, taskhub: str | None, connection_string: str | None, a
     """
     result = manage.purge(state_dir or default_state_dir(), manage.parse_age(older_than), _taskhub_settings(taskhub),
                           StorageSettings.from_options(connection_string, account_url))
-    click.echo(f"purged {len(result['purged'])} finished run(s) older than {older_than}")
-    if result["backups_kept"]:
-        click.echo(f"kept {len(result['backups_kept'])} completed backup run(s): `sitebackup prune` decides how long "
+    click.echo(f"purged {len(result.purged)} finished run(s) older than {older_than}")
+    if result.backups_kept:
+        click.echo(f"kept {len(result.backups_kept)} completed backup run(s): `sitebackup prune` decides how long "
                    "backups stay restorable")
-    if result["records_kept"] and result["purged"]:
+    if result.records_kept and result.purged:
         click.echo("run records under .sitebackup/work/ in their containers were kept: "
                    "give storage credentials to remove them too", err=True)
 
@@ -581,11 +584,11 @@ def prune(container: str, prefix: str, keep_last: int, keep_hourly: int, keep_da
     report = prune_cmd.run_prune(request, StorageSettings.from_options(connection_string, account_url),
                                  _taskhub_settings(taskhub))
     if metrics is not None:
-        metrics.summary = {"runs_kept": len(report["kept"]), "runs_removed": len(report["removed"]),
-                           "blobs_removed": report["blobs_removed"], "snapshots_removed": report["snapshots_removed"],
-                           "bytes_removed": report["bytes_removed"]}
+        metrics.summary = {"runs_kept": len(report.kept), "runs_removed": len(report.removed),
+                           "blobs_removed": report.blobs_removed, "snapshots_removed": report.snapshots_removed,
+                           "bytes_removed": report.bytes_removed}
     if json_output:
-        click.echo(json.dumps(report))
+        click.echo(json.dumps(to_wire(report)))
     else:
         render.prune_report(report)
 
@@ -648,7 +651,7 @@ def restore(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
     summary = restore_cmd.run_restore(request, settings, make_printer(json_output=json_output, quiet=quiet),
                                       _taskhub_settings(taskhub))
     if metrics is not None:
-        metrics.summary = summary
+        metrics.summary = summary_to_wire(summary)
     sys.exit(exit_code_for(summary))
 
 
@@ -679,10 +682,10 @@ def verify(instance_id: str, local: bool, download: bool, connection_string: str
     # until the run is found, its id stands for the job; then the backup job it verifies does
     metrics = start_metrics(metrics_file, "verify", instance_id, "")
     settings = StorageSettings.from_options(connection_string, account_url)
-    mismatches: list[dict[str, str]] = []
+    mismatches: list[Mismatch] = []
 
-    def listed(m: dict[str, str]) -> None:
-        click.echo(printable(f"MISMATCH {m['path']}: {m['problem']}"), err=True)
+    def listed(m: Mismatch) -> None:
+        click.echo(printable(f"MISMATCH {m.path}: {m.problem}"), err=True)
 
     # listed as found (a run of a million changed files lists them all without holding them); --json's one
     # object carries them in a list
@@ -690,14 +693,14 @@ def verify(instance_id: str, local: bool, download: bool, connection_string: str
                                    mismatches.append if json_output else listed, local=local, download=download,
                                    taskhub=_taskhub_settings(taskhub))
     if metrics is not None:
-        metrics.source, metrics.destination = report["source"], _destination(report["container"], report["prefix"])
-        metrics.summary = report
+        metrics.source, metrics.destination = report.source, _destination(report.container, report.prefix)
+        metrics.summary = to_wire(report)
     if json_output:
-        click.echo(json.dumps({**report, "mismatches": mismatches}))
+        click.echo(json.dumps({**to_wire(report), "mismatches": to_wire(mismatches)}))
     else:
-        click.echo(f"{instance_id}: {report['files_ok']}/{report['files_checked']} blobs match, "
-                   f"{report['files_mismatched']} mismatched, {report['files_not_backed_up']} not backed up by the run")
-    sys.exit(EXIT_FILES_FAILED if report["files_mismatched"] else 0)
+        click.echo(f"{instance_id}: {report.files_ok}/{report.files_checked} blobs match, "
+                   f"{report.files_mismatched} mismatched, {report.files_not_backed_up} not backed up by the run")
+    sys.exit(EXIT_FILES_FAILED if report.files_mismatched else 0)
 
 
 def _configure_logging(debug: bool) -> None:

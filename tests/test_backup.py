@@ -11,6 +11,8 @@ from helpers import write_tree
 
 from sitebackup.blob.clients import StorageSettings
 from sitebackup.commands import backup
+from sitebackup.model.codec import to_wire
+from sitebackup.model.work import summary_to_wire
 from sitebackup.ui.printers import Printer
 
 ODD_TREE = {
@@ -86,10 +88,10 @@ class Recorder(Printer):
         self.summary: dict | None = None
 
     def progress(self, status):
-        self.statuses.append(dict(status))
+        self.statuses.append(to_wire(status))
 
     def finish(self, summary):
-        self.summary = summary
+        self.summary = summary_to_wire(summary)
 
 
 def test_custom_status_moves_during_the_run(tmp_path, azurite, state_dir, container_name):
@@ -99,7 +101,7 @@ def test_custom_status_moves_during_the_run(tmp_path, azurite, state_dir, contai
     settings = StorageSettings(connection_string=azurite.connection_string)
     recorder = Recorder()
     summary = backup.run_backup(request, settings, recorder)
-    assert summary["files_uploaded"] == 1200
+    assert summary.counts.files_uploaded == 1200
     done = sorted({s["files_done"] for s in recorder.statuses if s.get("phase") == "uploading"})
     # the window publishes after each batch: several intermediate values, not just 0 and the total
     assert len([d for d in done if 0 < d < 1200]) >= 3, done

@@ -20,7 +20,7 @@ from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.commands.prune import unneeded
 from sitebackup.workflows import blocks, fetch
 from sitebackup.workflows.activity import ActivityDeps
-from sitebackup.workflows.types import FetchInput, PlanInput
+from sitebackup.model.work import CommitOrder, FetchInput, Listed, PlanInput, RestoreOptions
 
 MIB = 1024 * 1024
 BASE_NS = 1_600_000_000_123_456_789
@@ -229,13 +229,13 @@ def test_hash_blocks_gives_the_ranges_ids_and_the_whole_md5(tmp_path):
 
 def test_a_commit_refuses_ids_that_do_not_match_the_bytes_the_md5_was_hashed_from():
     ids = [blocks.content_block_id(b"a", 0), blocks.content_block_id(b"b", 1)]
-    good = blocks.Commit("md5", ids, blocks.ids_digest(ids))
-    assert good.checked(2) == ("md5", ids)
-    assert blocks.Commit("md5", [ids[0], None], blocks.ids_digest(ids)).checked(2) is None
-    assert blocks.Commit(None, ids, None).checked(2) is None
+    good = CommitOrder(md5="md5", blocks=ids, digest=blocks.ids_digest(ids))
+    assert blocks.reported(good, 2) == ("md5", ids)
+    assert blocks.reported(CommitOrder(md5="md5", blocks=[ids[0], None], digest=blocks.ids_digest(ids)), 2) is None
+    assert blocks.reported(CommitOrder(blocks=ids), 2) is None
     other = [ids[0], blocks.content_block_id(b"c", 1)]
     try:
-        blocks.Commit("md5", other, blocks.ids_digest(ids)).checked(2)
+        blocks.reported(CommitOrder(md5="md5", blocks=other, digest=blocks.ids_digest(ids)), 2)
     except blocks.FileChangedError:
         pass
     else:
@@ -430,14 +430,15 @@ def test_a_blob_replaced_after_the_restore_was_planned_is_read_from_the_snapshot
                         endpoint=azurite.endpoint)
     cc = blob_service.get_container_client(container_name)
 
-    assert fetch.plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id))["pages"] == 1
+    options = RestoreOptions(concurrency=1)
+    assert fetch.plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id, options=options)).pages == 1
     replace_blob(cc, "x.txt", b"two", keep=True)
     replace_blob(cc, "y.txt", b"not why", keep=False)
     (tmp_path / "dest").mkdir()
     out = fetch.restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "dest"), container=container_name, page=0))
-    assert out["files_restored"] == 1
+    assert out.counts.files_restored == 1
     assert (tmp_path / "dest" / "x.txt").read_bytes() == b"one"
-    assert out["failures"] == [{"path": "y.txt", "error": PRUNED}]
+    assert out.failures == [Listed("y.txt", error=PRUNED)]
     # planned now, the missing version is reported by the plan
-    plan = fetch.plan_restore(deps, "r2", PlanInput(container=container_name, run_id=run_id))
-    assert plan["failures"] == [{"path": "y.txt", "error": PRUNED}] and plan["files_total"] == 2
+    plan = fetch.plan_restore(deps, "r2", PlanInput(container=container_name, run_id=run_id, options=options))
+    assert plan.failures == [Listed("y.txt", error=PRUNED)] and plan.counts.files_total == 2

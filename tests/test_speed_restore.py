@@ -28,7 +28,7 @@ from sitebackup.local.dest import TEMP_SUFFIX
 from sitebackup.local.files import b64
 from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.fetch import plan_restore, restore_page
-from sitebackup.workflows.types import FetchInput, FetchItem, PlanInput
+from sitebackup.model.work import FetchInput, FetchItem, Listed, PlanInput, RestoreOptions
 
 MIB = 1024 * 1024
 
@@ -108,20 +108,20 @@ def test_a_page_of_small_files_comes_through_the_asyncio_loop_each_checked_again
     deps.work.write_page("r1", 0, items)
     (tmp_path / "out").mkdir()
     try:
-        result = restore_page(deps, "r1", FetchInput(str(tmp_path / "out"), container_name, 0))
+        result = restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "out"), container=container_name, page=0))
     finally:
         putter.close()
 
-    assert result["files_restored"] == len(files) - 1, result["failures"]
-    assert result["files_done"] == len(files)
-    assert result["failures"] == [{"path": tampered, "error": "downloaded content does not match its Content-MD5"}]
+    assert result.counts.files_restored == len(files) - 1, result.failures
+    assert result.counts.files_done == len(files)
+    assert result.failures == [Listed(tampered, error="downloaded content does not match its Content-MD5")]
     out = tmp_path / "out"
     for item in items:
-        path = out / item.relpath
-        if item.relpath == tampered:
+        path = out / item.path
+        if item.path == tampered:
             assert not path.exists()
         else:
-            assert path.read_bytes() == files[item.relpath] and path.stat().st_mtime_ns == item.mtime_ns
+            assert path.read_bytes() == files[item.path] and path.stat().st_mtime_ns == item.mtime_ns
     assert sorted(p.name for p in out.rglob("*") if p.is_file() and p.name.endswith(TEMP_SUFFIX)) == []
 
 
@@ -178,15 +178,16 @@ def test_the_asyncio_path_reads_snapshots_and_falls_back_to_the_kept_copy_as_the
     replace_blob(cc, "z.txt", b"zzz", keep=True)  # before the plan: planned from its snapshot
     deps, putter = _page_deps(state_dir / "work", azurite, azurite.endpoint)
     try:
-        assert plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id))["pages"] == 1
-        assert sum(1 for row in deps.work.read_page("r1", 0) if FetchItem._make(row).snapshot) == 1
+        options = RestoreOptions(concurrency=1)
+        assert plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id, options=options)).pages == 1
+        assert sum(1 for item in deps.work.read_page("r1", 0, list[FetchItem]) if item.snapshot) == 1
         replace_blob(cc, "x.txt", b"two", keep=True)  # after it: read from the snapshot kept
         replace_blob(cc, "y.txt", b"not why", keep=False)  # after it, nothing kept: pruned
         (tmp_path / "dest").mkdir()
         out = restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "dest"), container=container_name, page=0))
     finally:
         putter.close()
-    assert out["files_restored"] == 2
+    assert out.counts.files_restored == 2
     assert (tmp_path / "dest" / "x.txt").read_bytes() == b"one" and (tmp_path / "dest" / "z.txt").read_bytes() == b"zed"
-    assert out["failures"] == [{"path": "y.txt", "error": PRUNED}]
+    assert out.failures == [Listed("y.txt", error=PRUNED)]
     assert not (tmp_path / "dest" / "y.txt").exists()

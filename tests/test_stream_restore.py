@@ -19,6 +19,7 @@ from helpers import ROOT, RecordingProxy, replace_blob, write_tree
 from sitebackup.blob import history
 from sitebackup.blob.workstore import BlobWorkStore, LocalWorkStore, page_number
 from sitebackup.local.scan import walk_key
+from sitebackup.model.records import FileEntry
 
 # ---- result files in page-number order -----------------------------------------------------------
 
@@ -39,8 +40,8 @@ def test_results_are_read_in_page_number_order(kind, tmp_path: Path, blob_servic
         container = blob_service.create_container(container_name)
         work = BlobWorkStore(lambda instance_id: container)
     for page in reversed(PAGES):
-        work.write_result("run", page, [{"path": f"p{page}"}])
-    assert [r["path"] for r in work.iter_results("run")] == [f"p{page}" for page in PAGES]
+        work.write_result("run", page, [FileEntry(f"p{page}")])
+    assert [r.path for r in work.iter_results("run")] == [f"p{page}" for page in PAGES]
 
 
 # ---- the copies of recorded versions, looked up beside the record --------------------------------
@@ -143,15 +144,16 @@ from azure.storage.blob import BlobServiceClient
 from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.workflows import fetch
 from sitebackup.workflows.activity import ActivityDeps
-from sitebackup.workflows.types import PlanInput
+from sitebackup.model.work import PlanInput, RestoreOptions
 container, work, run_id = sys.argv[1:]
 service = BlobServiceClient.from_connection_string(os.environ["AZURE_STORAGE_CONNECTION_STRING"])
 deps = ActivityDeps(container_client=service.get_container_client, work=LocalWorkStore(Path(work)), endpoint="test")
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # the peak from here on: the plan's, not the imports'
 before = peak_kb()
-out = fetch.plan_restore(deps, "restore-" + run_id, PlanInput(container=container, run_id=run_id, min_batches=64))
-print(json.dumps({"files_total": out["files_total"], "files_failed": out["files_failed"], "pages": out["pages"],
+out = fetch.plan_restore(deps, "restore-" + run_id, PlanInput(container=container, run_id=run_id, min_pages=64,
+                                                             options=RestoreOptions(concurrency=16)))
+print(json.dumps({"files_total": out.counts.files_total, "files_failed": out.counts.files_failed, "pages": out.pages,
                   "before_kb": before, "grew_kb": peak_kb() - before}))
 """
 

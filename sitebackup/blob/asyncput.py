@@ -33,15 +33,9 @@ from azure.core.rest import HttpRequest
 from sitebackup.blob.bwlimit import process_limiter
 from sitebackup.blob.clients import StorageSettings, container_sas, make_service_client, put_pipeline
 from sitebackup.blob.errors import response_error
-from sitebackup.blob.upload import (
-    Held,
-    Uploaded,
-    already_there,
-    put_headers,
-    replace_conditions,
-    small_file_put,
-    uploaded,
-)
+from sitebackup.blob.upload import Uploaded, already_there, put_headers, replace_conditions, small_file_put, uploaded
+from sitebackup.model.records import PriorCopy
+from sitebackup.model.work import UploadSpec
 
 # a run's SAS is signed for an hour and replaced a quarter of an hour before it runs out, so a request
 # (with its retries, about a minute) never carries an expired one
@@ -150,9 +144,9 @@ class AsyncPutter:
         loop = self._ensure_loop()
         return asyncio.run_coroutine_threadsafe(work(self._client, self._pipeline, self._gate), loop)
 
-    def put_many(self, container: str, items: list[tuple[Path, str, Held | None]],
-                 cancelled: Callable[[], bool] = lambda: False, tier: str | None = None) -> list[Uploaded | BaseException]:
-        """Upload each (path, blob name, what the baseline held there) in access *tier*; return per item an
+    def put_many(self, container: str, items: list[tuple[Path, str, PriorCopy | None]], spec: UploadSpec,
+                 cancelled: Callable[[], bool] = lambda: False) -> list[Uploaded | BaseException]:
+        """Upload each (path, blob name, what the baseline recorded there) as *spec* says; return per item an
         ``Uploaded`` or the exception it raised."""
         loop = self._ensure_loop()
 
@@ -161,13 +155,13 @@ class AsyncPutter:
             if container not in self._puts:
                 self._puts[container] = ContainerPuts(client, self._pipeline)
             puts = self._puts[container]
-            return await asyncio.gather(*(self._put(client, puts, path, name, held, cancelled, tier)
-                                          for path, name, held in items), return_exceptions=True)
+            return await asyncio.gather(*(self._put(client, puts, path, name, prior, cancelled, spec)
+                                          for path, name, prior in items), return_exceptions=True)
 
         return asyncio.run_coroutine_threadsafe(all_items(), loop).result()
 
-    async def _put(self, client: Any, puts: ContainerPuts, path: Path, name: str, held: Held | None,
-                   cancelled: Callable[[], bool], tier: str | None) -> Uploaded:
+    async def _put(self, client: Any, puts: ContainerPuts, path: Path, name: str, prior: PriorCopy | None,
+                   cancelled: Callable[[], bool], spec: UploadSpec) -> Uploaded:
         async with self._gate:
             if cancelled():
                 raise Cancelled()
@@ -177,12 +171,12 @@ class AsyncPutter:
                 await self._limiter.acquire_async(len(data))
 
             def put(match_condition: MatchConditions | None = None, etag: str | None = None) -> Any:
-                return puts.put(name, data, put_headers(name, st, md5, tier, etag,
+                return puts.put(name, data, put_headers(name, st, md5, spec, etag,
                                                         match_condition == MatchConditions.IfMissing))
 
             done = await _replace(lambda: client.get_blob_client(name), put, uploaded(st, md5).md5,
-                                  st.st_mtime_ns, held)
-            return uploaded(st, md5, tier, done["etag"])
+                                  st.st_mtime_ns, prior)
+            return uploaded(st, md5, spec.tier, done["etag"])
 
     def close(self) -> None:
         with self._lock:
@@ -201,10 +195,10 @@ class AsyncPutter:
 
 
 async def _replace(blob_client: Callable[[], Any], put: Callable[..., Any], md5: str, mtime_ns: int,
-                   held: Held | None) -> Any:
+                   prior: PriorCopy | None) -> Any:
     """``upload.replace`` on the async client: the old content is kept as a snapshot when it may differ.
     The SDK's client of the blob is made only when the put alone does not do."""
-    conditions = replace_conditions(md5, held)
+    conditions = replace_conditions(md5, prior)
     if conditions is not None:
         try:
             return await put(**conditions)

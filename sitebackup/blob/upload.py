@@ -1,5 +1,6 @@
-"""Uploading one local file as a block blob with its Content-MD5, content type and mtime/mode metadata, and
-replacing a blob without losing the content an earlier run recorded there (``replace``)."""
+"""Uploading one local file as a block blob with its Content-MD5, content type and mtime/mode metadata, shaped
+by the run's ``UploadSpec``, and replacing a blob without losing the content an earlier run recorded there
+(``replace``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.storage.blob import BlobClient, ContainerClient, ContentSettings, StandardBlobTier
 
 from sitebackup.local.files import b64, check_unchanged, file_md5, read_whole
+from sitebackup.model.records import FileEntry, PriorCopy
+from sitebackup.model.work import UploadSpec
 
 # Files up to this size are read, hashed and sent in one Put Blob: on Azurite and on
 # real links alike, requests rather than bytes are the cost for small files.
@@ -36,29 +39,12 @@ class Uploaded:
     tier: str | None = None  # the access tier set with the upload; None: the account's default
     etag: str | None = None  # of the blob as this upload left it: the next run replaces it only if still so
 
-    def record(self, relpath: str) -> dict[str, Any]:
+    def record(self, relpath: str) -> FileEntry:
         """The file's line in the run record: what restore, verify and prune look for (by name and MD5)."""
-        record: dict[str, Any] = {"path": relpath, "size": self.size, "mtime_ns": self.mtime_ns, "md5": self.md5}
-        if self.tier:
-            record["tier"] = self.tier
-        if self.etag:
-            record["etag"] = self.etag
-        return record
+        return FileEntry(relpath, self.size, self.mtime_ns, self.md5, self.tier, self.etag)
 
 
-@dataclass(frozen=True)
-class Held:
-    """What the baseline run recorded at a blob name: its Content-MD5 and, when recorded, its ETag."""
-
-    md5: str
-    etag: str | None = None
-
-    @classmethod
-    def of(cls, record: dict[str, Any] | None) -> "Held | None":
-        return cls(record["md5"], record.get("etag")) if record and record.get("md5") else None
-
-
-def replace_conditions(md5: str, held: Held | None) -> dict[str, Any] | None:
+def replace_conditions(md5: str, prior: PriorCopy | None) -> dict[str, Any] | None:
     """The conditions under which content hashed *md5* may go over the blob without keeping what is there,
     as keyword arguments of the put or commit; None when the old content must be kept as a snapshot first.
 
@@ -66,10 +52,10 @@ def replace_conditions(md5: str, held: Held | None) -> dict[str, Any] | None:
     baseline's own bytes only if the blob still is what the baseline wrote (If-Match: its ETag). Anything
     else (other bytes, or a condition that fails) may be content a run recorded: it is kept as a snapshot.
     """
-    if held is None:
+    if prior is None:
         return {"match_condition": MatchConditions.IfMissing}
-    if held.md5 == md5 and held.etag:
-        return {"etag": held.etag, "match_condition": MatchConditions.IfNotModified}
+    if prior.md5 == md5 and prior.etag:
+        return {"etag": prior.etag, "match_condition": MatchConditions.IfNotModified}
     return None
 
 
@@ -88,7 +74,7 @@ def already_there(props: Any, md5: str, mtime_ns: int) -> bool:
 
 
 def replace(blob: BlobClient, put: Callable[..., dict[str, Any]], md5: str, mtime_ns: int,
-            held: Held | None) -> dict[str, Any]:
+            prior: PriorCopy | None) -> dict[str, Any]:
     """``put(**conditions)`` the version (*md5*, *mtime_ns*) of a file at *blob*, first keeping old content as a
     snapshot when it may differ (``replace_conditions``); returns the put's response (its ``etag``).
 
@@ -96,7 +82,7 @@ def replace(blob: BlobClient, put: Callable[..., dict[str, Any]], md5: str, mtim
     When the blob is not what the baseline recorded, it is asked for its properties: if it already is
     this version nothing is sent again, else it is kept as a snapshot and replaced.
     """
-    conditions = replace_conditions(md5, held)
+    conditions = replace_conditions(md5, prior)
     if conditions is not None:
         try:
             return put(**conditions)
@@ -124,44 +110,44 @@ def content_type(name: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def blob_properties(name: str, st: os.stat_result, md5: bytes, tier: str | None = None) -> dict[str, Any]:
+def blob_properties(name: str, st: os.stat_result, md5: bytes, spec: UploadSpec) -> dict[str, Any]:
     """What every backed-up blob carries, as keyword arguments of an upload or a block-list commit:
     mtime/mode metadata (restore puts them back), content type, the file's MD5 as Content-MD5, and
-    the access *tier* when one was chosen (set by the same request: no second call per blob)."""
+    what *spec* asks (the access tier, set by the same request: no second call per blob)."""
     props: dict[str, Any] = {
         "metadata": {META_MTIME: str(st.st_mtime_ns), META_MODE: format(st.st_mode & 0o7777, "04o")},
         "content_settings": ContentSettings(content_type=content_type(name), content_md5=bytearray(md5)),
     }
-    if tier:
-        props["standard_blob_tier"] = StandardBlobTier(tier)
+    if spec.tier:
+        props["standard_blob_tier"] = StandardBlobTier(spec.tier)
     return props
 
 
-def single_put_options(name: str, st: os.stat_result, md5: bytes, tier: str | None = None) -> dict[str, Any]:
+def single_put_options(name: str, st: os.stat_result, md5: bytes, spec: UploadSpec) -> dict[str, Any]:
     """Keyword arguments of a one-request upload (sync or aio ``upload_blob``) of bytes hashed as *md5*.
 
     The MD5 goes twice: as the blob's Content-MD5 property, which the service stores unchecked, and
     as the request's transactional Content-MD5, which it checks against the bytes received, so a
     body damaged on the way is refused (400 Md5Mismatch) instead of stored under a correct-looking hash.
     """
-    return {**blob_properties(name, st, md5, tier), "overwrite": True,
+    return {**blob_properties(name, st, md5, spec), "overwrite": True,
             "headers": {"Content-MD5": base64.b64encode(md5).decode("ascii")}}
 
 
-def put_headers(name: str, st: os.stat_result, md5: bytes, tier: str | None, held_etag: str | None,
+def put_headers(name: str, st: os.stat_result, md5: bytes, spec: UploadSpec, prior_etag: str | None,
                 if_missing: bool) -> dict[str, str]:
     """The headers of a Put Blob that ``single_put_options`` describes to the SDK, for a request built
     without it: the same properties, both Content-MD5s, the tier, and the condition ``replace`` chose
-    (*if_missing*: If-None-Match, *held_etag*: If-Match)."""
+    (*if_missing*: If-None-Match, *prior_etag*: If-Match)."""
     digest = base64.b64encode(md5).decode("ascii")
     headers = {"Content-MD5": digest, "x-ms-blob-content-md5": digest, "x-ms-blob-content-type": content_type(name),
                f"x-ms-meta-{META_MTIME}": str(st.st_mtime_ns), f"x-ms-meta-{META_MODE}": format(st.st_mode & 0o7777, "04o")}
-    if tier:
-        headers["x-ms-access-tier"] = StandardBlobTier(tier).value
+    if spec.tier:
+        headers["x-ms-access-tier"] = StandardBlobTier(spec.tier).value
     if if_missing:
         headers["If-None-Match"] = "*"
-    elif held_etag:
-        headers["If-Match"] = held_etag
+    elif prior_etag:
+        headers["If-Match"] = prior_etag
     return headers
 
 
@@ -175,16 +161,17 @@ def uploaded(st: os.stat_result, md5: bytes, tier: str | None = None, etag: str 
     return Uploaded(st.st_size, st.st_mtime_ns, base64.b64encode(md5).decode("ascii"), tier, etag)
 
 
-def upload_file(container: ContainerClient, path: Path, name: str, *, held: Held | None = None,
-                max_concurrency: int = 4, tier: str | None = None) -> Uploaded:
-    """Upload *path* as block blob *name* in access *tier* over what the baseline *held* there (``replace``); FileChangedError
-    when the file moved under us, so a blob is never recorded as backed up with content other than what we hashed."""
+def upload_file(container: ContainerClient, path: Path, name: str, spec: UploadSpec, *,
+                prior: PriorCopy | None = None, max_concurrency: int = 4) -> Uploaded:
+    """Upload *path* as block blob *name* as *spec* says, over what the baseline recorded there (*prior*,
+    ``replace``); FileChangedError when the file moved under us, so a blob is never recorded as backed up
+    with content other than what we hashed."""
     if os.stat(path).st_size <= SINGLE_PUT_BYTES:
         data, st, md5 = small_file_put(path)
         blob = container.get_blob_client(name)
-        done = replace(blob, lambda **c: blob.upload_blob(data, length=len(data), **single_put_options(name, st, md5, tier),
-                                                          **c), uploaded(st, md5).md5, st.st_mtime_ns, held)
-        return uploaded(st, md5, tier, done["etag"])
+        done = replace(blob, lambda **c: blob.upload_blob(data, length=len(data), **single_put_options(name, st, md5, spec),
+                                                          **c), uploaded(st, md5).md5, st.st_mtime_ns, prior)
+        return uploaded(st, md5, spec.tier, done["etag"])
     st = os.stat(path)
     md5 = file_md5(path)
     blob = container.get_blob_client(name)
@@ -192,8 +179,8 @@ def upload_file(container: ContainerClient, path: Path, name: str, *, held: Held
     def put(**conditions: Any) -> dict[str, Any]:
         with open(path, "rb") as fh:
             return blob.upload_blob(fh, overwrite=True, length=st.st_size, max_concurrency=max_concurrency,
-                                    validate_content=True, **blob_properties(name, st, md5, tier), **conditions)
+                                    validate_content=True, **blob_properties(name, st, md5, spec), **conditions)
 
-    done = replace(blob, put, uploaded(st, md5).md5, st.st_mtime_ns, held)
+    done = replace(blob, put, uploaded(st, md5).md5, st.st_mtime_ns, prior)
     check_unchanged(path, st.st_size, st.st_mtime_ns)
-    return uploaded(st, md5, tier, done["etag"])
+    return uploaded(st, md5, spec.tier, done["etag"])

@@ -14,41 +14,47 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-import orjson
 from azure.core.exceptions import AzureError
 
 from sitebackup.blob.naming import RESERVED_PREFIX
+from sitebackup.model.codec import DamagedData, decode, encode
+from sitebackup.model.records import FileEntry, PruneMark
 
 if TYPE_CHECKING:
     from azure.storage.blob import ContainerClient
 
+T = TypeVar("T")
+
+# A page or result file read back is refused above this size before its body is read: a page holds at most
+# workflows.names.UNCHANGED_PAGE entries of a few hundred bytes each.
+MAX_PAGE_BYTES = 64 * 1024 * 1024
+
 
 class WorkStore(Protocol):
-    """Pages of one run's work and its per-page results, by instance id."""
+    """Pages of one run's work and its per-page results (``FileEntry`` lines for a backup), by instance id."""
 
-    def write_page(self, instance_id: str, page: int, items: Any) -> None: ...
+    def write_page(self, instance_id: str, page: int, content: object) -> None: ...
 
-    def read_page(self, instance_id: str, page: int) -> Any: ...
+    def read_page(self, instance_id: str, page: int, kind: type[T]) -> T: ...
 
-    def write_result(self, instance_id: str, page: int, records: list[Any]) -> None: ...
+    def write_result(self, instance_id: str, page: int, entries: Sequence[object]) -> None: ...
 
     def has_results(self, instance_id: str) -> bool: ...
 
-    def iter_results(self, instance_id: str) -> Iterator[Any]: ...
+    def iter_results(self, instance_id: str) -> Iterator[FileEntry]: ...
 
     def remove(self, instance_id: str, keep_mark: bool = False) -> None: ...
 
-    def mark_pruned(self, instance_id: str, info: dict[str, Any]) -> None: ...
+    def mark_pruned(self, instance_id: str, mark: PruneMark) -> None: ...
 
-    def pruned(self, instance_id: str) -> dict[str, Any] | None: ...
+    def pruned(self, instance_id: str) -> PruneMark | None: ...
 
 
 MARK = "pruned.json"
@@ -66,19 +72,8 @@ def _checked(instance_id: str) -> str:
     return instance_id
 
 
-def _encode(data: Any) -> bytes:
-    """Compact JSON, as ``json.dumps(data, separators=(",", ":"))`` writes it, at a tenth of its CPU: an unchanged
-    run of a large tree is mostly pages and records. (They are read back with ``json``: orjson parses them only
-    a little faster, into several times the memory.) A path that is not valid UTF-8 never gets here (the scan
-    reports it), so orjson's refusal of lone surrogates is a bug worth its traceback."""
-    return orjson.dumps(data, default=_as_list)
-
-
-def _as_list(value: Any) -> list[Any]:
-    """A named tuple (a page item), written as json writes it: an array."""
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+def _too_large(what: str, size: int) -> DamagedData:
+    return DamagedData(f"{what} is damaged: {size} bytes, over the {MAX_PAGE_BYTES} a page may have")
 
 
 # what says the state directory itself cannot be written, as opposed to one bad page
@@ -95,7 +90,7 @@ class LocalWorkStore:
     def _dir(self, instance_id: str) -> Path:
         return self.root / _checked(instance_id)
 
-    def _write(self, path: Path, data: Any) -> None:
+    def _write(self, path: Path, data: object) -> None:
         try:
             # mkdir's mode applies to the last directory only: create each level owner-only
             folder = self.root
@@ -107,7 +102,7 @@ class LocalWorkStore:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             try:
                 with os.fdopen(fd, "wb") as fh:
-                    fh.write(_encode(data))
+                    fh.write(encode(data))
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -118,28 +113,32 @@ class LocalWorkStore:
                 self.on_fault(exc.strerror or str(exc))
             raise
 
-    def _read(self, path: Path) -> Any:
+    def _read(self, path: Path, kind: type[T], what: str) -> T:
         with open(path, "rb") as fh:
-            return json.loads(fh.read())
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_PAGE_BYTES:
+                raise _too_large(what, size)
+            return decode(fh.read(), kind, what)
 
-    def write_page(self, instance_id: str, page: int, items: list[Any]) -> None:
-        self._write(self._dir(instance_id) / "pages" / f"{page:06d}.json", items)
+    def write_page(self, instance_id: str, page: int, content: object) -> None:
+        self._write(self._dir(instance_id) / "pages" / f"{page:06d}.json", content)
 
-    def read_page(self, instance_id: str, page: int) -> list[Any]:
-        return self._read(self._dir(instance_id) / "pages" / f"{page:06d}.json")
+    def read_page(self, instance_id: str, page: int, kind: type[T]) -> T:
+        return self._read(self._dir(instance_id) / "pages" / f"{page:06d}.json", kind,
+                          f"work page {page} of run {instance_id}")
 
-    def write_result(self, instance_id: str, page: int, records: list[Any]) -> None:
-        self._write(self._dir(instance_id) / "results" / f"{page:06d}.json", records)
+    def write_result(self, instance_id: str, page: int, entries: Sequence[object]) -> None:
+        self._write(self._dir(instance_id) / "results" / f"{page:06d}.json", entries)
 
     def has_results(self, instance_id: str) -> bool:
         return (self._dir(instance_id) / "results").is_dir()
 
-    def iter_results(self, instance_id: str) -> Iterator[Any]:
+    def iter_results(self, instance_id: str) -> Iterator[FileEntry]:
         folder = self._dir(instance_id) / "results"
         if not folder.is_dir():
             return
         for path in sorted(folder.glob("*.json"), key=lambda path: page_number(path.name)):
-            yield from self._read(path)
+            yield from self._read(path, list[FileEntry], f"record page {page_number(path.name)} of run {instance_id}")
 
     def remove(self, instance_id: str, keep_mark: bool = False) -> None:
         folder = self._dir(instance_id)
@@ -148,13 +147,13 @@ class LocalWorkStore:
         if not keep_mark:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def mark_pruned(self, instance_id: str, info: dict[str, Any]) -> None:
-        self._write(self._dir(instance_id) / MARK, info)
+    def mark_pruned(self, instance_id: str, mark: PruneMark) -> None:
+        self._write(self._dir(instance_id) / MARK, mark)
 
-    def pruned(self, instance_id: str) -> dict[str, Any] | None:
+    def pruned(self, instance_id: str) -> PruneMark | None:
         try:
-            return self._read(self._dir(instance_id) / MARK)
-        except (FileNotFoundError, ValueError):
+            return self._read(self._dir(instance_id) / MARK, PruneMark, f"prune mark of run {instance_id}")
+        except (FileNotFoundError, DamagedData):
             return None
 
 
@@ -165,39 +164,46 @@ class BlobWorkStore:
     container; *container_for* maps an instance id to that container's client.
     """
 
-    def __init__(self, container_for: Callable[[str], "ContainerClient"]):
+    def __init__(self, container_for: Callable[[str], ContainerClient]):
         self.container_for = container_for
 
     @staticmethod
     def _folder(instance_id: str) -> str:
         return f"{RESERVED_PREFIX}work/{_checked(instance_id)}/"
 
-    def _write(self, instance_id: str, name: str, data: Any) -> None:
+    def _write(self, instance_id: str, name: str, data: object) -> None:
         # one Put Blob is atomic: a reader never sees half a page
-        body = _encode(data)
-        self.container_for(instance_id).upload_blob(self._folder(instance_id) + name, body, overwrite=True)
+        self.container_for(instance_id).upload_blob(self._folder(instance_id) + name, encode(data), overwrite=True)
 
-    def _read(self, instance_id: str, name: str) -> Any:
-        return json.loads(self.container_for(instance_id).download_blob(self._folder(instance_id) + name).readall())
+    @staticmethod
+    def _download(container: ContainerClient, name: str, kind: type[T], what: str) -> T:
+        downloader = container.download_blob(name)
+        if downloader.size > MAX_PAGE_BYTES:
+            raise _too_large(what, downloader.size)
+        return decode(downloader.readall(), kind, what)
 
-    def write_page(self, instance_id: str, page: int, items: list[Any]) -> None:
-        self._write(instance_id, f"pages/{page:06d}.json", items)
+    def _read(self, instance_id: str, name: str, kind: type[T], what: str) -> T:
+        return self._download(self.container_for(instance_id), self._folder(instance_id) + name, kind, what)
 
-    def read_page(self, instance_id: str, page: int) -> list[Any]:
-        return self._read(instance_id, f"pages/{page:06d}.json")
+    def write_page(self, instance_id: str, page: int, content: object) -> None:
+        self._write(instance_id, f"pages/{page:06d}.json", content)
 
-    def write_result(self, instance_id: str, page: int, records: list[Any]) -> None:
-        self._write(instance_id, f"results/{page:06d}.json", records)
+    def read_page(self, instance_id: str, page: int, kind: type[T]) -> T:
+        return self._read(instance_id, f"pages/{page:06d}.json", kind, f"work page {page} of run {instance_id}")
+
+    def write_result(self, instance_id: str, page: int, entries: Sequence[object]) -> None:
+        self._write(instance_id, f"results/{page:06d}.json", entries)
 
     def has_results(self, instance_id: str) -> bool:
         folder = self._folder(instance_id) + "results/"
         return any(True for _ in self.container_for(instance_id).list_blobs(name_starts_with=folder))
 
-    def iter_results(self, instance_id: str) -> Iterator[Any]:
+    def iter_results(self, instance_id: str) -> Iterator[FileEntry]:
         container = self.container_for(instance_id)
         folder = self._folder(instance_id) + "results/"
         for name in sorted((b.name for b in container.list_blobs(name_starts_with=folder)), key=page_number):
-            yield from json.loads(container.download_blob(name).readall())
+            yield from self._download(container, name, list[FileEntry],
+                                      f"record page {page_number(name)} of run {instance_id}")
 
     def remove(self, instance_id: str, keep_mark: bool = False) -> None:
         container = self.container_for(instance_id)
@@ -206,13 +212,13 @@ class BlobWorkStore:
             if not (keep_mark and blob.name == mark):
                 container.delete_blob(blob.name)
 
-    def mark_pruned(self, instance_id: str, info: dict[str, Any]) -> None:
-        self._write(instance_id, MARK, info)
+    def mark_pruned(self, instance_id: str, mark: PruneMark) -> None:
+        self._write(instance_id, MARK, mark)
 
-    def pruned(self, instance_id: str) -> dict[str, Any] | None:
+    def pruned(self, instance_id: str) -> PruneMark | None:
         """The run's pruned mark; None when there is none or it cannot be read: the run's container unknown
         (its history is gone) or unreachable (the caller's own requests report that)."""
         try:
-            return self._read(instance_id, MARK)
-        except (AzureError, LookupError):
+            return self._read(instance_id, MARK, PruneMark, f"prune mark of run {instance_id}")
+        except (AzureError, LookupError, DamagedData):
             return None

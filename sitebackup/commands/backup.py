@@ -29,7 +29,7 @@ from sitebackup.commands.hosting import (
     host_and_watch,
     last_progress,
     new_instance_id,
-    run_input,
+    run_label,
     stalled_for,
 )
 from sitebackup.durable.runlock import RunLock
@@ -37,9 +37,11 @@ from sitebackup.durable.runtime import Runtime, open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import AlreadyRunningError, InputError, StalledError
 from sitebackup.local import filters, incremental
+from sitebackup.model.codec import to_wire
+from sitebackup.model.reports import RunStart
+from sitebackup.model.work import DEFAULT_BLOCK_SIZE, BackupCounts, BackupInput, BackupOptions, Summary, UploadSpec
 from sitebackup.ui.printers import Printer, human_duration
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, DEFAULT_WINDOW
-from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE, BackupInput, BackupOptions
 
 TEMPLATE_HELP = "use {date}, {time} or {hostname}"
 
@@ -55,15 +57,14 @@ class BackupRequest:
     patterns: list[str] = field(default_factory=list)  # gitignore-style, see local.filters
     follow_symlinks: bool = False
     no_wait: bool = False
-    block_size: int = DEFAULT_BLOCK_SIZE
+    upload: UploadSpec = field(default_factory=UploadSpec)
     stall_after: timedelta | None = None  # a live run idle for longer is stalled; None: never judged
-    tier: str | None = None  # blob.upload.ACCESS_TIERS
 
     def orchestration_input(self, endpoint: str | None) -> BackupInput:
         return BackupInput(source=str(self.source), container=self.container, prefix=self.prefix, endpoint=endpoint,
                            options=BackupOptions(concurrency=self.concurrency, compare=self.compare,
                                                  patterns=self.patterns, follow_symlinks=self.follow_symlinks,
-                                                 block_size=self.block_size, tier=self.tier))
+                                                 upload=self.upload))
 
 
 def expand_prefix(template: str | None, now: datetime | None = None, hostname: str | None = None) -> str:
@@ -114,7 +115,7 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
     return BackupRequest(source=path.resolve(), container=validate_container_name(container),
                          prefix=backup_prefix(expand_prefix(prefix)), concurrency=concurrency,
                          state_dir=state_dir, compare=mode, patterns=patterns, follow_symlinks=follow_symlinks,
-                         no_wait=no_wait, block_size=block_size, stall_after=stall_after, tier=tier)
+                         no_wait=no_wait, upload=UploadSpec(block_size=block_size, tier=tier), stall_after=stall_after)
 
 
 def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore) -> str | None:
@@ -124,11 +125,8 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
                                          fetch_inputs_and_outputs=True)
     candidates = []
     for state in client.get_all_orchestration_states(query):
-        raw = run_input(state)
-        if state.name != BACKUP_ORCHESTRATION or not raw:
-            continue
-        other = BackupInput.from_dict(raw)
-        if not inp.same_backup(other):
+        other = run_label(state) if state.name == BACKUP_ORCHESTRATION else None
+        if other is None or not inp.label.same_backup(other):
             continue
         if other.endpoint and inp.endpoint and other.endpoint != inp.endpoint:
             continue
@@ -140,12 +138,12 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
 
 
 def find_unfinished_backup(client: dt_client.TaskHubGrpcClient, inp: BackupInput) -> str | None:
-    return find_unfinished(client, BACKUP_ORCHESTRATION, lambda other: inp.same_backup(BackupInput.from_dict(other)))
+    return find_unfinished(client, BACKUP_ORCHESTRATION, inp.label.same_backup)
 
 
 def run_backup(request: BackupRequest, settings: StorageSettings, printer: Printer, *,
                taskhub: TaskHubSettings | None = None, local_worker: bool = True,
-               detach: bool = False) -> dict[str, Any]:
+               detach: bool = False) -> Summary[Any]:
     """Schedule or resume, then host a worker and watch (or only watch, or with *detach* only schedule)."""
     endpoint = connect(settings.require(), request.container)
     inp = request.orchestration_input(endpoint)
@@ -161,14 +159,15 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
                 if instance_id is None:
                     # with --force too: the baseline says what each name holds, to keep as a snapshot
                     inp.baseline = find_baseline(client, inp, deps.work)
-                    instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=inp.to_dict(),
+                    instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
                                                                     instance_id=new_instance_id())
-            printer.start({"instance_id": instance_id, "source": inp.source, "destination": inp.destination,
-                           "endpoint": endpoint, "resumed": resumed, "attached": live})
+            printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.destination,
+                                   endpoint=endpoint, resumed=resumed, attached=live))
             if warning is not None:
                 printer.message(warning)
             if detach:
-                return {"instance_id": instance_id, "runtime_status": "SCHEDULED", "detached": True}
+                return Summary(kind=BACKUP_ORCHESTRATION, counts=BackupCounts(), instance_id=instance_id,
+                               runtime_status="SCHEDULED", detached=True)
             if live and local_worker:
                 return attach_and_watch(runtime, deps, request.concurrency, instance_id, printer, lock)
             return host_and_watch(runtime, deps, request.concurrency, instance_id, printer, local_worker=local_worker)

@@ -11,8 +11,6 @@ nothing is kept per file.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import Any
 
 from sitebackup.blob.clients import NOT_CONFIGURED, StorageSettings, make_service_client
 from sitebackup.commands.backup import BackupRequest, find_baseline
@@ -21,12 +19,14 @@ from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
 from sitebackup.local import incremental
 from sitebackup.local.files import describe_os_error, file_md5_b64
-from sitebackup.local.filters import Filter
-from sitebackup.local.scan import FileEntry, Skipped, walk
+from sitebackup.local.incremental import Compared
+from sitebackup.local.scan import Skipped
+from sitebackup.model.records import FileEntry
+from sitebackup.model.reports import DryRunItem, DryRunTotals
 
 
 def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: TaskHubSettings | None,
-                on_item: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                on_item: Callable[[DryRunItem], None]) -> DryRunTotals:
     """Walk and compare, handing each file's line to *on_item* as the walk goes; return the totals."""
     if taskhub is not None and not settings.configured and request.compare != incremental.MODE_FORCE:
         raise InputError("--dry-run with --taskhub reads the last run's record from the container: " + NOT_CONFIGURED)
@@ -37,7 +37,7 @@ def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: Task
         service, endpoint = make_service_client(settings, quick=True)
     try:
         inp = request.orchestration_input(endpoint)
-        records: Iterable[dict[str, Any]] = ()
+        records: Iterable[FileEntry] = ()
         baseline = None
         if request.compare != incremental.MODE_FORCE:
             with open_client(request.state_dir, taskhub) as (runtime, client):
@@ -45,49 +45,47 @@ def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: Task
                 baseline = find_baseline(client, inp, work)
             if baseline:
                 records = work.iter_results(baseline)
-        totals = _walk(request, incremental.Baseline(records), on_item)
+        totals = DryRunTotals(source=str(request.source), destination=inp.destination, baseline=baseline)
+        _walk(request, records, totals, on_item)
     finally:
         if service is not None:
             service.close()
-    return {"dry_run": True, "source": str(request.source), "destination": inp.destination, "baseline": baseline,
-            **totals}
+    return totals
 
 
-def _walk(request: BackupRequest, previous: incremental.Baseline,
-          on_item: Callable[[dict[str, Any]], None]) -> dict[str, int]:
-    upload = upload_bytes = unchanged = unchanged_bytes = skipped = failed = 0
-    rules = Filter(request.patterns)
-    for entry in walk(request.source, excluded=rules.excluded if rules else None,
-                      follow_symlinks=request.follow_symlinks):
-        if type(entry) is FileEntry:
+def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTotals,
+          on_item: Callable[[DryRunItem], None]) -> None:
+    skipped = 0
+    for found in incremental.compare(request.source, patterns=request.patterns,
+                                     follow_symlinks=request.follow_symlinks, baseline=records, mode=request.compare):
+        if isinstance(found, Compared):
+            file = found.file
             try:
-                action = _action(request.source, entry, previous.get(entry.relpath), request.compare)
+                action = _action(request, found)
             except OSError as exc:
-                item = {"action": "fail", "path": entry.relpath, "error": describe_os_error(exc)}
-                failed += 1
+                item = DryRunItem(action="fail", path=file.path, error=describe_os_error(exc))
+                totals.files_failed += 1
             else:
-                item = {"action": action, "path": entry.relpath, "size": entry.size}
+                item = DryRunItem(action=action, path=file.path, size=file.size)
                 if action == "upload":
-                    upload += 1
-                    upload_bytes += entry.size
+                    totals.files_to_upload += 1
+                    totals.bytes_to_upload += file.size
                 else:  # an unchanged file is a skipped one too: not uploaded on purpose
-                    unchanged += 1
-                    unchanged_bytes += entry.size
-        elif isinstance(entry, Skipped):
-            item = {"action": "skip", "path": entry.relpath, "reason": entry.reason}
+                    totals.files_unchanged += 1
+                    totals.bytes_skipped += file.size
+        elif isinstance(found, Skipped):
+            item = DryRunItem(action="skip", path=found.relpath, reason=found.reason)
             skipped += 1
         else:
-            item = {"action": "fail", "path": entry.relpath, "error": entry.reason}
-            failed += 1
+            item = DryRunItem(action="fail", path=found.relpath, error=found.reason)
+            totals.files_failed += 1
         on_item(item)
-    return {"files_to_upload": upload, "bytes_to_upload": upload_bytes, "files_unchanged": unchanged,
-            "bytes_skipped": unchanged_bytes, "files_skipped": skipped + unchanged, "files_failed": failed}
+    totals.files_skipped = skipped + totals.files_unchanged
 
 
-def _action(source: Path, entry: FileEntry, previous: dict[str, Any] | None, mode: str) -> str:
-    decision = incremental.decide(entry.size, entry.mtime_ns, previous, mode)
-    if decision == incremental.CHECK:
-        assert previous is not None
-        same = file_md5_b64(source / entry.relpath) == previous.get("md5")
+def _action(request: BackupRequest, found: Compared) -> str:
+    if found.decision == incremental.CHECK:
+        assert found.previous is not None
+        same = file_md5_b64(request.source / found.file.path) == found.previous.md5
         return "unchanged" if same else "upload"
-    return "unchanged" if decision == incremental.UNCHANGED else "upload"
+    return "unchanged" if found.decision == incremental.UNCHANGED else "upload"

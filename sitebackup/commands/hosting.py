@@ -38,10 +38,11 @@ from sitebackup.errors import (
     SiteBackupError,
     StateFullError,
 )
+from sitebackup.model.codec import DamagedData, from_wire
+from sitebackup.model.work import BackupCounts, Progress, RestoreCounts, RunLabel, Summary, summary_from_wire
 from sitebackup.ui.printers import Printer
 from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION, RESUME_EVENT, WAITING_PHASE
-from sitebackup.workflows.types import BackupInput
 
 # what is watched from elsewhere (`status --watch`, a run hosted by another process or by the scheduler's
 # workers) is polled: each read is a request the serving process (or the scheduler) answers, so twice a
@@ -79,23 +80,24 @@ def new_instance_id() -> str:
 
 
 def find_unfinished(client: dt_client.TaskHubGrpcClient, name: str,
-                    same: Callable[[dict[str, Any]], bool]) -> str | None:
+                    same: Callable[[RunLabel], bool]) -> str | None:
     """The id of an unfinished run of orchestration *name* whose input is the *same* run, if any."""
     query = dt_client.OrchestrationQuery(runtime_status=UNFINISHED, fetch_inputs_and_outputs=True)
     for state in client.get_all_orchestration_states(query):
-        if state.name == name and (raw := run_input(state)) and same(raw):
+        if state.name == name and (label := run_label(state)) is not None and same(label):
             return state.instance_id
     return None
 
 
-def run_input(state: dt_client.OrchestrationState) -> dict[str, Any]:
-    """The run's input when it is a JSON object, else {}: a row may hold anything (or the marker of a
-    payload too large to return), and one odd row must not break commands about the others."""
+def run_label(state: dt_client.OrchestrationState) -> RunLabel | None:
+    """Where the run reads from and writes to, from its input; None when its input is no run's: a row may
+    hold anything (or the marker of a payload too large to return), and one odd row must not break commands
+    about the others."""
     try:
         raw = state.get_input() if state.serialized_input else None
-    except ValueError:
-        return {}
-    return raw if isinstance(raw, dict) else {}
+        return from_wire(raw, RunLabel, "a run's input") if isinstance(raw, dict) else None
+    except (ValueError, DamagedData):
+        return None
 
 
 def get_run(client: dt_client.TaskHubGrpcClient, instance_id: str) -> dt_client.OrchestrationState:
@@ -105,17 +107,18 @@ def get_run(client: dt_client.TaskHubGrpcClient, instance_id: str) -> dt_client.
     return state
 
 
-def backup_run_input(client: dt_client.TaskHubGrpcClient, run_id: str, work: WorkStore | None = None) -> BackupInput:
-    """The orchestration input of backup *run_id*: its source, container and prefix; an InputError naming
-    the prune when *work* holds the run's pruned mark."""
+def backup_run_label(client: dt_client.TaskHubGrpcClient, run_id: str, work: WorkStore | None = None) -> RunLabel:
+    """Where backup *run_id* read from and wrote to; an InputError naming the prune when *work* holds the run's
+    pruned mark."""
     mark = work.pruned(run_id) if work is not None else None
     if mark is not None:
-        raise InputError(f"run {run_id!r} was pruned on {mark.get('at', '?')[:19]} (sitebackup prune): "
+        raise InputError(f"run {run_id!r} was pruned on {mark.at[:19]} (sitebackup prune): "
                          "its record and the file versions only it needed are gone")
     state = get_run(client, run_id)
-    if state.name != BACKUP_ORCHESTRATION or not state.serialized_input:
+    label = run_label(state) if state.name == BACKUP_ORCHESTRATION else None
+    if label is None:
         raise InputError(f"run {run_id!r} is not a backup")
-    return BackupInput.from_dict(state.get_input())
+    return label
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class BackupRun:
     instance_id: str
     created_at: datetime  # UTC
     status: dt_client.OrchestrationStatus
-    inp: BackupInput
+    label: RunLabel
 
     @property
     def finished(self) -> bool:
@@ -136,61 +139,73 @@ def backup_runs(client: dt_client.TaskHubGrpcClient, container: str, endpoint: s
     query = dt_client.OrchestrationQuery(fetch_inputs_and_outputs=True)
     runs = []
     for state in client.get_all_orchestration_states(query):
-        if state.name != BACKUP_ORCHESTRATION or not state.serialized_input:
-            continue
-        inp = BackupInput.from_dict(state.get_input())
-        if inp.container != container or (inp.endpoint and endpoint and inp.endpoint != endpoint):
+        label = run_label(state) if state.name == BACKUP_ORCHESTRATION else None
+        if label is None or label.container != container or (label.endpoint and endpoint
+                                                              and label.endpoint != endpoint):
             continue
         created = state.created_at if state.created_at.tzinfo else state.created_at.replace(tzinfo=timezone.utc)
-        runs.append(BackupRun(state.instance_id, created, state.runtime_status, inp))
+        runs.append(BackupRun(state.instance_id, created, state.runtime_status, label))
     return sorted(runs, key=lambda run: run.created_at)
 
 
-def summarize(state: dt_client.OrchestrationState) -> dict[str, Any]:
-    """One flat dict for printers and --json, whatever the instance's fate."""
+def progress_of(state: dt_client.OrchestrationState) -> Progress | None:
+    """The run's last custom status, when it is one of ours."""
+    raw = state.get_custom_status() if state.serialized_custom_status else None
+    try:
+        return from_wire(raw, Progress, "a run's progress") if isinstance(raw, dict) else None
+    except DamagedData:
+        return None
+
+
+def summarize(state: dt_client.OrchestrationState) -> Summary[Any]:
+    """How the run ended (or stands), whatever its fate: for printers and --json."""
     output = state.get_output() if state.serialized_output else None
     kind = state.name
-    verb = "restored" if kind == RESTORE_ORCHESTRATION else "uploaded"
-    summary: dict[str, Any] = {
-        "instance_id": state.instance_id, "kind": kind, "runtime_status": state.runtime_status.name,
-        "files_total": 0, f"files_{verb}": 0, "files_skipped": 0, "files_failed": 0,
-        "bytes_total": 0, f"bytes_{verb}": 0, "duration_s": 0.0,
-    }
-    if isinstance(output, dict):  # a summary, or what `cancel` left ({"cancelled": true})
-        summary.update(output)
-    if not isinstance(output, dict) or "files_total" not in output:
+    summary: Summary[Any]
+    if isinstance(output, dict) and "files_total" in output:  # a summary, not what `cancel` left
+        counts_type = RestoreCounts if kind == RESTORE_ORCHESTRATION else BackupCounts
+        summary = summary_from_wire(output, counts_type, f"the summary of run {state.instance_id}")
+    else:
         # no summary (yet): the counters come from the last custom status
-        status = state.get_custom_status() if state.serialized_custom_status else None
-        if isinstance(status, dict):
-            unchanged, skipped_bytes = status.get("files_unchanged", 0), status.get("bytes_skipped", 0)
-            summary.update({key: status.get(key, 0) for key in ("files_total", "bytes_total", "files_failed",
-                                                                  "files_skipped")})
-            # files done = uploaded + failed + unchanged for a backup, restored + failed + skipped for a restore
-            not_done = unchanged if kind == BACKUP_ORCHESTRATION else summary["files_skipped"]
-            summary.update({f"bytes_{verb}": status.get("bytes_done", 0) - skipped_bytes,
-                            f"files_{verb}": status.get("files_done", 0) - summary["files_failed"] - not_done})
-            if kind == BACKUP_ORCHESTRATION:
-                summary.update(files_unchanged=unchanged, bytes_skipped=skipped_bytes)
-        summary["duration_s"] = round((state.last_updated_at - state.created_at).total_seconds(), 3)
+        summary = Summary(kind=kind, counts=_counts_from(kind, progress_of(state)))
+        summary.duration_s = round((state.last_updated_at - state.created_at).total_seconds(), 3)
+    summary.kind, summary.instance_id, summary.runtime_status = kind, state.instance_id, state.runtime_status.name
     if state.runtime_status == dt_client.OrchestrationStatus.TERMINATED:
-        summary["cancelled"] = True  # `sitebackup cancel` is what terminates a run
+        summary.cancelled = True  # `sitebackup cancel` is what terminates a run
     if state.failure_details is not None:
-        summary["error"] = redact(state.failure_details.message)
-        summary["error_type"] = state.failure_details.error_type
+        summary.error = redact(state.failure_details.message)
+        summary.error_type = state.failure_details.error_type
     waiting = waiting_status(state)
     if waiting is not None:
-        summary.update(runtime_status="WAITING", resumable=True, error_type=waiting.get("error_type", ""),
-                       error=f"{redact(waiting.get('error', ''))}; the run is saved, resume with: "
-                             f"sitebackup resume {state.instance_id}")
+        summary.runtime_status, summary.resumable = "WAITING", True
+        summary.error_type = waiting.error_type or ""
+        summary.error = (f"{redact(waiting.error or '')}; the run is saved, resume with: "
+                         f"sitebackup resume {state.instance_id}")
     return summary
 
 
-def waiting_status(state: dt_client.OrchestrationState) -> dict[str, Any] | None:
+def _counts_from(kind: str, status: Progress | None) -> BackupCounts | RestoreCounts:
+    """A run's counters as its last progress status shows them: files done = uploaded + failed + unchanged for a
+    backup, restored + failed + skipped for a restore."""
+    s = status or Progress(phase="")
+    if kind == RESTORE_ORCHESTRATION:
+        return RestoreCounts(files_total=s.files_total, bytes_total=s.bytes_total, files_failed=s.files_failed,
+                             files_skipped=s.files_skipped, files_done=s.files_done, bytes_done=s.bytes_done,
+                             files_restored=s.files_done - s.files_failed - s.files_skipped,
+                             bytes_restored=s.bytes_done - s.bytes_skipped)
+    return BackupCounts(files_total=s.files_total, bytes_total=s.bytes_total, files_failed=s.files_failed,
+                        files_skipped=s.files_skipped, files_unchanged=s.files_unchanged,
+                        bytes_skipped=s.bytes_skipped,
+                        files_uploaded=s.files_done - s.files_failed - s.files_unchanged,
+                        bytes_uploaded=s.bytes_done - s.bytes_skipped)
+
+
+def waiting_status(state: dt_client.OrchestrationState) -> Progress | None:
     """The custom status of a run parked until `resume` (see workflows.window), else None."""
-    if state.runtime_status in TERMINAL or not state.serialized_custom_status:
+    if state.runtime_status in TERMINAL:
         return None
-    status = state.get_custom_status()
-    return status if isinstance(status, dict) and status.get("phase") == WAITING_PHASE else None
+    status = progress_of(state)
+    return status if status is not None and status.phase == WAITING_PHASE else None
 
 
 def last_progress(state: dt_client.OrchestrationState) -> datetime:
@@ -218,18 +233,18 @@ def release_waiting(client: dt_client.TaskHubGrpcClient, instance_id: str) -> in
     if waiting is None:
         return None
     client.raise_orchestration_event(instance_id, RESUME_EVENT)
-    return waiting.get("waits")
+    return waiting.waits
 
 
-def exit_code_for(summary: dict[str, Any]) -> int:
+def exit_code_for(summary: Summary[Any]) -> int:
     """The exit code of a command that ran or watched a run, from its summary."""
-    if summary.get("detached"):
+    if summary.detached:
         return EXIT_OK
-    if summary["runtime_status"] == "COMPLETED":
-        return EXIT_FILES_FAILED if summary.get("files_failed") else EXIT_OK
-    if summary.get("cancelled"):
+    if summary.runtime_status == "COMPLETED":
+        return EXIT_FILES_FAILED if summary.counts.files_failed else EXIT_OK
+    if summary.cancelled:
         return EXIT_CANCELLED
-    if summary.get("resumable") or "DestinationError" in (summary.get("error_type") or ""):
+    if summary.resumable or "DestinationError" in (summary.error_type or ""):
         return EXIT_DESTINATION
     return EXIT_FILES_FAILED
 
@@ -250,15 +265,14 @@ def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printe
         state = client.get_orchestration_state(instance_id)
         if state is None:
             raise InputError(f"no run with id {instance_id!r}")
-        if state.serialized_custom_status:
-            status = state.get_custom_status()
-            if isinstance(status, dict):
-                printer.progress(status)
+        status = progress_of(state)
+        if status is not None:
+            printer.progress(status)
         if state.runtime_status in TERMINAL:
             return state
         if stop_when_waiting:
             waiting = waiting_status(state)
-            if waiting is not None and waiting.get("waits") != released:
+            if waiting is not None and waiting.waits != released:
                 return state
         if runtime is not None and version is not None:
             version = runtime.wait_status(instance_id, version, IDLE_READ_SECONDS)
@@ -269,7 +283,7 @@ def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printe
 
 def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
                    printer: Printer, *, local_worker: bool = True,
-                   on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
+                   on_poll: Callable[[], None] | None = None) -> Summary[Any]:
     """Run a worker in this process until *instance_id* finishes; Ctrl-C leaves it resumable.
 
     Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work.
@@ -300,7 +314,7 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, insta
 
 
 def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
-                     printer: Printer, lock: RunLock) -> dict[str, Any]:
+                     printer: Printer, lock: RunLock) -> Summary[Any]:
     """Show a run another live process hosts, without a worker of our own (no double work);
     host it ourselves only once no live process works on it any more."""
     hosting: list[bool] = []

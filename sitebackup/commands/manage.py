@@ -26,7 +26,8 @@ from sitebackup.commands.hosting import (
     get_run,
     host_and_watch,
     last_progress,
-    run_input,
+    progress_of,
+    run_label,
     stalled_for,
     summarize,
     watch,
@@ -35,9 +36,11 @@ from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime, open_backend, open_client, peek_run_ids
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
+from sitebackup.model.codec import DamagedData, from_wire
+from sitebackup.model.reports import Failure, PurgeReport, RunInfo, RunRow, RunStart
+from sitebackup.model.work import BackupInput, RestoreInput, Summary
 from sitebackup.ui.printers import Printer
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION
-from sitebackup.workflows.types import BackupInput, RestoreInput
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -65,54 +68,43 @@ def complete_run_ids(state_dir: Path, prefix: str, runs: str) -> list[str]:
 
 
 def describe(runtime: Runtime, state: dt_client.OrchestrationState,
-             stall_after: timedelta | None = None) -> dict[str, Any]:
-    """Everything ``status`` shows, as one JSON-ready dict; an unfinished run idle for longer than
-    *stall_after* is ``stalled``."""
-    raw = run_input(state)
-    custom = state.get_custom_status() if state.serialized_custom_status else None
-    output = state.get_output() if state.serialized_output else None
-    destination = None
-    if raw:  # a restore's destination is its directory; a backup's is its container and prefix
-        inp = BackupInput.from_dict(raw) if state.name == BACKUP_ORCHESTRATION else RestoreInput.from_dict(raw)
-        destination = inp.destination if isinstance(inp, BackupInput) else inp.dest
-    info: dict[str, Any] = {
-        "instance_id": state.instance_id,
-        "kind": state.name,
-        "runtime_status": state.runtime_status.name,
-        "source": raw.get("source"),
-        "destination": destination,
-        "endpoint": raw.get("endpoint"),
-        "custom_status": custom if isinstance(custom, dict) else None,
-        "output": output,
-        "created_at": state.created_at.isoformat(),
-        "last_updated_at": state.last_updated_at.isoformat(),
-        "duration_s": round((state.last_updated_at - state.created_at).total_seconds(), 3),
-        "last_progress_at": last_progress(state).isoformat(),
-        "idle_s": None,
-        "stalled": None,
-        "worker_attached": None,
-        "failure": None,
-    }
+             stall_after: timedelta | None = None) -> RunInfo:
+    """Everything ``status`` shows; an unfinished run idle for longer than *stall_after* is ``stalled``."""
+    label = run_label(state)
+    info = RunInfo(
+        instance_id=state.instance_id,
+        kind=state.name,
+        runtime_status=state.runtime_status.name,
+        source=label.source if label else None,
+        # a restore's destination is its directory; a backup's is its container and prefix
+        destination=label.destination if label else None,
+        endpoint=label.endpoint if label else None,
+        custom_status=progress_of(state),
+        output=state.get_output() if state.serialized_output else None,
+        created_at=state.created_at.isoformat(),
+        last_updated_at=state.last_updated_at.isoformat(),
+        duration_s=round((state.last_updated_at - state.created_at).total_seconds(), 3),
+        last_progress_at=last_progress(state).isoformat(),
+    )
     if state.failure_details is not None:
-        info["failure"] = {"type": state.failure_details.error_type,
-                           "message": redact(state.failure_details.message)}
+        info.failure = Failure(state.failure_details.error_type, redact(state.failure_details.message))
     if state.runtime_status not in TERMINAL:
-        info["worker_attached"] = runtime.worker_attached(state.instance_id)
+        info.worker_attached = runtime.worker_attached(state.instance_id)
         now = datetime.now(timezone.utc)
-        info["idle_s"] = round((now - last_progress(state)).total_seconds(), 1)
+        info.idle_s = round((now - last_progress(state)).total_seconds(), 1)
         if stall_after is not None:
-            info["stalled"] = stalled_for(state, stall_after, now) is not None
+            info.stalled = stalled_for(state, stall_after, now) is not None
     return info
 
 
 def status(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None,
-           stall_after: timedelta | None = None) -> dict[str, Any]:
+           stall_after: timedelta | None = None) -> RunInfo:
     with open_client(state_dir, taskhub) as (runtime, client):
         return describe(runtime, get_run(client, instance_id), stall_after)
 
 
 def watch_status(state_dir: Path, instance_id: str, printer: Printer,
-                 taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+                 taskhub: TaskHubSettings | None = None) -> Summary[Any]:
     """Draw progress until the run finishes, whoever works on it."""
     with open_client(state_dir, taskhub) as (_runtime, client):
         get_run(client, instance_id)
@@ -122,7 +114,7 @@ def watch_status(state_dir: Path, instance_id: str, printer: Printer,
 
 
 def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int = 20,
-              taskhub: TaskHubSettings | None = None) -> list[dict[str, Any]]:
+              taskhub: TaskHubSettings | None = None) -> list[RunRow]:
     wanted = [dt_client.OrchestrationStatus[s.upper()] for s in statuses] if statuses else None
     with open_client(state_dir, taskhub) as (runtime, client):
         # under the scheduler records are blobs, and `list` takes no storage credentials: status alone answers
@@ -133,19 +125,18 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
         rows = []
         for state in states[:limit]:
             info = describe(runtime, state)
-            # a summary holds the counters; a cancelled run's output does not: they are in its last status
-            output = info["output"]
-            counters = output if isinstance(output, dict) and "files_total" in output else (info["custom_status"] or {})
-            rows.append({
-                "instance_id": info["instance_id"], "kind": info["kind"], "runtime_status": info["runtime_status"],
-                "restorable": restorable(state, work),
-                "source": info["source"], "destination": info["destination"],
-                "files": counters.get("files_uploaded", counters.get("files_restored", counters.get("files_done", 0))),
-                "files_total": counters.get("files_total", 0),
-                "bytes": counters.get("bytes_uploaded", counters.get("bytes_restored", counters.get("bytes_done", 0))),
-                "created_at": info["created_at"], "duration_s": info["duration_s"],
-                "worker_attached": info["worker_attached"],
-            })
+            # a summary holds the counters; a cancelled or live run's output does not: its last status shows
+            # how far it got
+            ended = isinstance(info.output, dict) and "files_total" in info.output
+            counts = summarize(state).counts
+            progress = info.custom_status
+            rows.append(RunRow(
+                instance_id=info.instance_id, kind=info.kind, runtime_status=info.runtime_status,
+                restorable=restorable(state, work), source=info.source, destination=info.destination,
+                files=counts.files_copied if ended or progress is None else progress.files_done,
+                files_total=counts.files_total,
+                bytes=counts.bytes_copied if ended or progress is None else progress.bytes_done,
+                created_at=info.created_at, duration_s=info.duration_s, worker_attached=info.worker_attached))
         return rows
 
 
@@ -164,7 +155,7 @@ def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> s
 
 
 def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer: Printer,
-           taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+           taskhub: TaskHubSettings | None = None) -> Summary[Any]:
     """Host a worker until *instance_id* finishes (or just watch, if a live process already works on it).
 
     Under the scheduler nobody can tell whether workers are attached, so this host always joins in:
@@ -173,21 +164,18 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
         with runtime.connected() as client:
             state = get_run(client, instance_id)
         info = describe(runtime, state)
-        printer.start({"instance_id": instance_id, "source": info["source"], "destination": info["destination"],
-                       "endpoint": info["endpoint"], "resumed": True})
+        printer.start(RunStart(instance_id=instance_id, source=info.source or "", destination=info.destination or "",
+                               endpoint=info.endpoint, resumed=True))
         if state.runtime_status in TERMINAL:
             summary = summarize(state)
             printer.finish(summary)
             return summary
-        raw = run_input(state)
-        if not raw:
-            raise InputError(f"run {instance_id!r} has no input sitebackup can resume")
-        inp = BackupInput.from_dict(raw) if state.name == BACKUP_ORCHESTRATION else RestoreInput.from_dict(raw)
+        inp = _run_input(state)
         connect(settings.require(), inp.container)
         concurrency = inp.options.concurrency
         deps = activity_deps(settings, state_dir, concurrency, runtime)
         # a restore's "source" is its label: the lock key stays distinct from every backup's
-        lock = RunLock.for_backup(state_dir, raw.get("source", ""), inp.container, inp.prefix)
+        lock = RunLock.for_backup(state_dir, inp.source, inp.container, inp.prefix)
         try:
             if lock.try_acquire() and not runtime.worker_attached(instance_id):
                 return host_and_watch(runtime, deps, concurrency, instance_id, printer)
@@ -197,6 +185,18 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
             return attach_and_watch(runtime, deps, concurrency, instance_id, printer, lock)
         finally:
             lock.release()
+
+
+def _run_input(state: dt_client.OrchestrationState) -> BackupInput | RestoreInput:
+    """The whole input of an unfinished run, to host it."""
+    kind = BackupInput if state.name == BACKUP_ORCHESTRATION else RestoreInput
+    try:
+        raw = state.get_input() if state.serialized_input else None
+        if raw is None:
+            raise ValueError("no input")
+        return from_wire(raw, kind, f"the input of run {state.instance_id}")
+    except (ValueError, DamagedData):
+        raise InputError(f"run {state.instance_id!r} has no input sitebackup can resume") from None
 
 
 def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None) -> str:
@@ -209,7 +209,7 @@ def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = 
 
 
 def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | None = None,
-          settings: StorageSettings | None = None) -> dict[str, Any]:
+          settings: StorageSettings | None = None) -> PurgeReport:
     """Remove finished runs created before now - *older_than*, with their run records; completed backups
     are left to ``prune``, whose keep rules decide how long they stay restorable.
 
@@ -236,7 +236,7 @@ def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | Non
                     except ResourceNotFoundError:  # the container itself is gone
                         pass
                 client.purge_orchestration(instance_id, recursive=True)
-            return {"purged": ids, "records_kept": work is None, "backups_kept": backups}
+            return PurgeReport(purged=ids, records_kept=work is None, backups_kept=backups)
         finally:
             client.close()
             if service is not None:

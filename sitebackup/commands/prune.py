@@ -36,7 +36,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
@@ -56,6 +55,8 @@ from sitebackup.durable.backend.store import write_fault
 from sitebackup.durable.runtime import Runtime, open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import AlreadyRunningError, DestinationError, InputError, StateFullError
+from sitebackup.model.records import PruneMark
+from sitebackup.model.reports import KeptRun, PruneReport, RemovedRun
 
 DELETE_THREADS = 16
 IN_FLIGHT = 256  # deletes handed to the pool and not done: the listing waits for them, memory does not grow
@@ -107,7 +108,7 @@ def unneeded(copies: list[Copy], needed: set[str]) -> list[Copy]:
 
 
 def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHubSettings | None = None
-              ) -> dict[str, Any]:
+              ) -> PruneReport:
     endpoint = check_container(settings.require(), request.container)
     with open_backend(request.state_dir, taskhub) as runtime, \
             service_client(settings, pool_size=DELETE_THREADS + 4) as (service, label):
@@ -116,22 +117,23 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
         work = runtime.work_store(service) if taskhub is None else BlobWorkStore(lambda _run_id: container)
         with runtime.connected() as client:
             runs = [run for run in backup_runs(client, request.container, endpoint)
-                    if overlaps(request.prefix, run.inp.prefix)]
+                    if overlaps(request.prefix, run.label.prefix)]
             _refuse_if_live(runtime, runs)
             kept, dropped = _decide(request, runs, work)
             remaining = [run for run in runs if run.instance_id not in dropped and work.pruned(run.instance_id) is None]
             freed = Freed()
             with _needed(request.state_dir, work, remaining, [run for run in runs if run.instance_id in dropped],
                          label) as needed:
-                doomed = freed.count(_sweep(container, request.prefix, needed, label))
+                unreferenced = freed.count(_sweep(container, request.prefix, needed, label))
                 if request.dry_run:
-                    collections.deque(doomed, maxlen=0)
+                    collections.deque(unreferenced, maxlen=0)
                     return _report(request, runs, kept, dropped, freed)
-                at = datetime.now(timezone.utc).isoformat()
+                mark = PruneMark(at=datetime.now(timezone.utc).isoformat(), container=request.container,
+                                 prefix=request.prefix)
                 for run_id in dropped:
                     if work.pruned(run_id) is None:
-                        work.mark_pruned(run_id, {"at": at, "container": request.container, "prefix": request.prefix})
-                delete_copies(container, doomed, label)
+                        work.mark_pruned(run_id, mark)
+                delete_copies(container, unreferenced, label)
             for run_id in dropped:
                 work.remove(run_id, keep_mark=True)
                 client.purge_orchestration(run_id, recursive=True)
@@ -142,14 +144,14 @@ def _refuse_if_live(runtime: Runtime, runs: list[BackupRun]) -> None:
     for run in runs:
         # the scheduler cannot tell whether a worker holds a run (None): assume one does
         if not run.finished and runtime.worker_attached(run.instance_id) is not False:
-            raise AlreadyRunningError(f"backup {run.instance_id} of {run.inp.destination} is running: prune after it "
+            raise AlreadyRunningError(f"backup {run.instance_id} of {run.label.destination} is running: prune after it "
                                       "has finished (or cancel it)", run.instance_id)
 
 
 def _decide(request: PruneRequest, runs: list[BackupRun], work: WorkStore) -> tuple[dict[str, list[str]],
                                                                                      dict[str, str]]:
     """(kept run id -> why, dropped run id -> why) among the runs of exactly this destination."""
-    mine = [run for run in runs if run.inp.prefix == request.prefix and run.finished]
+    mine = [run for run in runs if run.label.prefix == request.prefix and run.finished]
     dropped: dict[str, str] = {}
     candidates = []
     for run in mine:
@@ -167,10 +169,11 @@ def _decide(request: PruneRequest, runs: list[BackupRun], work: WorkStore) -> tu
 def _records(work: WorkStore, runs: Iterable[BackupRun]) -> Iterable[tuple[str, str]]:
     """(blob name, Content-MD5) of every file the runs recorded as backed up."""
     for run in runs:
-        for rec in work.iter_results(run.instance_id):
-            if "error" not in rec and rec.get("md5"):
+        for entry in work.iter_results(run.instance_id):
+            if entry.stored:
+                assert entry.md5 is not None
                 try:
-                    yield blob_name(run.inp.prefix, rec["path"]), rec["md5"]
+                    yield blob_name(run.label.prefix, entry.path), entry.md5
                 except ValueError:  # a name no blob can have: nothing stored under it
                     continue
 
@@ -275,9 +278,9 @@ def _sweep(container: ContainerClient, prefix: str, needed: sqlite3.Connection, 
     groups = ((name, list(copies)) for name, copies in itertools.groupby(_listing(container, prefix, label),
                                                                          key=lambda c: c.name))
     for copies, md5s in needed_beside(groups, needed):
-        doomed = unneeded(copies, md5s)
-        if doomed:
-            yield doomed
+        unreferenced = unneeded(copies, md5s)
+        if unreferenced:
+            yield unreferenced
 
 
 def _listing(container: ContainerClient, prefix: str, label: str) -> Iterator[Copy]:
@@ -297,16 +300,16 @@ class Freed:
     bytes: int = 0
 
     def count(self, groups: Iterable[list[Copy]]) -> Iterator[list[Copy]]:
-        for doomed in groups:
-            for copy in doomed:
+        for unreferenced in groups:
+            for copy in unreferenced:
                 self.blobs += copy.snapshot is None
                 self.snapshots += copy.snapshot is not None
                 self.bytes += copy.size
-            yield doomed
+            yield unreferenced
 
 
 def delete_copies(container: ContainerClient, groups: Iterable[list[Copy]], label: str) -> None:
-    """Delete each name's doomed copies as the listing yields them, IN_FLIGHT at most waiting on the pool.
+    """Delete each name's unreferenced copies as the listing yields them, IN_FLIGHT at most waiting on the pool.
 
     A current blob goes with its snapshots, only while it is what was listed (its ETag); one a backup replaced
     since keeps its new content, and the snapshots listed go one by one. The first failure stops the pass."""
@@ -329,11 +332,11 @@ def delete_copies(container: ContainerClient, groups: Iterable[list[Copy]], labe
         raise failed[0]
 
 
-def _deletes(doomed: list[Copy]) -> list[tuple[Copy, list[Copy]]]:
-    """The deletes of one name's doomed copies: its base (with the snapshots to delete if the base changed),
+def _deletes(unreferenced: list[Copy]) -> list[tuple[Copy, list[Copy]]]:
+    """The deletes of one name's unreferenced copies: its base (with the snapshots to delete if the base changed),
     or else each snapshot. Snapshots of a base that goes are deleted with it."""
-    base = next((c for c in doomed if c.snapshot is None), None)
-    snapshots = [c for c in doomed if c.snapshot is not None]
+    base = next((c for c in unreferenced if c.snapshot is None), None)
+    snapshots = [c for c in unreferenced if c.snapshot is not None]
     return [(base, snapshots)] if base is not None else [(c, []) for c in snapshots]
 
 
@@ -355,16 +358,12 @@ def _delete_copy(container: ContainerClient, copy: Copy, snapshots: list[Copy], 
 
 
 def _report(request: PruneRequest, runs: list[BackupRun], kept: dict[str, list[str]], dropped: dict[str, str],
-            freed: Freed) -> dict[str, Any]:
+            freed: Freed) -> PruneReport:
     created = {run.instance_id: run.created_at.isoformat() for run in runs}
-    return {
-        "container": request.container, "prefix": request.prefix, "dry_run": request.dry_run,
-        "kept": [{"instance_id": run_id, "created_at": created[run_id], "reasons": why}
-                 for run_id, why in kept.items()],
-        "removed": [{"instance_id": run_id, "created_at": created[run_id], "reason": why}
-                    for run_id, why in sorted(dropped.items(), key=lambda item: created[item[0]], reverse=True)],
-        "unfinished": [run.instance_id for run in runs if not run.finished and run.inp.prefix == request.prefix],
-        "blobs_removed": freed.blobs,
-        "snapshots_removed": freed.snapshots,
-        "bytes_removed": freed.bytes,
-    }
+    return PruneReport(
+        container=request.container, prefix=request.prefix, dry_run=request.dry_run,
+        kept=[KeptRun(instance_id=run_id, created_at=created[run_id], reasons=why) for run_id, why in kept.items()],
+        removed=[RemovedRun(instance_id=run_id, created_at=created[run_id], reason=why)
+                 for run_id, why in sorted(dropped.items(), key=lambda item: created[item[0]], reverse=True)],
+        unfinished=[run.instance_id for run in runs if not run.finished and run.label.prefix == request.prefix],
+        blobs_removed=freed.blobs, snapshots_removed=freed.snapshots, bytes_removed=freed.bytes)

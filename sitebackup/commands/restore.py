@@ -19,7 +19,7 @@ from sitebackup.blob.naming import normalize_prefix, overlaps, validate_containe
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.hosting import (
     activity_deps,
-    backup_run_input,
+    backup_run_label,
     backup_runs,
     find_unfinished,
     host_and_watch,
@@ -28,9 +28,11 @@ from sitebackup.commands.hosting import (
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
+from sitebackup.model.codec import to_wire
+from sitebackup.model.reports import RunStart
+from sitebackup.model.work import RestoreInput, RestoreOptions, Summary
 from sitebackup.ui.printers import Printer
 from sitebackup.workflows.names import DEFAULT_WINDOW, RESTORE_ORCHESTRATION
-from sitebackup.workflows.types import RestoreInput, RestoreOptions
 
 
 @dataclass
@@ -81,7 +83,7 @@ def run_as_of(client: dt_client.TaskHubGrpcClient, work: WorkStore, container: s
               endpoint: str, as_of: datetime) -> str:
     """The latest completed backup of *container*/*prefix* started at or before *as_of* that no prune dropped."""
     runs = [run for run in backup_runs(client, container, endpoint)
-            if run.inp.prefix == prefix and run.status == dt_client.OrchestrationStatus.COMPLETED
+            if run.label.prefix == prefix and run.status == dt_client.OrchestrationStatus.COMPLETED
             and run.created_at <= as_of and work.pruned(run.instance_id) is None]
     if not runs:
         where = f"{container}/{prefix}" if prefix else container
@@ -96,12 +98,12 @@ def later_backups(client: dt_client.TaskHubGrpcClient, run_id: str, container: s
     only such a run (or another tool) can have replaced the blobs the run wrote. Unknown run: True."""
     runs = backup_runs(client, container, endpoint)
     run = next((r for r in runs if r.instance_id == run_id), None)
-    return run is None or any(other.instance_id != run_id and overlaps(prefix, other.inp.prefix)
+    return run is None or any(other.instance_id != run_id and overlaps(prefix, other.label.prefix)
                               and (other.created_at >= run.created_at or not other.finished) for other in runs)
 
 
 def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Printer,
-                taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+                taskhub: TaskHubSettings | None = None) -> Summary[Any]:
     """Schedule (or re-attach to) a restore and host its worker until it finishes.
 
     Under the scheduler (*taskhub*) any worker on the task hub may take download batches, so DEST
@@ -112,7 +114,7 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
         with runtime.connected() as client:
             container, prefix = request.container or "", request.prefix
             if request.run_id:
-                backup = backup_run_input(client, request.run_id, deps.work)
+                backup = backup_run_label(client, request.run_id, deps.work)
                 container, prefix = backup.container, backup.prefix
             # first: under the scheduler the run record itself is read from the container
             endpoint = check_container(settings, container)
@@ -127,12 +129,11 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
                                    concurrency=request.concurrency, overwrite=request.overwrite,
                                    include=request.include, exclude=request.exclude, shared=taskhub is not None))
             inp.source = inp.source_label
-            instance_id = find_unfinished(client, RESTORE_ORCHESTRATION,
-                                          lambda other: inp.same_restore(RestoreInput.from_dict(other)))
+            instance_id = find_unfinished(client, RESTORE_ORCHESTRATION, inp.label.same_restore)
             resumed = instance_id is not None
             if instance_id is None:
-                instance_id = client.schedule_new_orchestration(RESTORE_ORCHESTRATION, input=inp.to_dict(),
+                instance_id = client.schedule_new_orchestration(RESTORE_ORCHESTRATION, input=to_wire(inp),
                                                                 instance_id=new_instance_id())
-        printer.start({"instance_id": instance_id, "source": inp.source, "destination": inp.dest,
-                       "endpoint": endpoint, "resumed": resumed, "action": "Restoring"})
+        printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.dest,
+                               endpoint=endpoint, resumed=resumed, action="Restoring"))
         return host_and_watch(runtime, deps, request.concurrency, instance_id, printer)

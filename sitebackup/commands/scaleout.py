@@ -15,13 +15,13 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from sitebackup.blob.clients import StorageSettings
 from sitebackup.commands.hosting import activity_deps
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import ENV_SERVE_TOKEN, TaskHubSettings
 from sitebackup.errors import InputError
+from sitebackup.model.work import BackupCounts, PageResult
 
 
 @contextmanager
@@ -37,7 +37,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
 
 def run_worker(settings: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path,
-               concurrency: int, on_batch: Callable[[str, dict[str, Any]], None],
+               concurrency: int, on_batch: Callable[[str, PageResult[BackupCounts]], None],
                on_started: Callable[[], None]) -> None:
     """Work on every backup the backend hands out until stopped; no scheduling, no watching."""
     settings.require()

@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
@@ -25,27 +24,29 @@ from sitebackup.blob.clients import StorageSettings, check_container, service_cl
 from sitebackup.blob.errors import ARCHIVED, classify, is_archived, one_line
 from sitebackup.blob.history import Copy, CopyLookup, choose, copy_client
 from sitebackup.blob.naming import blob_name
-from sitebackup.commands.hosting import backup_run_input
+from sitebackup.commands.hosting import backup_run_label
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import DestinationError, InputError
 from sitebackup.local.files import b64, file_md5_b64
+from sitebackup.model.records import FileEntry
+from sitebackup.model.reports import Mismatch, VerifyReport
 
 DEFAULT_THREADS = 16
 IN_FLIGHT_PER_THREAD = 4
 
 
-def _blob_problem(container: ContainerClient, copies: list[Copy], rec: dict[str, Any], download: bool) -> str | None:
+def _blob_problem(container: ContainerClient, copies: list[Copy], rec: FileEntry, download: bool) -> str | None:
     if not copies:
         return "blob missing"
-    copy = choose(copies, rec["md5"])
+    copy = choose(copies, rec.md5)
     if copy is None:
         return "no copy with the recorded Content-MD5 (the blob was overwritten, or the version pruned)"
-    if copy.size != rec["size"]:
-        return f"blob size {copy.size} != recorded {rec['size']}"
+    if copy.size != rec.size:
+        return f"blob size {copy.size} != recorded {rec.size}"
     tier = getattr(copy.tier, "value", copy.tier)
-    if rec.get("tier") and tier != rec["tier"]:
-        return f"blob tier {tier} != recorded {rec['tier']}"
+    if rec.tier and tier != rec.tier:
+        return f"blob tier {tier} != recorded {rec.tier}"
     if download:
         digest = hashlib.md5()
         try:
@@ -53,32 +54,32 @@ def _blob_problem(container: ContainerClient, copies: list[Copy], rec: dict[str,
                 digest.update(chunk)
         except ResourceNotFoundError:
             return "blob missing"
-        if b64(digest.digest()) != rec["md5"]:
+        if b64(digest.digest()) != rec.md5:
             return "blob content does not match the recorded MD5"
     return None
 
 
-def _local_problem(source: Path, rec: dict[str, Any]) -> str | None:
-    path = os.path.join(source, rec["path"])
+def _local_problem(source: Path, rec: FileEntry) -> str | None:
+    path = os.path.join(source, rec.path)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return "local file missing"
     except OSError as exc:
         return f"local file unreadable: {exc.strerror}"
-    if st.st_size != rec["size"]:
-        return f"local size {st.st_size} != recorded {rec['size']}"
+    if st.st_size != rec.size:
+        return f"local size {st.st_size} != recorded {rec.size}"
     try:
-        if file_md5_b64(path) != rec["md5"]:
+        if file_md5_b64(path) != rec.md5:
             return "local content differs from the recorded MD5"
     except OSError as exc:
         return f"local file unreadable: {exc.strerror}"
     return None
 
 
-def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_mismatch: Callable[[dict[str, str]], None],
+def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_mismatch: Callable[[Mismatch], None],
                *, local: bool = False, download: bool = False, threads: int = DEFAULT_THREADS,
-               taskhub: TaskHubSettings | None = None) -> dict[str, Any]:
+               taskhub: TaskHubSettings | None = None) -> VerifyReport:
     """Check the run's record as it is read: memory holds the files in flight and what the lookup of recorded
     versions holds (``history.CopyLookup``), not the record nor its mismatches: each goes to *on_mismatch* as
     it is found, in record order."""
@@ -86,7 +87,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
     with open_backend(state_dir, taskhub) as runtime, service_client(settings, pool_size=threads + 4) as (service, label):
         work = runtime.work_store(service)
         with runtime.connected() as client:
-            inp = backup_run_input(client, run_id, work)
+            inp = backup_run_label(client, run_id, work)
         # first: under the scheduler the run record itself is read from the container
         check_container(settings, inp.container)
         records = work.iter_results(run_id)
@@ -97,13 +98,13 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
         lookup = CopyLookup(container, inp.prefix)
         counts = {"checked": 0, "not_backed_up": 0, "mismatched": 0}
 
-        def looked_up() -> Iterator[tuple[dict[str, Any], str, list[Copy]]]:
+        def looked_up() -> Iterator[tuple[FileEntry, str, list[Copy]]]:
             for rec in itertools.chain([first], records):
-                if "error" in rec:
+                if rec.error is not None:
                     counts["not_backed_up"] += 1
                     continue
                 counts["checked"] += 1
-                name = blob_name(inp.prefix, rec["path"])
+                name = blob_name(inp.prefix, rec.path)
                 try:
                     copies = lookup.copies(name)
                 except Exception as exc:
@@ -111,7 +112,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
                         f"cannot list {inp.container!r}: {one_line(exc)}") from None
                 yield rec, name, copies
 
-        def check(rec: dict[str, Any], name: str, copies: list[Copy]) -> dict[str, str] | None:
+        def check(rec: FileEntry, name: str, copies: list[Copy]) -> Mismatch | None:
             try:
                 problem = _blob_problem(container, copies, rec, download)
             except Exception as exc:
@@ -121,9 +122,9 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
                 problem = f"cannot check blob: {ARCHIVED if is_archived(exc) else one_line(exc)}"
             if problem is None and local:
                 problem = _local_problem(Path(inp.source), rec)
-            return None if problem is None else {"path": rec["path"], "blob": name, "problem": problem}
+            return None if problem is None else Mismatch(rec.path, name, problem)
 
-        def take(future: Future[dict[str, str] | None]) -> None:
+        def take(future: Future[Mismatch | None]) -> None:
             mismatch = future.result()
             if mismatch is not None:
                 counts["mismatched"] += 1
@@ -131,16 +132,14 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             # checks in flight are bounded, their results taken in record order
-            in_flight: deque[Future[dict[str, str] | None]] = deque()
+            in_flight: deque[Future[Mismatch | None]] = deque()
             for job in looked_up():
                 in_flight.append(pool.submit(check, *job))
                 while in_flight and (len(in_flight) > IN_FLIGHT_PER_THREAD * threads or in_flight[0].done()):
                     take(in_flight.popleft())
             while in_flight:
                 take(in_flight.popleft())
-    return {
-        "run_id": run_id, "container": inp.container, "prefix": inp.prefix, "source": inp.source,
-        "local": local, "download": download,
-        "files_checked": counts["checked"], "files_ok": counts["checked"] - counts["mismatched"],
-        "files_mismatched": counts["mismatched"], "files_not_backed_up": counts["not_backed_up"],
-    }
+    return VerifyReport(run_id=run_id, container=inp.container, prefix=inp.prefix, source=inp.source, local=local,
+                        download=download, files_checked=counts["checked"],
+                        files_ok=counts["checked"] - counts["mismatched"], files_mismatched=counts["mismatched"],
+                        files_not_backed_up=counts["not_backed_up"])

@@ -15,15 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import NamedTuple
 
 from sitebackup.local.files import describe_os_error
-
-
-class FileEntry(NamedTuple):  # a tuple: made once per file, at a fraction of a frozen dataclass's cost
-    relpath: str  # '/'-separated, relative to the source root
-    size: int
-    mtime_ns: int
+from sitebackup.model.work import FileRef
 
 
 @dataclass(frozen=True)
@@ -38,7 +32,7 @@ class Failed:
     reason: str
 
 
-Entry = FileEntry | Skipped | Failed
+Entry = FileRef | Skipped | Failed
 
 
 def _is_utf8(name: str) -> bool:
@@ -115,7 +109,7 @@ def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None,
                             yield Skipped(rel, "symlink (not followed)")
                         continue
                     followed = _follow(child.path, rel, real_root, ancestors, excluded)
-                    if isinstance(followed, (FileEntry, Skipped)):  # a FileEntry is a tuple too: asked first
+                    if isinstance(followed, (FileRef, Skipped)):
                         yield followed
                     elif followed is not None:
                         subdirs.append(followed)
@@ -132,15 +126,18 @@ def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None,
                 yield Failed(rel, describe_os_error(exc))
                 continue
             if stat.S_ISREG(st.st_mode):
-                yield FileEntry(rel, st.st_size, st.st_mtime_ns)
+                yield FileRef(rel, st.st_size, st.st_mtime_ns)
             else:
                 yield Skipped(rel, _special_kind(st.st_mode) or "not a regular file")
         # reversed so that popping from the stack visits directories in sorted order
         stack.extend(reversed(subdirs))
 
 
+Pending = tuple[str, str, frozenset[tuple[int, int]]]  # a directory to walk: path, relpath, (dev, ino) of it and above
+
+
 def _follow(path: str, rel: str, real_root: str, ancestors: frozenset[tuple[int, int]],
-            excluded: Callable[[str, bool], bool] | None) -> Entry | tuple[str, str, frozenset[tuple[int, int]]] | None:
+            excluded: Callable[[str, bool], bool] | None) -> FileRef | Skipped | Pending | None:
     """What a followed symlink is: a file entry, a directory to walk, a skip note, or None if excluded."""
     target = os.path.realpath(path)
     if not _inside(target, real_root):
@@ -159,4 +156,4 @@ def _follow(path: str, rel: str, real_root: str, ancestors: frozenset[tuple[int,
     if excluded and excluded(rel, False):
         return None
     special = _special_kind(st.st_mode)
-    return Skipped(rel, special) if special else FileEntry(rel, st.st_size, st.st_mtime_ns)
+    return Skipped(rel, special) if special else FileRef(rel, st.st_size, st.st_mtime_ns)

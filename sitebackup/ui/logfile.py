@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sitebackup.errors import InputError
+from sitebackup.model.reports import RunStart
+from sitebackup.model.work import Progress, Summary
 from sitebackup.ui.escape import printable
 from sitebackup.ui.printers import Printer, failure_lines, start_line, summary_line
 
@@ -57,18 +59,18 @@ class LogPrinter(Printer):
         self.fh.write(f"{stamp} {printable(text)}\n")
         self.fh.flush()
 
-    def start(self, info: dict[str, Any]) -> None:
+    def start(self, info: RunStart) -> None:
         self._log(start_line(info))
         self.inner.start(info)
 
-    def progress(self, status: dict[str, Any]) -> None:
+    def progress(self, status: Progress) -> None:
         self.inner.progress(status)
 
     def message(self, text: str) -> None:
         self._log(text)
         self.inner.message(text)
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: Summary[Any]) -> None:
         for line in failure_lines(summary):
             self._log(line)
         self._log(summary_line(summary))

@@ -14,10 +14,10 @@ import fcntl
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -63,7 +63,7 @@ class MetricsJob:
     source: str
     destination: str
     started: float = field(default_factory=time.time)
-    summary: dict[str, Any] | None = None
+    summary: Mapping[str, object] | None = None  # the flat JSON object --json prints of the run's outcome
 
     @property
     def labels(self) -> dict[str, str]:
@@ -97,7 +97,7 @@ class MetricsJob:
             os.close(directory)  # and with it the lock
 
 
-def _counts(summary: dict[str, Any] | None) -> dict[str, dict[str, int]]:
+def _counts(summary: Mapping[str, object] | None) -> dict[str, dict[str, int]]:
     """{FILES: {state: n}, BYTES: {state: n}, ...} from a summary's files_*, bytes_*, runs_*, blobs_* and
     snapshots_* counters."""
     counts: dict[str, dict[str, int]] = {family: {} for family in KINDS.values()}

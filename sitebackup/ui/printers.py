@@ -17,6 +17,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
+from sitebackup.model.codec import to_wire
+from sitebackup.model.reports import RunStart
+from sitebackup.model.work import Progress, Summary, summary_to_wire
 from sitebackup.ui.escape import printable
 
 if TYPE_CHECKING:
@@ -59,9 +62,9 @@ class RateMeter:
         self.clock = clock
         self.samples: deque[tuple[float, int]] = deque()
 
-    def update(self, status: dict[str, Any]) -> tuple[float | None, float | None]:
+    def update(self, status: Progress) -> tuple[float | None, float | None]:
         now = self.clock()
-        moved = status.get("bytes_done", 0) - status.get("bytes_skipped", 0)
+        moved = status.bytes_done - status.bytes_skipped
         self.samples.append((now, moved))
         while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
             self.samples.popleft()
@@ -69,7 +72,7 @@ class RateMeter:
         if now - first_at < self.min_span:
             return None, None
         rate = max(0.0, (moved - first) / (now - first_at))
-        left = max(0, status.get("bytes_total", 0) - status.get("bytes_done", 0))
+        left = max(0, status.bytes_total - status.bytes_done)
         return rate, (left / rate if rate else None) if left else 0.0
 
 
@@ -77,67 +80,62 @@ class RateMeter:
 KINDS = {"BackupSiteContent": "backup", "RestoreSiteContent": "restore"}
 
 
-def done_verb(counters: dict[str, Any]) -> str:
-    """A restore counts files restored where a backup counts files uploaded."""
-    return "restored" if KINDS.get(counters.get("kind", "")) == "restore" or "files_restored" in counters \
-        else "uploaded"
+def start_verb(info: RunStart) -> str:
+    return "attached to" if info.attached else "resuming" if info.resumed else "started"
 
 
-def start_verb(info: dict[str, Any]) -> str:
-    return "attached to" if info.get("attached") else "resuming" if info.get("resumed") else "started"
+def start_line(info: RunStart) -> str:
+    return printable(f"{start_verb(info)} {info.instance_id}: {info.source} -> {info.destination}")
 
 
-def start_line(info: dict[str, Any]) -> str:
-    return printable(f"{start_verb(info)} {info['instance_id']}: {info['source']} -> {info['destination']}")
-
-
-def summary_line(summary: dict[str, Any]) -> str:
-    verb = done_verb(summary)
-    status = "CANCELLED" if summary.get("cancelled") else summary.get("runtime_status", "?")
+def summary_line(summary: Summary[Any]) -> str:
+    counts = summary.counts
+    verb = counts.verb
+    status = "CANCELLED" if summary.cancelled else summary.runtime_status or "?"
     parts = [
-        f"{summary.get('instance_id', '?')} {status}:",
-        f"{summary.get(f'files_{verb}', 0)}/{summary.get('files_total', 0)} files {verb}",
-        f"({human_bytes(summary.get(f'bytes_{verb}', 0))})",
+        f"{summary.instance_id or '?'} {status}:",
+        f"{counts.files_copied}/{counts.files_total} files {verb}",
+        f"({human_bytes(counts.bytes_copied)})",
     ]
-    if summary.get("files_unchanged"):
-        parts.append(f"{summary['files_unchanged']} unchanged ({human_bytes(summary.get('bytes_skipped', 0))}),")
-    other_skipped = summary.get("files_skipped", 0) - summary.get("files_unchanged", 0)
+    if counts.files_unchanged:
+        parts.append(f"{counts.files_unchanged} unchanged ({human_bytes(counts.bytes_skipped)}),")
+    other_skipped = counts.files_skipped - counts.files_unchanged
     if other_skipped:
         parts.append(f"{other_skipped} skipped,")
-    parts.append(f"{summary.get('files_failed', 0)} failed, {summary.get('duration_s', 0):.1f}s")
+    parts.append(f"{counts.files_failed} failed, {summary.duration_s:.1f}s")
     return printable(" ".join(parts))
 
 
-def failure_lines(summary: dict[str, Any]) -> list[str]:
-    lines = [printable(f"FAILED {f['path']}: {f['error']}") for f in summary.get("failures") or []]
-    if summary.get("error"):
+def failure_lines(summary: Summary[Any]) -> list[str]:
+    lines = [printable(f"FAILED {f.path}: {f.error}") for f in summary.failures]
+    if summary.error:
         # the run itself stopped (a FAILED instance, or one waiting for `resume`): say why
-        lines.append(printable(f"sitebackup: error: {summary['error']}"))
-    if summary.get("cancelled"):
-        lines.append(f"sitebackup: run {summary.get('instance_id')} was cancelled (sitebackup cancel); "
+        lines.append(printable(f"sitebackup: error: {summary.error}"))
+    if summary.cancelled:
+        lines.append(f"sitebackup: run {summary.instance_id} was cancelled (sitebackup cancel); "
                      "what it backed up before stays")
-    listed = len(summary.get("failures") or [])
-    rest = summary.get("files_failed", 0) - listed
+    listed = len(summary.failures)
+    rest = summary.counts.files_failed - listed
     if rest > 0 and listed:
-        lines.append(printable(f"... and {rest} more failed files (see: sitebackup status {summary.get('instance_id')})"))
+        lines.append(printable(f"... and {rest} more failed files (see: sitebackup status {summary.instance_id})"))
     return lines
 
 
-def skipped_lines(summary: dict[str, Any]) -> list[str]:
+def skipped_lines(summary: Summary[Any]) -> list[str]:
     """Notes for what was left out on purpose (symlinks, FIFOs, sockets, devices), as listed in the summary."""
-    return [printable(f"skipped {s['path']}: {s['reason']}") for s in summary.get("skipped") or []]
+    return [printable(f"skipped {s.path}: {s.reason}") for s in summary.skipped]
 
 
 class Printer:
     """Do-nothing printer: the base for the others and the one tests can use."""
 
-    def start(self, info: dict[str, Any]) -> None: ...
+    def start(self, info: RunStart) -> None: ...
 
-    def progress(self, status: dict[str, Any]) -> None: ...
+    def progress(self, status: Progress) -> None: ...
 
     def message(self, text: str) -> None: ...
 
-    def finish(self, summary: dict[str, Any]) -> None: ...
+    def finish(self, summary: Summary[Any]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -150,7 +148,7 @@ class PlainPrinter(Printer):
         self.err = err or sys.stderr
         self.quiet = quiet
 
-    def start(self, info: dict[str, Any]) -> None:
+    def start(self, info: RunStart) -> None:
         if not self.quiet:
             print(f"sitebackup: {start_line(info)}", file=self.out, flush=True)
 
@@ -158,7 +156,7 @@ class PlainPrinter(Printer):
         if not self.quiet:
             print(f"sitebackup: {printable(text)}", file=self.err, flush=True)
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: Summary[Any]) -> None:
         for line in failure_lines(summary):
             print(line, file=self.err, flush=True)
         if not self.quiet:
@@ -192,33 +190,33 @@ class RichPrinter(PlainPrinter):
         self.meter = RateMeter()
         self.started = False
 
-    def start(self, info: dict[str, Any]) -> None:
+    def start(self, info: RunStart) -> None:
         from rich.text import Text
 
-        verb = "Resuming" if info.get("resumed") else info.get("action", "Backing up")
-        self.console.print(Text.assemble(f"{verb} ", (printable(info["source"]), "bold"), " -> ",
-                                         (printable(info["destination"]), "bold"), f" ({printable(info['instance_id'])})"))
+        verb = "Resuming" if info.resumed else info.action
+        self.console.print(Text.assemble(f"{verb} ", (printable(info.source), "bold"), " -> ",
+                                         (printable(info.destination), "bold"), f" ({printable(info.instance_id)})"))
         self.bar.start()
         self.started = True
 
     def message(self, text: str) -> None:
         self.console.print(printable(text), markup=False, highlight=False)
 
-    def progress(self, status: dict[str, Any]) -> None:
+    def progress(self, status: Progress) -> None:
         from rich.markup import escape as escape_markup
 
-        total = status.get("bytes_total") or None
-        done = status.get("bytes_done", 0)
+        total = status.bytes_total or None
+        done = status.bytes_done
         rate, eta = self.meter.update(status)
         # the description column is a markup template: the phase goes in escaped
-        self.bar.update(self.task, description=escape_markup(printable(status.get("phase", ""))),
+        self.bar.update(self.task, description=escape_markup(printable(status.phase)),
                         completed=done, total=total,
-                        files=f"{status.get('files_done', 0)}/{status.get('files_total', 0)} files",
-                        bytes=f"{human_bytes(done)}/{human_bytes(status.get('bytes_total', 0))}",
+                        files=f"{status.files_done}/{status.files_total} files",
+                        bytes=f"{human_bytes(done)}/{human_bytes(status.bytes_total)}",
                         rate="" if rate is None else f"{human_bytes(rate)}/s",
                         eta="" if eta is None else f"ETA {clock_duration(eta)}")
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: Summary[Any]) -> None:
         self.close()
         for line in failure_lines(summary):
             self.console.print(line, markup=False, highlight=False)
@@ -248,22 +246,22 @@ class JsonPrinter(Printer):
         self.out.write(json.dumps({"event": event, **data}) + "\n")
         self.out.flush()
 
-    def start(self, info: dict[str, Any]) -> None:
-        self._emit("start", info)
+    def start(self, info: RunStart) -> None:
+        self._emit("start", to_wire(info))
 
     def message(self, text: str) -> None:
         self._emit("message", {"message": text})
 
-    def progress(self, status: dict[str, Any]) -> None:
+    def progress(self, status: Progress) -> None:
         rate, eta = self.meter.update(status)  # every status is a sample, emitted or not
         now = self.clock()
         if now - self.last >= self.interval:
             self.last = now
-            self._emit("progress", {**status, "bytes_per_second": None if rate is None else round(rate),
+            self._emit("progress", {**to_wire(status), "bytes_per_second": None if rate is None else round(rate),
                                     "eta_s": None if eta is None else round(eta, 1)})
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        self._emit("summary", summary)
+    def finish(self, summary: Summary[Any]) -> None:
+        self._emit("summary", summary_to_wire(summary))
 
 
 def make_printer(*, json_output: bool = False, quiet: bool = False, tty: bool | None = None) -> Printer:

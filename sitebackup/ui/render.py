@@ -11,57 +11,63 @@ import json
 import sys
 import time
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
-import orjson
 
+from sitebackup.model.codec import DamagedData, encode, to_wire
+from sitebackup.model.reports import DryRunItem, DryRunTotals, PruneReport, RunInfo, RunRow
+from sitebackup.model.work import BackupCounts, RestoreCounts, summary_from_wire
 from sitebackup.ui.escape import printable
-from sitebackup.ui.printers import KINDS, done_verb, failure_lines, human_bytes, human_duration
+from sitebackup.ui.printers import KINDS, failure_lines, human_bytes, human_duration
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 
-def status_text(info: dict[str, Any]) -> str:
-    status = info["runtime_status"]
-    idle = timedelta(seconds=info["idle_s"]) if info.get("idle_s") is not None else None
-    lines = [f"{info['instance_id']}  {KINDS.get(info['kind'], info['kind'])}  {status}"]
-    if status in ("RUNNING", "PENDING") and info.get("worker_attached") is False:
-        lines[0] += f" — no worker attached; resume with: sitebackup resume {info['instance_id']}"
-    elif info.get("stalled") and idle is not None:
+def status_text(info: RunInfo) -> str:
+    status = info.runtime_status
+    idle = timedelta(seconds=info.idle_s) if info.idle_s is not None else None
+    lines = [f"{info.instance_id}  {KINDS.get(info.kind, info.kind)}  {status}"]
+    if status in ("RUNNING", "PENDING") and info.worker_attached is False:
+        lines[0] += f" — no worker attached; resume with: sitebackup resume {info.instance_id}"
+    elif info.stalled and idle is not None:
         lines[0] += f" — STALLED: no progress for {human_duration(idle)}; is its process hung?"
     elif status == "TERMINATED":
         lines[0] += " — cancelled"
-    if status in ("RUNNING", "PENDING") and info.get("worker_attached") is None:
+    if status in ("RUNNING", "PENDING") and info.worker_attached is None:
         # the scheduler does not tell clients which workers hold an instance's work
         lines.append("  worker:       unknown with --taskhub")
-    lines.append(f"  source:       {info.get('source')}")
-    lines.append(f"  destination:  {info.get('destination')}  ({info.get('endpoint')})")
-    lines.append(f"  created:      {info['created_at']}")
+    lines.append(f"  source:       {info.source}")
+    lines.append(f"  destination:  {info.destination}  ({info.endpoint})")
+    lines.append(f"  created:      {info.created_at}")
     if idle is not None:
-        lines.append(f"  progress at:  {info['last_progress_at']}  ({human_duration(idle)} ago)")
+        lines.append(f"  progress at:  {info.last_progress_at}  ({human_duration(idle)} ago)")
     else:
-        lines.append(f"  last update:  {info['last_updated_at']}  ({info['duration_s']:.1f}s)")
+        lines.append(f"  last update:  {info.last_updated_at}  ({info.duration_s:.1f}s)")
     # a summary holds the counters; a cancelled run's output does not: they are in its last status
-    output = info.get("output")
-    counters = output if isinstance(output, dict) and "files_total" in output else None
-    progress = info.get("custom_status") or {}
-    if counters:
-        verb = done_verb({"kind": info["kind"], **counters})
-        lines.append(f"  files:        {counters.get(f'files_{verb}', 0)}/{counters.get('files_total', 0)} {verb}, "
-                     f"{counters.get('files_skipped', 0)} skipped, {counters.get('files_failed', 0)} failed")
-        lines.append(f"  bytes:        {human_bytes(counters.get(f'bytes_{verb}', 0))} {verb} of "
-                     f"{human_bytes(counters.get('bytes_total', 0))}")
-        lines += ["  " + line for line in failure_lines({**counters, "instance_id": info["instance_id"]})]
-    elif progress:
-        lines.append(f"  phase:        {progress.get('phase')}")
-        lines.append(f"  files:        {progress.get('files_done', 0)}/{progress.get('files_total', 0)} done, "
-                     f"{progress.get('files_failed', 0)} failed")
-        lines.append(f"  bytes:        {human_bytes(progress.get('bytes_done', 0))} of "
-                     f"{human_bytes(progress.get('bytes_total', 0))}")
-    if info.get("failure"):
-        lines.append(f"  failure:      {info['failure']['type']}: {info['failure']['message']}")
+    output = info.output
+    counts = RestoreCounts if KINDS.get(info.kind) == "restore" else BackupCounts
+    try:
+        summary = summary_from_wire(output, counts, "the run's summary") \
+            if isinstance(output, dict) and "files_total" in output else None
+    except DamagedData:
+        summary = None
+    progress = info.custom_status
+    if summary is not None:
+        done, verb = summary.counts, summary.counts.verb
+        summary.instance_id = info.instance_id
+        lines.append(f"  files:        {done.files_copied}/{done.files_total} {verb}, "
+                     f"{done.files_skipped} skipped, {done.files_failed} failed")
+        lines.append(f"  bytes:        {human_bytes(done.bytes_copied)} {verb} of {human_bytes(done.bytes_total)}")
+        lines += ["  " + line for line in failure_lines(summary)]
+    elif progress is not None:
+        lines.append(f"  phase:        {progress.phase}")
+        lines.append(f"  files:        {progress.files_done}/{progress.files_total} done, "
+                     f"{progress.files_failed} failed")
+        lines.append(f"  bytes:        {human_bytes(progress.bytes_done)} of {human_bytes(progress.bytes_total)}")
+    if info.failure is not None:
+        lines.append(f"  failure:      {info.failure.type}: {info.failure.message}")
     return "\n".join(map(printable, lines))
 
 
@@ -69,7 +75,7 @@ RUN_COLUMNS = ("id", "kind", "status", "source", "destination", "files", "bytes"
                "restorable")
 
 
-def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+def runs_table(rows: list[RunRow], console: Console | None = None) -> None:
     """The runs, newest first: a table on a terminal wide enough for it, otherwise tab-separated lines
     (a header first), so a pipe, a script or cron's mail gets every value in full, never cut."""
     from rich.console import Console
@@ -81,10 +87,10 @@ def runs_table(rows: list[dict[str, Any]], console: Console | None = None) -> No
     if not rows:
         click.echo("no runs recorded in this state directory", file=console.file)
         return
-    lines = [[printable(row["instance_id"]), printable(KINDS.get(row["kind"], row["kind"])), printable(row["runtime_status"]),
-              printable(row["source"]), printable(row["destination"]), f"{row['files']}/{row['files_total']}",
-              human_bytes(row["bytes"]), row["created_at"][:19].replace("T", " "), f"{row['duration_s']:.1f}s",
-              printable(row.get("restorable") or "-")]
+    lines = [[printable(row.instance_id), printable(KINDS.get(row.kind, row.kind)), printable(row.runtime_status),
+              printable(str(row.source)), printable(str(row.destination)), f"{row.files}/{row.files_total}",
+              human_bytes(row.bytes), row.created_at[:19].replace("T", " "), f"{row.duration_s:.1f}s",
+              printable(row.restorable or "-")]
              for row in rows]
     if console.is_terminal:
         table = Table(box=None, header_style="bold")
@@ -124,21 +130,20 @@ class DryRunLines:
     def __exit__(self, *_exc: object) -> None:
         self.flush()
 
-    def add(self, item: dict[str, Any]) -> None:
+    def add(self, item: DryRunItem) -> None:
         if self.json_output:
-            event = {"event": "dry_run", **item}
-            # compact, as orjson writes it at a fraction of json's CPU (a line per file); a name that is not
-            # ASCII gets json's \u escapes, as in every other event, so no line carries a raw control character
-            line = orjson.dumps(event)
-            self._held.append(line.decode() if line.isascii() else json.dumps(event, separators=(",", ":")))
-        elif item["action"] == "fail":
+            # compact, at a fraction of json's CPU (a line per file); a name that is not ASCII gets \u escapes,
+            # as in every other event, so no line carries a raw control character
+            line = b'{"event":"dry_run",' + encode(item)[1:]
+            self._held.append(line.decode() if line.isascii() else json.dumps(json.loads(line), separators=(",", ":")))
+        elif item.action == "fail":
             self.flush()  # in order with the lines before it on a terminal showing both streams
-            click.echo(printable(f"FAILED {item['path']}: {item['error']}"), err=True)
+            click.echo(printable(f"FAILED {item.path}: {item.error}"), err=True)
             return
         elif not self.quiet:
-            detail = item.get("reason") or human_bytes(item.get("size", 0))
-            verb = "would upload" if item["action"] == "upload" else item["action"]
-            self._held.append(printable(f"{verb} {item['path']} ({detail})"))
+            detail = item.reason or human_bytes(item.size or 0)
+            verb = "would upload" if item.action == "upload" else item.action
+            self._held.append(printable(f"{verb} {item.path} ({detail})"))
         else:
             return
         if len(self._held) >= self.BATCH or time.monotonic() - self._since >= self.FLUSH_SECONDS:
@@ -152,25 +157,24 @@ class DryRunLines:
         self._since = time.monotonic()
 
 
-def dry_run_totals(plan: dict[str, Any], json_output: bool, quiet: bool) -> None:
+def dry_run_totals(plan: DryRunTotals, json_output: bool, quiet: bool) -> None:
     """What a ``--dry-run`` would upload and skip, after its files: the totals line or the summary event."""
     if json_output:
-        click.echo(json.dumps({"event": "summary", **plan}))
+        click.echo(json.dumps({"event": "summary", **to_wire(plan)}))
     elif not quiet:
-        click.echo(f"dry run: {plan['files_to_upload']} files would be uploaded ({human_bytes(plan['bytes_to_upload'])}), "
-                   f"{plan['files_unchanged']} unchanged ({human_bytes(plan['bytes_skipped'])}), "
-                   f"{plan['files_skipped'] - plan['files_unchanged']} skipped, {plan['files_failed']} failed")
+        click.echo(f"dry run: {plan.files_to_upload} files would be uploaded ({human_bytes(plan.bytes_to_upload)}), "
+                   f"{plan.files_unchanged} unchanged ({human_bytes(plan.bytes_skipped)}), "
+                   f"{plan.files_skipped - plan.files_unchanged} skipped, {plan.files_failed} failed")
 
 
-def prune_report(report: dict[str, Any]) -> None:
+def prune_report(report: PruneReport) -> None:
     """One line per run kept or removed, then what was (or with --dry-run would be) freed."""
-    for run in report["kept"]:
-        click.echo(f"keep   {run['instance_id']}  {run['created_at'][:19].replace('T', ' ')}  "
-                   f"({', '.join(run['reasons'])})")
-    for run in report["removed"]:
-        click.echo(f"remove {run['instance_id']}  {run['created_at'][:19].replace('T', ' ')}  ({run['reason']})")
-    for run_id in report["unfinished"]:
+    for kept in report.kept:
+        click.echo(f"keep   {kept.instance_id}  {kept.created_at[:19].replace('T', ' ')}  ({', '.join(kept.reasons)})")
+    for removed in report.removed:
+        click.echo(f"remove {removed.instance_id}  {removed.created_at[:19].replace('T', ' ')}  ({removed.reason})")
+    for run_id in report.unfinished:
         click.echo(f"leave  {run_id}  (unfinished)")
-    verb = "would remove" if report["dry_run"] else "removed"
-    click.echo(f"{verb} {len(report['removed'])} run(s), {report['blobs_removed']} blob(s) and "
-               f"{report['snapshots_removed']} snapshot(s), {human_bytes(report['bytes_removed'])}")
+    verb = "would remove" if report.dry_run else "removed"
+    click.echo(f"{verb} {len(report.removed)} run(s), {report.blobs_removed} blob(s) and "
+               f"{report.snapshots_removed} snapshot(s), {human_bytes(report.bytes_removed)}")

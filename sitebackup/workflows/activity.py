@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from azure.storage.blob import ContainerClient
 from durabletask import task
 
+from sitebackup.blob.asyncget import Got
 from sitebackup.blob.errors import redact
+from sitebackup.blob.upload import Uploaded
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.errors import DestinationError
+from sitebackup.model.records import PriorCopy
+from sitebackup.model.work import BackupCounts, PageResult, UploadSpec
+
+# uploads a page's small files concurrently: (container, [(path, blob name, prior copy)], spec, cancelled)
+PutMany = Callable[[str, list[tuple[Path, str, PriorCopy | None]], UploadSpec, Callable[[], bool]],
+                   list[Uploaded | BaseException]]
+# downloads a restore page's small files concurrently: (container, [(blob name, snapshot, size)], cancelled)
+GetMany = Callable[[str, list[tuple[str, str | None, int]], Callable[[], bool]], list[Future[Got]]]
 
 log = logging.getLogger("sitebackup.activities")
 
@@ -32,21 +44,21 @@ class ActivityDeps:
     # asked between files (and block ranges) so that `sitebackup cancel` stops uploads at the next boundary
     cancelled: Callable[[str], bool] = lambda run_id: False
     # told (run id, copy result) after every finished batch: `sitebackup worker` prints a status line
-    on_batch: Callable[[str, dict[str, Any]], None] | None = None
-    # uploads a page's small files concurrently (blob.asyncput.AsyncPutter.put_many); None: one by one
-    put_many: Callable[..., list[Any]] | None = None
-    # downloads a restore page's small files concurrently (blob.asyncget.AsyncGetter.get_many); None: one by one
-    get_many: Callable[..., list[Any]] | None = None
+    on_batch: Callable[[str, PageResult[BackupCounts]], None] | None = None
+    # blob.asyncput.AsyncPutter.put_many; None: one by one
+    put_many: PutMany | None = None
+    # blob.asyncget.AsyncGetter.get_many; None: one by one
+    get_many: GetMany | None = None
     # why the hosting process is stopping at once (its state directory is full), else None: the work
     # items already delivered then end without uploading what could not be recorded
     halted: Callable[[], str | None] = lambda: None
 
 
-def activity(name: str, run: Callable[[task.ActivityContext, dict[str, Any]], Any]) -> Callable[..., Any]:
+def activity(name: str, run: Callable[[task.ActivityContext, object], Any]) -> Callable[[task.ActivityContext, object], Any]:
     """*run* under its durable *name*: a DestinationError goes up as it is (the orchestration's retry
     policy and `resume` handle it); anything else becomes a one-line, redacted failure."""
 
-    def wrapped(ctx: task.ActivityContext, inp: dict[str, Any]) -> Any:
+    def wrapped(ctx: task.ActivityContext, inp: object) -> Any:
         try:
             return run(ctx, inp)
         except DestinationError:

@@ -15,47 +15,39 @@ from typing import Any
 
 from durabletask import task
 
+from sitebackup.model.codec import from_wire, to_wire
+from sitebackup.model.work import BackupCounts, BackupInput, CopyInput, ScanInput, Step
 from sitebackup.workflows import blocks
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE
-from sitebackup.workflows.types import BackupInput, CopyInput, ScanInput
-from sitebackup.workflows.window import Tally, min_pages
-
-TALLY = Tally(
-    kind=BACKUP_ORCHESTRATION,
-    counters=("files_total", "files_uploaded", "files_skipped", "files_failed", "bytes_total", "bytes_uploaded",
-              "files_unchanged", "bytes_skipped"),
-    # unchanged files count as done so the bar reaches its total; summaries separate them again
-    files_done=("files_uploaded", "files_failed", "files_unchanged"),
-    bytes_done=("bytes_uploaded", "bytes_skipped"),
-)
+from sitebackup.workflows.window import batch_result, begin, min_pages, run_and_summarize, tally
 
 
-def backup_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> Any:
-    inp = BackupInput.from_dict(raw)
+def backup_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
+    inp = from_wire(raw, BackupInput, "the input of a backup run")
     options = inp.options
     window = max(1, options.concurrency)
-    state = yield from TALLY.begin(ctx, inp.state, "scanning", SCAN_TREE, ScanInput(
-        source=inp.source, min_batches=min_pages(window, options.shared), baseline=inp.baseline, compare=options.compare,
-        patterns=options.patterns, follow_symlinks=options.follow_symlinks, block_size=options.block_size))
+    state = yield from begin(ctx, inp.state, BackupCounts, "scanning", SCAN_TREE, ScanInput(
+        source=inp.source, min_pages=min_pages(window, options.shared), baseline=inp.baseline,
+        compare=options.compare, patterns=options.patterns, follow_symlinks=options.follow_symlinks,
+        upload=options.upload))
 
-    def schedule(page: int) -> task.Task[Any]:
-        large = state.get("large", {}).get(str(blocks.commit_task(page)), {}) if page < 0 else {}
-        return ctx.call_activity(COPY_BATCH, retry_policy=BATCH_RETRY, input=CopyInput(
-            source=inp.source, container=inp.container, prefix=inp.prefix, page=page, md5=large.get("md5"),
-            blocks=large.get("ids"), digest=large.get("digest"), tier=options.tier))
+    def schedule(step: Step) -> task.Task[Any]:
+        return ctx.call_activity(COPY_BATCH, retry_policy=BATCH_RETRY, input=to_wire(CopyInput(
+            source=inp.source, container=inp.container, prefix=inp.prefix, page=step.page, upload=options.upload,
+            commit=blocks.commit_order(state, step.page) if step.commit else None)))
 
-    def on_result(result: dict[str, Any]) -> None:
-        if "blocks" in result:  # a range of a large file: after its last one, commit it (workflows.blocks)
-            blocks.note_range(state, result)
-            commit = blocks.count_range(state, result["blocks"])
+    def on_result(raw_result: Any) -> None:
+        result = batch_result(raw_result, BackupCounts)
+        if result.range is not None:  # a range of a large file: after its last one, commit it (workflows.blocks)
+            commit = blocks.count_range(state, result.range)
             if commit is not None:
-                state["retry_pages"].insert(0, commit)
-        elif result["page"] < 0:  # a commit: what its ranges reported has served
-            state.get("large", {}).pop(str(blocks.commit_task(result["page"])), None)
-        TALLY.add(state, result)
+                state.retry.insert(0, commit)
+        elif result.commit:  # what its ranges reported has served
+            state.large.pop(result.page, None)
+        tally(state, result.counts, result.failures, result.skipped)
 
-    return (yield from TALLY.run(ctx, raw, state, window, schedule, on_result, "uploading",
-                                 inp.source, inp.destination))
+    return (yield from run_and_summarize(ctx, inp, state, window, schedule, on_result, "uploading",
+                                         BACKUP_ORCHESTRATION, inp.source, inp.destination))
 
 
 # the worker registers orchestrators under fn.__name__: pin it to the durable name

@@ -1,7 +1,7 @@
 """Large files as block ranges: range pages, content-derived block ids, staging one range, the final commit.
 
 A file larger than ``threshold(block_size)`` is not copied by one activity: the scan writes one
-page per range (``types.BlockRange``), each range activity reads its block, names it by its content
+page per range (``model.work.RangePage``), each range activity reads its block, names it by its content
 (``content_block_id``: a hash of the bytes plus the range index) and stages it with ``stage_block``
 unless the service already holds a block of that id, staged or committed, so a block reused instead
 of re-sent is the same bytes by construction; a resumed or repeated run (``--force`` too) sends only
@@ -9,38 +9,52 @@ the blocks whose bytes the service does not hold. The progress bytes move with e
 
 The first range also streams the whole file for its MD5 and hashes every block on the way
 (``hash_blocks``). Once the orchestration has counted the file's last range (``count_range``) it
-schedules the commit with what the ranges reported (``Commit``): the ids staged, the MD5, and a
+schedules the commit with what the ranges reported (``CommitOrder``): the ids staged, the MD5, and a
 digest of the ids the first range hashed. The commit checks the two agree, so the Content-MD5 it
 commits is the MD5 of the bytes staged, keeps the content the baseline recorded as a snapshot
 (``blob.upload.replace``) and calls ``commit_block_list``.
 
-The commit of the file whose first range page is ``p`` travels as page ``-1 - p``: it needs no page
-of its own and a failed commit is retried as a commit by the orchestration's page retry queue.
+The commit of the file whose first range page is ``p`` is the step ``Step(p, commit=True)``: it needs no
+page of its own, and a failed commit is retried as a commit by the orchestration's retry queue.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+import msgspec
 from azure.core.exceptions import ResourceNotFoundError
-from azure.storage.blob import BlobBlock, ContainerClient
+from azure.storage.blob import BlobBlock, BlobClient, ContainerClient
 
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.naming import backup_blob_name
-from sitebackup.blob.upload import Held, Uploaded, blob_properties, replace
+from sitebackup.blob.upload import Uploaded, blob_properties, replace
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.local.files import CHUNK, FileChangedError, check_unchanged
+from sitebackup.model.records import FileEntry
+from sitebackup.model.work import (
+    MIB,
+    BackupCounts,
+    CommitOrder,
+    CopyItem,
+    FileRef,
+    LargeFile,
+    Listed,
+    PageResult,
+    RangePage,
+    RangeReport,
+    RunState,
+    Step,
+    UploadSpec,
+)
 from sitebackup.workflows.activity import ActivityDeps
-from sitebackup.workflows.types import MIB, BlockRange, CopyItem
 
 MIN_BLOCK_SIZE = 1 * MIB
 MAX_BLOCK_SIZE = 4000 * MIB  # Azure's limit for one block
@@ -101,7 +115,7 @@ def content_block_id(data: bytes | memoryview, index: int) -> str:
     return _block_id(hashlib.sha256(data), index)
 
 
-def _block_id(sha256: Any, index: int) -> str:
+def _block_id(sha256: "hashlib._Hash", index: int) -> str:
     return base64.b64encode(f"{sha256.hexdigest()[:32]}{index:08d}".encode("ascii")).decode("ascii")
 
 
@@ -132,45 +146,35 @@ def hash_blocks(path: Path, size: int, mtime_ns: int, block_size: int) -> tuple[
     return base64.b64encode(whole.digest()).decode("ascii"), ids
 
 
-def commit_task(first_page: int) -> int:
-    return -1 - first_page
-
-
 def write_range_pages(work: WorkStore, run_id: str, first_page: int, item: CopyItem, block_size: int) -> int:
-    """Write the range pages of the file *item* (with what the baseline held at its name) from page *first_page*
-    on; return how many."""
+    """Write the range pages of the file *item* (with what the baseline recorded at its name) from page
+    *first_page* on; return how many."""
     n = range_count(item.size, block_size)
     for index in range(n):
-        work.write_page(run_id, first_page + index, BlockRange(
-            file=[item.relpath, item.size, item.mtime_ns], range=index, ranges=n, block_size=block_size,
-            first_page=first_page, held=item.held).to_dict())
+        work.write_page(run_id, first_page + index, RangePage(
+            file=FileRef(item.path, item.size, item.mtime_ns), range=index, ranges=n, block_size=block_size,
+            first_page=first_page, prior=item.prior))
     return n
 
 
-def count_range(state: dict[str, Any], info: dict[str, int]) -> int | None:
-    """Orchestration side (pure): count one finished range; the commit task id once the file's last is in."""
-    left = state.setdefault("ranges_left", {})
-    key = str(info["first_page"])  # JSON object keys are strings: keep them so across continue-as-new
-    remaining = left.get(key, info["ranges"]) - 1
-    if remaining > 0:
-        left[key] = remaining
-        return None
-    left.pop(key, None)
-    return commit_task(info["first_page"])
+def count_range(state: RunState[BackupCounts], report: RangeReport) -> Step | None:
+    """Orchestration side (pure): keep what a finished range reported for its file's commit (the id it staged;
+    from the first range the file's MD5 and the digest of the block ids it hashed), and once the file's last
+    range is in, the step that commits it."""
+    entry = state.large.setdefault(report.first_page,
+                                   LargeFile(ranges_left=report.ranges, blocks=[None] * report.ranges))
+    if report.block_id:
+        entry.blocks[report.range] = report.block_id
+    if report.md5:
+        entry.md5, entry.digest = report.md5, report.digest
+    entry.ranges_left -= 1
+    return Step(report.first_page, commit=True) if entry.ranges_left <= 0 else None
 
 
-def note_range(state: dict[str, Any], result: dict[str, Any]) -> None:
-    """Orchestration side (pure): keep what a range reported for its file's commit, until the commit is done.
-
-    One entry per large file in flight: the id each range staged, and from the first range the
-    file's MD5 and the digest of the block ids it hashed with it.
-    """
-    info = result["blocks"]
-    entry = state.setdefault("large", {}).setdefault(str(info["first_page"]), {})
-    if info.get("id"):
-        entry.setdefault("ids", [None] * info["ranges"])[info["range"]] = info["id"]
-    if result.get("md5"):
-        entry.update(md5=result["md5"], digest=result.get("digest"))
+def commit_order(state: RunState[BackupCounts], first_page: int) -> CommitOrder:
+    """Orchestration side (pure): what the commit of the file whose first range page is *first_page* is handed."""
+    entry = state.large.get(first_page)
+    return CommitOrder() if entry is None else CommitOrder(md5=entry.md5, blocks=entry.blocks, digest=entry.digest)
 
 
 class Staged(NamedTuple):
@@ -179,26 +183,18 @@ class Staged(NamedTuple):
     block_id: str
 
 
-@dataclass(frozen=True)
-class Commit:
-    """What the orchestration hands a file's commit from its ranges' results (``note_range``)."""
-
-    md5: str | None = None
-    blocks: list[str | None] | None = None
-    digest: str | None = None
-
-    def checked(self, ranges: int) -> tuple[str, list[str]] | None:
-        """(MD5, block ids) when every range reported; None when a report is missing (a range failed or
-        ran before this version); FileChangedError when the bytes the first range hashed are not the staged ones."""
-        ids = self.blocks or []
-        if self.md5 is None or self.digest is None or len(ids) != ranges or None in ids:
-            return None
-        if ids_digest(ids) != self.digest:  # type: ignore[arg-type]
-            raise FileChangedError()
-        return self.md5, ids  # type: ignore[return-value]
+def reported(order: CommitOrder, ranges: int) -> tuple[str, list[str]] | None:
+    """(MD5, block ids) when every range reported; None when a report is missing (a range failed); FileChangedError
+    when the bytes the first range hashed are not the staged ones."""
+    ids = [block for block in order.blocks or [] if block is not None]
+    if order.md5 is None or order.digest is None or len(ids) != ranges:
+        return None
+    if ids_digest(ids) != order.digest:
+        raise FileChangedError()
+    return order.md5, ids
 
 
-def held_ids(blob: Any) -> set[str]:
+def held_ids(blob: BlobClient) -> set[str]:
     """Block ids the service holds for *blob*, staged or committed: ids name content, so either serves.
 
     Committed ones matter when a commit went through but its activity was retried, or the same
@@ -211,13 +207,13 @@ def held_ids(blob: Any) -> set[str]:
     return {block.id for block in committed} | {block.id for block in uncommitted}
 
 
-def stage_range(container: ContainerClient, path: Path, name: str, item: BlockRange,
+def stage_range(container: ContainerClient, path: Path, name: str, item: RangePage,
                 cancelled: Callable[[], bool] = lambda: False) -> Staged:
     """Read one range, name it by its content and stage it unless the service holds that block already.
 
     The block list is asked right after the read: a range may have waited long for the memory budget.
     """
-    size, mtime_ns = item.size, item.mtime_ns
+    size, mtime_ns = item.file.size, item.file.mtime_ns
     block_size, index = item.block_size, item.range
     check_unchanged(path, size, mtime_ns)
     blob = container.get_blob_client(name)
@@ -242,49 +238,47 @@ def stage_range(container: ContainerClient, path: Path, name: str, item: BlockRa
     return Staged(length, True, bid)
 
 
-def commit_file(container: ContainerClient, path: Path, name: str, item: BlockRange,
-                cancelled: Callable[[], bool] = lambda: False, commit: Commit | None = None,
-                tier: str | None = None) -> Uploaded:
-    """Commit the staged ranges as the blob, with Content-MD5 of the whole file, in access *tier*, over what
-    the baseline held.
+def commit_file(container: ContainerClient, path: Path, name: str, item: RangePage, spec: UploadSpec,
+                order: CommitOrder, cancelled: Callable[[], bool] = lambda: False) -> Uploaded:
+    """Commit the staged ranges as the blob, with Content-MD5 of the whole file, as *spec* says, over what
+    the baseline recorded there.
 
-    The ids and MD5 come from the ranges (*commit*), checked to describe the same bytes; when a range's
+    The ids and MD5 come from the ranges (*order*), checked to describe the same bytes; when a range's
     report is missing, the file is hashed again now, and a block of other bytes is then not found staged.
     """
-    size, mtime_ns = item.size, item.mtime_ns
+    size, mtime_ns = item.file.size, item.file.mtime_ns
     st = check_unchanged(path, size, mtime_ns)
-    reported = commit.checked(item.ranges) if commit is not None else None
-    md5, ids = reported or hash_blocks(path, size, mtime_ns, item.block_size)
+    md5, ids = reported(order, item.ranges) or hash_blocks(path, size, mtime_ns, item.block_size)
     if cancelled():  # hashing a large file takes a while
         raise Cancelled()
     blob = container.get_blob_client(name)
     missing = len(set(ids) - held_ids(blob))
     if missing:
         raise FileChangedError(f"{missing} of {item.ranges} blocks were not staged")
-    properties = blob_properties(name, st, base64.b64decode(md5), tier)
+    properties = blob_properties(name, st, base64.b64decode(md5), spec)
     done = replace(blob, lambda **c: blob.commit_block_list([BlobBlock(block_id=i) for i in ids], **properties, **c),
-                   md5, mtime_ns, Held(*item.held) if item.held else None)
-    return Uploaded(size, mtime_ns, md5, tier, done["etag"])
+                   md5, mtime_ns, item.prior)
+    return Uploaded(size, mtime_ns, md5, spec.tier, done["etag"])
 
 
-def copy_block_page(deps: ActivityDeps, run_id: str, page: int, item: BlockRange, source: Path, container: str,
-                    prefix: str, commit: Commit | None = None, tier: str | None = None) -> dict[str, Any]:
-    """The copy activity for a range page (page >= 0) or a commit task (page < 0), shaped like a batch result.
+def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage, source: Path, container: str,
+                    prefix: str, spec: UploadSpec, order: CommitOrder) -> PageResult[BackupCounts]:
+    """The copy activity for a range page or (``step.commit``) a large file's commit, shaped like a batch result.
 
     A range reports its bytes (progress) and the id it staged, and always counts as finished, even
     when it failed: then it writes why on the file's first page, where the commit finds it and reports
     the file failed with that reason ("changed during backup"), once, without committing. The first
     range also hashes the whole file and reports the MD5 with the digest of the block ids it hashed,
-    which the orchestration hands to the commit (*commit*): the hash overlaps the other ranges
+    which the orchestration hands to the commit (*order*): the hash overlaps the other ranges
     instead of delaying the commit.
     Once the run is cancelled neither a range nor the commit goes to the service and nothing is
     recorded: the file is neither uploaded nor failed, and the next run of the source sends it.
     """
-    relpath = item.relpath
-    result: dict[str, Any] = {"page": page, "files_uploaded": 0, "bytes_uploaded": 0, "files_failed": 0,
-                              "failures": [], "files_unchanged": 0, "bytes_skipped": 0}
-    if page >= 0:
-        result["blocks"] = {"first_page": item.first_page, "ranges": item.ranges}
+    relpath = item.file.path
+    counts = BackupCounts()
+    result = PageResult(page=step.page, counts=counts, commit=step.commit)
+    if not step.commit:
+        result.range = RangeReport(first_page=item.first_page, ranges=item.ranges)
     client = deps.container_client(container)
     cancelled = functools.partial(deps.cancelled, run_id)
     error = None
@@ -292,31 +286,33 @@ def copy_block_page(deps: ActivityDeps, run_id: str, page: int, item: BlockRange
         if cancelled():
             raise Cancelled()
         name = backup_blob_name(prefix, relpath)
-        if page >= 0:
+        if result.range is not None:
             staged = stage_range(client, source / relpath, name, item, cancelled)
-            result["bytes_uploaded"], result["staged"] = staged.length, staged.sent
-            result["blocks"].update(range=item.range, id=staged.block_id)
+            counts.bytes_uploaded = staged.length
+            result.range.range, result.range.block_id, result.range.sent = item.range, staged.block_id, staged.sent
             if item.range == 0:
-                result["md5"], ids = hash_blocks(source / relpath, item.size, item.mtime_ns, item.block_size)
-                result["digest"] = ids_digest(ids)
+                result.range.md5, ids = hash_blocks(source / relpath, item.file.size, item.file.mtime_ns,
+                                                    item.block_size)
+                result.range.digest = ids_digest(ids)
         elif item.failed:
             error = item.failed
         else:
-            done = commit_file(client, source / relpath, name, item, cancelled, commit, tier)
+            done = commit_file(client, source / relpath, name, item, spec, order, cancelled)
     except Cancelled:
-        result["cancelled"] = True
+        result.cancelled = True
         return result
     except Exception as exc:
         error = file_error(exc, deps.endpoint)
-    if page >= 0:
+    if result.range is not None:
         if error is not None:
-            deps.work.write_page(run_id, item.first_page, dataclasses.replace(item, range=0, failed=error).to_dict())
+            deps.work.write_page(run_id, item.first_page, msgspec.structs.replace(item, range=0, failed=error))
         return result
     if error is None:
         record = done.record(relpath)
-        result["files_uploaded"] = 1
+        counts.files_uploaded = 1
     else:
-        record = {"path": relpath, "error": error}
-        result.update(files_failed=1, failures=[record])
+        record = FileEntry(relpath, error=error)
+        counts.files_failed = 1
+        result.failures = [Listed(relpath, error=error)]
     deps.work.write_result(run_id, item.first_page, [record])
     return result

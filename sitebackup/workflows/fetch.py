@@ -37,67 +37,69 @@ from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
 from sitebackup.local.dest import DestDir, UnsafeName, restored_mode, safe_relpath
 from sitebackup.local.files import b64, fd_md5_b64
 from sitebackup.local.filters import make_selector
+from sitebackup.model.codec import from_wire, to_wire
+from sitebackup.model.records import RestoredFile
+from sitebackup.model.work import FetchInput, FetchItem, PageResult, PlanInput, Planned, RestoreCounts
 from sitebackup.workflows.activity import ActivityDeps, activity
 from sitebackup.workflows.names import PLAN_RESTORE, RESTORE_BATCH
-from sitebackup.workflows.types import FetchInput, FetchItem, PlanInput, RestoreOptions
-from sitebackup.workflows.window import Listed, stream_pages
+from sitebackup.workflows.window import Capped, stream_pages
 
 # blobs over this size are fetched as ranges of RANGE_BYTES in parallel, written at their offsets
 RANGE_BYTES = STREAM_BLOCK_BYTES
 
 
-def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> dict[str, Any]:
+def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned[RestoreCounts]:
     """List what to restore (run record or container listing), validate names, write pages as the list is read.
 
     Memory holds a page and what the lookup of recorded versions holds (``history.CopyLookup``), not the list.
     """
-    options = RestoreOptions.from_dict(inp.options)
-    selected = make_selector(options.include, options.exclude)
-    failures, skipped = Listed(), Listed()
-    totals = {"files": 0, "bytes": 0}
+    selected = make_selector(inp.options.include, inp.options.exclude)
+    failures, skipped = Capped(), Capped()
+    counts = RestoreCounts()
     # with no backup since the run, its files are the current blobs (a request per file, no listing): one that
     # another writer replaced anyway is found by its Content-MD5 as it is fetched, and looked up then
     lookup = CopyLookup(deps.container_client(inp.container), inp.prefix) if inp.run_id and inp.later_backups \
         else None
 
     def items() -> Iterator[FetchItem]:
-        for relpath, name, rec in _candidates(deps, inp):
-            if name is None:  # the run itself failed to back this file up
-                skipped.add({"path": relpath, "reason": f"not backed up by the run: {rec['error']}"})
+        for item, not_stored in _candidates(deps, inp):
+            if not_stored is not None:  # the run itself failed to back this file up
+                skipped.add(item.path, reason=f"not backed up by the run: {not_stored}")
                 continue
             try:
-                safe_relpath(relpath)
+                safe_relpath(item.path)
             except UnsafeName as exc:
-                failures.add({"path": name, "error": f"refused: {exc}"})
+                failures.add(item.name, error=f"refused: {exc}")
                 continue
-            if not selected(relpath):
+            if not selected(item.path):
                 continue
-            item = FetchItem(name, relpath, int(rec["size"]), rec.get("md5"), rec.get("mtime_ns"))
             if lookup is not None:  # the copy holding the version the run recorded
-                copy = choose(lookup.copies(name), item.md5)
+                copy = choose(lookup.copies(item.name), item.md5)
                 if copy is None:
-                    failures.add({"path": relpath, "error": PRUNED})
+                    failures.add(item.path, error=PRUNED)
                     continue
-                item = item._replace(snapshot=copy.snapshot)
-            totals["files"] += 1
-            totals["bytes"] += item.size
+                item.snapshot = copy.snapshot
+            counts.files_total += 1
+            counts.bytes_total += item.size
             yield item
 
     pages = 0
-    for page in stream_pages(items(), lambda item: item.size, min_batches=inp.min_batches):
+    for page in stream_pages(items(), lambda item: item.size, min_batches=inp.min_pages):
         deps.work.write_page(restore_id, pages, page)
         pages += 1
     # refused names count as done: the progress bar reaches its total
-    return {"pages": pages, "files_total": totals["files"] + failures.count, "bytes_total": totals["bytes"],
-            "files_failed": failures.count, "files_done": failures.count, "failures": failures.items,
-            "files_skipped": skipped.count, "skipped": skipped.items}
+    counts.files_total += failures.count
+    counts.files_failed = counts.files_done = failures.count
+    counts.files_skipped = skipped.count
+    return Planned(pages=pages, counts=counts, failures=failures.items, skipped=skipped.items)
 
 
-def _candidates(deps: ActivityDeps, inp: PlanInput) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
-    """(relpath, blob name or None if the run failed the file, record) of everything the source holds."""
+def _candidates(deps: ActivityDeps, inp: PlanInput) -> Iterator[tuple[FetchItem, str | None]]:
+    """Each file the source holds as the blob to fetch, with why the run holds none of it (its error) or None."""
     if inp.run_id:
-        for rec in deps.work.iter_results(inp.run_id):
-            yield rec["path"], None if "error" in rec else blob_name(inp.prefix, rec["path"]), rec
+        for entry in deps.work.iter_results(inp.run_id):
+            name = "" if entry.error is not None else blob_name(inp.prefix, entry.path)
+            yield FetchItem(name, entry.path, entry.size, entry.md5, entry.mtime_ns), entry.error
         return
     client = deps.container_client(inp.container)
     start = f"{inp.prefix}/" if inp.prefix else None
@@ -106,15 +108,14 @@ def _candidates(deps: ActivityDeps, inp: PlanInput) -> Iterator[tuple[str, str |
         if is_reserved(blob.name):  # work files of multi-host runs, not backed-up content
             continue
         meta = blob.metadata or {}
-        yield blob.name[len(start or ""):], blob.name, {
-            "size": blob.size, "md5": b64(blob.content_settings.content_md5),
-            "mtime_ns": _int_or_none(meta.get(META_MTIME))}
+        yield FetchItem(blob.name, blob.name[len(start or ""):], blob.size, b64(blob.content_settings.content_md5),
+                        _int_or_none(meta.get(META_MTIME))), None
 
 
-def _int_or_none(value: Any) -> int | None:
+def _int_or_none(value: str | None) -> int | None:
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        return int(value) if value is not None else None
+    except ValueError:
         return None
 
 
@@ -135,12 +136,12 @@ class _Replaced(_Mismatch):
 
 def _existing(dest: DestDir, item: FetchItem, overwrite: bool) -> Outcome | None:
     """What the file already at the item's path decides (skipped or failed), or None: fetch it."""
-    st = dest.lstat(item.relpath)
+    st = dest.lstat(item.path)
     if st is None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return Outcome("failed", "destination exists and is not a regular file")
-    if item.md5 and st.st_size == item.size and dest.md5_b64(item.relpath) == item.md5:
+    if item.md5 and st.st_size == item.size and dest.md5_b64(item.path) == item.md5:
         return Outcome("skipped", "identical file exists", item.size)
     if not overwrite:
         return Outcome("failed", "destination exists and differs (use --overwrite)")
@@ -190,7 +191,7 @@ def _write(dest: DestDir, item: FetchItem, download: Callable[[int], BlobFacts])
         mtime_ns = item.mtime_ns if item.mtime_ns is not None else _int_or_none(meta.get(META_MTIME))
         return restored_mode(meta.get(META_MODE), dest.umask), mtime_ns
 
-    dest.write(item.relpath, fill)
+    dest.write(item.path, fill)
 
 
 def _write_content(fd: int, content: Got) -> BlobFacts:
@@ -243,13 +244,13 @@ def _start_small_downloads(deps: ActivityDeps, restore_id: str, container: str, 
     return dict(zip(small, deps.get_many(container, wanted, lambda: deps.cancelled(restore_id))))
 
 
-def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> dict[str, Any]:
+def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> PageResult[RestoreCounts]:
     client = deps.container_client(inp.container)
     dest = DestDir(inp.dest, temp_tag=restore_id)
-    result = {"files_restored": 0, "bytes_restored": 0, "files_done": 0, "bytes_done": 0}
-    failures, skipped = Listed(), Listed()
-    records: list[dict[str, Any]] = []
-    items = list(map(FetchItem._make, deps.work.read_page(restore_id, inp.page)))
+    counts = RestoreCounts()
+    failures, skipped = Capped(), Capped()
+    journal: list[RestoredFile] = []
+    items = deps.work.read_page(restore_id, inp.page, list[FetchItem])
     # the destination is checked before anything is fetched: a file already there is never downloaded
     checked = [_guarded(functools.partial(_existing, dest, item, inp.overwrite), deps.endpoint) for item in items]
     downloads = _start_small_downloads(deps, restore_id, inp.container, items, checked)
@@ -261,30 +262,32 @@ def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> dict[s
             break
         outcome = checked[index] or _guarded(
             functools.partial(_fetch, client, dest, item, deps.large_file_threads, got), deps.endpoint)
-        result["files_done"] += 1
-        result["bytes_done"] += item.size
+        assert outcome is not None
+        counts.files_done += 1
+        counts.bytes_done += item.size
         if outcome.kind == "restored":
-            result["files_restored"] += 1
-            result["bytes_restored"] += outcome.size
-            records.append({"path": item.relpath, "size": item.size})
+            counts.files_restored += 1
+            counts.bytes_restored += outcome.size
+            journal.append(RestoredFile(item.path, item.size))
         elif outcome.kind == "skipped":
-            skipped.add({"path": item.relpath, "reason": outcome.reason})
-            records.append({"path": item.relpath, "size": item.size, "skipped": outcome.reason})
+            skipped.add(item.path, reason=outcome.reason)
+            journal.append(RestoredFile(item.path, item.size, skipped=outcome.reason))
         else:
-            failures.add({"path": item.relpath, "error": outcome.reason})
-            records.append({"path": item.relpath, "error": outcome.reason})
-    deps.work.write_result(restore_id, inp.page, records)
-    return {**result, "files_skipped": skipped.count, "skipped": skipped.items,
-            "files_failed": failures.count, "failures": failures.items}
+            failures.add(item.path, error=outcome.reason)
+            journal.append(RestoredFile(item.path, error=outcome.reason))
+    deps.work.write_result(restore_id, inp.page, journal)
+    counts.files_skipped, counts.files_failed = skipped.count, failures.count
+    return PageResult(page=inp.page, counts=counts, failures=failures.items, skipped=skipped.items)
 
 
 def build_restore_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
     """The restore activities bound to *deps*, named with their durable names."""
 
-    def plan(ctx: task.ActivityContext, raw: dict[str, Any]) -> dict[str, Any]:
-        return plan_restore(deps, ctx.orchestration_id, PlanInput.from_dict(raw))
+    def plan(ctx: task.ActivityContext, raw: object) -> Any:
+        return to_wire(plan_restore(deps, ctx.orchestration_id, from_wire(raw, PlanInput, "the input of a plan")))
 
-    def batch(ctx: task.ActivityContext, raw: dict[str, Any]) -> dict[str, Any]:
-        return restore_page(deps, ctx.orchestration_id, FetchInput.from_dict(raw))
+    def batch(ctx: task.ActivityContext, raw: object) -> Any:
+        return to_wire(restore_page(deps, ctx.orchestration_id, from_wire(raw, FetchInput,
+                                                                          "the input of a restore batch")))
 
     return [activity(PLAN_RESTORE, plan), activity(RESTORE_BATCH, batch)]

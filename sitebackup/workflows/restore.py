@@ -13,33 +13,29 @@ from typing import Any
 
 from durabletask import task
 
+from sitebackup.model.codec import from_wire, to_wire
+from sitebackup.model.work import FetchInput, PlanInput, RestoreCounts, RestoreInput, Step
 from sitebackup.workflows.names import BATCH_RETRY, PLAN_RESTORE, RESTORE_BATCH, RESTORE_ORCHESTRATION
-from sitebackup.workflows.types import FetchInput, PlanInput, RestoreInput
-from sitebackup.workflows.window import Tally, min_pages
-
-TALLY = Tally(
-    kind=RESTORE_ORCHESTRATION,
-    counters=("files_total", "files_restored", "files_skipped", "files_failed", "bytes_total", "bytes_restored",
-              "files_done", "bytes_done"),
-    files_done=("files_done",),
-    bytes_done=("bytes_done",),
-    hidden=("files_done", "bytes_done"),
-)
+from sitebackup.workflows.window import batch_result, begin, min_pages, run_and_summarize, tally
 
 
-def restore_site_content(ctx: task.OrchestrationContext, raw: dict[str, Any]) -> Any:
-    inp = RestoreInput.from_dict(raw)
+def restore_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
+    inp = from_wire(raw, RestoreInput, "the input of a restore run")
     window = max(1, inp.options.concurrency)
-    state = yield from TALLY.begin(ctx, inp.state, "planning", PLAN_RESTORE, PlanInput(
-        container=inp.container, prefix=inp.prefix, run_id=inp.run_id, options=inp.options.to_dict(),
-        min_batches=min_pages(window, inp.options.shared), later_backups=inp.later_backups))
+    state = yield from begin(ctx, inp.state, RestoreCounts, "planning", PLAN_RESTORE, PlanInput(
+        container=inp.container, prefix=inp.prefix, run_id=inp.run_id, options=inp.options,
+        min_pages=min_pages(window, inp.options.shared), later_backups=inp.later_backups))
 
-    def schedule(page: int) -> task.Task[Any]:
-        return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=FetchInput(
-            dest=inp.dest, container=inp.container, page=page, overwrite=inp.options.overwrite))
+    def schedule(step: Step) -> task.Task[Any]:
+        return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=to_wire(FetchInput(
+            dest=inp.dest, container=inp.container, page=step.page, overwrite=inp.options.overwrite)))
 
-    return (yield from TALLY.run(ctx, raw, state, window, schedule, lambda result: TALLY.add(state, result),
-                                 "restoring", inp.source_label, inp.dest))
+    def on_result(raw_result: Any) -> None:
+        result = batch_result(raw_result, RestoreCounts)
+        tally(state, result.counts, result.failures, result.skipped)
+
+    return (yield from run_and_summarize(ctx, inp, state, window, schedule, on_result, "restoring",
+                                         RESTORE_ORCHESTRATION, inp.source_label, inp.dest))
 
 
 restore_site_content.__name__ = RESTORE_ORCHESTRATION

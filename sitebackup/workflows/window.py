@@ -1,10 +1,10 @@
 """The page kit backup and restore share: cutting pages as a scan or plan goes, the bounded window of batch activities,
 counters summed from results, the fixed-shape progress status and the summary.
 
-Orchestration side only, so deterministic: no I/O, no clocks but the context's. An orchestration's
-state is a plain JSON dict (it travels through continue-as-new); a ``Tally`` names its counters and
-says how they show as progress, so both workflows keep their own counter names (``files_uploaded``,
-``files_restored``) on the same code.
+Orchestration side only, so deterministic: no I/O, no clocks but the context's. An orchestration's state
+(``model.work.RunState``) travels through continue-as-new; its counters are the workflow's own
+(``BackupCounts``, ``RestoreCounts``), so both keep their words (``files_uploaded``, ``files_restored``)
+on the same code.
 """
 
 from __future__ import annotations
@@ -12,12 +12,25 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 from durabletask import task
 
+from sitebackup.model.codec import from_wire, to_wire
+from sitebackup.model.work import (
+    C,
+    Listed,
+    PageResult,
+    Planned,
+    Progress,
+    RunState,
+    Step,
+    Summary,
+    add_counts,
+    generic,
+    summary_to_wire,
+)
 from sitebackup.workflows.names import (
     BATCH_BYTES,
     BATCH_FILES,
@@ -86,152 +99,127 @@ def _taken(items: list[T]) -> Iterator[T]:
         yield items.pop()
 
 
-class Listed:
-    """A capped list of ``{"path", "error"|"reason"}`` entries, with the count of everything seen."""
+class Capped:
+    """A list of files capped at ``MAX_LISTED`` entries, with the count of every file added."""
 
     def __init__(self) -> None:
-        self.items: list[dict[str, str]] = []
+        self.items: list[Listed] = []
         self.count = 0
 
-    def add(self, entry: dict[str, str]) -> None:
+    def add(self, path: str, *, error: str | None = None, reason: str | None = None) -> None:
         self.count += 1
         if len(self.items) < MAX_LISTED:
-            self.items.append(entry)
+            self.items.append(Listed(path, error, reason))
 
 
-def merge_listed(listed: list[dict[str, str]], more: list[dict[str, str]]) -> None:
+def merge_listed(listed: list[Listed], more: list[Listed]) -> None:
     listed.extend(more[:max(0, MAX_LISTED - len(listed))])
 
 
-@dataclass(frozen=True)
-class Tally:
-    """The counters of one workflow: summed from every activity result, shown as progress, summarized."""
+def tally(state: RunState[C], counts: C, failures: list[Listed], skipped: list[Listed]) -> None:
+    """Sum a scan, plan or batch result into *state*; its failure and skip lists are merged, capped."""
+    add_counts(state.counts, counts)
+    merge_listed(state.failures, failures)
+    merge_listed(state.skipped, skipped)
 
-    kind: str  # the orchestration name: printers word their lines by it
-    counters: tuple[str, ...]
-    files_done: tuple[str, ...]  # counters that add up to the progress bar's files done
-    bytes_done: tuple[str, ...]
-    hidden: tuple[str, ...] = ()  # counters for progress only, not in the summary
 
-    def new_state(self, ctx: task.OrchestrationContext) -> dict[str, Any]:
-        state: dict[str, Any] = {name: 0 for name in self.counters}
-        state.update(started_at=ctx.current_utc_datetime.isoformat(), pages=0, next_page=0, retry_pages=[],
-                     failures=[], skipped=[])
+def set_progress(ctx: task.OrchestrationContext, progress: Progress) -> None:
+    ctx.set_custom_status(to_wire(progress))
+
+
+def begin(ctx: task.OrchestrationContext, state: RunState[C] | None, counts: type[C], phase: str, first: str,
+          first_input: object) -> Generator[task.Task[Any], Any, RunState[C]]:
+    """The run's state: carried over by continue-as-new, or new, counted from the *first* activity (the scan or
+    the plan), which writes the pages and returns their number."""
+    if state is not None:
         return state
-
-    def add(self, state: dict[str, Any], result: dict[str, Any]) -> None:
-        """Sum a scan, plan or batch result into *state*; its failure and skip lists are merged, capped."""
-        for name in self.counters:
-            state[name] = state.get(name, 0) + result.get(name, 0)
-        merge_listed(state["failures"], result.get("failures") or [])
-        merge_listed(state["skipped"], result.get("skipped") or [])
-
-    def status(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
-        """The fixed-shape custom status: small whatever the tree, so it never nears the 16 KB limit."""
-        return {
-            "phase": phase,
-            "files_done": sum(state.get(n, 0) for n in self.files_done),
-            "files_total": state["files_total"],
-            "bytes_done": sum(state.get(n, 0) for n in self.bytes_done),
-            "bytes_total": state["bytes_total"],
-            "files_failed": state["files_failed"],
-            "files_skipped": state["files_skipped"],
-            "files_unchanged": state.get("files_unchanged", 0),
-            "bytes_skipped": state.get("bytes_skipped", 0),
-        }
-
-    def begin(self, ctx: task.OrchestrationContext, state: dict[str, Any] | None, phase: str, first: str,
-              first_input: Any) -> Generator[task.Task[Any], Any, dict[str, Any]]:
-        """The run's state: carried over by continue-as-new, or new, counted from the *first* activity
-        (the scan or the plan), which writes the pages and returns their number."""
-        if state is not None:
-            return state
-        state = self.new_state(ctx)
-        ctx.set_custom_status(self.status(state, phase))
-        result = yield ctx.call_activity(first, input=first_input)
-        self.add(state, result)
-        state["pages"] = result["pages"]
-        state["done"] = result.get("done") or []
-        return state
-
-    def run(self, ctx: task.OrchestrationContext, raw: dict[str, Any], state: dict[str, Any], window: int,
-            schedule: Callable[[int], task.Task[Any]], on_result: Callable[[dict[str, Any]], None], phase: str,
-            source: str, destination: str) -> Generator[task.Task[Any], Any, dict[str, Any] | None]:
-        """This generation's pages through the window; then continue as new with *state* while pages
-        remain, or return the summary."""
-        more = yield from run_page_window(ctx, state, window, schedule, on_result,
-                                          lambda p: self.status(state, p), phase)
-        if more:
-            ctx.continue_as_new({**raw, "state": state})
-            return None
-        return self.summary(ctx, state, source, destination)
-
-    def summary(self, ctx: task.OrchestrationContext, state: dict[str, Any], source: str,
-                destination: str) -> dict[str, Any]:
-        """The orchestration's output, once its last page is done."""
-        started = datetime.fromisoformat(state["started_at"])
-        summary: dict[str, Any] = {"kind": self.kind}
-        summary.update((name, state.get(name, 0)) for name in self.counters if name not in self.hidden)
-        summary.update(source=source, destination=destination,
-                       duration_s=round((ctx.current_utc_datetime - started).total_seconds(), 3),
-                       failures=state["failures"], skipped=state["skipped"])
-        ctx.set_custom_status(self.status(state, "done"))
-        return summary
+    state = RunState(counts=counts(), started_at=ctx.current_utc_datetime.isoformat())
+    set_progress(ctx, Progress.of(state.counts, phase))
+    raw = yield ctx.call_activity(first, input=to_wire(first_input))
+    planned: Planned[C] = from_wire(raw, generic(Planned, counts), f"the result of {first}")
+    tally(state, planned.counts, planned.failures, planned.skipped)
+    state.pages, state.done = planned.pages, planned.done
+    return state
 
 
-def run_page_window(ctx: task.OrchestrationContext, state: dict[str, Any], window: int,
-                    schedule: Callable[[int], task.Task[Any]], on_result: Callable[[dict[str, Any]], None],
-                    status: Callable[[str], dict[str, Any]], phase: str) -> Generator[task.Task[Any], Any, bool]:
-    """Run this generation's pages (``state["next_page"]`` on, at most ``PAGES_PER_GENERATION``) through a
-    window of at most *window* activities, publishing ``status(phase)`` after every completion; returns
-    whether pages remain for the next generation (continue as new).
+def batch_result(raw: object, counts: type[C]) -> PageResult[C]:
+    """A batch activity's result, decoded (it crossed the durable history)."""
+    result: PageResult[C] = from_wire(raw, generic(PageResult, counts), "a batch activity's result")
+    return result
 
-    Used with ``yield from``. A page whose activity still fails after its retry policy is kept in
-    ``state["retry_pages"]``; scheduling stops, the window drains, and the orchestration waits in
-    ``WAITING_PHASE`` for the ``RESUME_EVENT`` before trying it again.
+
+def run_and_summarize(ctx: task.OrchestrationContext, inp: Any, state: RunState[C], window: int,
+                      schedule: Callable[[Step], task.Task[Any]], on_result: Callable[[Any], None], phase: str,
+                      kind: str, source: str, destination: str) -> Generator[task.Task[Any], Any, Any]:
+    """This generation's pages through the window; then continue as new with *state* in the input *inp* while
+    pages remain, or return the summary (its wire form)."""
+    more = yield from run_page_window(ctx, state, window, schedule, on_result,
+                                      lambda p: Progress.of(state.counts, p), phase)
+    if more:
+        inp.state = state
+        ctx.continue_as_new(to_wire(inp))
+        return None
+    started = datetime.fromisoformat(state.started_at)
+    set_progress(ctx, Progress.of(state.counts, "done"))
+    return summary_to_wire(Summary(kind=kind, counts=state.counts, source=source, destination=destination,
+                                   duration_s=round((ctx.current_utc_datetime - started).total_seconds(), 3),
+                                   failures=state.failures, skipped=state.skipped))
+
+
+def run_page_window(ctx: task.OrchestrationContext, state: RunState[C], window: int,
+                    schedule: Callable[[Step], task.Task[Any]], on_result: Callable[[Any], None],
+                    progress: Callable[[str], Progress], phase: str) -> Generator[task.Task[Any], Any, bool]:
+    """Run this generation's pages (``state.next_page`` on, at most ``PAGES_PER_GENERATION``) through a window
+    of at most *window* activities, publishing ``progress(phase)`` after every completion; returns whether
+    pages remain for the next generation (continue as new).
+
+    Used with ``yield from``. A step whose activity still fails after its retry policy is kept in
+    ``state.retry``; scheduling stops, the window drains, and the orchestration waits in ``WAITING_PHASE``
+    for the ``RESUME_EVENT`` before trying it again.
     """
-    ctx.set_custom_status(status(phase))
+    set_progress(ctx, progress(phase))
     in_flight: list[task.Task[Any]] = []
-    pages_in_flight: list[int] = []
-    state.setdefault("retry_pages", [])
+    steps_in_flight: list[Step] = []
     _skip_done(state)
-    error: dict[str, str] | None = None
-    last_page = min(state["pages"], state["next_page"] + PAGES_PER_GENERATION)
-    while state["next_page"] < last_page or in_flight or state["retry_pages"]:
-        if error is None:
-            while len(in_flight) < window and (state["retry_pages"] or state["next_page"] < last_page):
-                if state["retry_pages"]:
-                    page = state["retry_pages"].pop(0)
+    failure: tuple[str, str] | None = None  # why the last failed step failed: (message, error type)
+    last_page = min(state.pages, state.next_page + PAGES_PER_GENERATION)
+    while state.next_page < last_page or in_flight or state.retry:
+        if failure is None:
+            while len(in_flight) < window and (state.retry or state.next_page < last_page):
+                if state.retry:
+                    step = state.retry.pop(0)
                 else:
-                    page, state["next_page"] = state["next_page"], state["next_page"] + 1
+                    step = Step(state.next_page)
+                    state.next_page += 1
                     _skip_done(state)
-                in_flight.append(schedule(page))
-                pages_in_flight.append(page)
+                in_flight.append(schedule(step))
+                steps_in_flight.append(step)
         elif not in_flight:
             # everything in flight has settled: wait, with nothing leased, until someone resumes
-            state["waits"] = state.get("waits", 0) + 1
-            ctx.set_custom_status({**status(WAITING_PHASE), **error, "waits": state["waits"]})
+            state.waits += 1
+            waiting = progress(WAITING_PHASE)
+            waiting.error, waiting.error_type, waiting.waits = failure[0], failure[1], state.waits
+            set_progress(ctx, waiting)
             yield ctx.wait_for_external_event(RESUME_EVENT)
-            error = None
-            ctx.set_custom_status(status(phase))
+            failure = None
+            set_progress(ctx, progress(phase))
             continue
         done = yield task.when_any(in_flight)
         index = in_flight.index(done)
         in_flight.pop(index)
-        page = pages_in_flight.pop(index)
+        step = steps_in_flight.pop(index)
         if done.is_failed:
-            state["retry_pages"].append(page)
+            state.retry.append(step)
             details = done.get_exception().details
-            error = {"error": details.message, "error_type": details.error_type}
+            failure = (details.message, details.error_type)
             continue
         on_result(done.get_result())
-        ctx.set_custom_status(status(phase))
-    return state["next_page"] < state["pages"]
+        set_progress(ctx, progress(phase))
+    return state.next_page < state.pages
 
 
-def _skip_done(state: dict[str, Any]) -> None:
-    """Move ``state["next_page"]`` past the pages the first activity finished itself (``state["done"]``: sorted
-    [first, last + 1] ranges, dropped as they are passed)."""
-    done = state.get("done")
-    while done and done[0][0] <= state["next_page"]:
-        state["next_page"] = max(state["next_page"], done.pop(0)[1])
+def _skip_done(state: RunState[C]) -> None:
+    """Move ``state.next_page`` past the pages the first activity finished itself (``state.done``, sorted, dropped
+    as they are passed)."""
+    while state.done and state.done[0].first <= state.next_page:
+        state.next_page = max(state.next_page, state.done.pop(0).end)

@@ -1,0 +1,110 @@
+"""What a backup run records of each file, and what a run's record as a whole says of the run.
+
+A run's record is its ``FileEntry`` lines, written page by page as the copies finish, in walk order
+(``local.scan.walk_key``): restore, verify, prune and the next run's incremental comparison read it.
+Its JSON keys are the ones every earlier version wrote, so a record written before still loads
+(tests/cli/test_model_schema.py pins them).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from sitebackup.model.codec import FORMAT_VERSION
+
+
+def check_relpath(path: str) -> None:
+    """Refuse a recorded path that could name something outside the tree it was recorded under."""
+    if not path or path.startswith("/") or "\x00" in path:
+        raise ValueError(f"bad path {path!r}")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(f"bad path {path!r}")
+
+
+class FileEntry(msgspec.Struct, omit_defaults=True):
+    """One file of a run's record: the version of it the container holds for this run, or why it has none.
+
+    ``md5`` and ``etag`` name the stored copy (the current blob while it still has that Content-MD5, else
+    the snapshot a later run kept of it: ``blob.history.choose``); ``error`` says the run could not back
+    the file up (then nothing of this run is stored for it); ``unchanged`` says the run found it as the
+    run before recorded it and sent nothing.
+    """
+
+    path: str  # '/'-separated, relative to the source root
+    size: int = 0
+    mtime_ns: int = 0
+    md5: str | None = None  # base64, as Azure reports Content-MD5
+    tier: str | None = None  # the access tier the upload set; None: the account's default
+    etag: str | None = None  # of the blob as the upload left it
+    unchanged: bool = False
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        check_relpath(self.path)
+
+    @property
+    def stored(self) -> bool:
+        """Whether the run holds a copy of the file in the container."""
+        return self.error is None and self.md5 is not None
+
+
+class PriorCopy(msgspec.Struct, array_like=True, frozen=True):
+    """What the baseline run recorded at a blob name (its Content-MD5 and, when recorded, its ETag): the
+    content an upload over that name must keep as a snapshot unless it is the same (``blob.upload.replace``)."""
+
+    md5: str
+    etag: str | None = None
+
+    @classmethod
+    def of(cls, entry: FileEntry | None) -> PriorCopy | None:
+        return cls(entry.md5, entry.etag) if entry is not None and entry.md5 else None
+
+
+class RestoredFile(msgspec.Struct, omit_defaults=True):
+    """One file of a restore's page journal: restored, skipped (why) or failed (why)."""
+
+    path: str
+    size: int = 0
+    skipped: str | None = None
+    error: str | None = None
+
+
+class PageSeal(msgspec.Struct, array_like=True, frozen=True):
+    """One page of a run's record as its header names it: number, SHA-256 (hex) and size of its bytes."""
+
+    page: int
+    sha256: str
+    size: int
+
+
+class RunRecord(msgspec.Struct, kw_only=True):
+    """The header of a backup run's record: which run, of which job, how it ended, and its pages.
+
+    Written last, once every page is written: a record without one is unfinished, and a page whose bytes
+    do not hash as its seal says is damaged."""
+
+    format: int = FORMAT_VERSION
+    tool: str
+    run_id: str
+    host: str
+    source: str
+    container: str
+    prefix: str = ""
+    endpoint: str | None = None
+    started: str  # ISO 8601, UTC
+    finished: str
+    status: str  # the durable runtime status the run ended with (COMPLETED, FAILED, TERMINATED)
+    files: int = 0
+    files_failed: int = 0
+    bytes: int = 0
+    pages: list[PageSeal] = msgspec.field(default_factory=list)
+
+
+class PruneMark(msgspec.Struct, kw_only=True):
+    """The mark ``prune`` leaves on a run it drops, before anything of it is deleted: the journal a killed
+    prune resumes from, then the tombstone that lets ``restore ID`` say the run was pruned."""
+
+    at: str  # ISO 8601, UTC
+    container: str = ""
+    prefix: str = ""

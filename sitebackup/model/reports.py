@@ -1,0 +1,144 @@
+"""What commands hand to printers and to ``--json``: a run starting, a run's status and list row, and the
+reports of verify, prune, purge and a backup's dry run.
+
+Their field names are the keys of the JSON objects ``--json`` prints (``codec.to_wire``), which scripts read.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from sitebackup.model.work import Progress
+
+
+class RunStart(msgspec.Struct, kw_only=True):
+    """A run a command starts, resumes or attaches to: the first event of ``--json``."""
+
+    instance_id: str
+    source: str
+    destination: str
+    endpoint: str | None = None
+    resumed: bool = False
+    attached: bool = False  # another live process hosts it: this one only shows its progress
+    action: str = "Backing up"  # how the bar names what it does
+
+
+class Failure(msgspec.Struct):
+    """Why a run failed, as the durable runtime recorded it (redacted)."""
+
+    type: str
+    message: str
+
+
+class RunInfo(msgspec.Struct, kw_only=True):
+    """Everything ``status`` shows of a run."""
+
+    instance_id: str
+    kind: str
+    runtime_status: str
+    source: str | None
+    destination: str | None
+    endpoint: str | None
+    custom_status: Progress | None
+    output: object  # the orchestration's output as stored: a summary's flat object, or what `cancel` left
+    created_at: str
+    last_updated_at: str
+    duration_s: float
+    last_progress_at: str
+    idle_s: float | None = None
+    stalled: bool | None = None
+    worker_attached: bool | None = None
+    failure: Failure | None = None
+
+
+class RunRow(msgspec.Struct, kw_only=True):
+    """One line of ``list``."""
+
+    instance_id: str
+    kind: str
+    runtime_status: str
+    restorable: str | None  # backups: yes, partial, pruned or no
+    source: str | None
+    destination: str | None
+    files: int
+    files_total: int
+    bytes: int
+    created_at: str
+    duration_s: float
+    worker_attached: bool | None
+
+
+class Mismatch(msgspec.Struct):
+    """A file of a run whose stored copy (or, with --local, whose source file) does not match the record."""
+
+    path: str
+    blob: str
+    problem: str
+
+
+class VerifyReport(msgspec.Struct, kw_only=True):
+    run_id: str
+    container: str
+    prefix: str
+    source: str
+    local: bool
+    download: bool
+    files_checked: int
+    files_ok: int
+    files_mismatched: int
+    files_not_backed_up: int
+
+
+class KeptRun(msgspec.Struct, kw_only=True):
+    instance_id: str
+    created_at: str
+    reasons: list[str]
+
+
+class RemovedRun(msgspec.Struct, kw_only=True):
+    instance_id: str
+    created_at: str
+    reason: str
+
+
+class PruneReport(msgspec.Struct, kw_only=True):
+    container: str
+    prefix: str
+    dry_run: bool
+    kept: list[KeptRun]
+    removed: list[RemovedRun]
+    unfinished: list[str]
+    blobs_removed: int
+    snapshots_removed: int
+    bytes_removed: int
+
+
+class PurgeReport(msgspec.Struct, kw_only=True):
+    purged: list[str]  # run ids
+    records_kept: bool  # under a task hub without storage credentials, the records in the containers stay
+    backups_kept: list[str]  # completed backups, left to `prune`
+
+
+class DryRunItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One file of a backup's ``--dry-run``: what a run would do with it (upload, unchanged, skip, fail)."""
+
+    action: str
+    path: str
+    size: int | None = None
+    reason: str | None = None
+    error: str | None = None
+
+
+class DryRunTotals(msgspec.Struct, kw_only=True):
+    """What a backup's ``--dry-run`` found in all."""
+
+    dry_run: bool = True
+    source: str
+    destination: str
+    baseline: str | None
+    files_to_upload: int = 0
+    bytes_to_upload: int = 0
+    files_unchanged: int = 0
+    bytes_skipped: int = 0
+    files_skipped: int = 0
+    files_failed: int = 0

@@ -1,0 +1,483 @@
+"""The values a run's work is made of: orchestration and activity inputs, work pages, page results, the
+orchestration's carried state, its progress status and its summary.
+
+Inputs carry paths and options only (they are stored durably: never a credential). Work pages are
+written by the scan (backup) or the plan (restore) and read by one batch activity each; only page
+numbers, counters and short capped lists travel through the durable history. Page items are JSON arrays
+(``array_like``): a page of a million-file run holds thousands of them.
+
+Both workflows share the page window (``workflows.window``) over their own counters, ``BackupCounts``
+and ``RestoreCounts``, so their summaries keep their own words (``files_uploaded``, ``files_restored``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import msgspec
+
+from sitebackup.model.codec import from_wire, to_wire
+from sitebackup.model.records import FileEntry, PriorCopy
+
+MIB = 1024 * 1024
+# On Azurite requests, not bytes, cost: large files go up faster in 32 MiB ranges than in 8 MiB ones, with
+# less CPU and RSS (benchmarks/bench_upload.py --dataset large); memory stays bounded by
+# workflows.blocks.IN_MEMORY_BYTES whatever the size.
+DEFAULT_BLOCK_SIZE = 32 * MIB
+
+# ----------------------------------------------------------------------------- options
+
+
+class UploadSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """What shapes every upload of a run, built once from the command line and read where an upload is
+    made (``blob.upload``, ``workflows.blocks``): a new upload option is a field here, its click option,
+    and the line that applies it."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE  # files over workflows.blocks.threshold(this) go up as block ranges
+    tier: str | None = None  # access tier set with every upload (blob.upload.ACCESS_TIERS); None: account default
+
+
+class BackupOptions(msgspec.Struct, kw_only=True):
+    concurrency: int  # batch activities in flight
+    compare: str = "mtime"  # local.incremental.MODE_*
+    patterns: list[str] = msgspec.field(default_factory=list)  # gitignore-style, see local.filters
+    follow_symlinks: bool = False
+    upload: UploadSpec = msgspec.field(default_factory=UploadSpec)
+    shared: bool = False  # workers on other hosts take pages too (a task hub): cut finer so that each gets some
+
+
+class RestoreOptions(msgspec.Struct, kw_only=True):
+    concurrency: int
+    overwrite: bool = False
+    include: list[str] = msgspec.field(default_factory=list)
+    exclude: list[str] = msgspec.field(default_factory=list)
+    shared: bool = False  # as BackupOptions.shared
+
+
+# ----------------------------------------------------------------------------- counters, progress, summary
+
+
+class Listed(msgspec.Struct, omit_defaults=True):
+    """A file named in a capped list of failures (``error``) or of files left out on purpose (``reason``)."""
+
+    path: str
+    error: str | None = None
+    reason: str | None = None
+
+
+class BackupCounts(msgspec.Struct, kw_only=True):
+    """What a backup (or one of its pages) adds up to. An unchanged file is a skipped one too: skipped
+    counts what was not uploaded on purpose, unchanged what of that the last run holds."""
+
+    verb: ClassVar[str] = "uploaded"
+    files_total: int = 0
+    files_uploaded: int = 0
+    files_skipped: int = 0
+    files_failed: int = 0
+    bytes_total: int = 0
+    bytes_uploaded: int = 0
+    files_unchanged: int = 0
+    bytes_skipped: int = 0
+
+    @property
+    def files_copied(self) -> int:
+        return self.files_uploaded
+
+    @property
+    def bytes_copied(self) -> int:
+        return self.bytes_uploaded
+
+    @property
+    def files_done(self) -> int:
+        # unchanged files count as done so the bar reaches its total
+        return self.files_uploaded + self.files_failed + self.files_unchanged
+
+    @property
+    def bytes_done(self) -> int:
+        return self.bytes_uploaded + self.bytes_skipped
+
+
+class RestoreCounts(msgspec.Struct, kw_only=True):
+    """What a restore (or one of its pages) adds up to; ``files_done``/``bytes_done`` count every file
+    dealt with (restored, skipped or failed), for the progress bar."""
+
+    verb: ClassVar[str] = "restored"
+    files_total: int = 0
+    files_restored: int = 0
+    files_skipped: int = 0
+    files_failed: int = 0
+    bytes_total: int = 0
+    bytes_restored: int = 0
+    files_done: int = 0
+    bytes_done: int = 0
+
+    @property
+    def files_copied(self) -> int:
+        return self.files_restored
+
+    @property
+    def bytes_copied(self) -> int:
+        return self.bytes_restored
+
+    @property
+    def files_unchanged(self) -> int:
+        return 0
+
+    @property
+    def bytes_skipped(self) -> int:
+        return 0
+
+
+class Counts(Protocol):
+    """What the page window needs of a workflow's counters."""
+
+    __struct_fields__: ClassVar[tuple[str, ...]]
+    verb: ClassVar[str]
+    files_total: int
+    files_skipped: int
+    files_failed: int
+    bytes_total: int
+
+    @property
+    def files_copied(self) -> int: ...
+
+    @property
+    def bytes_copied(self) -> int: ...
+
+    @property
+    def files_done(self) -> int: ...
+
+    @property
+    def bytes_done(self) -> int: ...
+
+    @property
+    def files_unchanged(self) -> int: ...
+
+    @property
+    def bytes_skipped(self) -> int: ...
+
+
+C = TypeVar("C", bound=Counts)
+
+
+def add_counts(total: C, more: C) -> None:
+    """Add *more*'s counters into *total*."""
+    for name in total.__struct_fields__:
+        setattr(total, name, getattr(total, name) + getattr(more, name))
+
+
+class Progress(msgspec.Struct, kw_only=True):
+    """The orchestration's custom status: a fixed shape, small whatever the tree (the limit is 16 KB).
+
+    A run parked until ``sitebackup resume`` (``phase`` is ``workflows.names.WAITING_PHASE``) says why
+    (``error``, ``error_type``) and how many times it has waited (``waits``)."""
+
+    phase: str
+    files_done: int = 0
+    files_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_failed: int = 0
+    files_skipped: int = 0
+    files_unchanged: int = 0
+    bytes_skipped: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    waits: int | None = None
+
+    @classmethod
+    def of(cls, counts: Counts, phase: str) -> Progress:
+        return cls(phase=phase, files_done=counts.files_done, files_total=counts.files_total,
+                   bytes_done=counts.bytes_done, bytes_total=counts.bytes_total, files_failed=counts.files_failed,
+                   files_skipped=counts.files_skipped, files_unchanged=counts.files_unchanged,
+                   bytes_skipped=counts.bytes_skipped)
+
+
+class Summary(msgspec.Struct, Generic[C], kw_only=True):
+    """How a run ended: the orchestration's output (``counts``, where, how long, capped failure and skip
+    lists), completed by the command that watched it with the run's id and durable status (and, when it
+    did not complete, why). On the wire (the durable output, ``--json``) it is one flat object: the
+    counters beside the other fields, as ``summary_to_wire`` writes it."""
+
+    kind: str  # the orchestration's durable name (workflows.names)
+    counts: C
+    source: str = ""
+    destination: str = ""
+    duration_s: float = 0.0
+    failures: list[Listed] = msgspec.field(default_factory=list)
+    skipped: list[Listed] = msgspec.field(default_factory=list)
+    instance_id: str = ""
+    runtime_status: str = ""
+    cancelled: bool = False  # `sitebackup cancel` ended it
+    error: str | None = None
+    error_type: str | None = None
+    resumable: bool = False  # parked until `sitebackup resume`
+    detached: bool = False  # --detach: scheduled, not watched
+
+
+def summary_to_wire(summary: Summary[Any]) -> dict[str, Any]:
+    """The flat JSON object of a summary: its counters, then the other fields."""
+    wire: dict[str, Any] = to_wire(summary)
+    return {"instance_id": wire.pop("instance_id"), "kind": wire.pop("kind"),
+            "runtime_status": wire.pop("runtime_status"), **wire.pop("counts"), **wire}
+
+
+def summary_from_wire(raw: object, counts: type[C], what: str) -> Summary[C]:
+    """A summary from its flat JSON object (the durable output of an orchestration)."""
+    fields = raw if isinstance(raw, dict) else {}
+    nested = {key: value for key, value in fields.items() if key not in counts.__struct_fields__}
+    nested["counts"] = {key: fields[key] for key in counts.__struct_fields__ if key in fields}
+    return from_wire(nested, generic(Summary, counts), what)
+
+
+def generic(kind: type[Any], counts: type[C]) -> Any:
+    """*kind* (a model type generic in its counters) over *counts*, as a type to decode into."""
+    return kind[counts]
+
+
+# ----------------------------------------------------------------------------- backup pages
+
+
+class CopyItem(msgspec.Struct, array_like=True):
+    """One file of a copy page: to upload (over ``prior``, what the baseline recorded at its name, kept as a
+    snapshot when the bytes differ), or, with ``previous`` set, as the baseline recorded it: unchanged,
+    unless ``check`` says its content must be hashed to tell (``--checksum``)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    previous: FileEntry | None = None
+    check: bool = False
+    prior: PriorCopy | None = None
+
+
+class FileRef(msgspec.Struct, array_like=True, frozen=True):
+    """A file as the scan saw it: path, size and modification time."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+class RangePage(msgspec.Struct, kw_only=True):
+    """A page holding one block range of a large file (``workflows.blocks``); the first range's page also
+    says why a range failed (``failed``), where the file's commit finds it."""
+
+    file: FileRef
+    range: int
+    ranges: int
+    block_size: int
+    first_page: int
+    failed: str | None = None
+    prior: PriorCopy | None = msgspec.field(default=None, name="held")
+
+
+CopyPage = list[CopyItem] | RangePage
+
+
+class ScanInput(msgspec.Struct, kw_only=True):
+    source: str
+    min_pages: int = msgspec.field(default=1, name="min_batches")
+    baseline: str | None = None
+    compare: str = "mtime"
+    patterns: list[str] = msgspec.field(default_factory=list)
+    follow_symlinks: bool = False
+    upload: UploadSpec = msgspec.field(default_factory=UploadSpec)
+
+
+class CommitOrder(msgspec.Struct, kw_only=True, frozen=True):
+    """What a large file's commit is handed from its ranges' results (``workflows.blocks``): the id each range
+    staged, and from the first range the file's MD5 and the digest of the block ids it hashed with it."""
+
+    md5: str | None = None
+    blocks: list[str | None] | None = None
+    digest: str | None = None
+
+
+class CopyInput(msgspec.Struct, kw_only=True):
+    """One copy activity: page ``page``, or (``commit`` set) the commit of the large file whose first range
+    page is ``page``."""
+
+    source: str
+    container: str
+    prefix: str = ""
+    page: int = 0
+    upload: UploadSpec = msgspec.field(default_factory=UploadSpec)
+    commit: CommitOrder | None = None
+
+
+class RangeReport(msgspec.Struct, kw_only=True):
+    """What a range page's copy reports for its file's commit: which file, which range, the block id staged
+    (None when it failed); the first range also the file's MD5 and the digest of the block ids it hashed."""
+
+    first_page: int
+    ranges: int
+    range: int = 0
+    block_id: str | None = None
+    md5: str | None = None
+    digest: str | None = None
+    sent: bool = False  # False: the service already held a block of that id (the same bytes)
+
+
+class PageResult(msgspec.Struct, Generic[C], kw_only=True):
+    """What one batch activity reports: its counters, capped lists, and for a block range what its commit needs."""
+
+    page: int
+    counts: C
+    failures: list[Listed] = msgspec.field(default_factory=list)
+    skipped: list[Listed] = msgspec.field(default_factory=list)
+    range: RangeReport | None = None
+    commit: bool = False  # the result of a large file's commit (``CopyInput.commit``)
+    cancelled: bool = False  # stopped by `sitebackup cancel` before it sent anything
+
+
+class Span(msgspec.Struct, array_like=True):
+    """Pages ``first`` to ``end - 1``."""
+
+    first: int
+    end: int
+
+
+class Planned(msgspec.Struct, Generic[C], kw_only=True):
+    """What the first activity (the scan, or restore's plan) reports: how many pages it wrote, which of them
+    it recorded itself (``done``: nothing left to copy), its counters and capped lists."""
+
+    pages: int
+    counts: C
+    done: list[Span] = msgspec.field(default_factory=list)
+    failures: list[Listed] = msgspec.field(default_factory=list)
+    skipped: list[Listed] = msgspec.field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- restore pages
+
+
+class FetchItem(msgspec.Struct, array_like=True):
+    """One blob of a restore page: the current blob, or (``snapshot`` set) the snapshot holding the recorded version."""
+
+    name: str
+    path: str
+    size: int
+    md5: str | None
+    mtime_ns: int | None
+    snapshot: str | None = None
+
+
+class PlanInput(msgspec.Struct, kw_only=True):
+    container: str
+    prefix: str = ""
+    run_id: str | None = None
+    options: RestoreOptions
+    min_pages: int = msgspec.field(default=1, name="min_batches")
+    # True: listings find each file's copy (current blob or snapshot) as the pages are planned; False (no
+    # backup of these names since the run): the current blobs are read, and one found replaced is looked up alone
+    later_backups: bool = True
+
+
+class FetchInput(msgspec.Struct, kw_only=True):
+    dest: str
+    container: str
+    page: int
+    overwrite: bool = False
+
+
+# ----------------------------------------------------------------------------- orchestrations
+
+
+class Step(msgspec.Struct, array_like=True, frozen=True):
+    """One activity of the page window: page ``page``'s batch, or (``commit``) the commit of the large file
+    whose first range page it is."""
+
+    page: int
+    commit: bool = False
+
+
+class LargeFile(msgspec.Struct, kw_only=True):
+    """A large file whose ranges are in flight: how many are left, and what they reported for its commit."""
+
+    ranges_left: int
+    blocks: list[str | None]
+    md5: str | None = None
+    digest: str | None = None
+
+
+class RunState(msgspec.Struct, Generic[C], kw_only=True):
+    """What an orchestration carries across continue-as-new: its counters and lists, and where its page window is."""
+
+    counts: C
+    started_at: str  # ISO 8601, from the orchestration context's clock
+    pages: int = 0
+    next_page: int = 0
+    done: list[Span] = msgspec.field(default_factory=list)  # pages the first activity recorded, dropped as passed
+    retry: list[Step] = msgspec.field(default_factory=list)  # steps to schedule before the next page
+    failures: list[Listed] = msgspec.field(default_factory=list)
+    skipped: list[Listed] = msgspec.field(default_factory=list)
+    waits: int = 0  # times the run has waited for `resume`
+    large: dict[int, LargeFile] = msgspec.field(default_factory=dict)  # by first range page
+
+
+class BackupInput(msgspec.Struct, kw_only=True):
+    source: str
+    container: str
+    prefix: str = ""
+    endpoint: str | None = None  # a label for messages and baseline matching, never a secret
+    options: BackupOptions
+    baseline: str | None = None  # the run whose record decides what is unchanged
+    state: RunState[BackupCounts] | None = None  # carried across continue-as-new
+
+    @property
+    def destination(self) -> str:
+        return f"{self.container}/{self.prefix}" if self.prefix else self.container
+
+    @property
+    def label(self) -> RunLabel:
+        return RunLabel(source=self.source, container=self.container, prefix=self.prefix, endpoint=self.endpoint)
+
+
+class RestoreInput(msgspec.Struct, kw_only=True):
+    dest: str
+    container: str
+    prefix: str = ""
+    run_id: str | None = None  # a backup run's record, or (None) whatever the container holds under prefix
+    endpoint: str | None = None
+    options: RestoreOptions
+    source: str = ""  # a label for `status` and `list`, which show every run's source
+    state: RunState[RestoreCounts] | None = None
+    # a backup after the run may have replaced its blobs (see PlanInput); False only for the newest run
+    later_backups: bool = True
+
+    @property
+    def source_label(self) -> str:
+        where = f"{self.container}/{self.prefix}" if self.prefix else self.container
+        return f"{where} (run {self.run_id})" if self.run_id else where
+
+    @property
+    def label(self) -> RunLabel:
+        return RunLabel(source=self.source, container=self.container, prefix=self.prefix, endpoint=self.endpoint,
+                        dest=self.dest, run_id=self.run_id)
+
+
+class RunLabel(msgspec.Struct, kw_only=True):
+    """What commands read of any run's input to find, match and show it: where from and where to. Decoded
+    without the run's options and carried state, whose shapes may be another version's."""
+
+    source: str = ""  # a backup's source directory; a restore's label of what it restores
+    container: str = ""
+    prefix: str = ""
+    endpoint: str | None = None
+    dest: str | None = None  # a restore's destination directory
+    run_id: str | None = None  # the backup run a restore restores
+
+    @property
+    def destination(self) -> str:
+        if self.dest is not None:
+            return self.dest
+        return f"{self.container}/{self.prefix}" if self.prefix else self.container
+
+    def same_backup(self, other: RunLabel) -> bool:
+        """The same source to the same destination: one run at a time, and the baseline of the next."""
+        return (self.source, self.container, self.prefix) == (other.source, other.container, other.prefix)
+
+    def same_restore(self, other: RunLabel) -> bool:
+        return (self.dest, self.container, self.prefix, self.run_id) == \
+            (other.dest, other.container, other.prefix, other.run_id)
