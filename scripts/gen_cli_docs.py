@@ -1,7 +1,7 @@
 """Write docs/cli.md, the command reference, from the click commands themselves and the exit-code table.
 
 Run from anywhere: `python scripts/gen_cli_docs.py` rewrites docs/cli.md; `--check` changes nothing and
-exits 1 when the file is not what the commands say now (tests/test_docs_cli.py runs the same comparison).
+exits 1 when the file is not what the commands say now (tests/cli/test_docs_cli.py runs the same comparison).
 
 Only the public click objects are read (the group `sitebackup.cli.cli` and its commands), so moving a
 command to another module changes nothing here. The help is rendered at a fixed width, never the
