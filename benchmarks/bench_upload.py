@@ -1,7 +1,7 @@
 """Benchmark: `sitebackup` backup and restore against plain Python peers, rclone and AzCopy on Azurite.
 
 Run: .venv/bin/python benchmarks/bench_upload.py [--dataset small,medium,large] [--ops backup,restore]
-     [--repeat 3] [--tree PATH] [--tools ...] [--write-readme]
+     [--repeat 3] [--tree PATH] [--tools ...] [--write-docs]
 (the asyncio peers need aiohttp: `pip install -e .[bench]`; the peers are in benchmarks/peers.py).
 
 Datasets are generated once from a fixed seed under --data-dir; `--tree PATH` measures any directory too.
@@ -51,6 +51,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+PERFORMANCE_PAGE = ROOT / "docs" / "performance.md"  # --write-docs rewrites a block of it
 sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 import peers  # noqa: E402
 import report  # noqa: E402
@@ -601,12 +602,13 @@ def main() -> None:
     parser.add_argument("--base-src", type=Path,
                         help="a checkout (git worktree) whose sitebackup runs as tool 'sitebackup-base', for A/B")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state dirs)")
-    parser.add_argument("--write-readme", action="store_true",
-                        help="replace the README block between <!-- NAME:begin --> and <!-- NAME:end --> with this table")
-    parser.add_argument("--readme-block", default="bench", help="the NAME of that block (default bench)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="replace the block between <!-- NAME:begin --> and <!-- NAME:end --> in docs/performance.md "
+                             "with this table")
+    parser.add_argument("--docs-block", default="bench", help="the NAME of that block (default bench)")
     parser.add_argument("--save", type=Path, help="also write the results as JSON to this file")
     parser.add_argument("--load", type=Path, action="append", default=[],
-                        help="measure nothing: show (and with --write-readme, write) saved results; repeatable, "
+                        help="measure nothing: show (and with --write-docs, write) saved results; repeatable, "
                              "the runs' rows one after the other")
     args = parser.parse_args()
     args.dataset = [d for d in args.dataset.split(",") if d]
@@ -621,8 +623,8 @@ def main() -> None:
     for tree in args.tree:
         if not tree.is_dir():
             parser.error(f"--tree {tree}: not a directory")
-    if args.write_readme and not report.MARKER_NAME.fullmatch(args.readme_block):
-        parser.error("--readme-block: lowercase letters, digits and hyphens")
+    if args.write_docs and not report.MARKER_NAME.fullmatch(args.docs_block):
+        parser.error("--docs-block: lowercase letters, digits and hyphens")
     args.sitebackup_args = args.sitebackup_args.split()
     args.restore_args = args.restore_args.split()
     runs = [run for path in args.load for run in saved_runs(path)] or [measure(args)]
@@ -630,11 +632,11 @@ def main() -> None:
         args.save.write_text(json.dumps(runs, indent=1))
     table = report.render([Row(**r) for run in runs for r in run["rows"]])
     print(table)
-    if args.write_readme:
+    if args.write_docs:
         content = report.block(table, when=datetime.fromisoformat(runs[0]["started"]), machine_line=runs[0]["machine"],
                                commands=[run["command"] for run in runs])
-        report.write_readme(ROOT / "README.md", args.readme_block, content)
-        print(f"# README.md: block {args.readme_block!r} rewritten", file=sys.stderr)
+        report.write_block(PERFORMANCE_PAGE, args.docs_block, content)
+        print(f"# {PERFORMANCE_PAGE.relative_to(ROOT)}: block {args.docs_block!r} rewritten", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def test_corrupted_state_database_is_a_clear_error_and_left_untouched(cli, state
 
 
 def test_source_without_read_permission_is_reported(cli_env, tmp_path, blob_service, container_name):
-    # unreadable directories inside the tree: tests/test_cron.py; here the source itself
+    # unreadable directories inside the tree: tests/backup/test_incremental_runs.py; here the source itself
     src = write_tree(tmp_path / "site", {"a.txt": b"a"})
     src.chmod(0o000)
     try:

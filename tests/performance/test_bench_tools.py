@@ -1,4 +1,4 @@
-"""The benchmark's own logic: its tables, the README block it rewrites, its datasets and its walk."""
+"""The benchmark's own logic: its tables, the docs/performance.md blocks it rewrites, its datasets and its walk."""
 
 from __future__ import annotations
 
@@ -100,10 +100,19 @@ def test_replace_block_refuses_missing_doubled_or_backwards_markers(text: str):
         report.replace_block(text, "bench", "table")
 
 
-def test_the_readme_has_each_benchmark_block_once():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_the_performance_page_has_each_benchmark_block_once_and_the_readme_none():
+    assert bench_upload.PERFORMANCE_PAGE == ROOT / "docs" / "performance.md"
+    text = bench_upload.PERFORMANCE_PAGE.read_text(encoding="utf-8")
     for name in ("bench", "bench-scale"):
         report.replace_block(text, name, "x")  # raises unless the markers are there, once each, in order
+    assert "<!-- bench" not in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_write_block_rewrites_only_that_block(tmp_path: Path):
+    page = tmp_path / "performance.md"
+    page.write_text("# Performance\n<!-- bench:begin -->\nold\n<!-- bench:end -->\ntext\n", encoding="utf-8")
+    report.write_block(page, "bench", "| new |")
+    assert page.read_text(encoding="utf-8") == "# Performance\n<!-- bench:begin -->\n| new |\n<!-- bench:end -->\ntext\n"
 
 
 def test_block_names_date_machine_and_command():

@@ -1,5 +1,6 @@
 """contrib/systemd: the service and timer pair pass `systemd-analyze verify` (when the machine has it; their
-structure is checked either way), and the command line they run is one sitebackup accepts."""
+structure is checked either way), their Documentation= is this project's docs as installed, and the command line
+they run is one sitebackup accepts."""
 
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ def test_units_pass_systemd_analyze_verify_and_have_the_required_structure(tmp_p
         assert service[key] == value, key
     assert service["CapabilityBoundingSet"] == "CAP_DAC_READ_SEARCH"
     assert service["ExecStart"].startswith("/")
+
+    # the docs that ship with it: a page of docs/, where that page's install steps copy docs/ to
+    docs = re.fullmatch(r"file:(/\S+)/([\w-]+\.md)", unit("sitebackup@.service")["Unit"]["Documentation"])
+    assert docs and (ROOT / "docs" / docs.group(2)).is_file()
+    assert f"install -m 644 docs/*.md {docs.group(1)}/" in (ROOT / "docs" / docs.group(2)).read_text()
 
     timer = unit("sitebackup@.timer")
     assert timer["Timer"]["OnCalendar"] and timer["Timer"]["Persistent"] == "true"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -262,3 +263,35 @@ def test_prefix_template_is_expanded_once(tmp_path, cli, blob_service, container
     host = socket.gethostname().split(".")[0]
     dates = {(before + timedelta(seconds=s)).strftime("%Y-%m-%d") for s in (0, 120)}
     assert name in {f"snap/{d}/{host}/a.txt" for d in dates}
+
+
+def test_the_documented_crontab_lines_work_in_crons_bare_environment(tmp_path, azurite, blob_service, container_name):
+    """Each crontab line of docs/cron-systemd.md, run as cron runs it (sh, PATH=/usr/bin:/bin, nothing else of a
+    login's environment), backs up with the credentials of the environment file it reads; only the places are
+    swapped for the test's: the file, the executable (this checkout), the source, the container and the log."""
+    page = (ROOT / "docs" / "cron-systemd.md").read_text(encoding="utf-8")
+    lines = [line for line in page.splitlines() if re.match(r"(?:[\d*]+ +){5}\S", line)]
+    assert len(lines) == 2
+    env_file = tmp_path / "cron.env"
+    env_file.write_text(f"AZURE_STORAGE_CONNECTION_STRING='{azurite.connection_string}'\n"
+                        f"SITEBACKUP_STATE_DIR='{tmp_path / 'state'}'\n")
+    env_file.chmod(0o600)
+    exe = tmp_path / "bin" / "sitebackup"
+    exe.parent.mkdir()
+    exe.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m sitebackup \"$@\"\n")
+    exe.chmod(0o755)
+    src = write_tree(tmp_path / "www", {"index.html": b"<html>", "css/site.css": b"body {}"})
+    swaps = {"/etc/sitebackup/cron.env": str(env_file), "/usr/local/bin/sitebackup": str(exe), " /var/www ": f" {src} ",
+             "-c backups ": f"-c {container_name} ", "/var/log/sitebackup.log": str(tmp_path / "sitebackup.log")}
+    for line in lines:
+        command = re.sub(r"^(?:[\d*]+ +){5}", "", line)
+        for old, new in swaps.items():
+            command = command.replace(old, new)
+        result = subprocess.run(["sh", "-c", command], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                                           "SHELL": "/bin/sh", "LOGNAME": "root"},
+                                capture_output=True, text=True, timeout=300)
+        # -q and prune's >/dev/null: cron mails nothing when all went well
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), (command, result)
+    host = socket.gethostname().split(".")[0]
+    assert sorted(etags(blob_service, container_name)) == [f"web/{host}/css/site.css", f"web/{host}/index.html"]
+    assert "COMPLETED" in (tmp_path / "sitebackup.log").read_text()
