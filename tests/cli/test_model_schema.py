@@ -1,0 +1,134 @@
+"""The on-disk and on-the-wire formats of the run model are pinned: what an earlier version wrote still loads,
+what this one writes is byte for byte what is documented, and what does not decode as the model says is a
+clear error naming what was read (pure logic: no processes, no service)."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from sitebackup.blob.workstore import MAX_PAGE_BYTES, LocalWorkStore
+from sitebackup.model.codec import FORMAT_VERSION, DamagedData, decode, encode, from_wire, to_wire
+from sitebackup.model.records import FileEntry, PriorCopy, PruneMark
+from sitebackup.model.work import (
+    BackupCounts,
+    BackupInput,
+    CopyItem,
+    CopyPage,
+    FetchItem,
+    Progress,
+    RangePage,
+    RestoreCounts,
+    RunLabel,
+    Summary,
+    summary_from_wire,
+    summary_to_wire,
+)
+
+# A record page as every version since incremental runs writes it: an uploaded file, one with a tier, an
+# unchanged one carried forward, and a failed one.
+RECORD_PAGE = (b'[{"path":"index.html","size":31,"mtime_ns":1764000000123456789,"md5":"1B2M2Y8AsgTpgAmY7PhCfg==",'
+               b'"etag":"\\"0x8DE1\\""},'
+               b'{"path":"img/a.jpg","size":20000,"mtime_ns":1764000000000000000,"md5":"QUJD","tier":"Cool"},'
+               b'{"path":"css/site.css","size":33,"mtime_ns":1,"md5":"REVG","etag":"\\"0x1\\"","unchanged":true},'
+               b'{"path":"a\\\\b","error":"file name contains \'\\\\\', which Azure Blob Storage turns into \'/\'"}]')
+
+
+def test_a_record_page_of_an_earlier_version_loads_and_is_written_back_the_same():
+    entries = decode(RECORD_PAGE, list[FileEntry], "a record page")
+    assert [e.path for e in entries] == ["index.html", "img/a.jpg", "css/site.css", "a\\b"]
+    assert entries[0] == FileEntry("index.html", 31, 1764000000123456789, "1B2M2Y8AsgTpgAmY7PhCfg==", etag='"0x8DE1"')
+    assert entries[1].tier == "Cool" and entries[2].unchanged and entries[3].error and not entries[3].stored
+    assert [e.stored for e in entries] == [True, True, True, False]
+    assert encode(entries) == RECORD_PAGE
+
+
+def test_work_pages_of_an_earlier_version_load():
+    copy_page = b'[["new.txt",3,7],["seen.txt",5,9,{"path":"seen.txt","size":5,"mtime_ns":8,"md5":"QQ=="},true,null],' \
+                b'["changed.txt",4,2,null,false,["QQ==","\\"0x2\\""]]]'
+    items = decode(copy_page, CopyPage, "a copy page")  # type: ignore[arg-type]
+    assert isinstance(items, list)
+    assert items[0] == CopyItem("new.txt", 3, 7)
+    assert items[1].previous == FileEntry("seen.txt", 5, 8, "QQ==") and items[1].check
+    assert items[2].prior == PriorCopy("QQ==", '"0x2"')
+    range_page = b'{"file":["big.bin",99,5],"range":1,"ranges":3,"block_size":33,"first_page":4,"held":["QQ==",null]}'
+    page = decode(range_page, CopyPage, "a range page")  # type: ignore[arg-type]
+    assert isinstance(page, RangePage) and page.file.path == "big.bin" and page.prior == PriorCopy("QQ==")
+    assert json.loads(encode(page))["held"] == ["QQ==", None]  # the key earlier versions read
+    fetch = decode(b'[["p/a","a",3,"QQ==",7,null],["p/b","b",1,null,null,"2026-12-01T00:00:00.0000000Z"]]',
+                   list[FetchItem], "a restore page")
+    assert fetch[1].snapshot and fetch[1].md5 is None
+
+
+def test_summaries_progress_and_inputs_of_earlier_runs_load():
+    old_output = {"kind": "BackupSiteContent", "files_total": 2, "files_uploaded": 1, "files_skipped": 1,
+                  "files_failed": 0, "bytes_total": 9, "bytes_uploaded": 4, "files_unchanged": 1, "bytes_skipped": 5,
+                  "source": "/srv/a", "destination": "c/p", "duration_s": 1.5,
+                  "failures": [], "skipped": [{"path": "l", "reason": "symlink (not followed)"}]}
+    summary = summary_from_wire(old_output, BackupCounts, "a summary")
+    assert summary.counts.files_uploaded == 1 and summary.skipped[0].reason == "symlink (not followed)"
+    wire = summary_to_wire(summary)
+    assert {k: wire[k] for k in old_output} == old_output  # every key scripts read, flat as before
+    restore = summary_from_wire({"kind": "RestoreSiteContent", "files_total": 3, "files_restored": 3,
+                                 "bytes_restored": 30}, RestoreCounts, "a summary")
+    assert restore.counts.files_copied == 3 and restore.counts.verb == "restored"
+    status = from_wire({"phase": "uploading", "files_done": 1, "files_total": 2, "bytes_done": 3, "bytes_total": 4,
+                        "files_failed": 0, "files_skipped": 0, "files_unchanged": 0, "bytes_skipped": 0}, Progress, "p")
+    assert status.files_done == 1 and status.error is None
+    # an input of an earlier version (tier and block size among the options) still names where it went
+    old_input = {"source": "/srv/a", "container": "c", "prefix": "p", "endpoint": "http://x",
+                 "options": {"concurrency": 16, "compare": "mtime", "patterns": [], "follow_symlinks": False,
+                             "block_size": 33554432, "tier": None, "shared": False},
+                 "baseline": None, "state": {"files_total": 3, "pages": 1, "retry_pages": [-2]}}
+    label = from_wire(old_input, RunLabel, "an input")
+    assert (label.source, label.destination, label.endpoint) == ("/srv/a", "c/p", "http://x")
+    assert from_wire({**old_input, "state": None}, BackupInput, "an input").options.concurrency == 16
+
+
+def test_a_summary_carries_every_counter_and_field_on_the_wire():
+    wire = summary_to_wire(Summary(kind="BackupSiteContent", counts=BackupCounts()))
+    assert list(wire)[:3] == ["instance_id", "kind", "runtime_status"]
+    assert set(BackupCounts.__struct_fields__) <= set(wire) and "counts" not in wire
+
+
+@pytest.mark.parametrize("data, what", [
+    (b'[{"path":"../etc/passwd","size":1}]', "a path that climbs out of its root"),
+    (b'[{"path":"/etc/passwd","size":1}]', "an absolute path"),
+    (b'[{"path":"a//b","size":1}]', "an empty segment"),
+    (b'[{"path":"a","size":"1"}]', "a size that is not a number"),
+    (b'[{"size":1}]', "no path"),
+    (b'{"path":"a"}', "an object where a list belongs"),
+    (b'[{"path":"a"', "truncated JSON"),
+])
+def test_a_record_page_that_does_not_decode_is_damaged_and_named(data, what):
+    with pytest.raises(DamagedData) as caught:
+        decode(data, list[FileEntry], "record page 7 of run R")
+    assert str(caught.value).startswith("record page 7 of run R is damaged: "), what
+    assert caught.value.exit_code == 2
+
+
+def test_the_work_store_names_a_damaged_page_and_refuses_an_oversized_one(tmp_path):
+    store = LocalWorkStore(tmp_path / "work")
+    store.write_result("R", 0, [FileEntry("a", 1, 2, "QQ==")])
+    (tmp_path / "work" / "R" / "results" / "000001.json").write_bytes(b'[{"path":"../x"}]')
+    entries = store.iter_results("R")
+    assert next(entries).path == "a"
+    with pytest.raises(DamagedData, match="record page 1 of run R is damaged"):
+        next(entries)
+    with open(tmp_path / "work" / "R" / "results" / "000001.json", "wb") as fh:
+        fh.truncate(MAX_PAGE_BYTES + 1)
+    with pytest.raises(DamagedData, match=f"over the {MAX_PAGE_BYTES}"):
+        list(store.iter_results("R"))
+    # a prune mark that does not decode is no mark (the run is not taken for pruned by a damaged file)
+    store.mark_pruned("R", PruneMark(at="2026-12-07T00:00:00+00:00", container="c"))
+    assert store.pruned("R") == PruneMark(at="2026-12-07T00:00:00+00:00", container="c")
+
+
+def test_the_wire_form_is_plain_json_and_round_trips():
+    item = CopyItem("a", 1, 2, FileEntry("a", 1, 2, "QQ=="), True, PriorCopy("QQ==", "e"))
+    assert from_wire(json.loads(json.dumps(to_wire([item]))), list[CopyItem], "page") == [item]
+    assert FORMAT_VERSION == 1
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"path": ".."}, FileEntry)
