@@ -32,8 +32,10 @@ import durabletask.internal.orchestrator_service_pb2_grpc as stubs
 import grpc
 from google.protobuf import empty_pb2, wrappers_pb2
 
+from sitebackup.errors import write_fault
+
 from .statedir import Damage, is_corrupt
-from .store import TERMINAL, AlreadyExists, InstanceRow, NotFound, Store, write_fault
+from .store import TERMINAL, AlreadyExists, InstanceRow, NotFound, Store
 
 log = logging.getLogger(__name__)
 

@@ -36,14 +36,14 @@ import durabletask.internal.helpers as helpers
 import durabletask.internal.orchestrator_service_pb2 as pb
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
+from sitebackup.errors import write_fault
+
 TERMINAL = (
     pb.ORCHESTRATION_STATUS_COMPLETED,
     pb.ORCHESTRATION_STATUS_FAILED,
     pb.ORCHESTRATION_STATUS_TERMINATED,
 )
 _TERMINAL_SQL = ",".join(str(s) for s in TERMINAL)
-# SQLite's primary result codes for "cannot write": the disk is full, an I/O error, read-only
-_WRITE_FAULT_CODES = {13: "database or disk is full", 10: "disk I/O error", 8: "the database is read-only"}
 # Far enough in the future to mean "never"; keeps lease_expires/ready_at NOT NULL-free comparisons simple.
 _NEVER = 1e18
 
@@ -183,16 +183,6 @@ class InstanceRow:
 
 _INSTANCE_COLS = ("instance_id, execution_id, name, version, status, input, output, custom_status, "
                   "failure, tags, created_at, updated_at, completed_at, parent_instance_id")
-
-
-def write_fault(exc: BaseException) -> str | None:
-    """Why the database cannot be written, when *exc* says so (not for a busy lock or a bug)."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return None
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return _WRITE_FAULT_CODES.get(code & 0xFF)
-    return next((reason for reason in _WRITE_FAULT_CODES.values() if reason in str(exc)), None)  # Python 3.10
 
 
 @dataclass
