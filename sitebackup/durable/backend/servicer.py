@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import NoReturn
 
 import durabletask.internal.helpers as helpers
 import durabletask.internal.orchestrator_service_pb2 as pb
@@ -43,7 +44,7 @@ DEFAULT_TASKHUB = "default"
 POLL_SECONDS = 0.05  # how stale a view of other processes' changes may get
 PING_SECONDS = 30.0  # well within the SDK worker's 120 s silent-disconnect timeout
 FLUSH_RETRY_SECONDS = 0.5  # between attempts to write activity results the database refused
-_ENTITIES = "entities are not supported by the sitebackup embedded backend"
+_UNSUPPORTED = "not supported by the sitebackup embedded backend"
 _DEFAULT_PAGE = 100
 MAX_MESSAGE = 4 * 1024 * 1024
 _PAGE_BYTES = MAX_MESSAGE - 64 * 1024  # room for the response's own fields
@@ -59,6 +60,11 @@ def _taskhub(context: grpc.ServicerContext) -> str:
 
 def _seconds(ts) -> float:
     return ts.ToNanoseconds() / 1e9
+
+
+def _unsupported(context: grpc.ServicerContext, what: str) -> NoReturn:
+    """Answer a request this backend does not implement: never a silent success that did nothing."""
+    context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} {_UNSUPPORTED}")
 
 
 def _omitted(what: str, size: int) -> str:
@@ -269,10 +275,12 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         return pb.RestartInstanceResponse(instanceId=new_id)
 
     def RewindInstance(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "rewind is not supported by the sitebackup embedded backend")
+        _unsupported(context, "rewind is")
 
     def QueryInstances(self, request: pb.QueryInstancesRequest, context):
         q = request.query
+        if any(name.value != _taskhub(context) for name in q.taskHubNames):
+            _unsupported(context, "querying other task hubs (taskHubNames) is")
         offset = 0
         if q.HasField("continuationToken") and q.continuationToken.value.isdigit():
             offset = int(q.continuationToken.value)
@@ -313,16 +321,17 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
 
     def PurgeInstances(self, request: pb.PurgeInstancesRequest, context):
         hub = _taskhub(context)
-        if request.instanceId:
+        kind = request.WhichOneof("request")
+        if kind == "instanceId":
             count = self.store.purge(hub, instance_id=request.instanceId, recursive=request.recursive)
-        elif request.HasField("purgeInstanceFilter"):
+        elif kind == "purgeInstanceFilter":
             f = request.purgeInstanceFilter
             count = self.store.purge(
                 hub, statuses=list(f.runtimeStatus), recursive=request.recursive,
                 created_from=_seconds(f.createdTimeFrom) if f.HasField("createdTimeFrom") else None,
                 created_to=_seconds(f.createdTimeTo) if f.HasField("createdTimeTo") else None)
         else:
-            count = 0
+            _unsupported(context, f"a purge by {kind or 'anything but an instance id or a filter'} is")
         return pb.PurgeInstancesResponse(deletedInstanceCount=count, isComplete=wrappers_pb2.BoolValue(value=True))
 
     def StreamInstanceHistory(self, request: pb.StreamInstanceHistoryRequest, context) -> Iterator[pb.HistoryChunk]:
@@ -333,10 +342,16 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
             yield pb.HistoryChunk(events=events[offset:offset + 100])
 
     def CreateTaskHub(self, request, context):
+        # a task hub exists as soon as an instance names it: there is nothing to create
+        if request.recreateIfExists:
+            _unsupported(context, "recreating a task hub is")
         return pb.CreateTaskHubResponse()
 
     def DeleteTaskHub(self, request, context):
-        return pb.DeleteTaskHubResponse()
+        _unsupported(context, "deleting a task hub is")
+
+    def SkipGracefulOrchestrationTerminations(self, request, context):
+        _unsupported(context, "skipping graceful orchestration terminations is")
 
     # --- worker RPCs ----------------------------------------------------------------
 
@@ -482,10 +497,10 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         self._untrack(request.completionToken)
         return pb.AbandonActivityTaskResponse()
 
-    # --- entities: out of scope -----------------------------------------------------
+    # --- entities: out of scope (an orchestration step that uses one fails: ``store.unsupported``) --------
 
     def _no_entities(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, _ENTITIES)
+        _unsupported(context, "entities are")
 
     CompleteEntityTask = _no_entities
     SignalEntity = _no_entities

@@ -44,8 +44,8 @@ TERMINAL = (
     pb.ORCHESTRATION_STATUS_TERMINATED,
 )
 _TERMINAL_SQL = ",".join(str(s) for s in TERMINAL)
-# Far enough in the future to mean "never"; keeps lease_expires/ready_at NOT NULL-free comparisons simple.
-_NEVER = 1e18
+# What an orchestrator episode may ask for; anything else fails the orchestration (``unsupported``).
+SUPPORTED_ACTIONS = ("scheduleTask", "createTimer", "createSubOrchestration", "sendEvent", "completeOrchestration")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -183,6 +183,34 @@ class InstanceRow:
 
 _INSTANCE_COLS = ("instance_id, execution_id, name, version, status, input, output, custom_status, "
                   "failure, tags, created_at, updated_at, completed_at, parent_instance_id")
+
+
+def unsupported(response: pb.OrchestratorResponse) -> list[str]:
+    """What *response* asks for that this backend cannot carry out, each named once: an action type it
+    does not implement (entity calls, signals and locks; terminate; rewind), an action of a type newer
+    than its protocol, or a response cut into chunks (it applies a response whole)."""
+    names: list[str] = []
+    for action in response.actions:
+        which = action.WhichOneof("orchestratorActionType")
+        if which is None:
+            names.append(f"an action of a type unknown to this backend (id {action.id})")
+        elif which == "sendEntityMessage":
+            names.append(f"sendEntityMessage ({action.sendEntityMessage.WhichOneof('EntityMessageType')})")
+        elif which not in SUPPORTED_ACTIONS:
+            names.append(which)
+    if response.isPartial:
+        names.append("a partial (chunked) orchestrator response")
+    return list(dict.fromkeys(names))
+
+
+def _not_supported(names: list[str]) -> pb.OrchestratorAction:
+    """The action that fails an orchestration which asked for *names*."""
+    return pb.OrchestratorAction(id=-1, completeOrchestration=pb.CompleteOrchestrationAction(
+        orchestrationStatus=pb.ORCHESTRATION_STATUS_FAILED,
+        failureDetails=pb.TaskFailureDetails(
+            errorType="NotSupportedError", isNonRetriable=True,
+            errorMessage=f"not supported by the sitebackup embedded backend: {', '.join(names)}; "
+                         "none of this step's actions was carried out")))
 
 
 @dataclass
@@ -554,11 +582,14 @@ class Store:
             appended.append(ev)
             blobs.append(ev.SerializeToString())
 
+        # An episode is applied whole or not at all: one action this backend cannot carry out fails the
+        # orchestration, and nothing else the step asked for (activities, sub-orchestrations, events) happens.
+        missing = unsupported(response)
+        actions = [_not_supported(missing)] if missing else list(response.actions)
         activities: list[tuple] = []
         new_events: list[tuple[str, float, pb.HistoryEvent]] = []
         complete: pb.CompleteOrchestrationAction | None = None
-        unsupported = None
-        for action in response.actions:
+        for action in actions:
             which = action.WhichOneof("orchestratorActionType")
             if which == "scheduleTask":
                 st = action.scheduleTask
@@ -589,21 +620,15 @@ class Store:
                     new_events.append((se.instance.instanceId, now, helpers.new_event_raised_event(se.name, data)))
             elif which == "completeOrchestration":
                 complete = action.completeOrchestration
-            else:
-                unsupported = which
 
         output = None
         failure: bytes | None = None
         completed_at = None
-        if unsupported is not None and complete is None:
-            complete = pb.CompleteOrchestrationAction(
-                orchestrationStatus=pb.ORCHESTRATION_STATUS_FAILED,
-                failureDetails=pb.TaskFailureDetails(
-                    errorType="NotSupportedError", isNonRetriable=True,
-                    errorMessage=f"'{unsupported}' actions are not supported by the sitebackup embedded backend"))
-
         if complete is not None and complete.orchestrationStatus == pb.ORCHESTRATION_STATUS_CONTINUED_AS_NEW:
             self._continue_as_new(db, hub, iid, gen, complete, name, version, custom_status, now)
+            # the events this step sent still arrive (one sent to itself reaches the new execution); its
+            # timers and activities belong to the execution that ended and end with it
+            self._add_events(db, hub, [e for e in new_events if e[2].HasField("eventRaised")], now)
             return
 
         db.execute("DELETE FROM new_events WHERE taskhub=? AND instance_id=? AND dispatch_token=?", (hub, iid, gen))
