@@ -142,7 +142,7 @@ class InstanceRow:
     execution_id: str
     name: str
     version: str | None
-    status: int
+    status: pb.OrchestrationStatus  # as stored: the enum's number
     input: str | None
     output: str | None
     custom_status: str | None
@@ -157,7 +157,7 @@ class InstanceRow:
         state = pb.OrchestrationState(
             instanceId=self.instance_id,
             name=self.name,
-            orchestrationStatus=self.status,  # type: ignore[arg-type]
+            orchestrationStatus=self.status,
             createdTimestamp=_ts(self.created_at),
             lastUpdatedTimestamp=_ts(self.updated_at),
             executionId=wrappers_pb2.StringValue(value=self.execution_id),
@@ -560,9 +560,10 @@ class Store:
                                 parent_iid, parent_task)
         return True
 
-    def _apply_episode(self, db, hub, iid, gen, response, inflight, now, status, custom_status,
-                       history_version, history_len, name, version, input, execution_id,
-                       parent_iid, parent_task) -> None:
+    def _apply_episode(self, db: sqlite3.Connection, hub: str, iid: str, gen: int, response: pb.OrchestratorResponse,
+                       inflight: _Inflight, now: float, status: pb.OrchestrationStatus, custom_status: str | None,
+                       history_version: int, history_len: int, name: str, version: str | None, input: str | None,
+                       execution_id: str, parent_iid: str | None, parent_task: int | None) -> None:
         self._touch(hub, iid)
         appended = list(inflight.events)  # includes the generated prefix, matching ``blobs``
         blobs: list[bytes] = ([inflight.prefix] if inflight.prefix else []) + inflight.blobs
@@ -586,7 +587,7 @@ class Store:
         # orchestration, and nothing else the step asked for (activities, sub-orchestrations, events) happens.
         missing = unsupported(response)
         actions = [_not_supported(missing)] if missing else list(response.actions)
-        activities: list[tuple] = []
+        activities: list[tuple[str, str, str, int, str, str | None, str | None]] = []
         new_events: list[tuple[str, float, pb.HistoryEvent]] = []
         complete: pb.CompleteOrchestrationAction | None = None
         for action in actions:
@@ -645,7 +646,7 @@ class Store:
             db.execute("DELETE FROM new_events WHERE taskhub=? AND instance_id=?", (hub, iid))
             db.execute("DELETE FROM activities WHERE taskhub=? AND instance_id=?", (hub, iid))
             activities, new_events = [], [e for e in new_events if e[0] != iid]
-            if parent_iid and self._is_live(db, hub, parent_iid):
+            if parent_iid and parent_task is not None and self._is_live(db, hub, parent_iid):  # set together
                 new_events.append((parent_iid, now, self._result_for_parent(parent_task, status, output, complete)))
 
         db.executemany("INSERT INTO history (taskhub, instance_id, seq, event) VALUES (?,?,?,?)",
@@ -679,7 +680,9 @@ class Store:
         return pb.HistoryEvent(eventId=-1, subOrchestrationInstanceFailed=pb.SubOrchestrationInstanceFailedEvent(
             taskScheduledId=task_id, failureDetails=details))
 
-    def _continue_as_new(self, db, hub, iid, gen, complete, name, version, custom_status, now) -> None:
+    def _continue_as_new(self, db: sqlite3.Connection, hub: str, iid: str, gen: int,
+                         complete: pb.CompleteOrchestrationAction, name: str, version: str | None,
+                         custom_status: str | None, now: float) -> None:
         new_input = complete.result.value if complete.HasField("result") else None
         new_version = complete.newVersion.value if complete.HasField("newVersion") else version
         # Events that arrived during this episode follow the new execution's start events;
@@ -849,8 +852,9 @@ class Store:
 
     @staticmethod
     def _filters(hub: str, statuses: list[int], time_from: float | None, time_to: float | None,
-                 column: str = "created_at") -> tuple[list[str], list]:
-        where, args = ["taskhub=?"], [hub]
+                 column: str = "created_at") -> tuple[list[str], list[str | float]]:
+        where: list[str] = ["taskhub=?"]
+        args: list[str | float] = [hub]
         if statuses:
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             args += list(statuses)
