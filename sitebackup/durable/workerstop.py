@@ -30,7 +30,7 @@ def make_prompt(worker: dt_worker.TaskHubGrpcWorker) -> None:
 
 
 if _Manager is not None:
-    class _PromptManager(_Manager):  # type: ignore[misc, valid-type]
+    class _PromptManager(_Manager):  # type: ignore[misc, valid-type]  # the SDK class, found at run time
         def shutdown(self) -> None:
             super().shutdown()
             # called on the worker's loop (its stream ended) and later from stop()'s thread: wake the waits
@@ -71,7 +71,7 @@ if _Manager is not None:
                     await asyncio.sleep(POLL_SECONDS)
                 raise asyncio.TimeoutError
 
-            queue.get = get  # type: ignore[method-assign]
+            queue.get = get  # type: ignore[method-assign]  # on this one queue, undone below
             try:
                 await super()._consume_queue(queue, semaphore)
             finally:

@@ -15,6 +15,9 @@ delivered a second time while it runs.
 Nothing it sends exceeds the 4 MiB a client accepts (``MAX_MESSAGE``, the SDK's default): a
 payload too large to return is replaced by a marker, a query answer is cut into pages, and a work
 item too large to deliver fails its instance or activity instead of breaking the stream for all.
+
+A request it does not implement (entities, rewind, deleting a task hub, ...) answers UNIMPLEMENTED
+with the reason, never a success that did nothing.
 """
 
 from __future__ import annotations
@@ -334,7 +337,7 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
                 created_from=_seconds(f.createdTimeFrom) if f.HasField("createdTimeFrom") else None,
                 created_to=_seconds(f.createdTimeTo) if f.HasField("createdTimeTo") else None)
         else:
-            _unsupported(context, f"a purge by {kind or 'anything but an instance id or a filter'} is")
+            _unsupported(context, f"a purge by {kind} is" if kind else "a purge that names no instance or filter is")
         return pb.PurgeInstancesResponse(deletedInstanceCount=count, isComplete=wrappers_pb2.BoolValue(value=True))
 
     def StreamInstanceHistory(self, request: pb.StreamInstanceHistoryRequest, context: grpc.ServicerContext

@@ -15,6 +15,10 @@ each other.
 A write that fails because the disk is full (or the database stopped taking writes) is
 rolled back and reported once to ``on_fault``: nothing half-written stays, and the process
 hosting the run can stop instead of retrying forever.
+
+An orchestrator episode is applied whole or not at all: one thing in it this backend does not
+support (an entity call, an action type newer than its protocol, ...) fails the orchestration
+with a message naming it, whether or not the episode also completes; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ TERMINAL = (
 )
 _TERMINAL_SQL = ",".join(str(s) for s in TERMINAL)
 # What an orchestrator episode may ask for; anything else fails the orchestration (``unsupported``).
-SUPPORTED_ACTIONS = ("scheduleTask", "createTimer", "createSubOrchestration", "sendEvent", "completeOrchestration")
+_SUPPORTED_ACTIONS = ("scheduleTask", "createTimer", "createSubOrchestration", "sendEvent", "completeOrchestration")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -196,7 +200,7 @@ def unsupported(response: pb.OrchestratorResponse) -> list[str]:
             names.append(f"an action of a type unknown to this backend (id {action.id})")
         elif which == "sendEntityMessage":
             names.append(f"sendEntityMessage ({action.sendEntityMessage.WhichOneof('EntityMessageType')})")
-        elif which not in SUPPORTED_ACTIONS:
+        elif which not in _SUPPORTED_ACTIONS:
             names.append(which)
     if response.isPartial:
         names.append("a partial (chunked) orchestrator response")
@@ -744,8 +748,10 @@ class Store:
         keys: list[tuple[str, int, int] | None] = []
         for hub, response in batch:
             parsed = parse_token(response.completionToken)
-            ok = parsed is not None and parsed[0] == "a" and parsed[2].isdigit()
-            keys.append((hub, int(parsed[2]), parsed[1]) if ok else None)  # type: ignore[index]
+            if parsed is not None and parsed[0] == "a" and parsed[2].isdigit():
+                keys.append((hub, int(parsed[2]), parsed[1]))
+            else:
+                keys.append(None)
         wanted = list({k for k in keys if k is not None})
         applied: dict[int, str] = {}  # activity row id -> instance id
         with self._tx() as db:
