@@ -1,10 +1,13 @@
 """The exception hierarchy every layer raises and the exit codes the CLI turns them into.
 
-One place owns the mapping so ``--help``, README and behaviour cannot drift apart.
+One place owns the mapping so ``--help``, README and behaviour cannot drift apart; it also owns
+``write_fault``, the one test of whether an exception means "the state directory cannot be written".
 """
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import NamedTuple
 
 
@@ -93,6 +96,31 @@ class StateFullError(SiteBackupError):
             else "run the same command again"
         super().__init__(f"state directory {state_dir} cannot be written ({cause}); {kept}: "
                          f"free space there, then {again}")
+
+
+# SQLite's primary result codes and the errnos that say the disk cannot take writes: full (or over quota),
+# read-only, or failing; not a busy lock, a missing file or a bug
+_SQLITE_WRITE_FAULTS = {13: "database or disk is full", 10: "disk I/O error", 8: "the database is read-only"}
+_OS_WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def write_fault(exc: BaseException) -> str | None:
+    """Why the state directory cannot be written, when *exc* says so (the cause a ``StateFullError``
+    names); None for any other failure.
+
+    The one owner of that decision for every layer that writes there: the embedded backend's SQLite
+    store (durable), the work store's pages (blob) and prune's scratch database (commands). It lives
+    here, at the bottom of the layers, because blob and commands must both reach it, and because it
+    decides which exception a failure becomes, as this module does for exit codes.
+    """
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return _SQLITE_WRITE_FAULTS.get(code & 0xFF)
+        return next((reason for reason in _SQLITE_WRITE_FAULTS.values() if reason in str(exc)), None)  # Python 3.10
+    if isinstance(exc, OSError) and exc.errno in _OS_WRITE_FAULTS:
+        return exc.strerror or str(exc)
+    return None
 
 
 class StalledError(AlreadyRunningError):

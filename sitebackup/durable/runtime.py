@@ -97,7 +97,7 @@ class Runtime:
             try:
                 client.get_orchestration_state("sitebackup-access-check")
             except grpc.RpcError as exc:
-                if exc.code() in _REFUSED:  # type: ignore[attr-defined]
+                if exc.code() in _REFUSED:
                     raise
 
     def start_worker(self, deps: ActivityDeps, concurrency: int) -> dt_worker.TaskHubGrpcWorker:
@@ -232,7 +232,7 @@ def backend_error(exc: BaseException) -> SiteBackupError | None:
     """The one-line error for a backend's refusal or damage that reached a command as a gRPC error."""
     if not isinstance(exc, grpc.RpcError):
         return None
-    code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+    code, details = exc.code(), exc.details()
     if code in _REFUSED:
         return InputError(f"the task hub refused this client: {details}")
     if code == grpc.StatusCode.DATA_LOSS:

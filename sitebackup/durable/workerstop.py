@@ -23,14 +23,14 @@ _Manager = getattr(dt_worker, "_AsyncWorkerManager", None)
 
 def make_prompt(worker: dt_worker.TaskHubGrpcWorker) -> None:
     """Give *worker* (not yet started) a manager that stops without the idle 1 s wait."""
-    current = getattr(worker, "_async_worker_manager", None)
+    current: Any = getattr(worker, "_async_worker_manager", None)  # the SDK's private manager, untyped
     if _Manager is None or type(current) is not _Manager or not hasattr(_Manager, "_consume_queue"):
         return
     worker._async_worker_manager = _PromptManager(current.concurrency_options, current._logger)
 
 
 if _Manager is not None:
-    class _PromptManager(_Manager):  # type: ignore[misc, valid-type]
+    class _PromptManager(_Manager):  # type: ignore[misc, valid-type]  # the SDK class, found at run time
         def shutdown(self) -> None:
             super().shutdown()
             # called on the worker's loop (its stream ended) and later from stop()'s thread: wake the waits
@@ -40,7 +40,7 @@ if _Manager is not None:
                 except RuntimeError:  # that loop is closed: its consumers are gone
                     pass
 
-        async def _consume_queue(self, queue: asyncio.Queue, semaphore: asyncio.Semaphore) -> None:
+        async def _consume_queue(self, queue: asyncio.Queue[Any], semaphore: asyncio.Semaphore) -> None:
             wait_for_item = queue.get
             stopping = asyncio.Event()
             # a reconnect runs the consumers again on a new loop: drop the waits of closed ones
@@ -71,7 +71,7 @@ if _Manager is not None:
                     await asyncio.sleep(POLL_SECONDS)
                 raise asyncio.TimeoutError
 
-            queue.get = get  # type: ignore[method-assign]
+            queue.get = get  # type: ignore[method-assign]  # on this one queue, undone below
             try:
                 await super()._consume_queue(queue, semaphore)
             finally:

@@ -6,6 +6,7 @@ import os
 from datetime import timedelta
 
 from durabletask import task
+from durabletask.entities import EntityInstanceId
 
 ATTEMPTS: dict[str, int] = {}
 RETRY = task.RetryPolicy(first_retry_interval=timedelta(seconds=0.2), max_number_of_attempts=5)
@@ -98,6 +99,37 @@ def sender(ctx: task.OrchestrationContext, target: str):
     return "sent"
 
 
+def signaller(ctx: task.OrchestrationContext, _):
+    """Signals an entity (which the embedded backend does not support) and completes in the same step."""
+    ctx.signal_entity(EntityInstanceId("counter", "c1"), "add", input=1)
+    return "signalled"
+
+
+def caller(ctx: task.OrchestrationContext, _):
+    """Calls an entity without waiting for the answer and completes in the same step."""
+    ctx.call_entity(EntityInstanceId("counter", "c1"), "get")
+    return "called"
+
+
+def signaller_continuing(ctx: task.OrchestrationContext, n: int):
+    """Signals an entity while continuing as new: the orchestration must fail, not continue."""
+    if n == 0:
+        ctx.signal_entity(EntityInstanceId("counter", "c1"), "add", input=1)
+        ctx.continue_as_new(1)
+        return None
+    return n
+
+
+def sender_continuing(ctx: task.OrchestrationContext, args: list):
+    """Sends an event to another instance in the step that continues as new."""
+    target, n = args
+    if n == 0:
+        ctx.send_event(target, "go", data="from a continuing sender")
+        ctx.continue_as_new([target, 1])
+        return None
+    return n
+
+
 ORCHESTRATORS = [fan_out, fan_out_recorded, retrying, child, parent, parent_of_failing, counter, waiter,
-                 sleeper, failing, sender]
+                 sleeper, failing, sender, signaller, caller, signaller_continuing, sender_continuing]
 ACTIVITIES = [double, flaky, record]

@@ -5,6 +5,7 @@ Owns ``<state_dir>/state.db`` and the unix socket the SDK's ``TaskHubGrpcWorker`
 ``servicer`` = the TaskHubSidecarService RPCs; ``server`` = lifecycle).
 """
 
-from .server import EmbeddedBackend, StateDirError
+from .server import EmbeddedBackend
+from .statedir import StateDirError
 
 __all__ = ["EmbeddedBackend", "StateDirError"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hmac
 import sqlite3
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NoReturn
 
 import grpc
 
@@ -21,7 +21,16 @@ from .statedir import Damage, is_corrupt
 AUTH_HEADER = "authorization"
 _UNAUTHENTICATED = ("this endpoint requires the token of `sitebackup serve`: "
                     "TokenFile=PATH in the task hub connection string, or SITEBACKUP_SERVE_TOKEN")
-_BEHAVIOURS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+# Each kind of RPC behaviour a handler may have, the factory that makes a handler of that kind, and
+# whether the behaviour answers with a stream.
+_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler[Any, Any]], bool], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+)
+# An RPC's behaviour: (request, context) -> response, or an iterator of them when streaming.
+_Behaviour = Callable[[Any, grpc.ServicerContext], Any]
 
 
 def bearer(token: str) -> tuple[str, str]:
@@ -35,41 +44,46 @@ class Guard(grpc.ServerInterceptor):
         self.damage = damage
         self._expected = None if token is None else f"Bearer {token}".encode()
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         wrap = self._guard if self._authorized(handler_call_details.invocation_metadata) else self._deny
-        for kind in _BEHAVIOURS:
-            behaviour = getattr(handler, kind)
+        for kind, make_handler, streaming in _KINDS:
+            behaviour: _Behaviour | None = getattr(handler, kind)
             if behaviour is not None:
-                return handler._replace(**{kind: wrap(behaviour, streaming=kind.endswith("_stream"))})
+                return make_handler(wrap(behaviour, streaming), handler.request_deserializer,
+                                    handler.response_serializer)
         return handler
 
-    def _authorized(self, metadata) -> bool:
+    def _authorized(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
         if self._expected is None:
             return True
         presented = [value for key, value in metadata or () if key == AUTH_HEADER]
         return len(presented) == 1 and hmac.compare_digest(str(presented[0]).encode(), self._expected)
 
     @staticmethod
-    def _deny(behaviour: Callable, streaming: bool) -> Callable:
-        def deny(request: Any, context: grpc.ServicerContext):
+    def _deny(behaviour: _Behaviour, streaming: bool) -> _Behaviour:
+        def deny(request: Any, context: grpc.ServicerContext) -> NoReturn:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
         return deny
 
-    def _guard(self, behaviour: Callable, streaming: bool) -> Callable:
+    def _guard(self, behaviour: _Behaviour, streaming: bool) -> _Behaviour:
         def check(context: grpc.ServicerContext) -> None:
             if self.damage.message is not None:
                 context.abort(grpc.StatusCode.DATA_LOSS, self.damage.message)
 
-        def failed(ex: sqlite3.DatabaseError, context: grpc.ServicerContext) -> None:
+        def failed(ex: sqlite3.DatabaseError, context: grpc.ServicerContext) -> NoReturn:
             if not is_corrupt(ex):
                 raise ex
             context.abort(grpc.StatusCode.DATA_LOSS, self.damage.note(ex))
 
         if streaming:
-            def stream(request: Any, context: grpc.ServicerContext):
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 check(context)
                 try:
                     yield from behaviour(request, context)
@@ -77,7 +91,7 @@ class Guard(grpc.ServerInterceptor):
                     failed(ex, context)
             return stream
 
-        def unary(request: Any, context: grpc.ServicerContext):
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
             check(context)
             try:
                 return behaviour(request, context)

@@ -15,6 +15,9 @@ delivered a second time while it runs.
 Nothing it sends exceeds the 4 MiB a client accepts (``MAX_MESSAGE``, the SDK's default): a
 payload too large to return is replaced by a marker, a query answer is cut into pages, and a work
 item too large to deliver fails its instance or activity instead of breaking the stream for all.
+
+A request it does not implement (entities, rewind, deleting a task hub, ...) answers UNIMPLEMENTED
+with the reason, never a success that did nothing.
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import NoReturn
 
 import durabletask.internal.helpers as helpers
 import durabletask.internal.orchestrator_service_pb2 as pb
 import durabletask.internal.orchestrator_service_pb2_grpc as stubs
 import grpc
-from google.protobuf import empty_pb2, wrappers_pb2
+from google.protobuf import empty_pb2, timestamp_pb2, wrappers_pb2
+
+from sitebackup.errors import write_fault
 
 from .statedir import Damage, is_corrupt
-from .store import TERMINAL, AlreadyExists, InstanceRow, NotFound, Store, write_fault
+from .store import TERMINAL, AlreadyExists, InstanceRow, NotFound, Store
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +47,13 @@ DEFAULT_TASKHUB = "default"
 POLL_SECONDS = 0.05  # how stale a view of other processes' changes may get
 PING_SECONDS = 30.0  # well within the SDK worker's 120 s silent-disconnect timeout
 FLUSH_RETRY_SECONDS = 0.5  # between attempts to write activity results the database refused
-_ENTITIES = "entities are not supported by the sitebackup embedded backend"
+_UNSUPPORTED = "not supported by the sitebackup embedded backend"
 _DEFAULT_PAGE = 100
 MAX_MESSAGE = 4 * 1024 * 1024
 _PAGE_BYTES = MAX_MESSAGE - 64 * 1024  # room for the response's own fields
 _PAYLOAD_BYTES = 1024 * 1024  # a payload over this is dropped from a state too large to send
+# Whether a worker's filters accept a work item of this name and version.
+_Accept = Callable[[str, str | None], bool]
 
 
 def _taskhub(context: grpc.ServicerContext) -> str:
@@ -55,8 +63,13 @@ def _taskhub(context: grpc.ServicerContext) -> str:
     return DEFAULT_TASKHUB
 
 
-def _seconds(ts) -> float:
+def _seconds(ts: timestamp_pb2.Timestamp) -> float:
     return ts.ToNanoseconds() / 1e9
+
+
+def _unsupported(context: grpc.ServicerContext, what: str) -> NoReturn:
+    """Answer a request this backend does not implement: never a silent success that did nothing."""
+    context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} {_UNSUPPORTED}")
 
 
 def _omitted(what: str, size: int) -> str:
@@ -169,7 +182,7 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
                 cond.wait(timeout)
 
     def _wait_for(self, request: pb.GetInstanceRequest, context: grpc.ServicerContext,
-                  done, what: str) -> pb.GetInstanceResponse:
+                  done: Callable[[InstanceRow], bool], what: str) -> pb.GetInstanceResponse:
         hub = _taskhub(context)
         key = (hub, request.instanceId)
         remaining = context.time_remaining()
@@ -196,10 +209,10 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
 
     # --- client RPCs ----------------------------------------------------------------
 
-    def Hello(self, request, context):
+    def Hello(self, request: empty_pb2.Empty, context: grpc.ServicerContext) -> empty_pb2.Empty:
         return empty_pb2.Empty()
 
-    def StartInstance(self, request: pb.CreateInstanceRequest, context):
+    def StartInstance(self, request: pb.CreateInstanceRequest, context: grpc.ServicerContext) -> pb.CreateInstanceResponse:
         instance_id = request.instanceId or uuid.uuid4().hex
         try:
             self.store.create_instance(
@@ -215,35 +228,36 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(ex))
         return pb.CreateInstanceResponse(instanceId=instance_id)
 
-    def GetInstance(self, request: pb.GetInstanceRequest, context):
+    def GetInstance(self, request: pb.GetInstanceRequest, context: grpc.ServicerContext) -> pb.GetInstanceResponse:
         row = self.store.get_instance(_taskhub(context), request.instanceId)
         if row is None:
             return pb.GetInstanceResponse(exists=False)
         return pb.GetInstanceResponse(exists=True, orchestrationState=state_of(row, request.getInputsAndOutputs))
 
-    def WaitForInstanceStart(self, request, context):
+    def WaitForInstanceStart(self, request: pb.GetInstanceRequest, context: grpc.ServicerContext) -> pb.GetInstanceResponse:
         return self._wait_for(request, context, lambda r: r.status != pb.ORCHESTRATION_STATUS_PENDING, "start")
 
-    def WaitForInstanceCompletion(self, request, context):
+    def WaitForInstanceCompletion(self, request: pb.GetInstanceRequest, context: grpc.ServicerContext
+                                  ) -> pb.GetInstanceResponse:
         return self._wait_for(request, context, lambda r: r.status in TERMINAL, "complete")
 
-    def _queue(self, context, instance_id: str, event: pb.HistoryEvent) -> None:
+    def _queue(self, context: grpc.ServicerContext, instance_id: str, event: pb.HistoryEvent) -> None:
         try:
             self.store.raise_event(_taskhub(context), instance_id, event)
         except NotFound as ex:
             context.abort(grpc.StatusCode.NOT_FOUND, str(ex))
 
-    def RaiseEvent(self, request: pb.RaiseEventRequest, context):
+    def RaiseEvent(self, request: pb.RaiseEventRequest, context: grpc.ServicerContext) -> pb.RaiseEventResponse:
         self._queue(context, request.instanceId, helpers.new_event_raised_event(
             request.name, request.input.value if request.HasField("input") else None))
         return pb.RaiseEventResponse()
 
-    def TerminateInstance(self, request: pb.TerminateRequest, context):
+    def TerminateInstance(self, request: pb.TerminateRequest, context: grpc.ServicerContext) -> pb.TerminateResponse:
         self.store.terminate(_taskhub(context), request.instanceId,
                              request.output.value if request.HasField("output") else None, request.recursive)
         return pb.TerminateResponse()
 
-    def SuspendInstance(self, request: pb.SuspendRequest, context):
+    def SuspendInstance(self, request: pb.SuspendRequest, context: grpc.ServicerContext) -> pb.SuspendResponse:
         row = self.store.get_instance(_taskhub(context), request.instanceId)
         if row is not None and row.status == pb.ORCHESTRATION_STATUS_SUSPENDED:
             return pb.SuspendResponse()
@@ -251,12 +265,12 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
             encoded_input=request.reason.value if request.HasField("reason") else None))
         return pb.SuspendResponse()
 
-    def ResumeInstance(self, request: pb.ResumeRequest, context):
+    def ResumeInstance(self, request: pb.ResumeRequest, context: grpc.ServicerContext) -> pb.ResumeResponse:
         self._queue(context, request.instanceId, helpers.new_resume_event(
             encoded_input=request.reason.value if request.HasField("reason") else None))
         return pb.ResumeResponse()
 
-    def RestartInstance(self, request: pb.RestartInstanceRequest, context):
+    def RestartInstance(self, request: pb.RestartInstanceRequest, context: grpc.ServicerContext) -> pb.RestartInstanceResponse:
         new_id = uuid.uuid4().hex if request.restartWithNewInstanceId else request.instanceId
         try:
             self.store.restart(_taskhub(context), request.instanceId, new_id)
@@ -266,11 +280,13 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(ex))
         return pb.RestartInstanceResponse(instanceId=new_id)
 
-    def RewindInstance(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "rewind is not supported by the sitebackup embedded backend")
+    def RewindInstance(self, request: pb.RewindInstanceRequest, context: grpc.ServicerContext) -> pb.RewindInstanceResponse:
+        _unsupported(context, "rewind is")
 
-    def QueryInstances(self, request: pb.QueryInstancesRequest, context):
+    def QueryInstances(self, request: pb.QueryInstancesRequest, context: grpc.ServicerContext) -> pb.QueryInstancesResponse:
         q = request.query
+        if any(name.value != _taskhub(context) for name in q.taskHubNames):
+            _unsupported(context, "querying other task hubs (taskHubNames) is")
         offset = 0
         if q.HasField("continuationToken") and q.continuationToken.value.isdigit():
             offset = int(q.continuationToken.value)
@@ -294,7 +310,7 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
             response.continuationToken.value = str(offset + len(rows))
         return response
 
-    def ListInstanceIds(self, request: pb.ListInstanceIdsRequest, context):
+    def ListInstanceIds(self, request: pb.ListInstanceIdsRequest, context: grpc.ServicerContext) -> pb.ListInstanceIdsResponse:
         after = None
         if request.HasField("lastInstanceKey") and "|" in request.lastInstanceKey.value:
             stamp, _, iid = request.lastInstanceKey.value.partition("|")
@@ -309,41 +325,50 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
             response.lastInstanceKey.value = f"{rows[-1][0]!r}|{rows[-1][1]}"
         return response
 
-    def PurgeInstances(self, request: pb.PurgeInstancesRequest, context):
+    def PurgeInstances(self, request: pb.PurgeInstancesRequest, context: grpc.ServicerContext) -> pb.PurgeInstancesResponse:
         hub = _taskhub(context)
-        if request.instanceId:
+        kind = request.WhichOneof("request")
+        if kind == "instanceId":
             count = self.store.purge(hub, instance_id=request.instanceId, recursive=request.recursive)
-        elif request.HasField("purgeInstanceFilter"):
+        elif kind == "purgeInstanceFilter":
             f = request.purgeInstanceFilter
             count = self.store.purge(
                 hub, statuses=list(f.runtimeStatus), recursive=request.recursive,
                 created_from=_seconds(f.createdTimeFrom) if f.HasField("createdTimeFrom") else None,
                 created_to=_seconds(f.createdTimeTo) if f.HasField("createdTimeTo") else None)
         else:
-            count = 0
+            _unsupported(context, f"a purge by {kind} is" if kind else "a purge that names no instance or filter is")
         return pb.PurgeInstancesResponse(deletedInstanceCount=count, isComplete=wrappers_pb2.BoolValue(value=True))
 
-    def StreamInstanceHistory(self, request: pb.StreamInstanceHistoryRequest, context) -> Iterator[pb.HistoryChunk]:
+    def StreamInstanceHistory(self, request: pb.StreamInstanceHistoryRequest, context: grpc.ServicerContext
+                              ) -> Iterator[pb.HistoryChunk]:
         events = self.store.history(_taskhub(context), request.instanceId)
         if events is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"Orchestration instance '{request.instanceId}' not found")
         for offset in range(0, len(events), 100):
             yield pb.HistoryChunk(events=events[offset:offset + 100])
 
-    def CreateTaskHub(self, request, context):
+    def CreateTaskHub(self, request: pb.CreateTaskHubRequest, context: grpc.ServicerContext) -> pb.CreateTaskHubResponse:
+        # a task hub exists as soon as an instance names it: there is nothing to create
+        if request.recreateIfExists:
+            _unsupported(context, "recreating a task hub is")
         return pb.CreateTaskHubResponse()
 
-    def DeleteTaskHub(self, request, context):
-        return pb.DeleteTaskHubResponse()
+    def DeleteTaskHub(self, request: pb.DeleteTaskHubRequest, context: grpc.ServicerContext) -> pb.DeleteTaskHubResponse:
+        _unsupported(context, "deleting a task hub is")
+
+    def SkipGracefulOrchestrationTerminations(self, request: pb.SkipGracefulOrchestrationTerminationsRequest,
+                                              context: grpc.ServicerContext) -> pb.SkipGracefulOrchestrationTerminationsResponse:
+        _unsupported(context, "skipping graceful orchestration terminations is")
 
     # --- worker RPCs ----------------------------------------------------------------
 
     @staticmethod
-    def _filters(request: pb.GetWorkItemsRequest):
+    def _filters(request: pb.GetWorkItemsRequest) -> tuple[_Accept | None, _Accept | None]:
         if not request.HasField("workItemFilters"):
             return None, None
 
-        def build(filters):
+        def build(filters: Iterable[pb.OrchestrationFilter | pb.ActivityFilter]) -> _Accept:
             accepted: dict[str, set[str]] = {}
             for f in filters:
                 accepted.setdefault(f.name, set()).update(f.versions)
@@ -352,7 +377,7 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
 
         return build(request.workItemFilters.orchestrations), build(request.workItemFilters.activities)
 
-    def GetWorkItems(self, request: pb.GetWorkItemsRequest, context) -> Iterator[pb.WorkItem]:
+    def GetWorkItems(self, request: pb.GetWorkItemsRequest, context: grpc.ServicerContext) -> Iterator[pb.WorkItem]:
         hub = _taskhub(context)
         stream_id = uuid.uuid4().hex
         orch_ok, act_ok = self._filters(request)
@@ -411,7 +436,7 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         source.activities.clear()
         source.orchestrations.clear()
 
-    def _claim(self, hub: str, stream: _Stream, orch_ok, act_ok) -> list[pb.WorkItem]:
+    def _claim(self, hub: str, stream: _Stream, orch_ok: _Accept | None, act_ok: _Accept | None) -> list[pb.WorkItem]:
         items: list[pb.WorkItem] = []
         free = stream.max_orchestrations - len(stream.orchestrations)
         if free > 0:
@@ -429,14 +454,14 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         # Refill activities in batches rather than one per completion: fewer claim transactions.
         if len(stream.activities) <= stream.max_activities // 2:
             free = min(stream.max_activities - len(stream.activities), 500)
-            for claim in self.store.claim_activities(hub, self.owner, free, self.lease_seconds, act_ok):
-                item = pb.WorkItem(completionToken=claim.token, activityRequest=claim.request)
+            for task in self.store.claim_activities(hub, self.owner, free, self.lease_seconds, act_ok):
+                item = pb.WorkItem(completionToken=task.token, activityRequest=task.request)
                 if item.ByteSize() > MAX_MESSAGE:
                     self.store.complete_activities([(hub, pb.ActivityResponse(
-                        instanceId=claim.request.orchestrationInstance.instanceId, taskId=claim.request.taskId,
-                        completionToken=claim.token, failureDetails=_too_large("activity", item.ByteSize())))])
+                        instanceId=task.request.orchestrationInstance.instanceId, taskId=task.request.taskId,
+                        completionToken=task.token, failureDetails=_too_large("activity", item.ByteSize())))])
                     continue
-                self._track(stream, stream.activities, claim.token)
+                self._track(stream, stream.activities, task.token)
                 items.append(item)
         return items
 
@@ -456,34 +481,37 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         if refill:
             self.store.notify()
 
-    def CompleteOrchestratorTask(self, request: pb.OrchestratorResponse, context):
+    def CompleteOrchestratorTask(self, request: pb.OrchestratorResponse, context: grpc.ServicerContext
+                                 ) -> pb.CompleteTaskResponse:
         applied = self.store.complete_orchestration(_taskhub(context), request)
         self._untrack(request.completionToken)
         if not applied:
             log.warning("ignored a stale orchestrator completion for instance %r", request.instanceId)
         return pb.CompleteTaskResponse()
 
-    def CompleteActivityTask(self, request: pb.ActivityResponse, context):
+    def CompleteActivityTask(self, request: pb.ActivityResponse, context: grpc.ServicerContext) -> pb.CompleteTaskResponse:
         with self._completions_ready:
             self._completions.append((_taskhub(context), request))
             self._completions_ready.notify()
         self._untrack(request.completionToken)
         return pb.CompleteTaskResponse()
 
-    def AbandonTaskOrchestratorWorkItem(self, request, context):
+    def AbandonTaskOrchestratorWorkItem(self, request: pb.AbandonOrchestrationTaskRequest, context: grpc.ServicerContext
+                                        ) -> pb.AbandonOrchestrationTaskResponse:
         self.store.abandon(_taskhub(context), request.completionToken)
         self._untrack(request.completionToken)
         return pb.AbandonOrchestrationTaskResponse()
 
-    def AbandonTaskActivityWorkItem(self, request, context):
+    def AbandonTaskActivityWorkItem(self, request: pb.AbandonActivityTaskRequest, context: grpc.ServicerContext
+                                    ) -> pb.AbandonActivityTaskResponse:
         self.store.abandon(_taskhub(context), request.completionToken)
         self._untrack(request.completionToken)
         return pb.AbandonActivityTaskResponse()
 
-    # --- entities: out of scope -----------------------------------------------------
+    # --- entities: out of scope (an orchestration step that uses one fails: ``store.unsupported``) --------
 
-    def _no_entities(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, _ENTITIES)
+    def _no_entities(self, request: object, context: grpc.ServicerContext) -> NoReturn:
+        _unsupported(context, "entities are")
 
     CompleteEntityTask = _no_entities
     SignalEntity = _no_entities

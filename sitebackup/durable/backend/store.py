@@ -15,6 +15,10 @@ each other.
 A write that fails because the disk is full (or the database stopped taking writes) is
 rolled back and reported once to ``on_fault``: nothing half-written stays, and the process
 hosting the run can stop instead of retrying forever.
+
+An orchestrator episode is applied whole or not at all: one thing in it this backend does not
+support (an entity call, an action type newer than its protocol, ...) fails the orchestration
+with a message naming it, whether or not the episode also completes; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -36,16 +40,16 @@ import durabletask.internal.helpers as helpers
 import durabletask.internal.orchestrator_service_pb2 as pb
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
+from sitebackup.errors import write_fault
+
 TERMINAL = (
     pb.ORCHESTRATION_STATUS_COMPLETED,
     pb.ORCHESTRATION_STATUS_FAILED,
     pb.ORCHESTRATION_STATUS_TERMINATED,
 )
 _TERMINAL_SQL = ",".join(str(s) for s in TERMINAL)
-# SQLite's primary result codes for "cannot write": the disk is full, an I/O error, read-only
-_WRITE_FAULT_CODES = {13: "database or disk is full", 10: "disk I/O error", 8: "the database is read-only"}
-# Far enough in the future to mean "never"; keeps lease_expires/ready_at NOT NULL-free comparisons simple.
-_NEVER = 1e18
+# What an orchestrator episode may ask for; anything else fails the orchestration (``unsupported``).
+_SUPPORTED_ACTIONS = ("scheduleTask", "createTimer", "createSubOrchestration", "sendEvent", "completeOrchestration")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -142,7 +146,7 @@ class InstanceRow:
     execution_id: str
     name: str
     version: str | None
-    status: int
+    status: pb.OrchestrationStatus  # as stored: the enum's number
     input: str | None
     output: str | None
     custom_status: str | None
@@ -157,7 +161,7 @@ class InstanceRow:
         state = pb.OrchestrationState(
             instanceId=self.instance_id,
             name=self.name,
-            orchestrationStatus=self.status,  # type: ignore[arg-type]
+            orchestrationStatus=self.status,
             createdTimestamp=_ts(self.created_at),
             lastUpdatedTimestamp=_ts(self.updated_at),
             executionId=wrappers_pb2.StringValue(value=self.execution_id),
@@ -185,14 +189,32 @@ _INSTANCE_COLS = ("instance_id, execution_id, name, version, status, input, outp
                   "failure, tags, created_at, updated_at, completed_at, parent_instance_id")
 
 
-def write_fault(exc: BaseException) -> str | None:
-    """Why the database cannot be written, when *exc* says so (not for a busy lock or a bug)."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return None
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return _WRITE_FAULT_CODES.get(code & 0xFF)
-    return next((reason for reason in _WRITE_FAULT_CODES.values() if reason in str(exc)), None)  # Python 3.10
+def unsupported(response: pb.OrchestratorResponse) -> list[str]:
+    """What *response* asks for that this backend cannot carry out, each named once: an action type it
+    does not implement (entity calls, signals and locks; terminate; rewind), an action of a type newer
+    than its protocol, or a response cut into chunks (it applies a response whole)."""
+    names: list[str] = []
+    for action in response.actions:
+        which = action.WhichOneof("orchestratorActionType")
+        if which is None:
+            names.append(f"an action of a type unknown to this backend (id {action.id})")
+        elif which == "sendEntityMessage":
+            names.append(f"sendEntityMessage ({action.sendEntityMessage.WhichOneof('EntityMessageType')})")
+        elif which not in _SUPPORTED_ACTIONS:
+            names.append(which)
+    if response.isPartial:
+        names.append("a partial (chunked) orchestrator response")
+    return list(dict.fromkeys(names))
+
+
+def _not_supported(names: list[str]) -> pb.OrchestratorAction:
+    """The action that fails an orchestration which asked for *names*."""
+    return pb.OrchestratorAction(id=-1, completeOrchestration=pb.CompleteOrchestrationAction(
+        orchestrationStatus=pb.ORCHESTRATION_STATUS_FAILED,
+        failureDetails=pb.TaskFailureDetails(
+            errorType="NotSupportedError", isNonRetriable=True,
+            errorMessage=f"not supported by the sitebackup embedded backend: {', '.join(names)}; "
+                         "none of this step's actions was carried out")))
 
 
 @dataclass
@@ -542,9 +564,10 @@ class Store:
                                 parent_iid, parent_task)
         return True
 
-    def _apply_episode(self, db, hub, iid, gen, response, inflight, now, status, custom_status,
-                       history_version, history_len, name, version, input, execution_id,
-                       parent_iid, parent_task) -> None:
+    def _apply_episode(self, db: sqlite3.Connection, hub: str, iid: str, gen: int, response: pb.OrchestratorResponse,
+                       inflight: _Inflight, now: float, status: pb.OrchestrationStatus, custom_status: str | None,
+                       history_version: int, history_len: int, name: str, version: str | None, input: str | None,
+                       execution_id: str, parent_iid: str | None, parent_task: int | None) -> None:
         self._touch(hub, iid)
         appended = list(inflight.events)  # includes the generated prefix, matching ``blobs``
         blobs: list[bytes] = ([inflight.prefix] if inflight.prefix else []) + inflight.blobs
@@ -564,11 +587,14 @@ class Store:
             appended.append(ev)
             blobs.append(ev.SerializeToString())
 
-        activities: list[tuple] = []
+        # An episode is applied whole or not at all: one action this backend cannot carry out fails the
+        # orchestration, and nothing else the step asked for (activities, sub-orchestrations, events) happens.
+        missing = unsupported(response)
+        actions = [_not_supported(missing)] if missing else list(response.actions)
+        activities: list[tuple[str, str, str, int, str, str | None, str | None]] = []
         new_events: list[tuple[str, float, pb.HistoryEvent]] = []
         complete: pb.CompleteOrchestrationAction | None = None
-        unsupported = None
-        for action in response.actions:
+        for action in actions:
             which = action.WhichOneof("orchestratorActionType")
             if which == "scheduleTask":
                 st = action.scheduleTask
@@ -599,21 +625,15 @@ class Store:
                     new_events.append((se.instance.instanceId, now, helpers.new_event_raised_event(se.name, data)))
             elif which == "completeOrchestration":
                 complete = action.completeOrchestration
-            else:
-                unsupported = which
 
         output = None
         failure: bytes | None = None
         completed_at = None
-        if unsupported is not None and complete is None:
-            complete = pb.CompleteOrchestrationAction(
-                orchestrationStatus=pb.ORCHESTRATION_STATUS_FAILED,
-                failureDetails=pb.TaskFailureDetails(
-                    errorType="NotSupportedError", isNonRetriable=True,
-                    errorMessage=f"'{unsupported}' actions are not supported by the sitebackup embedded backend"))
-
         if complete is not None and complete.orchestrationStatus == pb.ORCHESTRATION_STATUS_CONTINUED_AS_NEW:
             self._continue_as_new(db, hub, iid, gen, complete, name, version, custom_status, now)
+            # the events this step sent still arrive (one sent to itself reaches the new execution); its
+            # timers and activities belong to the execution that ended and end with it
+            self._add_events(db, hub, [e for e in new_events if e[2].HasField("eventRaised")], now)
             return
 
         db.execute("DELETE FROM new_events WHERE taskhub=? AND instance_id=? AND dispatch_token=?", (hub, iid, gen))
@@ -630,7 +650,7 @@ class Store:
             db.execute("DELETE FROM new_events WHERE taskhub=? AND instance_id=?", (hub, iid))
             db.execute("DELETE FROM activities WHERE taskhub=? AND instance_id=?", (hub, iid))
             activities, new_events = [], [e for e in new_events if e[0] != iid]
-            if parent_iid and self._is_live(db, hub, parent_iid):
+            if parent_iid and parent_task is not None and self._is_live(db, hub, parent_iid):  # set together
                 new_events.append((parent_iid, now, self._result_for_parent(parent_task, status, output, complete)))
 
         db.executemany("INSERT INTO history (taskhub, instance_id, seq, event) VALUES (?,?,?,?)",
@@ -664,7 +684,9 @@ class Store:
         return pb.HistoryEvent(eventId=-1, subOrchestrationInstanceFailed=pb.SubOrchestrationInstanceFailedEvent(
             taskScheduledId=task_id, failureDetails=details))
 
-    def _continue_as_new(self, db, hub, iid, gen, complete, name, version, custom_status, now) -> None:
+    def _continue_as_new(self, db: sqlite3.Connection, hub: str, iid: str, gen: int,
+                         complete: pb.CompleteOrchestrationAction, name: str, version: str | None,
+                         custom_status: str | None, now: float) -> None:
         new_input = complete.result.value if complete.HasField("result") else None
         new_version = complete.newVersion.value if complete.HasField("newVersion") else version
         # Events that arrived during this episode follow the new execution's start events;
@@ -726,8 +748,10 @@ class Store:
         keys: list[tuple[str, int, int] | None] = []
         for hub, response in batch:
             parsed = parse_token(response.completionToken)
-            ok = parsed is not None and parsed[0] == "a" and parsed[2].isdigit()
-            keys.append((hub, int(parsed[2]), parsed[1]) if ok else None)  # type: ignore[index]
+            if parsed is not None and parsed[0] == "a" and parsed[2].isdigit():
+                keys.append((hub, int(parsed[2]), parsed[1]))
+            else:
+                keys.append(None)
         wanted = list({k for k in keys if k is not None})
         applied: dict[int, str] = {}  # activity row id -> instance id
         with self._tx() as db:
@@ -834,8 +858,9 @@ class Store:
 
     @staticmethod
     def _filters(hub: str, statuses: list[int], time_from: float | None, time_to: float | None,
-                 column: str = "created_at") -> tuple[list[str], list]:
-        where, args = ["taskhub=?"], [hub]
+                 column: str = "created_at") -> tuple[list[str], list[str | float]]:
+        where: list[str] = ["taskhub=?"]
+        args: list[str | float] = [hub]
         if statuses:
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             args += list(statuses)
