@@ -13,7 +13,6 @@ killed prune resumes from, and stays as the tombstone that lets ``restore ID`` s
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from azure.core.exceptions import AzureError
 
 from sitebackup.blob.naming import RESERVED_PREFIX
+from sitebackup.errors import write_fault
 from sitebackup.model.codec import DamagedData, decode, encode
 from sitebackup.model.records import FileEntry, PruneMark
 
@@ -76,10 +76,6 @@ def _too_large(what: str, size: int) -> DamagedData:
     return DamagedData(f"{what} is damaged: {size} bytes, over the {MAX_PAGE_BYTES} a page may have")
 
 
-# what says the state directory itself cannot be written, as opposed to one bad page
-_WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
-
-
 class LocalWorkStore:
     """The work store in ``<state dir>/work``; *on_fault* hears why a write failed when the disk is full."""
 
@@ -109,8 +105,9 @@ class LocalWorkStore:
                     os.unlink(tmp)  # a half page on a full disk holds the space others need
                 raise
         except OSError as exc:
-            if exc.errno in _WRITE_FAULTS:
-                self.on_fault(exc.strerror or str(exc))
+            reason = write_fault(exc)
+            if reason is not None:
+                self.on_fault(reason)
             raise
 
     def _read(self, path: Path, kind: type[T], what: str) -> T:

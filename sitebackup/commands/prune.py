@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import fcntl
 import itertools
 import os
@@ -51,10 +50,9 @@ from sitebackup.commands.backup import expand_prefix
 from sitebackup.commands.hosting import BackupRun, backup_runs
 from sitebackup.commands.retention import Policy, apply_policy
 from sitebackup.durable.backend.statedir import prepare
-from sitebackup.durable.backend.store import write_fault
 from sitebackup.durable.runtime import Runtime, open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import AlreadyRunningError, DestinationError, InputError, StateFullError
+from sitebackup.errors import AlreadyRunningError, DestinationError, InputError, StateFullError, write_fault
 from sitebackup.model.records import PruneMark
 from sitebackup.model.reports import KeptRun, PruneReport, RemovedRun
 
@@ -62,8 +60,6 @@ DELETE_THREADS = 16
 IN_FLIGHT = 256  # deletes handed to the pool and not done: the listing waits for them, memory does not grow
 SCRATCH = ".prune-"  # the temporary database's name in the state directory: .prune-XXXXXXXX.db
 SCHEMA = "CREATE TABLE needed (name TEXT NOT NULL, md5 TEXT NOT NULL, PRIMARY KEY (name, md5)) WITHOUT ROWID"
-# what says the state directory cannot take the temporary database, as opposed to a bug
-_WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 INCOMPLETE = "failed or cancelled"
 EARLIER_PRUNE = "dropped by an earlier prune that did not finish"
 
@@ -242,7 +238,7 @@ def _remove_stale(state_dir: Path) -> None:
 
 def _state_full(state_dir: Path, exc: BaseException) -> StateFullError | None:
     """The one-line error when *exc* says the state directory cannot be written (full, read-only)."""
-    cause = write_fault(exc) or (exc.strerror if isinstance(exc, OSError) and exc.errno in _WRITE_FAULTS else None)
+    cause = write_fault(exc)
     return StateFullError(state_dir, cause, kept="nothing was removed") if cause else None
 
 

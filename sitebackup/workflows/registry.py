@@ -10,6 +10,8 @@ from sitebackup.workflows.copy import build_activities
 from sitebackup.workflows.fetch import build_restore_activities
 from sitebackup.workflows.restore import restore_site_content
 
+__all__ = ["ActivityDeps", "register"]
+
 ORCHESTRATIONS = (backup_site_content, restore_site_content)
 
 
