@@ -39,9 +39,18 @@ from sitebackup.errors import AlreadyRunningError, InputError, StalledError
 from sitebackup.local import filters, incremental
 from sitebackup.model.codec import to_wire
 from sitebackup.model.reports import RunStart
-from sitebackup.model.work import DEFAULT_BLOCK_SIZE, BackupCounts, BackupInput, BackupOptions, Summary, UploadSpec
+from sitebackup.model.work import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CONCURRENCY,
+    BackupCounts,
+    BackupInput,
+    BackupOptions,
+    Concurrency,
+    Summary,
+    UploadSpec,
+)
 from sitebackup.ui.printers import Printer, human_duration
-from sitebackup.workflows.names import BACKUP_ORCHESTRATION, DEFAULT_WINDOW
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION
 
 TEMPLATE_HELP = "use {date}, {time} or {hostname}"
 
@@ -51,7 +60,7 @@ class BackupRequest:
     source: Path
     container: str
     prefix: str = ""
-    concurrency: int = DEFAULT_WINDOW
+    concurrency: int = DEFAULT_CONCURRENCY
     state_dir: Path = field(default_factory=Path)
     compare: str = incremental.MODE_MTIME  # or checksum / force
     patterns: list[str] = field(default_factory=list)  # gitignore-style, see local.filters
@@ -92,7 +101,7 @@ def expand_prefix(template: str | None, now: datetime | None = None, hostname: s
 
 
 def build_request(source: str | Path, container: str, prefix: str | None, *, state_dir: Path,
-                  concurrency: int = DEFAULT_WINDOW, block_size: int = DEFAULT_BLOCK_SIZE, checksum: bool = False,
+                  concurrency: int = DEFAULT_CONCURRENCY, block_size: int = DEFAULT_BLOCK_SIZE, checksum: bool = False,
                   force: bool = False, excludes: tuple[str, ...] = (), includes: tuple[str, ...] = (),
                   exclude_from: tuple[Path, ...] = (), no_ignore_file: bool = False, follow_symlinks: bool = False,
                   no_wait: bool = False, stall_after: timedelta | None = None, tier: str | None = None) -> BackupRequest:
@@ -151,7 +160,7 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
     lock = RunLock.for_backup(request.state_dir, inp.source, inp.container, inp.prefix)
     with open_backend(request.state_dir, taskhub) as runtime:
         try:
-            deps = activity_deps(settings, request.state_dir, request.concurrency, runtime)
+            deps = activity_deps(settings, Concurrency(request.concurrency), runtime)
             with runtime.connected() as client:
                 instance_id, live = claim_or_find(client, runtime, inp, lock)
                 warning = check_live_run(client, instance_id, request) if live else None
@@ -169,8 +178,8 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
                 return Summary(kind=BACKUP_ORCHESTRATION, counts=BackupCounts(), instance_id=instance_id,
                                runtime_status="SCHEDULED", detached=True)
             if live and local_worker:
-                return attach_and_watch(runtime, deps, request.concurrency, instance_id, printer, lock)
-            return host_and_watch(runtime, deps, request.concurrency, instance_id, printer, local_worker=local_worker)
+                return attach_and_watch(runtime, deps, instance_id, printer, lock)
+            return host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker)
         finally:
             lock.release()
 

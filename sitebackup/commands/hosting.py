@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, NoReturn
 
 from durabletask import client as dt_client
@@ -39,7 +38,7 @@ from sitebackup.errors import (
     StateFullError,
 )
 from sitebackup.model.codec import DamagedData, from_wire
-from sitebackup.model.work import BackupCounts, Progress, RestoreCounts, RunLabel, Summary, summary_from_wire
+from sitebackup.model.work import BackupCounts, Concurrency, Progress, RestoreCounts, RunLabel, Summary, summary_from_wire
 from sitebackup.ui.printers import Printer
 from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION, RESUME_EVENT, WAITING_PHASE
@@ -281,7 +280,7 @@ def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printe
             delay = min(2 * delay, POLL_SECONDS)
 
 
-def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
+def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
                    printer: Printer, *, local_worker: bool = True,
                    on_poll: Callable[[], None] | None = None) -> Summary[Any]:
     """Run a worker in this process until *instance_id* finishes; Ctrl-C leaves it resumable.
@@ -298,7 +297,7 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, insta
         with runtime.connected() as client:
             released = release_waiting(client, instance_id)
             if local_worker:
-                runtime.start_worker(deps, concurrency)
+                runtime.start_worker(deps)
             state = watch(client, instance_id, printer, on_poll=poll, stop_when_waiting=True, released=released,
                           runtime=runtime)
     except KeyboardInterrupt:
@@ -313,7 +312,7 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, insta
     return summary
 
 
-def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, instance_id: str,
+def attach_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
                      printer: Printer, lock: RunLock) -> Summary[Any]:
     """Show a run another live process hosts, without a worker of our own (no double work);
     host it ourselves only once no live process works on it any more."""
@@ -321,10 +320,10 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, concurrency: int, ins
 
     def take_over_if_orphaned() -> None:
         if not hosting and lock.try_acquire() and not runtime.worker_attached(instance_id):
-            runtime.start_worker(deps, concurrency)
+            runtime.start_worker(deps)
             hosting.append(True)
 
-    return host_and_watch(runtime, deps, concurrency, instance_id, printer, local_worker=False,
+    return host_and_watch(runtime, deps, instance_id, printer, local_worker=False,
                           on_poll=take_over_if_orphaned)
 
 
@@ -357,12 +356,13 @@ class CancelCheck:
             return answer
 
 
-def activity_deps(settings: StorageSettings, state_dir: Path, concurrency: int, runtime: Runtime) -> ActivityDeps:
-    """What this process's activities work with: its own storage credentials and the runtime's work store."""
-    service, label = make_service_client(settings, pool_size=2 * concurrency + 8)
+def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: Runtime) -> ActivityDeps:
+    """What this process's activities work with: its own storage credentials, the runtime's work store, and
+    how much to do at once."""
+    service, label = make_service_client(settings, pool_size=concurrency.connections)
     deps = ActivityDeps(container_client=service.get_container_client, work=runtime.work_store(service),
-                        endpoint=label)
-    putter = AsyncPutter(settings, in_flight=2 * concurrency)
+                        endpoint=label, concurrency=concurrency)
+    putter = AsyncPutter(settings, in_flight=concurrency.requests)
     putter.start()  # its client is made while the runtime starts the run, ready for the first page
     deps.put_many = putter.put_many
     deps.get_many = AsyncGetter(putter).get_many  # the same loop, connection pool and window

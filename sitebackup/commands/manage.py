@@ -38,7 +38,7 @@ from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
 from sitebackup.model.codec import DamagedData, from_wire
 from sitebackup.model.reports import Failure, PurgeReport, RunInfo, RunRow, RunStart
-from sitebackup.model.work import BackupInput, RestoreInput, Summary
+from sitebackup.model.work import BackupInput, Concurrency, RestoreInput, Summary
 from sitebackup.ui.printers import Printer
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION
 
@@ -172,17 +172,16 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
             return summary
         inp = _run_input(state)
         connect(settings.require(), inp.container)
-        concurrency = inp.options.concurrency
-        deps = activity_deps(settings, state_dir, concurrency, runtime)
+        deps = activity_deps(settings, Concurrency(inp.options.concurrency), runtime)
         # a restore's "source" is its label: the lock key stays distinct from every backup's
         lock = RunLock.for_backup(state_dir, inp.source, inp.container, inp.prefix)
         try:
             if lock.try_acquire() and not runtime.worker_attached(instance_id):
-                return host_and_watch(runtime, deps, concurrency, instance_id, printer)
+                return host_and_watch(runtime, deps, instance_id, printer)
             # a live process hosts it (or a dead one's leases have not run out yet): watch, and
             # take over once nobody works on it
             printer.message("another process is working on this run; showing its progress")
-            return attach_and_watch(runtime, deps, concurrency, instance_id, printer, lock)
+            return attach_and_watch(runtime, deps, instance_id, printer, lock)
         finally:
             lock.release()
 

@@ -55,9 +55,10 @@ from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import AlreadyRunningError, DestinationError, InputError, StateFullError, write_fault
 from sitebackup.model.records import PruneMark
 from sitebackup.model.reports import KeptRun, PruneReport, RemovedRun
+from sitebackup.model.work import Concurrency
 
-DELETE_THREADS = 16
-IN_FLIGHT = 256  # deletes handed to the pool and not done: the listing waits for them, memory does not grow
+DELETES = Concurrency()  # deletes at once
+IN_FLIGHT = 16 * DELETES.batches  # deletes handed to the pool and not done: the listing waits for them
 SCRATCH = ".prune-"  # the temporary database's name in the state directory: .prune-XXXXXXXX.db
 SCHEMA = "CREATE TABLE needed (name TEXT NOT NULL, md5 TEXT NOT NULL, PRIMARY KEY (name, md5)) WITHOUT ROWID"
 INCOMPLETE = "failed or cancelled"
@@ -107,7 +108,7 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
               ) -> PruneReport:
     endpoint = check_container(settings.require(), request.container)
     with open_backend(request.state_dir, taskhub) as runtime, \
-            service_client(settings, pool_size=DELETE_THREADS + 4) as (service, label):
+            service_client(settings, pool_size=DELETES.connections) as (service, label):
         container = service.get_container_client(request.container)
         # under the scheduler the records live in this container: no need to look it up per run
         work = runtime.work_store(service) if taskhub is None else BlobWorkStore(lambda _run_id: container)
@@ -318,7 +319,7 @@ def delete_copies(container: ContainerClient, groups: Iterable[list[Copy]], labe
             failed.append(error)
         slots.release()
 
-    with ThreadPoolExecutor(max_workers=DELETE_THREADS) as pool:
+    with ThreadPoolExecutor(max_workers=DELETES.batches) as pool:
         for copy, snapshots in itertools.chain.from_iterable(map(_deletes, groups)):
             slots.acquire()
             if failed:

@@ -30,9 +30,9 @@ from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError
 from sitebackup.model.codec import to_wire
 from sitebackup.model.reports import RunStart
-from sitebackup.model.work import RestoreInput, RestoreOptions, Summary
+from sitebackup.model.work import DEFAULT_CONCURRENCY, Concurrency, RestoreInput, RestoreOptions, Summary
 from sitebackup.ui.printers import Printer
-from sitebackup.workflows.names import DEFAULT_WINDOW, RESTORE_ORCHESTRATION
+from sitebackup.workflows.names import RESTORE_ORCHESTRATION
 
 
 @dataclass
@@ -44,7 +44,7 @@ class RestoreRequest:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     overwrite: bool = False
-    concurrency: int = DEFAULT_WINDOW
+    concurrency: int = DEFAULT_CONCURRENCY
     state_dir: Path = field(default_factory=Path)
     as_of: datetime | None = None  # with container: restore the latest completed run started at or before it
 
@@ -110,7 +110,7 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
     must be a path every worker sees, like a backup's source."""
     settings.require()
     with open_backend(request.state_dir, taskhub) as runtime:
-        deps = activity_deps(settings, request.state_dir, request.concurrency, runtime)
+        deps = activity_deps(settings, Concurrency(request.concurrency), runtime)
         with runtime.connected() as client:
             container, prefix = request.container or "", request.prefix
             if request.run_id:
@@ -136,4 +136,4 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
                                                                 instance_id=new_instance_id())
         printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.dest,
                                endpoint=endpoint, resumed=resumed, action="Restoring"))
-        return host_and_watch(runtime, deps, request.concurrency, instance_id, printer)
+        return host_and_watch(runtime, deps, instance_id, printer)

@@ -21,7 +21,7 @@ from sitebackup.commands.hosting import activity_deps
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import ENV_SERVE_TOKEN, TaskHubSettings
 from sitebackup.errors import InputError
-from sitebackup.model.work import BackupCounts, PageResult
+from sitebackup.model.work import BackupCounts, Concurrency, PageResult
 
 
 @contextmanager
@@ -43,9 +43,9 @@ def run_worker(settings: StorageSettings, taskhub: TaskHubSettings | None, state
     settings.require()
     with _stop_on_signals() as stop, open_backend(state_dir, taskhub) as runtime:
         runtime.check_access()
-        deps = activity_deps(settings, state_dir, concurrency, runtime)
+        deps = activity_deps(settings, Concurrency(concurrency), runtime)
         deps.on_batch = on_batch
-        runtime.start_worker(deps, concurrency)
+        runtime.start_worker(deps)
         on_started()
         while not stop.wait(1.0):
             runtime.check()

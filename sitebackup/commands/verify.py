@@ -31,8 +31,9 @@ from sitebackup.errors import DestinationError, InputError
 from sitebackup.local.files import b64, file_md5_b64
 from sitebackup.model.records import FileEntry
 from sitebackup.model.reports import Mismatch, VerifyReport
+from sitebackup.model.work import Concurrency
 
-DEFAULT_THREADS = 16
+CHECKS = Concurrency()  # blobs checked at once
 IN_FLIGHT_PER_THREAD = 4
 
 
@@ -78,13 +79,14 @@ def _local_problem(source: Path, rec: FileEntry) -> str | None:
 
 
 def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_mismatch: Callable[[Mismatch], None],
-               *, local: bool = False, download: bool = False, threads: int = DEFAULT_THREADS,
+               *, local: bool = False, download: bool = False,
                taskhub: TaskHubSettings | None = None) -> VerifyReport:
     """Check the run's record as it is read: memory holds the files in flight and what the lookup of recorded
     versions holds (``history.CopyLookup``), not the record nor its mismatches: each goes to *on_mismatch* as
     it is found, in record order."""
     settings.require()
-    with open_backend(state_dir, taskhub) as runtime, service_client(settings, pool_size=threads + 4) as (service, label):
+    with open_backend(state_dir, taskhub) as runtime, \
+            service_client(settings, pool_size=CHECKS.connections) as (service, label):
         work = runtime.work_store(service)
         with runtime.connected() as client:
             inp = backup_run_label(client, run_id, work)
@@ -130,12 +132,12 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
                 counts["mismatched"] += 1
                 on_mismatch(mismatch)
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with ThreadPoolExecutor(max_workers=CHECKS.batches) as pool:
             # checks in flight are bounded, their results taken in record order
             in_flight: deque[Future[Mismatch | None]] = deque()
             for job in looked_up():
                 in_flight.append(pool.submit(check, *job))
-                while in_flight and (len(in_flight) > IN_FLIGHT_PER_THREAD * threads or in_flight[0].done()):
+                while in_flight and (len(in_flight) > IN_FLIGHT_PER_THREAD * CHECKS.batches or in_flight[0].done()):
                     take(in_flight.popleft())
             while in_flight:
                 take(in_flight.popleft())

@@ -52,11 +52,6 @@ def default_state_dir() -> Path:
     return Path(base) / "sitebackup"
 
 
-def worker_threads(concurrency: int) -> int:
-    """Activity slots plus headroom for orchestrator episodes, so uploads never starve replay."""
-    return concurrency + 4
-
-
 @dataclass
 class Runtime:
     address: str
@@ -100,11 +95,12 @@ class Runtime:
                 if exc.code() in _REFUSED:
                     raise
 
-    def start_worker(self, deps: ActivityDeps, concurrency: int) -> dt_worker.TaskHubGrpcWorker:
+    def start_worker(self, deps: ActivityDeps) -> dt_worker.TaskHubGrpcWorker:
+        """A worker running every orchestration and activity, as many at once as *deps* says (its concurrency)."""
         options = dt_worker.ConcurrencyOptions(
-            maximum_concurrent_activity_work_items=concurrency,
+            maximum_concurrent_activity_work_items=deps.concurrency.batches,
             maximum_concurrent_orchestration_work_items=4,
-            maximum_thread_pool_workers=worker_threads(concurrency),
+            maximum_thread_pool_workers=deps.concurrency.threads,
         )
         if self.taskhub is not None:
             from durabletask.azuremanaged.worker import DurableTaskSchedulerWorker

@@ -27,6 +27,37 @@ DEFAULT_BLOCK_SIZE = 32 * MIB
 
 # ----------------------------------------------------------------------------- options
 
+DEFAULT_CONCURRENCY = 16  # --concurrency
+
+
+class Concurrency(msgspec.Struct, frozen=True):
+    """How much one process does at once, all derived from the one number a user sets (--concurrency):
+    batch activities in flight, requests in flight on the asyncio loop, pooled connections of the
+    synchronous clients, worker threads, and parallel transfers of one large file."""
+
+    batches: int = DEFAULT_CONCURRENCY
+
+    @property
+    def requests(self) -> int:
+        # two a batch: a page's small files keep the loop busy while the next page is read
+        return 2 * self.batches
+
+    @property
+    def connections(self) -> int:
+        # the synchronous clients' pool: a connection per request in flight and a few for the rare ones beside
+        return self.requests + 8
+
+    @property
+    def threads(self) -> int:
+        # a thread per batch and some for orchestrator episodes, so uploads never starve replay
+        return self.batches + 4
+
+    @property
+    def per_file(self) -> int:
+        # parallel requests of one file moved in ranges by the synchronous client
+        return 4
+
+
 
 class UploadSpec(msgspec.Struct, kw_only=True, frozen=True):
     """What shapes every upload of a run, built once from the command line and read where an upload is

@@ -22,7 +22,7 @@ from sitebackup.blob.upload import Uploaded
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.errors import DestinationError
 from sitebackup.model.records import PriorCopy
-from sitebackup.model.work import BackupCounts, PageResult, UploadSpec
+from sitebackup.model.work import BackupCounts, Concurrency, PageResult, UploadSpec
 
 # uploads a page's small files concurrently: (container, [(path, blob name, prior copy)], spec, cancelled)
 PutMany = Callable[[str, list[tuple[Path, str, PriorCopy | None]], UploadSpec, Callable[[], bool]],
@@ -40,7 +40,7 @@ class ActivityDeps:
     container_client: Callable[[str], ContainerClient]
     work: WorkStore
     endpoint: str  # label for messages, never a secret
-    large_file_threads: int = 4
+    concurrency: Concurrency = Concurrency()  # the hosting process's (--concurrency)
     # asked between files (and block ranges) so that `sitebackup cancel` stops uploads at the next boundary
     cancelled: Callable[[str], bool] = lambda run_id: False
     # told (run id, copy result) after every finished batch: `sitebackup worker` prints a status line

@@ -142,7 +142,7 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
             done = early.get(relpath)
             if not isinstance(done, Uploaded):  # not sent early, or failed there: one more try here
                 done = _upload_with_one_retry(client, source / relpath, backup_blob_name(prefix, relpath),
-                                              spec, item.prior or PriorCopy.of(previous), deps.large_file_threads)
+                                              spec, item.prior or PriorCopy.of(previous), deps.concurrency.per_file)
         except Exception as exc:
             error = file_error(exc, deps.endpoint)
             records.append(FileEntry(relpath, error=error))

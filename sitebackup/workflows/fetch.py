@@ -261,7 +261,7 @@ def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> PageRe
         if got is not None and isinstance(got.exception(), Cancelled):
             break
         outcome = checked[index] or _guarded(
-            functools.partial(_fetch, client, dest, item, deps.large_file_threads, got), deps.endpoint)
+            functools.partial(_fetch, client, dest, item, deps.concurrency.per_file, got), deps.endpoint)
         assert outcome is not None
         counts.files_done += 1
         counts.bytes_done += item.size

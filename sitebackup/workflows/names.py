@@ -21,7 +21,6 @@ RESTORE_BATCH = "RestoreFileBatch"
 WAITING_PHASE = "waiting-destination"
 RESUME_EVENT = "resume"
 
-DEFAULT_WINDOW = 16  # activities in flight per run (--concurrency)
 PAGES_PER_GENERATION = 100  # then continue-as-new: one instance's history stays bounded
 # outputs stay small whatever the tree: lists of failures are capped, with counts of the rest
 MAX_LISTED = 20
