@@ -20,10 +20,10 @@ import atexit
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from azure.core import MatchConditions
@@ -36,6 +36,8 @@ from sitebackup.blob.errors import response_error
 from sitebackup.blob.upload import Uploaded, already_there, put_headers, replace_conditions, small_file_put, uploaded
 from sitebackup.model.records import PriorCopy
 from sitebackup.model.work import UploadSpec
+
+T = TypeVar("T")
 
 # a run's SAS is signed for an hour and replaced a quarter of an hour before it runs out, so a request
 # (with its retries, about a minute) never carries an expired one
@@ -54,7 +56,7 @@ class SignedUrls:
 
     def __init__(self, container: Any, read: bool, clock: Callable[[], float] = time.monotonic):
         parts = urlsplit(container.url)
-        self._base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", ""))
+        self._base: str = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", ""))
         self._query = f"?{parts.query}" if parts.query else ""
         self._credential = container.credential
         self._container = container.container_name
@@ -86,13 +88,13 @@ class ContainerPuts:
         self._headers = {"x-ms-version": container.api_version, "x-ms-blob-type": "BlockBlob",
                          "Content-Type": "application/octet-stream", "Accept": "application/xml"}
 
-    async def put(self, name: str, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
-        """Put *data* as block blob *name* with *headers* (``upload.put_headers``); the response's ``etag``."""
+    async def put(self, name: str, data: bytes, headers: dict[str, str]) -> str:
+        """Put *data* as block blob *name* with *headers* (``upload.put_headers``); the response's ETag."""
         request = HttpRequest("PUT", self._urls.blob(name), headers={**self._headers, **headers}, content=data)
         response = await self._pipeline.send_request(request)
         if response.status_code != 201:
             raise response_error(response)
-        return {"etag": response.headers["ETag"]}
+        return str(response.headers["ETag"])
 
 
 class AsyncPutter:
@@ -103,14 +105,15 @@ class AsyncPutter:
         self._in_flight = in_flight
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: concurrent.futures.Future | None = None  # the client made on the loop
+        self._ready: concurrent.futures.Future[None] | None = None  # the client made on the loop
         self._client: Any = None
         self._pipeline: Any = None
         self._puts: dict[str, ContainerPuts] = {}
-        self._gate: asyncio.Semaphore | None = None
+        # bound to the loop at its first use, as asyncio primitives are
+        self._gate = asyncio.Semaphore(in_flight)
         self._limiter = process_limiter()  # --bwlimit: a small file's bytes are paid for before its request
 
-    def start(self) -> tuple[asyncio.AbstractEventLoop, concurrent.futures.Future]:
+    def start(self) -> tuple[asyncio.AbstractEventLoop, concurrent.futures.Future[None]]:
         """Start the loop and make its client without waiting for them: the hosting process calls this before
         the run's first page exists, so the client is made while the durable runtime starts, not after.
         The loop and the future of its client."""
@@ -124,7 +127,6 @@ class AsyncPutter:
                 # the client and its aiohttp session must be born inside the loop that uses them
                 self._client, _label = make_service_client(self._settings, pool_size=self._in_flight, aio=True)
                 self._pipeline = put_pipeline(self._client.credential, self._in_flight)
-                self._gate = asyncio.Semaphore(self._in_flight)
 
             self._ready = asyncio.run_coroutine_threadsafe(setup(), loop)
             self._loop = loop
@@ -137,7 +139,7 @@ class AsyncPutter:
         ready.result()  # a client that could not be made fails every caller alike
         return loop
 
-    def submit(self, work: Callable[[Any, Any, asyncio.Semaphore], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future:
+    def submit(self, work: Callable[[Any, Any, asyncio.Semaphore], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
         """Run ``work(service client, lean request pipeline, in-flight gate)`` on this loop; a future of its
         result. Restore's ``blob.asyncget`` shares the loop, its connection pool and its window of requests
         this way."""
@@ -174,9 +176,9 @@ class AsyncPutter:
                 return puts.put(name, data, put_headers(name, st, md5, spec, etag,
                                                         match_condition == MatchConditions.IfMissing))
 
-            done = await _replace(lambda: client.get_blob_client(name), put, uploaded(st, md5).md5,
+            etag = await _replace(lambda: client.get_blob_client(name), put, uploaded(st, md5).md5,
                                   st.st_mtime_ns, prior)
-            return uploaded(st, md5, spec.tier, done["etag"])
+            return uploaded(st, md5, spec.tier, etag)
 
     def close(self) -> None:
         with self._lock:
@@ -194,8 +196,8 @@ class AsyncPutter:
         loop.call_soon_threadsafe(loop.stop)
 
 
-async def _replace(blob_client: Callable[[], Any], put: Callable[..., Any], md5: str, mtime_ns: int,
-                   prior: PriorCopy | None) -> Any:
+async def _replace(blob_client: Callable[[], Any], put: Callable[..., Awaitable[str]], md5: str, mtime_ns: int,
+                   prior: PriorCopy | None) -> str:
     """``upload.replace`` on the async client: the old content is kept as a snapshot when it may differ.
     The SDK's client of the blob is made only when the put alone does not do."""
     conditions = replace_conditions(md5, prior)
@@ -209,7 +211,7 @@ async def _replace(blob_client: Callable[[], Any], put: Callable[..., Any], md5:
             except ResourceNotFoundError:
                 return await put()
             if already_there(props, md5, mtime_ns):
-                return {"etag": props.etag}
+                return str(props.etag)
     try:
         await blob_client().create_snapshot()
     except ResourceNotFoundError:

@@ -138,7 +138,7 @@ class PacedAdapter(HTTPAdapter):
         read = resp.read
 
         def paced_read(*args: Any, **kwargs: Any) -> bytes:
-            data = read(*args, **kwargs)
+            data: bytes = read(*args, **kwargs)
             if data:
                 self.limiter.acquire(len(data))
             return data

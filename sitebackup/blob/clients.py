@@ -109,10 +109,11 @@ def _aio_transport(in_flight: int) -> Any:
 
 
 def _retry(aio: bool, quick: bool) -> Any:
+    Retry: Any = ExponentialRetry
     if aio:
-        from azure.storage.blob.aio import ExponentialRetry as Retry
-    else:
-        Retry = ExponentialRetry
+        from azure.storage.blob.aio import ExponentialRetry as AioRetry
+
+        Retry = AioRetry
     if quick:
         return Retry(initial_backoff=1, increment_base=2, retry_total=1, random_jitter_range=1)
     # about a minute of backoff (3, 5, 9, 17, 33 s) before a request is given up; fewer retries
@@ -159,10 +160,11 @@ def make_service_client(settings: StorageSettings, *, quick: bool = False, pool_
     ``quick`` makes a client that gives up within seconds: used for the pre-flight check so an
     unreachable endpoint answers with exit 3 instead of minutes of retries.
     """
+    Client: Any = BlobServiceClient
     if aio:
-        from azure.storage.blob.aio import BlobServiceClient as Client
-    else:
-        Client = BlobServiceClient
+        from azure.storage.blob.aio import BlobServiceClient as AioClient
+
+        Client = AioClient
     if quick:
         kwargs: dict[str, Any] = {"retry_policy": _retry(aio, quick), "connection_timeout": 5, "read_timeout": 30}
     else:
@@ -191,9 +193,11 @@ def make_service_client(settings: StorageSettings, *, quick: bool = False, pool_
 def _default_credential(aio: bool) -> Any:
     # imported on use: azure.identity costs start-up time that key and SAS users should not pay
     if aio:
-        from azure.identity.aio import DefaultAzureCredential
-    else:
-        from azure.identity import DefaultAzureCredential
+        from azure.identity.aio import DefaultAzureCredential as AioCredential
+
+        return AioCredential()
+    from azure.identity import DefaultAzureCredential
+
     return DefaultAzureCredential()
 
 

@@ -50,7 +50,7 @@ def response_error(response: Any) -> HttpResponseError:
         kind = ClientAuthenticationError
     error = kind(message=f"{message.splitlines()[0] if message else response.reason}\nErrorCode:{code}",
                  response=response)
-    error.error_code = code
+    error.error_code = code  # type: ignore[attr-defined]  # as the SDK's own deserialized errors carry it
     return error
 
 

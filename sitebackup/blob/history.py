@@ -96,7 +96,7 @@ class CopyLookup:
             pages = self.container.list_blobs(name_starts_with=tree or None, include=["snapshots"],
                                               results_per_page=self.page_size).by_page()
             page = list(next(pages))
-            if pages.continuation_token is None:
+            if pages.continuation_token is None:  # type: ignore[attr-defined]  # the SDK's ItemPaged pages
                 self._held_tree = tree
                 for blob in page:
                     self._held.setdefault(blob.name, []).append(_copy(blob))

@@ -15,7 +15,7 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.storage.blob import BlobClient, ContainerClient, ContentSettings, StandardBlobTier
+from azure.storage.blob import BlobBlock, BlobClient, ContainerClient, ContentSettings, StandardBlobTier
 
 from sitebackup.local.files import b64, check_unchanged, file_md5, read_whole
 from sitebackup.model.records import FileEntry, PriorCopy
@@ -74,9 +74,9 @@ def already_there(props: Any, md5: str, mtime_ns: int) -> bool:
 
 
 def replace(blob: BlobClient, put: Callable[..., dict[str, Any]], md5: str, mtime_ns: int,
-            prior: PriorCopy | None) -> dict[str, Any]:
+            prior: PriorCopy | None) -> str:
     """``put(**conditions)`` the version (*md5*, *mtime_ns*) of a file at *blob*, first keeping old content as a
-    snapshot when it may differ (``replace_conditions``); returns the put's response (its ``etag``).
+    snapshot when it may differ (``replace_conditions``); returns the blob's ETag as the put left it.
 
     A new file and the baseline's own bytes cost no extra request, a changed file one (the snapshot).
     When the blob is not what the baseline recorded, it is asked for its properties: if it already is
@@ -85,16 +85,16 @@ def replace(blob: BlobClient, put: Callable[..., dict[str, Any]], md5: str, mtim
     conditions = replace_conditions(md5, prior)
     if conditions is not None:
         try:
-            return put(**conditions)
+            return str(put(**conditions)["etag"])
         except (ResourceExistsError, ResourceModifiedError):
             try:
                 props = blob.get_blob_properties()
             except ResourceNotFoundError:
-                return put()
+                return str(put()["etag"])
             if already_there(props, md5, mtime_ns):
-                return {"etag": props.etag}
+                return str(props.etag)
     keep_snapshot(blob)
-    return put()
+    return str(put()["etag"])
 
 
 # a compressed file is typed as what it is, never as what is inside it: "site.tar.gz" typed as a tar would be
@@ -169,9 +169,9 @@ def upload_file(container: ContainerClient, path: Path, name: str, spec: UploadS
     if os.stat(path).st_size <= SINGLE_PUT_BYTES:
         data, st, md5 = small_file_put(path)
         blob = container.get_blob_client(name)
-        done = replace(blob, lambda **c: blob.upload_blob(data, length=len(data), **single_put_options(name, st, md5, spec),
+        etag = replace(blob, lambda **c: blob.upload_blob(data, length=len(data), **single_put_options(name, st, md5, spec),
                                                           **c), uploaded(st, md5).md5, st.st_mtime_ns, prior)
-        return uploaded(st, md5, spec.tier, done["etag"])
+        return uploaded(st, md5, spec.tier, etag)
     st = os.stat(path)
     md5 = file_md5(path)
     blob = container.get_blob_client(name)
@@ -181,6 +181,16 @@ def upload_file(container: ContainerClient, path: Path, name: str, spec: UploadS
             return blob.upload_blob(fh, overwrite=True, length=st.st_size, max_concurrency=max_concurrency,
                                     validate_content=True, **blob_properties(name, st, md5, spec), **conditions)
 
-    done = replace(blob, put, uploaded(st, md5).md5, st.st_mtime_ns, prior)
+    etag = replace(blob, put, uploaded(st, md5).md5, st.st_mtime_ns, prior)
     check_unchanged(path, st.st_size, st.st_mtime_ns)
-    return uploaded(st, md5, spec.tier, done["etag"])
+    return uploaded(st, md5, spec.tier, etag)
+
+
+def commit_blocks(blob: BlobClient, ids: list[str], st: os.stat_result, md5: str, spec: UploadSpec,
+                  prior: PriorCopy | None) -> Uploaded:
+    """Commit the staged blocks *ids* as the file's blob, with the whole file's MD5 (base64) as its Content-MD5
+    and what every backed-up blob carries, over what the baseline recorded at its name (``replace``)."""
+    properties = blob_properties(blob.blob_name, st, base64.b64decode(md5), spec)
+    etag = replace(blob, lambda **c: blob.commit_block_list([BlobBlock(block_id=i) for i in ids], **properties, **c),
+                   md5, st.st_mtime_ns, prior)
+    return Uploaded(st.st_size, st.st_mtime_ns, md5, spec.tier, etag)

@@ -31,11 +31,11 @@ from typing import NamedTuple
 
 import msgspec
 from azure.core.exceptions import ResourceNotFoundError
-from azure.storage.blob import BlobBlock, BlobClient, ContainerClient
+from azure.storage.blob import BlobClient, ContainerClient
 
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.naming import backup_blob_name
-from sitebackup.blob.upload import Uploaded, blob_properties, replace
+from sitebackup.blob.upload import Uploaded, commit_blocks
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.local.files import CHUNK, FileChangedError, check_unchanged
 from sitebackup.model.records import FileEntry
@@ -255,10 +255,7 @@ def commit_file(container: ContainerClient, path: Path, name: str, item: RangePa
     missing = len(set(ids) - held_ids(blob))
     if missing:
         raise FileChangedError(f"{missing} of {item.ranges} blocks were not staged")
-    properties = blob_properties(name, st, base64.b64decode(md5), spec)
-    done = replace(blob, lambda **c: blob.commit_block_list([BlobBlock(block_id=i) for i in ids], **properties, **c),
-                   md5, mtime_ns, item.prior)
-    return Uploaded(size, mtime_ns, md5, spec.tier, done["etag"])
+    return commit_blocks(blob, ids, st, md5, spec, item.prior)
 
 
 def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage, source: Path, container: str,
