@@ -44,6 +44,7 @@ from sitebackup.commands.options import (
     Output,
     bwlimit_option,
     complete_dirs,
+    concurrency_option,
     debug_option,
     destination_label,
     metrics_option,
@@ -375,8 +376,7 @@ def _tier(choice: str | None) -> str | None:
 @click.option("--prefix", default="", help="Blob name prefix, e.g. nightly/web → nightly/web/css/site.css.")
 @storage_options
 @bwlimit_option
-@click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
-              help="Bound on parallel uploads.")
+@concurrency_option("Bound on parallel uploads.")
 @click.option("--block-size", type=click.IntRange(min=MIN_BLOCK_SIZE // MIB, max=MAX_BLOCK_SIZE // MIB),
               default=DEFAULT_BLOCK_SIZE // MIB,
               show_default=True, metavar="MIB",

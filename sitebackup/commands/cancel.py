@@ -10,7 +10,7 @@ from sitebackup.commands.hosting import TERMINAL, get_run
 from sitebackup.commands.options import Command, complete_runs, debug_option, state_dir_option, taskhub_option
 from sitebackup.durable.runtime import open_client
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_codes_help
+from sitebackup.errors import exit_codes_help
 
 
 def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None) -> str:
@@ -22,7 +22,7 @@ def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = 
         return state.runtime_status.name
 
 
-@click.command("cancel", cls=Command, epilog=exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED))
+@click.command("cancel", cls=Command, epilog=exit_codes_help(0, 2, 70, 130))
 @click.argument("instance_id", shell_complete=complete_runs("unfinished"))
 @taskhub_option
 @state_dir_option

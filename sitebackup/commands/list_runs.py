@@ -16,7 +16,7 @@ from sitebackup.commands.options import Command, debug_option, json_option, stat
 from sitebackup.commands.status import describe
 from sitebackup.durable.runtime import open_client
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_codes_help
+from sitebackup.errors import exit_codes_help
 from sitebackup.ui import render
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION
 
@@ -63,7 +63,7 @@ def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> s
     return "yes" if state.runtime_status == dt_client.OrchestrationStatus.COMPLETED else "partial"
 
 
-@click.command("list", cls=Command, epilog=exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED))
+@click.command("list", cls=Command, epilog=exit_codes_help(0, 2, 70, 130))
 @click.option("--status", "statuses", multiple=True,
               type=click.Choice(["RUNNING", "COMPLETED", "FAILED", "TERMINATED", "PENDING", "SUSPENDED"],
                                 case_sensitive=False),

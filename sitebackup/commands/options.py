@@ -31,7 +31,7 @@ from sitebackup.durable import taskhub
 from sitebackup.durable.runtime import ENV_STATE_DIR, SDK_LOGGER, default_state_dir, peek_run_ids
 from sitebackup.errors import InputError, SiteBackupError
 from sitebackup.ui.metrics import MetricsJob
-from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION, DEFAULT_WINDOW, RESTORE_ORCHESTRATION
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -196,6 +196,12 @@ def bwlimit_option(fn: F) -> F:
         "--bwlimit", metavar="RATE", envvar=bwlimit.ENV_BWLIMIT, expose_value=False, callback=_set_bwlimit,
         help=f"Cap on blob transfers of this process, in {bwlimit.RATE_HELP} [env {bwlimit.ENV_BWLIMIT}].",
     )(fn)
+
+
+def concurrency_option(help: str) -> Callable[[F], F]:
+    """--concurrency, bounded the same everywhere; *help* says what it bounds in this command."""
+    return click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW,
+                        show_default=True, help=help)
 
 
 def metrics_option(fn: F) -> F:

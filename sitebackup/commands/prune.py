@@ -72,13 +72,6 @@ from sitebackup.durable.backend.store import write_fault
 from sitebackup.durable.runtime import Runtime, open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import (
-    EXIT_ALREADY_RUNNING,
-    EXIT_DESTINATION,
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_STATE_FULL,
-    EXIT_USAGE,
     AlreadyRunningError,
     DestinationError,
     InputError,
@@ -427,9 +420,7 @@ def keep_options(command: Callable[..., None]) -> Callable[..., None]:
     return with_policy
 
 
-@click.command("prune", cls=Command,
-               epilog=exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_DESTINATION, EXIT_ALREADY_RUNNING, EXIT_STATE_FULL,
-                                      EXIT_INTERNAL, EXIT_INTERRUPTED))
+@click.command("prune", cls=Command, epilog=exit_codes_help(0, 2, 3, 4, 5, 70, 130))
 @click.option("--container", "-c", required=True, help="The destination whose backup runs to prune.")
 @click.option("--prefix", default="", help="The destination's blob name prefix, as given to the backups "
                                            "({hostname}, {date} and {time} expanded the same way).")

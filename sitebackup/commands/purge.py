@@ -23,7 +23,7 @@ from sitebackup.commands.options import (
 )
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import EXIT_DESTINATION, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_codes_help
+from sitebackup.errors import exit_codes_help
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION
 
 
@@ -62,8 +62,7 @@ def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | Non
                 service.close()
 
 
-@click.command("purge", cls=Command,
-               epilog=exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_DESTINATION, EXIT_INTERNAL, EXIT_INTERRUPTED))
+@click.command("purge", cls=Command, epilog=exit_codes_help(0, 2, 3, 70, 130))
 @click.option("--older-than", required=True, metavar="AGE", help="Age such as 30d, 12h or 2w.")
 @taskhub_option
 @storage_options

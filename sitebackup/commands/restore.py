@@ -35,6 +35,7 @@ from sitebackup.commands.options import (
     bwlimit_option,
     complete_dirs,
     complete_runs,
+    concurrency_option,
     debug_option,
     destination_label,
     metrics_option,
@@ -47,14 +48,6 @@ from sitebackup.commands.options import (
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import (
-    EXIT_CANCELLED,
-    EXIT_DESTINATION,
-    EXIT_FILES_FAILED,
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_STATE_FULL,
-    EXIT_USAGE,
     InputError,
     exit_codes_help,
 )
@@ -175,9 +168,7 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
     return complete_runs("backups")(ctx, param, incomplete)
 
 
-@click.command("restore", cls=Command,
-               epilog=exit_codes_help(EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_DESTINATION, EXIT_STATE_FULL,
-                                      EXIT_CANCELLED, EXIT_INTERNAL, EXIT_INTERRUPTED))
+@click.command("restore", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 7, 70, 130))
 @click.argument("args", nargs=-1, required=True, metavar="[ID] DEST", shell_complete=complete_restore_args)
 @click.option("--container", "-c", help="Restore whatever is under --prefix in this container instead of a run.")
 @click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped.")
@@ -190,8 +181,7 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
 @click.option("--overwrite", is_flag=True, help="Replace existing files that differ (identical ones are always skipped).")
 @storage_options
 @bwlimit_option
-@click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
-              help="Bound on parallel download batches.")
+@concurrency_option("Bound on parallel download batches.")
 @output_options
 @metrics_option
 @taskhub_option

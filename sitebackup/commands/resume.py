@@ -36,14 +36,6 @@ from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import (
-    EXIT_CANCELLED,
-    EXIT_DESTINATION,
-    EXIT_FILES_FAILED,
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_STATE_FULL,
-    EXIT_USAGE,
     InputError,
     exit_codes_help,
 )
@@ -88,9 +80,7 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
             lock.release()
 
 
-@click.command("resume", cls=Command,
-               epilog=exit_codes_help(EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_DESTINATION, EXIT_STATE_FULL,
-                                      EXIT_CANCELLED, EXIT_INTERNAL, EXIT_INTERRUPTED))
+@click.command("resume", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 7, 70, 130))
 @click.argument("instance_id", shell_complete=complete_runs("unfinished"))
 @storage_options
 @bwlimit_option

@@ -13,7 +13,7 @@ import click
 from sitebackup.commands.hosting import stop_on_signals
 from sitebackup.commands.options import Command, debug_option, state_dir_option
 from sitebackup.durable.taskhub import ENV_SERVE_TOKEN
-from sitebackup.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, InputError, exit_codes_help
+from sitebackup.errors import InputError, exit_codes_help
 
 
 def parse_listen(listen: str, allow_remote: bool) -> str:
@@ -58,7 +58,7 @@ def serve(listen: str, state_dir: Path, *, allow_remote: bool, lease_seconds: fl
             backend.stop()
 
 
-@click.command("serve", cls=Command, epilog=exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_INTERNAL))
+@click.command("serve", cls=Command, epilog=exit_codes_help(0, 2, 70))
 @click.option("--listen", required=True, metavar="HOST:PORT",
               help="Loopback address to serve on, e.g. 127.0.0.1:4001 (port 0 picks a free port).")
 @click.option("--allow-remote", is_flag=True, help="Also accept non-loopback addresses (no TLS: the token travels in clear!).")

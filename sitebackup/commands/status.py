@@ -26,13 +26,6 @@ from sitebackup.commands.options import (
 from sitebackup.durable.runtime import Runtime, open_client
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import (
-    EXIT_CANCELLED,
-    EXIT_DESTINATION,
-    EXIT_FILES_FAILED,
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
     exit_codes_help,
 )
 from sitebackup.ui import render
@@ -98,9 +91,7 @@ def watch_status(state_dir: Path, instance_id: str, printer: Printer,
     return summary
 
 
-@click.command("status", cls=Command,
-               epilog=exit_codes_help(EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_DESTINATION, EXIT_CANCELLED,
-                                      EXIT_INTERNAL, EXIT_INTERRUPTED))
+@click.command("status", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 7, 70, 130))
 @click.argument("instance_id", shell_complete=complete_runs("any"))
 @json_option("Print one JSON object.")
 @click.option("--watch", is_flag=True, help="Draw the live progress bar until the run finishes.")

@@ -44,12 +44,7 @@ from sitebackup.commands.options import (
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import (
-    EXIT_DESTINATION,
     EXIT_FILES_FAILED,
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
     DestinationError,
     InputError,
     exit_codes_help,
@@ -172,9 +167,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
     }
 
 
-@click.command("verify", cls=Command,
-               epilog=exit_codes_help(EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_DESTINATION, EXIT_INTERNAL,
-                                      EXIT_INTERRUPTED))
+@click.command("verify", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 70, 130))
 @click.argument("instance_id", metavar="ID", shell_complete=complete_runs("backups"))
 @click.option("--local", is_flag=True, help="Also compare with the source files on disk (size and MD5).")
 @click.option("--download", is_flag=True, help="Re-hash blob content instead of trusting its Content-MD5.")

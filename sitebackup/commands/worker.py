@@ -14,6 +14,7 @@ from sitebackup.commands.hosting import activity_deps, stop_on_signals
 from sitebackup.commands.options import (
     Command,
     bwlimit_option,
+    concurrency_option,
     debug_option,
     state_dir_option,
     storage_options,
@@ -21,8 +22,7 @@ from sitebackup.commands.options import (
 )
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import EXIT_DESTINATION, EXIT_INTERNAL, EXIT_OK, EXIT_STATE_FULL, EXIT_USAGE, exit_codes_help
-from sitebackup.workflows.names import DEFAULT_WINDOW
+from sitebackup.errors import exit_codes_help
 
 
 def run_worker(settings: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path,
@@ -41,13 +41,11 @@ def run_worker(settings: StorageSettings, taskhub: TaskHubSettings | None, state
         # open_backend's exit stops the worker, which first finishes the work items it holds
 
 
-@click.command("worker", cls=Command,
-               epilog=exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_DESTINATION, EXIT_STATE_FULL, EXIT_INTERNAL))
+@click.command("worker", cls=Command, epilog=exit_codes_help(0, 2, 3, 5, 70))
 @storage_options
 @bwlimit_option
 @taskhub_option
-@click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_WINDOW, show_default=True,
-              help="Bound on parallel uploads in this worker.")
+@concurrency_option("Bound on parallel uploads in this worker.")
 @state_dir_option
 @debug_option
 def command(storage: StorageSettings, taskhub: TaskHubSettings | None, concurrency: int, state_dir: Path) -> None:
