@@ -1,3 +1,4 @@
-"""One module per command (backup, restore, verify, manage, dry run, scale-out) and the hosting they
-share: open a backend, start the worker, schedule or attach, watch status. Commands return data and
-hand progress to a ``ui`` printer; ``cli`` renders the rest."""
+"""One module per command (backup, restore, verify, prune, status, list, resume, cancel, purge, worker,
+serve), each owning its click definition, its request and its use case; ``options`` holds the options they
+share, ``hosting`` what running and watching a run takes. Commands return data and hand progress to a
+``ui`` printer; ``cli`` assembles them into the group."""

@@ -1,5 +1,6 @@
-"""The backup command: build the request from options, pre-flight the destination, schedule or re-attach,
-host the worker and watch.
+"""The backup command (the default one): its click definition, its request built from the options,
+pre-flight of the destination, schedule or re-attach, host the worker and watch; or, with ``--dry-run``,
+the scan and the comparison alone (``plan_backup``).
 
 ``expand_prefix`` runs once in the CLI process, so every page of one run (and its resume) uses the
 same expanded prefix; filters are read once too, so a resumed run keeps those it started with.
@@ -7,23 +8,29 @@ same expanded prefix; filters are read once too, so a resumed run keeps those it
 
 from __future__ import annotations
 
+import functools
 import socket
 import string
+import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 from durabletask import client as dt_client
 
-from sitebackup.blob.clients import StorageSettings, connect
+from sitebackup.blob.clients import NOT_CONFIGURED, StorageSettings, connect, make_service_client
 from sitebackup.blob.naming import backup_prefix, validate_container_name
+from sitebackup.blob.upload import ACCESS_TIERS
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.hosting import (
     POLL_SECONDS,
     activity_deps,
     attach_and_watch,
+    exit_code_for,
     find_unfinished,
     get_run,
     host_and_watch,
@@ -32,24 +39,49 @@ from sitebackup.commands.hosting import (
     run_label,
     stalled_for,
 )
+from sitebackup.commands.options import (
+    Command,
+    Output,
+    bwlimit_option,
+    complete_dirs,
+    concurrency_option,
+    debug_option,
+    destination_label,
+    metrics_option,
+    output_options,
+    stall_after_option,
+    start_metrics,
+    state_dir_option,
+    storage_options,
+    taskhub_option,
+)
 from sitebackup.durable.runlock import RunLock
-from sitebackup.durable.runtime import Runtime, open_backend
+from sitebackup.durable.runtime import Runtime, open_backend, open_client
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import AlreadyRunningError, InputError, StalledError
+from sitebackup.errors import EXIT_FILES_FAILED, AlreadyRunningError, InputError, StalledError, exit_codes_help
 from sitebackup.local import filters, incremental
+from sitebackup.local.files import describe_os_error, file_md5_b64
+from sitebackup.local.incremental import Compared
+from sitebackup.local.scan import Skipped
 from sitebackup.model.codec import to_wire
-from sitebackup.model.reports import RunStart
+from sitebackup.model.records import FileEntry
+from sitebackup.model.reports import DryRunItem, DryRunTotals, RunStart
 from sitebackup.model.work import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CONCURRENCY,
+    MIB,
     BackupCounts,
     BackupInput,
     BackupOptions,
     Concurrency,
     Summary,
     UploadSpec,
+    summary_to_wire,
 )
-from sitebackup.ui.printers import Printer, human_duration
+from sitebackup.ui import render
+from sitebackup.ui.logfile import LogPrinter
+from sitebackup.ui.printers import Printer, human_duration, make_printer
+from sitebackup.workflows.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION
 
 TEMPLATE_HELP = "use {date}, {time} or {hostname}"
@@ -100,12 +132,25 @@ def expand_prefix(template: str | None, now: datetime | None = None, hostname: s
     return "".join(expanded)
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a backup compares and leaves out: --checksum, --force, --exclude, --include, --exclude-from,
+    --no-ignore-file, --follow-symlinks."""
+
+    checksum: bool = False
+    force: bool = False
+    excludes: tuple[str, ...] = ()
+    includes: tuple[str, ...] = ()
+    exclude_from: tuple[Path, ...] = ()
+    no_ignore_file: bool = False
+    follow_symlinks: bool = False
+
+
 def build_request(source: str | Path, container: str, prefix: str | None, *, state_dir: Path,
-                  concurrency: int = DEFAULT_CONCURRENCY, block_size: int = DEFAULT_BLOCK_SIZE, checksum: bool = False,
-                  force: bool = False, excludes: tuple[str, ...] = (), includes: tuple[str, ...] = (),
-                  exclude_from: tuple[Path, ...] = (), no_ignore_file: bool = False, follow_symlinks: bool = False,
-                  no_wait: bool = False, stall_after: timedelta | None = None, tier: str | None = None) -> BackupRequest:
+                  concurrency: int, upload: UploadSpec | None = None, selection: Selection | None = None,
+                  no_wait: bool = False, stall_after: timedelta | None = None) -> BackupRequest:
     """Validate the backup's options into a request: source, destination, comparison, filters."""
+    selection = selection or Selection()
     path = Path(source).expanduser()
     if not path.exists():
         raise InputError(f"source {str(source)!r} does not exist")
@@ -113,18 +158,21 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
         raise InputError(f"source {str(source)!r} is not a directory")
     if concurrency < 1:
         raise InputError("--concurrency must be at least 1")
-    if checksum and force:
+    if selection.checksum and selection.force:
         raise InputError("--checksum and --force exclude each other")
-    mode = incremental.MODE_FORCE if force else incremental.MODE_CHECKSUM if checksum else incremental.MODE_MTIME
+    mode = incremental.MODE_FORCE if selection.force else incremental.MODE_CHECKSUM if selection.checksum \
+        else incremental.MODE_MTIME
     try:
-        patterns = filters.patterns_for(path, excludes=excludes, includes=includes, exclude_from=exclude_from,
-                                        use_ignore_file=not no_ignore_file)
+        patterns = filters.patterns_for(path, excludes=selection.excludes, includes=selection.includes,
+                                        exclude_from=selection.exclude_from,
+                                        use_ignore_file=not selection.no_ignore_file)
     except OSError as exc:
         raise InputError(f"cannot read filter file {exc.filename}: {exc.strerror}") from None
     return BackupRequest(source=path.resolve(), container=validate_container_name(container),
                          prefix=backup_prefix(expand_prefix(prefix)), concurrency=concurrency,
-                         state_dir=state_dir, compare=mode, patterns=patterns, follow_symlinks=follow_symlinks,
-                         no_wait=no_wait, upload=UploadSpec(block_size=block_size, tier=tier), stall_after=stall_after)
+                         state_dir=state_dir, compare=mode, patterns=patterns,
+                         follow_symlinks=selection.follow_symlinks, no_wait=no_wait, upload=upload or UploadSpec(),
+                         stall_after=stall_after)
 
 
 def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore) -> str | None:
@@ -163,7 +211,7 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
             deps = activity_deps(settings, Concurrency(request.concurrency), runtime)
             with runtime.connected() as client:
                 instance_id, live = claim_or_find(client, runtime, inp, lock)
-                warning = check_live_run(client, instance_id, request) if live else None
+                warning = check_live_run(client, instance_id, request) if live and instance_id else None
                 resumed = instance_id is not None
                 if instance_id is None:
                     # with --force too: the baseline says what each name holds, to keep as a snapshot
@@ -188,14 +236,15 @@ def check_live_run(client: dt_client.TaskHubGrpcClient, instance_id: str, reques
     """Before attaching to a run another process hosts: with --no-wait refuse (AlreadyRunningError, or
     StalledError when it has made no progress for ``stall_after``); else a warning if it looks stalled."""
     state = get_run(client, instance_id)
-    idle = stalled_for(state, request.stall_after) if request.stall_after is not None else None
-    if idle is None:
+    stall_after = request.stall_after
+    idle = stalled_for(state, stall_after) if stall_after is not None else None
+    if idle is None or stall_after is None:
         if request.no_wait:
             raise AlreadyRunningError(f"the same backup is already running as {instance_id}", instance_id)
         return None
     since = last_progress(state).isoformat(timespec="seconds")
     what = (f"the same backup is running as {instance_id} but has made no progress for {human_duration(idle)} "
-            f"(since {since}, over --stall-after {human_duration(request.stall_after)})")
+            f"(since {since}, over --stall-after {human_duration(stall_after)})")
     if request.no_wait:
         raise StalledError(f"{what}: is its process hung? stop it, or cancel the run: sitebackup cancel {instance_id}",
                            instance_id)
@@ -218,3 +267,197 @@ def claim_or_find(client: dt_client.TaskHubGrpcClient, runtime: Runtime, inp: Ba
         if instance_id is not None:
             return instance_id, True
         time.sleep(POLL_SECONDS)
+
+
+# --dry-run: the scan and the incremental comparison, run locally; nothing is written. No orchestration is
+# scheduled and the container is neither created nor listed: the walk and the comparison with the baseline
+# run's record (found through the durable client of the selected backend, read from its work store) answer
+# what a real run would upload and skip. Under the scheduler that record is read from the container's
+# reserved .sitebackup/work/ prefix. Each file's line goes out as the walk reaches it and the record is read
+# beside the walk, so nothing is kept per file.
+
+
+def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: TaskHubSettings | None,
+                on_item: Callable[[DryRunItem], None]) -> DryRunTotals:
+    """Walk and compare, handing each file's line to *on_item* as the walk goes; return the totals."""
+    if taskhub is not None and not settings.configured and request.compare != incremental.MODE_FORCE:
+        raise InputError("--dry-run with --taskhub reads the last run's record from the container: " + NOT_CONFIGURED)
+    endpoint = None
+    service = None
+    if settings.configured:
+        # the label matches the baseline's endpoint; only the scheduler's work store sends requests
+        service, endpoint = make_service_client(settings, quick=True)
+    try:
+        inp = request.orchestration_input(endpoint)
+        records: Iterable[FileEntry] = ()
+        baseline = None
+        if request.compare != incremental.MODE_FORCE:
+            with open_client(request.state_dir, taskhub) as (runtime, client):
+                work = runtime.work_store(service)
+                baseline = find_baseline(client, inp, work)
+            if baseline:
+                records = work.iter_results(baseline)
+        totals = DryRunTotals(source=str(request.source), destination=inp.destination, baseline=baseline)
+        _walk(request, records, totals, on_item)
+    finally:
+        if service is not None:
+            service.close()
+    return totals
+
+
+def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTotals,
+          on_item: Callable[[DryRunItem], None]) -> None:
+    skipped = 0
+    for found in incremental.compare(request.source, patterns=request.patterns,
+                                     follow_symlinks=request.follow_symlinks, baseline=records, mode=request.compare):
+        if isinstance(found, Compared):
+            file = found.file
+            try:
+                action = _action(request, found)
+            except OSError as exc:
+                item = DryRunItem(action="fail", path=file.path, error=describe_os_error(exc))
+                totals.files_failed += 1
+            else:
+                item = DryRunItem(action=action, path=file.path, size=file.size)
+                if action == "upload":
+                    totals.files_to_upload += 1
+                    totals.bytes_to_upload += file.size
+                else:  # an unchanged file is a skipped one too: not uploaded on purpose
+                    totals.files_unchanged += 1
+                    totals.bytes_skipped += file.size
+        elif isinstance(found, Skipped):
+            item = DryRunItem(action="skip", path=found.relpath, reason=found.reason)
+            skipped += 1
+        else:
+            item = DryRunItem(action="fail", path=found.relpath, error=found.reason)
+            totals.files_failed += 1
+        on_item(item)
+    totals.files_skipped = skipped + totals.files_unchanged
+
+
+def _action(request: BackupRequest, found: Compared) -> str:
+    if found.decision == incremental.CHECK:
+        assert found.previous is not None
+        same = file_md5_b64(request.source / found.file.path) == found.previous.md5
+        return "unchanged" if same else "upload"
+    return "unchanged" if found.decision == incremental.UNCHANGED else "upload"
+
+
+def selection_options(command: Callable[..., None]) -> Callable[..., None]:
+    """What a backup compares and leaves out, as one ``selection: Selection``."""
+
+    @functools.wraps(command)
+    def with_selection(*, checksum: bool, force: bool, excludes: tuple[str, ...], includes: tuple[str, ...],
+                       exclude_from: tuple[Path, ...], no_ignore_file: bool, follow_symlinks: bool,
+                       **params: Any) -> None:
+        command(selection=Selection(checksum=checksum, force=force, excludes=excludes, includes=includes,
+                                    exclude_from=exclude_from, no_ignore_file=no_ignore_file,
+                                    follow_symlinks=follow_symlinks), **params)
+
+    options = [
+        click.option("--checksum", is_flag=True,
+                     help="Compare content MD5 with the last run instead of size and modification time."),
+        click.option("--force", is_flag=True, help="Upload every file, changed or not."),
+        click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+                     help="Leave out paths matching a gitignore-style PATTERN (repeatable): '*.tmp', 'cache/'."),
+        click.option("--include", "includes", multiple=True, metavar="PATTERN",
+                     help="Keep paths matching PATTERN although an exclude matched (repeatable)."),
+        click.option("--exclude-from", multiple=True, metavar="FILE",
+                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Read exclude patterns from FILE, gitignore syntax (repeatable)."),
+        click.option("--no-ignore-file", is_flag=True, help="Do not read SOURCE/.sitebackupignore."),
+        click.option("--follow-symlinks", is_flag=True,
+                     help="Follow symlinks to files and directories inside SOURCE (loops are skipped)."),
+    ]
+    for option in reversed(options):
+        with_selection = option(with_selection)
+    return with_selection
+
+
+def upload_options(command: Callable[..., None]) -> Callable[..., None]:
+    """What shapes every upload of the run (``model.work.UploadSpec``), as one ``upload: UploadSpec``."""
+
+    @functools.wraps(command)
+    def with_upload(*, block_size: int, tier: str | None, **params: Any) -> None:
+        # the --tier choice as the service spells it (Hot, Cool, Cold, Archive, Smart)
+        spelled = next((t for t in ACCESS_TIERS if tier and t.lower() == tier.lower()), None)
+        command(upload=UploadSpec(block_size=block_size * MIB, tier=spelled), **params)
+
+    options = [
+        click.option("--block-size", type=click.IntRange(min=MIN_BLOCK_SIZE // MIB, max=MAX_BLOCK_SIZE // MIB),
+                     default=DEFAULT_BLOCK_SIZE // MIB, show_default=True, metavar="MIB",
+                     help="Files over 4x this many MiB (at most 32 MiB) go up as parallel, resumable block ranges "
+                          "of this size."),
+        click.option("--tier", type=click.Choice([t.lower() for t in ACCESS_TIERS], case_sensitive=False),
+                     help="Access tier set with every upload (default: the account's); archive blobs cannot be "
+                          "read or replaced until rehydrated."),
+    ]
+    for option in reversed(options):
+        with_upload = option(with_upload)
+    return with_upload
+
+
+@click.command("backup", cls=Command, epilog=exit_codes_help())
+@click.argument("source", type=click.Path(path_type=Path), shell_complete=complete_dirs)
+@click.option("--container", "-c", required=True, help="Destination container (created if missing).")
+@click.option("--prefix", default="", help="Blob name prefix, e.g. nightly/web → nightly/web/css/site.css.")
+@storage_options
+@bwlimit_option
+@concurrency_option("Bound on parallel uploads.")
+@upload_options
+@output_options
+@selection_options
+@click.option("--dry-run", is_flag=True,
+              help="Scan and compare only: list what would be uploaded or skipped, write nothing.")
+@click.option("--no-wait", is_flag=True,
+              help="If the same backup is already running, print its id and exit 4 instead of attaching "
+                   "(6 if it has made no progress for --stall-after).")
+@stall_after_option
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+              help="Append a timestamped log of the run (start, failures, summary) to PATH "
+                   "(created 0600; a symlink or hard link there is refused).")
+@taskhub_option
+@click.option("--no-local-worker", is_flag=True,
+              help="Schedule and watch only; `sitebackup worker` processes do the work.")
+@click.option("--detach", is_flag=True, help="Print the run id (with --json the start event) and exit 0 at once.")
+@metrics_option
+@state_dir_option
+@debug_option
+def command(source: Path, container: str, prefix: str, storage: StorageSettings, concurrency: int,
+            upload: UploadSpec, output: Output, selection: Selection, dry_run: bool, no_wait: bool,
+            stall_after: timedelta, log_file: Path | None, taskhub: TaskHubSettings | None, no_local_worker: bool,
+            detach: bool, metrics_file: Path | None, state_dir: Path) -> None:
+    """Back up SOURCE to a container (the default command).
+
+    Every file becomes a blob named by its path relative to SOURCE.
+
+    Re-running the same command while an earlier run of the same source and destination is
+    unfinished resumes that run.
+
+    \b
+    Examples:
+      sitebackup backup ./site --container backups
+      sitebackup backup ./site -c backups --prefix nightly/web --concurrency 32
+      sitebackup backup ./site -c backups --connection-string UseDevelopmentStorage=true
+    """
+    if metrics_file is not None and (dry_run or detach):
+        raise click.UsageError("--metrics-file describes a finished run: not with --dry-run or --detach")
+    # labelled as written on the command line: a {date} prefix stays one job, not a new series a day
+    metrics = start_metrics(metrics_file, "backup", str(source.expanduser().resolve()),
+                            destination_label(container, prefix))
+    request = build_request(source, container, prefix, state_dir=state_dir, concurrency=concurrency, upload=upload,
+                            selection=selection, no_wait=no_wait, stall_after=stall_after)
+    if dry_run:
+        with render.DryRunLines(output.json, output.quiet) as lines:
+            plan = plan_backup(request, storage, taskhub, lines.add)
+        render.dry_run_totals(plan, output.json, output.quiet)
+        sys.exit(EXIT_FILES_FAILED if plan.files_failed else 0)
+    printer: Printer = make_printer(json_output=output.json, quiet=output.quiet or (detach and not output.json))
+    if log_file is not None:
+        printer = LogPrinter(printer, log_file)
+    summary = run_backup(request, storage, printer, taskhub=taskhub, local_worker=not no_local_worker, detach=detach)
+    if metrics is not None:
+        metrics.summary = summary_to_wire(summary)
+    if detach and not output.json:
+        click.echo(summary.instance_id)
+    sys.exit(exit_code_for(summary))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import atexit
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn
@@ -369,6 +371,19 @@ def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: 
     deps.cancelled = CancelCheck(runtime)
     deps.halted = runtime.fault
     return deps
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM, so the main thread of a long-running command (worker, serve) can
+    stop cleanly and exit 0."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def end_process(code: int) -> NoReturn:

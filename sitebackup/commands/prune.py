@@ -1,5 +1,5 @@
-"""The prune command: keep rules over the completed backup runs of one destination (container and prefix),
-then remove what only the dropped runs needed.
+"""The prune command, its click definition and its work: keep rules over the completed backup runs of one
+destination (container and prefix), then remove what only the dropped runs needed.
 
 Copies are referenced by blob name and Content-MD5 from run records. A copy (the current blob or a
 snapshot) is removed when no remaining run references its name with its MD5: not a kept run, not an
@@ -24,18 +24,22 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import functools
 import itertools
+import json
 import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import click
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.storage.blob import ContainerClient
@@ -48,14 +52,36 @@ from sitebackup.blob.naming import blob_name, normalize_prefix, overlaps, valida
 from sitebackup.blob.workstore import BlobWorkStore, WorkStore
 from sitebackup.commands.backup import expand_prefix
 from sitebackup.commands.hosting import BackupRun, backup_runs
+from sitebackup.commands.options import (
+    Command,
+    F,
+    debug_option,
+    destination_label,
+    json_option,
+    metrics_option,
+    parse_age,
+    start_metrics,
+    state_dir_option,
+    storage_options,
+    taskhub_option,
+)
 from sitebackup.commands.retention import Policy, apply_policy
 from sitebackup.durable.backend.statedir import prepare
 from sitebackup.durable.runtime import Runtime, open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import AlreadyRunningError, DestinationError, InputError, StateFullError, write_fault
+from sitebackup.errors import (
+    AlreadyRunningError,
+    DestinationError,
+    InputError,
+    StateFullError,
+    exit_codes_help,
+    write_fault,
+)
+from sitebackup.model.codec import to_wire
 from sitebackup.model.records import PruneMark
 from sitebackup.model.reports import KeptRun, PruneReport, RemovedRun
 from sitebackup.model.work import Concurrency
+from sitebackup.ui import render
 
 DELETES = Concurrency()  # deletes at once
 IN_FLIGHT = 16 * DELETES.batches  # deletes handed to the pool and not done: the listing waits for them
@@ -364,3 +390,73 @@ def _report(request: PruneRequest, runs: list[BackupRun], kept: dict[str, list[s
                  for run_id, why in sorted(dropped.items(), key=lambda item: created[item[0]], reverse=True)],
         unfinished=[run.instance_id for run in runs if not run.finished and run.label.prefix == request.prefix],
         blobs_removed=freed.blobs, snapshots_removed=freed.snapshots, bytes_removed=freed.bytes)
+
+
+def keep_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The --keep-* rules as one ``policy: Policy``."""
+
+    @functools.wraps(command)
+    def with_policy(*, keep_last: int, keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
+                    keep_within: str | None, **params: Any) -> None:
+        command(policy=Policy(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
+                              monthly=keep_monthly, within=parse_age(keep_within) if keep_within else None), **params)
+
+    def keep_count(name: str, what: str) -> Callable[[F], F]:
+        return click.option(f"--keep-{name}", type=click.IntRange(min=0), default=0, metavar="N",
+                            help=f"Keep the newest run of each of the last N {what} that have runs.")
+
+    options = [
+        click.option("--keep-last", type=click.IntRange(min=0), default=0, metavar="N", help="Keep the N newest runs."),
+        keep_count("hourly", "hours"),
+        keep_count("daily", "days"),
+        keep_count("weekly", "weeks"),
+        keep_count("monthly", "months"),
+        click.option("--keep-within", metavar="DURATION",
+                     help="Keep every run started less than DURATION (30d, 12h, 2w) before the newest run."),
+    ]
+    for option in reversed(options):
+        with_policy = option(with_policy)
+    return with_policy
+
+
+@click.command("prune", cls=Command, epilog=exit_codes_help(0, 2, 3, 4, 5, 70, 130))
+@click.option("--container", "-c", required=True, help="The destination whose backup runs to prune.")
+@click.option("--prefix", default="", help="The destination's blob name prefix, as given to the backups "
+                                           "({hostname}, {date} and {time} expanded the same way).")
+@keep_options
+@click.option("--dry-run", is_flag=True, help="List the runs, blobs and bytes that would be removed; remove nothing.")
+@json_option("Print one JSON object.")
+@storage_options
+@metrics_option
+@taskhub_option
+@state_dir_option
+@debug_option
+def command(container: str, prefix: str, policy: Policy, dry_run: bool, json_output: bool, storage: StorageSettings,
+            metrics_file: Path | None, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
+    """Forget old backup runs of a destination and free what only they kept.
+
+    Keep rules as restic's forget: a run any rule keeps is kept, the newest completed run always
+    is, unfinished runs are never touched, failed and cancelled runs are dropped. Dropped runs lose
+    their record and history; every blob and snapshot no remaining run references goes.
+
+    A prune that is interrupted finishes its job when run again.
+
+    \b
+    Examples:
+      sitebackup prune -c backups --prefix web --keep-daily 7 --keep-weekly 4 --keep-monthly 12
+      sitebackup prune -c backups --keep-last 3 --dry-run
+      sitebackup prune -c backups --keep-daily 7 --metrics-file /var/lib/node_exporter/prune.prom
+    """
+    if metrics_file is not None and dry_run:
+        raise click.UsageError("--metrics-file describes a finished prune: not with --dry-run")
+    metrics = start_metrics(metrics_file, "prune", "", destination_label(container, prefix))
+    request = prune_request(container, prefix, policy, dry_run=dry_run, state_dir=state_dir)
+    report = run_prune(request, storage, taskhub)
+    if metrics is not None:
+        metrics.summary = {"runs_kept": len(report.kept), "runs_removed": len(report.removed),
+                           "blobs_removed": report.blobs_removed, "snapshots_removed": report.snapshots_removed,
+                           "bytes_removed": report.bytes_removed}
+    if json_output:
+        click.echo(json.dumps(to_wire(report)))
+    else:
+        render.prune_report(report)

@@ -1,5 +1,5 @@
-"""The restore command: validate, pre-flight the container, schedule (or re-attach to) a
-``RestoreSiteContent`` run and host its worker until it finishes.
+"""The restore command: its click definition, validation, pre-flight of the container, schedule (or
+re-attach to) a ``RestoreSiteContent`` run and host its worker until it finishes.
 
 ``--as-of TIME`` picks the run to restore: the latest completed backup of the container and prefix
 started at or before TIME, then restored as by its id.
@@ -7,11 +7,14 @@ started at or before TIME, then restored as by its id.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import click
+from click.shell_completion import CompletionItem
 from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, check_container
@@ -21,17 +24,34 @@ from sitebackup.commands.hosting import (
     activity_deps,
     backup_run_label,
     backup_runs,
+    exit_code_for,
     find_unfinished,
     host_and_watch,
     new_instance_id,
 )
+from sitebackup.commands.options import (
+    Command,
+    Output,
+    bwlimit_option,
+    complete_dirs,
+    complete_runs,
+    concurrency_option,
+    debug_option,
+    destination_label,
+    metrics_option,
+    output_options,
+    start_metrics,
+    state_dir_option,
+    storage_options,
+    taskhub_option,
+)
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import InputError
+from sitebackup.errors import InputError, exit_codes_help
 from sitebackup.model.codec import to_wire
 from sitebackup.model.reports import RunStart
-from sitebackup.model.work import DEFAULT_CONCURRENCY, Concurrency, RestoreInput, RestoreOptions, Summary
-from sitebackup.ui.printers import Printer
+from sitebackup.model.work import DEFAULT_CONCURRENCY, Concurrency, RestoreInput, RestoreOptions, Summary, summary_to_wire
+from sitebackup.ui.printers import Printer, make_printer
 from sitebackup.workflows.names import RESTORE_ORCHESTRATION
 
 
@@ -137,3 +157,66 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
         printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.dest,
                                endpoint=endpoint, resumed=resumed, action="Restoring"))
         return host_and_watch(runtime, deps, instance_id, printer)
+
+
+def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """``restore [ID] DEST``: a backup run id first (unless --container), then DEST."""
+    if ctx.params.get("container") or ctx.params.get("args"):
+        return complete_dirs(ctx, param, incomplete)
+    return complete_runs("backups")(ctx, param, incomplete)
+
+
+@click.command("restore", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 7, 70, 130))
+@click.argument("args", nargs=-1, required=True, metavar="[ID] DEST", shell_complete=complete_restore_args)
+@click.option("--container", "-c", help="Restore whatever is under --prefix in this container instead of a run.")
+@click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped.")
+@click.option("--as-of", metavar="TIME",
+              help="With --container: the tree the latest completed backup of the container and prefix started at "
+                   "or before TIME recorded (ISO date or date and time, local unless an offset is given).")
+@click.option("--include", multiple=True, metavar="PATTERN",
+              help="Only paths matching this glob (repeatable); a pattern without '/' matches any path component.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out paths matching this glob (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace existing files that differ (identical ones are always skipped).")
+@storage_options
+@bwlimit_option
+@concurrency_option("Bound on parallel download batches.")
+@output_options
+@metrics_option
+@taskhub_option
+@state_dir_option
+@debug_option
+def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: str | None, include: tuple[str, ...],
+            exclude: tuple[str, ...], overwrite: bool, storage: StorageSettings, concurrency: int, output: Output,
+            metrics_file: Path | None, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
+    """Restore a backup run, or a container's blobs, into DEST.
+
+    With ID, restores exactly the files that backup run recorded, in the versions it recorded
+    (from blob snapshots where later runs replaced them); with --container (and --prefix) and
+    --as-of TIME, the same for the latest completed run at or before TIME; with --container
+    alone, whatever is stored there now.
+
+    Files land with their recorded modification time and mode (no setuid, setgid or sticky bit;
+    masked by the umask). An existing file is skipped when identical (same size and MD5) and
+    otherwise left alone and reported unless --overwrite. Blob names that would escape DEST
+    (absolute, '..' or empty segments, NUL, backslash) are refused and reported; no symlink
+    under DEST is followed. Re-running the same command after an interruption resumes the restore.
+
+    \b
+    Examples:
+      sitebackup restore 20261127T225602-0dcb81 ./restored
+      sitebackup restore 20261127T225602-0dcb81 ./restored --include 'css/*' --exclude '*.log'
+      sitebackup restore --container backups --prefix nightly/web ./restored --overwrite
+      sitebackup restore --container backups --as-of 2026-03-01T03:00 ./restored
+    """
+    expected = 1 if container else 2
+    if len(args) != expected:
+        raise click.UsageError("give ID DEST, or --container NAME DEST")
+    metrics = start_metrics(metrics_file, "restore", destination_label(container, prefix) if container else args[0],
+                            str(Path(args[-1]).expanduser().resolve()))
+    request = validate_restore(
+        args[-1], run_id=None if container else args[0], container=container, prefix=prefix, include=list(include),
+        exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir, as_of=as_of)
+    summary = run_restore(request, storage, make_printer(json_output=output.json, quiet=output.quiet), taskhub)
+    if metrics is not None:
+        metrics.summary = summary_to_wire(summary)
+    sys.exit(exit_code_for(summary))

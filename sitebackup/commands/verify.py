@@ -1,6 +1,6 @@
-"""The verify command: every file a backup run recorded has a stored copy with the recorded size,
-Content-MD5 and access tier: the copy ``restore ID`` would read (the current blob, or the snapshot holding
-that version).
+"""The verify command, its click definition and its check: every file a backup run recorded has a stored
+copy with the recorded size, Content-MD5 and access tier: the copy ``restore ID`` would read (the current
+blob, or the snapshot holding that version).
 
 A read-only check, so listings read beside the record (``history.CopyLookup``) and a plain thread pool
 rather than an orchestration. ``local`` also compares the source files on disk; ``download`` re-hashes
@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import click
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 
@@ -25,13 +28,32 @@ from sitebackup.blob.errors import ARCHIVED, classify, is_archived, one_line
 from sitebackup.blob.history import Copy, CopyLookup, choose, copy_client
 from sitebackup.blob.naming import blob_name
 from sitebackup.commands.hosting import backup_run_label
+from sitebackup.commands.options import (
+    Command,
+    complete_runs,
+    debug_option,
+    destination_label,
+    json_option,
+    metrics_option,
+    start_metrics,
+    state_dir_option,
+    storage_options,
+    taskhub_option,
+)
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import DestinationError, InputError
+from sitebackup.errors import (
+    EXIT_FILES_FAILED,
+    DestinationError,
+    InputError,
+    exit_codes_help,
+)
 from sitebackup.local.files import b64, file_md5_b64
+from sitebackup.model.codec import to_wire
 from sitebackup.model.records import FileEntry
 from sitebackup.model.reports import Mismatch, VerifyReport
 from sitebackup.model.work import Concurrency
+from sitebackup.ui.escape import printable
 
 CHECKS = Concurrency()  # blobs checked at once
 IN_FLIGHT_PER_THREAD = 4
@@ -145,3 +167,47 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
                         download=download, files_checked=counts["checked"],
                         files_ok=counts["checked"] - counts["mismatched"], files_mismatched=counts["mismatched"],
                         files_not_backed_up=counts["not_backed_up"])
+
+
+@click.command("verify", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 70, 130))
+@click.argument("instance_id", metavar="ID", shell_complete=complete_runs("backups"))
+@click.option("--local", is_flag=True, help="Also compare with the source files on disk (size and MD5).")
+@click.option("--download", is_flag=True, help="Re-hash blob content instead of trusting its Content-MD5.")
+@storage_options
+@json_option("Print one JSON object with counts and mismatches.")
+@metrics_option
+@taskhub_option
+@state_dir_option
+@debug_option
+def command(instance_id: str, local: bool, download: bool, storage: StorageSettings, json_output: bool,
+            metrics_file: Path | None, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
+    """Check that a backup run's blobs are intact.
+
+    Every blob the run recorded must be present, with the same size and Content-MD5 (and the
+    access tier the run set with --tier).
+
+    \b
+    Examples:
+      sitebackup verify 20261127T225602-0dcb81
+      sitebackup verify 20261127T225602-0dcb81 --local --download --json
+    """
+    # until the run is found, its id stands for the job; then the backup job it verifies does
+    metrics = start_metrics(metrics_file, "verify", instance_id, "")
+    mismatches: list[Mismatch] = []
+
+    def listed(m: Mismatch) -> None:
+        click.echo(printable(f"MISMATCH {m.path}: {m.problem}"), err=True)
+
+    # listed as found (a run of a million changed files lists them all without holding them); --json's one
+    # object carries them in a list
+    report = verify_run(state_dir, instance_id, storage, mismatches.append if json_output else listed, local=local,
+                        download=download, taskhub=taskhub)
+    if metrics is not None:
+        metrics.source, metrics.destination = report.source, destination_label(report.container, report.prefix)
+        metrics.summary = to_wire(report)
+    if json_output:
+        click.echo(json.dumps({**to_wire(report), "mismatches": to_wire(mismatches)}))
+    else:
+        click.echo(f"{instance_id}: {report.files_ok}/{report.files_checked} blobs match, "
+                   f"{report.files_mismatched} mismatched, {report.files_not_backed_up} not backed up by the run")
+    sys.exit(EXIT_FILES_FAILED if report.files_mismatched else 0)

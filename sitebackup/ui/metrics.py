@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sitebackup.errors import EXIT_CODES
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import Metric
@@ -30,8 +32,8 @@ GAUGES = {
     PREFIX + "last_run_start_timestamp_seconds": "When the last run of the job started (Unix time).",
     PREFIX + "last_run_end_timestamp_seconds": "When the last run of the job ended (Unix time).",
     PREFIX + "last_run_duration_seconds": "How long the last run of the job took, start-up included.",
-    PREFIX + "last_run_exit_code": "Exit code of the last run: 0 done, 1 some files failed, 2 usage, "
-                                   "3 destination, 4 already running, 70 internal, 130 interrupted.",
+    PREFIX + "last_run_exit_code": "Exit code of the last run: "
+                                   + ", ".join(f"{e.code} {e.name}" for e in EXIT_CODES) + ".",
     LAST_SUCCESS: "When the last run of the job that exited 0 ended (Unix time).",
 }
 FILES = PREFIX + "last_run_files"
@@ -153,8 +155,8 @@ def _registry(families: dict[str, Metric], labels: dict[str, str], values: dict[
         if name in COUNTS:
             for state, value in sorted(counts[name].items()):
                 gauge.add_metric([*labels.values(), state], value)
-        elif values[name] is not None:
-            gauge.add_metric(list(labels.values()), values[name])
+        elif (own := values[name]) is not None:
+            gauge.add_metric(list(labels.values()), own)
         out.append(gauge)
     out += [family for name, family in families.items() if name not in ours]
     registry = CollectorRegistry(auto_describe=False)

@@ -1,0 +1,88 @@
+"""The list command: recent runs of the state directory or task hub, newest first, and whether each backup
+can still be restored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from durabletask import client as dt_client
+
+from sitebackup.blob.workstore import WorkStore
+from sitebackup.commands.hosting import TERMINAL, summarize
+from sitebackup.commands.options import Command, debug_option, json_option, state_dir_option, taskhub_option
+from sitebackup.commands.status import describe
+from sitebackup.durable.runtime import open_client
+from sitebackup.durable.taskhub import TaskHubSettings
+from sitebackup.errors import exit_codes_help
+from sitebackup.model.reports import RunRow
+from sitebackup.ui import render
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION
+
+
+def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int = 20,
+              taskhub: TaskHubSettings | None = None) -> list[RunRow]:
+    wanted = [dt_client.OrchestrationStatus[s.upper()] for s in statuses] if statuses else None
+    with open_client(state_dir, taskhub) as (runtime, client):
+        # under the scheduler records are blobs, and `list` takes no storage credentials: status alone answers
+        work = runtime.work_store(None) if taskhub is None else None
+        query = dt_client.OrchestrationQuery(runtime_status=wanted, fetch_inputs_and_outputs=True)
+        states = client.get_all_orchestration_states(query)
+        states.sort(key=lambda s: s.created_at, reverse=True)
+        rows = []
+        for state in states[:limit]:
+            info = describe(runtime, state)
+            # a summary holds the counters; a cancelled or live run's output does not: its last status shows
+            # how far it got
+            ended = isinstance(info.output, dict) and "files_total" in info.output
+            counts = summarize(state).counts
+            progress = info.custom_status
+            rows.append(RunRow(
+                instance_id=info.instance_id, kind=info.kind, runtime_status=info.runtime_status,
+                restorable=restorable(state, work), source=info.source, destination=info.destination,
+                files=counts.files_copied if ended or progress is None else progress.files_done,
+                files_total=counts.files_total,
+                bytes=counts.bytes_copied if ended or progress is None else progress.bytes_done,
+                created_at=info.created_at, duration_s=info.duration_s, worker_attached=info.worker_attached))
+        return rows
+
+
+def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> str | None:
+    """Whether ``restore ID`` can bring a backup run back: "yes" (completed, kept by every prune so far),
+    "partial" (failed or cancelled: the files it recorded), "pruned" (a prune is removing it), "no"
+    (unfinished, or its record is gone); None for a restore."""
+    if state.name != BACKUP_ORCHESTRATION:
+        return None
+    if work is not None and work.pruned(state.instance_id) is not None:
+        return "pruned"
+    if state.runtime_status not in TERMINAL or (work is not None and not work.has_results(state.instance_id)
+                                                and state.runtime_status != dt_client.OrchestrationStatus.COMPLETED):
+        return "no"
+    return "yes" if state.runtime_status == dt_client.OrchestrationStatus.COMPLETED else "partial"
+
+
+@click.command("list", cls=Command, epilog=exit_codes_help(0, 2, 70, 130))
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["RUNNING", "COMPLETED", "FAILED", "TERMINATED", "PENDING", "SUSPENDED"],
+                                case_sensitive=False),
+              help="Only runs with this runtime status (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest runs to show.")
+@json_option("Print a JSON array.")
+@taskhub_option
+@state_dir_option
+@debug_option
+def command(statuses: tuple[str, ...], limit: int, json_output: bool, taskhub: TaskHubSettings | None,
+            state_dir: Path) -> None:
+    """List recent runs, newest first.
+
+    \b
+    Examples:
+      sitebackup list
+      sitebackup list --status RUNNING --status FAILED --limit 5
+    """
+    rows = list_runs(state_dir, statuses=list(statuses), limit=limit, taskhub=taskhub)
+    if json_output:
+        click.echo(json.dumps(rows))
+    else:
+        render.runs_table(rows)

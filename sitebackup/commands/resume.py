@@ -1,0 +1,116 @@
+"""The resume command: host a worker until an unfinished backup or restore finishes (or watch the process
+that already works on it), with this invocation's storage credentials."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from durabletask import client as dt_client
+
+from sitebackup.blob.clients import StorageSettings, connect
+from sitebackup.commands.hosting import (
+    TERMINAL,
+    activity_deps,
+    attach_and_watch,
+    exit_code_for,
+    get_run,
+    host_and_watch,
+    summarize,
+)
+from sitebackup.commands.options import (
+    Command,
+    Output,
+    bwlimit_option,
+    complete_runs,
+    debug_option,
+    output_options,
+    state_dir_option,
+    storage_options,
+    taskhub_option,
+)
+from sitebackup.commands.status import describe
+from sitebackup.durable.runlock import RunLock
+from sitebackup.durable.runtime import open_backend
+from sitebackup.durable.taskhub import TaskHubSettings
+from sitebackup.errors import (
+    InputError,
+    exit_codes_help,
+)
+from sitebackup.model.codec import DamagedData, from_wire
+from sitebackup.model.reports import RunStart
+from sitebackup.model.work import BackupInput, Concurrency, RestoreInput, Summary
+from sitebackup.ui.printers import Printer, make_printer
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION
+
+
+def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer: Printer,
+           taskhub: TaskHubSettings | None = None) -> Summary[Any]:
+    """Host a worker until *instance_id* finishes (or just watch, if a live process already works on it).
+
+    Under the scheduler nobody can tell whether workers are attached, so this host always joins in:
+    the scheduler hands each work item to one worker, so joining never doubles work."""
+    with open_backend(state_dir, taskhub) as runtime:
+        with runtime.connected() as client:
+            state = get_run(client, instance_id)
+        info = describe(runtime, state)
+        printer.start(RunStart(instance_id=instance_id, source=info.source or "", destination=info.destination or "",
+                               endpoint=info.endpoint, resumed=True))
+        if state.runtime_status in TERMINAL:
+            summary = summarize(state)
+            printer.finish(summary)
+            return summary
+        inp = _run_input(state)
+        connect(settings.require(), inp.container)
+        deps = activity_deps(settings, Concurrency(inp.options.concurrency), runtime)
+        # a restore's "source" is its label: the lock key stays distinct from every backup's
+        lock = RunLock.for_backup(state_dir, inp.source, inp.container, inp.prefix)
+        try:
+            if lock.try_acquire() and not runtime.worker_attached(instance_id):
+                return host_and_watch(runtime, deps, instance_id, printer)
+            # a live process hosts it (or a dead one's leases have not run out yet): watch, and
+            # take over once nobody works on it
+            printer.message("another process is working on this run; showing its progress")
+            return attach_and_watch(runtime, deps, instance_id, printer, lock)
+        finally:
+            lock.release()
+
+
+def _run_input(state: dt_client.OrchestrationState) -> BackupInput | RestoreInput:
+    """The whole input of an unfinished run, to host it."""
+    what = f"the input of run {state.instance_id}"
+    try:
+        raw = state.get_input() if state.serialized_input else None
+        if raw is None:
+            raise ValueError("no input")
+        if state.name == BACKUP_ORCHESTRATION:
+            return from_wire(raw, BackupInput, what)
+        return from_wire(raw, RestoreInput, what)
+    except (ValueError, DamagedData):
+        raise InputError(f"run {state.instance_id!r} has no input sitebackup can resume") from None
+
+
+@click.command("resume", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 7, 70, 130))
+@click.argument("instance_id", shell_complete=complete_runs("unfinished"))
+@storage_options
+@bwlimit_option
+@output_options
+@taskhub_option
+@state_dir_option
+@debug_option
+def command(instance_id: str, storage: StorageSettings, output: Output, taskhub: TaskHubSettings | None,
+            state_dir: Path) -> None:
+    """Continue an unfinished run until it finishes.
+
+    Same progress, summary and exit codes as the original command. Storage credentials come
+    from this invocation (options or environment), never from the saved run.
+
+    \b
+    Example:
+      sitebackup resume 20261127T225602-0dcb81
+    """
+    summary = resume(state_dir, instance_id, storage, make_printer(json_output=output.json, quiet=output.quiet),
+                     taskhub)
+    sys.exit(exit_code_for(summary))
