@@ -16,6 +16,7 @@ from sitebackup.commands.status import describe
 from sitebackup.durable.runtime import open_client
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import exit_codes_help
+from sitebackup.model.codec import to_wire
 from sitebackup.model.reports import RunRow
 from sitebackup.ui import render
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION
@@ -83,6 +84,6 @@ def command(statuses: tuple[str, ...], limit: int, json_output: bool, taskhub: T
     """
     rows = list_runs(state_dir, statuses=list(statuses), limit=limit, taskhub=taskhub)
     if json_output:
-        click.echo(json.dumps(rows))
+        click.echo(json.dumps(to_wire(rows)))
     else:
         render.runs_table(rows)

@@ -20,6 +20,7 @@ from sitebackup.commands.options import Session, set_log_levels
 from sitebackup.commands.retention import Policy
 from sitebackup.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_USAGE, exit_codes_help
 from sitebackup.local import incremental
+from sitebackup.model.work import BackupCounts, Summary
 from sitebackup.ui.metrics import GAUGES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +111,7 @@ def test_backup_takes_its_options_as_typed_groups(tmp_path, monkeypatch):
 
     def run_backup(request, settings, printer, **kwargs):
         seen.update(request=request, settings=settings, printer=printer, **kwargs)
-        return {"runtime_status": "COMPLETED", "files_failed": 0}
+        return Summary(kind="BackupSiteContent", counts=BackupCounts(), runtime_status="COMPLETED")
 
     monkeypatch.setattr(backup, "run_backup", run_backup)
     state = tmp_path / "state"
@@ -122,7 +123,7 @@ def test_backup_takes_its_options_as_typed_groups(tmp_path, monkeypatch):
     assert seen["settings"] == StorageSettings(connection_string="UseDevelopmentStorage=true", account_url=None)
     assert seen["taskhub"] is None and seen["local_worker"] is True and seen["detach"] is False
     assert request.compare == incremental.MODE_CHECKSUM and request.follow_symlinks
-    assert request.patterns == ["*.tmp", "!keep.tmp"] and request.tier == "Cool" and request.state_dir == state
+    assert request.patterns == ["*.tmp", "!keep.tmp"] and request.upload.tier == "Cool" and request.state_dir == state
 
 
 def test_prune_takes_its_keep_rules_as_one_policy(tmp_path, monkeypatch, capsys):
