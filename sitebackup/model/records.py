@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import msgspec
 
-from sitebackup.model.codec import FORMAT_VERSION
-
 
 def check_relpath(path: str) -> None:
     """Refuse a recorded path that could name something outside the tree it was recorded under."""
@@ -68,37 +66,6 @@ class RestoredFile(msgspec.Struct, omit_defaults=True):
     size: int = 0
     skipped: str | None = None
     error: str | None = None
-
-
-class PageSeal(msgspec.Struct, array_like=True, frozen=True):
-    """One page of a run's record as its header names it: number, SHA-256 (hex) and size of its bytes."""
-
-    page: int
-    sha256: str
-    size: int
-
-
-class RunRecord(msgspec.Struct, kw_only=True):
-    """The header of a backup run's record: which run, of which job, how it ended, and its pages.
-
-    Written last, once every page is written: a record without one is unfinished, and a page whose bytes
-    do not hash as its seal says is damaged."""
-
-    format: int = FORMAT_VERSION
-    tool: str
-    run_id: str
-    host: str
-    source: str
-    container: str
-    prefix: str = ""
-    endpoint: str | None = None
-    started: str  # ISO 8601, UTC
-    finished: str
-    status: str  # the durable runtime status the run ended with (COMPLETED, FAILED, TERMINATED)
-    files: int = 0
-    files_failed: int = 0
-    bytes: int = 0
-    pages: list[PageSeal] = msgspec.field(default_factory=list)
 
 
 class PruneMark(msgspec.Struct, kw_only=True):

@@ -43,9 +43,9 @@ class RunInfo(msgspec.Struct, kw_only=True):
     output: object  # the orchestration's output as stored: a summary's flat object, or what `cancel` left
     created_at: str
     last_updated_at: str
-    duration_s: float
     last_progress_at: str
-    idle_s: float | None = None
+    idle_s: float | None = None  # unfinished runs: how long since their last progress
+    duration_s: float
     stalled: bool | None = None
     worker_attached: bool | None = None
     failure: Failure | None = None
@@ -135,9 +135,9 @@ class DryRunTotals(msgspec.Struct, kw_only=True):
     dry_run: bool = True
     source: str
     destination: str
-    baseline: str | None
     files_to_upload: int = 0
     bytes_to_upload: int = 0
+    baseline: str | None  # the run compared with; None: every file would be uploaded
     files_unchanged: int = 0
     bytes_skipped: int = 0
     files_skipped: int = 0

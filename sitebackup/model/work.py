@@ -12,7 +12,7 @@ and ``RestoreCounts``, so their summaries keep their own words (``files_uploaded
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
@@ -96,27 +96,34 @@ class Listed(msgspec.Struct, omit_defaults=True):
     reason: str | None = None
 
 
-class BackupCounts(msgspec.Struct, kw_only=True):
+class _Totals(msgspec.Struct, kw_only=True):
+    """The counters both workflows keep: files and bytes found, files left out on purpose or failed; and the
+    files and bytes copied, under the workflow's own word (``verb``: files_uploaded, files_restored)."""
+
+    @property
+    def files_copied(self) -> int:
+        return int(getattr(self, f"files_{self.verb}"))
+
+    @property
+    def bytes_copied(self) -> int:
+        return int(getattr(self, f"bytes_{self.verb}"))
+
+    verb: ClassVar[str]
+    files_total: int = 0
+    bytes_total: int = 0
+    files_skipped: int = 0
+    files_failed: int = 0
+
+
+class BackupCounts(_Totals, kw_only=True):
     """What a backup (or one of its pages) adds up to. An unchanged file is a skipped one too: skipped
     counts what was not uploaded on purpose, unchanged what of that the last run holds."""
 
     verb: ClassVar[str] = "uploaded"
-    files_total: int = 0
     files_uploaded: int = 0
-    files_skipped: int = 0
-    files_failed: int = 0
-    bytes_total: int = 0
     bytes_uploaded: int = 0
     files_unchanged: int = 0
     bytes_skipped: int = 0
-
-    @property
-    def files_copied(self) -> int:
-        return self.files_uploaded
-
-    @property
-    def bytes_copied(self) -> int:
-        return self.bytes_uploaded
 
     @property
     def files_done(self) -> int:
@@ -128,66 +135,21 @@ class BackupCounts(msgspec.Struct, kw_only=True):
         return self.bytes_uploaded + self.bytes_skipped
 
 
-class RestoreCounts(msgspec.Struct, kw_only=True):
+class RestoreCounts(_Totals, kw_only=True):
     """What a restore (or one of its pages) adds up to; ``files_done``/``bytes_done`` count every file
     dealt with (restored, skipped or failed), for the progress bar."""
 
     verb: ClassVar[str] = "restored"
-    files_total: int = 0
     files_restored: int = 0
-    files_skipped: int = 0
-    files_failed: int = 0
-    bytes_total: int = 0
     bytes_restored: int = 0
     files_done: int = 0
     bytes_done: int = 0
-
-    @property
-    def files_copied(self) -> int:
-        return self.files_restored
-
-    @property
-    def bytes_copied(self) -> int:
-        return self.bytes_restored
-
-    @property
-    def files_unchanged(self) -> int:
-        return 0
-
-    @property
-    def bytes_skipped(self) -> int:
-        return 0
+    # nothing a restore leaves out is "unchanged": an identical file found at DEST counts as skipped
+    files_unchanged: ClassVar[int] = 0
+    bytes_skipped: ClassVar[int] = 0
 
 
-class Counts(Protocol):
-    """What the page window needs of a workflow's counters."""
-
-    __struct_fields__: ClassVar[tuple[str, ...]]
-    verb: ClassVar[str]
-    files_total: int
-    files_skipped: int
-    files_failed: int
-    bytes_total: int
-
-    @property
-    def files_copied(self) -> int: ...
-
-    @property
-    def bytes_copied(self) -> int: ...
-
-    @property
-    def files_done(self) -> int: ...
-
-    @property
-    def bytes_done(self) -> int: ...
-
-    @property
-    def files_unchanged(self) -> int: ...
-
-    @property
-    def bytes_skipped(self) -> int: ...
-
-
+Counts = BackupCounts | RestoreCounts
 C = TypeVar("C", bound=Counts)
 
 
@@ -204,6 +166,8 @@ class Progress(msgspec.Struct, kw_only=True):
     (``error``, ``error_type``) and how many times it has waited (``waits``)."""
 
     phase: str
+    error: str | None = None
+    error_type: str | None = None
     files_done: int = 0
     files_total: int = 0
     bytes_done: int = 0
@@ -212,9 +176,7 @@ class Progress(msgspec.Struct, kw_only=True):
     files_skipped: int = 0
     files_unchanged: int = 0
     bytes_skipped: int = 0
-    error: str | None = None
-    error_type: str | None = None
-    waits: int | None = None
+    waits: int = 0
 
     @classmethod
     def of(cls, counts: Counts, phase: str) -> Progress:
