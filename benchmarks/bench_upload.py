@@ -511,17 +511,19 @@ def stand_in(state: Path, run_id: str, root: Path) -> int:
     import hashlib
 
     from sitebackup.blob.workstore import LocalWorkStore
-    from sitebackup.local.scan import FileEntry, walk
+    from sitebackup.local.scan import walk
+    from sitebackup.model.records import FileEntry
+    from sitebackup.model.work import FileRef
 
     work = LocalWorkStore(state / "work")
-    page: list[dict] = []
+    page: list[FileEntry] = []
     pages = files = 0
     for entry in walk(root):
-        if not isinstance(entry, FileEntry):
+        if not isinstance(entry, FileRef):
             continue
-        with open(root / entry.relpath, "rb") as fh:
+        with open(root / entry.path, "rb") as fh:
             md5 = base64.b64encode(hashlib.md5(fh.read()).digest()).decode()
-        page.append({"path": entry.relpath, "size": entry.size, "mtime_ns": entry.mtime_ns, "md5": md5})
+        page.append(FileEntry(entry.path, entry.size, entry.mtime_ns, md5=md5))
         files += 1
         if len(page) == 4096:
             work.write_result(run_id, pages, page)

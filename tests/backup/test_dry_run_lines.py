@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from sitebackup.model.reports import DryRunItem
 from sitebackup.ui import render
 
 
@@ -23,8 +24,8 @@ class Recorder(io.StringIO):
         return super().write(s)
 
 
-def items(n: int) -> list[dict]:
-    return [{"action": "upload", "path": f"d/f{i:05}.txt", "size": i} for i in range(n)]
+def items(n: int) -> list[DryRunItem]:
+    return [DryRunItem(action="upload", path=f"d/f{i:05}.txt", size=i) for i in range(n)]
 
 
 @pytest.mark.parametrize("json_output", [False, True])
@@ -69,7 +70,7 @@ def test_a_failure_goes_to_stderr_after_the_lines_before_it(monkeypatch, capsys)
     monkeypatch.setattr("sys.stdout", out)
     with render.DryRunLines(False, quiet=False) as lines:
         lines.add(items(1)[0])
-        lines.add({"action": "fail", "path": "bad\x1b[31m", "error": "Permission denied"})
+        lines.add(DryRunItem(action="fail", path="bad\x1b[31m", error="Permission denied"))
         assert out.getvalue().startswith("would upload")  # written before the failure line
     err = capsys.readouterr().err
     assert "FAILED bad" in err and "\x1b" not in err

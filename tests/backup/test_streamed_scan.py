@@ -11,13 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 from helpers import ROOT, write_tree
 
 from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.local import incremental
-from sitebackup.local.scan import FileEntry, walk, walk_key
+from sitebackup.local.scan import walk, walk_key
+from sitebackup.model.records import FileEntry, PriorCopy
+from sitebackup.model.work import CopyItem, FileRef, RangePage, ScanInput, Span, UploadSpec
 from sitebackup.workflows import copy
-from sitebackup.workflows.types import CopyItem
 from sitebackup.workflows.window import stream_pages
 
 MIB = 1024 * 1024
@@ -45,13 +47,13 @@ def flat_tree(root: Path, files: int, per_dir: int = 100) -> Path:
     return root
 
 
-def records_of(root: Path) -> list[dict]:
+def records_of(root: Path) -> list[FileEntry]:
     """A run record of every file of *root* as a backup writes it, in walk order."""
-    return [{"path": e.relpath, "size": e.size, "mtime_ns": e.mtime_ns, "md5": "1B2M2Y8AsgTpgAmY7PhCfg==",
-             "etag": '"0x1"'} for e in walk(root) if isinstance(e, FileEntry)]
+    return [FileEntry(e.path, e.size, e.mtime_ns, md5="1B2M2Y8AsgTpgAmY7PhCfg==", etag='"0x1"')
+            for e in walk(root) if isinstance(e, FileRef)]
 
 
-def write_record(work: LocalWorkStore, run_id: str, records: list[dict], page: int = 4096) -> None:
+def write_record(work: LocalWorkStore, run_id: str, records: list[FileEntry], page: int = 4096) -> None:
     for start in range(0, len(records), page):
         work.write_result(run_id, start // page, records[start:start + page])
 
@@ -61,19 +63,19 @@ def write_record(work: LocalWorkStore, run_id: str, records: list[dict], page: i
 def test_walk_key_sorts_paths_as_the_walk_yields_them(tmp_path: Path):
     names = ["a", "a.txt", "a-b", "ab", "b/x", "a/z", "a/b/c", "a/b.txt", "a/b-c/d", "Z", "é", "a/a/a/a", "0"]
     src = write_tree(tmp_path / "src", {n if "/" in n or n not in ("a", "ab") else n + "/f": b"" for n in names})
-    walked = [e.relpath for e in walk(src) if isinstance(e, FileEntry)]
+    walked = [e.path for e in walk(src) if isinstance(e, FileRef)]
     assert len(walked) == len(names)
     shuffled = random.Random(1).sample(walked, len(walked))
     assert sorted(shuffled, key=walk_key) == walked
 
 
 def test_baseline_finds_each_record_in_one_pass_and_nothing_it_does_not_hold():
-    records = [{"path": p, "size": 1, "mtime_ns": 1, "md5": p} for p in ("a", "c", "d/x", "d/y", "e/f/g")]
-    records.insert(2, {"path": "c2", "error": "failed"})
+    records = [FileEntry(p, 1, 1, md5=p) for p in ("a", "c", "d/x", "d/y", "e/f/g")]
+    records.insert(2, FileEntry("c2", error="failed"))
     read = []
     baseline = incremental.Baseline(read.append(r) or r for r in records)
     found = {p: baseline.get(p) for p in ("0", "a", "b", "c", "c2", "d/w", "d/y", "e/f/g", "z")}
-    assert {p: r["md5"] for p, r in found.items() if r} == {"a": "a", "c": "c", "d/y": "d/y", "e/f/g": "e/f/g"}
+    assert {p: r.md5 for p, r in found.items() if r} == {"a": "a", "c": "c", "d/y": "d/y", "e/f/g": "e/f/g"}
     assert read == records  # each record read once
 
 
@@ -119,19 +121,24 @@ def test_scan_pages_mix_new_unchanged_and_large_files_in_walk_order(tmp_path: Pa
     """Pages follow the walk whatever each file needs, so the results (the run's record) are in walk order."""
     src = write_tree(tmp_path / "src", {"a/1": b"1", "a/big": b"x" * (4 * MIB + 1), "a/b/2": b"22", "c": b"3"})
     work = LocalWorkStore(tmp_path / "work")
-    base = [r if r["path"] != "a/big" else {**r, "size": 5} for r in records_of(src) if r["path"] != "a/1"]
+    base = [r if r.path != "a/big" else msgspec.structs.replace(r, size=5) for r in records_of(src) if r.path != "a/1"]
     write_record(work, "base", base)  # a/1 is new, a/big changed
-    out = copy.scan_source(work, "run", src, min_batches=1, baseline="base", block_size=MIB)
-    assert out["pages"] == 1 + 5 + 1
-    first = [CopyItem(*row) for row in work.read_page("run", 0)]
-    assert [(i.relpath, i.previous is None) for i in first] == [("c", False), ("a/1", True)]
+    out = copy.scan_source(work, "run", ScanInput(source=str(src), min_pages=1, baseline="base",
+                                                  upload=UploadSpec(block_size=MIB)))
+    assert out.pages == 1 + 5 + 1
+    first = work.read_page("run", 0, list[CopyItem])
+    assert [(i.path, i.previous is None) for i in first] == [("c", False), ("a/1", True)]
     # the last page holds only an unchanged file: recorded by the scan, no page to copy
-    assert out["done"] == [[6, 7]] and (out["files_unchanged"], out["bytes_skipped"]) == (1, 2)
+    assert out.done == [Span(6, 7)] and (out.counts.files_unchanged, out.counts.bytes_skipped) == (1, 2)
     assert not (tmp_path / "work" / "run" / "pages" / "000006.json").exists()
-    assert [(r["path"], r["unchanged"]) for r in work.iter_results("run")] == [("a/b/2", True)]
-    ranges = [work.read_page("run", p) for p in range(1, 6)]
-    assert {r["file"][0] for r in ranges} == {"a/big"} and {r["first_page"] for r in ranges} == {1}
-    assert ranges[0]["held"] == ["1B2M2Y8AsgTpgAmY7PhCfg==", '"0x1"']  # kept as a snapshot when replaced
+    assert [(r.path, r.unchanged) for r in work.iter_results("run")] == [("a/b/2", True)]
+    ranges = [work.read_page("run", p, RangePage) for p in range(1, 6)]
+    assert {r.file.path for r in ranges} == {"a/big"} and {r.first_page for r in ranges} == {1}
+    held = PriorCopy("1B2M2Y8AsgTpgAmY7PhCfg==", '"0x1"')
+    assert ranges[0].prior == held  # kept as a snapshot when replaced
+    # on disk, a range page names its file [path, size, mtime] and what is kept under "held": [md5, etag]
+    raw = json.loads((tmp_path / "work" / "run" / "pages" / "000001.json").read_text())
+    assert raw["file"][0] == "a/big" and raw["held"] == [held.md5, held.etag]
 
 
 def test_record_of_a_mixed_run_is_in_walk_order_and_the_next_run_finds_every_file(tmp_path, cli, state_dir,
@@ -146,8 +153,8 @@ def test_record_of_a_mixed_run_is_in_walk_order_and_the_next_run_finds_every_fil
     second = cli(*args)
     summary = json.loads(second.stdout.splitlines()[-1])
     assert (summary["files_uploaded"], summary["files_unchanged"]) == (3, 12), second.stderr
-    paths = [r["path"] for r in LocalWorkStore(state_dir / "work").iter_results(summary["instance_id"])]
-    assert paths == [e.relpath for e in walk(src) if isinstance(e, FileEntry)]
+    paths = [r.path for r in LocalWorkStore(state_dir / "work").iter_results(summary["instance_id"])]
+    assert paths == [e.path for e in walk(src) if isinstance(e, FileRef)]
     third = json.loads(cli(*args).stdout.splitlines()[-1])
     assert (third["files_uploaded"], third["files_unchanged"]) == (0, 15)
 
@@ -165,12 +172,15 @@ SCAN_IN_A_CHILD = PEAK_KB + """
 import json, sys
 from pathlib import Path
 from sitebackup.blob.workstore import LocalWorkStore
+from sitebackup.model.work import ScanInput
 from sitebackup.workflows import copy
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # the peak from here on: the scan's, not the imports'
 before = peak_kb()
-out = copy.scan_source(LocalWorkStore(Path(sys.argv[2])), "run", Path(sys.argv[1]), min_batches=64, baseline="base")
-print(json.dumps({**out, "before_kb": before, "grew_kb": peak_kb() - before}))
+out = copy.scan_source(LocalWorkStore(Path(sys.argv[2])), "run", ScanInput(source=sys.argv[1], min_pages=64,
+                                                                           baseline="base"))
+print(json.dumps({"files_total": out.counts.files_total, "pages": out.pages, "before_kb": before,
+                  "grew_kb": peak_kb() - before}))
 """
 
 # the command itself, telling its peak RSS as it exits
@@ -218,11 +228,11 @@ def peak_rss_mb(args: list[str], env: dict[str, str], out: Path) -> tuple[int, f
 
 def stand_for(state_dir: Path, run_id: str, src: Path) -> None:
     """Make *run_id*'s record that of a run of every file *src* holds now (the seed file's line kept)."""
-    results = state_dir / "work" / run_id / "results"
-    kept = {r["path"]: r for page in results.iterdir() for r in json.loads(page.read_text())}
-    for page in results.iterdir():
+    work = LocalWorkStore(state_dir / "work")
+    kept = {r.path: r for r in work.iter_results(run_id)}
+    for page in (state_dir / "work" / run_id / "results").iterdir():
         page.unlink()
-    write_record(LocalWorkStore(state_dir / "work"), run_id, [kept.get(r["path"], r) for r in records_of(src)])
+    write_record(work, run_id, [kept.get(r.path, r) for r in records_of(src)])
 
 
 def test_unchanged_run_and_dry_run_grow_by_no_more_than_their_share_of_the_bound(tmp_path, cli_env, state_dir,

@@ -11,11 +11,13 @@ from pathlib import Path
 from durabletask.internal import orchestrator_service_pb2 as pb
 from helpers import many_files, write_tree
 
-from sitebackup.blob.workstore import LocalWorkStore, _encode
-from sitebackup.local.scan import FileEntry, walk
+from sitebackup.blob.workstore import LocalWorkStore
+from sitebackup.local.scan import walk
+from sitebackup.model.codec import encode, to_wire
+from sitebackup.model.records import FileEntry
+from sitebackup.model.work import CopyItem, FileRef, ScanInput, UploadSpec
 from sitebackup.workflows import copy
 from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, SCAN_TREE
-from sitebackup.workflows.types import CopyItem
 
 
 def scheduled(state_dir: Path, instance_id: str) -> list[str]:
@@ -37,29 +39,29 @@ def test_unchanged_tree_schedules_no_copy_and_a_changed_file_one_page(tmp_path, 
     args = [src, "-c", container_name, "--json"]
     first = summary_of(cli(*args))
     assert first["files_uploaded"] == 600
-    walked = [e.relpath for e in walk(src) if isinstance(e, FileEntry)]
+    walked = [e.path for e in walk(src) if isinstance(e, FileRef)]
 
     second = summary_of(cli(*args))
     assert (second["files_uploaded"], second["files_unchanged"], second["files_skipped"]) == (0, 600, 600)
     assert scheduled(state_dir, second["instance_id"]) == [SCAN_TREE]
     work = LocalWorkStore(state_dir / "work")
-    assert [r["path"] for r in work.iter_results(second["instance_id"])] == walked
+    assert [r.path for r in work.iter_results(second["instance_id"])] == walked
 
     (src / walked[300]).write_bytes(b"changed")
     third = summary_of(cli(*args))
     assert (third["files_uploaded"], third["files_unchanged"]) == (1, 599)
     assert scheduled(state_dir, third["instance_id"]) == [SCAN_TREE, COPY_BATCH]
     records = list(work.iter_results(third["instance_id"]))
-    assert [r["path"] for r in records] == walked
-    assert [r["path"] for r in records if not r.get("unchanged")] == [walked[300]]
+    assert [r.path for r in records] == walked
+    assert [r.path for r in records if not r.unchanged] == [walked[300]]
 
 
 def test_a_scan_run_again_leaves_nothing_of_its_earlier_attempt(tmp_path: Path):
     src = write_tree(tmp_path / "src", {"a": b"1", "b/c": b"2"})
     work = LocalWorkStore(tmp_path / "work")
-    work.write_result("run", 7, [{"path": "gone", "size": 1, "mtime_ns": 1, "md5": "x"}])  # the killed attempt's
-    out = copy.scan_source(work, "run", src, min_batches=1)
-    assert out["pages"] == 1 and out["done"] == []
+    work.write_result("run", 7, [FileEntry("gone", 1, 1, md5="x")])  # the killed attempt's
+    out = copy.scan_source(work, "run", ScanInput(source=str(src), min_pages=1))
+    assert out.pages == 1 and out.done == []
     assert list(work.iter_results("run")) == []  # the copies write the record; nothing of the first attempt
 
 
@@ -70,18 +72,19 @@ def test_the_list_of_pages_done_by_the_scan_stays_short(tmp_path: Path):
     src = write_tree(tmp_path / "src", {**{f"d{i:03d}/a": b"large" for i in range(n)},
                                         **{f"d{i:03d}/b": b"u" for i in range(n)}})
     work = LocalWorkStore(tmp_path / "work")
-    work.write_result("base", 0, [{"path": e.relpath, "size": e.size, "mtime_ns": e.mtime_ns, "md5": "m"}
-                                  for e in walk(src) if isinstance(e, FileEntry) and e.relpath.endswith("/b")])
-    out = copy.scan_source(work, "run", src, min_batches=1, baseline="base", block_size=1)
-    assert len(out["done"]) == MAX_DONE_RANGES and out["files_unchanged"] == MAX_DONE_RANGES
-    recorded = {p for first, last in out["done"] for p in range(first, last)}
+    work.write_result("base", 0, [FileEntry(e.path, e.size, e.mtime_ns, md5="m")
+                                  for e in walk(src) if isinstance(e, FileRef) and e.path.endswith("/b")])
+    out = copy.scan_source(work, "run", ScanInput(source=str(src), min_pages=1, baseline="base",
+                                                  upload=UploadSpec(block_size=1)))
+    assert len(out.done) == MAX_DONE_RANGES and out.counts.files_unchanged == MAX_DONE_RANGES
+    recorded = {p for span in out.done for p in range(span.first, span.end)}
     written = {int(p.stem) for p in (tmp_path / "work" / "run" / "pages").iterdir()}
-    assert recorded.isdisjoint(written) and recorded | written == set(range(out["pages"]))
+    assert recorded.isdisjoint(written) and recorded | written == set(range(out.pages))
     assert len(written) == n * 5 + 10  # five ranges of each large file, the unchanged pages past the cap
-    assert [r["path"] for r in work.iter_results("run")] == [f"d{i:03d}/b" for i in range(MAX_DONE_RANGES)]
+    assert [r.path for r in work.iter_results("run")] == [f"d{i:03d}/b" for i in range(MAX_DONE_RANGES)]
 
 
 def test_pages_and_records_are_written_as_json_writes_them():
-    data = [CopyItem("d/é.txt", 1, 2**62, {"path": "d/é.txt", "md5": "x", "unchanged": True}),
+    data = [CopyItem("d/é.txt", 1, 2**62, FileEntry("d/é.txt", md5="x", unchanged=True)),
             {"path": "a\nb", "size": 0, "tier": None, "nested": [CopyItem("b", 2, 3)]}, [], {}]
-    assert _encode(data) == json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    assert encode(data) == json.dumps(to_wire(data), separators=(",", ":"), ensure_ascii=False).encode()

@@ -8,7 +8,7 @@ from azure.core.exceptions import HttpResponseError
 from sitebackup.blob import naming
 from sitebackup.blob.errors import file_error, redact
 from sitebackup.errors import InputError
-from sitebackup.local.scan import FileEntry
+from sitebackup.model.work import FileRef
 from sitebackup.workflows.window import stream_pages
 
 
@@ -51,21 +51,21 @@ def test_redact_hides_keys_and_sas():
 
 
 def test_batches_bounded_by_count_and_bytes():
-    files = [FileEntry(f"f{i}", 1000, 0) for i in range(1000)]
+    files = [FileRef(f"f{i}", 1000, 0) for i in range(1000)]
     batches = plan_batches(files, min_batches=1, batch_files=256, batch_bytes=100_000)
     assert all(len(b) <= 100 for b in batches)
     assert sum(len(b) for b in batches) == 1000
 
 
 def test_small_trees_are_cut_to_fill_the_window():
-    files = [FileEntry(f"f{i}", 10, 0) for i in range(100)]
+    files = [FileRef(f"f{i}", 10, 0) for i in range(100)]
     assert len(plan_batches(files, min_batches=20)) == 20
 
 
 def test_large_files_go_alone():
-    files = [FileEntry("a", 10, 0), FileEntry("big", 50, 0), FileEntry("b", 10, 0)]
+    files = [FileRef("a", 10, 0), FileRef("big", 50, 0), FileRef("b", 10, 0)]
     batches = plan_batches(files, min_batches=1, batch_bytes=40)
-    assert [[e.relpath for e in b] for b in batches if any(e.relpath == "big" for e in b)] == [["big"]]
+    assert [[e.path for e in b] for b in batches if any(e.path == "big" for e in b)] == [["big"]]
 
 
 def test_every_command_has_help_with_a_description_and_examples():

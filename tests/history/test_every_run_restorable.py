@@ -18,9 +18,9 @@ from sitebackup.blob.history import PRUNED, Copy
 from sitebackup.blob.naming import overlaps
 from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.commands.prune import unneeded
+from sitebackup.model.work import CommitOrder, FetchInput, Listed, PlanInput, RestoreOptions
 from sitebackup.workflows import blocks, fetch
 from sitebackup.workflows.activity import ActivityDeps
-from sitebackup.model.work import CommitOrder, FetchInput, Listed, PlanInput, RestoreOptions
 
 MIB = 1024 * 1024
 BASE_NS = 1_600_000_000_123_456_789

@@ -22,6 +22,7 @@ from sitebackup.blob.history import Copy
 from sitebackup.blob.workstore import LocalWorkStore, page_number
 from sitebackup.commands.prune import IN_FLIGHT, SCHEMA, delete_copies, needed_beside, unneeded
 from sitebackup.errors import EXIT_DESTINATION, EXIT_STATE_FULL
+from sitebackup.model.records import FileEntry
 
 # the goal: a million files in under 400 MB of RSS; checked, scaled, on 20,000 names against 5,000
 NAMES = 20_000
@@ -46,7 +47,7 @@ def add_records(state_dir: Path, run_id: str, paths: list[str]) -> None:
     stands for a large tree without uploading it."""
     work = LocalWorkStore(state_dir / "work")
     first = 1 + max(page_number(p.name) for p in (state_dir / "work" / run_id / "results").iterdir())
-    records = [{"path": p, "size": 1, "mtime_ns": 1, "md5": MD5, "etag": '"0x1"'} for p in paths]
+    records = [FileEntry(p, 1, 1, md5=MD5, etag='"0x1"') for p in paths]
     for start in range(0, len(records), 4096):
         work.write_result(run_id, first + start // 4096, records[start:start + 4096])
 

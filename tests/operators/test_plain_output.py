@@ -8,8 +8,11 @@ import json
 import os
 
 from helpers import write_tree
+from msgspec.structs import replace
 from rich.console import Console
 
+from sitebackup.model.reports import RunRow, RunStart
+from sitebackup.model.work import BackupCounts, Progress, Summary
 from sitebackup.ui.escape import printable
 from sitebackup.ui.printers import JsonPrinter, RateMeter, RichPrinter, human_bytes, summary_line
 from sitebackup.ui.render import runs_table
@@ -41,14 +44,15 @@ def test_list_without_a_terminal_prints_every_value_whole_tab_separated(tmp_path
 
 
 def test_the_table_is_drawn_only_on_a_terminal_wide_enough_for_every_value():
-    row = {"instance_id": "20261127T225602-0dcb81", "kind": "BackupSiteContent", "runtime_status": "COMPLETED",
-           "source": "/srv/" + "x" * 100, "destination": "backups/[bold]web", "files": 545, "files_total": 545,
-           "bytes": 3 * MIB, "created_at": "2026-11-27T22:56:02+00:00", "duration_s": 12.0}
+    row = RunRow(instance_id="20261127T225602-0dcb81", kind="BackupSiteContent", runtime_status="COMPLETED",
+                 restorable=None, source="/srv/" + "x" * 100, destination="backups/[bold]web", files=545,
+                 files_total=545, bytes=3 * MIB, created_at="2026-11-27T22:56:02+00:00", duration_s=12.0,
+                 worker_attached=None)
     wide, narrow = io.StringIO(), io.StringIO()
     runs_table([row], Console(file=wide, force_terminal=True, width=300, color_system=None))
     assert "backups/[bold]web" in wide.getvalue() and "\t" not in wide.getvalue()  # whole, never markup
     runs_table([row], Console(file=narrow, force_terminal=True, width=80, color_system=None))
-    assert narrow.getvalue().splitlines()[1].split("\t")[3:5] == [row["source"], row["destination"]]
+    assert narrow.getvalue().splitlines()[1].split("\t")[3:5] == [row.source, row.destination]
 
 
 def test_names_are_escaped_in_plain_lines(tmp_path, cli, container_name):
@@ -69,30 +73,31 @@ def test_printable_escapes_what_a_terminal_or_tsv_reader_acts_on():
 def test_bar_and_summary_show_the_same_binary_units():
     out = io.StringIO()
     printer = RichPrinter(Console(file=out, force_terminal=True, width=200, color_system=None))
-    printer.start({"instance_id": "x", "source": "/s", "destination": "c"})
-    printer.progress({"phase": "uploading", "files_done": 1, "files_total": 2, "bytes_done": 4_000_000,
-                      "bytes_total": 8_000_000})
+    printer.start(RunStart(instance_id="x", source="/s", destination="c"))
+    printer.progress(Progress(phase="uploading", files_done=1, files_total=2, bytes_done=4_000_000,
+                              bytes_total=8_000_000))
     printer.close()
     assert "3.8 MiB/7.6 MiB" in out.getvalue() and " MB" not in out.getvalue()
-    assert "(3.8 MiB)" in summary_line({"files_uploaded": 1, "files_total": 1, "bytes_uploaded": 4_000_000})
+    done = BackupCounts(files_uploaded=1, files_total=1, bytes_uploaded=4_000_000)
+    assert "(3.8 MiB)" in summary_line(Summary(kind="BackupSiteContent", counts=done))
     assert human_bytes(4_000_000) == "3.8 MiB"
 
 
 def test_rate_counts_moved_bytes_over_a_sliding_window_and_eta_the_bytes_left():
     clock = FakeClock()
     meter = RateMeter(window=10, min_span=1, clock=clock)
-    status = {"bytes_total": 100 * MIB, "bytes_done": 0, "bytes_skipped": 0}
+    status = Progress(phase="uploading", bytes_total=100 * MIB, bytes_done=0, bytes_skipped=0)
     assert meter.update(status) == (None, None)
     clock.now += 2
     # 20 MiB unchanged (skipped, nothing moved) and 4 MiB sent in 2 s
-    rate, eta = meter.update({**status, "bytes_done": 24 * MIB, "bytes_skipped": 20 * MIB})
+    rate, eta = meter.update(replace(status, bytes_done=24 * MIB, bytes_skipped=20 * MIB))
     assert rate == 2 * MIB and eta == 38
     for _ in range(20):  # later, 1 MiB a second: the old fast start leaves the window
         clock.now += 1
-        status = {**status, "bytes_done": status["bytes_done"] + MIB, "bytes_skipped": 20 * MIB}
+        status = replace(status, bytes_done=status.bytes_done + MIB, bytes_skipped=20 * MIB)
         rate, eta = meter.update(status)
     assert rate == MIB
-    assert meter.update({**status, "bytes_done": 100 * MIB})[1] == 0.0
+    assert meter.update(replace(status, bytes_done=100 * MIB))[1] == 0.0
 
 
 def test_json_progress_events_carry_rate_and_eta():
@@ -100,7 +105,7 @@ def test_json_progress_events_carry_rate_and_eta():
     out = io.StringIO()
     printer = JsonPrinter(out, clock=clock)
     for second in range(4):
-        printer.progress({"phase": "uploading", "bytes_total": 10 * MIB, "bytes_done": second * MIB})
+        printer.progress(Progress(phase="uploading", bytes_total=10 * MIB, bytes_done=second * MIB))
         clock.now += 1
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(events) == 4

@@ -28,6 +28,7 @@ from sitebackup.durable.backend import EmbeddedBackend
 from sitebackup.durable.backend.store import Store
 from sitebackup.durable.runtime import open_backend
 from sitebackup.errors import EXIT_CANCELLED, EXIT_STALLED, EXIT_STATE_FULL, StateFullError
+from sitebackup.model.work import BackupCounts, Summary
 from sitebackup.ui.printers import failure_lines, summary_line
 from sitebackup.workflows.activity import ActivityDeps, unless_halted
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, WAITING_PHASE
@@ -430,8 +431,9 @@ def test_a_cancelled_runs_watcher_says_cancelled_exits_7_and_keeps_its_counters(
 
 
 def test_a_cancelled_summary_reads_cancelled_in_plain_text():
-    summary = {"instance_id": "r1", "kind": BACKUP_ORCHESTRATION, "runtime_status": "TERMINATED", "cancelled": True,
-               "files_total": 10, "files_uploaded": 4, "bytes_uploaded": 4096, "files_failed": 0, "duration_s": 2.0}
+    summary = Summary(instance_id="r1", kind=BACKUP_ORCHESTRATION, runtime_status="TERMINATED", cancelled=True,
+                      counts=BackupCounts(files_total=10, files_uploaded=4, bytes_uploaded=4096, files_failed=0),
+                      duration_s=2.0)
     assert summary_line(summary).startswith("r1 CANCELLED: 4/10 files uploaded (4.0 KiB)")
     assert failure_lines(summary) == ["sitebackup: run r1 was cancelled (sitebackup cancel); what it backed up before stays"]
 

@@ -24,6 +24,7 @@ from helpers import ROOT, RecordingProxy, assert_nothing_leaks, env_for, many_fi
 from sitebackup.commands import hosting
 from sitebackup.durable.backend import EmbeddedBackend
 from sitebackup.durable.runtime import Runtime
+from sitebackup.model.work import Progress, UploadSpec
 
 
 class CountingClient:
@@ -38,11 +39,11 @@ class CountingClient:
         return self.inner.get_orchestration_state(instance_id, **kwargs)
 
 
-class Progress:
+class ProgressLog:
     def __init__(self) -> None:
-        self.seen: list[dict] = []
+        self.seen: list[Progress] = []
 
-    def progress(self, status: dict) -> None:
+    def progress(self, status: Progress) -> None:
         self.seen.append(status)
 
 
@@ -86,11 +87,11 @@ def test_a_hosted_run_is_read_only_when_its_backend_changed_it(tmp_path: Path, m
     # the activity is held long enough for a poll to read the unchanged run several times
     with held_run(tmp_path, 0.8) as (runtime, inner, instance_id):
         first = runtime.status_version(instance_id)
-        client, printer = CountingClient(inner), Progress()
+        client, printer = CountingClient(inner), ProgressLog()
         state = hosting.watch(client, instance_id, printer, runtime=runtime)
         changes = runtime.status_version(instance_id) - first
     assert state.runtime_status == dt_client.OrchestrationStatus.COMPLETED
-    assert printer.seen[-1] == {"phase": "done", "files_done": 2}
+    assert printer.seen[-1] == Progress(phase="done", files_done=2)
     assert 1 <= client.reads <= changes + 1 <= 4
 
 
@@ -99,7 +100,7 @@ def test_a_run_watched_from_elsewhere_is_read_at_most_twice_a_second(tmp_path: P
     with held_run(tmp_path, 2.0) as (_runtime, inner, instance_id):
         client = CountingClient(inner)
         started = time.monotonic()
-        state = hosting.watch(client, instance_id, Progress())
+        state = hosting.watch(client, instance_id, ProgressLog())
         elapsed = time.monotonic() - started
     assert state.runtime_status == dt_client.OrchestrationStatus.COMPLETED
     # the first reads come quickly (20 ms doubling), then one per POLL_SECONDS: 10 Hz would be 20 or more
@@ -252,7 +253,8 @@ def test_the_upload_client_made_ahead_serves_the_first_page_and_a_broken_one_fai
     putter.start()  # once is all it takes: no second loop
     assert _upload_loops() == before + 1
     try:
-        done = putter.put_many(container_name, [(src / "a.txt", "a.txt", None), (src / "b.txt", "b.txt", None)])
+        done = putter.put_many(container_name, [(src / "a.txt", "a.txt", None), (src / "b.txt", "b.txt", None)],
+                               UploadSpec())
         assert all(isinstance(d, Uploaded) for d in done), done
         assert _upload_loops() == before + 1
         container = blob_service.get_container_client(container_name)
@@ -268,5 +270,5 @@ def test_the_upload_client_made_ahead_serves_the_first_page_and_a_broken_one_fai
     broken.start()
     for _ in range(2):
         with pytest.raises(InputError, match="AccountKey"):
-            broken.put_many(container_name, [(src / "a.txt", "a.txt", None)])
+            broken.put_many(container_name, [(src / "a.txt", "a.txt", None)], UploadSpec())
     broken.close()  # returns: nothing was made to close

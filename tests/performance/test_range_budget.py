@@ -12,8 +12,8 @@ from durabletask import worker as dt_worker
 
 from sitebackup.durable import workerstop
 from sitebackup.durable.backend import EmbeddedBackend
+from sitebackup.model.work import DEFAULT_BLOCK_SIZE
 from sitebackup.workflows import blocks
-from sitebackup.workflows.types import DEFAULT_BLOCK_SIZE
 
 MIB = 1024 * 1024
 

@@ -26,9 +26,9 @@ from sitebackup.blob.history import PRUNED
 from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.local.dest import TEMP_SUFFIX
 from sitebackup.local.files import b64
+from sitebackup.model.work import FetchInput, FetchItem, Listed, PlanInput, RestoreOptions
 from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.fetch import plan_restore, restore_page
-from sitebackup.model.work import FetchInput, FetchItem, Listed, PlanInput, RestoreOptions
 
 MIB = 1024 * 1024
 

@@ -20,10 +20,25 @@ from helpers import ROOT, ForwardingProxy, wait_until, write_tree
 from sitebackup.blob.workstore import LocalWorkStore as WorkStore
 from sitebackup.durable.runtime import open_backend
 from sitebackup.local.files import file_md5
+from sitebackup.model.codec import to_wire
+from sitebackup.model.records import FileEntry
+from sitebackup.model.work import (
+    BackupCounts,
+    CommitOrder,
+    CopyInput,
+    CopyItem,
+    FileRef,
+    PageResult,
+    RangePage,
+    RangeReport,
+    RunState,
+    ScanInput,
+    Step,
+    UploadSpec,
+)
 from sitebackup.workflows import blocks, copy
 from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.names import MAX_LISTED, PAGES_PER_GENERATION
-from sitebackup.workflows.types import BlockRange
 
 MIB = 1024 * 1024
 
@@ -46,22 +61,22 @@ def test_block_ids_are_deterministic_equal_length_and_distinct():
 
 
 def test_count_range_schedules_one_commit_after_the_last_range():
-    state: dict = {}
-    info = {"first_page": 7, "ranges": 3}
-    assert [blocks.count_range(state, info) for _ in range(3)] == [None, None, blocks.commit_task(7)]
-    assert state["ranges_left"] == {}
-    assert blocks.commit_task(blocks.commit_task(7)) == 7
+    state = RunState(counts=BackupCounts(), started_at="")
+    info = RangeReport(first_page=7, ranges=3)
+    assert [blocks.count_range(state, info) for _ in range(3)] == [None, None, Step(7, commit=True)]
+    assert state.large[7].ranges_left == 0  # no range of the file left to count
+    assert Step(7, commit=True) != Step(7)  # the commit of page 7's file is not page 7's copy
 
 
 def test_scan_cuts_large_files_into_range_pages(tmp_path: Path):
     src = write_tree(tmp_path / "src", {"big.bin": b"x" * (4 * MIB + 1), "small.txt": b"s"})
     work = WorkStore(tmp_path / "work")
-    out = copy.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
-    assert out["pages"] == 5 + 1  # in walk order: five ranges of 1 MiB, then one batch with the small file
-    ranges = [work.read_page("run1", p) for p in range(5)]
-    assert [r["range"] for r in ranges] == list(range(5))
-    assert {r["first_page"] for r in ranges} == {0} and {r["ranges"] for r in ranges} == {5}
-    assert work.read_page("run1", 5)[0][0] == "small.txt"
+    out = copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1, upload=UploadSpec(block_size=MIB)))
+    assert out.pages == 5 + 1  # in walk order: five ranges of 1 MiB, then one batch with the small file
+    ranges = [work.read_page("run1", p, RangePage) for p in range(5)]
+    assert [r.range for r in ranges] == list(range(5))
+    assert {r.first_page for r in ranges} == {0} and {r.ranges for r in ranges} == {5}
+    assert work.read_page("run1", 5, list[CopyItem])[0].path == "small.txt"
 
 
 # ---- history and payloads -----------------------------------------------------------------------
@@ -106,10 +121,10 @@ def test_the_first_range_hashes_the_file_and_the_commit_gets_that_md5(cli, tmp_p
     events = history(state_dir, summary_of(result)["instance_id"])
     inputs = [json.loads(e.taskScheduled.input.value) for e in events if e.HasField("taskScheduled")]
     outputs = [json.loads(e.taskCompleted.result.value) for e in events if e.HasField("taskCompleted")]
-    commits = [i for i in inputs if isinstance(i, dict) and i.get("page", 0) < 0]
-    assert len(commits) == 1 and commits[0]["md5"] == want
-    hashed = [o for o in outputs if isinstance(o, dict) and "md5" in o]
-    assert len(hashed) == 1 and hashed[0]["md5"] == want  # one range hashed, not every one
+    commits = [i for i in inputs if isinstance(i, dict) and i.get("commit")]
+    assert len(commits) == 1 and commits[0]["commit"]["md5"] == want
+    hashed = [o for o in outputs if isinstance(o, dict) and (o.get("range") or {}).get("md5")]
+    assert len(hashed) == 1 and hashed[0]["range"]["md5"] == want  # one range hashed, not every one
     props = blob_service.get_blob_client(container_name, "big.bin").get_blob_properties()
     assert base64.b64encode(bytes(props.content_settings.content_md5)).decode() == want
 
@@ -117,17 +132,17 @@ def test_the_first_range_hashes_the_file_and_the_commit_gets_that_md5(cli, tmp_p
 def test_copy_output_stays_small_for_a_page_of_hundreds_of_failures(tmp_path):
     """A page of 300 files that all vanished: failures are capped in the output, all kept in the result file."""
     work = WorkStore(tmp_path / "work")
-    work.write_page("run1", 0, [[f"gone/{i:04d}-{'x' * 100}.txt", 10, 1] for i in range(300)])
+    work.write_page("run1", 0, [CopyItem(f"gone/{i:04d}-{'x' * 100}.txt", 10, 1) for i in range(300)])
 
     class NoClient:
         def get_blob_client(self, name):  # never reached: every file fails at open
             raise AssertionError(name)
 
     deps = ActivityDeps(container_client=lambda c: NoClient(), work=work, endpoint="http://x")
-    out = copy.copy_page(deps, "run1", 0, tmp_path / "src", "c", "")
-    assert out["files_failed"] == 300 and len(out["failures"]) == MAX_LISTED
-    assert len(json.dumps(out)) < 4096
-    assert sum(1 for r in work.iter_results("run1") if "error" in r) == 300
+    out = copy.copy_page(deps, "run1", 0, tmp_path / "src", "c", "", UploadSpec())
+    assert out.counts.files_failed == 300 and len(out.failures) == MAX_LISTED
+    assert len(json.dumps(to_wire(out))) < 4096  # the activity's output, as the durable history holds it
+    assert sum(1 for r in work.iter_results("run1") if r.error is not None) == 300
 
 
 # ---- block-level resume through a counting proxy -------------------------------------------------
@@ -172,9 +187,9 @@ def test_resumed_large_file_stages_only_missing_blocks(cli, cli_env, azurite, bl
     container = blob_service.get_container_client(container_name)
     container.create_container()
     for index in (0, 2, 4):
-        item = {"file": ["media/big.bin", size, st.st_mtime_ns], "range": index, "ranges": n,
-                "block_size": block, "first_page": 0}
-        assert blocks.stage_range(container, src / "media/big.bin", "media/big.bin", BlockRange.from_dict(item))[:2] == (
+        item = RangePage(file=FileRef("media/big.bin", size, st.st_mtime_ns), range=index, ranges=n,
+                         block_size=block, first_page=0)
+        assert blocks.stage_range(container, src / "media/big.bin", "media/big.bin", item)[:2] == (
             min(block, size - index * block), True)
 
     proxy = CountingProxy(azurite.endpoint)
@@ -199,23 +214,37 @@ def five_ranges(azurite, blob_service, tmp_path: Path, container_name: str, data
     """big.bin (5 MiB of *data*) scanned into five 1 MiB range pages; returns (src, work store, deps)."""
     src = write_tree(tmp_path / "src", {"big.bin": data})
     work = WorkStore(tmp_path / "work")
-    copy.scan_source(work, "run1", src, min_batches=1, block_size=MIB)
+    copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1, upload=UploadSpec(block_size=MIB)))
     blob_service.get_container_client(container_name).create_container()
     deps = ActivityDeps(container_client=blob_service.get_container_client, work=work, endpoint=azurite.endpoint)
     return src, work, deps
+
+
+def copy_step(deps: ActivityDeps, src: Path, container: str, page: int, commit: bool = False
+              ) -> PageResult[BackupCounts]:
+    """The copy activity of range page *page* of run1, or (*commit*) the commit of the file whose first range it is,
+    with nothing reported by the ranges (the commit hashes the file again)."""
+    return copy.copy_step(deps, "run1", CopyInput(source=str(src), container=container, page=page,
+                                                  commit=CommitOrder() if commit else None))
+
+
+def sent(result: PageResult[BackupCounts]) -> bool:
+    """Whether a range's copy staged its block (False: the service held it already)."""
+    assert result.range is not None
+    return result.range.sent
 
 
 def test_large_file_changed_between_staging_and_commit_is_reported_failed(azurite, blob_service, tmp_path,
                                                                           container_name):
     size = 5 * MIB  # above 4 x the 1 MiB block: five ranges
     src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(size))
-    staged = [copy.copy_page(deps, "run1", p, src, container_name, "") for p in range(5)]
-    assert sum(r["bytes_uploaded"] for r in staged) == size
+    staged = [copy_step(deps, src, container_name, p) for p in range(5)]
+    assert sum(r.counts.bytes_uploaded for r in staged) == size
     with open(src / "big.bin", "ab") as fh:
         fh.write(b"more")
-    out = copy.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
-    assert out["files_failed"] == 1 and out["failures"][0]["error"] == "changed during backup"
-    assert list(work.iter_results("run1")) == [{"path": "big.bin", "error": "changed during backup"}]
+    out = copy_step(deps, src, container_name, 0, commit=True)
+    assert out.counts.files_failed == 1 and out.failures[0].error == "changed during backup"
+    assert list(work.iter_results("run1")) == [FileEntry("big.bin", error="changed during backup")]
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
 
 
@@ -265,12 +294,12 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
 
 def test_a_cancelled_commit_commits_and_records_nothing(azurite, blob_service, tmp_path, container_name):
     src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(5 * MIB))
-    assert [copy.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
+    assert [sent(copy_step(deps, src, container_name, p)) for p in range(5)] == [True] * 5
     deps.cancelled = lambda run_id: True
-    staged = copy.copy_page(deps, "run1", 0, src, container_name, "")
-    assert staged["bytes_uploaded"] == 0 and staged["blocks"] == {"first_page": 0, "ranges": 5}
-    out = copy.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
-    assert out["files_uploaded"] == 0 and out["files_failed"] == 0 and out["failures"] == []
+    staged = copy_step(deps, src, container_name, 0)
+    assert staged.counts.bytes_uploaded == 0 and staged.range == RangeReport(first_page=0, ranges=5)
+    out = copy_step(deps, src, container_name, 0, commit=True)
+    assert out.counts.files_uploaded == 0 and out.counts.files_failed == 0 and out.failures == []
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
     assert list(work.iter_results("run1")) == []
 
@@ -323,12 +352,12 @@ def test_a_repeated_commit_of_a_committed_file_succeeds(azurite, blob_service, t
     """An activity retried after its commit went through must not report the file failed."""
     data = os.urandom(5 * MIB)
     src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, data)
-    assert [copy.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [True] * 5
+    assert [sent(copy_step(deps, src, container_name, p)) for p in range(5)] == [True] * 5
     for _ in range(2):
-        out = copy.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "")
-        assert out["files_uploaded"] == 1 and out["files_failed"] == 0
+        out = copy_step(deps, src, container_name, 0, commit=True)
+        assert out.counts.files_uploaded == 1 and out.counts.files_failed == 0
     # ranges of the committed version are not sent again either
-    assert [copy.copy_page(deps, "run1", p, src, container_name, "")["staged"] for p in range(5)] == [False] * 5
+    assert [sent(copy_step(deps, src, container_name, p)) for p in range(5)] == [False] * 5
     blob = blob_service.get_blob_client(container_name, "big.bin")
     assert blob.download_blob().readall() == data
-    assert list(work.iter_results("run1"))[0]["md5"] == base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert list(work.iter_results("run1"))[0].md5 == base64.b64encode(hashlib.md5(data).digest()).decode()

@@ -13,7 +13,9 @@ from helpers import write_tree
 from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.commands.backup import expand_prefix
 from sitebackup.errors import InputError
-from sitebackup.workflows import blocks, copy
+from sitebackup.model.records import FileEntry
+from sitebackup.model.work import BackupCounts, CommitOrder, CopyInput, Listed, PageResult, ScanInput, UploadSpec
+from sitebackup.workflows import copy
 from sitebackup.workflows.activity import ActivityDeps
 
 MIB = 1024 * 1024
@@ -68,23 +70,31 @@ def test_a_large_file_changed_while_its_ranges_upload_is_reported_changed(azurit
     path = src / "big.bin"
     scanned = path.stat()
     work = LocalWorkStore(tmp_path / "work")
-    copy.scan_source(work, "run1", src, min_batches=1, block_size=MIB)  # five 1 MiB range pages
+    copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1,
+                                             upload=UploadSpec(block_size=MIB)))  # five 1 MiB range pages
     blob_service.get_container_client(container_name).create_container()
     deps = ActivityDeps(container_client=blob_service.get_container_client, work=work, endpoint=azurite.endpoint)
 
-    def copy_range(page: int) -> dict:
-        return copy.copy_page(deps, "run1", page, src, container_name, "")
+    def copy_step(page: int, commit: CommitOrder | None = None) -> PageResult[BackupCounts]:
+        return copy.copy_step(deps, "run1", CopyInput(source=str(src), container=container_name, page=page,
+                                                      commit=commit))
 
-    first, second = copy_range(0), copy_range(1)
-    assert first["staged"] and second["staged"]
+    def staged(page: int) -> bool:
+        result = copy_step(page)
+        assert result.range is not None
+        return result.range.sent
+
+    first = copy_step(0)
+    assert first.range is not None and first.range.sent and staged(1)
     path.write_bytes(os.urandom(5 * MIB))
-    changed = copy_range(2)
-    assert "staged" not in changed and changed["files_failed"] == 0  # a range never fails the file itself
+    changed = copy_step(2)
+    # the range staged nothing, and a range never fails the file itself
+    assert changed.range is not None and changed.range.block_id is None and changed.counts.files_failed == 0
     os.utime(path, ns=(scanned.st_atime_ns, scanned.st_mtime_ns))
-    assert [copy_range(p)["staged"] for p in (3, 4)] == [True, True]
+    assert [staged(p) for p in (3, 4)] == [True, True]
 
-    out = copy.copy_page(deps, "run1", blocks.commit_task(0), src, container_name, "", first["md5"])
-    assert out["files_failed"] == 1 and out["files_uploaded"] == 0
-    assert out["failures"] == [{"path": "big.bin", "error": "changed during backup"}]
-    assert list(work.iter_results("run1")) == [{"path": "big.bin", "error": "changed during backup"}]
+    out = copy_step(0, CommitOrder(md5=first.range.md5))
+    assert out.counts.files_failed == 1 and out.counts.files_uploaded == 0
+    assert out.failures == [Listed("big.bin", error="changed during backup")]
+    assert list(work.iter_results("run1")) == [FileEntry("big.bin", error="changed during backup")]
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
