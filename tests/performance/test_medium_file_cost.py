@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from helpers import RecordingProxy, assert_nothing_leaks, env_for, many_files, run_cli, secret_forms, write_tree
 
-from sitebackup.workflows.names import DEFAULT_WINDOW
+from sitebackup.model.work import DEFAULT_CONCURRENCY
 
 KIB = 1024
 
@@ -34,8 +34,8 @@ def test_a_tree_is_cut_into_one_page_per_window_slot_both_ways_and_a_small_one_s
     restore_id = _instance(cli("restore", run_id, tmp_path / "out", "--json"))
     assert {p: (tmp_path / "out" / p).read_bytes() for p in files} == files
     # 300 files over a window of 16: 16 pages of 19 (they were 60 pages of 5), all in flight at once
-    assert _pages(state_dir, run_id) == DEFAULT_WINDOW
-    assert _pages(state_dir, restore_id) == DEFAULT_WINDOW
+    assert _pages(state_dir, run_id) == DEFAULT_CONCURRENCY
+    assert _pages(state_dir, restore_id) == DEFAULT_CONCURRENCY
 
     many_files(tmp_path / "few", 5, size=1024)
     few_id = _instance(cli(tmp_path / "few", "-c", container_name, "--prefix", "few", "--json"))
