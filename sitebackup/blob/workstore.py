@@ -16,7 +16,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -50,6 +50,8 @@ class WorkStore(Protocol):
 
     def iter_results(self, instance_id: str) -> Iterator[FileEntry]: ...
 
+    def result_pages(self, instance_id: str) -> Iterator[tuple[int, bytes]]: ...
+
     def remove(self, instance_id: str, keep_mark: bool = False) -> None: ...
 
     def mark_pruned(self, instance_id: str, mark: PruneMark) -> None: ...
@@ -74,6 +76,16 @@ def _checked(instance_id: str) -> str:
 
 def _too_large(what: str, size: int) -> DamagedData:
     return DamagedData(f"{what} is damaged: {size} bytes, over the {MAX_PAGE_BYTES} a page may have")
+
+
+def _record_page(page: int, instance_id: str) -> str:
+    return f"record page {page} of run {instance_id}"
+
+
+def record_entries(pages: Iterable[tuple[int, bytes]], instance_id: str) -> Iterator[FileEntry]:
+    """The entries of a run's result pages (number, bytes), decoded page by page."""
+    for page, data in pages:
+        yield from decode(data, list[FileEntry], _record_page(page, instance_id))
 
 
 class LocalWorkStore:
@@ -110,12 +122,16 @@ class LocalWorkStore:
                 self.on_fault(reason)
             raise
 
-    def _read(self, path: Path, kind: type[T], what: str) -> T:
+    @staticmethod
+    def _bytes(path: Path, what: str) -> bytes:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > MAX_PAGE_BYTES:
                 raise _too_large(what, size)
-            return decode(fh.read(), kind, what)
+            return fh.read()
+
+    def _read(self, path: Path, kind: type[T], what: str) -> T:
+        return decode(self._bytes(path, what), kind, what)
 
     def write_page(self, instance_id: str, page: int, content: object) -> None:
         self._write(self._dir(instance_id) / "pages" / f"{page:06d}.json", content)
@@ -131,11 +147,15 @@ class LocalWorkStore:
         return (self._dir(instance_id) / "results").is_dir()
 
     def iter_results(self, instance_id: str) -> Iterator[FileEntry]:
+        return record_entries(self.result_pages(instance_id), instance_id)
+
+    def result_pages(self, instance_id: str) -> Iterator[tuple[int, bytes]]:
         folder = self._dir(instance_id) / "results"
         if not folder.is_dir():
             return
         for path in sorted(folder.glob("*.json"), key=lambda path: page_number(path.name)):
-            yield from self._read(path, list[FileEntry], f"record page {page_number(path.name)} of run {instance_id}")
+            page = page_number(path.name)
+            yield page, self._bytes(path, _record_page(page, instance_id))
 
     def remove(self, instance_id: str, keep_mark: bool = False) -> None:
         folder = self._dir(instance_id)
@@ -173,14 +193,15 @@ class BlobWorkStore:
         self.container_for(instance_id).upload_blob(self._folder(instance_id) + name, encode(data), overwrite=True)
 
     @staticmethod
-    def _download(container: ContainerClient, name: str, kind: type[T], what: str) -> T:
+    def _download(container: ContainerClient, name: str, what: str) -> bytes:
         downloader = container.download_blob(name)
         if downloader.size > MAX_PAGE_BYTES:
             raise _too_large(what, downloader.size)
-        return decode(downloader.readall(), kind, what)
+        return downloader.readall()
 
     def _read(self, instance_id: str, name: str, kind: type[T], what: str) -> T:
-        return self._download(self.container_for(instance_id), self._folder(instance_id) + name, kind, what)
+        return decode(self._download(self.container_for(instance_id), self._folder(instance_id) + name, what), kind,
+                      what)
 
     def write_page(self, instance_id: str, page: int, content: object) -> None:
         self._write(instance_id, f"pages/{page:06d}.json", content)
@@ -196,11 +217,14 @@ class BlobWorkStore:
         return any(True for _ in self.container_for(instance_id).list_blobs(name_starts_with=folder))
 
     def iter_results(self, instance_id: str) -> Iterator[FileEntry]:
+        return record_entries(self.result_pages(instance_id), instance_id)
+
+    def result_pages(self, instance_id: str) -> Iterator[tuple[int, bytes]]:
         container = self.container_for(instance_id)
         folder = self._folder(instance_id) + "results/"
         for name in sorted((b.name for b in container.list_blobs(name_starts_with=folder)), key=page_number):
-            yield from self._download(container, name, list[FileEntry],
-                                      f"record page {page_number(name)} of run {instance_id}")
+            page = page_number(name)
+            yield page, self._download(container, name, _record_page(page, instance_id))
 
     def remove(self, instance_id: str, keep_mark: bool = False) -> None:
         container = self.container_for(instance_id)

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ from sitebackup.local.files import describe_os_error, file_md5_b64
 from sitebackup.local.incremental import Compared
 from sitebackup.local.scan import Skipped
 from sitebackup.model.codec import to_wire
-from sitebackup.model.records import FileEntry
+from sitebackup.model.records import FileEntry, Job
 from sitebackup.model.reports import DryRunItem, DryRunTotals, RunStart
 from sitebackup.model.work import (
     DEFAULT_BLOCK_SIZE,
@@ -100,12 +100,22 @@ class BackupRequest:
     no_wait: bool = False
     upload: UploadSpec = field(default_factory=UploadSpec)
     stall_after: timedelta | None = None  # a live run idle for longer is stalled; None: never judged
+    job_name: str | None = None  # --job NAME; None: the job is this host, source and prefix
+
+    @property
+    def job(self) -> Job:
+        return Job.of(host=short_hostname(), source=str(self.source), prefix=self.prefix, name=self.job_name,
+                      created=datetime.now(timezone.utc).isoformat())
 
     def orchestration_input(self, endpoint: str | None) -> BackupInput:
         return BackupInput(source=str(self.source), container=self.container, prefix=self.prefix, endpoint=endpoint,
                            options=BackupOptions(concurrency=self.concurrency, compare=self.compare,
                                                  patterns=self.patterns, follow_symlinks=self.follow_symlinks,
-                                                 upload=self.upload))
+                                                 upload=self.upload), job=self.job)
+
+
+def short_hostname() -> str:
+    return socket.gethostname().split(".")[0]
 
 
 def expand_prefix(template: str | None, now: datetime | None = None, hostname: str | None = None) -> str:
@@ -115,7 +125,7 @@ def expand_prefix(template: str | None, now: datetime | None = None, hostname: s
         return template or ""
     now = now or datetime.now()
     values = {"date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H%M%S"),
-              "hostname": hostname or socket.gethostname().split(".")[0]}
+              "hostname": hostname or short_hostname()}
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:

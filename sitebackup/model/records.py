@@ -8,7 +8,11 @@ Its JSON keys are the ones every earlier version wrote, so a record written befo
 
 from __future__ import annotations
 
+import hashlib
+
 import msgspec
+
+from sitebackup.model.codec import FORMAT_VERSION
 
 
 def check_relpath(path: str) -> None:
@@ -43,8 +47,10 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
 
     @property
     def stored(self) -> bool:
-        """Whether the run holds a copy of the file in the container."""
-        return self.error is None and self.md5 is not None
+        """Whether the container holds a copy of the file for this run: the version it uploaded or found
+        unchanged, or, when the file failed in this run (``error``), the last good version an earlier run
+        recorded (then the run's copy is stale)."""
+        return self.md5 is not None
 
 
 class PriorCopy(msgspec.Struct, array_like=True, frozen=True):
@@ -75,3 +81,64 @@ class PruneMark(msgspec.Struct, kw_only=True):
     at: str  # ISO 8601, UTC
     container: str = ""
     prefix: str = ""
+
+
+class PageSeal(msgspec.Struct, array_like=True, frozen=True):
+    """A page of a sealed record: its number in the run, and the SHA-256 (hex) and size of its bytes, which
+    also name it in the container."""
+
+    page: int
+    sha256: str
+    size: int
+
+
+class RunRecord(msgspec.Struct, kw_only=True):
+    """The header of a backup run's record, sealed into the container once every page of it is there: which
+    run, of which job, how it ended, and its pages. A run without one is unfinished."""
+
+    format: int = FORMAT_VERSION
+    tool: str  # the sitebackup version that wrote it
+    run_id: str
+    job: str  # Job.id
+    host: str
+    source: str
+    container: str
+    prefix: str = ""
+    started: str  # ISO 8601, UTC
+    finished: str
+    status: str = "COMPLETED"
+    files: int = 0  # files in the record, failed ones too
+    files_failed: int = 0  # files whose copy in the record is stale (the last good version) or missing
+    bytes: int = 0  # bytes of the files the record holds
+    pages: list[PageSeal] = msgspec.field(default_factory=list)
+
+
+class CatalogEntry(msgspec.Struct, kw_only=True):
+    """A sealed run as the container lists it (from its header's metadata, without reading the header)."""
+
+    run_id: str
+    job: str
+    status: str
+    started: str
+    finished: str
+    files: int = 0
+    bytes: int = 0
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """A backup job: one source on one host into one container and prefix, or whatever ``--job NAME`` names
+    (a source that moved to another host or path stays the same job)."""
+
+    id: str
+    name: str  # --job NAME, or host:source
+    host: str
+    source: str
+    prefix: str = ""
+    created: str = ""  # ISO 8601, UTC: when its first run started
+
+    @classmethod
+    def of(cls, *, host: str, source: str, prefix: str, name: str | None = None, created: str = "") -> Job:
+        """The job of a backup: named by the user, else by where it reads and writes."""
+        ident = f"job\0{name}" if name else f"path\0{host}\0{source}\0{prefix}"
+        return cls(id=hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:32],
+                   name=name or f"{host}:{source}", host=host, source=source, prefix=prefix, created=created)

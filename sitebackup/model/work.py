@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import msgspec
 
 from sitebackup.model.codec import from_wire, to_wire
-from sitebackup.model.records import FileEntry, PriorCopy
+from sitebackup.model.records import FileEntry, Job, PriorCopy
 
 MIB = 1024 * 1024
 # On Azurite requests, not bytes, cost: large files go up faster in 32 MiB ranges than in 8 MiB ones, with
@@ -342,6 +342,28 @@ class Planned(msgspec.Struct, Generic[C], kw_only=True):
     skipped: list[Listed] = msgspec.field(default_factory=list)
 
 
+class SealInput(msgspec.Struct, kw_only=True):
+    """The sealing of a backup's record, once its every page is done: what its header says of the run."""
+
+    container: str
+    prefix: str = ""
+    source: str
+    job: Job
+    baseline: str | None = None  # its sealed pages need not be sent again
+    started: str
+    finished: str
+    files: int = 0
+    files_failed: int = 0
+    bytes: int = 0
+
+
+class Sealed(msgspec.Struct, kw_only=True):
+    """What sealing did: the pages the record has, and how many of them the container did not hold yet."""
+
+    pages: int
+    sent: int
+
+
 # ----------------------------------------------------------------------------- restore pages
 
 
@@ -379,10 +401,11 @@ class FetchInput(msgspec.Struct, kw_only=True):
 
 class Step(msgspec.Struct, array_like=True, frozen=True):
     """One activity of the page window: page ``page``'s batch, or (``commit``) the commit of the large file
-    whose first range page it is."""
+    whose first range page it is, or (``seal``) the sealing of the run's record, once every page is done."""
 
     page: int
     commit: bool = False
+    seal: bool = False
 
 
 class LargeFile(msgspec.Struct, kw_only=True):
@@ -415,6 +438,7 @@ class BackupInput(msgspec.Struct, kw_only=True):
     prefix: str = ""
     endpoint: str | None = None  # a label for messages and baseline matching, never a secret
     options: BackupOptions
+    job: Job | None = None  # None: a run of an earlier version, whose record is not sealed
     baseline: str | None = None  # the run whose record decides what is unchanged
     state: RunState[BackupCounts] | None = None  # carried across continue-as-new
 

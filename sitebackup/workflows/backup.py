@@ -16,10 +16,10 @@ from typing import Any
 from durabletask import task
 
 from sitebackup.model.codec import from_wire, to_wire
-from sitebackup.model.work import BackupCounts, BackupInput, CopyInput, ScanInput, Step
+from sitebackup.model.work import BackupCounts, BackupInput, CopyInput, ScanInput, SealInput, Step
 from sitebackup.workflows import blocks
-from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE
-from sitebackup.workflows.window import batch_result, begin, min_pages, run_and_summarize, tally
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE, SEAL_RECORD
+from sitebackup.workflows.window import batch_result, begin, min_pages, run_and_summarize, tally, utc_now
 
 
 def backup_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
@@ -32,11 +32,20 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
         upload=options.upload))
 
     def schedule(step: Step) -> task.Task[Any]:
+        if step.seal:
+            assert inp.job is not None
+            return ctx.call_activity(SEAL_RECORD, retry_policy=BATCH_RETRY, input=to_wire(SealInput(
+                container=inp.container, prefix=inp.prefix, source=inp.source, job=inp.job, baseline=inp.baseline,
+                started=state.started_at, finished=utc_now(ctx).isoformat(),
+                files=state.counts.files_total, files_failed=state.counts.files_failed,
+                bytes=state.counts.bytes_total)))
         return ctx.call_activity(COPY_BATCH, retry_policy=BATCH_RETRY, input=to_wire(CopyInput(
             source=inp.source, container=inp.container, prefix=inp.prefix, page=step.page, upload=options.upload,
             commit=blocks.commit_order(state, step.page) if step.commit else None)))
 
-    def on_result(raw_result: Any) -> None:
+    def on_result(step: Step, raw_result: Any) -> None:
+        if step.seal:
+            return
         result = batch_result(raw_result, BackupCounts)
         if result.range is not None:  # a range of a large file: after its last one, commit it (workflows.blocks)
             commit = blocks.count_range(state, result.range)
@@ -46,8 +55,10 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
             state.large.pop(result.page, None)
         tally(state, result.counts, result.failures, result.skipped)
 
+    # the record is sealed into the container once every page is done (a run of an earlier version: not at all)
+    last = (Step(0, seal=True), "sealing") if inp.job is not None else None
     return (yield from run_and_summarize(ctx, inp, state, window, schedule, on_result, "uploading",
-                                         BACKUP_ORCHESTRATION, inp.source, inp.destination))
+                                         BACKUP_ORCHESTRATION, inp.source, inp.destination, last))
 
 
 # the worker registers orchestrators under fn.__name__: pin it to the durable name

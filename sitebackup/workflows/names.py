@@ -16,6 +16,7 @@ SCAN_TREE = "ScanSourceTree"
 COPY_BATCH = "CopyFileBatch"
 PLAN_RESTORE = "PlanRestore"
 RESTORE_BATCH = "RestoreFileBatch"
+SEAL_RECORD = "SealRunRecord"
 
 # a run parked until `sitebackup resume` raises RESUME_EVENT (see window.run_page_window)
 WAITING_PHASE = "waiting-destination"

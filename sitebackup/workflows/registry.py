@@ -9,6 +9,7 @@ from sitebackup.workflows.backup import backup_site_content
 from sitebackup.workflows.copy import build_activities
 from sitebackup.workflows.fetch import build_restore_activities
 from sitebackup.workflows.restore import restore_site_content
+from sitebackup.workflows.seal import build_seal_activities
 
 __all__ = ["ActivityDeps", "register"]
 
@@ -19,5 +20,5 @@ def register(worker: Any, deps: ActivityDeps) -> None:
     """Add every orchestration and every activity (bound to *deps*) to a durabletask worker."""
     for orchestration in ORCHESTRATIONS:
         worker.add_orchestrator(orchestration)
-    for activity in [*build_activities(deps), *build_restore_activities(deps)]:
+    for activity in [*build_activities(deps), *build_restore_activities(deps), *build_seal_activities(deps)]:
         worker.add_activity(unless_halted(activity, deps))

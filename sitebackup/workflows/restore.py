@@ -30,7 +30,7 @@ def restore_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
         return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=to_wire(FetchInput(
             dest=inp.dest, container=inp.container, page=step.page, overwrite=inp.options.overwrite)))
 
-    def on_result(raw_result: Any) -> None:
+    def on_result(_step: Step, raw_result: Any) -> None:
         result = batch_result(raw_result, RestoreCounts)
         tally(state, result.counts, result.failures, result.skipped)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Generator, Iterable, Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from durabletask import task
@@ -123,6 +123,12 @@ def tally(state: RunState[C], counts: C, failures: list[Listed], skipped: list[L
     merge_listed(state.skipped, skipped)
 
 
+def utc_now(ctx: task.OrchestrationContext) -> datetime:
+    """The orchestration's clock (replayed as it was), as an aware UTC time."""
+    now = ctx.current_utc_datetime
+    return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
+
+
 def set_progress(ctx: task.OrchestrationContext, progress: Progress) -> None:
     ctx.set_custom_status(to_wire(progress))
 
@@ -133,7 +139,7 @@ def begin(ctx: task.OrchestrationContext, state: RunState[C] | None, counts: typ
     the plan), which writes the pages and returns their number."""
     if state is not None:
         return state
-    state = RunState(counts=counts(), started_at=ctx.current_utc_datetime.isoformat())
+    state = RunState(counts=counts(), started_at=utc_now(ctx).isoformat())
     set_progress(ctx, Progress.of(state.counts, phase))
     raw = yield ctx.call_activity(first, input=to_wire(first_input))
     planned: Planned[C] = from_wire(raw, generic(Planned, counts), f"the result of {first}")
@@ -149,25 +155,32 @@ def batch_result(raw: object, counts: type[C]) -> PageResult[C]:
 
 
 def run_and_summarize(ctx: task.OrchestrationContext, inp: Any, state: RunState[C], window: int,
-                      schedule: Callable[[Step], task.Task[Any]], on_result: Callable[[Any], None], phase: str,
-                      kind: str, source: str, destination: str) -> Generator[task.Task[Any], Any, Any]:
+                      schedule: Callable[[Step], task.Task[Any]], on_result: Callable[[Step, Any], None], phase: str,
+                      kind: str, source: str, destination: str, last: tuple[Step, str] | None = None,
+                      ) -> Generator[task.Task[Any], Any, Any]:
     """This generation's pages through the window; then continue as new with *state* in the input *inp* while
-    pages remain, or return the summary (its wire form)."""
-    more = yield from run_page_window(ctx, state, window, schedule, on_result,
-                                      lambda p: Progress.of(state.counts, p), phase)
+    pages remain, or, once the pages are done, the *last* step (in its phase, retried and parked as a page is)
+    and the summary (its wire form)."""
+    def progress(phase: str) -> Progress:
+        return Progress.of(state.counts, phase)
+
+    more = yield from run_page_window(ctx, state, window, schedule, on_result, progress, phase)
     if more:
         inp.state = state
         ctx.continue_as_new(to_wire(inp))
         return None
+    if last is not None:
+        state.retry.append(last[0])
+        yield from run_page_window(ctx, state, 1, schedule, on_result, progress, last[1])
     started = datetime.fromisoformat(state.started_at)
     set_progress(ctx, Progress.of(state.counts, "done"))
     return summary_to_wire(Summary(kind=kind, counts=state.counts, source=source, destination=destination,
-                                   duration_s=round((ctx.current_utc_datetime - started).total_seconds(), 3),
+                                   duration_s=round((utc_now(ctx) - started).total_seconds(), 3),
                                    failures=state.failures, skipped=state.skipped))
 
 
 def run_page_window(ctx: task.OrchestrationContext, state: RunState[C], window: int,
-                    schedule: Callable[[Step], task.Task[Any]], on_result: Callable[[Any], None],
+                    schedule: Callable[[Step], task.Task[Any]], on_result: Callable[[Step, Any], None],
                     progress: Callable[[str], Progress], phase: str) -> Generator[task.Task[Any], Any, bool]:
     """Run this generation's pages (``state.next_page`` on, at most ``PAGES_PER_GENERATION``) through a window
     of at most *window* activities, publishing ``progress(phase)`` after every completion; returns whether
@@ -213,7 +226,7 @@ def run_page_window(ctx: task.OrchestrationContext, state: RunState[C], window: 
             details = done.get_exception().details
             failure = (details.message, details.error_type)
             continue
-        on_result(done.get_result())
+        on_result(step, done.get_result())
         set_progress(ctx, progress(phase))
     return state.next_page < state.pages
 

@@ -1,0 +1,155 @@
+"""The backup's own catalog in its container: sealed run records, jobs and prune tombstones.
+
+A run's record pages go to ``.sitebackup/records/<sha256>`` (named by the SHA-256 of their bytes, so a page an
+earlier run already sealed is not sent again), then its header (``model.records.RunRecord``) to
+``.sitebackup/runs/<run_id>``, last: a run without a header is unfinished. Headers carry the catalog fields
+in their blob metadata too, so one listing names every sealed run without reading a header. Everything
+read back is checked before use: a size bound before the body, the SHA-256 its seal names, then the strict
+decoding of the model; a page that fails is damaged and named, never half-used.
+
+Blobs here are written once (If-None-Match: \\*) and never replaced: a record is immutable once sealed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob import ContainerClient
+
+from sitebackup.blob.naming import RESERVED_PREFIX
+from sitebackup.model.codec import DamagedData, decode, encode
+from sitebackup.model.records import CatalogEntry, FileEntry, Job, PageSeal, PruneMark, RunRecord
+
+RECORDS = RESERVED_PREFIX + "records/"
+RUNS = RESERVED_PREFIX + "runs/"
+JOBS = RESERVED_PREFIX + "jobs/"
+PRUNED = RESERVED_PREFIX + "pruned/"
+# refused above this size before the body is read: a header names a page per few thousand files
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_RECORD_PAGE_BYTES = 64 * 1024 * 1024
+_CATALOG_FIELDS = ("job", "status", "started", "finished", "files", "bytes")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _checked_id(run_id: str) -> str:
+    if not run_id or "/" in run_id or run_id in (".", ".."):
+        raise DamagedData(f"run id {run_id!r} is not one a run can have")
+    return run_id
+
+
+class ContainerRecords:
+    """The sealed records, jobs and tombstones of one container."""
+
+    def __init__(self, container: ContainerClient):
+        self.container = container
+
+    # ---- writing
+
+    def put_page(self, data: bytes) -> PageSeal:
+        """Store one record page under its SHA-256 unless the container holds it already; its seal (page 0: the
+        caller numbers it)."""
+        digest = sha256_hex(data)
+        self._create(RECORDS + digest, data)
+        return PageSeal(0, digest, len(data))
+
+    def has_page(self, digest: str) -> bool:
+        return self.container.get_blob_client(RECORDS + digest).exists()
+
+    def seal(self, record: RunRecord) -> None:
+        """Write the run's header, last: from now on the run is in the catalog."""
+        metadata = {"job": record.job, "status": record.status, "started": record.started,
+                    "finished": record.finished, "files": str(record.files), "bytes": str(record.bytes),
+                    "format": str(record.format)}
+        self._create(RUNS + _checked_id(record.run_id), encode(record), metadata)
+
+    def put_job(self, job: Job) -> None:
+        self._create(JOBS + job.id, encode(job))
+
+    def mark_pruned(self, run_id: str, mark: PruneMark) -> None:
+        self._create(PRUNED + _checked_id(run_id), encode(mark))
+
+    def _create(self, name: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+        """Upload a blob that is written once: one that exists already is left as it is."""
+        try:
+            self.container.upload_blob(name, data, metadata=metadata, overwrite=False)
+        except ResourceExistsError:
+            pass
+
+    # ---- reading
+
+    def catalog(self) -> Iterator[CatalogEntry]:
+        """Every sealed run, from one listing of the headers with their metadata (a request per 5,000 runs)."""
+        for blob in self.container.list_blobs(name_starts_with=RUNS, include=["metadata"]):
+            meta = blob.metadata or {}
+            try:
+                yield CatalogEntry(run_id=blob.name[len(RUNS):], job=meta["job"], status=meta["status"],
+                                   started=meta["started"], finished=meta["finished"],
+                                   files=int(meta.get("files", 0)), bytes=int(meta.get("bytes", 0)))
+            except (KeyError, ValueError):
+                continue  # not a header this version can list: `check` names it
+
+    def header(self, run_id: str) -> RunRecord | None:
+        """The run's sealed header, checked; None when the run has none."""
+        data = self._download(RUNS + _checked_id(run_id), MAX_HEADER_BYTES, f"the sealed record of run {run_id}")
+        if data is None:
+            return None
+        record = decode(data, RunRecord, f"the sealed record of run {run_id}")
+        if record.run_id != run_id:
+            raise DamagedData(f"the sealed record of run {run_id} is damaged: it names run {record.run_id}")
+        return record
+
+    def jobs(self) -> list[Job]:
+        found = []
+        for blob in self.container.list_blobs(name_starts_with=JOBS):
+            data = self._download(blob.name, MAX_HEADER_BYTES, f"job {blob.name[len(JOBS):]}")
+            if data is not None:
+                found.append(decode(data, Job, f"job {blob.name[len(JOBS):]}"))
+        return found
+
+    def pruned(self, run_id: str) -> PruneMark | None:
+        data = self._download(PRUNED + _checked_id(run_id), MAX_HEADER_BYTES, f"the prune mark of run {run_id}")
+        return None if data is None else decode(data, PruneMark, f"the prune mark of run {run_id}")
+
+    def page(self, record: RunRecord, seal: PageSeal) -> bytes:
+        """A page of a sealed record, its bytes checked against the seal."""
+        what = f"record page {seal.page} of run {record.run_id}"
+        if seal.size > MAX_RECORD_PAGE_BYTES:
+            raise DamagedData(f"{what} is damaged: its seal says {seal.size} bytes")
+        data = self._download(RECORDS + seal.sha256, seal.size, what)
+        if data is None:
+            raise DamagedData(f"{what} is missing from the container")
+        if len(data) != seal.size or sha256_hex(data) != seal.sha256:
+            raise DamagedData(f"{what} is damaged: its bytes do not hash as its seal says")
+        return data
+
+    def entries(self, record: RunRecord, cached: Iterable[tuple[int, bytes]] = (),
+                on_damaged: Callable[[int], None] = lambda page: None) -> Iterator[FileEntry]:
+        """The record's entries in page order, a page at a time: from *cached* (this state directory's copy of the
+        run's pages: number and bytes, in page order) when its bytes match the seal, else from the container,
+        telling *on_damaged* the number of a cached page that does not."""
+        local = iter(cached)
+        held = next(local, None)
+        for seal in record.pages:
+            while held is not None and held[0] < seal.page:
+                held = next(local, None)
+            data = held[1] if held is not None and held[0] == seal.page else None
+            if data is not None and (len(data) != seal.size or sha256_hex(data) != seal.sha256):
+                on_damaged(seal.page)
+                data = None
+            if data is None:
+                data = self.page(record, seal)
+            yield from decode(data, list[FileEntry], f"record page {seal.page} of run {record.run_id}")
+
+    def _download(self, name: str, limit: int, what: str) -> bytes | None:
+        try:
+            downloader = self.container.download_blob(name)
+        except ResourceNotFoundError:
+            return None
+        if downloader.size > limit:
+            raise DamagedData(f"{what} is damaged: {downloader.size} bytes, over the {limit} it may have")
+        return downloader.readall()
