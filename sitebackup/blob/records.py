@@ -19,6 +19,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 
 from sitebackup.blob.naming import RESERVED_PREFIX
+from sitebackup.blob.workstore import WorkStore
 from sitebackup.model.codec import DamagedData, decode, encode
 from sitebackup.model.records import CatalogEntry, FileEntry, Job, PageSeal, PruneMark, RunRecord
 
@@ -153,3 +154,21 @@ class ContainerRecords:
         if downloader.size > limit:
             raise DamagedData(f"{what} is damaged: {downloader.size} bytes, over the {limit} it may have")
         return downloader.readall()
+
+
+def run_entries(records: ContainerRecords | None, work: WorkStore, run_id: str,
+                on_note: Callable[[str], None] = lambda note: None) -> Iterator[FileEntry]:
+    """A run's record: its sealed copy in the container, each page read from this state directory when its
+    bytes match the seal (*on_note* hears of one that does not), or, for a run never sealed (unfinished, or
+    made by an earlier version), the pages the work store holds."""
+    header = records.header(run_id) if records is not None else None
+    if header is None:
+        yield from work.iter_results(run_id)
+        return
+    assert records is not None
+
+    def damaged(page: int) -> None:
+        on_note(f"record page {page} of run {run_id} in the state directory is damaged: its sealed copy in the "
+                "container is read instead")
+
+    yield from records.entries(header, cached=work.result_pages(run_id), on_damaged=damaged)

@@ -23,9 +23,11 @@ import click
 from durabletask import client as dt_client
 
 from sitebackup.blob.clients import NOT_CONFIGURED, StorageSettings, connect, make_service_client
-from sitebackup.blob.naming import backup_prefix, validate_container_name
+from sitebackup.blob.naming import backup_prefix, overlaps, validate_container_name
+from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import ACCESS_TIERS
 from sitebackup.blob.workstore import WorkStore
+from sitebackup.commands.catalog import parse_utc
 from sitebackup.commands.hosting import (
     POLL_SECONDS,
     activity_deps,
@@ -64,7 +66,7 @@ from sitebackup.local.files import describe_os_error, file_md5_b64
 from sitebackup.local.incremental import Compared
 from sitebackup.local.scan import Skipped
 from sitebackup.model.codec import to_wire
-from sitebackup.model.records import FileEntry, Job
+from sitebackup.model.records import CatalogEntry, FileEntry, Job
 from sitebackup.model.reports import DryRunItem, DryRunTotals, RunStart
 from sitebackup.model.work import (
     DEFAULT_BLOCK_SIZE,
@@ -158,7 +160,8 @@ class Selection:
 
 def build_request(source: str | Path, container: str, prefix: str | None, *, state_dir: Path,
                   concurrency: int, upload: UploadSpec | None = None, selection: Selection | None = None,
-                  no_wait: bool = False, stall_after: timedelta | None = None) -> BackupRequest:
+                  no_wait: bool = False, stall_after: timedelta | None = None,
+                  job_name: str | None = None) -> BackupRequest:
     """Validate the backup's options into a request: source, destination, comparison, filters."""
     selection = selection or Selection()
     path = Path(source).expanduser()
@@ -182,26 +185,53 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
                          prefix=backup_prefix(expand_prefix(prefix)), concurrency=concurrency,
                          state_dir=state_dir, compare=mode, patterns=patterns,
                          follow_symlinks=selection.follow_symlinks, no_wait=no_wait, upload=upload or UploadSpec(),
-                         stall_after=stall_after)
+                         stall_after=stall_after, job_name=_job_name(job_name))
 
 
-def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore) -> str | None:
-    """The newest completed backup of the same source and destination (and endpoint) whose record remains
-    (and that no prune is dropping)."""
+def _job_name(name: str | None) -> str | None:
+    if name is not None and (not name.strip() or len(name) > 200 or not name.isprintable()):
+        raise InputError("--job NAME: give a name of printable characters, at most 200")
+    return name
+
+
+def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore,
+                  sealed: list[CatalogEntry]) -> str | None:
+    """The newest completed backup of the job: of its runs sealed in the container (*sealed*), and of the runs
+    of the same source and destination (and endpoint) this state directory knows whose record remains (and
+    that no prune is dropping)."""
     query = dt_client.OrchestrationQuery(runtime_status=[dt_client.OrchestrationStatus.COMPLETED],
                                          fetch_inputs_and_outputs=True)
-    candidates = []
+    candidates = [(parse_utc(entry.started), entry.run_id) for entry in sealed]
     for state in client.get_all_orchestration_states(query):
         other = run_label(state) if state.name == BACKUP_ORCHESTRATION else None
         if other is None or not inp.label.same_backup(other):
             continue
         if other.endpoint and inp.endpoint and other.endpoint != inp.endpoint:
             continue
-        candidates.append((state.created_at, state.instance_id))
-    for _created, instance_id in sorted(candidates, reverse=True):
-        if work.has_results(instance_id) and work.pruned(instance_id) is None:
-            return instance_id
-    return None
+        if work.has_results(state.instance_id) and work.pruned(state.instance_id) is None:
+            candidates.append((parse_utc(state.created_at.isoformat()), state.instance_id))
+    return max(candidates)[1] if candidates else None
+
+
+def settle_job(records: ContainerRecords, request: BackupRequest) -> tuple[Job, list[CatalogEntry]]:
+    """The job this backup belongs to, and its sealed runs. ``--job NAME`` names a job the container may hold
+    already (made on another host or from another path: the source moved); without it the job is this host,
+    source and prefix. A job may not write where another job of the container writes: its prefix overlapping
+    another job's is refused, naming that job, unless ``--job`` names that very job."""
+    job = request.job
+    jobs = records.jobs()
+    if request.job_name is not None:
+        job = next((other for other in jobs if other.name == request.job_name), job)
+    runs = list(records.catalog())
+    for other in jobs:
+        if other.id != job.id and overlaps(other.prefix, job.prefix):
+            last = max((entry.started for entry in runs if entry.job == other.id), default="none")
+            where = f"prefix {job.prefix!r}" if job.prefix else "the container's root (no --prefix)"
+            raise InputError(f"{where} of container {request.container!r} is backed up by another job: "
+                             f"{other.name} (host {other.host}, source {other.source}, last run {last[:19]}); "
+                             "choose another --prefix, or give --job with that job's name if this is the same "
+                             "job (the source moved)")
+    return job, [entry for entry in runs if entry.job == job.id]
 
 
 def find_unfinished_backup(client: dt_client.TaskHubGrpcClient, inp: BackupInput) -> str | None:
@@ -224,8 +254,9 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
                 warning = check_live_run(client, instance_id, request) if live and instance_id else None
                 resumed = instance_id is not None
                 if instance_id is None:
+                    inp.job, sealed = settle_job(ContainerRecords(deps.container_client(inp.container)), request)
                     # with --force too: the baseline says what each name holds, to keep as a snapshot
-                    inp.baseline = find_baseline(client, inp, deps.work)
+                    inp.baseline = find_baseline(client, inp, deps.work, sealed)
                     instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
                                                                     instance_id=new_instance_id())
             printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.destination,
@@ -302,11 +333,14 @@ def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: Task
         records: Iterable[FileEntry] = ()
         baseline = None
         if request.compare != incremental.MODE_FORCE:
+            container = ContainerRecords(service.get_container_client(inp.container)) if service else None
             with open_client(request.state_dir, taskhub) as (runtime, client):
                 work = runtime.work_store(service)
-                baseline = find_baseline(client, inp, work)
+                job = request.job.id
+                sealed = [entry for entry in container.catalog() if entry.job == job] if container else []
+                baseline = find_baseline(client, inp, work, sealed)
             if baseline:
-                records = work.iter_results(baseline)
+                records = run_entries(container, work, baseline)
         totals = DryRunTotals(source=str(request.source), destination=inp.destination, baseline=baseline)
         _walk(request, records, totals, on_item)
     finally:
@@ -411,6 +445,9 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @click.argument("source", type=click.Path(path_type=Path), shell_complete=complete_dirs)
 @click.option("--container", "-c", required=True, help="Destination container (created if missing).")
 @click.option("--prefix", default="", help="Blob name prefix, e.g. nightly/web → nightly/web/css/site.css.")
+@click.option("--job", "job_name", metavar="NAME",
+              help="Name this backup's job (default: this host, SOURCE and --prefix); the name of a job the "
+                   "container holds continues that job, e.g. after the source moved to another host.")
 @storage_options
 @bwlimit_option
 @concurrency_option("Bound on parallel uploads.")
@@ -433,7 +470,7 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @metrics_option
 @state_dir_option
 @debug_option
-def command(source: Path, container: str, prefix: str, storage: StorageSettings, concurrency: int,
+def command(source: Path, container: str, prefix: str, job_name: str | None, storage: StorageSettings, concurrency: int,
             upload: UploadSpec, output: Output, selection: Selection, dry_run: bool, no_wait: bool,
             stall_after: timedelta, log_file: Path | None, taskhub: TaskHubSettings | None, no_local_worker: bool,
             detach: bool, metrics_file: Path | None, state_dir: Path) -> None:
@@ -456,7 +493,7 @@ def command(source: Path, container: str, prefix: str, storage: StorageSettings,
     metrics = start_metrics(metrics_file, "backup", str(source.expanduser().resolve()),
                             destination_label(container, prefix))
     request = build_request(source, container, prefix, state_dir=state_dir, concurrency=concurrency, upload=upload,
-                            selection=selection, no_wait=no_wait, stall_after=stall_after)
+                            selection=selection, no_wait=no_wait, stall_after=stall_after, job_name=job_name)
     if dry_run:
         with render.DryRunLines(output.json, output.quiet) as lines:
             plan = plan_backup(request, storage, taskhub, lines.add)

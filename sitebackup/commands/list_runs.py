@@ -9,9 +9,19 @@ from pathlib import Path
 import click
 from durabletask import client as dt_client
 
+from sitebackup.blob.clients import StorageSettings, check_container, service_client
+from sitebackup.blob.naming import normalize_prefix, validate_container_name
 from sitebackup.blob.workstore import WorkStore
-from sitebackup.commands.hosting import TERMINAL, summarize
-from sitebackup.commands.options import Command, debug_option, json_option, state_dir_option, taskhub_option
+from sitebackup.commands.catalog import of_prefix, parse_utc, sealed_runs
+from sitebackup.commands.hosting import TERMINAL, run_label, summarize
+from sitebackup.commands.options import (
+    Command,
+    debug_option,
+    json_option,
+    state_dir_option,
+    storage_options,
+    taskhub_option,
+)
 from sitebackup.commands.status import describe
 from sitebackup.durable.runtime import open_client
 from sitebackup.durable.taskhub import TaskHubSettings
@@ -39,14 +49,40 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
             ended = isinstance(info.output, dict) and "files_total" in info.output
             counts = summarize(state).counts
             progress = info.custom_status
+            label = run_label(state)
             rows.append(RunRow(
-                instance_id=info.instance_id, kind=info.kind, runtime_status=info.runtime_status,
+                instance_id=info.instance_id, job=label.job.name if label and label.job else None, kind=info.kind,
+                runtime_status=info.runtime_status,
                 restorable=restorable(state, work), source=info.source, destination=info.destination,
                 files=counts.files_copied if ended or progress is None else progress.files_done,
                 files_total=counts.files_total,
                 bytes=counts.bytes_copied if ended or progress is None else progress.bytes_done,
                 created_at=info.created_at, duration_s=info.duration_s, worker_attached=info.worker_attached))
         return rows
+
+
+def list_sealed(settings: StorageSettings, container: str, *, prefix: str | None, job: str | None,
+                limit: int) -> list[RunRow]:
+    """The runs sealed in *container* (only those into *prefix*, or of the job named *job*), newest first, read
+    from the container alone: what a new machine sees."""
+    check_container(settings, container)
+    with service_client(settings) as (service, _label):
+        runs = sealed_runs(service.get_container_client(container))
+    if prefix is not None:
+        runs = of_prefix(runs, prefix)
+    if job is not None:
+        runs = [run for run in runs if run.job is not None and job in (run.job.name, run.job.id)]
+    rows = []
+    for run in reversed(runs[-limit:]):
+        entry, finished = run.entry, parse_utc(run.entry.finished)
+        where = f"{container}/{run.prefix}" if run.prefix else container
+        rows.append(RunRow(
+            instance_id=run.run_id, job=run.job.name if run.job else None, kind=BACKUP_ORCHESTRATION,
+            runtime_status=entry.status, restorable="yes", source=run.job.source if run.job else None,
+            destination=where, files=entry.files, files_total=entry.files, bytes=entry.bytes,
+            created_at=run.started.isoformat(), duration_s=round((finished - run.started).total_seconds(), 3),
+            worker_attached=None))
+    return rows
 
 
 def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> str | None:
@@ -63,26 +99,43 @@ def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> s
     return "yes" if state.runtime_status == dt_client.OrchestrationStatus.COMPLETED else "partial"
 
 
-@click.command("list", cls=Command, epilog=exit_codes_help(0, 2, 70, 130))
+@click.command("list", cls=Command, epilog=exit_codes_help(0, 2, 3, 70, 130))
 @click.option("--status", "statuses", multiple=True,
               type=click.Choice(["RUNNING", "COMPLETED", "FAILED", "TERMINATED", "PENDING", "SUSPENDED"],
                                 case_sensitive=False),
               help="Only runs with this runtime status (repeatable).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest runs to show.")
+@click.option("--container", "-c", help="List the runs sealed in this container (a new machine needs only this "
+                                       "and the credentials), not those of the state directory.")
+@click.option("--prefix", help="With --container: only runs into this prefix.")
+@click.option("--job", metavar="NAME", help="With --container: only runs of this job.")
 @json_option("Print a JSON array.")
+@storage_options
 @taskhub_option
 @state_dir_option
 @debug_option
-def command(statuses: tuple[str, ...], limit: int, json_output: bool, taskhub: TaskHubSettings | None,
-            state_dir: Path) -> None:
+def command(statuses: tuple[str, ...], limit: int, container: str | None, prefix: str | None, job: str | None,
+            json_output: bool, storage: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """List recent runs, newest first.
+
+    Without --container, the runs of this state directory (or task hub), whatever their state; with
+    --container, the backup runs sealed in that container, whichever machine made them.
 
     \b
     Examples:
       sitebackup list
       sitebackup list --status RUNNING --status FAILED --limit 5
+      sitebackup list --container backups --job web01:/var/www
     """
-    rows = list_runs(state_dir, statuses=list(statuses), limit=limit, taskhub=taskhub)
+    if container is None and (prefix is not None or job is not None):
+        raise click.UsageError("--prefix and --job go with --container")
+    if container is not None:
+        if statuses:
+            raise click.UsageError("--status goes without --container: a container holds completed runs only")
+        rows = list_sealed(storage, validate_container_name(container), limit=limit, job=job,
+                           prefix=normalize_prefix(prefix) if prefix is not None else None)
+    else:
+        rows = list_runs(state_dir, statuses=list(statuses), limit=limit, taskhub=taskhub)
     if json_output:
         click.echo(json.dumps(to_wire(rows)))
     else:

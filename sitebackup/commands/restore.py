@@ -19,10 +19,19 @@ from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, check_container
 from sitebackup.blob.naming import normalize_prefix, overlaps, validate_container_name
+from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
+from sitebackup.commands.catalog import (
+    SealedRun,
+    known_backup,
+    of_prefix,
+    overlapping,
+    recorded_run,
+    sealed_runs,
+    where_to_look,
+)
 from sitebackup.commands.hosting import (
     activity_deps,
-    backup_run_label,
     backup_runs,
     exit_code_for,
     find_unfinished,
@@ -50,7 +59,14 @@ from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError, exit_codes_help
 from sitebackup.model.codec import to_wire
 from sitebackup.model.reports import RunStart
-from sitebackup.model.work import DEFAULT_CONCURRENCY, Concurrency, RestoreInput, RestoreOptions, Summary, summary_to_wire
+from sitebackup.model.work import (
+    DEFAULT_CONCURRENCY,
+    Concurrency,
+    RestoreInput,
+    RestoreOptions,
+    Summary,
+    summary_to_wire,
+)
 from sitebackup.ui.printers import Printer, make_printer
 from sitebackup.workflows.names import RESTORE_ORCHESTRATION
 
@@ -86,8 +102,8 @@ def validate_restore(dest: str | Path, *, run_id: str | None, container: str | N
     path = Path(dest).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"destination {str(dest)!r} is not a directory")
-    if (run_id is None) == (container is None):
-        raise InputError("give either a run ID or --container, not both")
+    if run_id is None and container is None:
+        raise InputError("give a run ID, or --container NAME")
     if run_id is not None and prefix:
         raise InputError("--prefix goes with --container; a run ID already knows its prefix")
     if run_id is not None and as_of:
@@ -99,34 +115,45 @@ def validate_restore(dest: str | Path, *, run_id: str | None, container: str | N
                           as_of=parse_time(as_of) if as_of else None)
 
 
-def run_as_of(client: dt_client.TaskHubGrpcClient, work: WorkStore, container: str, prefix: str,
-              endpoint: str, as_of: datetime) -> str:
-    """The latest completed backup of *container*/*prefix* started at or before *as_of* that no prune dropped."""
+def run_as_of(client: dt_client.TaskHubGrpcClient, work: WorkStore, sealed: list[SealedRun], container: str,
+              prefix: str, endpoint: str, as_of: datetime) -> str:
+    """The latest completed backup of *container*/*prefix* started at or before *as_of* that no prune dropped: of
+    the container's sealed runs, or (none sealed) of the runs this state directory knows."""
+    found = [run.run_id for run in of_prefix(sealed, prefix) if run.started <= as_of]
+    if found:
+        return found[-1]
     runs = [run for run in backup_runs(client, container, endpoint)
             if run.label.prefix == prefix and run.status == dt_client.OrchestrationStatus.COMPLETED
             and run.created_at <= as_of and work.pruned(run.instance_id) is None]
     if not runs:
         where = f"{container}/{prefix}" if prefix else container
         raise InputError(f"no completed backup of {where} started at or before {as_of.isoformat(timespec='seconds')} "
-                         "in this state directory or task hub")
+                         "in the container, this state directory or task hub")
     return runs[-1].instance_id
 
 
-def later_backups(client: dt_client.TaskHubGrpcClient, run_id: str, container: str, prefix: str,
-                  endpoint: str) -> bool:
-    """Whether a backup this backend knows, of names the run's overlap, started after it or has not finished:
-    only such a run (or another tool) can have replaced the blobs the run wrote. Unknown run: True."""
-    runs = backup_runs(client, container, endpoint)
-    run = next((r for r in runs if r.instance_id == run_id), None)
-    return run is None or any(other.instance_id != run_id and overlaps(prefix, other.label.prefix)
-                              and (other.created_at >= run.created_at or not other.finished) for other in runs)
+def later_backups(client: dt_client.TaskHubGrpcClient, sealed: list[SealedRun], run_id: str, container: str,
+                  prefix: str, endpoint: str) -> bool:
+    """Whether a backup of names the run's overlap started after it or has not finished, as the container's
+    catalog and this backend know: only such a run (or another tool) can have replaced the blobs the run
+    wrote. A run neither knows: True."""
+    started = next((run.started for run in sealed if run.run_id == run_id), None)
+    local = backup_runs(client, container, endpoint)
+    if started is None:
+        started = next((run.created_at for run in local if run.instance_id == run_id), None)
+    if started is None:
+        return True
+    return any(run.run_id != run_id and run.started > started for run in overlapping(sealed, prefix)) or \
+        any(other.instance_id != run_id and overlaps(prefix, other.label.prefix)
+            and (other.created_at > started or not other.finished) for other in local)
 
 
 def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Printer,
                 taskhub: TaskHubSettings | None = None) -> Summary[Any]:
     """Schedule (or re-attach to) a restore and host its worker until it finishes.
 
-    Under the scheduler (*taskhub*) any worker on the task hub may take download batches, so DEST
+    A run is found in the container's catalog of sealed records (``--container``), or through this state
+    directory; under the scheduler (*taskhub*) any worker on the task hub may take download batches, so DEST
     must be a path every worker sees, like a backup's source."""
     settings.require()
     with open_backend(request.state_dir, taskhub) as runtime:
@@ -134,16 +161,20 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
         with runtime.connected() as client:
             container, prefix = request.container or "", request.prefix
             if request.run_id:
-                backup = backup_run_label(client, request.run_id, deps.work)
-                container, prefix = backup.container, backup.prefix
+                known = known_backup(client, deps.work, request.run_id)
+                container = where_to_look(request.run_id, known, request.container)
             # first: under the scheduler the run record itself is read from the container
             endpoint = check_container(settings, container)
+            records = ContainerRecords(deps.container_client(container))
+            sealed = sealed_runs(deps.container_client(container))
             if request.as_of is not None:
-                request.run_id = run_as_of(client, deps.work, container, prefix, endpoint, request.as_of)
-            if request.run_id and next(iter(deps.work.iter_results(request.run_id)), None) is None:
-                raise InputError(f"run {request.run_id!r} recorded no files (nothing was copied, or it was purged)")
+                request.run_id = run_as_of(client, deps.work, sealed, container, prefix, endpoint, request.as_of)
+            if request.run_id:
+                known = known_backup(client, deps.work, request.run_id)
+                prefix = recorded_run(records, deps.work, request.run_id, known).prefix
             request.dest.mkdir(parents=True, exist_ok=True)
-            later = later_backups(client, request.run_id, container, prefix, endpoint) if request.run_id else True
+            later = later_backups(client, sealed, request.run_id, container, prefix, endpoint) if request.run_id \
+                else True
             inp = RestoreInput(dest=str(request.dest), container=container, prefix=prefix, run_id=request.run_id,
                                endpoint=endpoint, later_backups=later, options=RestoreOptions(
                                    concurrency=request.concurrency, overwrite=request.overwrite,
@@ -168,7 +199,9 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
 
 @click.command("restore", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 7, 70, 130))
 @click.argument("args", nargs=-1, required=True, metavar="[ID] DEST", shell_complete=complete_restore_args)
-@click.option("--container", "-c", help="Restore whatever is under --prefix in this container instead of a run.")
+@click.option("--container", "-c",
+              help="The container to restore from: with ID, the run's sealed record is read from it (all a new "
+                   "machine needs); without ID, whatever is under --prefix now, or the run --as-of names.")
 @click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped.")
 @click.option("--as-of", metavar="TIME",
               help="With --container: the tree the latest completed backup of the container and prefix started at "
@@ -193,7 +226,8 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
     With ID, restores exactly the files that backup run recorded, in the versions it recorded
     (from blob snapshots where later runs replaced them); with --container (and --prefix) and
     --as-of TIME, the same for the latest completed run at or before TIME; with --container
-    alone, whatever is stored there now.
+    alone, whatever is stored there now. The run's record is read from the container (sealed
+    there by the backup), so a new machine needs only the credentials and --container.
 
     Files land with their recorded modification time and mode (no setuid, setgid or sticky bit;
     masked by the umask). An existing file is skipped when identical (same size and MD5) and
@@ -205,16 +239,17 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
     Examples:
       sitebackup restore 20261127T225602-0dcb81 ./restored
       sitebackup restore 20261127T225602-0dcb81 ./restored --include 'css/*' --exclude '*.log'
+      sitebackup restore 20261127T225602-0dcb81 ./restored --container backups
       sitebackup restore --container backups --prefix nightly/web ./restored --overwrite
       sitebackup restore --container backups --as-of 2026-03-01T03:00 ./restored
     """
-    expected = 1 if container else 2
-    if len(args) != expected:
-        raise click.UsageError("give ID DEST, or --container NAME DEST")
-    metrics = start_metrics(metrics_file, "restore", destination_label(container, prefix) if container else args[0],
+    if len(args) not in (1, 2) or (len(args) == 1 and not container):
+        raise click.UsageError("give ID DEST, or --container NAME [ID] DEST")
+    run_id = args[0] if len(args) == 2 else None
+    metrics = start_metrics(metrics_file, "restore", destination_label(container, prefix) if not run_id else run_id,
                             str(Path(args[-1]).expanduser().resolve()))
     request = validate_restore(
-        args[-1], run_id=None if container else args[0], container=container, prefix=prefix, include=list(include),
+        args[-1], run_id=run_id, container=container, prefix=prefix, include=list(include),
         exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir, as_of=as_of)
     summary = run_restore(request, storage, make_printer(json_output=output.json, quiet=output.quiet), taskhub)
     if metrics is not None:

@@ -26,8 +26,9 @@ from azure.storage.blob import ContainerClient
 from sitebackup.blob.clients import StorageSettings, check_container, service_client
 from sitebackup.blob.errors import ARCHIVED, classify, is_archived, one_line
 from sitebackup.blob.history import Copy, CopyLookup, choose, copy_client
-from sitebackup.blob.naming import blob_name
-from sitebackup.commands.hosting import backup_run_label
+from sitebackup.blob.naming import blob_name, validate_container_name
+from sitebackup.blob.records import ContainerRecords, run_entries
+from sitebackup.commands.catalog import known_backup, recorded_run, where_to_look
 from sitebackup.commands.options import (
     Command,
     complete_runs,
@@ -101,8 +102,8 @@ def _local_problem(source: Path, rec: FileEntry) -> str | None:
 
 
 def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_mismatch: Callable[[Mismatch], None],
-               *, local: bool = False, download: bool = False,
-               taskhub: TaskHubSettings | None = None) -> VerifyReport:
+               *, local: bool = False, download: bool = False, taskhub: TaskHubSettings | None = None,
+               container_name: str | None = None, on_note: Callable[[str], None] = lambda note: None) -> VerifyReport:
     """Check the run's record as it is read: memory holds the files in flight and what the lookup of recorded
     versions holds (``history.CopyLookup``), not the record nor its mismatches: each goes to *on_mismatch* as
     it is found, in record order."""
@@ -111,10 +112,13 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
             service_client(settings, pool_size=CHECKS.connections) as (service, label):
         work = runtime.work_store(service)
         with runtime.connected() as client:
-            inp = backup_run_label(client, run_id, work)
+            known = known_backup(client, work, run_id)
+        where = where_to_look(run_id, known, container_name)
         # first: under the scheduler the run record itself is read from the container
-        check_container(settings, inp.container)
-        records = work.iter_results(run_id)
+        check_container(settings, where)
+        sealed = ContainerRecords(service.get_container_client(where))
+        inp = recorded_run(sealed, work, run_id, known)
+        records = run_entries(sealed, work, run_id, on_note)
         first = next(records, None)
         if first is None:
             raise InputError(f"run {run_id!r} recorded no files (nothing was copied, or it was purged)")
@@ -124,7 +128,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
 
         def looked_up() -> Iterator[tuple[FileEntry, str, list[Copy]]]:
             for rec in itertools.chain([first], records):
-                if rec.error is not None:
+                if not rec.stored:
                     counts["not_backed_up"] += 1
                     continue
                 counts["checked"] += 1
@@ -173,13 +177,16 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
 @click.argument("instance_id", metavar="ID", shell_complete=complete_runs("backups"))
 @click.option("--local", is_flag=True, help="Also compare with the source files on disk (size and MD5).")
 @click.option("--download", is_flag=True, help="Re-hash blob content instead of trusting its Content-MD5.")
+@click.option("--container", "-c", help="Read the run's sealed record from this container (a run this state "
+                                       "directory does not know: a new machine needs only this).")
 @storage_options
 @json_option("Print one JSON object with counts and mismatches.")
 @metrics_option
 @taskhub_option
 @state_dir_option
 @debug_option
-def command(instance_id: str, local: bool, download: bool, storage: StorageSettings, json_output: bool,
+def command(instance_id: str, local: bool, download: bool, container: str | None, storage: StorageSettings,
+            json_output: bool,
             metrics_file: Path | None, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """Check that a backup run's blobs are intact.
 
@@ -190,6 +197,7 @@ def command(instance_id: str, local: bool, download: bool, storage: StorageSetti
     Examples:
       sitebackup verify 20261127T225602-0dcb81
       sitebackup verify 20261127T225602-0dcb81 --local --download --json
+      sitebackup verify 20261127T225602-0dcb81 --container backups
     """
     # until the run is found, its id stands for the job; then the backup job it verifies does
     metrics = start_metrics(metrics_file, "verify", instance_id, "")
@@ -201,7 +209,9 @@ def command(instance_id: str, local: bool, download: bool, storage: StorageSetti
     # listed as found (a run of a million changed files lists them all without holding them); --json's one
     # object carries them in a list
     report = verify_run(state_dir, instance_id, storage, mismatches.append if json_output else listed, local=local,
-                        download=download, taskhub=taskhub)
+                        download=download, taskhub=taskhub,
+                        container_name=validate_container_name(container) if container else None,
+                        on_note=lambda note: click.echo(printable(f"sitebackup: note: {note}"), err=True))
     if metrics is not None:
         metrics.source, metrics.destination = report.source, destination_label(report.container, report.prefix)
         metrics.summary = to_wire(report)

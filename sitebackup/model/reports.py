@@ -55,6 +55,7 @@ class RunRow(msgspec.Struct, kw_only=True):
     """One line of ``list``."""
 
     instance_id: str
+    job: str | None = None  # the backup's job name
     kind: str
     runtime_status: str
     restorable: str | None  # backups: yes, partial, pruned or no

@@ -199,6 +199,7 @@ class Summary(msgspec.Struct, Generic[C], kw_only=True):
     duration_s: float = 0.0
     failures: list[Listed] = msgspec.field(default_factory=list)
     skipped: list[Listed] = msgspec.field(default_factory=list)
+    notes: list[str] = msgspec.field(default_factory=list)  # what the user should know of how it went
     instance_id: str = ""
     runtime_status: str = ""
     cancelled: bool = False  # `sitebackup cancel` ended it
@@ -270,6 +271,7 @@ CopyPage = list[CopyItem] | RangePage
 
 class ScanInput(msgspec.Struct, kw_only=True):
     source: str
+    container: str = ""  # where the baseline's sealed record is
     min_pages: int = msgspec.field(default=1, name="min_batches")
     baseline: str | None = None
     compare: str = "mtime"
@@ -340,6 +342,7 @@ class Planned(msgspec.Struct, Generic[C], kw_only=True):
     done: list[Span] = msgspec.field(default_factory=list)
     failures: list[Listed] = msgspec.field(default_factory=list)
     skipped: list[Listed] = msgspec.field(default_factory=list)
+    notes: list[str] = msgspec.field(default_factory=list)  # what the user should know of how it went
 
 
 class SealInput(msgspec.Struct, kw_only=True):
@@ -428,6 +431,7 @@ class RunState(msgspec.Struct, Generic[C], kw_only=True):
     retry: list[Step] = msgspec.field(default_factory=list)  # steps to schedule before the next page
     failures: list[Listed] = msgspec.field(default_factory=list)
     skipped: list[Listed] = msgspec.field(default_factory=list)
+    notes: list[str] = msgspec.field(default_factory=list)
     waits: int = 0  # times the run has waited for `resume`
     large: dict[int, LargeFile] = msgspec.field(default_factory=dict)  # by first range page
 
@@ -484,6 +488,7 @@ class RunLabel(msgspec.Struct, kw_only=True):
     endpoint: str | None = None
     dest: str | None = None  # a restore's destination directory
     run_id: str | None = None  # the backup run a restore restores
+    job: Job | None = None  # a backup's job
 
     @property
     def destination(self) -> str:

@@ -107,7 +107,9 @@ def summary_line(summary: Summary[Any]) -> str:
 
 
 def failure_lines(summary: Summary[Any]) -> list[str]:
+    """The files that failed, why the run stopped if it did, and what the user should know of how it went."""
     lines = [printable(f"FAILED {f.path}: {f.error}") for f in summary.failures]
+    lines += [printable(f"sitebackup: note: {note}") for note in summary.notes]
     if summary.error:
         # the run itself stopped (a FAILED instance, or one waiting for `resume`): say why
         lines.append(printable(f"sitebackup: error: {summary.error}"))

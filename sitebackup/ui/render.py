@@ -71,7 +71,7 @@ def status_text(info: RunInfo) -> str:
     return "\n".join(map(printable, lines))
 
 
-RUN_COLUMNS = ("id", "kind", "status", "source", "destination", "files", "bytes", "started", "duration",
+RUN_COLUMNS = ("id", "job", "kind", "status", "source", "destination", "files", "bytes", "started", "duration",
                "restorable")
 
 
@@ -87,7 +87,8 @@ def runs_table(rows: list[RunRow], console: Console | None = None) -> None:
     if not rows:
         click.echo("no runs recorded in this state directory", file=console.file)
         return
-    lines = [[printable(row.instance_id), printable(KINDS.get(row.kind, row.kind)), printable(row.runtime_status),
+    lines = [[printable(row.instance_id), printable(row.job or "-"), printable(KINDS.get(row.kind, row.kind)),
+              printable(row.runtime_status),
               printable(str(row.source)), printable(str(row.destination)), f"{row.files}/{row.files_total}",
               human_bytes(row.bytes), row.created_at[:19].replace("T", " "), f"{row.duration_s:.1f}s",
               printable(row.restorable or "-")]

@@ -27,7 +27,8 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
     options = inp.options
     window = max(1, options.concurrency)
     state = yield from begin(ctx, inp.state, BackupCounts, "scanning", SCAN_TREE, ScanInput(
-        source=inp.source, min_pages=min_pages(window, options.shared), baseline=inp.baseline,
+        source=inp.source, container=inp.container, min_pages=min_pages(window, options.shared),
+        baseline=inp.baseline,
         compare=options.compare, patterns=options.patterns, follow_symlinks=options.follow_symlinks,
         upload=options.upload))
 

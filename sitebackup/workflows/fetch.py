@@ -33,6 +33,7 @@ from sitebackup.blob.asyncput import Cancelled
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.history import PRUNED, CopyLookup, choose, copies_of, copy_client
 from sitebackup.blob.naming import blob_name, is_reserved
+from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
 from sitebackup.local.dest import DestDir, UnsafeName, restored_mode, safe_relpath
 from sitebackup.local.files import b64, fd_md5_b64
@@ -54,7 +55,8 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
     Memory holds a page and what the lookup of recorded versions holds (``history.CopyLookup``), not the list.
     """
     selected = make_selector(inp.options.include, inp.options.exclude)
-    failures, skipped = Capped(), Capped()
+    failures, skipped, stale = Capped(), Capped(), Capped()
+    notes: list[str] = []
     counts = RestoreCounts()
     # with no backup since the run, its files are the current blobs (a request per file, no listing): one that
     # another writer replaced anyway is found by its Content-MD5 as it is fetched, and looked up then
@@ -62,10 +64,12 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
         else None
 
     def items() -> Iterator[FetchItem]:
-        for item, not_stored in _candidates(deps, inp):
-            if not_stored is not None:  # the run itself failed to back this file up
-                skipped.add(item.path, reason=f"not backed up by the run: {not_stored}")
+        for item, error in _candidates(deps, inp, notes.append):
+            if not item.name:  # the run holds no copy of it: it failed and no earlier run backed it up
+                skipped.add(item.path, reason=f"not backed up by the run: {error or 'no copy recorded'}")
                 continue
+            if error is not None:  # failed in the run: its last good version is restored
+                stale.add(item.path, error=error)
             try:
                 safe_relpath(item.path)
             except UnsafeName as exc:
@@ -91,14 +95,21 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
     counts.files_total += failures.count
     counts.files_failed = counts.files_done = failures.count
     counts.files_skipped = skipped.count
-    return Planned(pages=pages, counts=counts, failures=failures.items, skipped=skipped.items)
+    if stale.count:
+        notes.append(f"{stale.count} file(s) failed in the run and are restored as the last run that backed them "
+                     "up had them: " + ", ".join(f"{f.path} ({f.error})" for f in stale.items)
+                     + (" ..." if stale.count > len(stale.items) else ""))
+    return Planned(pages=pages, counts=counts, failures=failures.items, skipped=skipped.items, notes=notes)
 
 
-def _candidates(deps: ActivityDeps, inp: PlanInput) -> Iterator[tuple[FetchItem, str | None]]:
-    """Each file the source holds as the blob to fetch, with why the run holds none of it (its error) or None."""
+def _candidates(deps: ActivityDeps, inp: PlanInput,
+                note: Callable[[str], None]) -> Iterator[tuple[FetchItem, str | None]]:
+    """Each file the source holds as the blob to fetch (no name: the run holds no copy of it), with why it failed
+    in the run, if it did."""
     if inp.run_id:
-        for entry in deps.work.iter_results(inp.run_id):
-            name = "" if entry.error is not None else blob_name(inp.prefix, entry.path)
+        records = ContainerRecords(deps.container_client(inp.container))
+        for entry in run_entries(records, deps.work, inp.run_id, note):
+            name = blob_name(inp.prefix, entry.path) if entry.stored else ""
             yield FetchItem(name, entry.path, entry.size, entry.md5, entry.mtime_ns), entry.error
         return
     client = deps.container_client(inp.container)

@@ -144,7 +144,7 @@ def begin(ctx: task.OrchestrationContext, state: RunState[C] | None, counts: typ
     raw = yield ctx.call_activity(first, input=to_wire(first_input))
     planned: Planned[C] = from_wire(raw, generic(Planned, counts), f"the result of {first}")
     tally(state, planned.counts, planned.failures, planned.skipped)
-    state.pages, state.done = planned.pages, planned.done
+    state.pages, state.done, state.notes = planned.pages, planned.done, planned.notes[:MAX_LISTED]
     return state
 
 
@@ -176,7 +176,7 @@ def run_and_summarize(ctx: task.OrchestrationContext, inp: Any, state: RunState[
     set_progress(ctx, Progress.of(state.counts, "done"))
     return summary_to_wire(Summary(kind=kind, counts=state.counts, source=source, destination=destination,
                                    duration_s=round((utc_now(ctx) - started).total_seconds(), 3),
-                                   failures=state.failures, skipped=state.skipped))
+                                   failures=state.failures, skipped=state.skipped, notes=state.notes))
 
 
 def run_page_window(ctx: task.OrchestrationContext, state: RunState[C], window: int,
