@@ -107,4 +107,5 @@ def unchanged_record(previous: FileEntry) -> FileEntry:
     unchanged blob keeps the tier it was uploaded with), marked unchanged. The baseline's entry is read for
     this file alone, so it is marked and reused rather than copied."""
     previous.unchanged = True
+    previous.error = None  # a copy kept from before a failure: the file is that version again
     return previous

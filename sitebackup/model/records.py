@@ -45,6 +45,14 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
     def __post_init__(self) -> None:
         check_relpath(self.path)
 
+    @classmethod
+    def failed(cls, path: str, error: str, last_good: FileEntry | None) -> FileEntry:
+        """The record of a file that failed in a run: the copy of the last run that backed it up (stale), if any,
+        so that restoring the run still gives a version of it."""
+        if last_good is None or last_good.md5 is None:
+            return cls(path, error=error)
+        return msgspec.structs.replace(last_good, error=error, unchanged=False)
+
     @property
     def stored(self) -> bool:
         """Whether the container holds a copy of the file for this run: the version it uploaded or found

@@ -233,16 +233,22 @@ def generic(kind: type[Any], counts: type[C]) -> Any:
 
 
 class CopyItem(msgspec.Struct, array_like=True):
-    """One file of a copy page: to upload (over ``prior``, what the baseline recorded at its name, kept as a
-    snapshot when the bytes differ), or, with ``previous`` set, as the baseline recorded it: unchanged,
-    unless ``check`` says its content must be hashed to tell (``--checksum``)."""
+    """One file of a copy page, with what the baseline recorded of it (``previous``): a new file to upload; a
+    ``changed`` one, uploaded over the baseline's copy (kept as a snapshot when the bytes differ, and recorded
+    as the run's copy, stale, if the upload fails); one to hash to tell (``check``, ``--checksum``); else one
+    recorded unchanged, as the baseline had it."""
 
     path: str
     size: int
     mtime_ns: int
     previous: FileEntry | None = None
     check: bool = False
-    prior: PriorCopy | None = None
+    changed: bool = False
+
+    @property
+    def prior(self) -> PriorCopy | None:
+        """What the baseline holds at the file's name, which an upload must keep unless it is the same bytes."""
+        return PriorCopy.of(self.previous)
 
 
 class FileRef(msgspec.Struct, array_like=True, frozen=True):
@@ -263,7 +269,7 @@ class RangePage(msgspec.Struct, kw_only=True):
     block_size: int
     first_page: int
     failed: str | None = None
-    prior: PriorCopy | None = msgspec.field(default=None, name="held")
+    previous: FileEntry | None = None  # what the baseline recorded of the file (CopyItem.previous)
 
 
 CopyPage = list[CopyItem] | RangePage

@@ -38,7 +38,7 @@ from sitebackup.blob.naming import backup_blob_name
 from sitebackup.blob.upload import Uploaded, commit_blocks
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.local.files import CHUNK, FileChangedError, check_unchanged
-from sitebackup.model.records import FileEntry
+from sitebackup.model.records import FileEntry, PriorCopy
 from sitebackup.model.work import (
     MIB,
     BackupCounts,
@@ -153,7 +153,7 @@ def write_range_pages(work: WorkStore, run_id: str, first_page: int, item: CopyI
     for index in range(n):
         work.write_page(run_id, first_page + index, RangePage(
             file=FileRef(item.path, item.size, item.mtime_ns), range=index, ranges=n, block_size=block_size,
-            first_page=first_page, prior=item.prior))
+            first_page=first_page, previous=item.previous))
     return n
 
 
@@ -255,7 +255,7 @@ def commit_file(container: ContainerClient, path: Path, name: str, item: RangePa
     missing = len(set(ids) - held_ids(blob))
     if missing:
         raise FileChangedError(f"{missing} of {item.ranges} blocks were not staged")
-    return commit_blocks(blob, ids, st, md5, spec, item.prior)
+    return commit_blocks(blob, ids, st, md5, spec, PriorCopy.of(item.previous))
 
 
 def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage, source: Path, container: str,
@@ -308,7 +308,7 @@ def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage
         record = done.record(relpath)
         counts.files_uploaded = 1
     else:
-        record = FileEntry(relpath, error=error)
+        record = FileEntry.failed(relpath, error, item.previous)
         counts.files_failed = 1
         result.failures = [Listed(relpath, error=error)]
     deps.work.write_result(run_id, item.first_page, [record])

@@ -86,10 +86,11 @@ def scan_source(deps: ActivityDeps, run_id: str, inp: ScanInput) -> Planned[Back
             elif found.decision == incremental.CHECK:  # --checksum: hashed whole by the copy, never in ranges
                 yield CopyItem(file.path, file.size, file.mtime_ns, before, True)
             else:
-                yield CopyItem(file.path, file.size, file.mtime_ns, prior=PriorCopy.of(before))
+                yield CopyItem(file.path, file.size, file.mtime_ns, before, changed=before is not None)
 
     def large(item: CopyItem | FileEntry) -> bool:
-        return isinstance(item, CopyItem) and item.previous is None and item.size > large_above
+        return isinstance(item, CopyItem) and not item.check and item.size > large_above and \
+            (item.previous is None or item.changed)
 
     def light(item: CopyItem | FileEntry) -> bool:
         return isinstance(item, FileEntry)
@@ -149,7 +150,8 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
             break
         relpath, previous = item.path, item.previous
         try:
-            if previous is not None and (not item.check or file_md5_b64(source / relpath) == previous.md5):
+            if previous is not None and not item.changed and (
+                    not item.check or file_md5_b64(source / relpath) == previous.md5):
                 records.append(incremental.unchanged_record(previous))
                 counts.files_unchanged += 1
                 counts.bytes_skipped += previous.size
@@ -157,10 +159,10 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
             done = early.get(relpath)
             if not isinstance(done, Uploaded):  # not sent early, or failed there: one more try here
                 done = _upload_with_one_retry(client, source / relpath, backup_blob_name(prefix, relpath),
-                                              spec, item.prior or PriorCopy.of(previous), deps.concurrency.per_file)
+                                              spec, item.prior, deps.concurrency.per_file)
         except Exception as exc:
             error = file_error(exc, deps.endpoint)
-            records.append(FileEntry(relpath, error=error))
+            records.append(FileEntry.failed(relpath, error, previous))
             failures.add(relpath, error=error)
             continue
         counts.files_uploaded += 1
@@ -182,7 +184,7 @@ def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], sou
     todo: list[tuple[Path, str, PriorCopy | None]] = []
     relpaths: list[str] = []
     for item in items:
-        if item.previous is not None or item.size > SINGLE_PUT_BYTES:
+        if (item.previous is not None and not item.changed) or item.size > SINGLE_PUT_BYTES:
             continue
         try:
             name = backup_blob_name(prefix, item.path)
