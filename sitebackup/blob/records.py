@@ -1,7 +1,8 @@
 """The backup's own catalog in its container: sealed run records, jobs and prune tombstones.
 
-A run's record pages go to ``.sitebackup/records/<sha256>`` (named by the SHA-256 of their bytes, so a page an
-earlier run already sealed is not sent again), then its header (``model.records.RunRecord``) to
+A run's record pages go to ``.sitebackup/records/<job>/<sha256>`` (named by the SHA-256 of their bytes, so a page
+an earlier run of the job already sealed is not sent again; kept per job, so that a prune, which holds the job's
+lock, never deletes a page another job's backup is sealing), then its header (``model.records.RunRecord``) to
 ``.sitebackup/runs/<run_id>``, last: a run without a header is unfinished. Headers carry the catalog fields
 in their blob metadata too, so one listing names every sealed run without reading a header. Everything
 read back is checked before use: a size bound before the body, the SHA-256 its seal names, then the strict
@@ -37,6 +38,10 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _page_name(job: str, digest: str) -> str:
+    return f"{RECORDS}{_checked_id(job)}/{digest}"
+
+
 def _checked_id(run_id: str) -> str:
     if not run_id or "/" in run_id or run_id in (".", ".."):
         raise DamagedData(f"run id {run_id!r} is not one a run can have")
@@ -51,15 +56,11 @@ class ContainerRecords:
 
     # ---- writing
 
-    def put_page(self, data: bytes) -> PageSeal:
-        """Store one record page under its SHA-256 unless the container holds it already; its seal (page 0: the
-        caller numbers it)."""
+    def put_page(self, job: str, data: bytes) -> str:
+        """Store one record page of *job* under its SHA-256 unless the container holds it already; the SHA-256."""
         digest = sha256_hex(data)
-        self._create(RECORDS + digest, data)
-        return PageSeal(0, digest, len(data))
-
-    def has_page(self, digest: str) -> bool:
-        return self.container.get_blob_client(RECORDS + digest).exists()
+        self._create(_page_name(job, digest), data)
+        return digest
 
     def seal(self, record: RunRecord) -> None:
         """Write the run's header, last: from now on the run is in the catalog."""
@@ -80,6 +81,29 @@ class ContainerRecords:
             self.container.upload_blob(name, data, metadata=metadata, overwrite=False)
         except ResourceExistsError:
             pass
+
+    # ---- removing (prune, once a run's tombstone is written)
+
+    def remove_run(self, run_id: str) -> None:
+        """Delete the run's header: from now on the run is not in the catalog (its tombstone stays)."""
+        try:
+            self.container.delete_blob(RUNS + _checked_id(run_id))
+        except ResourceNotFoundError:
+            pass
+
+    def remove_pages_but(self, job: str, referenced: set[str]) -> int:
+        """Delete every record page of *job* whose SHA-256 is not in *referenced* (what the job's remaining headers
+        name); how many went."""
+        removed = 0
+        folder = _page_name(job, "")
+        for blob in self.container.list_blobs(name_starts_with=folder):
+            if blob.name[len(folder):] not in referenced:
+                try:
+                    self.container.delete_blob(blob.name)
+                except ResourceNotFoundError:
+                    continue
+                removed += 1
+        return removed
 
     # ---- reading
 
@@ -121,7 +145,7 @@ class ContainerRecords:
         what = f"record page {seal.page} of run {record.run_id}"
         if seal.size > MAX_RECORD_PAGE_BYTES:
             raise DamagedData(f"{what} is damaged: its seal says {seal.size} bytes")
-        data = self._download(RECORDS + seal.sha256, seal.size, what)
+        data = self._download(_page_name(record.job, seal.sha256), seal.size, what)
         if data is None:
             raise DamagedData(f"{what} is missing from the container")
         if len(data) != seal.size or sha256_hex(data) != seal.sha256:
@@ -129,13 +153,19 @@ class ContainerRecords:
         return data
 
     def entries(self, record: RunRecord, cached: Iterable[tuple[int, bytes]] = (),
-                on_damaged: Callable[[int], None] = lambda page: None) -> Iterator[FileEntry]:
+                on_damaged: Callable[[int], None] = lambda page: None,
+                seen: set[str] | None = None) -> Iterator[FileEntry]:
         """The record's entries in page order, a page at a time: from *cached* (this state directory's copy of the
         run's pages: number and bytes, in page order) when its bytes match the seal, else from the container,
-        telling *on_damaged* the number of a cached page that does not."""
+        telling *on_damaged* the number of a cached page that does not. With *seen*, the SHA-256s of pages read
+        already (and added to it as they are read): those are left out, as the pages runs share are."""
         local = iter(cached)
         held = next(local, None)
         for seal in record.pages:
+            if seen is not None:
+                if seal.sha256 in seen:
+                    continue
+                seen.add(seal.sha256)
             while held is not None and held[0] < seal.page:
                 held = next(local, None)
             data = held[1] if held is not None and held[0] == seal.page else None
@@ -157,7 +187,7 @@ class ContainerRecords:
 
 
 def run_entries(records: ContainerRecords | None, work: WorkStore, run_id: str,
-                on_note: Callable[[str], None] = lambda note: None) -> Iterator[FileEntry]:
+                on_note: Callable[[str], None] = lambda note: None, seen: set[str] | None = None) -> Iterator[FileEntry]:
     """A run's record: its sealed copy in the container, each page read from this state directory when its
     bytes match the seal (*on_note* hears of one that does not), or, for a run never sealed (unfinished, or
     made by an earlier version), the pages the work store holds."""
@@ -171,4 +201,4 @@ def run_entries(records: ContainerRecords | None, work: WorkStore, run_id: str,
         on_note(f"record page {page} of run {run_id} in the state directory is damaged: its sealed copy in the "
                 "container is read instead")
 
-    yield from records.entries(header, cached=work.result_pages(run_id), on_damaged=damaged)
+    yield from records.entries(header, cached=work.result_pages(run_id), on_damaged=damaged, seen=seen)

@@ -49,9 +49,11 @@ from sitebackup.blob.clients import StorageSettings, check_container, service_cl
 from sitebackup.blob.errors import classify, one_line
 from sitebackup.blob.history import Copy, copy_client, list_copies
 from sitebackup.blob.naming import blob_name, normalize_prefix, overlaps, validate_container_name
+from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.workstore import BlobWorkStore, WorkStore
 from sitebackup.commands.backup import expand_prefix
-from sitebackup.commands.hosting import BackupRun, backup_runs
+from sitebackup.commands.catalog import SealedRun, overlapping, sealed_runs
+from sitebackup.commands.hosting import backup_runs
 from sitebackup.commands.options import (
     Command,
     F,
@@ -130,22 +132,51 @@ def unneeded(copies: list[Copy], needed: set[str]) -> list[Copy]:
     return drop
 
 
+@dataclass(frozen=True)
+class PruneRun:
+    """A backup run prune decides about: sealed in the container, or known to this backend (unfinished, failed,
+    cancelled, or completed by an earlier version and never sealed)."""
+
+    run_id: str
+    started: datetime
+    prefix: str
+    job: str  # the keep rules apply per job
+    sealed: bool
+    finished: bool = True
+    completed: bool = True
+
+
+def _runs(client: dt_client.TaskHubGrpcClient, sealed: list[SealedRun], container: str, endpoint: str,
+          prefix: str) -> list[PruneRun]:
+    """Every run whose names can be the names of a run into *prefix*, sealed or known here, oldest first."""
+    runs = {run.run_id: PruneRun(run.run_id, run.started, run.prefix or "", run.entry.job, sealed=True)
+            for run in overlapping(sealed, prefix)}
+    for local in backup_runs(client, container, endpoint):
+        if local.instance_id in runs or not overlaps(prefix, local.label.prefix):
+            continue
+        job = local.label.job.id if local.label.job else f"{local.label.source}\0{local.label.prefix}"
+        runs[local.instance_id] = PruneRun(local.instance_id, local.created_at, local.label.prefix, job, sealed=False,
+                                           finished=local.finished,
+                                           completed=local.status == dt_client.OrchestrationStatus.COMPLETED)
+    return sorted(runs.values(), key=lambda run: run.started)
+
+
 def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHubSettings | None = None
               ) -> PruneReport:
     endpoint = check_container(settings.require(), request.container)
     with open_backend(request.state_dir, taskhub) as runtime, \
             service_client(settings, pool_size=DELETES.connections) as (service, label):
         container = service.get_container_client(request.container)
+        records = ContainerRecords(container)
         # under the scheduler the records live in this container: no need to look it up per run
         work = runtime.work_store(service) if taskhub is None else BlobWorkStore(lambda _run_id: container)
         with runtime.connected() as client:
-            runs = [run for run in backup_runs(client, request.container, endpoint)
-                    if overlaps(request.prefix, run.label.prefix)]
+            runs = _runs(client, sealed_runs(container), request.container, endpoint, request.prefix)
             _refuse_if_live(runtime, runs)
-            kept, dropped = _decide(request, runs, work)
-            remaining = [run for run in runs if run.instance_id not in dropped and work.pruned(run.instance_id) is None]
+            kept, dropped = _decide(request, runs, records, work)
+            remaining = [run for run in runs if run.run_id not in dropped]
             freed = Freed()
-            with _needed(request.state_dir, work, remaining, [run for run in runs if run.instance_id in dropped],
+            with _needed(request.state_dir, records, work, remaining, [run for run in runs if run.run_id in dropped],
                          label) as needed:
                 unreferenced = freed.count(_sweep(container, request.prefix, needed, label))
                 if request.dry_run:
@@ -153,57 +184,80 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
                     return _report(request, runs, kept, dropped, freed)
                 mark = PruneMark(at=datetime.now(timezone.utc).isoformat(), container=request.container,
                                  prefix=request.prefix)
-                for run_id in dropped:
-                    if work.pruned(run_id) is None:
-                        work.mark_pruned(run_id, mark)
+                for run in runs:  # the journal a killed prune resumes from, and the tombstones after
+                    if run.run_id in dropped:
+                        records.mark_pruned(run.run_id, mark)
+                        if work.pruned(run.run_id) is None:
+                            work.mark_pruned(run.run_id, mark)
                 delete_copies(container, unreferenced, label)
-            for run_id in dropped:
-                work.remove(run_id, keep_mark=True)
-                client.purge_orchestration(run_id, recursive=True)
+            _forget(client, records, work, runs, dropped)
     return _report(request, runs, kept, dropped, freed)
 
 
-def _refuse_if_live(runtime: Runtime, runs: list[BackupRun]) -> None:
+def _forget(client: dt_client.TaskHubGrpcClient, records: ContainerRecords, work: WorkStore, runs: list[PruneRun],
+            dropped: dict[str, str]) -> None:
+    """Once their copies are gone: the dropped runs' sealed headers, the record pages no remaining run of their
+    job names, their pages and history here. Their tombstones stay."""
+    jobs = {run.job for run in runs if run.run_id in dropped and run.sealed}
+    for run in runs:
+        if run.run_id in dropped:
+            records.remove_run(run.run_id)
+            work.remove(run.run_id, keep_mark=True)
+            client.purge_orchestration(run.run_id, recursive=True)
+    for job in jobs:
+        pages: set[str] = set()
+        for entry in records.catalog():
+            header = records.header(entry.run_id) if entry.job == job else None
+            if header is not None:
+                pages.update(seal.sha256 for seal in header.pages)
+        records.remove_pages_but(job, pages)
+
+
+def _refuse_if_live(runtime: Runtime, runs: list[PruneRun]) -> None:
     for run in runs:
         # the scheduler cannot tell whether a worker holds a run (None): assume one does
-        if not run.finished and runtime.worker_attached(run.instance_id) is not False:
-            raise AlreadyRunningError(f"backup {run.instance_id} of {run.label.destination} is running: prune after it "
-                                      "has finished (or cancel it)", run.instance_id)
+        if not run.finished and runtime.worker_attached(run.run_id) is not False:
+            raise AlreadyRunningError(f"backup {run.run_id} into {run.prefix or 'the container root'} is running: "
+                                      "prune after it has finished (or cancel it)", run.run_id)
 
 
-def _decide(request: PruneRequest, runs: list[BackupRun], work: WorkStore) -> tuple[dict[str, list[str]],
-                                                                                     dict[str, str]]:
-    """(kept run id -> why, dropped run id -> why) among the runs of exactly this destination."""
-    mine = [run for run in runs if run.label.prefix == request.prefix and run.finished]
+def _decide(request: PruneRequest, runs: list[PruneRun], records: ContainerRecords,
+            work: WorkStore) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(kept run id -> why, dropped run id -> why) among the finished runs into exactly this prefix, the keep rules
+    applied to each job's runs apart."""
+    mine = [run for run in runs if run.prefix == request.prefix and run.finished]
+    kept: dict[str, list[str]] = {}
     dropped: dict[str, str] = {}
-    candidates = []
+    by_job: dict[str, list[tuple[str, datetime]]] = {}
     for run in mine:
-        if work.pruned(run.instance_id) is not None:
-            dropped[run.instance_id] = EARLIER_PRUNE
-        elif run.status != dt_client.OrchestrationStatus.COMPLETED:
-            dropped[run.instance_id] = INCOMPLETE
+        if work.pruned(run.run_id) is not None or (run.sealed and records.pruned(run.run_id) is not None):
+            dropped[run.run_id] = EARLIER_PRUNE
+        elif not run.completed:
+            dropped[run.run_id] = INCOMPLETE
         else:
-            candidates.append((run.instance_id, run.created_at))
-    decision = apply_policy(candidates, request.policy)
-    dropped.update((run_id, "not kept by any rule") for run_id in decision.drop)
-    return decision.keep, dropped
+            by_job.setdefault(run.job, []).append((run.run_id, run.started))
+    for candidates in by_job.values():
+        decision = apply_policy(candidates, request.policy)
+        kept.update(decision.keep)
+        dropped.update((run_id, "not kept by any rule") for run_id in decision.drop)
+    return kept, dropped
 
 
-def _records(work: WorkStore, runs: Iterable[BackupRun]) -> Iterable[tuple[str, str]]:
-    """(blob name, Content-MD5) of every file the runs recorded as backed up."""
+def _records(records: ContainerRecords, work: WorkStore, runs: Iterable[PruneRun]) -> Iterable[tuple[str, str]]:
+    """(blob name, Content-MD5) of every copy the runs' records name; a page sealed runs share is read once."""
+    seen: set[str] = set()
     for run in runs:
-        for entry in work.iter_results(run.instance_id):
-            if entry.stored:
-                assert entry.md5 is not None
+        for entry in run_entries(records if run.sealed else None, work, run.run_id, seen=seen):
+            if entry.md5 is not None:
                 try:
-                    yield blob_name(run.label.prefix, entry.path), entry.md5
+                    yield blob_name(run.prefix, entry.path), entry.md5
                 except ValueError:  # a name no blob can have: nothing stored under it
                     continue
 
 
 @contextmanager
-def _needed(state_dir: Path, work: WorkStore, remaining: list[BackupRun], dropped: list[BackupRun], label: str
-            ) -> Iterator[sqlite3.Connection]:
+def _needed(state_dir: Path, records: ContainerRecords, work: WorkStore, remaining: list[PruneRun],
+            dropped: list[PruneRun], label: str) -> Iterator[sqlite3.Connection]:
     """A temporary database in *state_dir* of what the runs recorded, removed on the way out: (name, MD5) of
     every file the remaining runs need, and (name, "") of a name only the dropped runs wrote. On disk, so
     prune's memory does not grow with the names; it holds names and hashes, no secrets."""
@@ -222,9 +276,9 @@ def _needed(state_dir: Path, work: WorkStore, remaining: list[BackupRun], droppe
             db.execute("PRAGMA synchronous=OFF")
             db.execute(SCHEMA)
             with db:
-                db.executemany("INSERT OR IGNORE INTO needed VALUES (?, ?)", _records(work, remaining))
-                db.executemany("INSERT INTO needed SELECT ?1, '' WHERE NOT EXISTS "
-                               "(SELECT 1 FROM needed WHERE name = ?1)", ((name,) for name, _ in _records(work, dropped)))
+                db.executemany("INSERT OR IGNORE INTO needed VALUES (?, ?)", _records(records, work, remaining))
+                db.executemany("INSERT INTO needed SELECT ?1, '' WHERE NOT EXISTS (SELECT 1 FROM needed WHERE name = ?1)",
+                               ((name,) for name, _ in _records(records, work, dropped)))
         except Exception as exc:
             raise _state_full(state_dir, exc) or classify(exc, label) or \
                 DestinationError(f"cannot read the records of the runs: {one_line(exc)}") from None
@@ -380,15 +434,15 @@ def _delete_copy(container: ContainerClient, copy: Copy, snapshots: list[Copy], 
         raise classify(exc, label) or DestinationError(f"cannot delete {copy.name!r}: {one_line(exc)}") from None
 
 
-def _report(request: PruneRequest, runs: list[BackupRun], kept: dict[str, list[str]], dropped: dict[str, str],
+def _report(request: PruneRequest, runs: list[PruneRun], kept: dict[str, list[str]], dropped: dict[str, str],
             freed: Freed) -> PruneReport:
-    created = {run.instance_id: run.created_at.isoformat() for run in runs}
+    created = {run.run_id: run.started.isoformat() for run in runs}
     return PruneReport(
         container=request.container, prefix=request.prefix, dry_run=request.dry_run,
         kept=[KeptRun(instance_id=run_id, created_at=created[run_id], reasons=why) for run_id, why in kept.items()],
         removed=[RemovedRun(instance_id=run_id, created_at=created[run_id], reason=why)
                  for run_id, why in sorted(dropped.items(), key=lambda item: created[item[0]], reverse=True)],
-        unfinished=[run.instance_id for run in runs if not run.finished and run.label.prefix == request.prefix],
+        unfinished=[run.run_id for run in runs if not run.finished and run.prefix == request.prefix],
         blobs_removed=freed.blobs, snapshots_removed=freed.snapshots, bytes_removed=freed.bytes)
 
 

@@ -36,7 +36,7 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
     for page, data in deps.work.result_pages(run_id):
         digest = sha256_hex(data)
         if digest not in held:
-            records.put_page(data)
+            records.put_page(inp.job.id, data)
             held.add(digest)
             sent += 1
         pages.append(PageSeal(page, digest, len(data)))
