@@ -45,18 +45,20 @@ def test_a_record_page_of_an_earlier_version_loads_and_is_written_back_the_same(
     assert encode(entries) == RECORD_PAGE
 
 
-def test_work_pages_of_an_earlier_version_load():
-    copy_page = b'[["new.txt",3,7],["seen.txt",5,9,{"path":"seen.txt","size":5,"mtime_ns":8,"md5":"QQ=="},true,null],' \
-                b'["changed.txt",4,2,null,false,["QQ==","\\"0x2\\""]]]'
+def test_work_pages_are_compact_arrays_that_round_trip():
+    copy_page = b'[["new.txt",3,7,null,false,false],' \
+                b'["seen.txt",5,9,{"path":"seen.txt","size":5,"mtime_ns":8,"md5":"QQ=="},true,false],' \
+                b'["changed.txt",4,2,{"path":"changed.txt","size":3,"mtime_ns":1,"md5":"QQ==","etag":"\\"0x2\\""},false,true]]'
     items = decode(copy_page, CopyPage, "a copy page")  # type: ignore[arg-type]
-    assert isinstance(items, list)
-    assert items[0] == CopyItem("new.txt", 3, 7)
+    assert isinstance(items, list) and encode(items) == copy_page
+    assert items[0] == CopyItem("new.txt", 3, 7) and items[0].prior is None
     assert items[1].previous == FileEntry("seen.txt", 5, 8, "QQ==") and items[1].check
-    assert items[2].prior == PriorCopy("QQ==", '"0x2"')
-    range_page = b'{"file":["big.bin",99,5],"range":1,"ranges":3,"block_size":33,"first_page":4,"held":["QQ==",null]}'
+    assert items[2].changed and items[2].prior == PriorCopy("QQ==", '"0x2"')
+    range_page = b'{"file":["big.bin",99,5],"range":1,"ranges":3,"block_size":33,"first_page":4,"failed":null,' \
+                 b'"previous":{"path":"big.bin","size":98,"mtime_ns":1,"md5":"QQ=="}}'
     page = decode(range_page, CopyPage, "a range page")  # type: ignore[arg-type]
-    assert isinstance(page, RangePage) and page.file.path == "big.bin" and page.prior == PriorCopy("QQ==")
-    assert json.loads(encode(page))["held"] == ["QQ==", None]  # the key earlier versions read
+    assert isinstance(page, RangePage) and page.file.path == "big.bin" and page.previous is not None
+    assert encode(page) == range_page
     fetch = decode(b'[["p/a","a",3,"QQ==",7,null],["p/b","b",1,null,null,"2026-12-01T00:00:00.0000000Z"]]',
                    list[FetchItem], "a restore page")
     assert fetch[1].snapshot and fetch[1].md5 is None
@@ -127,7 +129,7 @@ def test_the_work_store_names_a_damaged_page_and_refuses_an_oversized_one(tmp_pa
 
 
 def test_the_wire_form_is_plain_json_and_round_trips():
-    item = CopyItem("a", 1, 2, FileEntry("a", 1, 2, "QQ=="), True, PriorCopy("QQ==", "e"))
+    item = CopyItem("a", 1, 2, FileEntry("a", 1, 2, "QQ==", etag="e"), True, False)
     assert from_wire(json.loads(json.dumps(to_wire([item]))), list[CopyItem], "page") == [item]
     assert FORMAT_VERSION == 1
     with pytest.raises(msgspec.ValidationError):
