@@ -50,6 +50,7 @@ def own_azurite(tmp_path: Path):
 # ---------------------------------------------------------------- the blob service goes away
 
 
+@pytest.mark.processes
 def test_short_outage_is_retried_and_the_run_completes_exact(own_azurite, tmp_path):
     src = tmp_path / "site"
     many_files(src, 1500)  # enough that the run is still uploading when Azurite goes away
@@ -69,6 +70,7 @@ def test_short_outage_is_retried_and_the_run_completes_exact(own_azurite, tmp_pa
     assert_exact(own_azurite.connection_string, "outage", src)
 
 
+@pytest.mark.processes
 def test_long_outage_ends_resumable_with_exit_3_and_resume_completes(own_azurite, tmp_path):
     src = tmp_path / "site"
     many_files(src, 1500)
