@@ -42,8 +42,6 @@ def own_azurite(tmp_path: Path):
     """An Azurite this test may stop and start again (same port, same data)."""
     server = Azurite(free_port(), tmp_path / "azurite").start()
     yield server
-    if server.process and server.process.poll() is None:
-        server.process.kill()  # its data is no longer needed: skip the graceful stop's wait
     server.stop()
 
 
