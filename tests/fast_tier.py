@@ -40,30 +40,22 @@ def select(config: pytest.Config, items: list[pytest.Item]) -> None:
     # the interpreter asks `uname -p` once, the first time anything (the Azure SDK's user agent) reads
     # platform.uname(); asked here, before any guard, it is no test's process
     platform.processor()
-    kept = [item for item in items if not starts_processes(item)]
     dropped = [item for item in items if starts_processes(item)]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+        items[:] = [item for item in items if not starts_processes(item)]
 
 
-def _is_address(host: str) -> bool:
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ipaddress.ip_address(host.split("%")[0])
+        return ipaddress.ip_address(host.split("%")[0])
     except ValueError:
-        return False
-    return True
+        return None
 
 
-def _is_loopback(host: object) -> bool:
-    if not isinstance(host, str):
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
+def _is_loopback(host: str) -> bool:
+    ip = _ip(host)
+    return host == "localhost" or (ip is not None and ip.is_loopback)
 
 
 def guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -81,9 +73,9 @@ def guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         if hasattr(owner, name):
             monkeypatch.setattr(owner, name, lambda *a, _n=name, **k: refuse(f"started a process ({_n})"))
 
-    def check(sock: socket.socket, address: object) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):  # type: ignore[index]
-            refuse(f"reached the network beyond loopback ({address[0]})")  # type: ignore[index]
+    def check(sock: socket.socket, address) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            refuse(f"reached the network beyond loopback ({address[0]})")
 
     real_connect, real_connect_ex, real_sendto = socket.socket.connect, socket.socket.connect_ex, socket.socket.sendto
     real_getaddrinfo = socket.getaddrinfo
@@ -103,7 +95,7 @@ def guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     def getaddrinfo(host, *args, **kwargs):
         if isinstance(host, bytes):
             host = host.decode()
-        if host and not _is_loopback(host) and not _is_address(host):
+        if host and _ip(host) is None and host != "localhost":  # an address is looked up without the network
             refuse(f"looked up a name beyond loopback ({host})")
         return real_getaddrinfo(host, *args, **kwargs)
 
