@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# Set everything up, then run the test suite. The suite starts its own Azurite on 127.0.0.1.
-# Extra arguments go to pytest, e.g. scripts/test.sh -k backup -x
+# Set everything up, then run the test suite. Extra arguments go to pytest, e.g. scripts/test.sh -k backup -x
+#
+# Two tiers:
+#   scripts/test.sh          everything not marked `slow`: end to end through real `sitebackup` processes and
+#                            a real Azurite the suite starts on 127.0.0.1 (add `-m slow` for the long scale runs)
+#   scripts/test.sh --fast   only tests that start no process and no Azurite (pure logic, the embedded backend
+#                            in-process, orchestrators replayed with fake activities), in about a minute.
+#                            Tests that start processes leave it by themselves (a fixture that starts Azurite
+#                            or a mount, or @pytest.mark.processes); in a fast run, starting a process or
+#                            reaching the network beyond loopback fails the test (tests/fast_tier.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
