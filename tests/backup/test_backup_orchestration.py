@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from replay import Replay
 
+from sitebackup.model.codec import to_wire
+from sitebackup.model.work import BackupCounts, Listed, PageResult, Planned, RangeReport, Span
 from sitebackup.workflows.names import (
     BACKUP_ORCHESTRATION,
     COPY_BATCH,
@@ -28,15 +30,20 @@ def backup_input(concurrency: int = 4) -> dict[str, Any]:
     return {"source": SOURCE, "container": CONTAINER, "prefix": "", "options": {"concurrency": concurrency}}
 
 
-def scan(pages: int, done: list[list[int]] | None = None, **counters: Any):
+def scan(pages: int, done: list[list[int]] | None = None, failures: list[Listed] | None = None, **counters: Any):
     """A scan that wrote *pages* pages, *done* ([first, last + 1] ranges) of which it recorded itself."""
-    return lambda inp: {"pages": pages, "done": done or [], "files_total": 2 * pages, "bytes_total": 200 * pages,
-                        **counters}
+    counts = BackupCounts(**{"files_total": 2 * pages, "bytes_total": 200 * pages, **counters})
+    return lambda inp: to_wire(Planned(pages=pages, counts=counts, done=[Span(*span) for span in done or []],
+                                       failures=failures or []))
 
 
-def copy(inp: dict[str, Any]) -> dict[str, Any]:
+def result(page: int, **counters: Any) -> Any:
+    return to_wire(PageResult(page=page, counts=BackupCounts(**counters)))
+
+
+def copy(inp: dict[str, Any]) -> Any:
     """A batch of two 100-byte files, both uploaded."""
-    return {"page": inp["page"], "files_uploaded": 2, "bytes_uploaded": 200, "files_failed": 0, "failures": []}
+    return result(inp["page"], files_uploaded=2, bytes_uploaded=200)
 
 
 def pages_copied(run: Replay) -> list[int]:
@@ -85,7 +92,7 @@ def test_an_unchanged_tree_copies_nothing():
 def test_a_batch_that_keeps_failing_is_retried_by_policy_then_the_run_waits_for_resume():
     failures_left = {2: 3}  # page 2 fails its three attempts, then works after the resume
 
-    def flaky(inp: dict[str, Any]) -> dict[str, Any]:
+    def flaky(inp: dict[str, Any]) -> Any:
         if failures_left.get(inp["page"], 0):
             failures_left[inp["page"]] -= 1
             raise ConnectionError("the destination went away")
@@ -121,33 +128,34 @@ def test_a_run_continues_as_new_every_generation_of_pages_with_its_counters():
 
 
 def test_a_large_files_ranges_go_first_then_its_commit_with_what_they_reported():
-    # page 0: small files; pages 1-3: the three ranges of one large file, whose commit travels as page -1 - 1
-    def copy_or_range(inp: dict[str, Any]) -> dict[str, Any]:
+    # page 0: small files; pages 1-3: the three ranges of one large file, whose commit is the step of page 1
+    def copy_or_range(inp: dict[str, Any]) -> Any:
         page = inp["page"]
+        if inp.get("commit"):
+            return to_wire(PageResult(page=page, counts=BackupCounts(files_uploaded=1), commit=True))
         if page == 0:
             return copy(inp)
-        if page > 0:
-            index = page - 1
-            result = {"page": page, "files_uploaded": 0, "bytes_uploaded": 1000, "files_failed": 0, "failures": [],
-                      "blocks": {"first_page": 1, "ranges": 3, "range": index, "id": f"block-{index}"}}
-            if index == 0:
-                result.update(md5="the-md5", digest="the-digest")
-            return result
-        return {"page": page, "files_uploaded": 1, "bytes_uploaded": 0, "files_failed": 0, "failures": []}
+        index = page - 1
+        report = RangeReport(first_page=1, ranges=3, range=index, block_id=f"block-{index}", sent=True)
+        if index == 0:
+            report.md5, report.digest = "the-md5", "the-digest"
+        return to_wire(PageResult(page=page, counts=BackupCounts(bytes_uploaded=1000), range=report))
 
     run = Replay(BACKUP_ORCHESTRATION, {SCAN_TREE: scan(4, files_total=3, bytes_total=3200),
                                         COPY_BATCH: copy_or_range}).start(backup_input(4))
-    assert pages_copied(run) == [0, 1, 2, 3, -2]  # the commit only once the last range is in
-    commit = run.inputs(COPY_BATCH)[-1]
+    assert pages_copied(run) == [0, 1, 2, 3, 1]  # the commit only once the last range is in
+    assert [bool(inp.get("commit")) for inp in run.inputs(COPY_BATCH)] == [False] * 4 + [True]
+    commit = run.inputs(COPY_BATCH)[-1]["commit"]
     assert commit["blocks"] == ["block-0", "block-1", "block-2"]
     assert (commit["md5"], commit["digest"]) == ("the-md5", "the-digest")
     assert run.output["files_uploaded"] == 3 and run.output["bytes_uploaded"] == 3200
 
 
 def test_failures_are_all_counted_and_listed_up_to_the_cap():
-    def failing(inp: dict[str, Any]) -> dict[str, Any]:
-        return {"page": inp["page"], "files_uploaded": 1, "bytes_uploaded": 100, "files_failed": 1,
-                "failures": [{"path": f"f{inp['page']}", "error": "unreadable"}]}
+    def failing(inp: dict[str, Any]) -> Any:
+        return to_wire(PageResult(page=inp["page"], counts=BackupCounts(files_uploaded=1, bytes_uploaded=100,
+                                                                        files_failed=1),
+                                  failures=[Listed(f"f{inp['page']}", error="unreadable")]))
 
     pages = MAX_LISTED + 5
     run = Replay(BACKUP_ORCHESTRATION, {SCAN_TREE: scan(pages), COPY_BATCH: failing}).start(backup_input())
@@ -158,7 +166,7 @@ def test_failures_are_all_counted_and_listed_up_to_the_cap():
 
 def test_the_custom_status_keeps_one_small_shape_whatever_the_tree():
     huge = scan(12, files_total=10**9, bytes_total=10**15, files_failed=10**6,
-                failures=[{"path": "x" * 200, "error": "e" * 200}] * MAX_LISTED)
+                failures=[Listed("x" * 200, error="e" * 200)] * MAX_LISTED)
     run = Replay(BACKUP_ORCHESTRATION, {SCAN_TREE: huge, COPY_BATCH: copy}).start(backup_input())
     assert [s["phase"] for s in run.statuses][0] == "scanning"
     assert {s["phase"] for s in run.statuses} == {"scanning", "uploading", "done"}

@@ -8,6 +8,8 @@ from typing import Any
 
 from replay import Replay
 
+from sitebackup.model.codec import to_wire
+from sitebackup.model.work import Listed, PageResult, Planned, RestoreCounts
 from sitebackup.workflows.names import (
     PAGES_PER_GENERATION,
     PLAN_RESTORE,
@@ -27,14 +29,15 @@ def restore_input(concurrency: int = 4) -> dict[str, Any]:
 
 def plan(pages: int):
     """A plan of *pages* pages of three 10-byte blobs each."""
-    return lambda inp: {"pages": pages, "files_total": 3 * pages, "bytes_total": 30 * pages, "files_failed": 0,
-                        "files_done": 0, "failures": [], "files_skipped": 0, "skipped": []}
+    return lambda inp: to_wire(Planned(pages=pages, counts=RestoreCounts(files_total=3 * pages,
+                                                                          bytes_total=30 * pages)))
 
 
-def fetch(inp: dict[str, Any]) -> dict[str, Any]:
+def fetch(inp: dict[str, Any]) -> Any:
     """A page of three blobs: two restored, one skipped as already there."""
-    return {"files_restored": 2, "bytes_restored": 20, "files_done": 3, "bytes_done": 30, "files_skipped": 1,
-            "skipped": [{"path": f"p{inp['page']}", "reason": "exists"}], "files_failed": 0, "failures": []}
+    return to_wire(PageResult(page=inp["page"], counts=RestoreCounts(files_restored=2, bytes_restored=20, files_done=3,
+                                                                     bytes_done=30, files_skipped=1),
+                              skipped=[Listed(f"p{inp['page']}", reason="exists")]))
 
 
 def pages_fetched(run: Replay) -> list[int]:
@@ -60,7 +63,7 @@ def test_the_plan_comes_first_then_every_page_once_within_the_window_and_the_sum
 def test_a_batch_that_keeps_failing_parks_the_restore_until_resume():
     attempts: dict[int, int] = {}
 
-    def flaky(inp: dict[str, Any]) -> dict[str, Any]:
+    def flaky(inp: dict[str, Any]) -> Any:
         attempts[inp["page"]] = attempts.get(inp["page"], 0) + 1
         if inp["page"] == 1 and attempts[1] <= 3:
             raise ConnectionError("the blob service went away")
