@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # the layers (pyproject.toml [tool.importlinter]): an upward import or a cycle fails before any test runs
 .venv/bin/lint-imports --no-cache
+# the types (pyproject.toml [tool.mypy]: strict on the model, workflows, blob, durable): a type error fails too
+.venv/bin/mypy
 # bytecode once, as an install would: under PYTHONDONTWRITEBYTECODE every `sitebackup` process the tests
 # start would compile the package from source again
 .venv/bin/python -m compileall -q sitebackup
