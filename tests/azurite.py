@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCOUNT = "devstoreaccount1"
 # Azurite's published development key (documented by Microsoft, not a secret)
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+CLOSED = b"Azurite Blob service successfully closed"  # printed once its stores are saved and closed
 
 
 def free_port() -> int:
@@ -69,14 +70,24 @@ class Azurite:
         self.stop()
         raise RuntimeError(f"Azurite did not listen on 127.0.0.1:{self.port} within {timeout:.0f}s")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully: the data is saved and the same location can be served again. Azurite saves its
+        stores as soon as it is told to stop, then lingers until every idle keep-alive connection a client
+        left open is gone; once it says it closed, the linger is cut short."""
         if self.process and self.process.poll() is None:
+            log = self.location / "azurite.log"
+            said = log.stat().st_size if log.exists() else 0
             self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + timeout
+            while self.process.poll() is None and time.monotonic() < deadline:
+                with open(log, "rb") as fh:
+                    fh.seek(said)
+                    if CLOSED in fh.read():
+                        break
+                time.sleep(0.02)
+            if self.process.poll() is None:
                 self.process.kill()
-                self.process.wait()
+            self.process.wait()
         self.process = None
 
 

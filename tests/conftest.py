@@ -1,4 +1,5 @@
-"""Shared fixtures: one real Azurite per test session, per-test containers and state dirs, a CLI runner.
+"""Shared fixtures: one real Azurite per test session, per-test containers and state dirs, a CLI runner; and the
+fast tier (``--fast``, see fast_tier.py): only tests that start no process, guarded.
 
 Azurite failing to start fails the suite: blob tests are never skipped.
 """
@@ -15,8 +16,27 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fast_tier  # noqa: E402
 from azurite import Azurite, free_port  # noqa: E402
 from helpers import run_cli  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fast", action="store_true",
+                     help="only tests that start no process and no Azurite; any that tries fails")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("fast"):
+        fast_tier.select(config, items)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    attempts = fast_tier.guard(monkeypatch) if request.config.getoption("fast") else []
+    yield
+    if attempts:
+        pytest.fail("fast tier: this test " + "; ".join(attempts), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flows  # noqa: E402
 
 from sitebackup.durable.backend import EmbeddedBackend  # noqa: E402
+from sitebackup.durable.workerstop import make_prompt  # noqa: E402
 
 QUIET = logging.getLogger("sitebackup.tests.quiet")
 QUIET.setLevel(logging.WARNING)
@@ -39,6 +40,7 @@ class Harness:
         self.worker = worker.TaskHubGrpcWorker(
             host_address=self.address, logger=QUIET,
             concurrency_options=worker.ConcurrencyOptions(maximum_concurrent_activity_work_items=max_activities))
+        make_prompt(self.worker)  # as sitebackup's own workers: stop() without the SDK's idle second
         for fn in flows.ORCHESTRATORS:
             self.worker.add_orchestrator(fn)
         for fn in flows.ACTIVITIES:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, wait_until, write_tree
+from helpers import ROOT, read_blobs, wait_until, write_tree
 
 from sitebackup.blob.naming import RESERVED_PREFIX
 from sitebackup.durable.taskhub import parse
@@ -80,10 +80,10 @@ def _assert_exact(blob_service, container: str, files: dict[str, bytes]) -> None
     client = blob_service.get_container_client(container)
     names = {b.name for b in client.list_blobs() if not b.name.startswith(RESERVED_PREFIX)}
     assert names == set(files)
+    stored = read_blobs(client, files)
     for name, data in files.items():
-        blob = client.get_blob_client(name)
-        assert blob.download_blob().readall() == data, name
-        assert bytes(blob.get_blob_properties().content_settings.content_md5) == hashlib.md5(data).digest(), name
+        assert stored[name].data == data, name
+        assert stored[name].content_md5 == hashlib.md5(data).digest(), name
 
 
 def _workers(tmp_path: Path, env: dict[str, str], hub: str, n: int) -> list[tuple[subprocess.Popen, Path]]:

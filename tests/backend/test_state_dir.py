@@ -69,6 +69,7 @@ def start_unprivileged(state_dir: Path) -> str:
     return result.stdout.strip()
 
 
+@pytest.mark.processes
 def test_read_only_state_dir(tmp_path):
     state_dir = tmp_path / "state"
     state_dir.mkdir()
@@ -78,6 +79,7 @@ def test_read_only_state_dir(tmp_path):
     assert "\n" not in outcome
 
 
+@pytest.mark.processes
 def test_read_only_database_file(tmp_path):
     state_dir = tmp_path / "state"
     with EmbeddedBackend(state_dir):

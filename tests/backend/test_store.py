@@ -14,6 +14,7 @@ from pathlib import Path
 
 import durabletask.internal.orchestrator_service_pb2 as pb
 import flows
+import pytest
 from durabletask.client import OrchestrationQuery, OrchestrationStatus
 from harness import Harness
 
@@ -99,6 +100,7 @@ def spawn(state_dir: Path, lease: float, mode: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.processes
 def test_two_processes_execute_each_activity_exactly_once(tmp_path):
     state_dir, log = tmp_path / "state", tmp_path / "executions.log"
     other = spawn(state_dir, 30, "serve")
@@ -118,6 +120,7 @@ def test_two_processes_execute_each_activity_exactly_once(tmp_path):
     assert sorted(map(int, lines)) == list(range(200))
 
 
+@pytest.mark.processes
 def test_sigkill_during_writes_leaves_a_usable_database(tmp_path):
     state_dir = tmp_path / "state"
     rng = random.Random(7)

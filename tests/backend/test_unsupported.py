@@ -192,6 +192,7 @@ def served(tmp_path: Path):
         assert proc.wait(timeout=60) == 0, out.read_text()
 
 
+@pytest.mark.processes  # sitebackup serve
 def test_serve_fails_an_orchestration_that_uses_an_entity_naming_it(served):
     address, token = served
     metadata = [bearer(token)]
@@ -210,6 +211,7 @@ def test_serve_fails_an_orchestration_that_uses_an_entity_naming_it(served):
         sdk_client.close()
 
 
+@pytest.mark.processes  # sitebackup serve
 def test_serve_answers_unimplemented_with_a_reason(served):
     address, token = served
     with grpc.insecure_channel(address) as channel:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+import pytest
 from helpers import ROOT, write_tree
 
 from sitebackup.blob.workstore import LocalWorkStore
@@ -203,6 +204,7 @@ def scan_in_a_child(src: Path, work: Path) -> dict:
     return json.loads(child.stdout)
 
 
+@pytest.mark.processes
 def test_scan_of_an_unchanged_tree_grows_rss_by_no_more_than_its_share_of_the_bound(tmp_path: Path):
     """The scan of an unchanged run of FILES files against one of 5,000: what the other files add stays within
     their share of the goal."""

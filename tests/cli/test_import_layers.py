@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.processes
 def test_import_linter_contracts_are_kept():
     linter = Path(sys.executable).parent / "lint-imports"
     result = subprocess.run([str(linter), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -30,6 +32,7 @@ def test_no_module_is_part_of_an_import_cycle():
     assert not cycles, cycles
 
 
+@pytest.mark.processes
 def test_an_upward_import_breaks_a_contract(tmp_path):
     """The check can fail: a copy of the package with one upward import (local -> cli) is refused."""
     import shutil

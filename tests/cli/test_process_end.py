@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import ROOT
+
+pytestmark = pytest.mark.processes  # every test here runs a child interpreter
 
 CHILD = """
 import atexit, sys, threading, time

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import click
+import pytest
 from helpers import ROOT
 
 from sitebackup.cli import cli
@@ -106,6 +107,7 @@ def test_every_command_line_uses_options_its_command_has():
     assert not wrong, f"command lines with options their command lacks: {wrong}"
 
 
+@pytest.mark.processes  # sh checks the lines
 def test_crontab_lines_work_pasted_as_they_are():
     """cron runs a line with sh, a PATH of /usr/bin:/bin and no credentials: each line names sitebackup by its
     full path and reads the root-only environment file first; and sh must be able to parse it."""
@@ -122,6 +124,7 @@ def test_crontab_lines_work_pasted_as_they_are():
         assert syntax.returncode == 0, (page, line, syntax.stderr)
 
 
+@pytest.mark.processes  # sh reads the file
 def test_the_cron_environment_file_is_read_by_sh_as_written():
     env_file = ROOT / "contrib" / "cron" / "example.env"
     assert f"install -m 600 -o root -g root {env_file.relative_to(ROOT)} /etc/sitebackup/cron.env" \

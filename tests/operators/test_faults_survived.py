@@ -42,14 +42,13 @@ def own_azurite(tmp_path: Path):
     """An Azurite this test may stop and start again (same port, same data)."""
     server = Azurite(free_port(), tmp_path / "azurite").start()
     yield server
-    if server.process and server.process.poll() is None:
-        server.process.kill()  # its data is no longer needed: skip the graceful stop's wait
     server.stop()
 
 
 # ---------------------------------------------------------------- the blob service goes away
 
 
+@pytest.mark.processes
 def test_short_outage_is_retried_and_the_run_completes_exact(own_azurite, tmp_path):
     src = tmp_path / "site"
     many_files(src, 1500)  # enough that the run is still uploading when Azurite goes away
@@ -69,6 +68,7 @@ def test_short_outage_is_retried_and_the_run_completes_exact(own_azurite, tmp_pa
     assert_exact(own_azurite.connection_string, "outage", src)
 
 
+@pytest.mark.processes
 def test_long_outage_ends_resumable_with_exit_3_and_resume_completes(own_azurite, tmp_path):
     src = tmp_path / "site"
     many_files(src, 1500)

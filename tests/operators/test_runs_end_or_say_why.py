@@ -269,6 +269,7 @@ def stream_owners(db: Path) -> list[str]:
         return []
 
 
+@pytest.mark.processes
 def test_a_sigkilled_peer_on_the_same_state_dir_never_stalls_the_survivors_run(tmp_path):
     state = tmp_path / "state"
     gate = Gate()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import ROOT, run_cli, write_tree
 
 UNITS = ROOT / "contrib" / "systemd"
@@ -45,6 +46,7 @@ def exec_start_argv(env: dict[str, str]) -> list[str]:
     return words
 
 
+@pytest.mark.processes
 def test_units_pass_systemd_analyze_verify_and_have_the_required_structure(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze:

@@ -172,7 +172,7 @@ def test_the_runs_sas_is_renewed_before_it_expires_and_a_given_sas_is_kept(monke
             return SimpleNamespace(status_code=201, headers={"ETag": '"0x1"'})
 
     async def put_two(puts: asyncput.ContainerPuts, now: dict[str, float]) -> None:
-        assert await puts.put("a/b c.txt", b"x", {}) == {"etag": '"0x1"'}
+        assert await puts.put("a/b c.txt", b"x", {}) == '"0x1"'
         now["t"] += (asyncput.SAS_LIFETIME - asyncput.SAS_MARGIN).total_seconds()
         await puts.put("a/b c.txt", b"x", {})
 

@@ -331,6 +331,7 @@ def test_pages_bound_count_and_bytes_and_isolate_big_blobs():
     assert max(len(p) for p in pages) <= 256
 
 
+@pytest.mark.processes
 def test_blob_service_outage_parks_the_restore_exit_3_and_resume_completes(tmp_path):
     from azurite import Azurite, free_port
 

@@ -73,6 +73,7 @@ def racing_dest(tmp_path: Path) -> tuple[Path, Path]:
     return dest, protected
 
 
+@pytest.mark.processes
 def test_directory_swapped_for_a_symlink_while_files_are_written_never_gets_one(tmp_path):
     dest, protected = racing_dest(tmp_path)
     target = DestDir(dest)
