@@ -21,6 +21,7 @@ from sitebackup.blob.errors import file_error
 from sitebackup.blob.naming import backup_blob_name
 from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import SINGLE_PUT_BYTES, Uploaded, upload_file
+from sitebackup.blob.workstore import WorkStore
 from sitebackup.local import incremental
 from sitebackup.local.files import FileChangedError, file_md5_b64
 from sitebackup.local.incremental import Compared
@@ -47,7 +48,8 @@ from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, SCAN_TREE
 from sitebackup.workflows.window import Capped, stream_pages
 
 
-def scan_source(deps: ActivityDeps, run_id: str, inp: ScanInput) -> Planned[BackupCounts]:
+def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
+                records: ContainerRecords | None = None) -> Planned[BackupCounts]:
     """Walk the source into pages of ``CopyItem`` (new, changed and unchanged files) and block ranges.
 
     Pages are written as the walk goes, in walk order, and the baseline record is read beside it
@@ -57,7 +59,6 @@ def scan_source(deps: ActivityDeps, run_id: str, inp: ScanInput) -> Planned[Back
     the result's ``done`` spans, which the orchestration skips), so an unchanged tree costs no copy.
     """
     # run again after a kill, a scan starts over: no result of an earlier attempt may join the record
-    work = deps.work
     work.remove(run_id)
     skipped, failures = Capped(), Capped()
     notes: list[str] = []
@@ -70,7 +71,7 @@ def scan_source(deps: ActivityDeps, run_id: str, inp: ScanInput) -> Planned[Back
         # with --force too: what the baseline recorded at a name is kept as a snapshot before it is replaced
         for found in incremental.compare(Path(inp.source), patterns=inp.patterns,
                                          follow_symlinks=inp.follow_symlinks,
-                                         baseline=_baseline(deps, inp, notes.append), mode=inp.compare):
+                                         baseline=_baseline(work, records, inp, notes.append), mode=inp.compare):
             if not isinstance(found, Compared):
                 if isinstance(found, Skipped):
                     skipped.add(found.relpath, reason=found.reason)
@@ -123,15 +124,15 @@ def scan_source(deps: ActivityDeps, run_id: str, inp: ScanInput) -> Planned[Back
                    notes=notes)
 
 
-def _baseline(deps: ActivityDeps, inp: ScanInput, note: Callable[[str], None]) -> Iterator[FileEntry]:
+def _baseline(work: WorkStore, records: ContainerRecords | None, inp: ScanInput,
+              note: Callable[[str], None]) -> Iterator[FileEntry]:
     """The baseline's record, read beside the walk. A page of it that is damaged in the state directory and in
     the container too ends it there: the files after are compared with what the container holds at their names
     as they are uploaded (``blob.upload.replace``), so none is taken for unchanged without proof."""
     if not inp.baseline:
         return
-    records = ContainerRecords(deps.container_client(inp.container)) if inp.container else None
     try:
-        yield from run_entries(records, deps.work, inp.baseline, note)
+        yield from run_entries(records, work, inp.baseline, note)
     except DamagedData as exc:
         note(f"{exc}; the files after it are compared with the container as they are uploaded")
 
@@ -220,7 +221,8 @@ def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
 
     def scan_tree(ctx: task.ActivityContext, raw: object) -> Any:
         inp = from_wire(raw, ScanInput, "the input of a scan")
-        return to_wire(scan_source(deps, ctx.orchestration_id, inp))
+        records = ContainerRecords(deps.container_client(inp.container)) if inp.container else None
+        return to_wire(scan_source(deps.work, ctx.orchestration_id, inp, records))
 
     def copy_batch(ctx: task.ActivityContext, raw: object) -> Any:
         result = copy_step(deps, ctx.orchestration_id, from_wire(raw, CopyInput, "the input of a copy batch"))

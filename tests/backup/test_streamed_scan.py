@@ -135,11 +135,11 @@ def test_scan_pages_mix_new_unchanged_and_large_files_in_walk_order(tmp_path: Pa
     assert [(r.path, r.unchanged) for r in work.iter_results("run")] == [("a/b/2", True)]
     ranges = [work.read_page("run", p, RangePage) for p in range(1, 6)]
     assert {r.file.path for r in ranges} == {"a/big"} and {r.first_page for r in ranges} == {1}
-    held = PriorCopy("1B2M2Y8AsgTpgAmY7PhCfg==", '"0x1"')
-    assert ranges[0].prior == held  # kept as a snapshot when replaced
-    # on disk, a range page names its file [path, size, mtime] and what is kept under "held": [md5, etag]
+    previous = ranges[0].previous  # kept as a snapshot when replaced, and the record's copy should the file fail
+    assert previous is not None and PriorCopy.of(previous) == PriorCopy("1B2M2Y8AsgTpgAmY7PhCfg==", '"0x1"')
+    # on disk, a range page names its file [path, size, mtime] and the baseline's entry of it
     raw = json.loads((tmp_path / "work" / "run" / "pages" / "000001.json").read_text())
-    assert raw["file"][0] == "a/big" and raw["held"] == [held.md5, held.etag]
+    assert raw["file"][0] == "a/big" and raw["previous"]["md5"] == previous.md5
 
 
 def test_record_of_a_mixed_run_is_in_walk_order_and_the_next_run_finds_every_file(tmp_path, cli, state_dir,

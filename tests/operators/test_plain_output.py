@@ -52,7 +52,7 @@ def test_the_table_is_drawn_only_on_a_terminal_wide_enough_for_every_value():
     runs_table([row], Console(file=wide, force_terminal=True, width=300, color_system=None))
     assert "backups/[bold]web" in wide.getvalue() and "\t" not in wide.getvalue()  # whole, never markup
     runs_table([row], Console(file=narrow, force_terminal=True, width=80, color_system=None))
-    assert narrow.getvalue().splitlines()[1].split("\t")[3:5] == [row.source, row.destination]
+    assert narrow.getvalue().splitlines()[1].split("\t")[4:6] == [row.source, row.destination]
 
 
 def test_names_are_escaped_in_plain_lines(tmp_path, cli, container_name):
