@@ -149,11 +149,12 @@ def run_check(request: CheckRequest, settings: StorageSettings, on_problem: Call
 
 def _check_runs(records: ContainerRecords, db: sqlite3.Connection, prefix: str, report: CheckReport,
                 found: Callable[[Problem], None]) -> list[list[str]]:
-    """Read every header, newest run first, and the pages of the runs to check into *db*; the prefixes of those
-    runs, as lists of segments."""
-    run_ids = sorted(records.listed(RUNS), reverse=True)
+    """Read every header, newest run first (those the catalog cannot list last), and the pages of the runs to
+    check into *db*; the prefixes of those runs, as lists of segments."""
+    run_ids = list(records.listed(RUNS))
     # listed after the headers: a run sealed since is not checked, one pruned since has no header to read
-    catalogued = {entry.run_id for entry in records.catalog()}
+    started = {entry.run_id: entry.started for entry in records.catalog()}
+    run_ids.sort(key=lambda run_id: (started.get(run_id, ""), run_id), reverse=True)
     tombstones = set(records.listed(PRUNED))
     prefixes = []
     for run_id in run_ids:
@@ -173,7 +174,7 @@ def _check_runs(records: ContainerRecords, db: sqlite3.Connection, prefix: str, 
             report.unfinished_prunes.append(run_id)
             continue
         report.runs_checked += 1
-        if run_id not in catalogued:
+        if run_id not in started:
             found(Problem(UNLISTED, f"run {run_id}", "its header's metadata does not give its job, status, start and "
                           "finish: list, restore --as-of and prune do not see the run", run=run_id))
         prefixes.append(header.prefix.split("/") if header.prefix else [])
@@ -298,8 +299,9 @@ def command(container: str, prefix: str, read_data: bool, json_output: bool, sto
 
     Every sealed run's header and record pages must be there and match their SHA-256; every copy a run
     references must be there with its recorded Content-MD5 and size (--read-data: its content hashed).
-    Problems are listed as found, one line each, then a summary. Reads only: nothing is written to the
-    container (a temporary database in the state directory holds the names and goes).
+    Problems are listed on stderr as found, one line each; notes (nothing wrong) and a summary on
+    stdout. Reads only: nothing is written to the container (a temporary database in the state
+    directory holds the names, and goes).
 
     \b
     Examples:
@@ -318,7 +320,8 @@ def command(container: str, prefix: str, read_data: bool, json_output: bool, sto
     if json_output:
         click.echo(json.dumps({**to_wire(report), "problems": to_wire(problems)}))
     else:
+        # information on stdout with the summary: a crontab line that drops stdout mails problems only
         for note in notes(report):
-            click.echo(note, err=True)
+            click.echo(note)
         click.echo(summary(report))
     sys.exit(EXIT_FILES_FAILED if report.problems_found else 0)
