@@ -20,7 +20,7 @@ import json
 import sqlite3
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from os.path import commonprefix
@@ -137,26 +137,28 @@ def run_check(request: CheckRequest, settings: StorageSettings, on_problem: Call
             records = ContainerRecords(container)
             prefixes = _check_runs(records, db, request.prefix, report, found)
             if prefixes:
-                _check_copies(container, db, commonprefix(prefixes), request.read_data, label, report, found)
+                # one listing for every run checked: the deepest prefix their names are all under
+                root = "/".join(commonprefix([prefix.split("/") if prefix else [] for prefix in prefixes]))
+                _check_copies(container, db, root, request.read_data, label, report, found)
             report.unreferenced_pages = sum(
                 db.execute("SELECT 1 FROM named WHERE sha256 = ?", (sha,)).fetchone() is None
                 for sha in records.listed(RECORDS))
-        except (AzureError, sqlite3.Error, OSError) as exc:
+        except (AzureError, sqlite3.Error) as exc:
             raise state_full(request.state_dir, exc) or classify(exc, label) or \
                 DestinationError(f"cannot check {request.container!r} at {label}: {one_line(exc)}") from None
     return report
 
 
 def _check_runs(records: ContainerRecords, db: sqlite3.Connection, prefix: str, report: CheckReport,
-                found: Callable[[Problem], None]) -> list[list[str]]:
+                found: Callable[[Problem], None]) -> set[str]:
     """Read every header, newest run first (those the catalog cannot list last), and the pages of the runs to
-    check into *db*; the prefixes of those runs, as lists of segments."""
+    check into *db*; the prefixes of those runs."""
     run_ids = list(records.listed(RUNS))
     # listed after the headers: a run sealed since is not checked, one pruned since has no header to read
     started = {entry.run_id: entry.started for entry in records.catalog()}
     run_ids.sort(key=lambda run_id: (started.get(run_id, ""), run_id), reverse=True)
     tombstones = set(records.listed(PRUNED))
-    prefixes = []
+    prefixes: set[str] = set()
     for run_id in run_ids:
         what = f"the sealed record of run {run_id}"
         try:
@@ -177,7 +179,7 @@ def _check_runs(records: ContainerRecords, db: sqlite3.Connection, prefix: str, 
         if run_id not in started:
             found(Problem(UNLISTED, f"run {run_id}", "its header's metadata does not give its job, status, start and "
                           "finish: list, restore --as-of and prune do not see the run", run=run_id))
-        prefixes.append(header.prefix.split("/") if header.prefix else [])
+        prefixes.add(header.prefix)
         for seal in header.pages:
             report.pages_checked += 1
             if db.execute("SELECT 1 FROM read WHERE sha256 = ? AND prefix = ?", (seal.sha256, header.prefix)
@@ -211,9 +213,9 @@ def _rows(header: RunRecord, entries: list[FileEntry]) -> Iterator[tuple[str, st
         yield name, entry.md5, entry.size, header.run_id, entry.path
 
 
-def _check_copies(container: ContainerClient, db: sqlite3.Connection, root: Sequence[str], read_data: bool, label: str,
+def _check_copies(container: ContainerClient, db: sqlite3.Connection, root: str, read_data: bool, label: str,
                   report: CheckReport, found: Callable[[Problem], None]) -> None:
-    """Check each copy in *db* against the listing under *root* (the runs' common prefix, as segments)."""
+    """Check each copy in *db* against the container's listing under *root*."""
 
     def check(item: tuple[Needed, list[Copy]]) -> Problem | None:
         need, copies = item
@@ -229,7 +231,7 @@ def _check_copies(container: ContainerClient, db: sqlite3.Connection, root: Sequ
         return Problem(MISSING if choose(copies, need.md5) is None else DAMAGED, f"{need.path} (run {need.run})",
                        problem, run=need.run, path=need.path, blob=need.name)
 
-    items = _beside_listing(container, db, "/".join(root), label)
+    items = _beside_listing(container, db, root, label)
     # without --read-data a check is a comparison: no request, no thread
     for problem in _in_order(check, items, CHECKS.batches) if read_data else map(check, items):
         report.copies_checked += 1
