@@ -24,6 +24,7 @@ from sitebackup.blob.errors import redact
 from sitebackup.commands import (
     backup,
     cancel,
+    check,
     list_runs,
     prune,
     purge,
@@ -71,7 +72,7 @@ def cli() -> None:
 
 
 for command in (backup.command, restore.command, verify.command, prune.command, worker.command, serve.command,
-                status.command, list_runs.command, resume.command, cancel.command, purge.command):
+                status.command, list_runs.command, resume.command, cancel.command, purge.command, check.command):
     cli.add_command(command)
 
 

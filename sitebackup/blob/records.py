@@ -185,6 +185,14 @@ class ContainerRecords:
             raise DamagedData(f"{what} is damaged: {downloader.size} bytes, over the {limit} it may have")
         return downloader.readall()
 
+    # ---- what `check` lists beside the catalog
+
+    def listed(self, folder: str) -> Iterator[str]:
+        """The names under one of the folders above (``RUNS``, ``RECORDS``, ``PRUNED``, ``JOBS``), without it, as
+        the container lists them (a request per 5,000): whatever their metadata, unlike ``catalog``."""
+        for blob in self.container.list_blobs(name_starts_with=folder):
+            yield blob.name[len(folder):]
+
 
 def run_entries(records: ContainerRecords | None, work: WorkStore, run_id: str,
                 on_note: Callable[[str], None] = lambda note: None, seen: set[str] | None = None) -> Iterator[FileEntry]:

@@ -258,15 +258,32 @@ def _records(records: ContainerRecords, work: WorkStore, runs: Iterable[PruneRun
 @contextmanager
 def _needed(state_dir: Path, records: ContainerRecords, work: WorkStore, remaining: list[PruneRun],
             dropped: list[PruneRun], label: str) -> Iterator[sqlite3.Connection]:
-    """A temporary database in *state_dir* of what the runs recorded, removed on the way out: (name, MD5) of
-    every file the remaining runs need, and (name, "") of a name only the dropped runs wrote. On disk, so
-    prune's memory does not grow with the names; it holds names and hashes, no secrets."""
+    """A temporary database of what the runs recorded (``scratch_database``): (name, MD5) of every file the
+    remaining runs need, and (name, "") of a name only the dropped runs wrote."""
+    with scratch_database(state_dir, SCHEMA) as db:
+        try:
+            with db:
+                db.executemany("INSERT OR IGNORE INTO needed VALUES (?, ?)", _records(records, work, remaining))
+                db.executemany("INSERT INTO needed SELECT ?1, '' WHERE NOT EXISTS "
+                               "(SELECT 1 FROM needed WHERE name = ?1)",
+                               ((name,) for name, _ in _records(records, work, dropped)))
+        except Exception as exc:
+            raise state_full(state_dir, exc) or classify(exc, label) or \
+                DestinationError(f"cannot read the records of the runs: {one_line(exc)}") from None
+        yield db
+
+
+@contextmanager
+def scratch_database(state_dir: Path, schema: str, stem: str = SCRATCH) -> Iterator[sqlite3.Connection]:
+    """A temporary database in *state_dir* made with *schema* (a script), locked while this process lives and
+    removed on the way out, as are the ones of killed processes named *stem*...: a command's working set of
+    names on disk, so its memory does not grow with them. It holds names and hashes, no secrets."""
     prepare(state_dir)  # under the scheduler nothing else has made it
-    _remove_stale(state_dir)
+    _remove_stale(state_dir, stem)
     try:
-        fd, path = _scratch(state_dir)
+        fd, path = _scratch(state_dir, stem)
     except OSError as exc:
-        raise (_state_full(state_dir, exc) or exc) from None
+        raise (state_full(state_dir, exc) or exc) from None
     db = None
     try:
         try:
@@ -274,14 +291,9 @@ def _needed(state_dir: Path, records: ContainerRecords, work: WorkStore, remaini
             # a scratch file nobody reads after a crash: no journal, no fsync
             db.execute("PRAGMA journal_mode=OFF")
             db.execute("PRAGMA synchronous=OFF")
-            db.execute(SCHEMA)
-            with db:
-                db.executemany("INSERT OR IGNORE INTO needed VALUES (?, ?)", _records(records, work, remaining))
-                db.executemany("INSERT INTO needed SELECT ?1, '' WHERE NOT EXISTS (SELECT 1 FROM needed WHERE name = ?1)",
-                               ((name,) for name, _ in _records(records, work, dropped)))
+            db.executescript(schema)
         except Exception as exc:
-            raise _state_full(state_dir, exc) or classify(exc, label) or \
-                DestinationError(f"cannot read the records of the runs: {one_line(exc)}") from None
+            raise (state_full(state_dir, exc) or exc) from None
         yield db
     finally:
         if db is not None:
@@ -291,19 +303,19 @@ def _needed(state_dir: Path, records: ContainerRecords, work: WorkStore, remaini
         os.close(fd)
 
 
-def _scratch(state_dir: Path) -> tuple[int, str]:
-    """A new owner-only file for the temporary database, and a descriptor holding its lock while prune lives."""
+def _scratch(state_dir: Path, stem: str) -> tuple[int, str]:
+    """A new owner-only file for the temporary database, and a descriptor holding its lock while its process lives."""
     while True:
-        fd, path = tempfile.mkstemp(prefix=SCRATCH, suffix=".db", dir=state_dir)  # 0600, O_EXCL
+        fd, path = tempfile.mkstemp(prefix=stem, suffix=".db", dir=state_dir)  # 0600, O_EXCL
         fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_nlink:
             return fd, path
-        os.close(fd)  # taken for a killed prune's and removed before it was locked: another name
+        os.close(fd)  # taken for a killed process's and removed before it was locked: another name
 
 
-def _remove_stale(state_dir: Path) -> None:
-    """Remove the temporary databases of prunes that were killed (nothing holds their lock): they can be large."""
-    for path in state_dir.glob(f"{SCRATCH}*.db"):
+def _remove_stale(state_dir: Path, stem: str) -> None:
+    """Remove the temporary databases of processes that were killed (nothing holds their lock): they can be large."""
+    for path in state_dir.glob(f"{stem}*.db"):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
@@ -311,13 +323,13 @@ def _remove_stale(state_dir: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.unlink(path)
-        except OSError:  # a live prune's
+        except OSError:  # a live process's
             pass
         finally:
             os.close(fd)
 
 
-def _state_full(state_dir: Path, exc: BaseException) -> StateFullError | None:
+def state_full(state_dir: Path, exc: BaseException) -> StateFullError | None:
     """The one-line error when *exc* says the state directory cannot be written (full, read-only)."""
     cause = write_fault(exc)
     return StateFullError(state_dir, cause, kept="nothing was removed") if cause else None
@@ -351,13 +363,18 @@ def needed_beside(groups: Iterable[tuple[str, list[Copy]]], needed: sqlite3.Conn
 
 def _sweep(container: ContainerClient, prefix: str, needed: sqlite3.Connection, label: str) -> Iterator[list[Copy]]:
     """Per name runs here wrote, as the container lists it, the copies no remaining run references (``unneeded``)."""
-    # a name's copies are listed together, whatever the service's order among them
-    groups = ((name, list(copies)) for name, copies in itertools.groupby(_listing(container, prefix, label),
-                                                                         key=lambda c: c.name))
-    for copies, md5s in needed_beside(groups, needed):
+    for copies, md5s in needed_beside(listed_names(container, prefix, label), needed):
         unreferenced = unneeded(copies, md5s)
         if unreferenced:
             yield unreferenced
+
+
+def listed_names(container: ContainerClient, prefix: str, label: str) -> Iterator[tuple[str, list[Copy]]]:
+    """Each blob name under *prefix* (sitebackup's reserved names left out) with its copies, as the container
+    lists them."""
+    # a name's copies are listed together, whatever the service's order among them
+    return ((name, list(copies)) for name, copies in itertools.groupby(_listing(container, prefix, label),
+                                                                       key=lambda c: c.name))
 
 
 def _listing(container: ContainerClient, prefix: str, label: str) -> Iterator[Copy]:

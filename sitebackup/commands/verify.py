@@ -60,7 +60,9 @@ CHECKS = Concurrency()  # blobs checked at once
 IN_FLIGHT_PER_THREAD = 4
 
 
-def _blob_problem(container: ContainerClient, copies: list[Copy], rec: FileEntry, download: bool) -> str | None:
+def blob_problem(container: ContainerClient, copies: list[Copy], rec: FileEntry, download: bool) -> str | None:
+    """Why no copy among *copies* (a blob name's) holds the version *rec* recorded, in one line; None when one
+    does (``download``: its content hashed, not its Content-MD5 trusted)."""
     if not copies:
         return "blob missing"
     copy = choose(copies, rec.md5)
@@ -142,7 +144,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
 
         def check(rec: FileEntry, name: str, copies: list[Copy]) -> Mismatch | None:
             try:
-                problem = _blob_problem(container, copies, rec, download)
+                problem = blob_problem(container, copies, rec, download)
             except Exception as exc:
                 fatal = classify(exc, label)
                 if fatal is not None:
