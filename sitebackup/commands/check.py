@@ -298,7 +298,7 @@ def notes(report: CheckReport) -> Iterator[str]:
 @debug_option
 def command(container: str, prefix: str, read_data: bool, json_output: bool, storage: StorageSettings,
             state_dir: Path) -> None:
-    """Check that a container's backup is whole: its sealed run records and the copies they reference.
+    """Check that a container's backup is whole: sealed records and their copies.
 
     Every sealed run's header and record pages must be there and match their SHA-256; every copy a run
     references must be there with its recorded Content-MD5 and size (--read-data: its content hashed).

@@ -23,6 +23,11 @@ V1 = {"index.html": b"<h1>home</h1>", "css/site.css": b"body { color: red }", "i
 SITE_CSS_V2 = b"body { color: blue; margin: 0 }"
 
 
+
+def page_blob(record: RunRecord, sha256: str) -> str:
+    """The blob of a record page: kept per job."""
+    return f"{RECORDS}{record.job}/{sha256}"
+
 def backup(cli, src: Path, container: str, *extra: str) -> str:
     result = cli(src, "--container", container, "--json", *extra)
     assert result.returncode == 0, result.stderr
@@ -96,11 +101,12 @@ def test_a_damaged_record_page_is_named_with_its_run_and_the_other_run_is_checke
     _src, first, second = two_runs(tmp_path, cli, container_name)
     # the page of run 1 that records css/site.css, which changed in run 2
     container = blob_service.get_container_client(container_name)
-    [seal] = [seal for seal in header(blob_service, container_name, first).pages
-              if b"css/site.css" in container.download_blob(RECORDS + seal.sha256).readall()]
+    record = header(blob_service, container_name, first)
+    [seal] = [seal for seal in record.pages
+              if b"css/site.css" in container.download_blob(page_blob(record, seal.sha256)).readall()]
     assert seal not in header(blob_service, container_name, second).pages
     # record pages are written once: the test overwrites one behind sitebackup's back
-    container.upload_blob(RECORDS + seal.sha256, b"[]", overwrite=True)
+    container.upload_blob(page_blob(record, seal.sha256), b"[]", overwrite=True)
     result = check(fresh(azurite, tmp_path), container_name)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
@@ -152,7 +158,7 @@ def test_json_counts_problems_and_notes_an_unlisted_header_an_unfinished_prune_a
     record.run_id = "20261207T030000-\u202egpj.exe"
     container.upload_blob(RUNS + record.run_id, encode(record))
     # a page no header names
-    container.upload_blob(RECORDS + hashlib.sha256(b"[]").hexdigest(), b"[]")
+    container.upload_blob(page_blob(record, hashlib.sha256(b"[]").hexdigest()), b"[]")
     result = check(fresh(azurite, tmp_path), container_name, "--json")
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
@@ -200,7 +206,8 @@ def test_check_reads_only_and_its_requests_are_bounded_by_the_runs_and_their_dis
     # the headers, their metadata (the catalog), the tombstones, the record pages, and the copies: a listing each
     assert len(lists) == 5, lists
     assert sorted(p for p in paths if p.startswith(RUNS)) == sorted(RUNS + run for run in runs)
-    assert sorted(p for p in paths if p.startswith(RECORDS)) == sorted(RECORDS + sha for sha in pages)
+    record = header(blob_service, container_name, runs[0])
+    assert sorted(p for p in paths if p.startswith(RECORDS)) == sorted(page_blob(record, sha) for sha in pages)
     # and the container's properties, once, before anything else
     assert len(checked) == 1 + len(lists) + len(runs) + len(pages), [path for _m, path, _h in checked]
     # --read-data adds a GET per copy, whichever runs share it
