@@ -64,9 +64,10 @@ def test_a_restore_gets_each_file_in_one_request_under_a_read_only_sas_that_neve
         assert (out / name).stat().st_mtime_ns == (src / name).stat().st_mtime_ns
         assert (out / name).stat().st_mode & 0o777 == (src / name).stat().st_mode & 0o777
     prefix = f"{urlsplit(proxy.endpoint).path}/{container_name}/"
-    gets = [(unquote(urlsplit(path).path).removeprefix(prefix), query, headers)
-            for method, path, headers in proxy.requests
-            for query in [parse_qs(urlsplit(path).query)] if method == "GET" and "restype" not in query]
+    gets = [(name, query, headers) for method, path, headers in proxy.requests
+            for name, query in [(unquote(urlsplit(path).path).removeprefix(prefix), parse_qs(urlsplit(path).query))]
+            # the run's sealed record is read too: tests/performance/test_catalog_requests.py counts that
+            if method == "GET" and "restype" not in query and not name.startswith(".sitebackup/")]
     assert Counter(name for name, _query, _headers in gets) == Counter(list(files))  # one GET per file, nothing else
     for _name, query, headers in gets:
         assert "Authorization" not in headers  # no SharedKey signature per request

@@ -1,0 +1,77 @@
+"""What the container's catalog costs in requests, counted at a proxy in front of Azurite: an unchanged backup
+seals its record with a few requests whatever the tree (no page sent), and a restore on a new machine reads the
+run's header once per use and each record page once (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from helpers import RecordingProxy, env_for, run_cli, write_tree
+
+RESERVED = ".sitebackup/"
+
+
+def instance(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])["instance_id"]
+
+
+def catalog_requests(proxy: RecordingProxy, container: str) -> Counter[tuple[str, str]]:
+    """(method, what) of every request about the reserved prefix: a listing of a folder, or a blob's folder."""
+    prefix = f"{urlsplit(proxy.endpoint).path}/{container}/"
+    found: Counter[tuple[str, str]] = Counter()
+    for method, path, _headers in proxy.requests:
+        parts = urlsplit(path)
+        name = unquote(parts.path).removeprefix(prefix)
+        if "comp=list" in parts.query and f"prefix={RESERVED}" in unquote(parts.query):
+            folder = unquote(parts.query).split(f"prefix={RESERVED}")[1].split("&")[0]
+            found[(method, "list " + folder)] += 1
+        elif name.startswith(RESERVED):
+            found[(method, name.removeprefix(RESERVED).split("/")[0])] += 1
+    return found
+
+
+def test_an_unchanged_backup_seals_its_record_in_a_few_requests_whatever_the_tree(tmp_path: Path, azurite,
+                                                                                  container_name):
+    src = write_tree(tmp_path / "site", {f"d{i % 7}/f{i:04d}.txt": f"file {i}".encode() for i in range(600)})
+    proxy = RecordingProxy(azurite.endpoint)
+    env = env_for(azurite.connection_string.replace(azurite.endpoint, proxy.endpoint), tmp_path / "state")
+    try:
+        for _ in range(2):  # the second run records every file unchanged: the third seals the same pages
+            instance(run_cli([str(src), "-c", container_name, "--json"], env))
+        proxy.requests.clear()
+        instance(run_cli([str(src), "-c", container_name, "--json"], env))
+    finally:
+        proxy.close()
+    assert catalog_requests(proxy, container_name) == Counter({
+        ("GET", "list runs/"): 1,  # the catalog: which runs of the job are sealed (the baseline)
+        ("GET", "list jobs/"): 1, ("GET", "jobs"): 1,  # whose prefix is whose
+        ("GET", "runs"): 2,  # the baseline's header: read beside the walk, and to know what pages it holds
+        ("PUT", "jobs"): 1,  # written by the first run, refused as there since
+        ("PUT", "runs"): 1,  # the header, last
+    })  # and no record page: the container holds them all already
+
+
+def test_a_restore_on_a_new_machine_reads_the_header_and_each_page_once(tmp_path: Path, azurite, container_name):
+    files = {f"d{i % 5}/f{i:04d}.txt": f"file {i}".encode() for i in range(300)}
+    src = write_tree(tmp_path / "site", files)
+    run_id = instance(run_cli([str(src), "-c", container_name, "--json"],
+                              env_for(azurite.connection_string, tmp_path / "state")))
+    proxy = RecordingProxy(azurite.endpoint)
+    env = env_for(azurite.connection_string.replace(azurite.endpoint, proxy.endpoint), tmp_path / "new-state")
+    try:
+        restored = run_cli(["restore", run_id, str(tmp_path / "out"), "-c", container_name, "--json"], env)
+    finally:
+        proxy.close()
+    instance(restored)
+    assert {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()} \
+        == set(files)
+    counted = catalog_requests(proxy, container_name)
+    assert counted[("GET", "list runs/")] == 1 and counted[("GET", "list jobs/")] == 1
+    assert counted[("GET", "pruned")] == 1  # is there a tombstone: once
+    assert counted[("GET", "runs")] == 2  # the header: to find the run, and to plan from it
+    assert counted[("GET", "records")] == len(list((tmp_path / "state" / "work" / run_id / "results").glob("*.json")))
