@@ -271,20 +271,21 @@ def test_prefixes_overlap_when_their_names_can_meet():
 # ---- prune across destinations, usage -------------------------------------------------------------
 
 def test_prune_of_one_prefix_leaves_other_prefixes_and_foreign_blobs(tmp_path, cli, blob_service, container_name):
+    # two jobs of one container never share names: one writes under "one", the other under "nested"
     one = write_tree(tmp_path / "one", {"f.txt": b"one v1"})
     other = write_tree(tmp_path / "other", {"g.txt": b"other"})
-    backup(cli, one, container_name)
+    backup(cli, one, container_name, "--prefix", "one")
     backup(cli, other, container_name, "--prefix", "nested")
     (one / "f.txt").write_bytes(b"one v2!")
-    backup(cli, one, container_name)
+    backup(cli, one, container_name, "--prefix", "one")
     cc = blob_service.get_container_client(container_name)
-    cc.upload_blob("not-ours.txt", b"someone else's")
-    result = cli("prune", "-c", container_name, "--keep-last", "1", "--json")
+    cc.upload_blob("one/not-ours.txt", b"someone else's")
+    result = cli("prune", "-c", container_name, "--prefix", "one", "--keep-last", "1", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["removed"]) == 1 and report["snapshots_removed"] == 1 and report["blobs_removed"] == 0
     names = {name for name in copies(blob_service, container_name)}
-    assert names == {"f.txt", "nested/g.txt", "not-ours.txt"}
+    assert names == {"one/f.txt", "nested/g.txt", "one/not-ours.txt"}
 
 
 def test_prune_usage_errors_are_one_line(cli, container_name):

@@ -30,7 +30,7 @@ def _instance(proc) -> str:
 def test_a_tree_is_cut_into_one_page_per_window_slot_both_ways_and_a_small_one_still_fills_it(
         tmp_path, cli, state_dir, container_name):
     files = many_files(tmp_path / "site", 300, size=1024)
-    run_id = _instance(cli(tmp_path / "site", "-c", container_name, "--json"))
+    run_id = _instance(cli(tmp_path / "site", "-c", container_name, "--prefix", "all", "--json"))
     restore_id = _instance(cli("restore", run_id, tmp_path / "out", "--json"))
     assert {p: (tmp_path / "out" / p).read_bytes() for p in files} == files
     # 300 files over a window of 16: 16 pages of 19 (they were 60 pages of 5), all in flight at once
