@@ -79,7 +79,7 @@ from sitebackup.errors import (
     exit_codes_help,
     write_fault,
 )
-from sitebackup.model.codec import to_wire
+from sitebackup.model.codec import DamagedData, to_wire
 from sitebackup.model.records import PruneMark
 from sitebackup.model.reports import KeptRun, PruneReport, RemovedRun
 from sitebackup.model.work import Concurrency
@@ -176,12 +176,18 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
             kept, dropped = _decide(request, runs, records, work)
             remaining = [run for run in runs if run.run_id not in dropped]
             freed = Freed()
+            unsure: list[str] = []  # the records of remaining runs that cannot be read whole
+            lost: list[str] = []  # those of dropped runs
             with _needed(request.state_dir, records, work, remaining, [run for run in runs if run.run_id in dropped],
-                         label) as needed:
-                unreferenced = freed.count(_sweep(container, request.prefix, needed, label))
+                         label, unsure, lost) as needed:
+                # a remaining run whose record is damaged may need any copy: then none is removed
+                unreferenced = freed.count(iter(()) if unsure else _sweep(container, request.prefix, needed, label))
+                notes = [f"{why}: no copy was removed, as that run may need any of them (see sitebackup check)"
+                         for why in unsure]
+                notes += [f"{why}: the copies only that run held are left in place" for why in lost]
                 if request.dry_run:
                     collections.deque(unreferenced, maxlen=0)
-                    return _report(request, runs, kept, dropped, freed)
+                    return _report(request, runs, kept, dropped, freed, notes)
                 mark = PruneMark(at=datetime.now(timezone.utc).isoformat(), container=request.container,
                                  prefix=request.prefix)
                 for run in runs:  # the journal a killed prune resumes from, and the tombstones after
@@ -191,7 +197,7 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
                             work.mark_pruned(run.run_id, mark)
                 delete_copies(container, unreferenced, label)
             _forget(client, records, work, runs, dropped)
-    return _report(request, runs, kept, dropped, freed)
+    return _report(request, runs, kept, dropped, freed, notes)
 
 
 def _forget(client: dt_client.TaskHubGrpcClient, records: ContainerRecords, work: WorkStore, runs: list[PruneRun],
@@ -243,30 +249,35 @@ def _decide(request: PruneRequest, runs: list[PruneRun], records: ContainerRecor
     return kept, dropped
 
 
-def _records(records: ContainerRecords, work: WorkStore, runs: Iterable[PruneRun]) -> Iterable[tuple[str, str]]:
-    """(blob name, Content-MD5) of every copy the runs' records name; a page sealed runs share is read once."""
+def _records(records: ContainerRecords, work: WorkStore, runs: Iterable[PruneRun],
+             damaged: list[str]) -> Iterable[tuple[str, str]]:
+    """(blob name, Content-MD5) of every copy the runs' records name; a page sealed runs share is read once. A
+    record that cannot be read whole is named in *damaged*, and the other runs go on."""
     seen: set[str] = set()
     for run in runs:
-        for entry in run_entries(records if run.sealed else None, work, run.run_id, seen=seen):
-            if entry.md5 is not None:
-                try:
-                    yield blob_name(run.prefix, entry.path), entry.md5
-                except ValueError:  # a name no blob can have: nothing stored under it
-                    continue
+        try:
+            for entry in run_entries(records if run.sealed else None, work, run.run_id, seen=seen):
+                if entry.md5 is not None:
+                    try:
+                        yield blob_name(run.prefix, entry.path), entry.md5
+                    except ValueError:  # a name no blob can have: nothing stored under it
+                        continue
+        except DamagedData as exc:
+            damaged.append(str(exc))
 
 
 @contextmanager
 def _needed(state_dir: Path, records: ContainerRecords, work: WorkStore, remaining: list[PruneRun],
-            dropped: list[PruneRun], label: str) -> Iterator[sqlite3.Connection]:
+            dropped: list[PruneRun], label: str, unsure: list[str], lost: list[str]) -> Iterator[sqlite3.Connection]:
     """A temporary database of what the runs recorded (``scratch_database``): (name, MD5) of every file the
     remaining runs need, and (name, "") of a name only the dropped runs wrote."""
     with scratch_database(state_dir, SCHEMA) as db:
         try:
             with db:
-                db.executemany("INSERT OR IGNORE INTO needed VALUES (?, ?)", _records(records, work, remaining))
+                db.executemany("INSERT OR IGNORE INTO needed VALUES (?, ?)", _records(records, work, remaining, unsure))
                 db.executemany("INSERT INTO needed SELECT ?1, '' WHERE NOT EXISTS "
                                "(SELECT 1 FROM needed WHERE name = ?1)",
-                               ((name,) for name, _ in _records(records, work, dropped)))
+                               ((name,) for name, _ in _records(records, work, dropped, lost)))
         except Exception as exc:
             raise state_full(state_dir, exc) or classify(exc, label) or \
                 DestinationError(f"cannot read the records of the runs: {one_line(exc)}") from None
@@ -452,7 +463,7 @@ def _delete_copy(container: ContainerClient, copy: Copy, snapshots: list[Copy], 
 
 
 def _report(request: PruneRequest, runs: list[PruneRun], kept: dict[str, list[str]], dropped: dict[str, str],
-            freed: Freed) -> PruneReport:
+            freed: Freed, notes: list[str]) -> PruneReport:
     created = {run.run_id: run.started.isoformat() for run in runs}
     return PruneReport(
         container=request.container, prefix=request.prefix, dry_run=request.dry_run,
@@ -460,7 +471,7 @@ def _report(request: PruneRequest, runs: list[PruneRun], kept: dict[str, list[st
         removed=[RemovedRun(instance_id=run_id, created_at=created[run_id], reason=why)
                  for run_id, why in sorted(dropped.items(), key=lambda item: created[item[0]], reverse=True)],
         unfinished=[run.run_id for run in runs if not run.finished and run.prefix == request.prefix],
-        blobs_removed=freed.blobs, snapshots_removed=freed.snapshots, bytes_removed=freed.bytes)
+        blobs_removed=freed.blobs, snapshots_removed=freed.snapshots, bytes_removed=freed.bytes, notes=notes)
 
 
 def keep_options(command: Callable[..., None]) -> Callable[..., None]:

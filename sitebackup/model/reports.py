@@ -112,6 +112,7 @@ class PruneReport(msgspec.Struct, kw_only=True):
     blobs_removed: int
     snapshots_removed: int
     bytes_removed: int
+    notes: list[str] = msgspec.field(default_factory=list)  # what the user should know of how it went
 
 
 class PurgeReport(msgspec.Struct, kw_only=True):

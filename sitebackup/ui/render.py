@@ -176,6 +176,8 @@ def prune_report(report: PruneReport) -> None:
         click.echo(f"remove {removed.instance_id}  {removed.created_at[:19].replace('T', ' ')}  ({removed.reason})")
     for run_id in report.unfinished:
         click.echo(f"leave  {run_id}  (unfinished)")
+    for note in report.notes:
+        click.echo(printable(f"sitebackup: note: {note}"), err=True)
     verb = "would remove" if report.dry_run else "removed"
     click.echo(f"{verb} {len(report.removed)} run(s), {report.blobs_removed} blob(s) and "
                f"{report.snapshots_removed} snapshot(s), {human_bytes(report.bytes_removed)}")

@@ -171,10 +171,19 @@ def test_damaged_records_are_named_and_survived(tmp_path, cli, cli_env, state_di
     assert restored.returncode == 0, restored.stderr
     assert tree_of(tmp_path / "r2") == tree2
 
+    # prune goes on: the damaged run is dropped and named, the copies only it held are left in place
+    pruned = cli("prune", "-c", container_name, "--keep-last", "1", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    report = json.loads(pruned.stdout)
+    assert {run["instance_id"] for run in report["removed"]} == {run1, run2}
+    assert len(report["notes"]) == 1 and f"of run {run1} is damaged" in report["notes"][0]
+    run3 = summary_of(third)["instance_id"]
+    assert cli("restore", run3, tmp_path / "r3").returncode == 0 and tree_of(tmp_path / "r3") == tree2
+
     # a run whose header is missing is not in the catalog: restore says so, list leaves it out
-    cc.delete_blob(f".sitebackup/runs/{run1}")
+    cc.delete_blob(f".sitebackup/runs/{run3}")
     fresh = env_for(cli_env["AZURE_STORAGE_CONNECTION_STRING"], tmp_path / "new-state")
-    missing = cli("restore", run1, tmp_path / "r1b", "-c", container_name, env=fresh)
+    missing = cli("restore", run3, tmp_path / "r3b", "-c", container_name, env=fresh)
     assert missing.returncode == 2 and "no sealed record" in missing.stderr
     listed = json.loads(cli("list", "-c", container_name, "--json", env=fresh).stdout)
-    assert run1 not in [row["instance_id"] for row in listed]
+    assert run3 not in [row["instance_id"] for row in listed]
