@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from helpers import env_for, write_tree
+from helpers import ForwardingProxy, env_for, write_tree
 
 FILES = {"a.txt": b"alpha 1", "b.txt": b"bravo, removed later", "sub/deep/c.html": b"<p>charlie</p>",
          "keep.bin": bytes(range(256)) * 40}
@@ -187,3 +187,40 @@ def test_damaged_records_are_named_and_survived(tmp_path, cli, cli_env, state_di
     assert missing.returncode == 2 and "no sealed record" in missing.stderr
     listed = json.loads(cli("list", "-c", container_name, "--json", env=fresh).stdout)
     assert run3 not in [row["instance_id"] for row in listed]
+
+
+class RefusePuts(ForwardingProxy):
+    """Refuses every upload of one blob name, as the service refuses a request it finds invalid."""
+
+    def __init__(self, target: str, name: str):
+        self.name = name
+        super().__init__(target)
+
+    def intercept(self, request, body):
+        if request.command == "PUT" and request.path.split("?")[0].endswith("/" + self.name):
+            request.reply_error(400, "InvalidInput")
+            return None
+        return body
+
+
+def test_a_file_that_fails_keeps_its_last_good_copy_in_the_run(tmp_path, cli, azurite, container_name):
+    src = write_tree(tmp_path / "site", {"a.txt": b"a, good version", "b.txt": b"b"})
+    first = cli(src, "-c", container_name, "--json")
+    assert first.returncode == 0, first.stderr
+    (src / "a.txt").write_bytes(b"a, the version the service refuses")
+    (src / "b.txt").write_bytes(b"b, changed")
+    proxy = RefusePuts(azurite.endpoint, "a.txt")
+    try:
+        env = env_for(azurite.connection_string.replace(azurite.endpoint, proxy.endpoint), tmp_path / "state2")
+        second = cli(src, "-c", container_name, "--json", env=env)
+    finally:
+        proxy.close()
+    assert second.returncode == 1  # a file failed
+    run2 = summary_of(second)["instance_id"]
+    assert [f["path"] for f in summary_of(second)["failures"]] == ["a.txt"]
+    restored = cli("restore", run2, tmp_path / "out", "-c", container_name, "--json")
+    assert restored.returncode == 0, restored.stderr
+    assert tree_of(tmp_path / "out") == {"a.txt": b"a, good version", "b.txt": b"b, changed"}
+    notes = summary_of(restored)["notes"]
+    assert len(notes) == 1 and "a.txt" in notes[0] and "last run that backed them up" in notes[0]
+    assert cli("verify", run2, "-c", container_name).returncode == 0
