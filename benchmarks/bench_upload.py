@@ -489,9 +489,15 @@ class Bench:
                     done = (int(log.read_text().split()[0]) if tool == "walk" and code == 0
                             else last_json(log).get(counter, 0))
                     if op == "stand-in" and code == 0:
+                        run_id = last_json(log)["instance_id"]
                         # in a process of its own: a child forked later would count this one's RSS as its own
                         with multiprocessing.get_context("spawn").Pool(1) as pool:
-                            done = pool.apply(stand_in, (state, last_json(log)["instance_id"], source.root))
+                            done = pool.apply(stand_in, (state, run_id, source.root))
+                        # the run's record is then the one written here: the (empty) one it sealed must go
+                        with BlobServiceClient.from_connection_string(azurite.connection_string) as sealed:
+                            blob = sealed.get_container_client(container).get_blob_client(f".sitebackup/runs/{run_id}")
+                            if blob.exists():
+                                blob.delete_blob()
                     ok = code == 0 and done == source.files
                     run = Run(seconds, cpu, peak, server_cpu,
                               "" if ok else f"run {i}: exit {code}, {done}/{source.files} files (log {log})")

@@ -117,6 +117,19 @@ def read_blobs(client: ContainerClient, names: Iterable[str]) -> dict[str, Store
         return dict(pool.map(read, names))
 
 
+RESERVED = ".sitebackup/"  # the records sitebackup seals beside the files (sitebackup/blob/records.py)
+
+
+def unseal(conn: str, container: str, run_id: str) -> None:
+    """Make *run_id* a run as an earlier version left it, its record only in the state directory (its sealed
+    header removed from the container): a test may then stand a record of its own in there."""
+    service = BlobServiceClient.from_connection_string(conn)
+    try:
+        service.get_container_client(container).delete_blob(f"{RESERVED}runs/{run_id}")
+    finally:
+        service.close()
+
+
 def assert_exact(conn: str, container: str, src: Path, prefix: str = "") -> None:
     """Every file of *src* is a blob with its exact bytes, and there is nothing else."""
     service = BlobServiceClient.from_connection_string(conn)

@@ -17,7 +17,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.storage.blob import ContainerClient
+from azure.storage.blob import BlobProperties, ContainerClient
 
 from sitebackup.blob.naming import RESERVED_PREFIX
 from sitebackup.blob.workstore import WorkStore
@@ -109,7 +109,7 @@ class ContainerRecords:
 
     def catalog(self) -> Iterator[CatalogEntry]:
         """Every sealed run, from one listing of the headers with their metadata (a request per 5,000 runs)."""
-        for blob in self.container.list_blobs(name_starts_with=RUNS, include=["metadata"]):
+        for blob in self._listing(RUNS, include=["metadata"]):
             meta = blob.metadata or {}
             try:
                 yield CatalogEntry(run_id=blob.name[len(RUNS):], job=meta["job"], status=meta["status"],
@@ -130,7 +130,7 @@ class ContainerRecords:
 
     def jobs(self) -> list[Job]:
         found = []
-        for blob in self.container.list_blobs(name_starts_with=JOBS):
+        for blob in self._listing(JOBS):
             data = self._download(blob.name, MAX_HEADER_BYTES, f"job {blob.name[len(JOBS):]}")
             if data is not None:
                 found.append(decode(data, Job, f"job {blob.name[len(JOBS):]}"))
@@ -175,6 +175,13 @@ class ContainerRecords:
             if data is None:
                 data = self.page(record, seal)
             yield from decode(data, list[FileEntry], f"record page {seal.page} of run {record.run_id}")
+
+    def _listing(self, folder: str, include: list[str] | None = None) -> Iterator[BlobProperties]:
+        """The blobs under *folder*; none when the container itself does not exist (nothing was sealed there)."""
+        try:
+            yield from self.container.list_blobs(name_starts_with=folder, include=include)
+        except ResourceNotFoundError:
+            return
 
     def _download(self, name: str, limit: int, what: str) -> bytes | None:
         try:

@@ -17,16 +17,33 @@ from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.hosting import backup_run_label
 from sitebackup.errors import InputError
-from sitebackup.model.records import CatalogEntry, Job
+from sitebackup.model.records import CatalogEntry, Job, PruneMark
 from sitebackup.model.work import RunLabel
+
+
+class Jobs:
+    """The container's jobs by id, read the first time one is asked for (a listing, and a read per job)."""
+
+    def __init__(self, records: ContainerRecords):
+        self.records = records
+        self._by_id: dict[str, Job] | None = None
+
+    def get(self, job_id: str) -> Job | None:
+        if self._by_id is None:
+            self._by_id = {job.id: job for job in self.records.jobs()}
+        return self._by_id.get(job_id)
 
 
 @dataclass(frozen=True)
 class SealedRun:
-    """A run the container's catalog lists, with its job (None: the job's descriptor is missing)."""
+    """A run the container's catalog lists; its job is read when asked for (None: its descriptor is missing)."""
 
     entry: CatalogEntry
-    job: Job | None
+    jobs: Jobs
+
+    @property
+    def job(self) -> Job | None:
+        return self.jobs.get(self.entry.job)
 
     @property
     def run_id(self) -> str:
@@ -47,12 +64,11 @@ def parse_utc(text: str) -> datetime:
 
 
 def sealed_runs(container: ContainerClient) -> list[SealedRun]:
-    """Every sealed run of the container with its job, oldest first: a listing of the headers and one of the jobs,
-    and a read of each job's descriptor."""
+    """Every sealed run of the container, oldest first: a listing of the headers (the jobs are read only when a
+    run's job is asked for)."""
     records = ContainerRecords(container)
-    jobs = {job.id: job for job in records.jobs()}
-    runs = [SealedRun(entry, jobs.get(entry.job)) for entry in records.catalog()]
-    return sorted(runs, key=lambda run: run.started)
+    jobs = Jobs(records)
+    return sorted((SealedRun(entry, jobs) for entry in records.catalog()), key=lambda run: run.started)
 
 
 def of_prefix(runs: list[SealedRun], prefix: str) -> list[SealedRun]:
@@ -72,10 +88,13 @@ def known_backup(client: dt_client.TaskHubGrpcClient, work: WorkStore, run_id: s
     return backup_run_label(client, run_id, work)
 
 
-def where_to_look(run_id: str, known: RunLabel | None, container: str | None) -> str:
+def where_to_look(run_id: str, known: RunLabel | None, container: str | None, work: WorkStore) -> str:
     """The container holding *run_id*'s record: the one this backend knows it went to, else --container."""
     if known is not None:
         return known.container
+    mark = work.pruned(run_id)
+    if mark is not None:  # this state directory pruned it (and purged its history)
+        raise _pruned(run_id, mark)
     if not container:
         raise InputError(f"no run with id {run_id!r} in this state directory or task hub: give --container NAME "
                          "to read its record from the container")
@@ -87,8 +106,7 @@ def recorded_run(records: ContainerRecords, work: WorkStore, run_id: str, known:
     (a run never sealed) in this state directory; a clear error for a run pruned, never sealed or empty."""
     mark = records.pruned(run_id) or work.pruned(run_id)
     if mark is not None:
-        raise InputError(f"run {run_id!r} was pruned on {mark.at[:19]} (sitebackup prune): "
-                         "its record and the file versions only it needed are gone")
+        raise _pruned(run_id, mark)
     header = records.header(run_id)
     if header is not None:
         return RunLabel(source=header.source, container=header.container, prefix=header.prefix)
@@ -98,3 +116,8 @@ def recorded_run(records: ContainerRecords, work: WorkStore, run_id: str, known:
     if next(iter(work.iter_results(run_id)), None) is None:
         raise InputError(f"run {run_id!r} recorded no files (nothing was copied, or it was purged)")
     return known
+
+
+def _pruned(run_id: str, mark: PruneMark) -> InputError:
+    return InputError(f"run {run_id!r} was pruned on {mark.at[:19]} (sitebackup prune): "
+                      "its record and the file versions only it needed are gone")

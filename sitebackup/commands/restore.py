@@ -143,7 +143,8 @@ def later_backups(client: dt_client.TaskHubGrpcClient, sealed: list[SealedRun], 
         started = next((run.created_at for run in local if run.instance_id == run_id), None)
     if started is None:
         return True
-    return any(run.run_id != run_id and run.started > started for run in overlapping(sealed, prefix)) or \
+    later = [run for run in sealed if run.run_id != run_id and run.started > started]
+    return bool(overlapping(later, prefix)) or \
         any(other.instance_id != run_id and overlaps(prefix, other.label.prefix)
             and (other.created_at > started or not other.finished) for other in local)
 
@@ -162,7 +163,7 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
             container, prefix = request.container or "", request.prefix
             if request.run_id:
                 known = known_backup(client, deps.work, request.run_id)
-                container = where_to_look(request.run_id, known, request.container)
+                container = where_to_look(request.run_id, known, request.container, deps.work)
             # first: under the scheduler the run record itself is read from the container
             endpoint = check_container(settings, container)
             records = ContainerRecords(deps.container_client(container))

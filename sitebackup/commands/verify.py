@@ -115,7 +115,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
         work = runtime.work_store(service)
         with runtime.connected() as client:
             known = known_backup(client, work, run_id)
-        where = where_to_look(run_id, known, container_name)
+        where = where_to_look(run_id, known, container_name, work)
         # first: under the scheduler the run record itself is read from the container
         check_container(settings, where)
         sealed = ContainerRecords(service.get_container_client(where))

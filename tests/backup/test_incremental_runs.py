@@ -22,7 +22,8 @@ from privileges import without_root_powers
 
 
 def etags(blob_service, container: str) -> dict[str, str]:
-    return {b.name: b.etag for b in blob_service.get_container_client(container).list_blobs()}
+    return {b.name: b.etag for b in blob_service.get_container_client(container).list_blobs()
+            if not b.name.startswith(".sitebackup/")}  # the run records sealed beside the files
 
 
 def summary_of(result: subprocess.CompletedProcess) -> dict:
@@ -190,7 +191,7 @@ def puts_per_blob(log: Path, container: str) -> dict[str, int]:
     pattern = re.compile(rf'"PUT /devstoreaccount1/{container}/([^ ?]+)(\?[^ ]*)? HTTP')
     for line in log.read_text(errors="replace").splitlines():
         m = pattern.search(line)
-        if m:
+        if m and not m.group(1).startswith(".sitebackup"):  # the sealed record aside
             counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     return counts
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import ROOT, write_tree
+from helpers import ROOT, unseal, write_tree
 
 from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.local import incremental
@@ -250,6 +250,7 @@ def test_unchanged_run_and_dry_run_grow_by_no_more_than_their_share_of_the_bound
     args = [str(src), "-c", container_name, "--json", "--concurrency", "1"]
 
     def runs(n: int, baseline: str) -> tuple[float, float, str]:
+        unseal(cli_env["AZURE_STORAGE_CONNECTION_STRING"], container_name, baseline)
         stand_for(state_dir, baseline, src)
         code, dry = peak_rss_mb([*args, "--dry-run"], cli_env, tmp_path / f"dry{n}")
         lines = (tmp_path / f"dry{n}").read_text().splitlines()

@@ -17,7 +17,7 @@ from sitebackup.model.codec import encode, to_wire
 from sitebackup.model.records import FileEntry
 from sitebackup.model.work import CopyItem, FileRef, ScanInput, UploadSpec
 from sitebackup.workflows import copy
-from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, SCAN_TREE
+from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, SCAN_TREE, SEAL_RECORD
 
 
 def scheduled(state_dir: Path, instance_id: str) -> list[str]:
@@ -43,14 +43,14 @@ def test_unchanged_tree_schedules_no_copy_and_a_changed_file_one_page(tmp_path, 
 
     second = summary_of(cli(*args))
     assert (second["files_uploaded"], second["files_unchanged"], second["files_skipped"]) == (0, 600, 600)
-    assert scheduled(state_dir, second["instance_id"]) == [SCAN_TREE]
+    assert scheduled(state_dir, second["instance_id"]) == [SCAN_TREE, SEAL_RECORD]
     work = LocalWorkStore(state_dir / "work")
     assert [r.path for r in work.iter_results(second["instance_id"])] == walked
 
     (src / walked[300]).write_bytes(b"changed")
     third = summary_of(cli(*args))
     assert (third["files_uploaded"], third["files_unchanged"]) == (1, 599)
-    assert scheduled(state_dir, third["instance_id"]) == [SCAN_TREE, COPY_BATCH]
+    assert scheduled(state_dir, third["instance_id"]) == [SCAN_TREE, COPY_BATCH, SEAL_RECORD]
     records = list(work.iter_results(third["instance_id"]))
     assert [r.path for r in records] == walked
     assert [r.path for r in records if not r.unchanged] == [walked[300]]

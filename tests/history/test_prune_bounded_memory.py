@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from azure.storage.blob import BlobServiceClient
-from helpers import ROOT, ForwardingProxy, env_for, run_cli, run_cli_peak, wait_until, write_tree
+from helpers import ROOT, ForwardingProxy, env_for, run_cli, run_cli_peak, unseal, wait_until, write_tree
 
 from sitebackup.blob.history import Copy
 from sitebackup.blob.workstore import LocalWorkStore, page_number
@@ -73,6 +73,7 @@ def test_prune_of_a_destination_of_NAMES_names_grows_by_no_more_than_its_share_o
     def measure(prefix: str, count: int) -> float:
         runs = two_runs(cli, tmp_path, container_name, prefix)
         for run_id in runs:
+            unseal(cli_env["AZURE_STORAGE_CONNECTION_STRING"], container_name, run_id)
             add_records(state_dir, run_id, tree_names(count))
         result, peak = run_cli_peak(["prune", "-c", container_name, "--prefix", prefix, "--keep-last", "1", "--json"],
                                     env, tmp_path / f"{prefix}.peak")
@@ -173,6 +174,7 @@ def test_a_state_disk_too_full_for_the_temporary_database_ends_in_exit_5_and_del
     env = env_for(azurite.connection_string, state)
     first, _second = two_runs(lambda *args: run_cli(list(map(str, args)), env), tmp_path, container_name, "p")
     for run_id in (first, _second):
+        unseal(azurite.connection_string, container_name, run_id)
         add_records(state, run_id, tree_names(SMALL))
     before = copies(blob_service, container_name)
     filler = mount_point / "filler"

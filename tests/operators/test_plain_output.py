@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 
 from helpers import write_tree
 from msgspec.structs import replace
@@ -35,12 +36,12 @@ def test_list_without_a_terminal_prints_every_value_whole_tab_separated(tmp_path
     result = cli("list")
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()[:2]
-    assert header.split("\t") == ["id", "kind", "status", "source", "destination", "files", "bytes", "started",
+    assert header.split("\t") == ["id", "job", "kind", "status", "source", "destination", "files", "bytes", "started",
                                   "duration", "restorable"]
     fields = row.split("\t")
-    assert fields[:6] == [run["instance_id"], "backup", "COMPLETED", str(src), f"{container_name}/{prefix.rstrip('/')}",
-                          "2/2"]
-    assert fields[6] == "3 B" and fields[9] == "yes" and "…" not in result.stdout
+    assert fields[:7] == [run["instance_id"], f"{socket.gethostname().split('.')[0]}:{src}", "backup", "COMPLETED",
+                          str(src), f"{container_name}/{prefix.rstrip('/')}", "2/2"]
+    assert fields[7] == "3 B" and fields[10] == "yes" and "…" not in result.stdout
 
 
 def test_the_table_is_drawn_only_on_a_terminal_wide_enough_for_every_value():

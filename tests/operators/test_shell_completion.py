@@ -41,7 +41,8 @@ def test_run_ids_come_from_the_state_directory_for_the_commands_that_take_them(t
     src = write_tree(tmp_path / "site", {"a.txt": b"a"})
     done = json.loads(cli(src, "-c", container_name, "--json").stdout.splitlines()[-1])["instance_id"]
     # a run nobody works on stays unfinished
-    waiting = json.loads(cli(src, "-c", container_name, "--prefix", "p", "--no-local-worker", "--detach",
+    # (another container: a container's root belongs to the first job)
+    waiting = json.loads(cli(src, "-c", container_name + "-p", "--prefix", "p", "--no-local-worker", "--detach",
                              "--json").stdout.splitlines()[0])["instance_id"]
 
     def ids(line: str) -> list[str]:

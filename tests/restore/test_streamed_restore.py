@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from azure.storage.blob import BlobServiceClient, ContentSettings, aio
-from helpers import ROOT, RecordingProxy, replace_blob, write_tree
+from helpers import ROOT, RecordingProxy, replace_blob, unseal, write_tree
 
 from sitebackup.blob import history
 from sitebackup.blob.workstore import BlobWorkStore, LocalWorkStore, page_number
@@ -214,6 +214,8 @@ def test_plan_and_verify_of_a_run_grow_by_no_more_than_their_share_of_the_bound(
     asyncio.run(put_empty(azurite.connection_string, container_name, small + more))
     # one malloc arena: glibc keeps what a thread freed in that thread's arena (verify checks on a pool)
     env = {**cli_env, "MALLOC_ARENA_MAX": "1"}
+
+    unseal(azurite.connection_string, container_name, run_id)
 
     def measure(paths: list[str], proxy: RecordingProxy | None = None) -> tuple[dict, float]:
         record_run(state_dir, run_id, paths)

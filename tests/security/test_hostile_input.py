@@ -24,7 +24,8 @@ def blobs(service: BlobServiceClient, container: str) -> dict[str, bytes]:
     client = service.get_container_client(container)
     if not client.exists():
         return {}
-    return {b.name: client.download_blob(b.name).readall() for b in client.list_blobs()}
+    return {b.name: client.download_blob(b.name).readall() for b in client.list_blobs()
+            if not b.name.startswith(".sitebackup/")}  # the run records sealed beside the files
 
 
 def one_line_error(result, code: int) -> str:
