@@ -66,22 +66,20 @@ def _open_at(name: str, dir_fd: int, flags: int) -> int:
         raise
 
 
-def _open_beneath(root_fd: int, relpath: str) -> int:
-    """A descriptor of *relpath* ("a/b/c", no empty, "." or ".." part) opened from *root_fd* one component at a
-    time, following no symlink; ``_Symlink`` when a component is one."""
-    *dirs, name = parts = relpath.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise UnsafePath("not a relative path beneath the source")
+def _open_dirs(root_fd: int, dirs: list[str]) -> int:
+    """The directory *dirs* (components) beneath *root_fd*, opened one component at a time following no symlink:
+    a new descriptor, or *root_fd* itself for none; ``_Symlink`` when a component is one."""
     fd = root_fd
     try:
         for part in dirs:
             parent, fd = fd, _open_at(part, fd, _DIR_FLAGS)
             if parent != root_fd:
                 os.close(parent)
-        return _open_at(name, fd, _FILE_FLAGS)
-    finally:
+    except BaseException:
         if fd != root_fd:
             os.close(fd)
+        raise
+    return fd
 
 
 class SourceTree:
@@ -94,29 +92,45 @@ class SourceTree:
     root's descriptor (a link swapped again meanwhile is refused); the readers' size and mtime checks on the
     descriptor then tell whether it is the file the scan saw. The root itself is the user's SOURCE and is
     opened as given (a symlink to it is followed).
+
+    The last directory walked stays open: a page lists files in walk order, so most files of a page are
+    opened with one ``openat`` from it.
     """
 
     def __init__(self, root: Path | str, follow_symlinks: bool = False):
         self.root = os.fspath(root)
         self.follow_symlinks = follow_symlinks
-        self._fd: int | None = None
+        self._root: int | None = None
         self._real = ""
+        self._dir: tuple[str, int] | None = None  # the last directory walked: its relative path, its descriptor
         self._lock = threading.Lock()
 
-    def _root_fd(self) -> int:
-        # opened at the first file, as a file is: a root that cannot be opened fails each file, not the activity
+    def _open_beneath(self, relpath: str) -> int:
+        """*relpath* opened from the root following no symlink; ``_Symlink`` when a component is one."""
+        *dirs, name = parts = relpath.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise UnsafePath("not a relative path beneath the source")
+        reldir = relpath.rpartition("/")[0]
         with self._lock:
-            if self._fd is None:
+            if self._root is None:
+                # opened at the first file, as a file is: a root that cannot be opened fails each file
                 self._real = os.path.realpath(self.root)
-                self._fd = os.open(self.root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
-            return self._fd
+                self._root = os.open(self.root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+            if self._dir is None or self._dir[0] != reldir:
+                self._drop_dir()
+                self._dir = (reldir, _open_dirs(self._root, dirs))
+            return _open_at(name, self._dir[1], _FILE_FLAGS)
+
+    def _drop_dir(self) -> None:
+        if self._dir is not None and self._dir[1] != self._root:
+            os.close(self._dir[1])
+        self._dir = None
 
     def open(self, relpath: str) -> int:
         """A descriptor for reading the regular file *relpath* beneath the root; OSError (``UnsafePath`` for a
         symlink it may not follow or a file that is not regular) otherwise. The caller closes it."""
-        root = self._root_fd()
         try:
-            fd = _open_beneath(root, relpath)
+            fd = self._open_beneath(relpath)
         except _Symlink:
             if not self.follow_symlinks:
                 raise UnsafePath("a symlink in its path (not followed)") from None
@@ -124,7 +138,7 @@ class SourceTree:
             if not inside(real, self._real):
                 raise UnsafePath("symlink points outside the source") from None
             try:
-                fd = _open_beneath(root, os.path.relpath(real, self._real))
+                fd = self._open_beneath(os.path.relpath(real, self._real))
             except _Symlink:
                 raise UnsafePath("a symlink in its path changed while it was opened") from None
         try:
@@ -145,9 +159,10 @@ class SourceTree:
 
     def close(self) -> None:
         with self._lock:
-            fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+            self._drop_dir()
+            if self._root is not None:
+                os.close(self._root)
+                self._root = None
 
     def __enter__(self) -> SourceTree:
         return self
