@@ -69,6 +69,17 @@ def test_count_range_schedules_one_commit_after_the_last_range():
     assert Step(7, commit=True) != Step(7)  # the commit of page 7's file is not page 7's copy
 
 
+def test_a_failed_range_says_why_to_its_files_commit():
+    """Range pages are never rewritten (their hashes are in the page index): why a range failed reaches the
+    commit through the orchestration."""
+    state = RunState(counts=BackupCounts(), started_at="")
+    blocks.count_range(state, RangeReport(first_page=7, ranges=2, range=0, block_id="A", md5="m", digest="d"))
+    failed = RangeReport(first_page=7, ranges=2, range=1, error="changed during backup")
+    assert blocks.count_range(state, failed) == Step(7, commit=True)
+    assert blocks.commit_order(state, 7) == CommitOrder(md5="m", blocks=["A", None], digest="d",
+                                                        failed="changed during backup")
+
+
 def test_scan_cuts_large_files_into_range_pages(tmp_path: Path):
     src = write_tree(tmp_path / "src", {"big.bin": b"x" * (4 * MIB + 1), "small.txt": b"s"})
     work = WorkStore(tmp_path / "work")
