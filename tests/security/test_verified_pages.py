@@ -9,6 +9,7 @@ tests/backend/test_scale_out.py).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -21,10 +22,11 @@ from helpers import ROOT, HoldingProxy, wait_until, write_tree
 
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.naming import RESERVED_PREFIX
+from sitebackup.blob.upload import SINGLE_PUT_BYTES, upload_file
 from sitebackup.blob.workstore import BlobWorkStore, LocalWorkStore
 from sitebackup.local.files import FileChangedError, SourceTree, UnsafePath, check_unchanged, read_whole
 from sitebackup.model.codec import DamagedData, encode
-from sitebackup.model.work import CopyInput, CopyItem, FetchInput, FetchItem, PageIndex, ScanInput
+from sitebackup.model.work import CopyInput, CopyItem, FetchInput, FetchItem, PageIndex, ScanInput, UploadSpec
 from sitebackup.workflows import copy, fetch, pages
 from sitebackup.workflows.activity import ActivityDeps
 
@@ -103,6 +105,24 @@ def test_the_unchanged_checks_work_on_the_descriptor(tmp_path):
             fh.write(b" and after")
         with pytest.raises(FileChangedError):
             check_unchanged(fd, st.st_size, st.st_mtime_ns)
+
+
+def test_a_streamed_upload_sends_the_file_whole_again_after_keeping_a_snapshot(blob_service, tmp_path,
+                                                                              container_name):
+    """The second put of a file read through one descriptor (after the first found other content there and
+    kept it as a snapshot) sends the file from its start."""
+    data = os.urandom(SINGLE_PUT_BYTES + 1)  # streamed, not read whole
+    src = write_tree(tmp_path / "src", {"m.bin": data})
+    container = blob_service.get_container_client(container_name)
+    container.create_container()
+    container.upload_blob("m.bin", b"other content")
+    with SourceTree(src) as tree:
+        done = upload_file(container, tree, "m.bin", "m.bin", UploadSpec())
+    assert container.download_blob("m.bin").readall() == data
+    assert done.md5 == base64.b64encode(hashlib.md5(data).digest()).decode()
+    kept = [b for b in container.list_blobs(include=["snapshots"]) if b.snapshot]
+    assert [container.get_blob_client("m.bin", snapshot=kept[0].snapshot).download_blob().readall()] == [
+        b"other content"]
 
 
 # ---- pages read only as written --------------------------------------------------------------------
