@@ -294,6 +294,23 @@ class RecordingProxy(ForwardingProxy):
         return body
 
 
+class HoldingProxy(ForwardingProxy):
+    """Holds every PUT whose blob path (unquoted, without the query) *holds* accepts until ``release`` is set;
+    ``held`` counts them."""
+
+    def __init__(self, target: str, holds: Callable[[str], bool]):
+        self.holds = holds
+        self.held = 0
+        super().__init__(target)
+
+    def intercept(self, request, body):
+        if request.command == "PUT" and self.holds(unquote(request.path.split("?")[0])):
+            with self.lock:
+                self.held += 1
+            self.release.wait(120)
+        return body
+
+
 def replace_blob(container: ContainerClient, name: str, data: bytes, keep: bool) -> None:
     """Replace blob *name* with *data* behind sitebackup's back; *keep* first takes a snapshot, as a backup run does."""
     blob = container.get_blob_client(name)

@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -34,6 +33,7 @@ from sitebackup.blob.bwlimit import process_limiter
 from sitebackup.blob.clients import StorageSettings, container_sas, make_service_client, put_pipeline
 from sitebackup.blob.errors import response_error
 from sitebackup.blob.upload import Uploaded, already_there, put_headers, replace_conditions, small_file_put, uploaded
+from sitebackup.local.files import SourceTree
 from sitebackup.model.records import PriorCopy
 from sitebackup.model.work import UploadSpec
 
@@ -146,10 +146,10 @@ class AsyncPutter:
         loop = self._ensure_loop()
         return asyncio.run_coroutine_threadsafe(work(self._client, self._pipeline, self._gate), loop)
 
-    def put_many(self, container: str, items: list[tuple[Path, str, PriorCopy | None]], spec: UploadSpec,
-                 cancelled: Callable[[], bool] = lambda: False) -> list[Uploaded | BaseException]:
-        """Upload each (path, blob name, what the baseline recorded there) as *spec* says; return per item an
-        ``Uploaded`` or the exception it raised."""
+    def put_many(self, container: str, source: SourceTree, items: list[tuple[str, str, PriorCopy | None]],
+                 spec: UploadSpec, cancelled: Callable[[], bool] = lambda: False) -> list[Uploaded | BaseException]:
+        """Upload each (path relative to *source*, blob name, what the baseline recorded there) as *spec* says;
+        return per item an ``Uploaded`` or the exception it raised."""
         loop = self._ensure_loop()
 
         async def all_items() -> list[Any]:
@@ -157,18 +157,19 @@ class AsyncPutter:
             if container not in self._puts:
                 self._puts[container] = ContainerPuts(client, self._pipeline)
             puts = self._puts[container]
-            return await asyncio.gather(*(self._put(client, puts, path, name, prior, cancelled, spec)
-                                          for path, name, prior in items), return_exceptions=True)
+            return await asyncio.gather(*(self._put(client, puts, source, relpath, name, prior, cancelled, spec)
+                                          for relpath, name, prior in items), return_exceptions=True)
 
         return asyncio.run_coroutine_threadsafe(all_items(), loop).result()
 
-    async def _put(self, client: Any, puts: ContainerPuts, path: Path, name: str, prior: PriorCopy | None,
-                   cancelled: Callable[[], bool], spec: UploadSpec) -> Uploaded:
+    async def _put(self, client: Any, puts: ContainerPuts, source: SourceTree, relpath: str, name: str,
+                   prior: PriorCopy | None, cancelled: Callable[[], bool], spec: UploadSpec) -> Uploaded:
         async with self._gate:
             if cancelled():
                 raise Cancelled()
             # small files only: one read, one hash, one request (two for a changed file), as upload.upload_file does
-            data, st, md5 = small_file_put(path)
+            with source.opened(relpath) as fd:
+                data, st, md5 = small_file_put(fd)
             if self._limiter is not None:
                 await self._limiter.acquire_async(len(data))
 

@@ -10,14 +10,13 @@ import mimetypes
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.storage.blob import BlobBlock, BlobClient, ContainerClient, ContentSettings, StandardBlobTier
 
-from sitebackup.local.files import b64, check_unchanged, file_md5, read_whole
+from sitebackup.local.files import SourceTree, b64, check_unchanged, fd_md5, read_whole
 from sitebackup.model.records import FileEntry, PriorCopy
 from sitebackup.model.work import UploadSpec
 
@@ -151,9 +150,9 @@ def put_headers(name: str, st: os.stat_result, md5: bytes, spec: UploadSpec, pri
     return headers
 
 
-def small_file_put(path: Path) -> tuple[bytes, os.stat_result, bytes]:
-    """A small file's bytes, stat and MD5, read once: what a one-request upload sends."""
-    data, st = read_whole(path)
+def small_file_put(fd: int) -> tuple[bytes, os.stat_result, bytes]:
+    """A small open file's bytes, stat and MD5, read once: what a one-request upload sends."""
+    data, st = read_whole(fd)
     return data, st, hashlib.md5(data).digest()
 
 
@@ -161,28 +160,34 @@ def uploaded(st: os.stat_result, md5: bytes, tier: str | None = None, etag: str 
     return Uploaded(st.st_size, st.st_mtime_ns, base64.b64encode(md5).decode("ascii"), tier, etag)
 
 
-def upload_file(container: ContainerClient, path: Path, name: str, spec: UploadSpec, *,
+def upload_file(container: ContainerClient, source: SourceTree, relpath: str, name: str, spec: UploadSpec, *,
                 prior: PriorCopy | None = None, max_concurrency: int = 4) -> Uploaded:
-    """Upload *path* as block blob *name* as *spec* says, over what the baseline recorded there (*prior*,
-    ``replace``); FileChangedError when the file moved under us, so a blob is never recorded as backed up
-    with content other than what we hashed."""
-    if os.stat(path).st_size <= SINGLE_PUT_BYTES:
-        data, st, md5 = small_file_put(path)
-        blob = container.get_blob_client(name)
+    """Upload the file *relpath* of *source* as block blob *name* as *spec* says, over what the baseline recorded
+    there (*prior*, ``replace``); FileChangedError when the file moved under us, so a blob is never recorded as
+    backed up with content other than what we hashed."""
+    with source.opened(relpath) as fd:
+        return _upload_fd(container, fd, name, spec, prior, max_concurrency)
+
+
+def _upload_fd(container: ContainerClient, fd: int, name: str, spec: UploadSpec, prior: PriorCopy | None,
+               max_concurrency: int) -> Uploaded:
+    blob = container.get_blob_client(name)
+    if os.fstat(fd).st_size <= SINGLE_PUT_BYTES:
+        data, st, md5 = small_file_put(fd)
         etag = replace(blob, lambda **c: blob.upload_blob(data, length=len(data), **single_put_options(name, st, md5, spec),
                                                           **c), uploaded(st, md5).md5, st.st_mtime_ns, prior)
         return uploaded(st, md5, spec.tier, etag)
-    st = os.stat(path)
-    md5 = file_md5(path)
-    blob = container.get_blob_client(name)
+    st = os.fstat(fd)
+    md5 = fd_md5(fd)
 
     def put(**conditions: Any) -> dict[str, Any]:
-        with open(path, "rb") as fh:
+        with open(fd, "rb", closefd=False) as fh:
+            fh.seek(0)  # a second put (after a snapshot) sends the file from its start again
             return blob.upload_blob(fh, overwrite=True, length=st.st_size, max_concurrency=max_concurrency,
                                     validate_content=True, **blob_properties(name, st, md5, spec), **conditions)
 
     etag = replace(blob, put, uploaded(st, md5).md5, st.st_mtime_ns, prior)
-    check_unchanged(path, st.st_size, st.st_mtime_ns)
+    check_unchanged(fd, st.st_size, st.st_mtime_ns)
     return uploaded(st, md5, spec.tier, etag)
 
 

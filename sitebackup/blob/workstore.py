@@ -2,9 +2,13 @@
 
 The scan writes the file list as numbered pages; each copy activity reads one page and writes
 one result file (what it uploaded, with sizes and hashes): together the results are the run's
-record. Only page numbers and counts travel through the durable history, so its size does not
+record. Only page numbers, counts and hashes travel through the durable history, so its size does not
 grow with the number of files. ``LocalWorkStore`` keeps them in the local state directory;
 ``BlobWorkStore`` keeps them in the destination container when workers on other hosts must see them.
+
+Writing a work page or a chunk of the page index gives the SHA-256 of the bytes written, and reading one
+back takes the hash it must have (``workflows.pages`` keeps them): whoever can write the container (or
+the state directory) cannot make a worker act on a page the scan or the plan did not write.
 
 A run ``prune`` drops gets a *pruned mark* before anything of it is deleted: it is the journal a
 killed prune resumes from, and stays as the tombstone that lets ``restore ID`` say the run was pruned.
@@ -13,6 +17,7 @@ killed prune resumes from, and stays as the tombstone that lets ``restore ID`` s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -20,12 +25,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from azure.core.exceptions import AzureError
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 
 from sitebackup.blob.naming import RESERVED_PREFIX
 from sitebackup.errors import write_fault
 from sitebackup.model.codec import DamagedData, decode, encode
 from sitebackup.model.records import FileEntry, PruneMark
+from sitebackup.model.work import PageIndex
 
 if TYPE_CHECKING:
     from azure.storage.blob import ContainerClient
@@ -38,11 +44,17 @@ MAX_PAGE_BYTES = 64 * 1024 * 1024
 
 
 class WorkStore(Protocol):
-    """Pages of one run's work and its per-page results (``FileEntry`` lines for a backup), by instance id."""
+    """Pages of one run's work, the chunks of its page index and its per-page results (``FileEntry`` lines for a
+    backup), by instance id. A page or chunk is written once and its SHA-256 returned; it is read back only
+    with that hash, and is ``DamagedData`` when its bytes do not match."""
 
-    def write_page(self, instance_id: str, page: int, content: object) -> None: ...
+    def write_page(self, instance_id: str, page: int, content: object) -> str: ...
 
-    def read_page(self, instance_id: str, page: int, kind: type[T]) -> T: ...
+    def read_page(self, instance_id: str, page: int, kind: type[T], sha256: str) -> T: ...
+
+    def write_index(self, instance_id: str, chunk: int, index: PageIndex) -> str: ...
+
+    def read_index(self, instance_id: str, chunk: int, sha256: str) -> PageIndex: ...
 
     def write_result(self, instance_id: str, page: int, entries: Sequence[object]) -> None: ...
 
@@ -82,6 +94,25 @@ def _record_page(page: int, instance_id: str) -> str:
     return f"record page {page} of run {instance_id}"
 
 
+def _work_page(page: int, instance_id: str) -> str:
+    return f"work page {page} of run {instance_id}"
+
+
+def _index_chunk(chunk: int, instance_id: str) -> str:
+    return f"page index {chunk} of run {instance_id}"
+
+
+def _name(page: int) -> str:
+    return f"{page:06d}.json"
+
+
+def verified(data: bytes, sha256: str, what: str) -> bytes:
+    """*data* when its SHA-256 (hex) is *sha256*; else ``DamagedData`` naming *what*."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DamagedData(f"{what} is damaged: its SHA-256 is not the one recorded when it was written")
+    return data
+
+
 def record_entries(pages: Iterable[tuple[int, bytes]], instance_id: str) -> Iterator[FileEntry]:
     """The entries of a run's result pages (number, bytes), decoded page by page."""
     for page, data in pages:
@@ -98,7 +129,9 @@ class LocalWorkStore:
     def _dir(self, instance_id: str) -> Path:
         return self.root / _checked(instance_id)
 
-    def _write(self, path: Path, data: object) -> None:
+    def _write(self, path: Path, data: object) -> str:
+        """Write *data* (encoded) at *path*; the SHA-256 (hex) of the bytes written."""
+        content = encode(data)
         try:
             # mkdir's mode applies to the last directory only: create each level owner-only
             folder = self.root
@@ -110,7 +143,7 @@ class LocalWorkStore:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             try:
                 with os.fdopen(fd, "wb") as fh:
-                    fh.write(encode(data))
+                    fh.write(content)
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -121,6 +154,7 @@ class LocalWorkStore:
             if reason is not None:
                 self.on_fault(reason)
             raise
+        return hashlib.sha256(content).hexdigest()
 
     @staticmethod
     def _bytes(path: Path, what: str) -> bytes:
@@ -133,15 +167,29 @@ class LocalWorkStore:
     def _read(self, path: Path, kind: type[T], what: str) -> T:
         return decode(self._bytes(path, what), kind, what)
 
-    def write_page(self, instance_id: str, page: int, content: object) -> None:
-        self._write(self._dir(instance_id) / "pages" / f"{page:06d}.json", content)
+    def _read_verified(self, path: Path, kind: type[T], what: str, sha256: str) -> T:
+        try:
+            data = self._bytes(path, what)
+        except FileNotFoundError:
+            raise DamagedData(f"{what} is missing") from None
+        return decode(verified(data, sha256, what), kind, what)
 
-    def read_page(self, instance_id: str, page: int, kind: type[T]) -> T:
-        return self._read(self._dir(instance_id) / "pages" / f"{page:06d}.json", kind,
-                          f"work page {page} of run {instance_id}")
+    def write_page(self, instance_id: str, page: int, content: object) -> str:
+        return self._write(self._dir(instance_id) / "pages" / _name(page), content)
+
+    def read_page(self, instance_id: str, page: int, kind: type[T], sha256: str) -> T:
+        return self._read_verified(self._dir(instance_id) / "pages" / _name(page), kind,
+                                   _work_page(page, instance_id), sha256)
+
+    def write_index(self, instance_id: str, chunk: int, index: PageIndex) -> str:
+        return self._write(self._dir(instance_id) / "index" / _name(chunk), index)
+
+    def read_index(self, instance_id: str, chunk: int, sha256: str) -> PageIndex:
+        return self._read_verified(self._dir(instance_id) / "index" / _name(chunk), PageIndex,
+                                   _index_chunk(chunk, instance_id), sha256)
 
     def write_result(self, instance_id: str, page: int, entries: Sequence[object]) -> None:
-        self._write(self._dir(instance_id) / "results" / f"{page:06d}.json", entries)
+        self._write(self._dir(instance_id) / "results" / _name(page), entries)
 
     def has_results(self, instance_id: str) -> bool:
         return (self._dir(instance_id) / "results").is_dir()
@@ -188,9 +236,12 @@ class BlobWorkStore:
     def _folder(instance_id: str) -> str:
         return f"{RESERVED_PREFIX}work/{_checked(instance_id)}/"
 
-    def _write(self, instance_id: str, name: str, data: object) -> None:
+    def _write(self, instance_id: str, name: str, data: object) -> str:
+        """Write *data* (encoded) as blob *name* of the run's folder; the SHA-256 (hex) of the bytes written."""
+        content = encode(data)
         # one Put Blob is atomic: a reader never sees half a page
-        self.container_for(instance_id).upload_blob(self._folder(instance_id) + name, encode(data), overwrite=True)
+        self.container_for(instance_id).upload_blob(self._folder(instance_id) + name, content, overwrite=True)
+        return hashlib.sha256(content).hexdigest()
 
     @staticmethod
     def _download(container: ContainerClient, name: str, what: str) -> bytes:
@@ -203,14 +254,28 @@ class BlobWorkStore:
         return decode(self._download(self.container_for(instance_id), self._folder(instance_id) + name, what), kind,
                       what)
 
-    def write_page(self, instance_id: str, page: int, content: object) -> None:
-        self._write(instance_id, f"pages/{page:06d}.json", content)
+    def _read_verified(self, instance_id: str, name: str, kind: type[T], what: str, sha256: str) -> T:
+        try:
+            data = self._download(self.container_for(instance_id), self._folder(instance_id) + name, what)
+        except ResourceNotFoundError:
+            raise DamagedData(f"{what} is missing") from None
+        return decode(verified(data, sha256, what), kind, what)
 
-    def read_page(self, instance_id: str, page: int, kind: type[T]) -> T:
-        return self._read(instance_id, f"pages/{page:06d}.json", kind, f"work page {page} of run {instance_id}")
+    def write_page(self, instance_id: str, page: int, content: object) -> str:
+        return self._write(instance_id, f"pages/{_name(page)}", content)
+
+    def read_page(self, instance_id: str, page: int, kind: type[T], sha256: str) -> T:
+        return self._read_verified(instance_id, f"pages/{_name(page)}", kind, _work_page(page, instance_id), sha256)
+
+    def write_index(self, instance_id: str, chunk: int, index: PageIndex) -> str:
+        return self._write(instance_id, f"index/{_name(chunk)}", index)
+
+    def read_index(self, instance_id: str, chunk: int, sha256: str) -> PageIndex:
+        return self._read_verified(instance_id, f"index/{_name(chunk)}", PageIndex, _index_chunk(chunk, instance_id),
+                                   sha256)
 
     def write_result(self, instance_id: str, page: int, entries: Sequence[object]) -> None:
-        self._write(instance_id, f"results/{page:06d}.json", entries)
+        self._write(instance_id, f"results/{_name(page)}", entries)
 
     def has_results(self, instance_id: str) -> bool:
         folder = self._folder(instance_id) + "results/"

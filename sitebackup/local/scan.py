@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
 
-from sitebackup.local.files import describe_os_error
+from sitebackup.local.files import describe_os_error, inside
 from sitebackup.model.work import FileRef
 
 
@@ -55,10 +55,6 @@ def _special_kind(mode: int) -> str | None:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "device file"
     return None
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 _NAME = attrgetter("name")
@@ -140,7 +136,7 @@ def _follow(path: str, rel: str, real_root: str, ancestors: frozenset[tuple[int,
             excluded: Callable[[str, bool], bool] | None) -> FileRef | Skipped | Pending | None:
     """What a followed symlink is: a file entry, a directory to walk, a skip note, or None if excluded."""
     target = os.path.realpath(path)
-    if not _inside(target, real_root):
+    if not inside(target, real_root):
         return None if excluded and excluded(rel, False) else Skipped(rel, "symlink points outside the source")
     try:
         st = os.stat(path)

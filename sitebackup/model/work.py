@@ -3,7 +3,8 @@ orchestration's carried state, its progress status and its summary.
 
 Inputs carry paths and options only (they are stored durably: never a credential). Work pages are
 written by the scan (backup) or the plan (restore) and read by one batch activity each; only page
-numbers, counters and short capped lists travel through the durable history. Page items are JSON arrays
+numbers, counters, short capped lists and SHA-256 hashes of page indexes travel through the durable
+history (``workflows.pages``: a batch reads only a page whose bytes match). Page items are JSON arrays
 (``array_like``): a page of a million-file run holds thousands of them.
 
 Both workflows share the page window (``workflows.window``) over their own counters, ``BackupCounts``
@@ -260,19 +261,26 @@ class FileRef(msgspec.Struct, array_like=True, frozen=True):
 
 
 class RangePage(msgspec.Struct, kw_only=True):
-    """A page holding one block range of a large file (``workflows.blocks``); the first range's page also
-    says why a range failed (``failed``), where the file's commit finds it."""
+    """A page holding one block range of a large file (``workflows.blocks``): written once by the scan, never
+    rewritten (its SHA-256 is in the page index)."""
 
     file: FileRef
     range: int
     ranges: int
     block_size: int
     first_page: int
-    failed: str | None = None
     previous: FileEntry | None = None  # what the baseline recorded of the file (CopyItem.previous)
 
 
 CopyPage = list[CopyItem] | RangePage
+
+
+class PageIndex(msgspec.Struct, kw_only=True):
+    """One chunk of a run's page index (``workflows.pages``): the SHA-256 (hex) of pages ``first`` on, in order;
+    "" for a page number the first activity recorded itself and wrote no page for."""
+
+    first: int
+    pages: list[str]
 
 
 class ScanInput(msgspec.Struct, kw_only=True):
@@ -288,28 +296,33 @@ class ScanInput(msgspec.Struct, kw_only=True):
 
 class CommitOrder(msgspec.Struct, kw_only=True, frozen=True):
     """What a large file's commit is handed from its ranges' results (``workflows.blocks``): the id each range
-    staged, and from the first range the file's MD5 and the digest of the block ids it hashed with it."""
+    staged, and from the first range the file's MD5 and the digest of the block ids it hashed with it; or why a
+    range failed (``failed``): the file is then reported failed, not committed."""
 
     md5: str | None = None
     blocks: list[str | None] | None = None
     digest: str | None = None
+    failed: str | None = None
 
 
 class CopyInput(msgspec.Struct, kw_only=True):
     """One copy activity: page ``page``, or (``commit`` set) the commit of the large file whose first range
-    page is ``page``."""
+    page is ``page``; ``index`` is the SHA-256 of the page index chunk that lists the page's own."""
 
     source: str
     container: str
     prefix: str = ""
     page: int = 0
+    index: str = ""
+    follow_symlinks: bool = False  # a file may be reached through a symlink that stays inside the source
     upload: UploadSpec = msgspec.field(default_factory=UploadSpec)
     commit: CommitOrder | None = None
 
 
 class RangeReport(msgspec.Struct, kw_only=True):
     """What a range page's copy reports for its file's commit: which file, which range, the block id staged
-    (None when it failed); the first range also the file's MD5 and the digest of the block ids it hashed."""
+    (None when it failed, and ``error`` says why); the first range also the file's MD5 and the digest of the
+    block ids it hashed."""
 
     first_page: int
     ranges: int
@@ -318,6 +331,7 @@ class RangeReport(msgspec.Struct, kw_only=True):
     md5: str | None = None
     digest: str | None = None
     sent: bool = False  # False: the service already held a block of that id (the same bytes)
+    error: str | None = None
 
 
 class PageResult(msgspec.Struct, Generic[C], kw_only=True):
@@ -341,11 +355,13 @@ class Span(msgspec.Struct, array_like=True):
 
 class Planned(msgspec.Struct, Generic[C], kw_only=True):
     """What the first activity (the scan, or restore's plan) reports: how many pages it wrote, which of them
-    it recorded itself (``done``: nothing left to copy), its counters and capped lists."""
+    it recorded itself (``done``: nothing left to copy), the SHA-256 of each chunk of its page index
+    (``index``, ``workflows.pages``), its counters and capped lists."""
 
     pages: int
     counts: C
     done: list[Span] = msgspec.field(default_factory=list)
+    index: list[str] = msgspec.field(default_factory=list)
     failures: list[Listed] = msgspec.field(default_factory=list)
     skipped: list[Listed] = msgspec.field(default_factory=list)
     notes: list[str] = msgspec.field(default_factory=list)  # what the user should know of how it went
@@ -402,6 +418,7 @@ class FetchInput(msgspec.Struct, kw_only=True):
     dest: str
     container: str
     page: int
+    index: str = ""  # as CopyInput.index
     overwrite: bool = False
 
 
@@ -424,6 +441,7 @@ class LargeFile(msgspec.Struct, kw_only=True):
     blocks: list[str | None]
     md5: str | None = None
     digest: str | None = None
+    failed: str | None = None  # why a range failed (the first one reported)
 
 
 class RunState(msgspec.Struct, Generic[C], kw_only=True):
@@ -434,6 +452,7 @@ class RunState(msgspec.Struct, Generic[C], kw_only=True):
     pages: int = 0
     next_page: int = 0
     done: list[Span] = msgspec.field(default_factory=list)  # pages the first activity recorded, dropped as passed
+    index: list[str] = msgspec.field(default_factory=list)  # Planned.index
     retry: list[Step] = msgspec.field(default_factory=list)  # steps to schedule before the next page
     failures: list[Listed] = msgspec.field(default_factory=list)
     skipped: list[Listed] = msgspec.field(default_factory=list)

@@ -10,7 +10,6 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from azure.storage.blob import ContainerClient
@@ -21,11 +20,14 @@ from sitebackup.blob.errors import redact
 from sitebackup.blob.upload import Uploaded
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.errors import DestinationError
+from sitebackup.local.files import SourceTree
+from sitebackup.model.codec import DamagedData
 from sitebackup.model.records import PriorCopy
 from sitebackup.model.work import BackupCounts, Concurrency, PageResult, UploadSpec
 
-# uploads a page's small files concurrently: (container, [(path, blob name, prior copy)], spec, cancelled)
-PutMany = Callable[[str, list[tuple[Path, str, PriorCopy | None]], UploadSpec, Callable[[], bool]],
+# uploads a page's small files concurrently: (container, source root, [(relative path, blob name, prior copy)],
+# spec, cancelled)
+PutMany = Callable[[str, SourceTree, list[tuple[str, str, PriorCopy | None]], UploadSpec, Callable[[], bool]],
                    list[Uploaded | BaseException]]
 # downloads a restore page's small files concurrently: (container, [(blob name, snapshot, size)], cancelled)
 GetMany = Callable[[str, list[tuple[str, str | None, int]], Callable[[], bool]], list[Future[Got]]]
@@ -56,12 +58,13 @@ class ActivityDeps:
 
 def activity(name: str, run: Callable[[task.ActivityContext, object], Any]) -> Callable[[task.ActivityContext, object], Any]:
     """*run* under its durable *name*: a DestinationError goes up as it is (the orchestration's retry
-    policy and `resume` handle it); anything else becomes a one-line, redacted failure."""
+    policy and `resume` handle it), and so does DamagedData (a page that is not as written: the run fails,
+    ``window.run_page_window``); anything else becomes a one-line, redacted failure."""
 
     def wrapped(ctx: task.ActivityContext, inp: object) -> Any:
         try:
             return run(ctx, inp)
-        except DestinationError:
+        except (DestinationError, DamagedData):
             raise
         except Exception as exc:
             log.debug("activity %s failed", name, exc_info=True)

@@ -19,6 +19,7 @@ from sitebackup.model.codec import from_wire, to_wire
 from sitebackup.model.work import BackupCounts, BackupInput, CopyInput, ScanInput, SealInput, Step
 from sitebackup.workflows import blocks
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE, SEAL_RECORD
+from sitebackup.workflows.pages import chunk_hash
 from sitebackup.workflows.window import batch_result, begin, min_pages, run_and_summarize, tally, utc_now
 
 
@@ -41,7 +42,8 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
                 files=state.counts.files_total, files_failed=state.counts.files_failed,
                 bytes=state.counts.bytes_total)))
         return ctx.call_activity(COPY_BATCH, retry_policy=BATCH_RETRY, input=to_wire(CopyInput(
-            source=inp.source, container=inp.container, prefix=inp.prefix, page=step.page, upload=options.upload,
+            source=inp.source, container=inp.container, prefix=inp.prefix, page=step.page,
+            index=chunk_hash(state.index, step.page), follow_symlinks=options.follow_symlinks, upload=options.upload,
             commit=blocks.commit_order(state, step.page) if step.commit else None)))
 
     def on_result(step: Step, raw_result: Any) -> None:

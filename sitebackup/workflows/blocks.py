@@ -12,7 +12,9 @@ The first range also streams the whole file for its MD5 and hashes every block o
 schedules the commit with what the ranges reported (``CommitOrder``): the ids staged, the MD5, and a
 digest of the ids the first range hashed. The commit checks the two agree, so the Content-MD5 it
 commits is the MD5 of the bytes staged, keeps the content the baseline recorded as a snapshot
-(``blob.upload.replace``) and calls ``commit_block_list``.
+(``blob.upload.replace``) and calls ``commit_block_list``. A range that fails says why in its report,
+which the orchestration hands to the commit the same way (``CommitOrder.failed``): range pages are
+written once by the scan and never rewritten, so each keeps the SHA-256 its index lists.
 
 The commit of the file whose first range page is ``p`` is the step ``Step(p, commit=True)``: it needs no
 page of its own, and a failed commit is retried as a commit by the orchestration's retry queue.
@@ -23,21 +25,19 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import NamedTuple
 
-import msgspec
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobClient, ContainerClient
 
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.naming import backup_blob_name
 from sitebackup.blob.upload import Uploaded, commit_blocks
-from sitebackup.blob.workstore import WorkStore
-from sitebackup.local.files import CHUNK, FileChangedError, check_unchanged
+from sitebackup.local.files import CHUNK, FileChangedError, SourceTree, check_unchanged, read_at
 from sitebackup.model.records import FileEntry, PriorCopy
 from sitebackup.model.work import (
     MIB,
@@ -55,6 +55,7 @@ from sitebackup.model.work import (
     UploadSpec,
 )
 from sitebackup.workflows.activity import ActivityDeps
+from sitebackup.workflows.pages import PageWriter
 
 MIN_BLOCK_SIZE = 1 * MIB
 MAX_BLOCK_SIZE = 4000 * MIB  # Azure's limit for one block
@@ -124,47 +125,50 @@ def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode("ascii")).hexdigest()[:32]
 
 
-def hash_blocks(path: Path, size: int, mtime_ns: int, block_size: int) -> tuple[str, list[str]]:
-    """The MD5 (base64) of the version the scan saw and the content id of each of its blocks, from one
-    streamed read: (size, mtime) checked before and after, so both describe the same bytes."""
-    check_unchanged(path, size, mtime_ns)
+def hash_blocks(fd: int, size: int, mtime_ns: int, block_size: int) -> tuple[str, list[str]]:
+    """The MD5 (base64) of the version the scan saw (open as *fd*) and the content id of each of its blocks,
+    from one streamed read: (size, mtime) checked before and after, so both describe the same bytes."""
+    check_unchanged(fd, size, mtime_ns)
     whole = hashlib.md5()
     ids = []
-    with open(path, "rb") as fh:
-        for index in range(range_count(size, block_size)):
-            block = hashlib.sha256()
-            left = min(block_size, size - index * block_size)
-            while left:
-                chunk = fh.read(min(CHUNK, left))
-                if not chunk:
-                    raise FileChangedError()
-                whole.update(chunk)
-                block.update(chunk)
-                left -= len(chunk)
-            ids.append(_block_id(block, index))
-    check_unchanged(path, size, mtime_ns)
+    offset = 0
+    for index in range(range_count(size, block_size)):
+        block = hashlib.sha256()
+        left = min(block_size, size - index * block_size)
+        while left:
+            chunk = os.pread(fd, min(CHUNK, left), offset)
+            if not chunk:
+                raise FileChangedError()
+            whole.update(chunk)
+            block.update(chunk)
+            left -= len(chunk)
+            offset += len(chunk)
+        ids.append(_block_id(block, index))
+    check_unchanged(fd, size, mtime_ns)
     return base64.b64encode(whole.digest()).decode("ascii"), ids
 
 
-def write_range_pages(work: WorkStore, run_id: str, first_page: int, item: CopyItem, block_size: int) -> int:
+def write_range_pages(pages: PageWriter, first_page: int, item: CopyItem, block_size: int) -> int:
     """Write the range pages of the file *item* (with what the baseline recorded at its name) from page
     *first_page* on; return how many."""
     n = range_count(item.size, block_size)
     for index in range(n):
-        work.write_page(run_id, first_page + index, RangePage(
+        pages.write(first_page + index, RangePage(
             file=FileRef(item.path, item.size, item.mtime_ns), range=index, ranges=n, block_size=block_size,
             first_page=first_page, previous=item.previous))
     return n
 
 
 def count_range(state: RunState[BackupCounts], report: RangeReport) -> Step | None:
-    """Orchestration side (pure): keep what a finished range reported for its file's commit (the id it staged;
-    from the first range the file's MD5 and the digest of the block ids it hashed), and once the file's last
-    range is in, the step that commits it."""
+    """Orchestration side (pure): keep what a finished range reported for its file's commit (the id it staged,
+    or why it failed; from the first range the file's MD5 and the digest of the block ids it hashed), and once
+    the file's last range is in, the step that commits it."""
     entry = state.large.setdefault(report.first_page,
                                    LargeFile(ranges_left=report.ranges, blocks=[None] * report.ranges))
     if report.block_id:
         entry.blocks[report.range] = report.block_id
+    if report.error and entry.failed is None:
+        entry.failed = report.error
     if report.md5:
         entry.md5, entry.digest = report.md5, report.digest
     entry.ranges_left -= 1
@@ -174,7 +178,8 @@ def count_range(state: RunState[BackupCounts], report: RangeReport) -> Step | No
 def commit_order(state: RunState[BackupCounts], first_page: int) -> CommitOrder:
     """Orchestration side (pure): what the commit of the file whose first range page is *first_page* is handed."""
     entry = state.large.get(first_page)
-    return CommitOrder() if entry is None else CommitOrder(md5=entry.md5, blocks=entry.blocks, digest=entry.digest)
+    return CommitOrder() if entry is None else CommitOrder(md5=entry.md5, blocks=entry.blocks, digest=entry.digest,
+                                                           failed=entry.failed)
 
 
 class Staged(NamedTuple):
@@ -207,24 +212,23 @@ def held_ids(blob: BlobClient) -> set[str]:
     return {block.id for block in committed} | {block.id for block in uncommitted}
 
 
-def stage_range(container: ContainerClient, path: Path, name: str, item: RangePage,
+def stage_range(container: ContainerClient, fd: int, name: str, item: RangePage,
                 cancelled: Callable[[], bool] = lambda: False) -> Staged:
-    """Read one range, name it by its content and stage it unless the service holds that block already.
+    """Read one range of the file open as *fd*, name it by its content and stage it unless the service holds that
+    block already.
 
     The block list is asked right after the read: a range may have waited long for the memory budget.
     """
     size, mtime_ns = item.file.size, item.file.mtime_ns
     block_size, index = item.block_size, item.range
-    check_unchanged(path, size, mtime_ns)
+    check_unchanged(fd, size, mtime_ns)
     blob = container.get_blob_client(name)
     offset = index * block_size
     length = min(block_size, size - offset)
     with _in_memory.take(length):
         if cancelled():
             raise Cancelled()
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(length)
+        data = read_at(fd, length, offset)
         if len(data) != length:
             raise FileChangedError()
         bid = content_block_id(data, index)
@@ -238,17 +242,18 @@ def stage_range(container: ContainerClient, path: Path, name: str, item: RangePa
     return Staged(length, True, bid)
 
 
-def commit_file(container: ContainerClient, path: Path, name: str, item: RangePage, spec: UploadSpec,
+def commit_file(container: ContainerClient, fd: int, name: str, item: RangePage, spec: UploadSpec,
                 order: CommitOrder, cancelled: Callable[[], bool] = lambda: False) -> Uploaded:
     """Commit the staged ranges as the blob, with Content-MD5 of the whole file, as *spec* says, over what
     the baseline recorded there.
 
     The ids and MD5 come from the ranges (*order*), checked to describe the same bytes; when a range's
-    report is missing, the file is hashed again now, and a block of other bytes is then not found staged.
+    report is missing, the file (open as *fd*) is hashed again now, and a block of other bytes is then not found
+    staged.
     """
     size, mtime_ns = item.file.size, item.file.mtime_ns
-    st = check_unchanged(path, size, mtime_ns)
-    md5, ids = reported(order, item.ranges) or hash_blocks(path, size, mtime_ns, item.block_size)
+    st = check_unchanged(fd, size, mtime_ns)
+    md5, ids = reported(order, item.ranges) or hash_blocks(fd, size, mtime_ns, item.block_size)
     if cancelled():  # hashing a large file takes a while
         raise Cancelled()
     blob = container.get_blob_client(name)
@@ -258,13 +263,13 @@ def commit_file(container: ContainerClient, path: Path, name: str, item: RangePa
     return commit_blocks(blob, ids, st, md5, spec, PriorCopy.of(item.previous))
 
 
-def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage, source: Path, container: str,
-                    prefix: str, spec: UploadSpec, order: CommitOrder) -> PageResult[BackupCounts]:
+def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage, source: SourceTree,
+                    container: str, prefix: str, spec: UploadSpec, order: CommitOrder) -> PageResult[BackupCounts]:
     """The copy activity for a range page or (``step.commit``) a large file's commit, shaped like a batch result.
 
     A range reports its bytes (progress) and the id it staged, and always counts as finished, even
-    when it failed: then it writes why on the file's first page, where the commit finds it and reports
-    the file failed with that reason ("changed during backup"), once, without committing. The first
+    when it failed: then it reports why, which the orchestration hands to the commit (*order*), which
+    reports the file failed with that reason ("changed during backup"), once, without committing. The first
     range also hashes the whole file and reports the MD5 with the digest of the block ids it hashed,
     which the orchestration hands to the commit (*order*): the hash overlaps the other ranges
     instead of delaying the commit.
@@ -284,25 +289,26 @@ def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage
             raise Cancelled()
         name = backup_blob_name(prefix, relpath)
         if result.range is not None:
-            staged = stage_range(client, source / relpath, name, item, cancelled)
-            counts.bytes_uploaded = staged.length
-            result.range.range, result.range.block_id, result.range.sent = item.range, staged.block_id, staged.sent
-            if item.range == 0:
-                result.range.md5, ids = hash_blocks(source / relpath, item.file.size, item.file.mtime_ns,
-                                                    item.block_size)
-                result.range.digest = ids_digest(ids)
-        elif item.failed:
-            error = item.failed
+            result.range.range = item.range
+            with source.opened(relpath) as fd:
+                staged = stage_range(client, fd, name, item, cancelled)
+                counts.bytes_uploaded = staged.length
+                result.range.block_id, result.range.sent = staged.block_id, staged.sent
+                if item.range == 0:
+                    result.range.md5, ids = hash_blocks(fd, item.file.size, item.file.mtime_ns, item.block_size)
+                    result.range.digest = ids_digest(ids)
+        elif order.failed:
+            error = order.failed
         else:
-            done = commit_file(client, source / relpath, name, item, spec, order, cancelled)
+            with source.opened(relpath) as fd:
+                done = commit_file(client, fd, name, item, spec, order, cancelled)
     except Cancelled:
         result.cancelled = True
         return result
     except Exception as exc:
         error = file_error(exc, deps.endpoint)
     if result.range is not None:
-        if error is not None:
-            deps.work.write_page(run_id, item.first_page, msgspec.structs.replace(item, range=0, failed=error))
+        result.range.error = error
         return result
     if error is None:
         record = done.record(relpath)

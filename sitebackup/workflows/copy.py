@@ -6,6 +6,9 @@ file's block range goes to ``blocks``. A file replacing content the baseline rec
 content as a blob snapshot first (``blob.upload.replace``), so every earlier run stays restorable.
 Every page ends with its result records written to the work store: together they are the run's
 record, which restore, verify, prune and the next run read.
+
+A copy reads its page only when its bytes are the ones the scan wrote (``workflows.pages``), and opens
+every source file beneath the source root by descriptor (``local.files.SourceTree``), whatever the page says.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import SINGLE_PUT_BYTES, Uploaded, upload_file
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.local import incremental
-from sitebackup.local.files import FileChangedError, file_md5_b64
+from sitebackup.local.files import FileChangedError, SourceTree, fd_md5_b64
 from sitebackup.local.incremental import Compared
 from sitebackup.local.scan import Skipped
 from sitebackup.model.codec import DamagedData, from_wire, to_wire
@@ -42,7 +45,7 @@ from sitebackup.model.work import (
     Step,
     UploadSpec,
 )
-from sitebackup.workflows import blocks
+from sitebackup.workflows import blocks, pages
 from sitebackup.workflows.activity import ActivityDeps, activity
 from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, SCAN_TREE
 from sitebackup.workflows.window import Capped, stream_pages
@@ -57,6 +60,7 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
     results the copies write per page are then in walk order too: the next run's baseline. A page of
     unchanged files only is recorded here, as its copy would record it (``done``: its number is in
     the result's ``done`` spans, which the orchestration skips), so an unchanged tree costs no copy.
+    The other pages' hashes go into the page index, whose chunks' hashes the result carries (``index``).
     """
     # run again after a kill, a scan starts over: no result of an earlier attempt may join the record
     work.remove(run_id)
@@ -100,10 +104,11 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
         return CopyItem(item.path, item.size, item.mtime_ns, item) if isinstance(item, FileEntry) else item
 
     n_pages = 0
+    writer = pages.PageWriter(work, run_id)
     for batch in stream_pages(items(), lambda item: item.size, min_batches=inp.min_pages, light=light, alone=large):
         first = batch[0]
         if isinstance(first, CopyItem) and large(first):
-            n_pages += blocks.write_range_pages(work, run_id, n_pages, first, inp.upload.block_size)
+            n_pages += blocks.write_range_pages(writer, n_pages, first, inp.upload.block_size)
             continue
         if all(map(light, batch)) and (len(done) < MAX_DONE_RANGES or done[-1].end == n_pages):
             work.write_result(run_id, n_pages, batch)
@@ -114,14 +119,14 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
             else:
                 done.append(Span(n_pages, n_pages + 1))
         else:
-            work.write_page(run_id, n_pages, [as_item(item) for item in batch])
+            writer.write(n_pages, [as_item(item) for item in batch])
         n_pages += 1
     counts.files_total += failures.count
     counts.files_failed = failures.count
     # an unchanged file is a skipped one too, as copy_page counts it
     counts.files_skipped = skipped.count + counts.files_unchanged
-    return Planned(pages=n_pages, counts=counts, done=done, failures=failures.items, skipped=skipped.items,
-                   notes=notes)
+    return Planned(pages=n_pages, counts=counts, done=done, index=writer.close(n_pages), failures=failures.items,
+                   skipped=skipped.items, notes=notes)
 
 
 def _baseline(work: WorkStore, records: ContainerRecords | None, inp: ScanInput,
@@ -137,10 +142,9 @@ def _baseline(work: WorkStore, records: ContainerRecords | None, inp: ScanInput,
         note(f"{exc}; the files after it are compared with the container as they are uploaded")
 
 
-def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, container: str, prefix: str,
-              spec: UploadSpec) -> PageResult[BackupCounts]:
+def copy_page(deps: ActivityDeps, run_id: str, page: int, items: list[CopyItem], source: SourceTree, container: str,
+              prefix: str, spec: UploadSpec) -> PageResult[BackupCounts]:
     """Copy one page of small files: unchanged ones recorded as the baseline had them, the others uploaded."""
-    items = deps.work.read_page(run_id, page, list[CopyItem])
     client = deps.container_client(container)
     records: list[FileEntry] = []
     failures = Capped()
@@ -152,14 +156,14 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
         relpath, previous = item.path, item.previous
         try:
             if previous is not None and not item.changed and (
-                    not item.check or file_md5_b64(source / relpath) == previous.md5):
+                    not item.check or _md5_b64(source, relpath) == previous.md5):
                 records.append(incremental.unchanged_record(previous))
                 counts.files_unchanged += 1
                 counts.bytes_skipped += previous.size
                 continue
             done = early.get(relpath)
             if not isinstance(done, Uploaded):  # not sent early, or failed there: one more try here
-                done = _upload_with_one_retry(client, source / relpath, backup_blob_name(prefix, relpath),
+                done = _upload_with_one_retry(client, source, relpath, backup_blob_name(prefix, relpath),
                                               spec, item.prior, deps.concurrency.per_file)
         except Exception as exc:
             error = file_error(exc, deps.endpoint)
@@ -176,14 +180,18 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, source: Path, containe
     return PageResult(page=page, counts=counts, failures=failures.items)
 
 
-def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], source: Path, prefix: str,
+def _md5_b64(source: SourceTree, relpath: str) -> str:
+    with source.opened(relpath) as fd:
+        return fd_md5_b64(fd)
+
+
+def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], source: SourceTree, prefix: str,
                      container: str, spec: UploadSpec) -> dict[str, Uploaded | BaseException]:
     """Send the page's small new and changed files together; path -> Uploaded or the exception, handled by
     the caller."""
     if deps.put_many is None:
         return {}
-    todo: list[tuple[Path, str, PriorCopy | None]] = []
-    relpaths: list[str] = []
+    todo: list[tuple[str, str, PriorCopy | None]] = []
     for item in items:
         if (item.previous is not None and not item.changed) or item.size > SINGLE_PUT_BYTES:
             continue
@@ -191,29 +199,30 @@ def _put_small_files(deps: ActivityDeps, run_id: str, items: list[CopyItem], sou
             name = backup_blob_name(prefix, item.path)
         except ValueError:  # reported by the one-by-one path
             continue
-        todo.append((source / item.path, name, item.prior))
-        relpaths.append(item.path)
+        todo.append((item.path, name, item.prior))
     if not todo:
         return {}
-    return dict(zip(relpaths, deps.put_many(container, todo, spec, lambda: deps.cancelled(run_id))))
+    return dict(zip((relpath for relpath, _, _ in todo),
+                    deps.put_many(container, source, todo, spec, lambda: deps.cancelled(run_id))))
 
 
-def _upload_with_one_retry(client: ContainerClient, path: Path, name: str, spec: UploadSpec,
+def _upload_with_one_retry(client: ContainerClient, source: SourceTree, relpath: str, name: str, spec: UploadSpec,
                            prior: PriorCopy | None, threads: int) -> Uploaded:
     try:
-        return upload_file(client, path, name, spec, prior=prior, max_concurrency=threads)
+        return upload_file(client, source, relpath, name, spec, prior=prior, max_concurrency=threads)
     except FileChangedError:
-        return upload_file(client, path, name, spec, prior=prior, max_concurrency=threads)
+        return upload_file(client, source, relpath, name, spec, prior=prior, max_concurrency=threads)
 
 
 def copy_step(deps: ActivityDeps, run_id: str, inp: CopyInput) -> PageResult[BackupCounts]:
     """One copy activity: a page of small files, a block range, or (``inp.commit``) a large file's commit."""
     step = Step(inp.page, commit=inp.commit is not None)
-    page: CopyPage = deps.work.read_page(run_id, inp.page, CopyPage)  # type: ignore[arg-type]
-    if isinstance(page, RangePage):
-        return blocks.copy_block_page(deps, run_id, step, page, Path(inp.source), inp.container, inp.prefix,
-                                      inp.upload, inp.commit or CommitOrder())
-    return copy_page(deps, run_id, inp.page, Path(inp.source), inp.container, inp.prefix, inp.upload)
+    page: CopyPage = pages.read_page(deps.work, run_id, inp.page, inp.index, CopyPage)  # type: ignore[arg-type]
+    with SourceTree(inp.source, follow_symlinks=inp.follow_symlinks) as source:
+        if isinstance(page, RangePage):
+            return blocks.copy_block_page(deps, run_id, step, page, source, inp.container, inp.prefix, inp.upload,
+                                          inp.commit or CommitOrder())
+        return copy_page(deps, run_id, inp.page, page, source, inp.container, inp.prefix, inp.upload)
 
 
 def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:

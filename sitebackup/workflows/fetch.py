@@ -9,6 +9,8 @@ current blob, or the snapshot a later run kept when it replaced it, chosen by li
 run's record as the pages are planned when later backups of its names exist, and for one file when its
 current blob turns out to hold another version as it is fetched (replaced while restoring, or by another writer).
 
+A restore batch reads its page only when its bytes are the ones the plan wrote (``workflows.pages``).
+
 A page's small files are downloaded together on the process's asyncio loop (``ActivityDeps.get_many``)
 and written in page order as they arrive; large ones in ranges with the sync client.
 """
@@ -41,6 +43,7 @@ from sitebackup.local.filters import make_selector
 from sitebackup.model.codec import from_wire, to_wire
 from sitebackup.model.records import RestoredFile
 from sitebackup.model.work import FetchInput, FetchItem, PageResult, PlanInput, Planned, RestoreCounts
+from sitebackup.workflows import pages
 from sitebackup.workflows.activity import ActivityDeps, activity
 from sitebackup.workflows.names import PLAN_RESTORE, RESTORE_BATCH
 from sitebackup.workflows.window import Capped, stream_pages
@@ -87,10 +90,11 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
             counts.bytes_total += item.size
             yield item
 
-    pages = 0
+    n_pages = 0
+    writer = pages.PageWriter(deps.work, restore_id)
     for page in stream_pages(items(), lambda item: item.size, min_batches=inp.min_pages):
-        deps.work.write_page(restore_id, pages, page)
-        pages += 1
+        writer.write(n_pages, page)
+        n_pages += 1
     # refused names count as done: the progress bar reaches its total
     counts.files_total += failures.count
     counts.files_failed = counts.files_done = failures.count
@@ -99,7 +103,8 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
         notes.append(f"{stale.count} file(s) failed in the run and are restored as the last run that backed them "
                      "up had them: " + ", ".join(f"{f.path} ({f.error})" for f in stale.items)
                      + (" ..." if stale.count > len(stale.items) else ""))
-    return Planned(pages=pages, counts=counts, failures=failures.items, skipped=skipped.items, notes=notes)
+    return Planned(pages=n_pages, counts=counts, index=writer.close(n_pages), failures=failures.items,
+                   skipped=skipped.items, notes=notes)
 
 
 def _candidates(deps: ActivityDeps, inp: PlanInput,
@@ -261,7 +266,7 @@ def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> PageRe
     counts = RestoreCounts()
     failures, skipped = Capped(), Capped()
     journal: list[RestoredFile] = []
-    items = deps.work.read_page(restore_id, inp.page, list[FetchItem])
+    items = pages.read_page(deps.work, restore_id, inp.page, inp.index, list[FetchItem])
     # the destination is checked before anything is fetched: a file already there is never downloaded
     checked = [_guarded(functools.partial(_existing, dest, item, inp.overwrite), deps.endpoint) for item in items]
     downloads = _start_small_downloads(deps, restore_id, inp.container, items, checked)

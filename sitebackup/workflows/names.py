@@ -32,6 +32,9 @@ UNCHANGED_PAGE = 4096
 # a scan records a page of unchanged files itself, sparing it an activity, while its list of such pages
 # (ranges of page numbers, in the scan's result and the orchestration's state) stays this short
 MAX_DONE_RANGES = 64
+# a chunk of a run's page index lists this many pages' SHA-256 (workflows.pages): the orchestration carries a hash
+# per chunk, and a process reads a chunk once for all its pages
+PAGES_PER_INDEX = 1024
 # a scan holds back this many files to cut its first pages smaller, so a small tree still fills the window
 SCAN_HEAD = 4096
 

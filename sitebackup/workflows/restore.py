@@ -16,6 +16,7 @@ from durabletask import task
 from sitebackup.model.codec import from_wire, to_wire
 from sitebackup.model.work import FetchInput, PlanInput, RestoreCounts, RestoreInput, Step
 from sitebackup.workflows.names import BATCH_RETRY, PLAN_RESTORE, RESTORE_BATCH, RESTORE_ORCHESTRATION
+from sitebackup.workflows.pages import chunk_hash
 from sitebackup.workflows.window import batch_result, begin, min_pages, run_and_summarize, tally
 
 
@@ -28,7 +29,8 @@ def restore_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
 
     def schedule(step: Step) -> task.Task[Any]:
         return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=to_wire(FetchInput(
-            dest=inp.dest, container=inp.container, page=step.page, overwrite=inp.options.overwrite)))
+            dest=inp.dest, container=inp.container, page=step.page, index=chunk_hash(state.index, step.page),
+            overwrite=inp.options.overwrite)))
 
     def on_result(_step: Step, raw_result: Any) -> None:
         result = batch_result(raw_result, RestoreCounts)

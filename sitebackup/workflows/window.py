@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from durabletask import task
 
-from sitebackup.model.codec import from_wire, to_wire
+from sitebackup.model.codec import DamagedData, from_wire, to_wire
 from sitebackup.model.work import (
     C,
     Listed,
@@ -144,7 +144,8 @@ def begin(ctx: task.OrchestrationContext, state: RunState[C] | None, counts: typ
     raw = yield ctx.call_activity(first, input=to_wire(first_input))
     planned: Planned[C] = from_wire(raw, generic(Planned, counts), f"the result of {first}")
     tally(state, planned.counts, planned.failures, planned.skipped)
-    state.pages, state.done, state.notes = planned.pages, planned.done, planned.notes[:MAX_LISTED]
+    state.pages, state.done, state.index = planned.pages, planned.done, planned.index
+    state.notes = planned.notes[:MAX_LISTED]
     return state
 
 
@@ -188,7 +189,9 @@ def run_page_window(ctx: task.OrchestrationContext, state: RunState[C], window: 
 
     Used with ``yield from``. A step whose activity still fails after its retry policy is kept in
     ``state.retry``; scheduling stops, the window drains, and the orchestration waits in ``WAITING_PHASE``
-    for the ``RESUME_EVENT`` before trying it again.
+    for the ``RESUME_EVENT`` before trying it again. A step that failed on damaged data (a page not as it was
+    written, ``workflows.pages``) fails the run at once instead: trying again cannot mend it, and the next
+    run starts over from a new scan.
     """
     set_progress(ctx, progress(phase))
     in_flight: list[task.Task[Any]] = []
@@ -224,6 +227,8 @@ def run_page_window(ctx: task.OrchestrationContext, state: RunState[C], window: 
         if done.is_failed:
             state.retry.append(step)
             details = done.get_exception().details
+            if details.error_type.rpartition(".")[2] == DamagedData.__name__:
+                raise DamagedData(details.message)
             failure = (details.message, details.error_type)
             continue
         on_result(step, done.get_result())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -17,10 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, read_blobs, wait_until, write_tree
+from helpers import ROOT, HoldingProxy, read_blobs, wait_until, write_tree
 
 from sitebackup.blob.naming import RESERVED_PREFIX
 from sitebackup.durable.taskhub import parse
+from sitebackup.model.codec import encode
+from sitebackup.model.work import CopyItem
 
 WAIT = 120  # generous bound for slow shared machines; never asserted on
 
@@ -329,3 +332,51 @@ def test_every_command_rejects_a_malformed_taskhub_string(tmp_path, cli, args):
     assert result.returncode == 2, (args, result.stderr)
     assert result.stderr.startswith("sitebackup: error: task hub connection string: Endpoint must start")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_work_page_rewritten_in_the_container_is_refused_by_the_worker(tmp_path, served, cli_env, cli, azurite,
+                                                                           blob_service, container_name):
+    """Whoever can write the container can rewrite a pending page: the worker (root here) refuses every page whose
+    bytes are not the ones the scan wrote, whatever it names (a path out of the source, an absolute one, a file
+    of the source the scan left out), uploads nothing of them, and the run fails naming a page."""
+    hub = _hub(served)
+    files = {f"f{i}.txt": b"listed %d" % i for i in range(8)}
+    src = write_tree(tmp_path / "site", {**files, "excluded.txt": b"left out by the user"})
+    outside = write_tree(tmp_path / "outside", {"shadow": b"root only"})
+    forged = {1: "../../etc/shadow", 2: str(outside / "shadow"), 3: "excluded.txt"}
+    # the scan's page index is held on its way to the container: every page is there, none taken yet
+    proxy = HoldingProxy(azurite.endpoint, lambda path: f"/{RESERVED_PREFIX}work/" in path and "/index/" in path)
+    env = dict(cli_env, AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string.replace(azurite.endpoint,
+                                                                                          proxy.endpoint))
+    mine = ("--state-dir", tmp_path / "cli-state")
+    # a window of 4 pages, 16 pages at least (shared): a page per file, pages 1 to 3 in the first window
+    started = cli(src, "--container", container_name, "--exclude", "excluded.txt", "--taskhub", hub,
+                  "--no-local-worker", "--detach", "--concurrency", "4", *mine)
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.strip()
+    [(proc, out)] = _workers(tmp_path, env, hub, 1)
+    try:
+        wait_until(lambda: proxy.held >= 1, "the scan to write its pages")
+        container = blob_service.get_container_client(container_name)
+        pages = f"{RESERVED_PREFIX}work/{run_id}/pages/"
+        assert len(list(container.list_blob_names(name_starts_with=pages))) == len(files)
+        for page, named in forged.items():
+            container.upload_blob(f"{pages}{page:06d}.json", encode([CopyItem(named, 9, 1)]), overwrite=True)
+        proxy.release.set()
+
+        def done():
+            info = json.loads(cli("status", run_id, "--taskhub", hub, "--json", *mine).stdout)
+            return info if info["runtime_status"] in ("COMPLETED", "FAILED", "TERMINATED") else None
+
+        final = wait_until(done, "the run to end")
+    finally:
+        proxy.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, out.read_text()[-2000:]
+    assert final["runtime_status"] == "FAILED"
+    assert re.match(rf"work page [123] of run {run_id} is damaged: ", final["failure"]["message"]), final
+    uploaded = {b.name: container.download_blob(b.name).readall() for b in container.list_blobs()
+                if not b.name.startswith(RESERVED_PREFIX)}
+    # what the forged pages named never went up, nor did the files the scan had put on them
+    assert set(uploaded) <= set(files) - {"f1.txt", "f2.txt", "f3.txt"}
+    assert b"root only" not in uploaded.values() and b"left out by the user" not in uploaded.values()

@@ -21,6 +21,7 @@ from sitebackup.local.scan import walk, walk_key
 from sitebackup.model.records import FileEntry, PriorCopy
 from sitebackup.model.work import CopyItem, FileRef, RangePage, ScanInput, Span, UploadSpec
 from sitebackup.workflows import copy
+from sitebackup.workflows.pages import chunk_hash, read_page
 from sitebackup.workflows.window import stream_pages
 
 MIB = 1024 * 1024
@@ -127,13 +128,13 @@ def test_scan_pages_mix_new_unchanged_and_large_files_in_walk_order(tmp_path: Pa
     out = copy.scan_source(work, "run", ScanInput(source=str(src), min_pages=1, baseline="base",
                                                   upload=UploadSpec(block_size=MIB)))
     assert out.pages == 1 + 5 + 1
-    first = work.read_page("run", 0, list[CopyItem])
+    first = read_page(work, "run", 0, chunk_hash(out.index, 0), list[CopyItem])
     assert [(i.path, i.previous is None) for i in first] == [("c", False), ("a/1", True)]
     # the last page holds only an unchanged file: recorded by the scan, no page to copy
     assert out.done == [Span(6, 7)] and (out.counts.files_unchanged, out.counts.bytes_skipped) == (1, 2)
     assert not (tmp_path / "work" / "run" / "pages" / "000006.json").exists()
     assert [(r.path, r.unchanged) for r in work.iter_results("run")] == [("a/b/2", True)]
-    ranges = [work.read_page("run", p, RangePage) for p in range(1, 6)]
+    ranges = [read_page(work, "run", p, chunk_hash(out.index, p), RangePage) for p in range(1, 6)]
     assert {r.file.path for r in ranges} == {"a/big"} and {r.first_page for r in ranges} == {1}
     previous = ranges[0].previous  # kept as a snapshot when replaced, and the record's copy should the file fail
     assert previous is not None and PriorCopy.of(previous) == PriorCopy("1B2M2Y8AsgTpgAmY7PhCfg==", '"0x1"')

@@ -222,7 +222,8 @@ def test_hash_blocks_gives_the_ranges_ids_and_the_whole_md5(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(data)
     st = path.stat()
-    md5, ids = blocks.hash_blocks(path, st.st_size, st.st_mtime_ns, MIB)
+    with open(path, "rb") as fh:
+        md5, ids = blocks.hash_blocks(fh.fileno(), st.st_size, st.st_mtime_ns, MIB)
     assert md5 == md5_of(data)
     assert ids == [blocks.content_block_id(data[i * MIB:(i + 1) * MIB], i) for i in range(4)]
 
@@ -432,11 +433,13 @@ def test_a_blob_replaced_after_the_restore_was_planned_is_read_from_the_snapshot
     cc = blob_service.get_container_client(container_name)
 
     options = RestoreOptions(concurrency=1)
-    assert fetch.plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id, options=options)).pages == 1
+    planned = fetch.plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id, options=options))
+    assert planned.pages == 1
     replace_blob(cc, "x.txt", b"two", keep=True)
     replace_blob(cc, "y.txt", b"not why", keep=False)
     (tmp_path / "dest").mkdir()
-    out = fetch.restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "dest"), container=container_name, page=0))
+    out = fetch.restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "dest"), container=container_name, page=0,
+                                                    index=planned.index[0]))
     assert out.counts.files_restored == 1
     assert (tmp_path / "dest" / "x.txt").read_bytes() == b"one"
     assert out.failures == [Listed("y.txt", error=PRUNED)]

@@ -244,6 +244,7 @@ def test_the_upload_client_made_ahead_serves_the_first_page_and_a_broken_one_fai
     from sitebackup.blob.clients import StorageSettings
     from sitebackup.blob.upload import Uploaded
     from sitebackup.errors import InputError
+    from sitebackup.local.files import SourceTree
 
     blob_service.create_container(container_name)
     src = tmp_path / "src"
@@ -254,7 +255,7 @@ def test_the_upload_client_made_ahead_serves_the_first_page_and_a_broken_one_fai
     putter.start()  # once is all it takes: no second loop
     assert _upload_loops() == before + 1
     try:
-        done = putter.put_many(container_name, [(src / "a.txt", "a.txt", None), (src / "b.txt", "b.txt", None)],
+        done = putter.put_many(container_name, SourceTree(src), [("a.txt", "a.txt", None), ("b.txt", "b.txt", None)],
                                UploadSpec())
         assert all(isinstance(d, Uploaded) for d in done), done
         assert _upload_loops() == before + 1
@@ -271,5 +272,5 @@ def test_the_upload_client_made_ahead_serves_the_first_page_and_a_broken_one_fai
     broken.start()
     for _ in range(2):
         with pytest.raises(InputError, match="AccountKey"):
-            broken.put_many(container_name, [(src / "a.txt", "a.txt", None)], UploadSpec())
+            broken.put_many(container_name, SourceTree(src), [("a.txt", "a.txt", None)], UploadSpec())
     broken.close()  # returns: nothing was made to close

@@ -29,6 +29,7 @@ from sitebackup.local.files import b64
 from sitebackup.model.work import FetchInput, FetchItem, Listed, PlanInput, RestoreOptions
 from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.fetch import plan_restore, restore_page
+from sitebackup.workflows.pages import PageWriter, read_page
 
 MIB = 1024 * 1024
 
@@ -105,10 +106,13 @@ def test_a_page_of_small_files_comes_through_the_asyncio_loop_each_checked_again
              for i, (name, data) in enumerate(files.items())]
     # the sync client points at a closed port: every small file must come through the asyncio getter
     deps, putter = _page_deps(tmp_path / "work", azurite, "http://127.0.0.1:9/devstoreaccount1")
-    deps.work.write_page("r1", 0, items)
+    writer = PageWriter(deps.work, "r1")
+    writer.write(0, items)
+    [index] = writer.close(1)
     (tmp_path / "out").mkdir()
     try:
-        result = restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "out"), container=container_name, page=0))
+        result = restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "out"), container=container_name, page=0,
+                                                     index=index))
     finally:
         putter.close()
 
@@ -181,12 +185,14 @@ def test_the_asyncio_path_reads_snapshots_and_falls_back_to_the_kept_copy_as_the
     deps, putter = _page_deps(state_dir / "work", azurite, azurite.endpoint)
     try:
         options = RestoreOptions(concurrency=1)
-        assert plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id, options=options)).pages == 1
-        assert sum(1 for item in deps.work.read_page("r1", 0, list[FetchItem]) if item.snapshot) == 1
+        planned = plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id, options=options))
+        assert planned.pages == 1
+        assert sum(1 for item in read_page(deps.work, "r1", 0, planned.index[0], list[FetchItem]) if item.snapshot) == 1
         replace_blob(cc, "x.txt", b"two", keep=True)  # after it: read from the snapshot kept
         replace_blob(cc, "y.txt", b"not why", keep=False)  # after it, nothing kept: pruned
         (tmp_path / "dest").mkdir()
-        out = restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "dest"), container=container_name, page=0))
+        out = restore_page(deps, "r1", FetchInput(dest=str(tmp_path / "dest"), container=container_name, page=0,
+                                                  index=planned.index[0]))
     finally:
         putter.close()
     assert out.counts.files_restored == 2

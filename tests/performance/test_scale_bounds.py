@@ -19,7 +19,7 @@ from helpers import ROOT, ForwardingProxy, wait_until, write_tree
 
 from sitebackup.blob.workstore import LocalWorkStore as WorkStore
 from sitebackup.durable.runtime import open_backend
-from sitebackup.local.files import file_md5
+from sitebackup.local.files import SourceTree, file_md5
 from sitebackup.model.codec import to_wire
 from sitebackup.model.records import FileEntry
 from sitebackup.model.work import (
@@ -39,6 +39,7 @@ from sitebackup.model.work import (
 from sitebackup.workflows import blocks, copy
 from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.names import MAX_LISTED, PAGES_PER_GENERATION
+from sitebackup.workflows.pages import chunk_hash, read_page
 
 MIB = 1024 * 1024
 
@@ -68,15 +69,26 @@ def test_count_range_schedules_one_commit_after_the_last_range():
     assert Step(7, commit=True) != Step(7)  # the commit of page 7's file is not page 7's copy
 
 
+def test_a_failed_range_says_why_to_its_files_commit():
+    """Range pages are never rewritten (their hashes are in the page index): why a range failed reaches the
+    commit through the orchestration."""
+    state = RunState(counts=BackupCounts(), started_at="")
+    blocks.count_range(state, RangeReport(first_page=7, ranges=2, range=0, block_id="A", md5="m", digest="d"))
+    failed = RangeReport(first_page=7, ranges=2, range=1, error="changed during backup")
+    assert blocks.count_range(state, failed) == Step(7, commit=True)
+    assert blocks.commit_order(state, 7) == CommitOrder(md5="m", blocks=["A", None], digest="d",
+                                                        failed="changed during backup")
+
+
 def test_scan_cuts_large_files_into_range_pages(tmp_path: Path):
     src = write_tree(tmp_path / "src", {"big.bin": b"x" * (4 * MIB + 1), "small.txt": b"s"})
     work = WorkStore(tmp_path / "work")
     out = copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1, upload=UploadSpec(block_size=MIB)))
     assert out.pages == 5 + 1  # in walk order: five ranges of 1 MiB, then one batch with the small file
-    ranges = [work.read_page("run1", p, RangePage) for p in range(5)]
+    ranges = [read_page(work, "run1", p, chunk_hash(out.index, p), RangePage) for p in range(5)]
     assert [r.range for r in ranges] == list(range(5))
     assert {r.first_page for r in ranges} == {0} and {r.ranges for r in ranges} == {5}
-    assert work.read_page("run1", 5, list[CopyItem])[0].path == "small.txt"
+    assert read_page(work, "run1", 5, chunk_hash(out.index, 5), list[CopyItem])[0].path == "small.txt"
 
 
 # ---- history and payloads -----------------------------------------------------------------------
@@ -132,14 +144,15 @@ def test_the_first_range_hashes_the_file_and_the_commit_gets_that_md5(cli, tmp_p
 def test_copy_output_stays_small_for_a_page_of_hundreds_of_failures(tmp_path):
     """A page of 300 files that all vanished: failures are capped in the output, all kept in the result file."""
     work = WorkStore(tmp_path / "work")
-    work.write_page("run1", 0, [CopyItem(f"gone/{i:04d}-{'x' * 100}.txt", 10, 1) for i in range(300)])
+    items = [CopyItem(f"gone/{i:04d}-{'x' * 100}.txt", 10, 1) for i in range(300)]
 
     class NoClient:
         def get_blob_client(self, name):  # never reached: every file fails at open
             raise AssertionError(name)
 
     deps = ActivityDeps(container_client=lambda c: NoClient(), work=work, endpoint="http://x")
-    out = copy.copy_page(deps, "run1", 0, tmp_path / "src", "c", "", UploadSpec())
+    with SourceTree(tmp_path / "src") as source:
+        out = copy.copy_page(deps, "run1", 0, items, source, "c", "", UploadSpec())
     assert out.counts.files_failed == 300 and len(out.failures) == MAX_LISTED
     assert len(json.dumps(to_wire(out))) < 4096  # the activity's output, as the durable history holds it
     assert sum(1 for r in work.iter_results("run1") if r.error is not None) == 300
@@ -189,8 +202,9 @@ def test_resumed_large_file_stages_only_missing_blocks(cli, cli_env, azurite, bl
     for index in (0, 2, 4):
         item = RangePage(file=FileRef("media/big.bin", size, st.st_mtime_ns), range=index, ranges=n,
                          block_size=block, first_page=0)
-        assert blocks.stage_range(container, src / "media/big.bin", "media/big.bin", item)[:2] == (
-            min(block, size - index * block), True)
+        with SourceTree(src) as source, source.opened("media/big.bin") as fd:
+            assert blocks.stage_range(container, fd, "media/big.bin", item)[:2] == (
+                min(block, size - index * block), True)
 
     proxy = CountingProxy(azurite.endpoint)
     try:
@@ -211,20 +225,22 @@ def test_resumed_large_file_stages_only_missing_blocks(cli, cli_env, azurite, bl
 
 
 def five_ranges(azurite, blob_service, tmp_path: Path, container_name: str, data: bytes):
-    """big.bin (5 MiB of *data*) scanned into five 1 MiB range pages; returns (src, work store, deps)."""
+    """big.bin (5 MiB of *data*) scanned into five 1 MiB range pages; returns (src, work store, deps, the hashes of
+    the page index's chunks)."""
     src = write_tree(tmp_path / "src", {"big.bin": data})
     work = WorkStore(tmp_path / "work")
-    copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1, upload=UploadSpec(block_size=MIB)))
+    out = copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1, upload=UploadSpec(block_size=MIB)))
     blob_service.get_container_client(container_name).create_container()
     deps = ActivityDeps(container_client=blob_service.get_container_client, work=work, endpoint=azurite.endpoint)
-    return src, work, deps
+    return src, work, deps, out.index
 
 
-def copy_step(deps: ActivityDeps, src: Path, container: str, page: int, commit: bool = False
+def copy_step(deps: ActivityDeps, src: Path, index: list[str], container: str, page: int, commit: bool = False
               ) -> PageResult[BackupCounts]:
     """The copy activity of range page *page* of run1, or (*commit*) the commit of the file whose first range it is,
     with nothing reported by the ranges (the commit hashes the file again)."""
     return copy.copy_step(deps, "run1", CopyInput(source=str(src), container=container, page=page,
+                                                  index=chunk_hash(index, page),
                                                   commit=CommitOrder() if commit else None))
 
 
@@ -237,12 +253,12 @@ def sent(result: PageResult[BackupCounts]) -> bool:
 def test_large_file_changed_between_staging_and_commit_is_reported_failed(azurite, blob_service, tmp_path,
                                                                           container_name):
     size = 5 * MIB  # above 4 x the 1 MiB block: five ranges
-    src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(size))
-    staged = [copy_step(deps, src, container_name, p) for p in range(5)]
+    src, work, deps, index = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(size))
+    staged = [copy_step(deps, src, index, container_name, p) for p in range(5)]
     assert sum(r.counts.bytes_uploaded for r in staged) == size
     with open(src / "big.bin", "ab") as fh:
         fh.write(b"more")
-    out = copy_step(deps, src, container_name, 0, commit=True)
+    out = copy_step(deps, src, index, container_name, 0, commit=True)
     assert out.counts.files_failed == 1 and out.failures[0].error == "changed during backup"
     assert list(work.iter_results("run1")) == [FileEntry("big.bin", error="changed during backup")]
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
@@ -293,12 +309,12 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
 
 
 def test_a_cancelled_commit_commits_and_records_nothing(azurite, blob_service, tmp_path, container_name):
-    src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(5 * MIB))
-    assert [sent(copy_step(deps, src, container_name, p)) for p in range(5)] == [True] * 5
+    src, work, deps, index = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(5 * MIB))
+    assert [sent(copy_step(deps, src, index, container_name, p)) for p in range(5)] == [True] * 5
     deps.cancelled = lambda run_id: True
-    staged = copy_step(deps, src, container_name, 0)
+    staged = copy_step(deps, src, index, container_name, 0)
     assert staged.counts.bytes_uploaded == 0 and staged.range == RangeReport(first_page=0, ranges=5)
-    out = copy_step(deps, src, container_name, 0, commit=True)
+    out = copy_step(deps, src, index, container_name, 0, commit=True)
     assert out.counts.files_uploaded == 0 and out.counts.files_failed == 0 and out.failures == []
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
     assert list(work.iter_results("run1")) == []
@@ -351,13 +367,13 @@ def test_peak_rss_for_a_4_gib_file_stays_under_300_mb(cli_env, blob_service, tmp
 def test_a_repeated_commit_of_a_committed_file_succeeds(azurite, blob_service, tmp_path, container_name):
     """An activity retried after its commit went through must not report the file failed."""
     data = os.urandom(5 * MIB)
-    src, work, deps = five_ranges(azurite, blob_service, tmp_path, container_name, data)
-    assert [sent(copy_step(deps, src, container_name, p)) for p in range(5)] == [True] * 5
+    src, work, deps, index = five_ranges(azurite, blob_service, tmp_path, container_name, data)
+    assert [sent(copy_step(deps, src, index, container_name, p)) for p in range(5)] == [True] * 5
     for _ in range(2):
-        out = copy_step(deps, src, container_name, 0, commit=True)
+        out = copy_step(deps, src, index, container_name, 0, commit=True)
         assert out.counts.files_uploaded == 1 and out.counts.files_failed == 0
     # ranges of the committed version are not sent again either
-    assert [sent(copy_step(deps, src, container_name, p)) for p in range(5)] == [False] * 5
+    assert [sent(copy_step(deps, src, index, container_name, p)) for p in range(5)] == [False] * 5
     blob = blob_service.get_blob_client(container_name, "big.bin")
     assert blob.download_blob().readall() == data
     assert list(work.iter_results("run1"))[0].md5 == base64.b64encode(hashlib.md5(data).digest()).decode()

@@ -14,8 +14,17 @@ from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.commands.backup import expand_prefix
 from sitebackup.errors import InputError
 from sitebackup.model.records import FileEntry
-from sitebackup.model.work import BackupCounts, CommitOrder, CopyInput, Listed, PageResult, ScanInput, UploadSpec
-from sitebackup.workflows import copy
+from sitebackup.model.work import (
+    BackupCounts,
+    CommitOrder,
+    CopyInput,
+    Listed,
+    PageResult,
+    RunState,
+    ScanInput,
+    UploadSpec,
+)
+from sitebackup.workflows import blocks, copy
 from sitebackup.workflows.activity import ActivityDeps
 
 MIB = 1024 * 1024
@@ -66,19 +75,24 @@ def test_the_longest_prefix_that_leaves_room_for_a_name_is_accepted(tmp_path, cl
 def test_a_large_file_changed_while_its_ranges_upload_is_reported_changed(azurite, blob_service, tmp_path,
                                                                           container_name):
     """The file changes under range 2, then gets its scanned size and mtime back (a copy that keeps
-    times): the commit's own check passes, yet the file is not the one the other ranges read."""
+    times): the commit's own check passes, yet the file is not the one the other ranges read. The ranges'
+    reports reach the commit as the orchestration hands them on (``blocks.count_range``, ``commit_order``)."""
     src = write_tree(tmp_path / "src", {"big.bin": os.urandom(5 * MIB)})
     path = src / "big.bin"
     scanned = path.stat()
     work = LocalWorkStore(tmp_path / "work")
-    copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1,
-                                             upload=UploadSpec(block_size=MIB)))  # five 1 MiB range pages
+    planned = copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1,
+                                                       upload=UploadSpec(block_size=MIB)))  # five 1 MiB range pages
     blob_service.get_container_client(container_name).create_container()
     deps = ActivityDeps(container_client=blob_service.get_container_client, work=work, endpoint=azurite.endpoint)
+    state = RunState(counts=BackupCounts(), started_at="")
 
     def copy_step(page: int, commit: CommitOrder | None = None) -> PageResult[BackupCounts]:
-        return copy.copy_step(deps, "run1", CopyInput(source=str(src), container=container_name, page=page,
-                                                      commit=commit))
+        result = copy.copy_step(deps, "run1", CopyInput(source=str(src), container=container_name, page=page,
+                                                        index=planned.index[0], commit=commit))
+        if result.range is not None:
+            blocks.count_range(state, result.range)
+        return result
 
     def staged(page: int) -> bool:
         result = copy_step(page)
@@ -91,10 +105,11 @@ def test_a_large_file_changed_while_its_ranges_upload_is_reported_changed(azurit
     changed = copy_step(2)
     # the range staged nothing, and a range never fails the file itself
     assert changed.range is not None and changed.range.block_id is None and changed.counts.files_failed == 0
+    assert changed.range.error == "changed during backup"
     os.utime(path, ns=(scanned.st_atime_ns, scanned.st_mtime_ns))
     assert [staged(p) for p in (3, 4)] == [True, True]
 
-    out = copy_step(0, CommitOrder(md5=first.range.md5))
+    out = copy_step(0, blocks.commit_order(state, 0))
     assert out.counts.files_failed == 1 and out.counts.files_uploaded == 0
     assert out.failures == [Listed("big.bin", error="changed during backup")]
     assert list(work.iter_results("run1")) == [FileEntry("big.bin", error="changed during backup")]
