@@ -54,7 +54,7 @@ def test_work_pages_are_compact_arrays_that_round_trip():
     assert items[0] == CopyItem("new.txt", 3, 7) and items[0].prior is None
     assert items[1].previous == FileEntry("seen.txt", 5, 8, "QQ==") and items[1].check
     assert items[2].changed and items[2].prior == PriorCopy("QQ==", '"0x2"')
-    range_page = b'{"file":["big.bin",99,5],"range":1,"ranges":3,"block_size":33,"first_page":4,"failed":null,' \
+    range_page = b'{"file":["big.bin",99,5],"range":1,"ranges":3,"block_size":33,"first_page":4,' \
                  b'"previous":{"path":"big.bin","size":98,"mtime_ns":1,"md5":"QQ=="}}'
     page = decode(range_page, CopyPage, "a range page")  # type: ignore[arg-type]
     assert isinstance(page, RangePage) and page.file.path == "big.bin" and page.previous is not None
