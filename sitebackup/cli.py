@@ -31,6 +31,7 @@ from sitebackup.commands import (
     resume,
     serve,
     status,
+    unlock,
     verify,
     worker,
 )
@@ -71,7 +72,7 @@ def cli() -> None:
 
 
 for command in (backup.command, restore.command, verify.command, prune.command, worker.command, serve.command,
-                status.command, list_runs.command, resume.command, cancel.command, purge.command):
+                status.command, list_runs.command, resume.command, cancel.command, purge.command, unlock.command):
     cli.add_command(command)
 
 

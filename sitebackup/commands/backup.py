@@ -30,6 +30,7 @@ from sitebackup.commands.hosting import (
     POLL_SECONDS,
     activity_deps,
     attach_and_watch,
+    backup_job_lock,
     exit_code_for,
     find_unfinished,
     get_run,
@@ -47,6 +48,7 @@ from sitebackup.commands.options import (
     concurrency_option,
     debug_option,
     destination_label,
+    lock_wait_option,
     metrics_option,
     output_options,
     stall_after_option,
@@ -101,6 +103,7 @@ class BackupRequest:
     upload: UploadSpec = field(default_factory=UploadSpec)
     stall_after: timedelta | None = None  # a live run idle for longer is stalled; None: never judged
     job_name: str | None = None  # --job NAME; None: the job is this host, source and prefix
+    lock_wait: timedelta | None = None  # how long to wait for the job's lock held by another process; None: not
 
     @property
     def job(self) -> Job:
@@ -158,7 +161,8 @@ class Selection:
 
 def build_request(source: str | Path, container: str, prefix: str | None, *, state_dir: Path,
                   concurrency: int, upload: UploadSpec | None = None, selection: Selection | None = None,
-                  no_wait: bool = False, stall_after: timedelta | None = None) -> BackupRequest:
+                  no_wait: bool = False, stall_after: timedelta | None = None,
+                  lock_wait: timedelta | None = None) -> BackupRequest:
     """Validate the backup's options into a request: source, destination, comparison, filters."""
     selection = selection or Selection()
     path = Path(source).expanduser()
@@ -182,7 +186,7 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
                          prefix=backup_prefix(expand_prefix(prefix)), concurrency=concurrency,
                          state_dir=state_dir, compare=mode, patterns=patterns,
                          follow_symlinks=selection.follow_symlinks, no_wait=no_wait, upload=upload or UploadSpec(),
-                         stall_after=stall_after)
+                         stall_after=stall_after, lock_wait=lock_wait)
 
 
 def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore) -> str | None:
@@ -211,23 +215,31 @@ def find_unfinished_backup(client: dt_client.TaskHubGrpcClient, inp: BackupInput
 def run_backup(request: BackupRequest, settings: StorageSettings, printer: Printer, *,
                taskhub: TaskHubSettings | None = None, local_worker: bool = True,
                detach: bool = False) -> Summary[Any]:
-    """Schedule or resume, then host a worker and watch (or only watch, or with *detach* only schedule)."""
+    """Schedule or resume, then host a worker and watch (or only watch, or with *detach* only schedule).
+
+    The process that schedules or resumes the run holds its job's lock in the container until it stops
+    watching: the whole run when it hosts or watches it (``--no-local-worker``), the scheduling alone with
+    *detach*. A process that attaches to a run another process of this state directory hosts takes the lock
+    only if it takes the run over."""
     endpoint = connect(settings.require(), request.container)
     inp = request.orchestration_input(endpoint)
     inp.options.shared = taskhub is not None
     lock = RunLock.for_backup(request.state_dir, inp.source, inp.container, inp.prefix)
-    with open_backend(request.state_dir, taskhub) as runtime:
+    with open_backend(request.state_dir, taskhub) as runtime, backup_job_lock(settings, inp, runtime) as job_lock:
         try:
-            deps = activity_deps(settings, Concurrency(request.concurrency), runtime)
+            deps = activity_deps(settings, Concurrency(request.concurrency), runtime, job_lock)
             with runtime.connected() as client:
                 instance_id, live = claim_or_find(client, runtime, inp, lock)
                 warning = check_live_run(client, instance_id, request) if live and instance_id else None
                 resumed = instance_id is not None
+                run_id = instance_id or new_instance_id()
+                if not live:  # this process schedules or resumes the run: the job's lock first
+                    job_lock.acquire(request.lock_wait, run=run_id)
                 if instance_id is None:
                     # with --force too: the baseline says what each name holds, to keep as a snapshot
                     inp.baseline = find_baseline(client, inp, deps.work)
                     instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
-                                                                    instance_id=new_instance_id())
+                                                                    instance_id=run_id)
             printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.destination,
                                    endpoint=endpoint, resumed=resumed, attached=live))
             if warning is not None:
@@ -236,8 +248,9 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
                 return Summary(kind=BACKUP_ORCHESTRATION, counts=BackupCounts(), instance_id=instance_id,
                                runtime_status="SCHEDULED", detached=True)
             if live and local_worker:
-                return attach_and_watch(runtime, deps, instance_id, printer, lock)
-            return host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker)
+                return attach_and_watch(runtime, deps, instance_id, printer, lock, job_lock)
+            return host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker,
+                                  on_poll=job_lock.check)
         finally:
             lock.release()
 
@@ -423,6 +436,7 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
               help="If the same backup is already running, print its id and exit 4 instead of attaching "
                    "(6 if it has made no progress for --stall-after).")
 @stall_after_option
+@lock_wait_option
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
               help="Append a timestamped log of the run (start, failures, summary) to PATH "
                    "(created 0600; a symlink or hard link there is refused).")
@@ -435,8 +449,8 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @debug_option
 def command(source: Path, container: str, prefix: str, storage: StorageSettings, concurrency: int,
             upload: UploadSpec, output: Output, selection: Selection, dry_run: bool, no_wait: bool,
-            stall_after: timedelta, log_file: Path | None, taskhub: TaskHubSettings | None, no_local_worker: bool,
-            detach: bool, metrics_file: Path | None, state_dir: Path) -> None:
+            stall_after: timedelta, lock_wait: timedelta | None, log_file: Path | None, taskhub: TaskHubSettings | None,
+            no_local_worker: bool, detach: bool, metrics_file: Path | None, state_dir: Path) -> None:
     """Back up SOURCE to a container (the default command).
 
     Every file becomes a blob named by its path relative to SOURCE.
@@ -456,7 +470,7 @@ def command(source: Path, container: str, prefix: str, storage: StorageSettings,
     metrics = start_metrics(metrics_file, "backup", str(source.expanduser().resolve()),
                             destination_label(container, prefix))
     request = build_request(source, container, prefix, state_dir=state_dir, concurrency=concurrency, upload=upload,
-                            selection=selection, no_wait=no_wait, stall_after=stall_after)
+                            selection=selection, no_wait=no_wait, stall_after=stall_after, lock_wait=lock_wait)
     if dry_run:
         with render.DryRunLines(output.json, output.quiet) as lines:
             plan = plan_backup(request, storage, taskhub, lines.add)
