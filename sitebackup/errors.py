@@ -91,8 +91,9 @@ class LockedError(SiteBackupError):
     exit_code = EXIT_ALREADY_RUNNING
 
 
-class LockLost(LockedError):
-    """The lock this process held lapsed and another process took it: this one stops changing the container."""
+class LockLost(DestinationError):
+    """The job lock this process held could not be renewed (the destination was out of reach for a lease's
+    time, or the process stalled and another one took the lock): it stops changing the container."""
 
 
 class StateFullError(SiteBackupError):

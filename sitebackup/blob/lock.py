@@ -4,12 +4,13 @@ host or state directory they run from.
 A lock is the blob ``.sitebackup/locks/<job id>`` held through a blob lease: a fixed lease of
 ``LEASE_SECONDS`` taken when the lock is acquired, renewed every third of that by a daemon thread while it
 is held, released at the end. A holder that dies (SIGKILL, a lost machine) stops renewing and its lease
-lapses within a lease's time; the service refuses a second lease meanwhile. A holder that stalls past its
-lease (suspended, cut off) may find its lease taken by another process: its renewal then fails and
-``check()``, which the holder calls between steps, raises ``LockLost``, so it stops changing the container.
+lapses within a lease's time; the service refuses a second lease meanwhile (a backup run again from the
+dead one's state directory need not wait: see ``Claim``). A holder that cannot renew for a lease's time
+(suspended, cut off) may find its lease taken by another process: ``check()``, which the holder calls
+between steps, then raises ``LockLost``, so it stops changing the container.
 
-The lock blob's metadata names the holder (host, pid, command, since, run), for the message of a process
-that is refused. The job's descriptor (``blob.records``) is written before its lock blob is first created,
+The lock blob's metadata names the holder (host, pid, command, since, run, claim), for the message of a
+process that is refused. The job's descriptor (``blob.records``) is written before its lock blob is first created,
 so a prune that lists the jobs of a prefix finds every job that has ever held a lock there. Runs under a
 prefix that no job names (runs of an earlier version) are locked under a name made from the prefix.
 """
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobLeaseClient, ContainerClient
 
@@ -70,15 +72,16 @@ class Holder:
     command: str  # backup or prune
     since: str  # ISO 8601, UTC
     run: str = ""  # the run a backup hosts
+    claim: str = ""  # ``Claim.token`` of the holder
 
     @classmethod
-    def here(cls, command: str, run: str = "") -> Holder:
+    def here(cls, command: str, run: str = "", claim: str = "") -> Holder:
         return cls(host=host_name(), pid=os.getpid(), command=command,
-                   since=datetime.now(timezone.utc).isoformat(timespec="seconds"), run=run)
+                   since=datetime.now(timezone.utc).isoformat(timespec="seconds"), run=run, claim=claim)
 
     def metadata(self) -> dict[str, str]:
         values = {"host": self.host, "pid": str(self.pid), "command": self.command, "since": self.since,
-                  "run": self.run}
+                  "run": self.run, "claim": self.claim}
         # metadata travels in HTTP headers: ASCII only
         return {key: value.encode("ascii", "backslashreplace").decode("ascii") for key, value in values.items()
                 if value}
@@ -90,11 +93,23 @@ class Holder:
         if not fields.get("pid", "").isdigit():
             return None
         return cls(host=fields.get("host", "?"), pid=int(fields["pid"]), command=fields.get("command", "?"),
-                   since=fields.get("since", "?"), run=fields.get("run", ""))
+                   since=fields.get("since", "?"), run=fields.get("run", ""), claim=fields.get("claim", ""))
 
     def __str__(self) -> str:
         run = f", run {self.run}" if self.run else ""
         return f"{self.command} (pid {self.pid} on {self.host}, since {self.since}{run})"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What ties a backup's job lock to the run lock of its state directory (``durable.runlock``), which the
+    backup holds for as long as it holds the job lock: ``token`` names this process's holding of the run lock,
+    ``ended`` the holding before it. That one has ended (this process holds the run lock now), so a job lock
+    still held under its token is a dead process's: it is broken at once instead of lapsing, and a killed
+    backup run again from its state directory resumes without waiting."""
+
+    token: str = ""
+    ended: str = ""
 
 
 def describe(holder: Holder | None) -> str:
@@ -136,11 +151,11 @@ class JobLock:
     def held(self) -> bool:
         return self._lease is not None
 
-    def acquire(self, wait: timedelta | None = None, run: str = "") -> None:
+    def acquire(self, wait: timedelta | None = None, run: str = "", claim: Claim = Claim()) -> None:
         """Take the lock; when another process holds it, ask again every ``POLL_SECONDS`` until *wait* has
         passed (None: not at all), then raise ``LockedError`` naming the holder."""
         deadline = time.monotonic() + (wait.total_seconds() if wait else 0.0)
-        while not self.try_acquire(run):
+        while not self.try_acquire(run, claim):
             left = deadline - time.monotonic()
             if left <= 0:
                 waited = f" (waited {wait})" if wait else ""
@@ -149,39 +164,62 @@ class JobLock:
                                   "lock lapse within a minute)")
             time.sleep(min(POLL_SECONDS, left))
 
-    def poll(self, run: str = "") -> bool:
+    def poll(self, run: str = "", claim: Claim = Claim()) -> bool:
         """``try_acquire``, asking the service at most once every ``POLL_SECONDS``: for a loop that polls often."""
         if self.held:
             return True
         if time.monotonic() < self._next_poll:
             return False
         self._next_poll = time.monotonic() + POLL_SECONDS
-        return self.try_acquire(run)
+        return self.try_acquire(run, claim)
 
-    def try_acquire(self, run: str = "") -> bool:
-        """Take the lock if no other process holds it; True if this process holds it now, else False with
-        ``other`` naming the holder."""
+    def try_acquire(self, run: str = "", claim: Claim = Claim()) -> bool:
+        """Take the lock if no other process holds it (or a dead one: see ``Claim``); True if this process holds it
+        now, else False with ``other`` naming the holder."""
         if self.held:
             return True
         lease = BlobLeaseClient(self.blob)
+        asked = time.monotonic()  # the lease runs from no earlier than this
+        try:
+            if not self._take(lease, claim):
+                return False
+        except AzureError as exc:
+            raise self._error(exc) from None
+        self._hold(lease, asked)
+        try:
+            self.blob.set_blob_metadata(Holder.here(self.command, run, claim.token).metadata(), lease=lease)
+        except BaseException as exc:
+            self.release()
+            if isinstance(exc, AzureError):
+                raise self._error(exc) from None
+            raise
+        return True
+
+    def _take(self, lease: BlobLeaseClient, claim: Claim) -> bool:
         try:
             try:
                 lease.acquire(lease_duration=self.lease_seconds)
             except ResourceNotFoundError:
                 self._create()
                 lease.acquire(lease_duration=self.lease_seconds)
+            return True
         except ResourceExistsError:  # leased by another process
-            self.other = self._holder()
-            return False
-        except AzureError as exc:
-            raise self._error(exc) from None
-        self._hold(lease)
+            pass
         try:
-            self.blob.set_blob_metadata(Holder.here(self.command, run).metadata(), lease=lease)
-        except BaseException as exc:
-            self.release()
-            if isinstance(exc, AzureError):
-                raise self._error(exc) from None
+            props = self.blob.get_blob_properties()
+        except ResourceNotFoundError:
+            self.other = None
+            return False
+        self.other = Holder.from_metadata(props.metadata or {})
+        if not claim.ended or self.other is None or self.other.claim != claim.ended:
+            return False
+        try:  # unless another process took it since it was read
+            BlobLeaseClient(self.blob).break_lease(lease_break_period=0, etag=props.etag,
+                                                   match_condition=MatchConditions.IfNotModified)
+            lease.acquire(lease_duration=self.lease_seconds)
+        except HttpResponseError as exc:
+            if exc.status_code in (409, 412):
+                return False
             raise
         return True
 
@@ -199,7 +237,8 @@ class JobLock:
         """Raise ``LockLost`` once the lock this process took is no longer its own: called between steps."""
         reason = self.lost()
         if reason is not None:
-            raise LockLost(f"lost the lock of {self.label}: {reason}; stopped changing the container")
+            raise LockLost(f"lost the lock of {self.label}: {reason}; stopped before changing the container "
+                           "further: run the same command again")
 
     def release(self) -> None:
         """Let the lock go (a lease that cannot be released lapses by itself)."""
@@ -210,8 +249,8 @@ class JobLock:
         with self._renewing, contextlib.suppress(Exception):
             lease.release()
 
-    def _hold(self, lease: BlobLeaseClient) -> None:
-        self._lease, self._lost, self._renewed = lease, None, time.monotonic()
+    def _hold(self, lease: BlobLeaseClient, taken: float) -> None:
+        self._lease, self._lost, self._renewed = lease, None, taken
         self._stop = stop = threading.Event()
         threading.Thread(target=self._renew, args=(lease, stop), name=f"lock {self.name}", daemon=True).start()
 
@@ -221,8 +260,9 @@ class JobLock:
                 with self._renewing:
                     if stop.is_set():
                         return
+                    sent = time.monotonic()  # the renewed lease runs from no earlier than this
                     lease.renew()
-                self._renewed = time.monotonic()
+                self._renewed = sent
             except (ResourceExistsError, ResourceNotFoundError) as exc:
                 # leased again by another process after ours lapsed, or removed after it lapsed
                 self._lost = one_line(exc)
@@ -236,14 +276,6 @@ class JobLock:
             ContainerRecords(self.container).put_job(self.job)
         with contextlib.suppress(ResourceExistsError):  # created meanwhile by another process
             self.container.upload_blob(self.blob.blob_name, b"", overwrite=False)
-
-    def _holder(self) -> Holder | None:
-        try:
-            return Holder.from_metadata(self.blob.get_blob_properties().metadata or {})
-        except ResourceNotFoundError:
-            return None
-        except AzureError as exc:
-            raise self._error(exc) from None
 
     def _error(self, exc: AzureError) -> DestinationError:
         label = endpoint_label(self.container)

@@ -31,12 +31,14 @@ from sitebackup.commands.hosting import (
     activity_deps,
     attach_and_watch,
     backup_job_lock,
+    claim_of,
     exit_code_for,
     find_unfinished,
     get_run,
     host_and_watch,
     last_progress,
     new_instance_id,
+    release_run,
     run_label,
     stalled_for,
 )
@@ -225,7 +227,7 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
     inp = request.orchestration_input(endpoint)
     inp.options.shared = taskhub is not None
     lock = RunLock.for_backup(request.state_dir, inp.source, inp.container, inp.prefix)
-    with open_backend(request.state_dir, taskhub) as runtime, backup_job_lock(settings, inp, runtime) as job_lock:
+    with open_backend(request.state_dir, taskhub) as runtime, backup_job_lock(settings, inp) as job_lock:
         try:
             deps = activity_deps(settings, Concurrency(request.concurrency), runtime, job_lock)
             with runtime.connected() as client:
@@ -234,7 +236,7 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
                 resumed = instance_id is not None
                 run_id = instance_id or new_instance_id()
                 if not live:  # this process schedules or resumes the run: the job's lock first
-                    job_lock.acquire(request.lock_wait, run=run_id)
+                    job_lock.acquire(request.lock_wait, run=run_id, claim=claim_of(lock))
                 if instance_id is None:
                     # with --force too: the baseline says what each name holds, to keep as a snapshot
                     inp.baseline = find_baseline(client, inp, deps.work)
@@ -252,7 +254,7 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
             return host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker,
                                   on_poll=job_lock.check)
         finally:
-            lock.release()
+            release_run(runtime, lock, job_lock)
 
 
 def check_live_run(client: dt_client.TaskHubGrpcClient, instance_id: str, request: BackupRequest) -> str | None:

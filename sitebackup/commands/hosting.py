@@ -26,7 +26,7 @@ from sitebackup.blob.asyncget import AsyncGetter
 from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
 from sitebackup.blob.errors import redact
-from sitebackup.blob.lock import JobLock, host_name, job_lock
+from sitebackup.blob.lock import Claim, JobLock, host_name, job_lock
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime
@@ -338,7 +338,7 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
                 job_lock.check()
             return
         if lock.try_acquire() and not runtime.worker_attached(instance_id) and \
-                (job_lock is None or job_lock.poll(run=instance_id)):
+                (job_lock is None or job_lock.poll(run=instance_id, claim=claim_of(lock))):
             runtime.start_worker(deps)
             hosting.append(True)
 
@@ -376,17 +376,28 @@ class CancelCheck:
 
 
 @contextmanager
-def backup_job_lock(settings: StorageSettings, inp: BackupInput, runtime: Runtime) -> Iterator[JobLock]:
+def backup_job_lock(settings: StorageSettings, inp: BackupInput) -> Iterator[JobLock]:
     """The container lock of the job of a backup run this process may host, not taken yet: the caller takes it
-    once it is going to schedule or host the run. On the way out this process's workers stop before the lock is
-    released. A run of an earlier version, without a job, is locked as the job its source and prefix make on
-    this host."""
+    once it is going to schedule or host the run, and lets it go with ``release_run``. A run of an earlier
+    version, without a job, is locked as the job its source and prefix make on this host."""
     job = inp.job or Job.of(host=host_name(), source=inp.source, prefix=inp.prefix)
     with job_lock(settings, inp.container, job, "backup") as lock:
-        try:
-            yield lock
-        finally:
-            runtime.stop_workers()
+        yield lock
+
+
+def claim_of(lock: RunLock) -> Claim:
+    """How the job lock of a run whose run lock this process holds is tied to it (``blob.lock.Claim``)."""
+    return Claim(token=lock.token, ended=lock.previous)
+
+
+def release_run(runtime: Runtime, lock: RunLock, job_lock: JobLock | None) -> None:
+    """Let a run go, in this order: this process's workers stop, the job's lock in the container goes, then the
+    run lock of the state directory, so that the process of this state directory that takes the run over or
+    starts the next run finds the job's lock free."""
+    runtime.stop_workers()
+    if job_lock is not None:
+        job_lock.release()
+    lock.release()
 
 
 def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: Runtime,

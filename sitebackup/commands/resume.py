@@ -17,9 +17,11 @@ from sitebackup.commands.hosting import (
     activity_deps,
     attach_and_watch,
     backup_job_lock,
+    claim_of,
     exit_code_for,
     get_run,
     host_and_watch,
+    release_run,
     summarize,
 )
 from sitebackup.commands.options import (
@@ -68,14 +70,14 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
         inp = _run_input(state)
         connect(settings.require(), inp.container)
         # a backup's job lock in the container; a restore changes nothing there
-        with backup_job_lock(settings, inp, runtime) if isinstance(inp, BackupInput) else nullcontext() as job_lock:
+        with backup_job_lock(settings, inp) if isinstance(inp, BackupInput) else nullcontext() as job_lock:
             deps = activity_deps(settings, Concurrency(inp.options.concurrency), runtime, job_lock)
             # a restore's "source" is its label: the lock key stays distinct from every backup's
             lock = RunLock.for_backup(state_dir, inp.source, inp.container, inp.prefix)
             try:
                 if lock.try_acquire() and not runtime.worker_attached(instance_id):
                     if job_lock is not None:
-                        job_lock.acquire(run=instance_id)
+                        job_lock.acquire(run=instance_id, claim=claim_of(lock))
                     return host_and_watch(runtime, deps, instance_id, printer,
                                           on_poll=job_lock.check if job_lock is not None else None)
                 # a live process hosts it (or a dead one's leases have not run out yet): watch, and
@@ -83,7 +85,7 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
                 printer.message("another process is working on this run; showing its progress")
                 return attach_and_watch(runtime, deps, instance_id, printer, lock, job_lock)
             finally:
-                lock.release()
+                release_run(runtime, lock, job_lock)
 
 
 def _run_input(state: dt_client.OrchestrationState) -> BackupInput | RestoreInput:
