@@ -82,7 +82,7 @@ def command(container: str, prefix: str | None, job: str | None, storage: Storag
     for lock in found:
         if not lock.live:
             last = f" (last held by {lock.holder})" if lock.holder is not None else ""
-            click.echo(printable(f"removed the lock of {lock.label}: its lease had lapsed{last}"))
+            click.echo(printable(f"removed the lock of {lock.label}: nobody holds it{last}"))
     if not found:
         click.echo(f"no lock to remove in container {container}")
     if live:
