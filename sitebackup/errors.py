@@ -92,8 +92,8 @@ class LockedError(SiteBackupError):
 
 
 class LockLost(DestinationError):
-    """The job lock this process held could not be renewed (the destination was out of reach for a lease's
-    time, or the process stalled and another one took the lock): it stops changing the container."""
+    """The job lock this process held lapsed and another process took it (the destination was out of reach, or
+    this process stalled, for longer than its lease), or it was broken: this one stops changing the container."""
 
 
 class StateFullError(SiteBackupError):

@@ -5,9 +5,10 @@ A lock is the blob ``.sitebackup/locks/<job id>`` held through a blob lease: a f
 ``LEASE_SECONDS`` taken when the lock is acquired, renewed every third of that by a daemon thread while it
 is held, released at the end. A holder that dies (SIGKILL, a lost machine) stops renewing and its lease
 lapses within a lease's time; the service refuses a second lease meanwhile (a backup run again from the
-dead one's state directory need not wait: see ``Claim``). A holder that cannot renew for a lease's time
-(suspended, cut off) may find its lease taken by another process: ``check()``, which the holder calls
-between steps, then raises ``LockLost``, so it stops changing the container.
+dead one's state directory need not wait: see ``Claim``). A holder that could not renew for a lease's time
+(suspended, cut off) may find its lease taken by another process: its next renewal says so, and
+``check()``, which the holder calls between steps, then raises ``LockLost``, so it stops changing the
+container. A destination out of reach is not a lost lock: the run rides it out or parks as it would.
 
 The lock blob's metadata names the holder (host, pid, command, since, run, claim), for the message of a
 process that is refused. The job's descriptor (``blob.records``) is written before its lock blob is first created,
@@ -143,7 +144,6 @@ class JobLock:
         self._lease: BlobLeaseClient | None = None
         self._stop = threading.Event()
         self._renewing = threading.Lock()  # a renewal and the release never cross
-        self._renewed = 0.0  # monotonic time of the last lease taken or renewed
         self._lost: str | None = None
         self._next_poll = 0.0
 
@@ -179,13 +179,12 @@ class JobLock:
         if self.held:
             return True
         lease = BlobLeaseClient(self.blob)
-        asked = time.monotonic()  # the lease runs from no earlier than this
         try:
             if not self._take(lease, claim):
                 return False
         except AzureError as exc:
             raise self._error(exc) from None
-        self._hold(lease, asked)
+        self._hold(lease)
         try:
             self.blob.set_blob_metadata(Holder.here(self.command, run, claim.token).metadata(), lease=lease)
         except BaseException as exc:
@@ -225,13 +224,9 @@ class JobLock:
 
     def lost(self) -> str | None:
         """Why this process can no longer count on the lock it took, else None."""
-        if not self.held:
+        if not self.held or self._lost is None:
             return None
-        if self._lost is not None:
-            return f"its lease was taken or broken ({self._lost})"
-        if time.monotonic() - self._renewed > self.lease_seconds:
-            return f"its lease could not be renewed for {self.lease_seconds} s"
-        return None
+        return f"its lease lapsed and was taken, or was broken ({self._lost})"
 
     def check(self) -> None:
         """Raise ``LockLost`` once the lock this process took is no longer its own: called between steps."""
@@ -249,26 +244,29 @@ class JobLock:
         with self._renewing, contextlib.suppress(Exception):
             lease.release()
 
-    def _hold(self, lease: BlobLeaseClient, taken: float) -> None:
-        self._lease, self._lost, self._renewed = lease, None, taken
+    def _hold(self, lease: BlobLeaseClient) -> None:
+        self._lease, self._lost = lease, None
         self._stop = stop = threading.Event()
         threading.Thread(target=self._renew, args=(lease, stop), name=f"lock {self.name}", daemon=True).start()
 
     def _renew(self, lease: BlobLeaseClient, stop: threading.Event) -> None:
-        while not stop.wait(self.lease_seconds / 3):
+        """Renew every third of the lease; after a failed attempt (the service out of reach) sooner. A lease
+        that lapsed meanwhile renews as long as nobody leased the blob since: the service's answer, once it
+        comes, says whether this process still held the lock all along."""
+        interval = self.lease_seconds / 3
+        while not stop.wait(interval):
             try:
                 with self._renewing:
                     if stop.is_set():
                         return
-                    sent = time.monotonic()  # the renewed lease runs from no earlier than this
                     lease.renew()
-                self._renewed = sent
+                interval = self.lease_seconds / 3
             except (ResourceExistsError, ResourceNotFoundError) as exc:
-                # leased again by another process after ours lapsed, or removed after it lapsed
+                # leased again by another process after ours lapsed, broken, or removed after it lapsed
                 self._lost = one_line(exc)
                 return
-            except Exception:  # not reached this time: the next renewal tries again, and check() judges by age
-                continue
+            except Exception:  # not reached: ask again soon
+                interval = POLL_SECONDS
 
     def _create(self) -> None:
         """The lock blob, empty; the job's descriptor first."""
