@@ -103,11 +103,11 @@ class Holder:
 
 @dataclass(frozen=True)
 class Claim:
-    """What ties a backup's job lock to the run lock of its state directory (``durable.runlock``), which the
-    backup holds for as long as it holds the job lock: ``token`` names this process's holding of the run lock,
+    """What ties a job lock to a run lock of the holder's state directory (``durable.runlock``), which the holder
+    holds for as long as it holds the job lock: ``token`` names this process's holding of the run lock,
     ``ended`` the holding before it. That one has ended (this process holds the run lock now), so a job lock
     still held under its token is a dead process's: it is broken at once instead of lapsing, and a killed
-    backup run again from its state directory resumes without waiting."""
+    backup or prune run again from its state directory goes on without waiting."""
 
     token: str = ""
     ended: str = ""
@@ -322,8 +322,8 @@ class HeldLocks:
 
 
 @contextmanager
-def prefix_locks(settings: StorageSettings, container: str, prefix: str, command: str,
-                 wait: timedelta | None) -> Iterator[HeldLocks]:
+def prefix_locks(settings: StorageSettings, container: str, prefix: str, command: str, wait: timedelta | None,
+                 claim: Claim = Claim()) -> Iterator[HeldLocks]:
     """Hold every lock ``locks_for_prefix`` names for *prefix* while the block runs, waiting up to *wait* in all.
 
     The jobs are listed again once the locks are held, and the lock of a job that appeared meanwhile is taken
@@ -337,7 +337,7 @@ def prefix_locks(settings: StorageSettings, container: str, prefix: str, command
                 for name, label in sorted(wanted.items()):  # one order for every process: no two wait on each other
                     lock = held[name] = JobLock(client, name, label, command)
                     left = deadline - time.monotonic()
-                    lock.acquire(timedelta(seconds=left) if wait and left > 0 else None)
+                    lock.acquire(timedelta(seconds=left) if wait and left > 0 else None, claim=claim)
             yield HeldLocks(list(held.values()))
         finally:
             for lock in held.values():

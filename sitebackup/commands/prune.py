@@ -9,7 +9,8 @@ stay. Failed and cancelled runs of the destination are dropped: like restic's in
 they are not snapshots anyone keeps. Before it reads any record, prune takes the lock in the container
 (``blob.lock``) of every job whose prefix overlaps the pruned one and holds them until it is done, so no
 backup of those jobs, from any host or state directory, runs meanwhile; a backup of the container that a
-live process of this state directory is running makes it refuse too (it would race the uploads).
+live process of this state directory is running makes it refuse too (it would race the uploads). A dry run
+changes nothing and takes no lock.
 
 The order makes a prune killed at any point, then run again, finish the job with kept runs intact:
 decide; mark every dropped run pruned (the journal: a marked run stays dropped whatever the next
@@ -50,11 +51,11 @@ from durabletask import client as dt_client
 from sitebackup.blob.clients import StorageSettings, check_container, service_client
 from sitebackup.blob.errors import classify, one_line
 from sitebackup.blob.history import Copy, copy_client, list_copies
-from sitebackup.blob.lock import HeldLocks, prefix_locks
+from sitebackup.blob.lock import Claim, HeldLocks, prefix_locks
 from sitebackup.blob.naming import blob_name, normalize_prefix, overlaps, validate_container_name
 from sitebackup.blob.workstore import BlobWorkStore, WorkStore
 from sitebackup.commands.backup import expand_prefix
-from sitebackup.commands.hosting import BackupRun, backup_runs
+from sitebackup.commands.hosting import BackupRun, backup_runs, claim_of
 from sitebackup.commands.options import (
     Command,
     F,
@@ -71,6 +72,7 @@ from sitebackup.commands.options import (
 )
 from sitebackup.commands.retention import Policy, apply_policy
 from sitebackup.durable.backend.statedir import prepare
+from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime, open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import (
@@ -139,8 +141,7 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
               ) -> PruneReport:
     endpoint = check_container(settings.require(), request.container)
     # the locks before any record is read, held until the last record is removed
-    with prefix_locks(settings, request.container, request.prefix, "prune", request.lock_wait) as locks, \
-            open_backend(request.state_dir, taskhub) as runtime, \
+    with _job_locks(request, settings) as locks, open_backend(request.state_dir, taskhub) as runtime, \
             service_client(settings, pool_size=DELETES.connections) as (service, label):
         container = service.get_container_client(request.container)
         # under the scheduler the records live in this container: no need to look it up per run
@@ -170,6 +171,27 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
                 work.remove(run_id, keep_mark=True)
                 client.purge_orchestration(run_id, recursive=True)
     return _report(request, runs, kept, dropped, freed)
+
+
+@contextmanager
+def _job_locks(request: PruneRequest, settings: StorageSettings) -> Iterator[HeldLocks]:
+    """The container locks of the jobs this prune changes (``blob.lock.prefix_locks``), taken under a run lock of
+    this state directory that ties them to it (``blob.lock.Claim``): a prune killed while it held them and run
+    again from here takes them at once, and finishes its job. A dry run changes nothing and takes none."""
+    if request.dry_run:
+        yield HeldLocks([])
+        return
+    prepare(request.state_dir)  # owner-only, before the run lock's file is made in it
+    local = RunLock.for_prune(request.state_dir, request.container, request.prefix)
+    try:
+        try:
+            claim = claim_of(local) if local.try_acquire() else Claim()
+        except OSError:  # a state directory that takes no file: the locks of a killed prune lapse instead
+            claim = Claim()
+        with prefix_locks(settings, request.container, request.prefix, "prune", request.lock_wait, claim) as locks:
+            yield locks
+    finally:
+        local.release()
 
 
 def _while_held(locks: HeldLocks, groups: Iterable[list[Copy]]) -> Iterator[list[Copy]]:
@@ -458,7 +480,7 @@ def command(container: str, prefix: str, policy: Policy, dry_run: bool, json_out
 
     A prune that is interrupted finishes its job when run again. It holds the lock of every job
     whose prefix overlaps the pruned one: while a backup or prune of one of them runs, it exits 4
-    at once, or waits up to --lock-wait.
+    at once, or waits up to --lock-wait (a dry run takes no lock).
 
     \b
     Examples:

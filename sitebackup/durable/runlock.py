@@ -1,4 +1,5 @@
-"""One run at a time per source and destination: an advisory file lock held by the hosting process.
+"""One run at a time per source and destination: an advisory file lock held by the hosting process (and one
+per destination that a prune holds while it holds the job locks of the destination in the container).
 
 The process that schedules or resumes a backup holds ``<state_dir>/locks/<key>.lock`` (flock) for
 as long as it hosts the run; the kernel drops the lock when that process dies, however it dies, so
@@ -36,6 +37,10 @@ class RunLock:
     @classmethod
     def for_backup(cls, state_dir: Path, source: str, container: str, prefix: str) -> "RunLock":
         return cls(state_dir / "locks" / f"{lock_key(source, container, prefix)}.lock")
+
+    @classmethod
+    def for_prune(cls, state_dir: Path, container: str, prefix: str) -> "RunLock":
+        return cls(state_dir / "locks" / f"prune-{lock_key('', container, prefix)}.lock")
 
     def try_acquire(self) -> bool:
         """Take the lock without waiting; True if this process holds it now."""
