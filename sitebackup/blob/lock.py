@@ -355,9 +355,9 @@ class LockState:
 
 
 def remove_lapsed(container: ContainerClient, chosen: Callable[[str], str | None]) -> list[LockState]:
-    """Remove the lock blobs *chosen* labels (name -> what it locks; None: left alone) whose lease has lapsed,
-    from one listing; the state of each one chosen. The service refuses to delete a blob under a live lease
-    without its lease id, so a lock taken after the listing stays."""
+    """Remove, from one listing, the lock blobs *chosen* whose lease has lapsed (*chosen* gives, by lock name,
+    what the lock locks, or None for a lock to leave alone); the state of each chosen one. The service refuses
+    to delete a blob under a live lease without its lease id, so a lock taken after the listing stays."""
     found = []
     for blob in container.list_blobs(name_starts_with=LOCKS, include=["metadata"]):
         label = chosen(blob.name[len(LOCKS):])
