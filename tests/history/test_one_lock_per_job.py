@@ -20,6 +20,7 @@ from helpers import ForwardingProxy, JsonRun, assert_exact, env_for, run_cli, wa
 from sitebackup.blob import lock as joblock
 from sitebackup.blob.lock import LOCKS, Claim, Holder, JobLock, locks_for_prefix, prefix_lock
 from sitebackup.blob.records import ContainerRecords
+from sitebackup.durable.runlock import RunLock
 from sitebackup.errors import EXIT_ALREADY_RUNNING, EXIT_DESTINATION, InputError, LockedError, LockLost
 from sitebackup.model.records import Job
 
@@ -62,6 +63,16 @@ def test_only_a_lease_azure_grants_may_be_set_for_tests(monkeypatch):
     assert joblock.lease_seconds() == 15
     monkeypatch.delenv(joblock.ENV_LEASE_SECONDS)
     assert joblock.lease_seconds() == joblock.LEASE_SECONDS
+
+
+def test_each_holding_of_a_run_lock_knows_the_token_of_the_one_before(tmp_path):
+    first = RunLock.for_prune(tmp_path, "backups", "web")
+    assert first.try_acquire() and first.token and first.previous == ""
+    second = RunLock.for_prune(tmp_path, "backups", "web")
+    assert not second.try_acquire()  # held: nothing of it is read
+    first.release()
+    assert second.try_acquire() and second.previous == first.token and second.token not in ("", first.token)
+    second.release()
 
 
 # ---- the lock in process ---------------------------------------------------------------------------------
@@ -123,17 +134,22 @@ def test_a_lease_broken_under_the_holder_is_noticed_and_check_stops_it(container
 
 
 def test_a_lock_held_under_the_run_lock_token_this_process_succeeds_is_taken_at_once(container):
-    dead = JobLock(container, "j", "job j", "backup")
-    dead.acquire(claim=Claim(token="token-of-the-dead"))
-    dead._stop.set()  # dies: stops renewing, never releases
+    # a holder that died: its lease lives on, its metadata names its token
+    blob = container.get_blob_client(LOCKS + "j")
+    blob.upload_blob(b"")
+    dead = BlobLeaseClient(blob)
+    dead.acquire(lease_duration=60)
+    blob.set_blob_metadata(Holder.here("backup", claim="token-of-the-dead").metadata(), lease=dead)
+
+    other = JobLock(container, "j", "job j", "backup")
+    assert not other.try_acquire(claim=Claim(token="t2", ended="token-of-someone-else"))
+    assert not other.try_acquire(claim=Claim(token="t2"))
+    successor = JobLock(container, "j", "job j", "backup")
+    assert successor.try_acquire(claim=Claim(token="t3", ended="token-of-the-dead"))
     try:
-        other = JobLock(container, "j", "job j", "backup")
-        assert not other.try_acquire(claim=Claim(token="t2", ended="token-of-someone-else"))
-        successor = JobLock(container, "j", "job j", "backup")
-        assert successor.try_acquire(claim=Claim(token="t3", ended="token-of-the-dead"))
-        successor.release()
+        assert Holder.from_metadata(blob.get_blob_properties().metadata).claim == "t3"
     finally:
-        dead._lease = None
+        successor.release()
 
 
 # ---- real processes --------------------------------------------------------------------------------------
