@@ -19,6 +19,7 @@ prefix that no job names (runs of an earlier version) are locked under a name ma
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import socket
@@ -196,14 +197,26 @@ class JobLock:
 
     def _take(self, lease: BlobLeaseClient, claim: Claim) -> bool:
         try:
-            try:
-                lease.acquire(lease_duration=self.lease_seconds)
-            except ResourceNotFoundError:
+            lease.acquire(lease_duration=self.lease_seconds)
+            return True
+        except (ResourceNotFoundError, ResourceExistsError) as exc:
+            missing = isinstance(exc, ResourceNotFoundError)
+        try:
+            if missing:
                 self._create()
                 lease.acquire(lease_duration=self.lease_seconds)
-            return True
-        except ResourceExistsError:  # leased by another process
-            pass
+                return True
+            return self._take_from_the_dead(lease, claim)
+        except ResourceExistsError:  # leased by another process meanwhile
+            return False
+        finally:
+            # the SDK's errors keep their responses in reference cycles until the garbage collector runs, and a
+            # Ctrl-C that lands in one of their finalizers then is lost (Python ignores what a finalizer raises):
+            # collected now, not at some later point of the run
+            gc.collect()
+
+    def _take_from_the_dead(self, lease: BlobLeaseClient, claim: Claim) -> bool:
+        """Refused: name the holder (``other``); take the lock all the same if the holder is dead (``Claim``)."""
         try:
             props = self.blob.get_blob_properties()
         except ResourceNotFoundError:
