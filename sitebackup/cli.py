@@ -32,6 +32,7 @@ from sitebackup.commands import (
     resume,
     serve,
     status,
+    unlock,
     verify,
     worker,
 )
@@ -72,7 +73,8 @@ def cli() -> None:
 
 
 for command in (backup.command, restore.command, verify.command, prune.command, worker.command, serve.command,
-                status.command, list_runs.command, resume.command, cancel.command, purge.command, check.command):
+                status.command, list_runs.command, resume.command, cancel.command, purge.command, check.command,
+                unlock.command):
     cli.add_command(command)
 
 

@@ -24,7 +24,7 @@ EXIT_CODES = (
     ExitCode(2, "usage", "usage or input error (missing source, invalid container name, no storage configured, ...)"),
     ExitCode(3, "destination", "destination unreachable, authentication failed or access denied"),
     ExitCode(4, "already-running", "the same backup is already running in another process (with --no-wait), "
-                                   "or a backup of the container is running (prune)"),
+                                   "or another backup or prune of the job holds its lock in the container"),
     ExitCode(5, "state-full", "the state directory filled up or stopped taking writes; the run is saved: "
                               "free space, then run the same command again"),
     ExitCode(6, "stalled", "the same backup is running in another process but has made no progress for "
@@ -83,6 +83,17 @@ class AlreadyRunningError(SiteBackupError):
     def __init__(self, message: str, instance_id: str):
         super().__init__(message)
         self.instance_id = instance_id
+
+
+class LockedError(SiteBackupError):
+    """Another process holds the lock of the job in its container: a backup or prune of it is running."""
+
+    exit_code = EXIT_ALREADY_RUNNING
+
+
+class LockLost(DestinationError):
+    """The job lock this process held lapsed and another process took it (the destination was out of reach, or
+    this process stalled, for longer than its lease), or it was broken: this one stops changing the container."""
 
 
 class StateFullError(SiteBackupError):

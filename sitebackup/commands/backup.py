@@ -22,7 +22,7 @@ from typing import Any
 import click
 from durabletask import client as dt_client
 
-from sitebackup.blob.clients import NOT_CONFIGURED, StorageSettings, connect, make_service_client
+from sitebackup.blob.clients import NOT_CONFIGURED, StorageSettings, connect, make_service_client, service_client
 from sitebackup.blob.naming import backup_prefix, overlaps, validate_container_name
 from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import ACCESS_TIERS
@@ -32,12 +32,15 @@ from sitebackup.commands.hosting import (
     POLL_SECONDS,
     activity_deps,
     attach_and_watch,
+    backup_job_lock,
+    claim_of,
     exit_code_for,
     find_unfinished,
     get_run,
     host_and_watch,
     last_progress,
     new_instance_id,
+    release_run,
     run_label,
     stalled_for,
 )
@@ -49,6 +52,7 @@ from sitebackup.commands.options import (
     concurrency_option,
     debug_option,
     destination_label,
+    lock_wait_option,
     metrics_option,
     output_options,
     stall_after_option,
@@ -103,6 +107,7 @@ class BackupRequest:
     upload: UploadSpec = field(default_factory=UploadSpec)
     stall_after: timedelta | None = None  # a live run idle for longer is stalled; None: never judged
     job_name: str | None = None  # --job NAME; None: the job is this host, source and prefix
+    lock_wait: timedelta | None = None  # how long to wait for the job's lock held by another process; None: not
 
     @property
     def job(self) -> Job:
@@ -161,7 +166,7 @@ class Selection:
 def build_request(source: str | Path, container: str, prefix: str | None, *, state_dir: Path,
                   concurrency: int, upload: UploadSpec | None = None, selection: Selection | None = None,
                   no_wait: bool = False, stall_after: timedelta | None = None,
-                  job_name: str | None = None) -> BackupRequest:
+                  job_name: str | None = None, lock_wait: timedelta | None = None) -> BackupRequest:
     """Validate the backup's options into a request: source, destination, comparison, filters."""
     selection = selection or Selection()
     path = Path(source).expanduser()
@@ -185,7 +190,7 @@ def build_request(source: str | Path, container: str, prefix: str | None, *, sta
                          prefix=backup_prefix(expand_prefix(prefix)), concurrency=concurrency,
                          state_dir=state_dir, compare=mode, patterns=patterns,
                          follow_symlinks=selection.follow_symlinks, no_wait=no_wait, upload=upload or UploadSpec(),
-                         stall_after=stall_after, job_name=_job_name(job_name))
+                         stall_after=stall_after, job_name=_job_name(job_name), lock_wait=lock_wait)
 
 
 def _job_name(name: str | None) -> str | None:
@@ -213,25 +218,24 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
     return max(candidates)[1] if candidates else None
 
 
-def settle_job(records: ContainerRecords, request: BackupRequest) -> tuple[Job, list[CatalogEntry]]:
-    """The job this backup belongs to, and its sealed runs. ``--job NAME`` names a job the container may hold
-    already (made on another host or from another path: the source moved); without it the job is this host,
-    source and prefix. A job may not write where another job of the container writes: its prefix overlapping
-    another job's is refused, naming that job, unless ``--job`` names that very job."""
+def settle_job(records: ContainerRecords, request: BackupRequest) -> Job:
+    """The job this backup belongs to. ``--job NAME`` names a job the container may hold already (made on another
+    host or from another path: the source moved); without it the job is this host, source and prefix. A job may
+    not write where another job of the container writes: its prefix overlapping another job's is refused,
+    naming that job, unless ``--job`` names that very job."""
     job = request.job
     jobs = records.jobs()
     if request.job_name is not None:
         job = next((other for other in jobs if other.name == request.job_name), job)
-    runs = list(records.catalog())
     for other in jobs:
         if other.id != job.id and overlaps(other.prefix, job.prefix):
-            last = max((entry.started for entry in runs if entry.job == other.id), default="none")
+            last = max((entry.started for entry in records.catalog() if entry.job == other.id), default="none")
             where = f"prefix {job.prefix!r}" if job.prefix else "the container's root (no --prefix)"
             raise InputError(f"{where} of container {request.container!r} is backed up by another job: "
                              f"{other.name} (host {other.host}, source {other.source}, last run {last[:19]}); "
                              "choose another --prefix, or give --job with that job's name if this is the same "
                              "job (the source moved)")
-    return job, [entry for entry in runs if entry.job == job.id]
+    return job
 
 
 def find_unfinished_backup(client: dt_client.TaskHubGrpcClient, inp: BackupInput) -> str | None:
@@ -241,24 +245,36 @@ def find_unfinished_backup(client: dt_client.TaskHubGrpcClient, inp: BackupInput
 def run_backup(request: BackupRequest, settings: StorageSettings, printer: Printer, *,
                taskhub: TaskHubSettings | None = None, local_worker: bool = True,
                detach: bool = False) -> Summary[Any]:
-    """Schedule or resume, then host a worker and watch (or only watch, or with *detach* only schedule)."""
+    """Schedule or resume, then host a worker and watch (or only watch, or with *detach* only schedule).
+
+    The process that schedules or resumes the run holds its job's lock in the container until it stops
+    watching: the whole run when it hosts or watches it (``--no-local-worker``), the scheduling alone with
+    *detach*. A process that attaches to a run another process of this state directory hosts takes the lock
+    only if it takes the run over."""
     endpoint = connect(settings.require(), request.container)
     inp = request.orchestration_input(endpoint)
     inp.options.shared = taskhub is not None
+    with service_client(settings, quick=True) as (service, _label):  # whose job is this, before its lock
+        inp.job = settle_job(ContainerRecords(service.get_container_client(inp.container)), request)
     lock = RunLock.for_backup(request.state_dir, inp.source, inp.container, inp.prefix)
-    with open_backend(request.state_dir, taskhub) as runtime:
+    with open_backend(request.state_dir, taskhub) as runtime, backup_job_lock(settings, inp) as job_lock:
         try:
-            deps = activity_deps(settings, Concurrency(request.concurrency), runtime)
+            deps = activity_deps(settings, Concurrency(request.concurrency), runtime, job_lock)
             with runtime.connected() as client:
                 instance_id, live = claim_or_find(client, runtime, inp, lock)
                 warning = check_live_run(client, instance_id, request) if live and instance_id else None
                 resumed = instance_id is not None
+                run_id = instance_id or new_instance_id()
+                if not live:  # this process schedules or resumes the run: the job's lock first
+                    job_lock.acquire(request.lock_wait, run=run_id, claim=claim_of(lock))
                 if instance_id is None:
-                    inp.job, sealed = settle_job(ContainerRecords(deps.container_client(inp.container)), request)
-                    # with --force too: the baseline says what each name holds, to keep as a snapshot
+                    # the job's sealed runs, read under its lock; with --force too: the baseline says what each
+                    # name holds, to keep as a snapshot
+                    sealed = [entry for entry in ContainerRecords(deps.container_client(inp.container)).catalog()
+                              if entry.job == inp.job.id]
                     inp.baseline = find_baseline(client, inp, deps.work, sealed)
                     instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
-                                                                    instance_id=new_instance_id())
+                                                                    instance_id=run_id)
             printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.destination,
                                    endpoint=endpoint, resumed=resumed, attached=live))
             if warning is not None:
@@ -267,10 +283,11 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
                 return Summary(kind=BACKUP_ORCHESTRATION, counts=BackupCounts(), instance_id=instance_id,
                                runtime_status="SCHEDULED", detached=True)
             if live and local_worker:
-                return attach_and_watch(runtime, deps, instance_id, printer, lock)
-            return host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker)
+                return attach_and_watch(runtime, deps, instance_id, printer, lock, job_lock)
+            return host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker,
+                                  on_poll=job_lock.check)
         finally:
-            lock.release()
+            release_run(runtime, lock, job_lock)
 
 
 def check_live_run(client: dt_client.TaskHubGrpcClient, instance_id: str, request: BackupRequest) -> str | None:
@@ -460,6 +477,7 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
               help="If the same backup is already running, print its id and exit 4 instead of attaching "
                    "(6 if it has made no progress for --stall-after).")
 @stall_after_option
+@lock_wait_option
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
               help="Append a timestamped log of the run (start, failures, summary) to PATH "
                    "(created 0600; a symlink or hard link there is refused).")
@@ -472,8 +490,8 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @debug_option
 def command(source: Path, container: str, prefix: str, job_name: str | None, storage: StorageSettings, concurrency: int,
             upload: UploadSpec, output: Output, selection: Selection, dry_run: bool, no_wait: bool,
-            stall_after: timedelta, log_file: Path | None, taskhub: TaskHubSettings | None, no_local_worker: bool,
-            detach: bool, metrics_file: Path | None, state_dir: Path) -> None:
+            stall_after: timedelta, lock_wait: timedelta | None, log_file: Path | None, taskhub: TaskHubSettings | None,
+            no_local_worker: bool, detach: bool, metrics_file: Path | None, state_dir: Path) -> None:
     """Back up SOURCE to a container (the default command).
 
     Every file becomes a blob named by its path relative to SOURCE.
@@ -493,7 +511,8 @@ def command(source: Path, container: str, prefix: str, job_name: str | None, sto
     metrics = start_metrics(metrics_file, "backup", str(source.expanduser().resolve()),
                             destination_label(container, prefix))
     request = build_request(source, container, prefix, state_dir=state_dir, concurrency=concurrency, upload=upload,
-                            selection=selection, no_wait=no_wait, stall_after=stall_after, job_name=job_name)
+                            selection=selection, no_wait=no_wait, stall_after=stall_after, job_name=job_name,
+                            lock_wait=lock_wait)
     if dry_run:
         with render.DryRunLines(output.json, output.quiet) as lines:
             plan = plan_backup(request, storage, taskhub, lines.add)

@@ -26,6 +26,7 @@ from sitebackup.blob.asyncget import AsyncGetter
 from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
 from sitebackup.blob.errors import redact
+from sitebackup.blob.lock import Claim, JobLock, host_name, job_lock
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime
@@ -37,10 +38,19 @@ from sitebackup.errors import (
     EXIT_OK,
     InputError,
     SiteBackupError,
-    StateFullError,
 )
 from sitebackup.model.codec import DamagedData, from_wire
-from sitebackup.model.work import BackupCounts, Concurrency, Progress, RestoreCounts, RunLabel, Summary, summary_from_wire
+from sitebackup.model.records import Job
+from sitebackup.model.work import (
+    BackupCounts,
+    BackupInput,
+    Concurrency,
+    Progress,
+    RestoreCounts,
+    RunLabel,
+    Summary,
+    summary_from_wire,
+)
 from sitebackup.ui.printers import Printer
 from sitebackup.workflows.activity import ActivityDeps
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION, RESUME_EVENT, WAITING_PHASE
@@ -288,7 +298,8 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
     """Run a worker in this process until *instance_id* finishes; Ctrl-C leaves it resumable.
 
     Without *local_worker* only watch: `sitebackup worker` processes elsewhere do the work.
-    A state directory that stops taking writes (disk full) ends the watch with ``StateFullError``."""
+    A state directory that stops taking writes (disk full) ends the watch with ``StateFullError``, a job lock
+    *on_poll* finds lost with ``LockLost``."""
 
     def poll() -> None:
         runtime.check(instance_id)
@@ -306,7 +317,7 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
         printer.close()
         runtime.stop_workers()
         raise Interrupted(instance_id) from None
-    except StateFullError:
+    except SiteBackupError:  # a full state directory, a lost lock: the run stops here, saved
         printer.close()
         raise
     summary = summarize(state)
@@ -315,13 +326,19 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
 
 
 def attach_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
-                     printer: Printer, lock: RunLock) -> Summary[Any]:
+                     printer: Printer, lock: RunLock, job_lock: JobLock | None = None) -> Summary[Any]:
     """Show a run another live process hosts, without a worker of our own (no double work);
-    host it ourselves only once no live process works on it any more."""
+    host it ourselves only once no live process works on it any more (and, for a backup, once this
+    process holds the job's lock in the container, which a dead host's lease gives up within a minute)."""
     hosting: list[bool] = []
 
     def take_over_if_orphaned() -> None:
-        if not hosting and lock.try_acquire() and not runtime.worker_attached(instance_id):
+        if hosting:
+            if job_lock is not None:
+                job_lock.check()
+            return
+        if lock.try_acquire() and not runtime.worker_attached(instance_id) and \
+                (job_lock is None or job_lock.poll(run=instance_id, claim=claim_of(lock))):
             runtime.start_worker(deps)
             hosting.append(True)
 
@@ -358,9 +375,36 @@ class CancelCheck:
             return answer
 
 
-def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: Runtime) -> ActivityDeps:
+@contextmanager
+def backup_job_lock(settings: StorageSettings, inp: BackupInput) -> Iterator[JobLock]:
+    """The container lock of the job of a backup run this process may host, not taken yet: the caller takes it
+    once it is going to schedule or host the run, and lets it go with ``release_run``. A run of an earlier
+    version, without a job, is locked as the job its source and prefix make on this host."""
+    job = inp.job or Job.of(host=host_name(), source=inp.source, prefix=inp.prefix)
+    with job_lock(settings, inp.container, job, "backup") as lock:
+        yield lock
+
+
+def claim_of(lock: RunLock) -> Claim:
+    """How the job lock of a run whose run lock this process holds is tied to it (``blob.lock.Claim``)."""
+    return Claim(token=lock.token, ended=lock.previous)
+
+
+def release_run(runtime: Runtime, lock: RunLock, job_lock: JobLock | None) -> None:
+    """Let a run go, in this order: this process's workers stop, the job's lock in the container goes, then the
+    run lock of the state directory, so that the process of this state directory that takes the run over or
+    starts the next run finds the job's lock free."""
+    runtime.stop_workers()
+    if job_lock is not None:
+        job_lock.release()
+    lock.release()
+
+
+def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: Runtime,
+                  job_lock: JobLock | None = None) -> ActivityDeps:
     """What this process's activities work with: its own storage credentials, the runtime's work store, and
-    how much to do at once."""
+    how much to do at once; they stop starting once the state directory fails or the *job_lock* this process
+    took is lost."""
     service, label = make_service_client(settings, pool_size=concurrency.connections)
     deps = ActivityDeps(container_client=service.get_container_client, work=runtime.work_store(service),
                         endpoint=label, concurrency=concurrency)
@@ -369,7 +413,7 @@ def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: 
     deps.put_many = putter.put_many
     deps.get_many = AsyncGetter(putter).get_many  # the same loop, connection pool and window
     deps.cancelled = CancelCheck(runtime)
-    deps.halted = runtime.fault
+    deps.halted = runtime.fault if job_lock is None else lambda: runtime.fault() or job_lock.lost()
     return deps
 
 

@@ -183,6 +183,15 @@ def stall_after_option(fn: F) -> F:
     )(fn)
 
 
+def lock_wait_option(fn: F) -> F:
+    """--lock-wait as ``lock_wait: timedelta | None``; None: refused at once."""
+    return click.option(
+        "--lock-wait", metavar="DURATION", callback=lambda _ctx, _param, value: parse_age(value) if value else None,
+        help="When another backup or prune of the job holds its lock in the container, wait up to DURATION "
+             "(90s, 10m, 2h) for it instead of exiting 4 at once.",
+    )(fn)
+
+
 def _set_bwlimit(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     try:
         rate = None if value is None else bwlimit.parse_rate(value)

@@ -6,8 +6,11 @@ snapshot) is removed when no remaining run references its name with its MD5: not
 unfinished one, not a run to another prefix whose names overlap. Only names some run known to this
 backend wrote are touched, so blobs another state directory or another tool put in the container
 stay. Failed and cancelled runs of the destination are dropped: like restic's interrupted backups,
-they are not snapshots anyone keeps. A backup of the container that a live process is running makes
-prune refuse (it would race the uploads).
+they are not snapshots anyone keeps. Before it reads any record, prune takes the lock in the container
+(``blob.lock``) of every job whose prefix overlaps the pruned one and holds them until it is done, so no
+backup of those jobs, from any host or state directory, runs meanwhile; a backup of the container that a
+live process of this state directory is running makes it refuse too (it would race the uploads). A dry run
+changes nothing and takes no lock.
 
 The order makes a prune killed at any point, then run again, finish the job with kept runs intact:
 decide; mark every dropped run pruned (the journal: a marked run stays dropped whatever the next
@@ -35,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +51,20 @@ from durabletask import client as dt_client
 from sitebackup.blob.clients import StorageSettings, check_container, service_client
 from sitebackup.blob.errors import classify, one_line
 from sitebackup.blob.history import Copy, copy_client, list_copies
+from sitebackup.blob.lock import Claim, HeldLocks, prefix_locks
 from sitebackup.blob.naming import blob_name, normalize_prefix, overlaps, validate_container_name
 from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.workstore import BlobWorkStore, WorkStore
 from sitebackup.commands.backup import expand_prefix
 from sitebackup.commands.catalog import SealedRun, overlapping, sealed_runs
-from sitebackup.commands.hosting import backup_runs
+from sitebackup.commands.hosting import backup_runs, claim_of
 from sitebackup.commands.options import (
     Command,
     F,
     debug_option,
     destination_label,
     json_option,
+    lock_wait_option,
     metrics_option,
     parse_age,
     start_metrics,
@@ -69,6 +74,7 @@ from sitebackup.commands.options import (
 )
 from sitebackup.commands.retention import Policy, apply_policy
 from sitebackup.durable.backend.statedir import prepare
+from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime, open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import (
@@ -100,14 +106,15 @@ class PruneRequest:
     policy: Policy
     dry_run: bool = False
     state_dir: Path = field(default_factory=Path)
+    lock_wait: timedelta | None = None  # how long to wait for the jobs' locks held by other processes; None: not
 
 
 def prune_request(container: str, prefix: str | None, policy: Policy, *, dry_run: bool,
-                  state_dir: Path) -> PruneRequest:
+                  state_dir: Path, lock_wait: timedelta | None = None) -> PruneRequest:
     if policy.empty():
         raise InputError("give at least one --keep-* rule (the newest run is always kept; nothing else would be)")
     return PruneRequest(container=validate_container_name(container), prefix=normalize_prefix(expand_prefix(prefix)),
-                        policy=policy, dry_run=dry_run, state_dir=state_dir)
+                        policy=policy, dry_run=dry_run, state_dir=state_dir, lock_wait=lock_wait)
 
 
 def unneeded(copies: list[Copy], needed: set[str]) -> list[Copy]:
@@ -164,7 +171,8 @@ def _runs(client: dt_client.TaskHubGrpcClient, sealed: list[SealedRun], containe
 def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHubSettings | None = None
               ) -> PruneReport:
     endpoint = check_container(settings.require(), request.container)
-    with open_backend(request.state_dir, taskhub) as runtime, \
+    # the locks before any record is read, held until the last record is removed
+    with _job_locks(request, settings) as locks, open_backend(request.state_dir, taskhub) as runtime, \
             service_client(settings, pool_size=DELETES.connections) as (service, label):
         container = service.get_container_client(request.container)
         records = ContainerRecords(container)
@@ -190,12 +198,14 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
                     return _report(request, runs, kept, dropped, freed, notes)
                 mark = PruneMark(at=datetime.now(timezone.utc).isoformat(), container=request.container,
                                  prefix=request.prefix)
+                locks.check()
                 for run in runs:  # the journal a killed prune resumes from, and the tombstones after
                     if run.run_id in dropped:
                         records.mark_pruned(run.run_id, mark)
                         if work.pruned(run.run_id) is None:
                             work.mark_pruned(run.run_id, mark)
-                delete_copies(container, unreferenced, label)
+                delete_copies(container, _while_held(locks, unreferenced), label)
+            locks.check()
             _forget(client, records, work, runs, dropped)
     return _report(request, runs, kept, dropped, freed, notes)
 
@@ -217,6 +227,34 @@ def _forget(client: dt_client.TaskHubGrpcClient, records: ContainerRecords, work
             if header is not None:
                 pages.update(seal.sha256 for seal in header.pages)
         records.remove_pages_but(job, pages)
+
+
+@contextmanager
+def _job_locks(request: PruneRequest, settings: StorageSettings) -> Iterator[HeldLocks]:
+    """The container locks of the jobs this prune changes (``blob.lock.prefix_locks``), taken under a run lock of
+    this state directory that ties them to it (``blob.lock.Claim``): a prune killed while it held them and run
+    again from here takes them at once, and finishes its job. A dry run changes nothing and takes none."""
+    if request.dry_run:
+        yield HeldLocks([])
+        return
+    prepare(request.state_dir)  # owner-only, before the run lock's file is made in it
+    local = RunLock.for_prune(request.state_dir, request.container, request.prefix)
+    try:
+        try:
+            claim = claim_of(local) if local.try_acquire() else Claim()
+        except OSError:  # a state directory that takes no file: the locks of a killed prune lapse instead
+            claim = Claim()
+        with prefix_locks(settings, request.container, request.prefix, "prune", request.lock_wait, claim) as locks:
+            yield locks
+    finally:
+        local.release()
+
+
+def _while_held(locks: HeldLocks, groups: Iterable[list[Copy]]) -> Iterator[list[Copy]]:
+    """*groups*, each once the locks are checked: a prune whose lock lapsed stops before its next delete."""
+    for group in groups:
+        locks.check()
+        yield group
 
 
 def _refuse_if_live(runtime: Runtime, runs: list[PruneRun]) -> None:
@@ -508,31 +546,35 @@ def keep_options(command: Callable[..., None]) -> Callable[..., None]:
 @keep_options
 @click.option("--dry-run", is_flag=True, help="List the runs, blobs and bytes that would be removed; remove nothing.")
 @json_option("Print one JSON object.")
+@lock_wait_option
 @storage_options
 @metrics_option
 @taskhub_option
 @state_dir_option
 @debug_option
-def command(container: str, prefix: str, policy: Policy, dry_run: bool, json_output: bool, storage: StorageSettings,
-            metrics_file: Path | None, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
+def command(container: str, prefix: str, policy: Policy, dry_run: bool, json_output: bool, lock_wait: timedelta | None,
+            storage: StorageSettings, metrics_file: Path | None, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """Forget old backup runs of a destination and free what only they kept.
 
     Keep rules as restic's forget: a run any rule keeps is kept, the newest completed run always
     is, unfinished runs are never touched, failed and cancelled runs are dropped. Dropped runs lose
     their record and history; every blob and snapshot no remaining run references goes.
 
-    A prune that is interrupted finishes its job when run again.
+    A prune that is interrupted finishes its job when run again. It holds the lock of every job
+    whose prefix overlaps the pruned one: while a backup or prune of one of them runs, it exits 4
+    at once, or waits up to --lock-wait (a dry run takes no lock).
 
     \b
     Examples:
       sitebackup prune -c backups --prefix web --keep-daily 7 --keep-weekly 4 --keep-monthly 12
       sitebackup prune -c backups --keep-last 3 --dry-run
+      sitebackup prune -c backups --keep-daily 7 --lock-wait 2h
       sitebackup prune -c backups --keep-daily 7 --metrics-file /var/lib/node_exporter/prune.prom
     """
     if metrics_file is not None and dry_run:
         raise click.UsageError("--metrics-file describes a finished prune: not with --dry-run")
     metrics = start_metrics(metrics_file, "prune", "", destination_label(container, prefix))
-    request = prune_request(container, prefix, policy, dry_run=dry_run, state_dir=state_dir)
+    request = prune_request(container, prefix, policy, dry_run=dry_run, state_dir=state_dir, lock_wait=lock_wait)
     report = run_prune(request, storage, taskhub)
     if metrics is not None:
         metrics.summary = {"runs_kept": len(report.kept), "runs_removed": len(report.removed),

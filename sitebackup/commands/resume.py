@@ -4,6 +4,7 @@ that already works on it), with this invocation's storage credentials."""
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ from sitebackup.commands.hosting import (
     TERMINAL,
     activity_deps,
     attach_and_watch,
+    backup_job_lock,
+    claim_of,
     exit_code_for,
     get_run,
     host_and_watch,
+    release_run,
     summarize,
 )
 from sitebackup.commands.options import (
@@ -51,7 +55,8 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
     """Host a worker until *instance_id* finishes (or just watch, if a live process already works on it).
 
     Under the scheduler nobody can tell whether workers are attached, so this host always joins in:
-    the scheduler hands each work item to one worker, so joining never doubles work."""
+    the scheduler hands each work item to one worker, so joining never doubles work. A backup run is
+    hosted only under its job's lock in the container (``LockedError`` while another process holds it)."""
     with open_backend(state_dir, taskhub) as runtime:
         with runtime.connected() as client:
             state = get_run(client, instance_id)
@@ -64,18 +69,23 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
             return summary
         inp = _run_input(state)
         connect(settings.require(), inp.container)
-        deps = activity_deps(settings, Concurrency(inp.options.concurrency), runtime)
-        # a restore's "source" is its label: the lock key stays distinct from every backup's
-        lock = RunLock.for_backup(state_dir, inp.source, inp.container, inp.prefix)
-        try:
-            if lock.try_acquire() and not runtime.worker_attached(instance_id):
-                return host_and_watch(runtime, deps, instance_id, printer)
-            # a live process hosts it (or a dead one's leases have not run out yet): watch, and
-            # take over once nobody works on it
-            printer.message("another process is working on this run; showing its progress")
-            return attach_and_watch(runtime, deps, instance_id, printer, lock)
-        finally:
-            lock.release()
+        # a backup's job lock in the container; a restore changes nothing there
+        with backup_job_lock(settings, inp) if isinstance(inp, BackupInput) else nullcontext() as job_lock:
+            deps = activity_deps(settings, Concurrency(inp.options.concurrency), runtime, job_lock)
+            # a restore's "source" is its label: the lock key stays distinct from every backup's
+            lock = RunLock.for_backup(state_dir, inp.source, inp.container, inp.prefix)
+            try:
+                if lock.try_acquire() and not runtime.worker_attached(instance_id):
+                    if job_lock is not None:
+                        job_lock.acquire(run=instance_id, claim=claim_of(lock))
+                    return host_and_watch(runtime, deps, instance_id, printer,
+                                          on_poll=job_lock.check if job_lock is not None else None)
+                # a live process hosts it (or a dead one's leases have not run out yet): watch, and
+                # take over once nobody works on it
+                printer.message("another process is working on this run; showing its progress")
+                return attach_and_watch(runtime, deps, instance_id, printer, lock, job_lock)
+            finally:
+                release_run(runtime, lock, job_lock)
 
 
 def _run_input(state: dt_client.OrchestrationState) -> BackupInput | RestoreInput:
@@ -92,7 +102,7 @@ def _run_input(state: dt_client.OrchestrationState) -> BackupInput | RestoreInpu
         raise InputError(f"run {state.instance_id!r} has no input sitebackup can resume") from None
 
 
-@click.command("resume", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 7, 70, 130))
+@click.command("resume", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 4, 5, 7, 70, 130))
 @click.argument("instance_id", shell_complete=complete_runs("unfinished"))
 @storage_options
 @bwlimit_option
@@ -105,7 +115,9 @@ def command(instance_id: str, storage: StorageSettings, output: Output, taskhub:
     """Continue an unfinished run until it finishes.
 
     Same progress, summary and exit codes as the original command. Storage credentials come
-    from this invocation (options or environment), never from the saved run.
+    from this invocation (options or environment), never from the saved run. A backup run
+    takes its job's lock in the container first: exit 4 while another backup or prune of the
+    job holds it.
 
     \b
     Example:
