@@ -67,22 +67,23 @@ def list_sealed(settings: StorageSettings, container: str, *, prefix: str | None
     from the container alone: what a new machine sees."""
     check_container(settings, container)
     with service_client(settings) as (service, _label):
+        # the runs read their jobs lazily, so the rows are made while the client is open
         runs = sealed_runs(service.get_container_client(container))
-    if prefix is not None:
-        runs = of_prefix(runs, prefix)
-    if job is not None:
-        runs = [run for run in runs if run.job is not None and job in (run.job.name, run.job.id)]
-    rows = []
-    for run in reversed(runs[-limit:]):
-        entry, finished = run.entry, parse_utc(run.entry.finished)
-        where = f"{container}/{run.prefix}" if run.prefix else container
-        rows.append(RunRow(
-            instance_id=run.run_id, job=run.job.name if run.job else None, kind=BACKUP_ORCHESTRATION,
-            runtime_status=entry.status, restorable="yes", source=run.job.source if run.job else None,
-            destination=where, files=entry.files, files_total=entry.files, bytes=entry.bytes,
-            created_at=run.started.isoformat(), duration_s=round((finished - run.started).total_seconds(), 3),
-            worker_attached=None))
-    return rows
+        if prefix is not None:
+            runs = of_prefix(runs, prefix)
+        if job is not None:
+            runs = [run for run in runs if run.job is not None and job in (run.job.name, run.job.id)]
+        rows = []
+        for run in reversed(runs[-limit:]):
+            entry, finished = run.entry, parse_utc(run.entry.finished)
+            where = f"{container}/{run.prefix}" if run.prefix else container
+            rows.append(RunRow(
+                instance_id=run.run_id, job=run.job.name if run.job else None, kind=BACKUP_ORCHESTRATION,
+                runtime_status=entry.status, restorable="yes", source=run.job.source if run.job else None,
+                destination=where, files=entry.files, files_total=entry.files, bytes=entry.bytes,
+                created_at=run.started.isoformat(), duration_s=round((finished - run.started).total_seconds(), 3),
+                worker_attached=None))
+        return rows
 
 
 def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> str | None:
