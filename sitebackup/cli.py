@@ -8,9 +8,11 @@ options' callbacks record into while click reads the line.
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -24,13 +26,18 @@ from sitebackup.blob.errors import redact
 from sitebackup.commands import (
     backup,
     cancel,
+    cat,
     check,
+    diff,
+    find,
     list_runs,
+    ls,
     prune,
     purge,
     restore,
     resume,
     serve,
+    stats,
     status,
     unlock,
     verify,
@@ -45,10 +52,16 @@ from sitebackup.ui.metrics import MetricsFileError
 
 
 class DefaultToBackup(click.Group):
-    """``sitebackup DIR ...`` means ``sitebackup backup DIR ...``."""
+    """``sitebackup DIR ...`` means ``sitebackup backup DIR ...``; a first word that is no directory but close to a
+    command name is taken for a typo of it."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            close = [] if args[0].startswith("-") or "/" in args[0] or os.path.isdir(args[0]) else \
+                difflib.get_close_matches(args[0], self.commands, n=3, cutoff=0.6)
+            if close:
+                raise click.UsageError(f"{args[0]!r} is neither a command nor a directory: did you mean "
+                                       + " or ".join(f"`sitebackup {name}`" for name in close) + "?")
             args = ["backup", *args]
         return super().parse_args(ctx, args)
 
@@ -74,7 +87,7 @@ def cli() -> None:
 
 for command in (backup.command, restore.command, verify.command, prune.command, worker.command, serve.command,
                 status.command, list_runs.command, resume.command, cancel.command, purge.command, check.command,
-                unlock.command):
+                unlock.command, ls.command, diff.command, find.command, cat.command, stats.command):
     cli.add_command(command)
 
 

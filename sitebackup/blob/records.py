@@ -22,7 +22,7 @@ from azure.storage.blob import BlobProperties, ContainerClient
 from sitebackup.blob.naming import RESERVED_PREFIX
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.model.codec import DamagedData, decode, encode
-from sitebackup.model.records import CatalogEntry, FileEntry, Job, PageSeal, PruneMark, RunRecord
+from sitebackup.model.records import CatalogEntry, ChangeCounts, FileEntry, Job, PageSeal, PruneMark, RunRecord
 
 RECORDS = RESERVED_PREFIX + "records/"
 RUNS = RESERVED_PREFIX + "runs/"
@@ -32,6 +32,7 @@ PRUNED = RESERVED_PREFIX + "pruned/"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_RECORD_PAGE_BYTES = 64 * 1024 * 1024
 _CATALOG_FIELDS = ("job", "status", "started", "finished", "files", "bytes")
+_CHANGE_FIELDS = ChangeCounts.__struct_fields__  # in the metadata of headers sealed since changes are counted
 
 
 def sha256_hex(data: bytes) -> str:
@@ -67,6 +68,8 @@ class ContainerRecords:
         metadata = {"job": record.job, "status": record.status, "started": record.started,
                     "finished": record.finished, "files": str(record.files), "bytes": str(record.bytes),
                     "format": str(record.format)}
+        if record.changes is not None:
+            metadata.update((name, str(getattr(record.changes, name))) for name in _CHANGE_FIELDS)
         self._create(RUNS + _checked_id(record.run_id), encode(record), metadata)
 
     def put_job(self, job: Job) -> None:
@@ -112,9 +115,11 @@ class ContainerRecords:
         for blob in self._listing(RUNS, include=["metadata"]):
             meta = blob.metadata or {}
             try:
+                changes = ChangeCounts(**{name: int(meta[name]) for name in _CHANGE_FIELDS}) \
+                    if all(name in meta for name in _CHANGE_FIELDS) else None
                 yield CatalogEntry(run_id=blob.name[len(RUNS):], job=meta["job"], status=meta["status"],
                                    started=meta["started"], finished=meta["finished"],
-                                   files=int(meta.get("files", 0)), bytes=int(meta.get("bytes", 0)))
+                                   files=int(meta.get("files", 0)), bytes=int(meta.get("bytes", 0)), changes=changes)
             except (KeyError, ValueError):
                 continue  # not a header this version can list: `check` names it
 
@@ -159,6 +164,13 @@ class ContainerRecords:
         run's pages: number and bytes, in page order) when its bytes match the seal, else from the container,
         telling *on_damaged* the number of a cached page that does not. With *seen*, the SHA-256s of pages read
         already (and added to it as they are read): those are left out, as the pages runs share are."""
+        for _seal, entries in self.pages(record, cached, on_damaged, seen):
+            yield from entries
+
+    def pages(self, record: RunRecord, cached: Iterable[tuple[int, bytes]] = (),
+              on_damaged: Callable[[int], None] = lambda page: None,
+              seen: set[str] | None = None) -> Iterator[tuple[PageSeal, list[FileEntry]]]:
+        """The record's pages in order, each decoded with its seal, read as ``entries`` reads them."""
         local = iter(cached)
         held = next(local, None)
         for seal in record.pages:
@@ -174,7 +186,7 @@ class ContainerRecords:
                 data = None
             if data is None:
                 data = self.page(record, seal)
-            yield from decode(data, list[FileEntry], f"record page {seal.page} of run {record.run_id}")
+            yield seal, decode(data, list[FileEntry], f"record page {seal.page} of run {record.run_id}")
 
     def _listing(self, folder: str, include: list[str] | None = None) -> Iterator[BlobProperties]:
         """The blobs under *folder*; none when the container itself does not exist (nothing was sealed there)."""

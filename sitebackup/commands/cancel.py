@@ -6,20 +6,21 @@ from pathlib import Path
 
 import click
 
-from sitebackup.commands.hosting import TERMINAL, get_run
+from sitebackup.commands.hosting import TERMINAL, UNFINISHED, get_run
 from sitebackup.commands.options import Command, complete_runs, debug_option, state_dir_option, taskhub_option
+from sitebackup.commands.runref import resolve_run
 from sitebackup.durable.runtime import open_client
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import exit_codes_help
 
 
-def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None) -> str:
-    """Terminate the run; returns its status before cancelling."""
+def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None) -> tuple[str, str]:
+    """Terminate the run (a run reference: ``commands.runref``); returns its id and its status before cancelling."""
     with open_client(state_dir, taskhub) as (_runtime, client):
-        state = get_run(client, instance_id)
+        state = get_run(client, resolve_run(instance_id, client=client, backups=False, latest=UNFINISHED))
         if state.runtime_status not in TERMINAL:
-            client.terminate_orchestration(instance_id, output={"cancelled": True}, recursive=True)
-        return state.runtime_status.name
+            client.terminate_orchestration(state.instance_id, output={"cancelled": True}, recursive=True)
+        return state.instance_id, state.runtime_status.name
 
 
 @click.command("cancel", cls=Command, epilog=exit_codes_help(0, 2, 70, 130))
@@ -37,7 +38,7 @@ def command(instance_id: str, taskhub: TaskHubSettings | None, state_dir: Path) 
     Example:
       sitebackup cancel 20261127T225602-0dcb81
     """
-    before = cancel(state_dir, instance_id, taskhub)
+    instance_id, before = cancel(state_dir, instance_id, taskhub)
     if before in ("COMPLETED", "FAILED", "TERMINATED"):
         click.echo(f"{instance_id} had already finished ({before}); nothing to cancel")
     else:

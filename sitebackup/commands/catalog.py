@@ -17,7 +17,7 @@ from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.hosting import backup_run_label
 from sitebackup.errors import InputError
-from sitebackup.model.records import CatalogEntry, Job, PruneMark
+from sitebackup.model.records import CatalogEntry, Job, PruneMark, RunRecord
 from sitebackup.model.work import RunLabel
 
 
@@ -104,18 +104,25 @@ def where_to_look(run_id: str, known: RunLabel | None, container: str | None, wo
 def recorded_run(records: ContainerRecords, work: WorkStore, run_id: str, known: RunLabel | None) -> RunLabel:
     """Where the run read from and wrote to, once it is certain its record exists: sealed in the container, or
     (a run never sealed) in this state directory; a clear error for a run pruned, never sealed or empty."""
+    return recorded_header(records, work, run_id, known)[0]
+
+
+def recorded_header(records: ContainerRecords, work: WorkStore, run_id: str,
+                    known: RunLabel | None) -> tuple[RunLabel, RunRecord | None]:
+    """``recorded_run``, and the run's sealed header (None: a run never sealed, its record in this state
+    directory)."""
     mark = records.pruned(run_id) or work.pruned(run_id)
     if mark is not None:
         raise _pruned(run_id, mark)
     header = records.header(run_id)
     if header is not None:
-        return RunLabel(source=header.source, container=header.container, prefix=header.prefix)
+        return RunLabel(source=header.source, container=header.container, prefix=header.prefix), header
     if known is None:
         raise InputError(f"run {run_id!r} has no sealed record in container {records.container.container_name!r} "
                          "(it did not finish, or another container holds it)")
     if next(iter(work.iter_results(run_id)), None) is None:
         raise InputError(f"run {run_id!r} recorded no files (nothing was copied, or it was purged)")
-    return known
+    return known, None
 
 
 def _pruned(run_id: str, mark: PruneMark) -> InputError:

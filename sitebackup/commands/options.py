@@ -35,6 +35,7 @@ from sitebackup.ui.metrics import MetricsJob
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION
 
 F = TypeVar("F", bound=Callable[..., Any])
+LATEST = "latest"  # the run reference of a job's newest run (commands.runref)
 
 
 @dataclass
@@ -259,18 +260,28 @@ def complete_run_ids(state_dir: Path, prefix: str, runs: str) -> list[str]:
 
 
 def complete_runs(runs: str) -> Callable[[click.Context, click.Parameter, str], list[CompletionItem]]:
-    """Shell completion of run ids (a ``RUNS_FOR`` key) from the state directory's database, read-only.
+    """Shell completion of run references: ``latest``, then run ids (a ``RUNS_FOR`` key) from the state directory's
+    database, read-only.
 
     Completion must never print or hang: on any failure, and under --taskhub (no network while
-    completing), it offers nothing."""
+    completing), it offers no run id."""
 
     def complete(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+        latest = [CompletionItem(LATEST)] if LATEST.startswith(incomplete) else []
         try:
             if ctx.params.get("taskhub") or os.environ.get(taskhub.ENV_TASKHUB):
-                return []
+                return latest
             state_dir = ctx.params.get("state_dir") or default_state_dir()
-            return [CompletionItem(run_id) for run_id in complete_run_ids(state_dir, incomplete, runs)]
+            return latest + [CompletionItem(run_id) for run_id in complete_run_ids(state_dir, incomplete, runs)]
         except Exception:
-            return []
+            return latest
 
     return complete
+
+
+def job_option(help: str) -> Callable[[F], F]:
+    """--job NAME as ``job: str | None``."""
+    return click.option("--job", metavar="NAME", help=help)
+
+
+LATEST_JOB_HELP = "The job `latest` means: its name, id or source directory (needed when several jobs have runs)."

@@ -2,25 +2,30 @@
 re-attach to) a ``RestoreSiteContent`` run and host its worker until it finishes.
 
 ``--as-of TIME`` picks the run to restore: the latest completed backup of the container and prefix
-started at or before TIME, then restored as by its id.
+started at or before TIME (``commands.times``), then restored as by its id; ID is a run reference
+(``commands.runref``). ``--dry-run`` plans the restore here, writing nothing (``plan_restore``).
 """
 
 from __future__ import annotations
 
+import stat
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
+from azure.storage.blob import ContainerClient
 from click.shell_completion import CompletionItem
 from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, check_container
-from sitebackup.blob.naming import normalize_prefix, overlaps, validate_container_name
+from sitebackup.blob.naming import is_reserved, normalize_prefix, overlaps, validate_container_name
 from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
+from sitebackup.commands.browsing import browsing
 from sitebackup.commands.catalog import (
     SealedRun,
     known_backup,
@@ -39,6 +44,7 @@ from sitebackup.commands.hosting import (
     new_instance_id,
 )
 from sitebackup.commands.options import (
+    LATEST_JOB_HELP,
     Command,
     Output,
     bwlimit_option,
@@ -47,6 +53,7 @@ from sitebackup.commands.options import (
     concurrency_option,
     debug_option,
     destination_label,
+    job_option,
     metrics_option,
     output_options,
     start_metrics,
@@ -54,11 +61,17 @@ from sitebackup.commands.options import (
     storage_options,
     taskhub_option,
 )
+from sitebackup.commands.runref import resolve_run
+from sitebackup.commands.times import parse_time
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import InputError, exit_codes_help
+from sitebackup.errors import EXIT_FILES_FAILED, InputError, exit_codes_help
+from sitebackup.local.changes import kind
+from sitebackup.local.dest import DestDir, UnsafeName, safe_relpath
+from sitebackup.local.files import b64, describe_os_error
+from sitebackup.local.filters import make_selector
 from sitebackup.model.codec import to_wire
-from sitebackup.model.reports import RunStart
+from sitebackup.model.reports import DryRunItem, RestorePlan, RunStart
 from sitebackup.model.work import (
     DEFAULT_CONCURRENCY,
     Concurrency,
@@ -67,6 +80,7 @@ from sitebackup.model.work import (
     Summary,
     summary_to_wire,
 )
+from sitebackup.ui import render
 from sitebackup.ui.printers import Printer, make_printer
 from sitebackup.workflows.names import RESTORE_ORCHESTRATION
 
@@ -83,22 +97,14 @@ class RestoreRequest:
     concurrency: int = DEFAULT_CONCURRENCY
     state_dir: Path = field(default_factory=Path)
     as_of: datetime | None = None  # with container: restore the latest completed run started at or before it
-
-
-def parse_time(text: str) -> datetime:
-    """An ISO 8601 date or date and time (``2026-03-01``, ``2026-03-01T03:00``, ``2026-03-01 03:00:00+01:00``),
-    local time unless it names an offset; a date alone is its midnight."""
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise InputError(f"invalid time {text!r}: use a date or a date and time, e.g. 2026-03-01 or "
-                         "2026-03-01T03:00") from None
-    return when if when.tzinfo is not None else when.astimezone()
+    job: str | None = None  # the job `latest` means
+    dry_run: bool = False
 
 
 def validate_restore(dest: str | Path, *, run_id: str | None, container: str | None, prefix: str | None,
                      include: list[str], exclude: list[str], overwrite: bool, concurrency: int,
-                     state_dir: Path, as_of: str | None = None) -> RestoreRequest:
+                     state_dir: Path, as_of: str | None = None, job: str | None = None,
+                     dry_run: bool = False) -> RestoreRequest:
     path = Path(dest).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"destination {str(dest)!r} is not a directory")
@@ -112,7 +118,7 @@ def validate_restore(dest: str | Path, *, run_id: str | None, container: str | N
                           container=validate_container_name(container) if container else None,
                           prefix=normalize_prefix(prefix), include=list(include), exclude=list(exclude),
                           overwrite=overwrite, concurrency=concurrency, state_dir=state_dir,
-                          as_of=parse_time(as_of) if as_of else None)
+                          as_of=parse_time(as_of, end_of_day=True) if as_of else None, job=job, dry_run=dry_run)
 
 
 def run_as_of(client: dt_client.TaskHubGrpcClient, work: WorkStore, sealed: list[SealedRun], container: str,
@@ -161,13 +167,18 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
         deps = activity_deps(settings, Concurrency(request.concurrency), runtime)
         with runtime.connected() as client:
             container, prefix = request.container or "", request.prefix
+            # first: under the scheduler the run record itself is read from the container
+            endpoint = check_container(settings, container) if request.container else ""
+            sealed = sealed_runs(deps.container_client(container)) if request.container else None
             if request.run_id:
+                request.run_id = resolve_run(request.run_id, client=client, sealed=sealed,
+                                             container=request.container, job=request.job)
                 known = known_backup(client, deps.work, request.run_id)
                 container = where_to_look(request.run_id, known, request.container, deps.work)
-            # first: under the scheduler the run record itself is read from the container
-            endpoint = check_container(settings, container)
+            if sealed is None or container != request.container:
+                endpoint = check_container(settings, container)
+                sealed = sealed_runs(deps.container_client(container))
             records = ContainerRecords(deps.container_client(container))
-            sealed = sealed_runs(deps.container_client(container))
             if request.as_of is not None:
                 request.run_id = run_as_of(client, deps.work, sealed, container, prefix, endpoint, request.as_of)
             if request.run_id:
@@ -191,6 +202,98 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
         return host_and_watch(runtime, deps, instance_id, printer)
 
 
+@dataclass(frozen=True)
+class _Wanted:
+    """A file a restore would write: its path under DEST, what the run recorded of it (or the blob holds), and why
+    it has no copy to restore (None: it has one)."""
+
+    path: str
+    size: int
+    md5: str | None
+    kind: str = "file"
+    missing: str | None = None
+
+
+def plan_restore(request: RestoreRequest, settings: StorageSettings, taskhub: TaskHubSettings | None,
+                 on_item: Callable[[DryRunItem], None]) -> RestorePlan:
+    """``--dry-run``: what the restore would create, replace, leave as it is (identical) or fail on, each file handed
+    to *on_item* as the run's record (or the container's listing) is read beside DEST as it is now. Nothing is
+    written: not the run, not DEST (it is not even made)."""
+    with browsing(settings, request.state_dir, taskhub, request.container, request.job) as browse:
+        run_id = request.run_id
+        if request.as_of is not None:
+            assert request.container is not None and browse.sealed is not None
+            run_id = run_as_of(browse.client, browse.work, browse.sealed, request.container, request.prefix,
+                               browse.label, request.as_of)
+        if run_id:
+            run = browse.open(run_id)
+            wanted: Iterator[_Wanted] = (
+                _Wanted(e.path, e.size, e.md5, kind(e), None if e.stored else e.error or "no copy recorded")
+                for e in browse.entries(run))
+            plan = RestorePlan(run_id=run.run_id, source=f"run {run.run_id}", dest=str(request.dest),
+                               overwrite=request.overwrite)
+        else:
+            assert request.container is not None
+            wanted = _listed(browse.service.get_container_client(request.container), request.prefix)
+            plan = RestorePlan(run_id=None, source=destination_label(request.container, request.prefix),
+                               dest=str(request.dest), overwrite=request.overwrite)
+        selected = make_selector(request.include, request.exclude)
+        dest = DestDir(request.dest)
+        for item in wanted:
+            found = _planned(dest, item, request.overwrite) if selected(item.path) else None
+            if found is None:
+                continue
+            if found.action == "create":
+                plan.files_to_create += 1
+                plan.bytes_to_create += item.size
+            elif found.action == "replace":
+                plan.files_to_replace += 1
+                plan.bytes_to_replace += item.size
+            elif found.action == "identical":
+                plan.files_identical += 1
+                plan.bytes_identical += item.size
+            elif found.action == "skip":
+                plan.files_skipped += 1
+            else:
+                plan.files_failed += 1
+            on_item(found)
+    return plan
+
+
+def _listed(container: ContainerClient, prefix: str) -> Iterator[_Wanted]:
+    """What a restore of the container (under *prefix*) without a run reads: every blob there now."""
+    start = f"{prefix}/" if prefix else None
+    for blob in container.list_blobs(name_starts_with=start):
+        if not is_reserved(blob.name):
+            yield _Wanted(blob.name[len(start or ""):], blob.size, b64(blob.content_settings.content_md5))
+
+
+def _planned(dest: DestDir, item: _Wanted, overwrite: bool) -> DryRunItem:
+    """What the restore would do with *item* at DEST, found as the restore itself decides it, reading only."""
+    if item.missing is not None:
+        return DryRunItem(action="skip", path=item.path, reason=f"not backed up by the run: {item.missing}")
+    try:
+        safe_relpath(item.path)
+        st = dest.lstat(item.path)
+        if st is None:
+            return DryRunItem(action="create", path=item.path, size=item.size)
+        if item.kind != "file":  # a directory or symlink already there is kept
+            if stat.S_ISDIR(st.st_mode) if item.kind == "dir" else stat.S_ISLNK(st.st_mode):
+                return DryRunItem(action="identical", path=item.path, reason=f"{item.kind} exists")
+            return DryRunItem(action="fail", path=item.path, error=f"destination exists and is not a {item.kind}")
+        if not stat.S_ISREG(st.st_mode):
+            return DryRunItem(action="fail", path=item.path, error="destination exists and is not a regular file")
+        if item.md5 and st.st_size == item.size and dest.md5_b64(item.path) == item.md5:
+            return DryRunItem(action="identical", path=item.path, reason="identical file exists")
+    except (UnsafeName, ValueError) as exc:
+        return DryRunItem(action="fail", path=item.path, error=f"refused: {exc}")
+    except OSError as exc:
+        return DryRunItem(action="fail", path=item.path, error=describe_os_error(exc))
+    if not overwrite:
+        return DryRunItem(action="fail", path=item.path, error="destination exists and differs (use --overwrite)")
+    return DryRunItem(action="replace", path=item.path, size=item.size)
+
+
 def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """``restore [ID] DEST``: a backup run id first (unless --container), then DEST."""
     if ctx.params.get("container") or ctx.params.get("args"):
@@ -206,11 +309,15 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
 @click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped.")
 @click.option("--as-of", metavar="TIME",
               help="With --container: the tree the latest completed backup of the container and prefix started at "
-                   "or before TIME recorded (ISO date or date and time, local unless an offset is given).")
+                   "or before TIME recorded (ISO date and time, local unless an offset is given; a date alone is "
+                   "the end of that day; yesterday; 36h ago, 3 days ago).")
 @click.option("--include", multiple=True, metavar="PATTERN",
               help="Only paths matching this glob (repeatable); a pattern without '/' matches any path component.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out paths matching this glob (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files that differ (identical ones are always skipped).")
+@click.option("--dry-run", is_flag=True, help="List what would be created, replaced and left as it is (identical), "
+                                             "with counts and bytes; write nothing, not even DEST.")
+@job_option(LATEST_JOB_HELP)
 @storage_options
 @bwlimit_option
 @concurrency_option("Bound on parallel download batches.")
@@ -220,8 +327,9 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
 @state_dir_option
 @debug_option
 def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: str | None, include: tuple[str, ...],
-            exclude: tuple[str, ...], overwrite: bool, storage: StorageSettings, concurrency: int, output: Output,
-            metrics_file: Path | None, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
+            exclude: tuple[str, ...], overwrite: bool, dry_run: bool, job: str | None, storage: StorageSettings,
+            concurrency: int, output: Output, metrics_file: Path | None, taskhub: TaskHubSettings | None,
+            state_dir: Path) -> None:
     """Restore a backup run, or a container's blobs, into DEST.
 
     With ID, restores exactly the files that backup run recorded, in the versions it recorded
@@ -235,23 +343,38 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
     otherwise left alone and reported unless --overwrite. Blob names that would escape DEST
     (absolute, '..' or empty segments, NUL, backslash) are refused and reported; no symlink
     under DEST is followed. Re-running the same command after an interruption resumes the restore.
+    --dry-run lists what would be created, replaced or left as it is, and writes nothing.
+
+    ID is a run id, a unique prefix of one (4 characters at least), or `latest`. --as-of takes an
+    ISO date and time (local unless it names an offset), a date alone (the end of that day),
+    `yesterday`, or a time ago (`36h ago`, `3 days ago`).
 
     \b
     Examples:
       sitebackup restore 20261127T225602-0dcb81 ./restored
+      sitebackup restore latest ./restored --dry-run
       sitebackup restore 20261127T225602-0dcb81 ./restored --include 'css/*' --exclude '*.log'
       sitebackup restore 20261127T225602-0dcb81 ./restored --container backups
       sitebackup restore --container backups --prefix nightly/web ./restored --overwrite
       sitebackup restore --container backups --as-of 2026-03-01T03:00 ./restored
+      sitebackup restore --container backups --as-of "2 days ago" ./restored
     """
     if len(args) not in (1, 2) or (len(args) == 1 and not container):
         raise click.UsageError("give ID DEST, or --container NAME [ID] DEST")
     run_id = args[0] if len(args) == 2 else None
+    if metrics_file is not None and dry_run:
+        raise click.UsageError("--metrics-file describes a finished restore: not with --dry-run")
     metrics = start_metrics(metrics_file, "restore", destination_label(container, prefix) if not run_id else run_id,
                             str(Path(args[-1]).expanduser().resolve()))
     request = validate_restore(
         args[-1], run_id=run_id, container=container, prefix=prefix, include=list(include),
-        exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir, as_of=as_of)
+        exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir, as_of=as_of,
+        job=job, dry_run=dry_run)
+    if dry_run:
+        with render.DryRunLines(output.json, output.quiet) as lines:
+            plan = plan_restore(request, storage, taskhub, lines.add)
+        render.restore_plan(plan, output.json, output.quiet)
+        sys.exit(EXIT_FILES_FAILED if plan.files_failed else 0)
     summary = run_restore(request, storage, make_printer(json_output=output.json, quiet=output.quiet), taskhub)
     if metrics is not None:
         metrics.summary = summary_to_wire(summary)

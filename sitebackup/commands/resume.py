@@ -14,6 +14,7 @@ from durabletask import client as dt_client
 from sitebackup.blob.clients import StorageSettings, connect
 from sitebackup.commands.hosting import (
     TERMINAL,
+    UNFINISHED,
     activity_deps,
     attach_and_watch,
     backup_job_lock,
@@ -35,6 +36,7 @@ from sitebackup.commands.options import (
     storage_options,
     taskhub_option,
 )
+from sitebackup.commands.runref import resolve_run
 from sitebackup.commands.status import describe
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import open_backend
@@ -59,7 +61,8 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
     hosted only under its job's lock in the container (``LockedError`` while another process holds it)."""
     with open_backend(state_dir, taskhub) as runtime:
         with runtime.connected() as client:
-            state = get_run(client, instance_id)
+            state = get_run(client, resolve_run(instance_id, client=client, backups=False, latest=UNFINISHED))
+        instance_id = state.instance_id
         info = describe(runtime, state)
         printer.start(RunStart(instance_id=instance_id, source=info.source or "", destination=info.destination or "",
                                endpoint=info.endpoint, resumed=True))

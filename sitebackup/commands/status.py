@@ -33,6 +33,7 @@ from sitebackup.commands.options import (
     state_dir_option,
     taskhub_option,
 )
+from sitebackup.commands.runref import resolve_run
 from sitebackup.durable.runtime import Runtime, open_client
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import (
@@ -77,15 +78,17 @@ def describe(runtime: Runtime, state: dt_client.OrchestrationState,
 
 def status(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None,
            stall_after: timedelta | None = None) -> RunInfo:
+    """The run *instance_id* (a run reference: ``commands.runref``) as ``describe`` tells it."""
     with open_client(state_dir, taskhub) as (runtime, client):
-        return describe(runtime, get_run(client, instance_id), stall_after)
+        return describe(runtime, get_run(client, resolve_run(instance_id, client=client, backups=False, latest=None)),
+                        stall_after)
 
 
 def watch_status(state_dir: Path, instance_id: str, printer: Printer,
                  taskhub: TaskHubSettings | None = None) -> Summary[Any]:
     """Draw progress until the run finishes, whoever works on it."""
     with open_client(state_dir, taskhub) as (_runtime, client):
-        get_run(client, instance_id)
+        instance_id = get_run(client, resolve_run(instance_id, client=client, backups=False, latest=None)).instance_id
         summary = summarize(watch(client, instance_id, printer))
     printer.finish(summary)
     return summary

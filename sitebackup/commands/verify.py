@@ -28,12 +28,14 @@ from sitebackup.blob.errors import ARCHIVED, classify, is_archived, one_line
 from sitebackup.blob.history import Copy, CopyLookup, choose, copy_client
 from sitebackup.blob.naming import blob_name, validate_container_name
 from sitebackup.blob.records import ContainerRecords, run_entries
-from sitebackup.commands.catalog import known_backup, recorded_run, where_to_look
+from sitebackup.commands.catalog import known_backup, recorded_run, sealed_runs, where_to_look
 from sitebackup.commands.options import (
+    LATEST_JOB_HELP,
     Command,
     complete_runs,
     debug_option,
     destination_label,
+    job_option,
     json_option,
     metrics_option,
     start_metrics,
@@ -41,6 +43,7 @@ from sitebackup.commands.options import (
     storage_options,
     taskhub_option,
 )
+from sitebackup.commands.runref import resolve_run
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import (
@@ -105,19 +108,26 @@ def _local_problem(source: Path, rec: FileEntry) -> str | None:
 
 def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_mismatch: Callable[[Mismatch], None],
                *, local: bool = False, download: bool = False, taskhub: TaskHubSettings | None = None,
-               container_name: str | None = None, on_note: Callable[[str], None] = lambda note: None) -> VerifyReport:
-    """Check the run's record as it is read: memory holds the files in flight and what the lookup of recorded
+               container_name: str | None = None, on_note: Callable[[str], None] = lambda note: None,
+               of_job: str | None = None) -> VerifyReport:
+    """Check the run's record (*run_id* a run reference: ``commands.runref``; *of_job* the job ``latest`` means) as
+    it is read: memory holds the files in flight and what the lookup of recorded
     versions holds (``history.CopyLookup``), not the record nor its mismatches: each goes to *on_mismatch* as
     it is found, in record order."""
     settings.require()
     with open_backend(state_dir, taskhub) as runtime, \
             service_client(settings, pool_size=CHECKS.connections) as (service, label):
         work = runtime.work_store(service)
+        if container_name:  # first: under the scheduler the run record itself is read from the container
+            check_container(settings, container_name)
         with runtime.connected() as client:
+            run_id = resolve_run(run_id, client=client, container=container_name, job=of_job,
+                                 sealed=sealed_runs(service.get_container_client(container_name))
+                                 if container_name else None)
             known = known_backup(client, work, run_id)
         where = where_to_look(run_id, known, container_name, work)
-        # first: under the scheduler the run record itself is read from the container
-        check_container(settings, where)
+        if where != container_name:
+            check_container(settings, where)
         sealed = ContainerRecords(service.get_container_client(where))
         inp = recorded_run(sealed, work, run_id, known)
         records = run_entries(sealed, work, run_id, on_note)
@@ -181,19 +191,21 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
 @click.option("--download", is_flag=True, help="Re-hash blob content instead of trusting its Content-MD5.")
 @click.option("--container", "-c", help="Read the run's sealed record from this container (a run this state "
                                        "directory does not know: a new machine needs only this).")
+@job_option(LATEST_JOB_HELP)
 @storage_options
 @json_option("Print one JSON object with counts and mismatches.")
 @metrics_option
 @taskhub_option
 @state_dir_option
 @debug_option
-def command(instance_id: str, local: bool, download: bool, container: str | None, storage: StorageSettings,
-            json_output: bool,
+def command(instance_id: str, local: bool, download: bool, container: str | None, job: str | None,
+            storage: StorageSettings, json_output: bool,
             metrics_file: Path | None, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """Check that a backup run's blobs are intact.
 
     Every blob the run recorded must be present, with the same size and Content-MD5 (and the
-    access tier the run set with --tier).
+    access tier the run set with --tier). ID is a run id, a unique prefix of one (4 characters
+    at least), or `latest`.
 
     \b
     Examples:
@@ -213,13 +225,13 @@ def command(instance_id: str, local: bool, download: bool, container: str | None
     report = verify_run(state_dir, instance_id, storage, mismatches.append if json_output else listed, local=local,
                         download=download, taskhub=taskhub,
                         container_name=validate_container_name(container) if container else None,
-                        on_note=lambda note: click.echo(printable(f"sitebackup: note: {note}"), err=True))
+                        on_note=lambda note: click.echo(printable(f"sitebackup: note: {note}"), err=True), of_job=job)
     if metrics is not None:
         metrics.source, metrics.destination = report.source, destination_label(report.container, report.prefix)
         metrics.summary = to_wire(report)
     if json_output:
         click.echo(json.dumps({**to_wire(report), "mismatches": to_wire(mismatches)}))
     else:
-        click.echo(f"{instance_id}: {report.files_ok}/{report.files_checked} blobs match, "
+        click.echo(f"{report.run_id}: {report.files_ok}/{report.files_checked} blobs match, "
                    f"{report.files_mismatched} mismatched, {report.files_not_backed_up} not backed up by the run")
     sys.exit(EXIT_FILES_FAILED if report.files_mismatched else 0)

@@ -91,6 +91,15 @@ def parse_rule(line: str) -> Rule | None:
     return Rule(regex=regex, negated=negated, dir_only=dir_only)
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A ``find`` pattern as a regex of '/'-separated relative paths: without a '/' it matches a base name (at any
+    depth, as ``find -name`` does), with one the whole path from the root; ``*`` and ``?`` stop at '/', ``**``
+    crosses directories, ``[...]`` is a class."""
+    anchored = "/" in pattern
+    body = _glob_to_regex(pattern.strip("/") if anchored else pattern)
+    return re.compile(("^" if anchored else "^(?:.*/)?") + body + "$", re.DOTALL)
+
+
 def parse_lines(lines: list[str]) -> list[Rule]:
     return [rule for rule in map(parse_rule, lines) if rule is not None]
 

@@ -100,9 +100,21 @@ class PageSeal(msgspec.Struct, array_like=True, frozen=True):
     size: int
 
 
+class ChangeCounts(msgspec.Struct, kw_only=True):
+    """What a run's record changed from its baseline's (``sitebackup diff BASELINE RUN`` counts the same): entries
+    added, removed, modified (content) and changed in their metadata only."""
+
+    added: int = 0
+    removed: int = 0
+    modified: int = 0
+    metadata: int = 0
+
+
 class RunRecord(msgspec.Struct, kw_only=True):
     """The header of a backup run's record, sealed into the container once every page of it is there: which
-    run, of which job, how it ended, and its pages. A run without one is unfinished."""
+    run, of which job, how it ended, and its pages. A run without one is unfinished. ``changes`` (from its
+    ``baseline``, the job's run before it; None in headers sealed before they were counted) are counted as the
+    run is sealed."""
 
     format: int = FORMAT_VERSION
     tool: str  # the sitebackup version that wrote it
@@ -119,6 +131,8 @@ class RunRecord(msgspec.Struct, kw_only=True):
     files_failed: int = 0  # files whose copy in the record is stale (the last good version) or missing
     bytes: int = 0  # bytes of the files the record holds
     pages: list[PageSeal] = msgspec.field(default_factory=list)
+    baseline: str | None = None  # the run the changes are counted from; None: the job's first run
+    changes: ChangeCounts | None = None
 
 
 class CatalogEntry(msgspec.Struct, kw_only=True):
@@ -131,6 +145,7 @@ class CatalogEntry(msgspec.Struct, kw_only=True):
     finished: str
     files: int = 0
     bytes: int = 0
+    changes: ChangeCounts | None = None  # None: sealed before changes were counted
 
 
 class Job(msgspec.Struct, kw_only=True):

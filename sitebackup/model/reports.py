@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from sitebackup.model.records import ChangeCounts
 from sitebackup.model.work import Progress
 
 
@@ -67,6 +68,30 @@ class RunRow(msgspec.Struct, kw_only=True):
     created_at: str
     duration_s: float
     worker_attached: bool | None
+    changes: ChangeCounts | None = None  # from the run before it of its job; None: not known here
+
+
+class RunDetail(msgspec.Struct, kw_only=True):
+    """``list --container NAME RUN``: a sealed run in full, as its header says (its pages counted, not listed)."""
+
+    run_id: str
+    job: str
+    job_name: str | None
+    host: str
+    source: str
+    container: str
+    prefix: str
+    started: str
+    finished: str
+    status: str
+    files: int
+    files_failed: int
+    bytes: int
+    pages: int
+    baseline: str | None
+    changes: ChangeCounts | None
+    tool: str
+    format: int
 
 
 class Mismatch(msgspec.Struct):
@@ -144,3 +169,94 @@ class DryRunTotals(msgspec.Struct, kw_only=True):
     bytes_skipped: int = 0
     files_skipped: int = 0
     files_failed: int = 0
+
+
+class ListingSummary(msgspec.Struct, kw_only=True):
+    """What ``ls`` listed of a run."""
+
+    run_id: str
+    entries: int = 0
+    bytes: int = 0
+
+
+class DiffSummary(msgspec.Struct, kw_only=True):
+    """What ``diff`` found changed from one run to another."""
+
+    run_a: str
+    run_b: str
+    added: int = 0
+    removed: int = 0
+    modified: int = 0
+    metadata: int = 0
+
+
+class FindSummary(msgspec.Struct, kw_only=True):
+    """What ``find`` searched and found."""
+
+    patterns: list[str]
+    runs_searched: int = 0
+    runs_matched: int = 0
+    matches: int = 0
+
+
+class RestorePlan(msgspec.Struct, kw_only=True):
+    """What a ``restore --dry-run`` found: what the restore would create, replace, leave as it is (identical),
+    leave out (not backed up by the run, or not selected) and fail on."""
+
+    dry_run: bool = True
+    run_id: str | None  # None: whatever the container holds under the prefix
+    source: str
+    dest: str
+    overwrite: bool = False
+    files_to_create: int = 0
+    bytes_to_create: int = 0
+    files_to_replace: int = 0
+    bytes_to_replace: int = 0
+    files_identical: int = 0
+    bytes_identical: int = 0
+    files_skipped: int = 0
+    files_failed: int = 0
+
+
+class RunStats(msgspec.Struct, kw_only=True):
+    """A sealed run as ``stats`` counts it: files and bytes as recorded, and what it changed from its job's run
+    before it (None: sealed before changes were counted)."""
+
+    run_id: str
+    job: str | None
+    started: str
+    files: int
+    bytes: int
+    changes: ChangeCounts | None = None
+
+
+class StoredStats(msgspec.Struct, kw_only=True):
+    """What the container stores: copies of backed-up files (current blobs and snapshots, each once however many
+    runs reference it) and the records beside them (under ``.sitebackup/``)."""
+
+    blobs: int = 0
+    snapshots: int = 0
+    bytes: int = 0
+    record_blobs: int = 0
+    record_bytes: int = 0
+    missing: int = 0  # a run's files whose recorded version no copy holds (pruned, or overwritten)
+
+
+class PruneEstimate(msgspec.Struct, kw_only=True):
+    """What ``prune`` with the given keep rules would free (its dry run)."""
+
+    runs: int
+    blobs: int
+    snapshots: int
+    bytes: int
+
+
+class StatsReport(msgspec.Struct, kw_only=True):
+    """What ``stats`` reports of a container (every sealed run, newest first) or of one run."""
+
+    container: str
+    prefix: str | None = None
+    jobs: int = 0
+    runs: list[RunStats] = msgspec.field(default_factory=list)
+    stored: StoredStats
+    prune: PruneEstimate | None = None

@@ -1,5 +1,5 @@
 """Turning command results into text for people: the status report, the runs table, the dry-run plan,
-the prune report.
+the prune report, the stats report, and the lines of commands that stream them (``Lines``).
 
 Paths and messages in them are data: every line is escaped (``escape.printable``) and no cell of the
 runs table is read as markup.
@@ -11,12 +11,22 @@ import json
 import sys
 import time
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import click
 
 from sitebackup.model.codec import DamagedData, encode, to_wire
-from sitebackup.model.reports import DryRunItem, DryRunTotals, PruneReport, RunInfo, RunRow
+from sitebackup.model.records import ChangeCounts
+from sitebackup.model.reports import (
+    DryRunItem,
+    DryRunTotals,
+    PruneReport,
+    RestorePlan,
+    RunDetail,
+    RunInfo,
+    RunRow,
+    StatsReport,
+)
 from sitebackup.model.work import BackupCounts, RestoreCounts, summary_from_wire
 from sitebackup.ui.escape import printable
 from sitebackup.ui.printers import KINDS, failure_lines, human_bytes, human_duration
@@ -72,7 +82,7 @@ def status_text(info: RunInfo) -> str:
 
 
 RUN_COLUMNS = ("id", "job", "kind", "status", "source", "destination", "files", "bytes", "started", "duration",
-               "restorable")
+               "restorable", "changes")
 
 
 def runs_table(rows: list[RunRow], console: Console | None = None) -> None:
@@ -91,7 +101,7 @@ def runs_table(rows: list[RunRow], console: Console | None = None) -> None:
               printable(row.runtime_status),
               printable(str(row.source)), printable(str(row.destination)), f"{row.files}/{row.files_total}",
               human_bytes(row.bytes), row.created_at[:19].replace("T", " "), f"{row.duration_s:.1f}s",
-              printable(row.restorable or "-")]
+              printable(row.restorable or "-"), change_counts(row.changes)]
              for row in rows]
     if console.is_terminal:
         table = Table(box=None, header_style="bold")
@@ -107,8 +117,9 @@ def runs_table(rows: list[RunRow], console: Console | None = None) -> None:
         click.echo("\t".join(line), file=console.file)
 
 
-class DryRunLines:
-    """The files of a ``--dry-run``, a line each as the walk reaches them (failures on stderr), or a JSON event.
+class Lines:
+    """Lines to stdout as a command finds them (a line per file of a --dry-run, per entry of ``ls``, per change
+    of ``diff``), or their JSON objects with ``--json``.
 
     Lines are written in batches (every ``BATCH`` lines, or when ``FLUSH_SECONDS`` have passed since the last
     write): a write per line is a system call per file when stdout is unbuffered (``python -u``,
@@ -119,34 +130,29 @@ class DryRunLines:
     BATCH = 1000
     FLUSH_SECONDS = 0.25
 
-    def __init__(self, json_output: bool, quiet: bool):
-        self.json_output = json_output
-        self.quiet = quiet
+    def __init__(self) -> None:
         self._held: list[str] = []
         self._since = time.monotonic()
 
-    def __enter__(self) -> DryRunLines:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.flush()
 
-    def add(self, item: DryRunItem) -> None:
-        if self.json_output:
-            # compact, at a fraction of json's CPU (a line per file); a name that is not ASCII gets \u escapes,
-            # as in every other event, so no line carries a raw control character
-            line = b'{"event":"dry_run",' + encode(item)[1:]
-            self._held.append(line.decode() if line.isascii() else json.dumps(json.loads(line), separators=(",", ":")))
-        elif item.action == "fail":
-            self.flush()  # in order with the lines before it on a terminal showing both streams
-            click.echo(printable(f"FAILED {item.path}: {item.error}"), err=True)
-            return
-        elif not self.quiet:
-            detail = item.reason or human_bytes(item.size or 0)
-            verb = "would upload" if item.action == "upload" else item.action
-            self._held.append(printable(f"{verb} {item.path} ({detail})"))
-        else:
-            return
+    def line(self, text: str) -> None:
+        """One line of text, escaped."""
+        self._hold(printable(text))
+
+    def event(self, event: str, value: object) -> None:
+        """One JSON object: ``{"event": EVENT, ...}`` and *value*'s fields."""
+        # compact, at a fraction of json's CPU (a line per file); a name that is not ASCII gets \u escapes,
+        # as in every other event, so no line carries a raw control character
+        line = b'{"event":"' + event.encode() + b'",' + encode(value)[1:]
+        self._hold(line.decode() if line.isascii() else json.dumps(json.loads(line), separators=(",", ":")))
+
+    def _hold(self, line: str) -> None:
+        self._held.append(line)
         if len(self._held) >= self.BATCH or time.monotonic() - self._since >= self.FLUSH_SECONDS:
             self.flush()
 
@@ -158,6 +164,32 @@ class DryRunLines:
         self._since = time.monotonic()
 
 
+class DryRunLines(Lines):
+    """The files of a ``--dry-run``, a line each as the walk reaches them (failures on stderr), or a JSON event."""
+
+    VERBS = {"upload": "would upload", "create": "would create", "replace": "would replace"}
+
+    def __init__(self, json_output: bool, quiet: bool):
+        super().__init__()
+        self.json_output = json_output
+        self.quiet = quiet
+
+    def add(self, item: DryRunItem) -> None:
+        if self.json_output:
+            self.event("dry_run", item)
+        elif item.action == "fail":
+            self.flush()  # in order with the lines before it on a terminal showing both streams
+            click.echo(printable(f"FAILED {item.path}: {item.error}"), err=True)
+        elif not self.quiet:
+            detail = item.reason or human_bytes(item.size or 0)
+            self.line(f"{self.VERBS.get(item.action, item.action)} {item.path} ({detail})")
+
+
+def summary_event(value: object) -> None:
+    """The last line of a command's NDJSON: ``{"event": "summary", ...}``."""
+    click.echo(json.dumps({"event": "summary", **to_wire(value)}))
+
+
 def dry_run_totals(plan: DryRunTotals, json_output: bool, quiet: bool) -> None:
     """What a ``--dry-run`` would upload and skip, after its files: the totals line or the summary event."""
     if json_output:
@@ -166,6 +198,37 @@ def dry_run_totals(plan: DryRunTotals, json_output: bool, quiet: bool) -> None:
         click.echo(f"dry run: {plan.files_to_upload} files would be uploaded ({human_bytes(plan.bytes_to_upload)}), "
                    f"{plan.files_unchanged} unchanged ({human_bytes(plan.bytes_skipped)}), "
                    f"{plan.files_skipped - plan.files_unchanged} skipped, {plan.files_failed} failed")
+
+
+def run_detail(detail: RunDetail) -> str:
+    """``list --container NAME RUN``: one line per fact of the sealed run."""
+    changes = detail.changes
+    lines = [f"{detail.run_id}  backup  {detail.status}",
+             f"  job:          {detail.job_name or '-'} ({detail.job})",
+             f"  host:         {detail.host}",
+             f"  source:       {detail.source}",
+             f"  destination:  {detail.container}/{detail.prefix}" if detail.prefix else
+             f"  destination:  {detail.container}",
+             f"  started:      {detail.started}",
+             f"  finished:     {detail.finished}",
+             f"  files:        {detail.files} ({detail.files_failed} failed: their last good copy kept)",
+             f"  bytes:        {human_bytes(detail.bytes)}",
+             f"  record:       {detail.pages} page(s), format {detail.format}, sealed by sitebackup {detail.tool}"]
+    if changes is not None:
+        lines.append(f"  changes:      {changes.added} added, {changes.removed} removed, {changes.modified} modified, "
+                     f"{changes.metadata} metadata only, since {detail.baseline or 'nothing (the first run)'}")
+    return "\n".join(map(printable, lines))
+
+
+def restore_plan(plan: RestorePlan, json_output: bool, quiet: bool) -> None:
+    """What a restore's ``--dry-run`` would do, after its files: the totals line or the summary event."""
+    if json_output:
+        click.echo(json.dumps({"event": "summary", **to_wire(plan)}))
+    elif not quiet:
+        click.echo(f"dry run: {plan.files_to_create} files would be created ({human_bytes(plan.bytes_to_create)}), "
+                   f"{plan.files_to_replace} replaced ({human_bytes(plan.bytes_to_replace)}), "
+                   f"{plan.files_identical} left as they are (identical, {human_bytes(plan.bytes_identical)}), "
+                   f"{plan.files_skipped} skipped, {plan.files_failed} would fail; nothing was written")
 
 
 def prune_report(report: PruneReport) -> None:
@@ -181,3 +244,41 @@ def prune_report(report: PruneReport) -> None:
     verb = "would remove" if report.dry_run else "removed"
     click.echo(f"{verb} {len(report.removed)} run(s), {report.blobs_removed} blob(s) and "
                f"{report.snapshots_removed} snapshot(s), {human_bytes(report.bytes_removed)}")
+
+
+def change_counts(changes: ChangeCounts | None) -> str:
+    """A run's changes from its job's run before it: +added ~changed (content or metadata) -removed; - unknown."""
+    if changes is None:
+        return "-"
+    return f"+{changes.added} ~{changes.modified + changes.metadata} -{changes.removed}"
+
+
+def stats_report(report: StatsReport) -> None:
+    """Aligned for people; tab-separated without a terminal (a name and its value a line, then the runs' table
+    with its header)."""
+    terminal = sys.stdout.isatty()
+    stored = report.stored
+    facts = [("container", report.container + (f" (prefix {report.prefix})" if report.prefix else "")),
+             ("runs", f"{len(report.runs)} of {report.jobs} job(s)"),
+             ("stored", f"{human_bytes(stored.bytes)} in {stored.blobs} blob(s) and {stored.snapshots} snapshot(s)"
+                        + (f", {stored.missing} recorded version(s) missing" if stored.missing else ""))]
+    if stored.record_blobs:
+        facts.append(("records", f"{human_bytes(stored.record_bytes)} in {stored.record_blobs} blob(s)"))
+    if report.prune is not None:
+        facts.append(("prune would free", f"{human_bytes(report.prune.bytes)}: {report.prune.runs} run(s), "
+                                          f"{report.prune.blobs} blob(s), {report.prune.snapshots} snapshot(s)"))
+    rows = [["run", "job", "started", "files", "bytes", "changes"]] + [
+        [row.run_id, row.job or "-", row.started[:19].replace("T", " "), str(row.files), human_bytes(row.bytes),
+         change_counts(row.changes)] for row in report.runs]
+    if not terminal:
+        for name, value in facts:
+            click.echo(printable(f"{name}\t{value}"))
+        for line in rows:
+            click.echo(printable("\t".join(line)))
+        return
+    for name, value in facts:
+        click.echo(printable(f"{name + ':':<18}{value}"))
+    widths = [max(len(line[i]) for line in rows) for i in range(len(rows[0]))]
+    click.echo()
+    for line in rows:
+        click.echo(printable("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()))

@@ -4,18 +4,24 @@ Once every page is done, the run's result pages (its record) are copied, as the 
 to the container's ``.sitebackup/records/`` under their SHA-256, skipping those the baseline's sealed record
 already names (an unchanged tree sends no page), and the header naming every page with its hash and size
 goes last. The job's descriptor is written by the first run of the job.
+
+The header also counts what the run changed from its baseline (``local.changes``, as ``sitebackup diff``
+does), so that ``list`` shows it from the listing alone: the two records are read side by side, leaving out
+the pages they share (an unchanged tree reads none).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from durabletask import task
 
 from sitebackup import __version__
 from sitebackup.blob.records import ContainerRecords, sha256_hex
-from sitebackup.model.codec import DamagedData, from_wire, to_wire
-from sitebackup.model.records import PageSeal, RunRecord
+from sitebackup.local.changes import OutOfOrder, changes, count
+from sitebackup.model.codec import DamagedData, decode, from_wire, to_wire
+from sitebackup.model.records import ChangeCounts, FileEntry, PageSeal, RunRecord
 from sitebackup.model.work import Sealed, SealInput
 from sitebackup.workflows.activity import ActivityDeps, activity
 from sitebackup.workflows.names import SEAL_RECORD
@@ -25,11 +31,13 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
     """Copy the run's record pages the container does not hold, then write its header."""
     records = ContainerRecords(deps.container_client(inp.container))
     held: set[str] = set()
+    baseline: RunRecord | None = None
+    damaged = False
     if inp.baseline:
         try:
             baseline = records.header(inp.baseline)
         except DamagedData:  # its pages are sent again: a damaged header is never trusted for what is held
-            baseline = None
+            damaged = True
         held = {seal.sha256 for seal in baseline.pages} if baseline is not None else set()
     pages: list[PageSeal] = []
     sent = 0
@@ -41,10 +49,37 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
             sent += 1
         pages.append(PageSeal(page, digest, len(data)))
     records.put_job(inp.job)
+    changes = None if damaged else count_changes(deps, records, run_id, inp.baseline, baseline,
+                                                 {seal.sha256 for seal in pages})
     records.seal(RunRecord(tool=__version__, run_id=run_id, job=inp.job.id, host=inp.job.host, source=inp.source,
                            container=inp.container, prefix=inp.prefix, started=inp.started, finished=inp.finished,
-                           files=inp.files, files_failed=inp.files_failed, bytes=inp.bytes, pages=pages))
+                           files=inp.files, files_failed=inp.files_failed, bytes=inp.bytes, pages=pages,
+                           baseline=inp.baseline, changes=changes))
     return Sealed(pages=len(pages), sent=sent)
+
+
+def count_changes(deps: ActivityDeps, records: ContainerRecords, run_id: str, baseline_id: str | None,
+                  baseline: RunRecord | None, mine: set[str]) -> ChangeCounts | None:
+    """What the run's record (its result pages, whose SHA-256s are *mine*) changed from its baseline's: the
+    baseline's sealed *baseline* header, or (a run never sealed) its pages in the work store; None when the
+    baseline cannot be read whole or either record is out of walk order (nothing is guessed)."""
+    if baseline_id is not None and baseline is None and not deps.work.has_results(baseline_id):
+        return None
+    shared = {seal.sha256 for seal in baseline.pages} & mine if baseline is not None else set()
+    after = (entry for page, data in deps.work.result_pages(run_id) if sha256_hex(data) not in shared
+             for entry in decode(data, list[FileEntry], f"record page {page} of run {run_id}"))
+    try:
+        if baseline_id is None:
+            before: Iterable[FileEntry] = ()
+        elif baseline is not None:
+            before = records.entries(baseline, cached=deps.work.result_pages(baseline_id), seen=set(shared))
+        else:
+            before = deps.work.iter_results(baseline_id)
+        totals = count(changes(before, after))
+    except (DamagedData, OutOfOrder):
+        return None
+    return ChangeCounts(added=totals.added, removed=totals.removed, modified=totals.modified,
+                        metadata=totals.metadata)
 
 
 def build_seal_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
