@@ -38,10 +38,10 @@ from sitebackup.ui.printers import human_bytes
 _COUNTED = {ADDED: "added", REMOVED: "removed", MODIFIED: "modified", METADATA: "metadata"}
 
 
-def change_line(change: Change, terminal: bool) -> str:
+def change_line(change: Change, terminal: bool) -> str | tuple[str, str]:
     """The marker and the path; on a terminal the size too (of the new version; of the old for a removal)."""
     if not terminal:
-        return f"{change.marker}\t{change.path}"
+        return change.marker, change.path
     entry = change.after or change.before
     size = f"  ({human_bytes(entry.size)})" if entry is not None and change.marker != METADATA else ""
     return f"{change.marker}  {change.path}{size}"

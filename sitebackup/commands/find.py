@@ -96,7 +96,7 @@ def find_in_runs(settings: StorageSettings, container: str, patterns: list[str],
                     elif terminal:
                         out.line(f"  {human_bytes(entry.size):>10}  {mtime_text(entry.mtime_ns, True)}  {entry.path}")
                     else:
-                        out.line(f"{run.run_id}\t{entry.path}\t{entry.size}\t{mtime_text(entry.mtime_ns, False)}")
+                        out.line((run.run_id, entry.path, str(entry.size), mtime_text(entry.mtime_ns, False)))
     return summary
 
 

@@ -44,14 +44,14 @@ def mtime_text(mtime_ns: int, terminal: bool) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S") if terminal else when.isoformat()
 
 
-def long_line(entry: FileEntry, terminal: bool) -> str:
+def long_line(entry: FileEntry, terminal: bool) -> str | tuple[str, ...]:
     """``ls -l``'s line of an entry: aligned columns on a terminal, tab-separated ones otherwise (kind, mode in
     octal, owner, group, size, mtime, path, symlink target)."""
     kind, mode, owner, group = long_fields(entry)
     target = getattr(entry, "target", None) or ""
     if not terminal:
-        return "\t".join((kind, f"{mode:04o}" if mode is not None else "-", owner or "-", group or "-",
-                          str(entry.size), mtime_text(entry.mtime_ns, False), entry.path, target))
+        return (kind, f"{mode:04o}" if mode is not None else "-", owner or "-", group or "-", str(entry.size),
+                mtime_text(entry.mtime_ns, False), entry.path, target)
     bits = stat.filemode(_KIND_BITS.get(kind, stat.S_IFREG) | (mode or 0))
     if mode is None:
         bits = bits[0] + "?" * 9

@@ -3,7 +3,7 @@
 Both records are in walk order (``local.scan.walk_key``), so one pass reads them side by side, a page of each
 at a time (a sorted merge-join): a path only the first has was removed (``-``), one only the second has was
 added (``+``), one both have changed its content (``M``: kind, size or MD5) or only its metadata (``m``:
-mode, owner, symlink target, hard link, modification time); unchanged entries yield nothing. Pages two
+mode, owner, symlink target, hard link, a file's modification time); unchanged entries yield nothing. Pages two
 sealed records share hold the same entries in both, so callers leave them out of both sides.
 """
 
@@ -37,8 +37,10 @@ def kind(entry: FileEntry) -> str:
 
 
 def metadata(entry: FileEntry) -> tuple[object, ...]:
-    """What of an entry is neither its content nor its path: a change of it alone is a metadata-only change."""
-    return (entry.mtime_ns, *(getattr(entry, name, None) for name in _METADATA_FIELDS))
+    """What of an entry is neither its content nor its path: a change of it alone is a metadata-only change. A
+    directory's modification time is left out: it moves whenever an entry is added or removed, which shows."""
+    mtime = None if kind(entry) == "dir" else entry.mtime_ns
+    return (mtime, *(getattr(entry, name, None) for name in _METADATA_FIELDS))
 
 
 def long_fields(entry: FileEntry) -> tuple[str, int | None, str | None, str | None]:

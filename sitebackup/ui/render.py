@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from datetime import timedelta
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Self
 
 import click
@@ -140,9 +141,9 @@ class Lines:
     def __exit__(self, *_exc: object) -> None:
         self.flush()
 
-    def line(self, text: str) -> None:
-        """One line of text, escaped."""
-        self._hold(printable(text))
+    def line(self, text: str | Sequence[str]) -> None:
+        """One line of text, escaped; or of tab-separated fields, each escaped (a tab in one is ``\\t``)."""
+        self._hold(printable(text) if isinstance(text, str) else "\t".join(map(printable, text)))
 
     def event(self, event: str, value: object) -> None:
         """One JSON object: ``{"event": EVENT, ...}`` and *value*'s fields."""
@@ -271,10 +272,8 @@ def stats_report(report: StatsReport) -> None:
         [row.run_id, row.job or "-", row.started[:19].replace("T", " "), str(row.files), human_bytes(row.bytes),
          change_counts(row.changes)] for row in report.runs]
     if not terminal:
-        for name, value in facts:
-            click.echo(printable(f"{name}\t{value}"))
-        for line in rows:
-            click.echo(printable("\t".join(line)))
+        for line in [*map(list, facts), *rows]:
+            click.echo("\t".join(map(printable, line)))
         return
     for name, value in facts:
         click.echo(printable(f"{name + ':':<18}{value}"))
