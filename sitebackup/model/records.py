@@ -29,6 +29,7 @@ def check_relpath(path: str) -> None:
 
 
 KINDS = ("file", "dir", "symlink")
+ROOT = "."  # the path of the source root's own entry (a directory), the first of every record since format 2
 MAX_TARGET_BYTES = 4095  # PATH_MAX less its NUL: no symlink target is longer
 MAX_NAME_CHARS = 256  # a user or group name
 
@@ -79,7 +80,8 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
     ``kind`` is "file", "dir" or "symlink"; a directory or symlink has no content (``md5`` None, size 0).
     ``mode`` is the permission bits (``st_mode & 0o7777``), ``uid``/``gid`` the owner's ids and ``user``/
     ``group`` their names where the source host had names for them; None where not recorded (format 1).
-    ``target`` is a symlink's target as ``target_text`` encodes it. ``link`` marks a file as a hard link:
+    ``target`` is a symlink's target as ``target_text`` encodes it. The source root itself is the directory
+    entry ``ROOT`` ("."), first in the record. ``link`` marks a file as a hard link:
     the path of the first member of its group in walk order (as tar does); the entry still names its own
     stored copy. ``link`` is data from the container: restore checks it names a file of the same record.
     """
@@ -102,7 +104,8 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
     link: str | None = None
 
     def __post_init__(self) -> None:
-        check_relpath(self.path)
+        if self.path != ROOT or self.kind != "dir":
+            check_relpath(self.path)
         if self.kind not in KINDS:
             raise ValueError(f"bad kind {self.kind!r}")
         if self.mode is not None and not 0 <= self.mode <= 0o7777:
@@ -138,6 +141,28 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
     @property
     def is_file(self) -> bool:
         return self.kind == "file"
+
+    @property
+    def meta(self) -> Meta:
+        return Meta(self.mode, self.uid, self.gid, self.user, self.group, self.link)
+
+    def take(self, meta: Meta | None) -> FileEntry:
+        """This entry, given *meta* (None: as it is). Changed in place: an entry read from a record is used once."""
+        if meta is not None:
+            self.mode, self.uid, self.gid, self.user, self.group, self.link = msgspec.structs.astuple(meta)
+        return self
+
+
+class Meta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
+    """What the walk found of a file beside its content (``FileEntry``'s fields of the same names), carried
+    on work pages from the scan to the copy that records the file."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    user: str | None = None
+    group: str | None = None
+    link: str | None = None
 
 
 class PriorCopy(msgspec.Struct, array_like=True, frozen=True):

@@ -143,7 +143,7 @@ class DryRunLines:
             return
         elif not self.quiet:
             detail = item.reason or human_bytes(item.size or 0)
-            verb = "would upload" if item.action == "upload" else item.action
+            verb = {"upload": "would upload", "metadata": "would record"}.get(item.action, item.action)
             self._held.append(printable(f"{verb} {item.path} ({detail})"))
         else:
             return
@@ -165,7 +165,8 @@ def dry_run_totals(plan: DryRunTotals, json_output: bool, quiet: bool) -> None:
     elif not quiet:
         click.echo(f"dry run: {plan.files_to_upload} files would be uploaded ({human_bytes(plan.bytes_to_upload)}), "
                    f"{plan.files_unchanged} unchanged ({human_bytes(plan.bytes_skipped)}), "
-                   f"{plan.files_skipped - plan.files_unchanged} skipped, {plan.files_failed} failed")
+                   + (f"{plan.metadata_changed} with metadata changes only, " if plan.metadata_changed else "")
+                   + f"{plan.files_skipped - plan.files_unchanged} skipped, {plan.files_failed} failed")
 
 
 def prune_report(report: PruneReport) -> None:
