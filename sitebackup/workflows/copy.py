@@ -123,7 +123,7 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
             continue
         if all(map(light, batch)) and (len(done) < MAX_DONE_RANGES or done[-1].end == n_pages):
             work.write_result(run_id, n_pages, batch)
-            counts.files_unchanged += sum(entry.is_file for entry in batch)
+            counts.files_unchanged += sum(isinstance(entry, FileEntry) and entry.is_file for entry in batch)
             counts.bytes_skipped += sum(entry.size for entry in batch)
             if done and done[-1].end == n_pages:
                 done[-1].end += 1
