@@ -67,7 +67,7 @@ from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import EXIT_FILES_FAILED, AlreadyRunningError, InputError, StalledError, exit_codes_help
 from sitebackup.local import filters, incremental
 from sitebackup.local.files import describe_os_error, file_md5_b64
-from sitebackup.local.incremental import Compared
+from sitebackup.local.incremental import Compared, Found
 from sitebackup.local.scan import Skipped
 from sitebackup.model.codec import to_wire
 from sitebackup.model.records import CatalogEntry, FileEntry, Job
@@ -371,7 +371,13 @@ def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTo
     skipped = 0
     for found in incremental.compare(request.source, patterns=request.patterns,
                                      follow_symlinks=request.follow_symlinks, baseline=records, mode=request.compare):
-        if isinstance(found, Compared):
+        if isinstance(found, Found):  # a directory or symlink: listed only when what is recorded of it changes
+            change = incremental.metadata_change(found.previous, entry=found.entry)
+            if change is None:
+                continue
+            item = DryRunItem(action="metadata", path=found.entry.path, reason=change)
+            totals.metadata_changed += 1
+        elif isinstance(found, Compared):
             file = found.file
             try:
                 action = _action(request, found)
@@ -386,6 +392,10 @@ def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTo
                 else:  # an unchanged file is a skipped one too: not uploaded on purpose
                     totals.files_unchanged += 1
                     totals.bytes_skipped += file.size
+                    change = incremental.metadata_change(found.previous, file.meta)
+                    if change is not None:  # its content stays: the record takes its new mode or owner
+                        item = DryRunItem(action="metadata", path=file.path, size=file.size, reason=change)
+                        totals.metadata_changed += 1
         elif isinstance(found, Skipped):
             item = DryRunItem(action="skip", path=found.relpath, reason=found.reason)
             skipped += 1

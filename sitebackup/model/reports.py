@@ -147,7 +147,8 @@ class PurgeReport(msgspec.Struct, kw_only=True):
 
 
 class DryRunItem(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One file of a backup's ``--dry-run``: what a run would do with it (upload, unchanged, skip, fail)."""
+    """One entry of a backup's ``--dry-run``: what a run would do with it (upload, unchanged, skip, fail, or
+    metadata: record its new mode, owner or symlink target, sending no content; ``reason`` says what changed)."""
 
     action: str
     path: str
@@ -169,6 +170,7 @@ class DryRunTotals(msgspec.Struct, kw_only=True):
     bytes_skipped: int = 0
     files_skipped: int = 0
     files_failed: int = 0
+    metadata_changed: int = 0  # entries whose mode, owner or symlink target would be recorded anew
 
 
 class ListingSummary(msgspec.Struct, kw_only=True):

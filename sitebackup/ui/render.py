@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import timedelta
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Self
 
 import click
@@ -168,7 +168,8 @@ class Lines:
 class DryRunLines(Lines):
     """The files of a ``--dry-run``, a line each as the walk reaches them (failures on stderr), or a JSON event."""
 
-    VERBS = {"upload": "would upload", "create": "would create", "replace": "would replace"}
+    VERBS = {"upload": "would upload", "metadata": "would record", "create": "would create",
+             "replace": "would replace"}
 
     def __init__(self, json_output: bool, quiet: bool):
         super().__init__()
@@ -198,7 +199,8 @@ def dry_run_totals(plan: DryRunTotals, json_output: bool, quiet: bool) -> None:
     elif not quiet:
         click.echo(f"dry run: {plan.files_to_upload} files would be uploaded ({human_bytes(plan.bytes_to_upload)}), "
                    f"{plan.files_unchanged} unchanged ({human_bytes(plan.bytes_skipped)}), "
-                   f"{plan.files_skipped - plan.files_unchanged} skipped, {plan.files_failed} failed")
+                   + (f"{plan.metadata_changed} with metadata changes only, " if plan.metadata_changed else "")
+                   + f"{plan.files_skipped - plan.files_unchanged} skipped, {plan.files_failed} failed")
 
 
 def run_detail(detail: RunDetail) -> str:

@@ -129,7 +129,10 @@ def test_scan_pages_mix_new_unchanged_and_large_files_in_walk_order(tmp_path: Pa
                                                   upload=UploadSpec(block_size=MIB)))
     assert out.pages == 1 + 5 + 1
     first = read_page(work, "run", 0, chunk_hash(out.index, 0), list[CopyItem])
-    assert [(i.path, i.previous is None) for i in first] == [("c", False), ("a/1", True)]
+    # the directories' entries ride along, recorded as the walk found them (light: no copy)
+    assert [(i.path, i.previous is None) for i in first] == [(".", False), ("a", False), ("c", False), ("a/1", True),
+                                                            ("a/b", False)]
+    assert [i.previous.kind for i in first if i.previous] == ["dir", "dir", "file", "dir"]
     # the last page holds only an unchanged file: recorded by the scan, no page to copy
     assert out.done == [Span(6, 7)] and (out.counts.files_unchanged, out.counts.bytes_skipped) == (1, 2)
     assert not (tmp_path / "work" / "run" / "pages" / "000006.json").exists()
@@ -156,7 +159,7 @@ def test_record_of_a_mixed_run_is_in_walk_order_and_the_next_run_finds_every_fil
     summary = json.loads(second.stdout.splitlines()[-1])
     assert (summary["files_uploaded"], summary["files_unchanged"]) == (3, 12), second.stderr
     paths = [r.path for r in LocalWorkStore(state_dir / "work").iter_results(summary["instance_id"])]
-    assert paths == [e.path for e in walk(src) if isinstance(e, FileRef)]
+    assert paths == [e.path for e in walk(src) if isinstance(e, (FileRef, FileEntry))]
     third = json.loads(cli(*args).stdout.splitlines()[-1])
     assert (third["files_uploaded"], third["files_unchanged"]) == (0, 15)
 

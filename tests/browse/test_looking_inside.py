@@ -83,9 +83,9 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     assert [line.split("\t")[:3] for line in found.stdout.splitlines()] == [[run1, "sub/b.bin", str(len(RUN1["sub/b.bin"]))]]
     found = ok(cli("find", "sub/*/*.html", "*.txt", *c, "--json", env=fresh)).stdout.splitlines()
     matches = [json.loads(line) for line in found]
+    both = ("sub/deeper/c.html", "keep.txt", "a.txt", "caf\u00e9/\u65e5\u672c.txt")
     assert {(m["run_id"], m["path"]) for m in matches if m["event"] == "match"} == \
-        {(run, path) for run in (run1, run2) for path in ("sub/deeper/c.html", "keep.txt", "a.txt", "caf\u00e9/\u65e5\u672c.txt")} \
-        | {(run2, "new.txt")}
+        {(run, path) for run in (run1, run2) for path in both} | {(run2, "new.txt")}
     assert matches[-1]["runs_matched"] == 2 and matches[-1]["runs_searched"] == 2
 
     # cat: the exact bytes, a non-ASCII path too; --json carries them in base64 with the check's verdict
@@ -121,7 +121,7 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     # restore latest is run 2's tree; a dry run of run 1 by a 16-character prefix writes nothing, lists sub/b.bin
     ok(cli("restore", "latest", tmp_path / "latest"))
     assert tree_of(tmp_path / "latest") == tree2
-    planned = ok(cli("restore", run1[:16], tmp_path / "dry", "--dry-run", env=fresh, *c))
+    planned = ok(cli("restore", run1[:16], tmp_path / "dry", "--dry-run", *c, env=fresh))
     assert not (tmp_path / "dry").exists()
     assert "would create sub/b.bin (2.0 KiB)" in planned.stdout.splitlines()
     assert "5 files would be created" in planned.stdout
