@@ -37,7 +37,6 @@ from sitebackup.commands.options import (
 )
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import EXIT_FILES_FAILED, InputError, SiteBackupError, exit_codes_help
-from sitebackup.local.changes import kind
 from sitebackup.local.files import b64
 from sitebackup.model.records import FileEntry
 
@@ -73,8 +72,8 @@ def find_entry(browse: Browse, run: OpenedRun, path: str) -> FileEntry:
 
 def chunks_of(browse: Browse, run: OpenedRun, entry: FileEntry) -> Iterator[bytes]:
     """The bytes of the copy holding the version *entry* recorded, as the service sends them."""
-    if kind(entry) != "file":
-        raise InputError(f"{entry.path!r} is a {kind(entry)} in run {run.run_id}, not a file")
+    if entry.kind != "file":
+        raise InputError(f"{entry.path!r} is a {entry.kind} in run {run.run_id}, not a file")
     if not entry.stored:
         raise InputError(f"run {run.run_id} holds no copy of {entry.path!r}: {entry.error or 'not backed up'}")
     copy = choose(copies_of(run.container, blob_name(run.label.prefix, entry.path)), entry.md5)

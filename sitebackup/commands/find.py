@@ -31,7 +31,6 @@ from sitebackup.commands.options import (
 from sitebackup.commands.runref import select_jobs
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError, exit_codes_help
-from sitebackup.local.changes import kind
 from sitebackup.local.filters import glob_regex
 from sitebackup.model.codec import decode
 from sitebackup.model.records import FileEntry
@@ -91,7 +90,7 @@ def find_in_runs(settings: StorageSettings, container: str, patterns: list[str],
                     summary.matches += 1
                     if json_output:
                         out.event("match", {"run_id": run.run_id, "started": sealed.entry.started,
-                                            "kind": kind(entry), "path": entry.path, "size": entry.size,
+                                            "kind": entry.kind, "path": entry.path, "size": entry.size,
                                             "mtime_ns": entry.mtime_ns})
                     elif terminal:
                         out.line(f"  {human_bytes(entry.size):>10}  {mtime_text(entry.mtime_ns, True)}  {entry.path}")

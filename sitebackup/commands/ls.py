@@ -47,8 +47,8 @@ def mtime_text(mtime_ns: int, terminal: bool) -> str:
 def long_line(entry: FileEntry, terminal: bool) -> str | tuple[str, ...]:
     """``ls -l``'s line of an entry: aligned columns on a terminal, tab-separated ones otherwise (kind, mode in
     octal, owner, group, size, mtime, path, symlink target)."""
-    kind, mode, owner, group = long_fields(entry)
-    target = getattr(entry, "target", None) or ""
+    kind, mode, owner, group, link = long_fields(entry)
+    target = link or ""
     if not terminal:
         return (kind, f"{mode:04o}" if mode is not None else "-", owner or "-", group or "-", str(entry.size),
                 mtime_text(entry.mtime_ns, False), entry.path, target)

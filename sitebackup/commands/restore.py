@@ -8,6 +8,7 @@ started at or before TIME (``commands.times``), then restored as by its id; ID i
 
 from __future__ import annotations
 
+import os
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -66,11 +67,11 @@ from sitebackup.commands.times import parse_time
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import EXIT_FILES_FAILED, InputError, exit_codes_help
-from sitebackup.local.changes import kind
 from sitebackup.local.dest import DestDir, UnsafeName, safe_relpath
 from sitebackup.local.files import b64, describe_os_error
 from sitebackup.local.filters import make_selector
 from sitebackup.model.codec import to_wire
+from sitebackup.model.records import ROOT
 from sitebackup.model.reports import DryRunItem, RestorePlan, RunStart
 from sitebackup.model.work import (
     DEFAULT_CONCURRENCY,
@@ -228,7 +229,8 @@ def plan_restore(request: RestoreRequest, settings: StorageSettings, taskhub: Ta
         if run_id:
             run = browse.open(run_id)
             wanted: Iterator[_Wanted] = (
-                _Wanted(e.path, e.size, e.md5, kind(e), None if e.stored else e.error or "no copy recorded")
+                _Wanted(e.path, e.size, e.md5, e.kind,
+                        None if e.stored or not e.is_file else e.error or "no copy recorded")
                 for e in browse.entries(run))
             plan = RestorePlan(run_id=run.run_id, source=f"run {run.run_id}", dest=str(request.dest),
                                overwrite=request.overwrite)
@@ -244,18 +246,18 @@ def plan_restore(request: RestoreRequest, settings: StorageSettings, taskhub: Ta
             if found is None:
                 continue
             if found.action == "create":
-                plan.files_to_create += 1
+                plan.entries_to_create += 1
                 plan.bytes_to_create += item.size
             elif found.action == "replace":
-                plan.files_to_replace += 1
+                plan.entries_to_replace += 1
                 plan.bytes_to_replace += item.size
             elif found.action == "identical":
-                plan.files_identical += 1
+                plan.entries_identical += 1
                 plan.bytes_identical += item.size
             elif found.action == "skip":
-                plan.files_skipped += 1
+                plan.entries_skipped += 1
             else:
-                plan.files_failed += 1
+                plan.entries_failed += 1
             on_item(found)
     return plan
 
@@ -273,10 +275,15 @@ def _planned(dest: DestDir, item: _Wanted, overwrite: bool) -> DryRunItem:
     if item.missing is not None:
         return DryRunItem(action="skip", path=item.path, reason=f"not backed up by the run: {item.missing}")
     try:
+        if item.path == ROOT:  # DEST itself
+            exists = os.path.isdir(dest.root) and not os.path.islink(dest.root)
+            return DryRunItem(action="identical", path=item.path, reason="dir exists") if exists else \
+                DryRunItem(action="create", path=item.path, size=0, reason="dir")
         safe_relpath(item.path)
         st = dest.lstat(item.path)
         if st is None:
-            return DryRunItem(action="create", path=item.path, size=item.size)
+            return DryRunItem(action="create", path=item.path, size=item.size,
+                              reason=None if item.kind == "file" else item.kind)
         if item.kind != "file":  # a directory or symlink already there is kept
             if stat.S_ISDIR(st.st_mode) if item.kind == "dir" else stat.S_ISLNK(st.st_mode):
                 return DryRunItem(action="identical", path=item.path, reason=f"{item.kind} exists")
@@ -374,7 +381,7 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
         with render.DryRunLines(output.json, output.quiet) as lines:
             plan = plan_restore(request, storage, taskhub, lines.add)
         render.restore_plan(plan, output.json, output.quiet)
-        sys.exit(EXIT_FILES_FAILED if plan.files_failed else 0)
+        sys.exit(EXIT_FILES_FAILED if plan.entries_failed else 0)
     summary = run_restore(request, storage, make_printer(json_output=output.json, quiet=output.quiet), taskhub)
     if metrics is not None:
         metrics.summary = summary_to_wire(summary)

@@ -35,7 +35,6 @@ from sitebackup.commands.retention import Policy
 from sitebackup.commands.runref import select_jobs
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import exit_codes_help
-from sitebackup.local.changes import kind
 from sitebackup.model.codec import to_wire
 from sitebackup.model.reports import PruneEstimate, RunStats, StatsReport, StoredStats
 from sitebackup.ui import render
@@ -70,7 +69,7 @@ def run_stats(browse: Browse, run_ref: str) -> StatsReport:
     stored = StoredStats()
     files = size = 0
     for entry in browse.entries(run):
-        if kind(entry) != "file":
+        if entry.kind != "file":
             continue
         files += 1
         size += entry.size

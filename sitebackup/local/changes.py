@@ -9,15 +9,14 @@ sealed records share hold the same entries in both, so callers leave them out of
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from sitebackup.local.scan import walk_key
-from sitebackup.model.records import FileEntry
+from sitebackup.model.records import FileEntry, target_bytes
 
 ADDED, REMOVED, MODIFIED, METADATA = "+", "-", "M", "m"
-# the entry fields `metadata` compares, of records that carry the tree (older ones leave them at their defaults)
-_METADATA_FIELDS = ("mode", "uid", "gid", "user", "group", "target", "link")
 
 
 class Change(NamedTuple):
@@ -31,34 +30,26 @@ class OutOfOrder(ValueError):
     """A record whose entries are not in walk order: it cannot be read beside another."""
 
 
-def kind(entry: FileEntry) -> str:
-    """``file``, ``dir`` or ``symlink``."""
-    return str(getattr(entry, "kind", "file"))
-
-
 def metadata(entry: FileEntry) -> tuple[object, ...]:
     """What of an entry is neither its content nor its path: a change of it alone is a metadata-only change. A
     directory's modification time is left out: it moves whenever an entry is added or removed, which shows."""
-    mtime = None if kind(entry) == "dir" else entry.mtime_ns
-    return (mtime, *(getattr(entry, name, None) for name in _METADATA_FIELDS))
+    return (None if entry.kind == "dir" else entry.mtime_ns, entry.mode, entry.uid, entry.gid, entry.user,
+            entry.group, entry.target, entry.link)
 
 
-def long_fields(entry: FileEntry) -> tuple[str, int | None, str | None, str | None]:
+def long_fields(entry: FileEntry) -> tuple[str, int | None, str | None, str | None, str | None]:
     """What ``ls -l`` shows beside the size and time: kind, permission bits (None: not recorded), owner and group
-    (names, else numeric ids; None: not recorded)."""
-    mode = getattr(entry, "mode", None)
-    owner = getattr(entry, "user", None) or _id(getattr(entry, "uid", None))
-    group = getattr(entry, "group", None) or _id(getattr(entry, "gid", None))
-    return kind(entry), mode if isinstance(mode, int) else None, owner, group
-
-
-def _id(value: object) -> str | None:
-    return str(value) if isinstance(value, int) else None
+    (names, else numeric ids; None: not recorded), and a symlink's target (its bytes as the file system names
+    them, read as text)."""
+    owner = entry.user or (str(entry.uid) if entry.uid is not None else None)
+    group = entry.group or (str(entry.gid) if entry.gid is not None else None)
+    target = os.fsdecode(target_bytes(entry.target)) if entry.target is not None else None
+    return entry.kind, entry.mode, owner, group, target
 
 
 def compare(before: FileEntry, after: FileEntry) -> str | None:
     """``MODIFIED``, ``METADATA`` or None (the same) for two records of one path."""
-    if kind(before) != kind(after) or before.md5 != after.md5 or before.size != after.size:
+    if before.kind != after.kind or before.md5 != after.md5 or before.size != after.size:
         return MODIFIED
     return METADATA if metadata(before) != metadata(after) else None
 

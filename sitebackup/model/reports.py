@@ -202,22 +202,22 @@ class FindSummary(msgspec.Struct, kw_only=True):
 
 
 class RestorePlan(msgspec.Struct, kw_only=True):
-    """What a ``restore --dry-run`` found: what the restore would create, replace, leave as it is (identical),
-    leave out (not backed up by the run, or not selected) and fail on."""
+    """What a ``restore --dry-run`` found: the entries (files, directories, symlinks) the restore would create,
+    replace, leave as they are (identical), leave out (not backed up by the run) and fail on, and their bytes."""
 
     dry_run: bool = True
     run_id: str | None  # None: whatever the container holds under the prefix
     source: str
     dest: str
     overwrite: bool = False
-    files_to_create: int = 0
+    entries_to_create: int = 0
     bytes_to_create: int = 0
-    files_to_replace: int = 0
+    entries_to_replace: int = 0
     bytes_to_replace: int = 0
-    files_identical: int = 0
+    entries_identical: int = 0
     bytes_identical: int = 0
-    files_skipped: int = 0
-    files_failed: int = 0
+    entries_skipped: int = 0
+    entries_failed: int = 0
 
 
 class RunStats(msgspec.Struct, kw_only=True):

@@ -228,10 +228,10 @@ def restore_plan(plan: RestorePlan, json_output: bool, quiet: bool) -> None:
     if json_output:
         click.echo(json.dumps({"event": "summary", **to_wire(plan)}))
     elif not quiet:
-        click.echo(f"dry run: {plan.files_to_create} files would be created ({human_bytes(plan.bytes_to_create)}), "
-                   f"{plan.files_to_replace} replaced ({human_bytes(plan.bytes_to_replace)}), "
-                   f"{plan.files_identical} left as they are (identical, {human_bytes(plan.bytes_identical)}), "
-                   f"{plan.files_skipped} skipped, {plan.files_failed} would fail; nothing was written")
+        click.echo(f"dry run: {plan.entries_to_create} entries would be created ({human_bytes(plan.bytes_to_create)}), "
+                   f"{plan.entries_to_replace} replaced ({human_bytes(plan.bytes_to_replace)}), "
+                   f"{plan.entries_identical} left as they are (identical, {human_bytes(plan.bytes_identical)}), "
+                   f"{plan.entries_skipped} skipped, {plan.entries_failed} would fail; nothing was written")
 
 
 def prune_report(report: PruneReport) -> None:

@@ -16,6 +16,7 @@ import pytest
 from azure.storage.blob import ContentSettings
 from helpers import env_for, wait_until, write_tree
 
+DIRS = [".", "caf\u00e9", "sub", "sub/deeper"]  # the record holds the tree: its directories too
 RUN1 = {"a.txt": b"alpha 1\n", "sub/b.bin": bytes(range(256)) * 8, "sub/deeper/c.html": b"<p>charlie</p>\n",
         "caf\u00e9/\u65e5\u672c.txt": "ni\u00f1o \u65e5\u672c\n".encode(), "keep.txt": b"kept as it is\n"}
 
@@ -55,12 +56,13 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     c = ["-c", container_name]
 
     # ls: every file of run 1, a full relative path a line; the same from the container alone
-    assert ok(cli("ls", run1)).stdout.splitlines() == sorted(RUN1, key=_walk_order)
-    assert ok(cli("ls", run1, *c, env=fresh)).stdout.splitlines() == sorted(RUN1, key=_walk_order)
-    assert ok(cli("ls", run2, "sub", *c, env=fresh)).stdout.splitlines() == ["sub/deeper/c.html"]
+    assert ok(cli("ls", run1)).stdout.splitlines() == sorted([*RUN1, *DIRS], key=_walk_order)
+    assert ok(cli("ls", run1, *c, env=fresh)).stdout.splitlines() == sorted([*RUN1, *DIRS], key=_walk_order)
+    assert ok(cli("ls", run2, "sub", *c, env=fresh)).stdout.splitlines() == ["sub", "sub/deeper", "sub/deeper/c.html"]
     entries = [json.loads(line) for line in ok(cli("ls", "latest", *c, "--json", env=fresh)).stdout.splitlines()]
-    assert {e["path"] for e in entries if e["event"] == "entry"} == set(tree2)
-    assert entries[-1] == {"event": "summary", "run_id": run2, "entries": len(tree2), "bytes": sum(map(len, tree2.values()))}
+    assert {e["path"] for e in entries if e["event"] == "entry" and e.get("kind", "file") == "file"} == set(tree2)
+    assert entries[-1] == {"event": "summary", "run_id": run2, "entries": len(tree2) + len(DIRS),
+                           "bytes": sum(map(len, tree2.values()))}
     [long] = ok(cli("ls", run1, "-l", "keep.txt", *c, env=fresh)).stdout.splitlines()
     kind, _mode, _user, _group, size, mtime, path, target = long.split("\t")
     assert (kind, size, path, target) == ("file", str(len(RUN1["keep.txt"])), "keep.txt", "")
@@ -110,7 +112,8 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     # list: what each run changed, filters, one run in full
     rows = json.loads(ok(cli("list", *c, "--json", env=fresh)).stdout)
     assert [row["changes"] for row in rows] == [{"added": 1, "removed": 1, "modified": 1, "metadata": 0},
-                                                {"added": len(RUN1), "removed": 0, "modified": 0, "metadata": 0}]
+                                                {"added": len(RUN1) + len(DIRS), "removed": 0, "modified": 0,
+                                                 "metadata": 0}]
     assert json.loads(ok(cli("list", *c, "--since", "yesterday", "--json", env=fresh)).stdout) == rows
     assert json.loads(ok(cli("list", *c, "--since", "2999-01-01", "--json", env=fresh)).stdout) == []
     assert json.loads(ok(cli("list", *c, "--job", str(src), "--host", rows[0]["job"].split(":")[0], "--json",
@@ -124,12 +127,12 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     planned = ok(cli("restore", run1[:16], tmp_path / "dry", "--dry-run", *c, env=fresh))
     assert not (tmp_path / "dry").exists()
     assert "would create sub/b.bin (2.0 KiB)" in planned.stdout.splitlines()
-    assert "5 files would be created" in planned.stdout
+    assert f"{len(RUN1) + len(DIRS)} entries would be created" in planned.stdout
     over = [json.loads(line) for line in ok(cli("restore", run1[:16], tmp_path / "latest", "--dry-run", "--json",
                                                 "--overwrite")).stdout.splitlines()]
     assert {(e["action"], e["path"]) for e in over if e["event"] == "dry_run"} == {
         ("replace", "a.txt"), ("create", "sub/b.bin"), ("identical", "sub/deeper/c.html"), ("identical", "keep.txt"),
-        ("identical", "caf\u00e9/\u65e5\u672c.txt")}
+        ("identical", "caf\u00e9/\u65e5\u672c.txt")} | {("identical", path) for path in DIRS}
     assert tree_of(tmp_path / "latest") == tree2  # a dry run with --overwrite replaces nothing either
 
 
@@ -183,5 +186,7 @@ def _root() -> Path:
 
 
 def _walk_order(path: str) -> tuple[str, ...]:
+    if path == ".":
+        return ()
     *dirs, name = path.split("/")
     return (*("1" + d for d in dirs), "0" + name)
