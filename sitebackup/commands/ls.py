@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import stat
 import sys
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -59,6 +60,20 @@ def long_line(entry: FileEntry, terminal: bool) -> str | tuple[str, ...]:
     return line + f" -> {target}" if target else line
 
 
+def list_entries(entries: Iterable[FileEntry], chosen: Subtrees, summary: ListingSummary, out: render.Lines, *,
+                 long: bool, json_output: bool, terminal: bool) -> None:
+    """Each entry *chosen* as a line (or an event) to *out*, counted into *summary*, as *entries* are read."""
+    for entry in entries:
+        if entry.path not in chosen:
+            continue
+        summary.entries += 1
+        summary.bytes += entry.size
+        if json_output:
+            out.event("entry", entry)
+        else:
+            out.line(long_line(entry, terminal) if long else entry.path)
+
+
 def list_run(settings: StorageSettings, run_ref: str, paths: list[str], *, long: bool, json_output: bool,
              container: str | None, job: str | None, state_dir: Path, taskhub: TaskHubSettings | None) -> ListingSummary:
     """Print the run's entries under *paths* as its record is read; what was listed."""
@@ -68,15 +83,8 @@ def list_run(settings: StorageSettings, run_ref: str, paths: list[str], *, long:
         run = browse.open(run_ref)
         summary = ListingSummary(run_id=run.run_id)
         with render.Lines() as out:
-            for entry in browse.entries(run):
-                if entry.path not in chosen:
-                    continue
-                summary.entries += 1
-                summary.bytes += entry.size
-                if json_output:
-                    out.event("entry", entry)
-                else:
-                    out.line(long_line(entry, terminal) if long else entry.path)
+            list_entries(browse.entries(run), chosen, summary, out, long=long, json_output=json_output,
+                         terminal=terminal)
     missing = chosen.missing()
     if missing:
         raise InputError(f"not in run {run.run_id}: " + ", ".join(repr(path) for path in missing))
