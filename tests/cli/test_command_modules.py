@@ -43,7 +43,7 @@ def test_each_command_is_defined_in_its_own_module():
         defined_in[name] = module.__name__
     assert len(set(defined_in.values())) == len(defined_in), f"modules defining several commands: {defined_in}"
     assert set(cli.commands) == {"backup", "restore", "verify", "prune", "worker", "serve", "status", "list",
-                                 "resume", "cancel", "purge", "check", "unlock"}
+                                 "resume", "cancel", "purge", "check", "unlock", "ls", "diff", "find", "cat", "stats"}
 
 
 def test_every_command_has_help_examples_and_its_exit_codes_from_the_table():

@@ -1,5 +1,6 @@
 """Shell completion through click, in real child processes: the bash, zsh and fish scripts, commands,
-options, directories, and run ids read from the state directory; never an error, on any failure nothing."""
+options, directories, and run references (`latest`, run ids read from the state directory); never an error,
+on any failure no run id."""
 
 from __future__ import annotations
 
@@ -50,20 +51,24 @@ def test_run_ids_come_from_the_state_directory_for_the_commands_that_take_them(t
         assert err == ""
         return [value for kind, value in items if kind == "plain"]
 
-    assert ids("sitebackup status ") == [waiting, done]  # newest first
+    assert ids("sitebackup status ") == ["latest", waiting, done]  # `latest`, then newest first
     assert ids(f"sitebackup status {done[:-2]}") == [done]
-    assert ids("sitebackup resume ") == ids("sitebackup cancel ") == [waiting]
-    assert ids("sitebackup verify ") == ids("sitebackup restore ") == [done]  # completed backups only
+    assert ids("sitebackup status la") == ["latest"]
+    assert ids("sitebackup resume ") == ids("sitebackup cancel ") == ["latest", waiting]
+    assert ids("sitebackup verify ") == ids("sitebackup restore ") == ["latest", done]  # completed backups only
+    for line in ("sitebackup ls ", "sitebackup cat ", "sitebackup stats ", "sitebackup diff ",
+                 f"sitebackup diff {done} "):
+        assert ids(line) == ["latest", done], line
     assert complete(cli_env, f"sitebackup restore {done} ./o")[0] == [("dir", "./o")]
     assert complete(cli_env, "sitebackup restore --container c ./o")[0] == [("dir", "./o")]
     other = {**cli_env, "SITEBACKUP_STATE_DIR": str(tmp_path / "elsewhere")}
-    assert ids(f"sitebackup status --state-dir {cli_env['SITEBACKUP_STATE_DIR']} ") == [waiting, done]
-    assert complete(other, "sitebackup status ") == ([], "")
+    assert ids(f"sitebackup status --state-dir {cli_env['SITEBACKUP_STATE_DIR']} ") == ["latest", waiting, done]
+    assert complete(other, "sitebackup status ") == ([("plain", "latest")], "")
     cli("cancel", waiting)
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "empty", "taskhub"])
-def test_completion_offers_nothing_and_says_nothing_when_it_cannot_read_runs(tmp_path, cli_env, case):
+def test_completion_offers_only_latest_and_says_nothing_when_it_cannot_read_runs(tmp_path, cli_env, case):
     state = tmp_path / "state"
     env = {**cli_env, "SITEBACKUP_STATE_DIR": str(state)}
     if case != "missing":
@@ -71,4 +76,5 @@ def test_completion_offers_nothing_and_says_nothing_when_it_cannot_read_runs(tmp
         (state / "state.db").write_bytes(b"" if case == "empty" else b"not a database at all" * 100)
     if case == "taskhub":
         env["DURABLE_TASK_SCHEDULER_CONNECTION_STRING"] = "Endpoint=http://127.0.0.1:1;TaskHub=x;Authentication=None"
-    assert complete(env, "sitebackup status ") == ([], "")
+    assert complete(env, "sitebackup status ") == ([("plain", "latest")], "")
+    assert complete(env, "sitebackup status 2026") == ([], "")
