@@ -7,6 +7,7 @@ unchanged directory) is read once, and only its matches are kept for the next ru
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from collections.abc import Callable
@@ -32,7 +33,6 @@ from sitebackup.commands.runref import select_jobs
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError, exit_codes_help
 from sitebackup.local.filters import glob_regex
-from sitebackup.model.codec import decode
 from sitebackup.model.records import FileEntry
 from sitebackup.model.reports import FindSummary
 from sitebackup.ui import render
@@ -76,26 +76,28 @@ def find_in_runs(settings: StorageSettings, container: str, patterns: list[str],
             assert run.header is not None  # a run of the catalog is sealed
             summary.runs_searched += 1
             shown = False
-            for seal in run.header.pages:
-                if seal.sha256 not in found_in:
-                    entries = decode(run.records.page(run.header, seal), list[FileEntry],
-                                     f"record page {seal.page} of run {run.run_id}")
-                    found_in[seal.sha256] = [entry for entry in entries if matches(entry.path)]
-                for entry in found_in[seal.sha256]:
-                    if not shown:
-                        summary.runs_matched += 1
-                        shown = True
-                        if terminal and not json_output:
-                            out.line(f"run {run.run_id}  started {sealed.started.astimezone():%Y-%m-%d %H:%M:%S}")
-                    summary.matches += 1
-                    if json_output:
-                        out.event("match", {"run_id": run.run_id, "started": sealed.entry.started,
-                                            "kind": entry.kind, "path": entry.path, "size": entry.size,
-                                            "mtime_ns": entry.mtime_ns})
-                    elif terminal:
-                        out.line(f"  {human_bytes(entry.size):>10}  {mtime_text(entry.mtime_ns, True)}  {entry.path}")
-                    else:
-                        out.line((run.run_id, entry.path, str(entry.size), mtime_text(entry.mtime_ns, False)))
+            # the pages no run searched before, read (a few ahead) in order as the seals come to them
+            with contextlib.closing(browse.pages(run, seen=set(found_in))) as fresh:
+                for seal in run.header.pages:
+                    if seal.sha256 not in found_in:
+                        digest, entries = next(fresh)
+                        assert digest == seal.sha256
+                        found_in[digest] = [entry for entry in entries if matches(entry.path)]
+                    for entry in found_in[seal.sha256]:
+                        if not shown:
+                            summary.runs_matched += 1
+                            shown = True
+                            if terminal and not json_output:
+                                out.line(f"run {run.run_id}  started {sealed.started.astimezone():%Y-%m-%d %H:%M:%S}")
+                        summary.matches += 1
+                        if json_output:
+                            out.event("match", {"run_id": run.run_id, "started": sealed.entry.started,
+                                                "kind": entry.kind, "path": entry.path, "size": entry.size,
+                                                "mtime_ns": entry.mtime_ns})
+                        elif terminal:
+                            out.line(f"  {human_bytes(entry.size):>10}  {mtime_text(entry.mtime_ns, True)}  {entry.path}")
+                        else:
+                            out.line((run.run_id, entry.path, str(entry.size), mtime_text(entry.mtime_ns, False)))
     return summary
 
 

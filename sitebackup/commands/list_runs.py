@@ -87,7 +87,8 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
             # a summary holds the counters; a cancelled or live run's output does not: its last status shows
             # how far it got
             ended = isinstance(info.output, dict) and "files_total" in info.output
-            counts = summarize(state).counts
+            summary = summarize(state)
+            counts = summary.counts
             progress = info.custom_status
             rows.append(RunRow(
                 instance_id=info.instance_id, job=job.name if job else None, kind=info.kind,
@@ -96,7 +97,8 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
                 files=counts.files_copied if ended or progress is None else progress.files_done,
                 files_total=counts.files_total,
                 bytes=counts.bytes_copied if ended or progress is None else progress.bytes_done,
-                created_at=info.created_at, duration_s=info.duration_s, worker_attached=info.worker_attached))
+                created_at=info.created_at, duration_s=info.duration_s, worker_attached=info.worker_attached,
+                changes=summary.changes))
         return rows
 
 
@@ -189,8 +191,8 @@ def command(run_ref: str | None, statuses: tuple[str, ...], limit: int, containe
     """List recent runs, newest first, or show one run in full.
 
     Without --container, the runs of this state directory (or task hub), whatever their state; with
-    --container, the backup runs sealed in that container, whichever machine made them, with what
-    each added, changed and removed since its job's run before it. RUN (a run id, a unique prefix
+    --container, the backup runs sealed in that container, whichever machine made them. A backup's
+    row says what it added, changed and removed since its job's run before it. RUN (a run id, a unique prefix
     of one, or `latest`) shows that run in full: with --container its sealed header, else its
     status.
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import msgspec
 
 from sitebackup.model.codec import from_wire, to_wire
-from sitebackup.model.records import FileEntry, Job, Meta, PriorCopy
+from sitebackup.model.records import ChangeCounts, FileEntry, Job, Meta, PriorCopy
 
 MIB = 1024 * 1024
 # On Azurite requests, not bytes, cost: large files go up faster in 32 MiB ranges than in 8 MiB ones, with
@@ -215,6 +215,7 @@ class Summary(msgspec.Struct, Generic[C], kw_only=True):
     error_type: str | None = None
     resumable: bool = False  # parked until `sitebackup resume`
     detached: bool = False  # --detach: scheduled, not watched
+    changes: ChangeCounts | None = None  # a sealed backup's: what its record changed from its baseline's
 
 
 def summary_to_wire(summary: Summary[Any]) -> dict[str, Any]:
@@ -397,6 +398,7 @@ class Sealed(msgspec.Struct, kw_only=True):
 
     pages: int
     sent: int
+    changes: ChangeCounts | None = None  # what the header says the record changed (None: not counted)
 
 
 # ----------------------------------------------------------------------------- restore pages
@@ -487,6 +489,7 @@ class RunState(msgspec.Struct, Generic[C], kw_only=True):
     notes: list[str] = msgspec.field(default_factory=list)
     waits: int = 0  # times the run has waited for `resume`
     large: dict[int, LargeFile] = msgspec.field(default_factory=dict)  # by first range page
+    changes: ChangeCounts | None = None  # what sealing counted (``Sealed.changes``), for the summary
 
 
 class BackupInput(msgspec.Struct, kw_only=True):

@@ -16,7 +16,7 @@ from typing import Any
 from durabletask import task
 
 from sitebackup.model.codec import from_wire, to_wire
-from sitebackup.model.work import BackupCounts, BackupInput, CopyInput, ScanInput, SealInput, Step
+from sitebackup.model.work import BackupCounts, BackupInput, CopyInput, ScanInput, Sealed, SealInput, Step
 from sitebackup.workflows import blocks
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE, SEAL_RECORD
 from sitebackup.workflows.pages import chunk_hash
@@ -47,7 +47,8 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
             commit=blocks.commit_order(state, step.page) if step.commit else None)))
 
     def on_result(step: Step, raw_result: Any) -> None:
-        if step.seal:
+        if step.seal:  # what the record changed goes into the summary, for `list`
+            state.changes = from_wire(raw_result, Sealed, "what sealing did").changes
             return
         result = batch_result(raw_result, BackupCounts)
         if result.range is not None:  # a range of a large file: after its last one, commit it (workflows.blocks)

@@ -55,7 +55,7 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
                            container=inp.container, prefix=inp.prefix, started=inp.started, finished=inp.finished,
                            files=inp.files, files_failed=inp.files_failed, bytes=inp.bytes, pages=pages,
                            baseline=inp.baseline, changes=changes))
-    return Sealed(pages=len(pages), sent=sent)
+    return Sealed(pages=len(pages), sent=sent, changes=changes)
 
 
 def count_changes(deps: ActivityDeps, records: ContainerRecords, run_id: str, baseline_id: str | None,

@@ -177,7 +177,8 @@ def run_and_summarize(ctx: task.OrchestrationContext, inp: Any, state: RunState[
     set_progress(ctx, Progress.of(state.counts, "done"))
     return summary_to_wire(Summary(kind=kind, counts=state.counts, source=source, destination=destination,
                                    duration_s=round((utc_now(ctx) - started).total_seconds(), 3),
-                                   failures=state.failures, skipped=state.skipped, notes=state.notes))
+                                   failures=state.failures, skipped=state.skipped, notes=state.notes,
+                                   changes=state.changes))
 
 
 def run_page_window(ctx: task.OrchestrationContext, state: RunState[C], window: int,

@@ -114,6 +114,8 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     assert [row["changes"] for row in rows] == [{"added": 1, "removed": 1, "modified": 1, "metadata": 0},
                                                 {"added": len(RUN1) + len(DIRS), "removed": 0, "modified": 0,
                                                  "metadata": 0}]
+    here = json.loads(ok(cli("list", "--json")).stdout)  # this state directory's runs: from their summaries
+    assert [(row["instance_id"], row["changes"]) for row in here] == [(row["instance_id"], row["changes"]) for row in rows]
     assert json.loads(ok(cli("list", *c, "--since", "yesterday", "--json", env=fresh)).stdout) == rows
     assert json.loads(ok(cli("list", *c, "--since", "2999-01-01", "--json", env=fresh)).stdout) == []
     assert json.loads(ok(cli("list", *c, "--job", str(src), "--host", rows[0]["job"].split(":")[0], "--json",
