@@ -27,6 +27,10 @@ MIN_PREFIX = 4
 SHOWN = 10  # candidates an error names
 
 
+class NoSuchRun(InputError):
+    """No run has this id, nor an id it starts."""
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A run a reference may name: its id, when it started, and its job (an id, or what stands for the job of a
@@ -53,7 +57,7 @@ def resolve(ref: str, runs: Sequence[Candidate], *, job: str | None = None,
     found = sorted({run.run_id: run for run in runs if run.run_id.startswith(ref)}.values(),
                    key=lambda run: run.started, reverse=True)
     if not found:
-        raise InputError(f"no run with id {ref!r} {where}")
+        raise NoSuchRun(f"no run with id {ref!r} {where}")
     if len(found) > 1:
         raise InputError(f"run id prefix {ref!r} is ambiguous: {len(found)} runs {where} start with it: "
                          + _named(found) + "; type more of the id")
@@ -152,7 +156,8 @@ def resolve_run(ref: str, *, client: dt_client.TaskHubGrpcClient | None = None,
     """The run id *ref* names: among the container's sealed runs (*sealed*, the catalog of *container*) and the
     runs of this state directory or task hub (*client*: backups only when *backups*); ``latest`` among the sealed
     runs when given, else among the backups of the state directory in one of the states *latest* (None: any).
-    A whole run id either knows is taken as it is."""
+    A whole run id either knows is taken as it is, and so is one neither knows, for the command to say why (a
+    run pruned, never sealed, or in another container)."""
     if ref != LATEST and ((sealed is not None and any(run.run_id == ref for run in sealed))
                           or (client is not None and client.get_orchestration_state(ref) is not None)):
         return ref
@@ -172,4 +177,7 @@ def resolve_run(ref: str, *, client: dt_client.TaskHubGrpcClient | None = None,
     def job_of(key: str) -> Job | None:
         return jobs[key] if key in jobs else catalog_jobs.get(key) if catalog_jobs is not None else None
 
-    return resolve(ref, runs, job=job, job_of=job_of, where="in " + " or ".join(places))
+    try:
+        return resolve(ref, runs, job=job, job_of=job_of, where="in " + " or ".join(places))
+    except NoSuchRun:  # as typed: what reads the run says why it is not there (pruned, never sealed, elsewhere)
+        return ref

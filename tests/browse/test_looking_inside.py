@@ -147,7 +147,9 @@ def test_wrong_references_and_paths_are_clear_errors(tmp_path, cli, azurite, con
         assert ambiguous.returncode == 2 and "ambiguous" in ambiguous.stderr
         assert run1 in ambiguous.stderr and run2 in ambiguous.stderr and len(ambiguous.stderr.splitlines()) == 1
         unknown = cli("ls", "29991231T000000-000000", *c, env=env)
-        assert unknown.returncode == 2 and "no run with id '29991231T000000-000000'" in unknown.stderr
+        assert unknown.returncode == 2 and "run '29991231T000000-000000' has no sealed record" in unknown.stderr
+    unknown = cli("status", "29991231T000000-000000")
+    assert unknown.returncode == 2 and "no run with id '29991231T000000-000000'" in unknown.stderr
     short = cli("status", run1[:3])
     assert short.returncode == 2 and "at least 4 characters" in short.stderr
     missing = cli("ls", run1, "no/such/file", *c, env=fresh)
