@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import pty
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,6 +99,18 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     assert raw.returncode == 0 and raw.stdout == RUN1["caf\u00e9/\u65e5\u672c.txt"], raw.stderr
     binary = subprocess.run(cli_args("cat", run1, "sub/b.bin", *c), env=fresh, capture_output=True, cwd=_root())
     assert binary.stdout == RUN1["sub/b.bin"]  # not a terminal: any bytes
+    # to a terminal, bytes that are not plain text are refused before any is written, unless --force
+    terminal, stdout = pty.openpty()
+    try:
+        refused = subprocess.run(cli_args("cat", run1, "sub/b.bin", *c), env=fresh, stdout=stdout,
+                                 stderr=subprocess.PIPE, cwd=_root())
+        assert refused.returncode == 2 and b"not plain text" in refused.stderr and _drained(terminal) == b""
+        forced = subprocess.run(cli_args("cat", run1, "sub/b.bin", "--force", *c), env=fresh, stdout=stdout,
+                                stderr=subprocess.PIPE, cwd=_root())
+        assert forced.returncode == 0 and len(_drained(terminal)) >= len(RUN1["sub/b.bin"]), forced.stderr
+    finally:
+        os.close(terminal)
+        os.close(stdout)
     carried = json.loads(ok(cli("cat", run1, "a.txt", *c, "--json", env=fresh)).stdout)
     assert base64.b64decode(carried["content_base64"]) == RUN1["a.txt"] and carried["verified"] is True
 
@@ -118,6 +132,8 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     assert [(row["instance_id"], row["changes"]) for row in here] == [(row["instance_id"], row["changes"]) for row in rows]
     assert json.loads(ok(cli("list", *c, "--since", "yesterday", "--json", env=fresh)).stdout) == rows
     assert json.loads(ok(cli("list", *c, "--since", "2999-01-01", "--json", env=fresh)).stdout) == []
+    assert json.loads(ok(cli("list", *c, "--status", "completed", "--json", env=fresh)).stdout) == rows
+    assert json.loads(ok(cli("list", *c, "--status", "FAILED", "--json", env=fresh)).stdout) == []
     assert json.loads(ok(cli("list", *c, "--job", str(src), "--host", rows[0]["job"].split(":")[0], "--json",
                              env=fresh)).stdout) == rows
     detail = json.loads(ok(cli("list", *c, run2[:16], "--json", env=fresh)).stdout)
@@ -183,6 +199,20 @@ def cli_args(*args: str) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "sitebackup", *args]
+
+
+def _drained(terminal: int) -> bytes:
+    """What a pseudo-terminal's program wrote to it (it has exited)."""
+    os.set_blocking(terminal, False)
+    got = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except BlockingIOError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
 
 
 def _root() -> Path:
