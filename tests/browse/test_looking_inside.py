@@ -91,6 +91,10 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     assert {(m["run_id"], m["path"]) for m in matches if m["event"] == "match"} == \
         {(run, path) for run in (run1, run2) for path in both} | {(run2, "new.txt")}
     assert matches[-1]["runs_matched"] == 2 and matches[-1]["runs_searched"] == 2
+    by_job = ok(cli("find", "--regex", "b\\.bi", *c, "--job", str(src), "--prefix", "", env=fresh))
+    assert [line.split("\t")[:2] for line in by_job.stdout.splitlines()] == [[run1, "sub/b.bin"]]
+    elsewhere = ok(cli("find", "b.bin", *c, "--prefix", "elsewhere/", env=fresh))
+    assert elsewhere.stdout == "" and "0 match(es) in 0 of 0 run(s)" in elsewhere.stderr
 
     # cat: the exact bytes, a non-ASCII path too; --json carries them in base64 with the check's verdict
     assert ok(cli("cat", run1, "sub/deeper/c.html", *c, env=fresh)).stdout == RUN1["sub/deeper/c.html"].decode()
@@ -121,7 +125,13 @@ def test_ls_diff_find_cat_stats_and_restore_read_the_runs(tmp_path, cli, azurite
     assert stats["stored"]["blobs"] == len(set(RUN1) | set(tree2)) and stats["stored"]["snapshots"] == 1  # a.txt's run 1
     one = json.loads(ok(cli("stats", run1, *c, "--json", env=fresh)).stdout)
     assert one["runs"][0]["files"] == len(RUN1) and one["stored"]["snapshots"] == 1 and one["stored"]["missing"] == 0
+    assert stats["prune"] is None
     ok(cli("stats", *c, "--keep-last", "1", env=fresh))
+    freed = json.loads(ok(cli("stats", *c, "--keep-last", "1", "--json", env=fresh)).stdout)["prune"]
+    # keeping run 2 alone frees run 1, sub/b.bin's copy and a.txt's snapshot (what prune's dry run says)
+    assert freed == {"runs": 1, "blobs": 1, "snapshots": 1, "bytes": len(RUN1["sub/b.bin"]) + len(RUN1["a.txt"])}
+    assert [row["run_id"] for row in json.loads(ok(cli("stats", *c, "--json", env=fresh)).stdout)["runs"]] == \
+        [run2, run1]  # nothing was removed
 
     # list: what each run changed, filters, one run in full
     rows = json.loads(ok(cli("list", *c, "--json", env=fresh)).stdout)
