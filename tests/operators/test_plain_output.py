@@ -37,11 +37,12 @@ def test_list_without_a_terminal_prints_every_value_whole_tab_separated(tmp_path
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()[:2]
     assert header.split("\t") == ["id", "job", "kind", "status", "source", "destination", "files", "bytes", "started",
-                                  "duration", "restorable"]
+                                  "duration", "restorable", "changes"]
     fields = row.split("\t")
     assert fields[:7] == [run["instance_id"], f"{socket.gethostname().split('.')[0]}:{src}", "backup", "COMPLETED",
                           str(src), f"{container_name}/{prefix.rstrip('/')}", "2/2"]
     assert fields[7] == "3 B" and fields[10] == "yes" and "…" not in result.stdout
+    assert fields[11] == "+3 ~0 -0"  # the first run added its two files and the root directory
 
 
 def test_the_table_is_drawn_only_on_a_terminal_wide_enough_for_every_value():
