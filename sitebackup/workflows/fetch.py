@@ -34,7 +34,7 @@ from sitebackup.blob.asyncget import BlobFacts, Got
 from sitebackup.blob.asyncput import Cancelled
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.history import PRUNED, CopyLookup, choose, copies_of, copy_client
-from sitebackup.blob.naming import blob_name, is_reserved
+from sitebackup.blob.naming import blob_name, is_reserved, unescape_name
 from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
 from sitebackup.local.dest import DestDir, UnsafeName, restored_mode, safe_relpath
@@ -124,7 +124,8 @@ def _candidates(deps: ActivityDeps, inp: PlanInput,
         if is_reserved(blob.name):  # work files of multi-host runs, not backed-up content
             continue
         meta = blob.metadata or {}
-        yield FetchItem(blob.name, blob.name[len(start or ""):], blob.size, b64(blob.content_settings.content_md5),
+        path = unescape_name(blob.name[len(start or ""):])  # the file's own name, control characters and all
+        yield FetchItem(blob.name, path, blob.size, b64(blob.content_settings.content_md5),
                         _int_or_none(meta.get(META_MTIME))), None
 
 
