@@ -217,14 +217,16 @@ def _write_content(fd: int, content: Got) -> BlobFacts:
 
 
 def _download_into(blob: Any, fd: int, size: int, threads: int) -> BlobFacts:
+    props = blob.get_blob_properties()
+    if props.size != size:  # never read: a blob larger than its record fills neither memory nor disk
+        return BlobFacts.of(props)
+    # every request is pinned to the same blob version: a blob rewritten mid-restore fails, never mixes
+    pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
     if size <= RANGE_BYTES:
         # decompress=False everywhere: the blob's own bytes, whatever Content-Encoding it is marked with
-        downloader = blob.download_blob(decompress=False)
+        downloader = blob.download_blob(decompress=False, **pinned)
         os.write(fd, downloader.readall())
         return BlobFacts.of(downloader.properties)
-    props = blob.get_blob_properties()
-    # every range is pinned to the same blob version: a blob rewritten mid-restore fails, never mixes
-    pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
 
     def fetch(offset: int) -> None:
         data = blob.download_blob(offset=offset, length=min(RANGE_BYTES, props.size - offset),
