@@ -37,7 +37,7 @@ from sitebackup.blob.history import PRUNED, CopyLookup, choose, copies_of, copy_
 from sitebackup.blob.naming import blob_name, is_reserved, unescape_name
 from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
-from sitebackup.local.dest import DestDir, UnsafeName, restored_mode, safe_relpath
+from sitebackup.local.dest import DestDir, UnsafeName, mtime_in_range, restored_mode, safe_relpath
 from sitebackup.local.files import b64, fd_md5_b64
 from sitebackup.local.filters import make_selector
 from sitebackup.model.codec import from_wire, to_wire
@@ -50,6 +50,7 @@ from sitebackup.workflows.window import Capped, stream_pages
 
 # blobs over this size are fetched as ranges of RANGE_BYTES in parallel, written at their offsets
 RANGE_BYTES = STREAM_BLOCK_BYTES
+MTIME_RANGE = "modification time out of range (not a time a file can have)"
 
 
 def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned[RestoreCounts]:
@@ -79,6 +80,9 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
                 failures.add(item.name, error=f"refused: {exc}")
                 continue
             if not selected(item.path):
+                continue
+            if not mtime_in_range(item.mtime_ns):
+                failures.add(item.path, error=f"refused: {MTIME_RANGE}")
                 continue
             if lookup is not None:  # the copy holding the version the run recorded
                 copy = choose(lookup.copies(item.name), item.md5)
@@ -206,6 +210,8 @@ def _write(dest: DestDir, item: FetchItem, download: Callable[[int], BlobFacts])
             raise _Mismatch("downloaded content does not match its Content-MD5")
         meta = facts.metadata
         mtime_ns = item.mtime_ns if item.mtime_ns is not None else _int_or_none(meta.get(META_MTIME))
+        if not mtime_in_range(mtime_ns):
+            raise _Mismatch(f"refused: {MTIME_RANGE}")
         return restored_mode(meta.get(META_MODE), dest.umask), mtime_ns
 
     dest.write(item.path, fill)
