@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if session.metrics is not None:
         try:
-            session.metrics.write(code)
+            unlocked = session.metrics.write(code)
+            if unlocked is not None:
+                click.echo(printable(f"sitebackup: warning: {unlocked}"), err=True)
         except (MetricsFileError, KeyboardInterrupt) as exc:
             click.echo(f"sitebackup: warning: metrics not written: {exc or 'interrupted'}", err=True)
     if argv is None:  # the program itself, not a caller in this process

@@ -32,6 +32,7 @@ from sitebackup.durable.runtime import ENV_STATE_DIR, SDK_LOGGER, default_state_
 from sitebackup.errors import InputError, SiteBackupError
 from sitebackup.model.work import DEFAULT_CONCURRENCY
 from sitebackup.ui.metrics import MetricsJob
+from sitebackup.ui.safepath import trusted_directory
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -229,6 +230,10 @@ def start_metrics(path: Path | None, command: str, source: str, destination: str
     path = path.expanduser().absolute()
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
         raise InputError(f"--metrics-file: directory {str(path.parent)!r} does not exist or is not writable")
+    try:  # written through its resolved directory, in which another user can replace nothing on the way
+        path = Path(trusted_directory(path.parent)) / path.name
+    except ValueError as exc:
+        raise InputError(f"--metrics-file: {exc}") from None
     job = MetricsJob(path, command, source, destination)
     session(click.get_current_context()).metrics = job
     return job

@@ -2,7 +2,8 @@
 a timestamped log file while another printer draws the terminal output.
 
 The log often lives where other users may create files (a shared log or temp directory) and is
-written by root from cron: it is opened without following a symlink, must be a regular file with a
+written by root from cron: no directory on its way may be one another user can replace
+(``safepath.trusted_directory``), it is opened without following a symlink, must be a regular file with a
 single link (a planted hard link or FIFO is refused, never written through or waited on), and is
 created owner-only. Every line is escaped (``escape.printable``).
 """
@@ -21,6 +22,7 @@ from sitebackup.model.reports import RunStart
 from sitebackup.model.work import Progress, Summary
 from sitebackup.ui.escape import printable
 from sitebackup.ui.printers import Printer, failure_lines, start_line, summary_line
+from sitebackup.ui.safepath import trusted_directory
 
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -32,7 +34,9 @@ def open_log(path: Path) -> TextIO:
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, _FLAGS, 0o600)
+        fd = os.open(os.path.join(trusted_directory(path.parent.absolute()), path.name), _FLAGS, 0o600)
+    except ValueError as exc:
+        raise refuse(str(exc)) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise refuse("it is a symlink (not followed)") from None
