@@ -20,6 +20,7 @@ from privileges import NOBODY, as_another_user
 from prometheus_client.parser import text_string_to_metric_families
 
 from sitebackup.ui.metrics import LOCK_WAIT_SECONDS
+from sitebackup.ui.safepath import trusted_directory
 
 
 @pytest.fixture
@@ -138,3 +139,17 @@ def test_a_held_or_planted_lock_file_is_waited_for_a_bounded_time_then_the_metri
     assert planted.stderr.splitlines() == [f"sitebackup: warning: metrics written without their lock: {str(lock)!r} "
                                            "is not a file of this user's"]
     assert job_sources(prom) == {str(src)}
+
+
+def test_the_walk_resolves_symlinks_as_the_kernel_does(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "rel").symlink_to("a/../a/./b")
+    (tmp_path / "a" / "abs").symlink_to(tmp_path / "rel")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "file").write_bytes(b"")
+    for path in (tmp_path / "rel", tmp_path / "a" / "abs", tmp_path / "a" / "abs" / ".." / "b"):
+        assert trusted_directory(path) == os.path.realpath(path)
+    for path, why in ((tmp_path / "loop", "too many levels of symbolic links"), (tmp_path / "file", "is not a directory"),
+                      (tmp_path / "missing", "No such file or directory")):
+        with pytest.raises(ValueError, match=why):
+            trusted_directory(path)
