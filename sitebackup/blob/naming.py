@@ -20,8 +20,8 @@ RESERVED_PREFIX = ".sitebackup/"
 _CONTAINER_RE = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(?:-[a-z0-9]+)*$")
 
 # An escaped character is ESCAPE_MARK and its code point as four uppercase hex digits; the mark itself is
-# escaped too, so the mapping is reversible. U+201B (single high-reversed-9 quotation mark) is rclone's quote
-# character for the same job: rare in real names, and a name holding it is the only ordinary one that changes.
+# escaped too, so the mapping is reversible. U+201B (single high-reversed-9 quotation mark), the character rclone
+# quotes with in its own name encoding, is rare in real names: a name holding it is the only ordinary one that changes.
 ESCAPE_MARK = "\u201b"
 # C0 and C1 control characters and DEL (Azure's naming rules refuse them), U+FFFE and U+FFFF (not XML: Azurite's
 # listings break on them as on the C0 ones)
@@ -67,7 +67,8 @@ def backup_prefix(prefix: str | None) -> str:
 
 def escape_name(relpath: str) -> str:
     """*relpath* as a blob name can hold it: each control character, U+FFFE, U+FFFF and ESCAPE_MARK as
-    ESCAPE_MARK and four hex digits (ESC is ``\u201b001B``); any other character, '/' included, as it is."""
+    ESCAPE_MARK and four uppercase hex digits (ESC: the mark and ``001B``); any other character, '/' included,
+    as it is."""
     return _ESCAPED.sub(lambda found: f"{ESCAPE_MARK}{ord(found.group()):04X}", relpath)
 
 
