@@ -111,8 +111,13 @@ def _lock(path: Path, wait: float) -> tuple[int | None, str | None]:
     why not. The lock is a file of this user's beside the metrics file (``.NAME.lock``, 0600), opened without
     following a symlink: the directory itself, which other users can open and lock, is never locked."""
     name = path.parent / f".{path.name}.lock"
-    try:
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:  # an existing one is opened without O_CREAT: fs.protected_regular refuses that, even to root, for a
+        # file another user planted in a sticky directory, and the line must say whose the file is
+        try:
+            fd = os.open(name, flags)
+        except FileNotFoundError:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         return None, f"cannot open {str(name)!r}: {exc.strerror}"
     st = os.fstat(fd)
