@@ -98,6 +98,25 @@ def test_state_disk_filling_mid_run_stops_it_with_exit_5_and_a_rerun_completes_e
     assert_exact(azurite.connection_string, container_name, src)
 
 
+def test_a_full_state_disk_is_exit_5_for_prune_as_for_backup(azurite, tmp_path, container_name, mount_point):
+    # the same condition, met as the command opens the state directory, is the same exit code for every command
+    mount_tmpfs(mount_point, "4m")
+    state = mount_point / "state"
+    env = env_for(azurite.connection_string, state)
+    src = tmp_path / "site"
+    many_files(src, 3)
+    for _ in range(2):
+        assert run_cli([str(src), "-c", container_name], env).returncode == 0
+    fill(mount_point)
+    (src / "new.txt").write_bytes(b"new")
+    for args in (["prune", "-c", container_name, "--keep-last", "1"], [str(src), "-c", container_name]):
+        result = run_cli(args, env)
+        assert result.returncode == EXIT_STATE_FULL, (args, result.stderr)
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"sitebackup: error: state directory {state} cannot be written ("), line
+        assert "free space there" in line and "--state-dir" in line, line
+
+
 def test_worker_on_a_state_disk_that_fills_exits_5(azurite, mount_point):
     mount_tmpfs(mount_point, "4m")
     state = mount_point / "state"

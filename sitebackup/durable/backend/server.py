@@ -93,7 +93,7 @@ class EmbeddedBackend:
                 with self._guarded():
                     self.store.release_dead_owners(socket.gethostname(), _pid_alive)
             except sqlite3.Error as ex:  # the first write: a full disk shows here, before any work
-                raise StateDirError(f"cannot use state database {self.state_dir / statedir.DB_NAME}: {ex}; "
+                raise statedir.full_error(self.state_dir, ex) or StateDirError(f"cannot use state database {self.state_dir / statedir.DB_NAME}: {ex}; "
                                     f"{statedir.HINT}") from None
             statedir.remove_stale_sockets(self.state_dir / "sock", _pid_alive)
             address = self._serve(listen, token)
@@ -199,7 +199,8 @@ class EmbeddedBackend:
         except sqlite3.DatabaseError as ex:
             if statedir.is_corrupt(ex):
                 raise statedir.corrupt_error(db_path, str(ex)) from None
-            raise StateDirError(f"cannot use state database {db_path}: {ex}; {statedir.HINT}") from None
+            raise statedir.full_error(self.state_dir, ex) or \
+                StateDirError(f"cannot use state database {db_path}: {ex}; {statedir.HINT}") from None
 
     def _new_socket_path(self) -> Path:
         name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"
