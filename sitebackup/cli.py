@@ -41,6 +41,7 @@ from sitebackup.commands.options import Session, set_log_levels
 from sitebackup.durable.runtime import backend_error
 from sitebackup.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, SiteBackupError
 from sitebackup.ui.escape import printable
+from sitebackup.ui.logfile import log_failure
 from sitebackup.ui.metrics import MetricsFileError
 
 
@@ -94,11 +95,14 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-def report_error(message: str, exit_code: int, json_output: bool) -> int:
-    """One line on stderr, and with ``--json`` one error object on stdout; returns *exit_code*."""
+def report_error(message: str, exit_code: int, session: Session) -> int:
+    """One line on stderr, with ``--json`` one error object on stdout, with ``--log-file`` one line in the log;
+    returns *exit_code*."""
     message = printable(redact(message))
     click.echo(message, err=True)
-    if json_output:
+    if session.log_file is not None:
+        log_failure(session.log_file, session.command, message)
+    if session.json_output:
         text = message.removeprefix("sitebackup: error: ").removeprefix("Error: ")
         click.echo(json.dumps({"event": "error", "exit_code": exit_code, "message": text}))
     return exit_code
@@ -115,9 +119,9 @@ def run(args: list[str] | None, session: Session) -> int:
     except SystemExit as exc:  # commands end with sys.exit(code); so does shell completion
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else EXIT_INTERNAL
     except SiteBackupError as exc:
-        return report_error(f"sitebackup: error: {exc}", exc.exit_code, session.json_output)
+        return report_error(f"sitebackup: error: {exc}", exc.exit_code, session)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        return report_error("sitebackup: interrupted", EXIT_INTERRUPTED, session.json_output)
+        return report_error("sitebackup: interrupted", EXIT_INTERRUPTED, session)
     except click.ClickException as exc:
         # click echoes the offending argument whole: a connection string given in the wrong place
         shown = io.StringIO()
@@ -125,17 +129,19 @@ def run(args: list[str] | None, session: Session) -> int:
         for line in redact(shown.getvalue()).splitlines():
             click.echo(printable(line), err=True)
         code = exc.exit_code or EXIT_USAGE
+        if session.log_file is not None:
+            log_failure(session.log_file, session.command, f"error: {redact(exc.format_message())}")
         if session.json_output:
             click.echo(json.dumps({"event": "error", "exit_code": code, "message": redact(exc.format_message())}))
         return code
     except Exception as exc:  # a bug: one line, unless --debug asks for the traceback
         refused = backend_error(exc)
         if refused is not None:
-            return report_error(f"sitebackup: error: {refused}", refused.exit_code, session.json_output)
+            return report_error(f"sitebackup: error: {refused}", refused.exit_code, session)
         if session.debug:
             click.echo(redact(traceback.format_exc()), err=True)
         return report_error(f"sitebackup: internal error: {redact(str(exc)) or type(exc).__name__} "
-                            "(rerun with --debug for details)", EXIT_INTERNAL, session.json_output)
+                            "(rerun with --debug for details)", EXIT_INTERNAL, session)
     return 0
 
 

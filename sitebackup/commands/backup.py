@@ -53,6 +53,7 @@ from sitebackup.commands.options import (
     debug_option,
     destination_label,
     lock_wait_option,
+    log_file_option,
     metrics_option,
     output_options,
     stall_after_option,
@@ -478,9 +479,7 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
                    "(6 if it has made no progress for --stall-after).")
 @stall_after_option
 @lock_wait_option
-@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
-              help="Append a timestamped log of the run (start, failures, summary) to PATH "
-                   "(created 0600; a symlink or hard link there is refused).")
+@log_file_option
 @taskhub_option
 @click.option("--no-local-worker", is_flag=True,
               help="Schedule and watch only; `sitebackup worker` processes do the work.")

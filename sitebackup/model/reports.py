@@ -20,6 +20,7 @@ class RunStart(msgspec.Struct, kw_only=True):
     endpoint: str | None = None
     resumed: bool = False
     attached: bool = False  # another live process hosts it: this one only shows its progress
+    finished: bool = False  # it had finished already: shown, not run again
     action: str = "Backing up"  # how the bar names what it does
 
 

@@ -81,6 +81,8 @@ KINDS = {"BackupSiteContent": "backup", "RestoreSiteContent": "restore"}
 
 
 def start_verb(info: RunStart) -> str:
+    if info.finished:
+        return "already finished:"
     return "attached to" if info.attached else "resuming" if info.resumed else "started"
 
 
@@ -195,7 +197,8 @@ class RichPrinter(PlainPrinter):
     def start(self, info: RunStart) -> None:
         from rich.text import Text
 
-        verb = "Resuming" if info.resumed else info.action
+        verb = "Already finished:" if info.finished else "Resuming" if info.resumed and not info.attached \
+            else info.action
         self.console.print(Text.assemble(f"{verb} ", (printable(info.source), "bold"), " -> ",
                                          (printable(info.destination), "bold"), f" ({printable(info.instance_id)})"))
         self.bar.start()

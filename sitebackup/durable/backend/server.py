@@ -93,8 +93,8 @@ class EmbeddedBackend:
                 with self._guarded():
                     self.store.release_dead_owners(socket.gethostname(), _pid_alive)
             except sqlite3.Error as ex:  # the first write: a full disk shows here, before any work
-                raise statedir.full_error(self.state_dir, ex) or StateDirError(f"cannot use state database {self.state_dir / statedir.DB_NAME}: {ex}; "
-                                    f"{statedir.HINT}") from None
+                raise statedir.full_error(self.state_dir, ex) or StateDirError(
+                    f"cannot use state database {self.state_dir / statedir.DB_NAME}: {ex}; {statedir.HINT}") from None
             statedir.remove_stale_sockets(self.state_dir / "sock", _pid_alive)
             address = self._serve(listen, token)
             if listen is not None:

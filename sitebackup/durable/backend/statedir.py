@@ -119,8 +119,8 @@ def database(state_dir: Path, schema: str) -> Path:
             if suffix == "" and st.st_size == 0:
                 raise corrupt_error(db_path, "the file is empty")
     except (OSError, sqlite3.Error) as ex:  # e.g. a full disk while creating it
-        raise full_error(state_dir, ex) or StateDirError(f"cannot use state database {db_path}: {getattr(ex, 'strerror', None) or ex}; "
-                            f"{HINT}") from None
+        raise full_error(state_dir, ex) or StateDirError(
+            f"cannot use state database {db_path}: {getattr(ex, 'strerror', None) or ex}; {HINT}") from None
     return db_path
 
 
