@@ -11,9 +11,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 import click
@@ -109,7 +112,38 @@ def report_error(message: str, exit_code: int, session: Session) -> int:
 
 
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    """The first Ctrl-C or SIGTERM: stop, keeping the run resumable (``hosting.stop_now``); a second one while
+    that goes on stops at once."""
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is _interrupt:
+            signal.signal(sig, _stop_at_once)
     raise KeyboardInterrupt
+
+
+def _stop_at_once(_signum: int, _frame: FrameType | None) -> None:
+    # what the state directory holds is committed whole: this is a kill, which a run resumes from
+    os.write(2, b"sitebackup: stopped at once; the run resumes from what was saved\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stoppable() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM stop the command (``_interrupt``), a second one at once. A stop by
+    cron's timeout or systemd ends like Ctrl-C: workers stopped, the run resumable, metrics written. A SIGINT the
+    shell made this process ignore (a background job) stays ignored. After the block SIGTERM kills again."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if previous[signal.SIGINT] is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run(args: list[str] | None, session: Session) -> int:
@@ -147,11 +181,9 @@ def run(args: list[str] | None, session: Session) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     _configure_logging()
-    # a stop by cron's timeout or systemd ends like Ctrl-C: workers stopped, the run resumable, metrics written
-    signal.signal(signal.SIGTERM, _interrupt)
     session = Session()
-    code = run(argv, session)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with stoppable():
+        code = run(argv, session)
     if session.metrics is not None:
         try:
             session.metrics.write(code)

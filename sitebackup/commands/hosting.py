@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from durabletask import client as dt_client
 
+from sitebackup.blob import bwlimit
 from sitebackup.blob.asyncget import AsyncGetter
 from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
@@ -315,7 +316,7 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
                           runtime=runtime)
     except KeyboardInterrupt:
         printer.close()
-        runtime.stop_workers()
+        stop_now(runtime)
         raise Interrupted(instance_id) from None
     except SiteBackupError:  # a full state directory, a lost lock: the run stops here, saved
         printer.close()
@@ -323,6 +324,14 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
     summary = summarize(state)
     printer.finish(summary)
     return summary
+
+
+def stop_now(runtime: Runtime) -> None:
+    """Ctrl-C or SIGTERM: transfers waiting on --bwlimit end, the batches in flight are cut short and not recorded
+    (they run again on resume), and the workers get a bounded time to end (``Runtime.interrupt``)."""
+    bwlimit.stop_waits()
+    runtime.interrupt()
+    runtime.stop_workers()
 
 
 def attach_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
@@ -359,6 +368,8 @@ class CancelCheck:
         self.client: dt_client.TaskHubGrpcClient | None = None
 
     def __call__(self, run_id: str) -> bool:
+        if self.runtime.stopping.is_set():  # the process stops at once: as good as cancelled, for this process
+            return True
         with self.lock:
             at, version, answer = self.checked.get(run_id, (float("-inf"), None, False))
             now = self.runtime.status_version(run_id)
@@ -413,6 +424,7 @@ def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: 
     deps.put_many = putter.put_many
     deps.get_many = AsyncGetter(putter).get_many  # the same loop, connection pool and window
     deps.cancelled = CancelCheck(runtime)
+    deps.stopping = runtime.stopping.is_set
     deps.halted = runtime.fault if job_lock is None else lambda: runtime.fault() or job_lock.lost()
     return deps
 
@@ -438,9 +450,10 @@ def end_process(code: int) -> NoReturn:
     now the state database is closed and the run's records committed. Exit handlers still run (the
     ``--log-file`` flush, the aio session's close) and stdout/stderr are flushed, with the interpreter's own
     exit status 120 when that fails (a full disk under a redirected summary); while a non-daemon thread still
-    runs, the normal exit is taken, which waits for it."""
+    runs, the normal exit is taken, which waits for it; not after a stop (exit 130), which has given its workers
+    their bounded time (``stop_now``) already."""
     main = threading.main_thread()
-    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+    if code != EXIT_INTERRUPTED and any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

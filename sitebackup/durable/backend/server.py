@@ -167,6 +167,11 @@ class EmbeddedBackend:
                     self._socket_path.parent.rmdir()
                 self._socket_path = None
 
+    def drop_results(self) -> None:
+        """This process stops at once: what its workers report from now on is dropped (``Servicer.drop_results``)."""
+        if self._servicer is not None:
+            self._servicer.drop_results()
+
     def worker_attached(self, instance_id: str, taskhub: str = DEFAULT_TASKHUB) -> bool:
         """True when a live process holds a lease on the instance's work or has a work-item stream open."""
         store = self.store or self._open_store()

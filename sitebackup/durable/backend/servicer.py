@@ -121,11 +121,19 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         # This process's work items whose stream closed, kept for the next stream (local workers only).
         self._unattached = _Stream(1, 1)
         self._open: set[_Stream] = set()
+        self._dropping = False  # this process stops at once: its activities' results are not results
         self._completions: list[tuple[str, pb.ActivityResponse]] = []
         self._completions_ready = threading.Condition()
         self._flusher_done = False
         self._flusher = threading.Thread(target=self._flush_loop, name="sitebackup-activity-flush", daemon=True)
         self._flusher.start()
+
+    def drop_results(self) -> None:
+        """From now on ignore what this process's workers report of their activities: the process is stopping at
+        once and what they end with (cut short) is no result. Their work items stay leased to this process until
+        ``Store.release_leases`` (``EmbeddedBackend.stop``, or the next process, this one being dead) lets another
+        run them."""
+        self._dropping = True
 
     def shutdown(self) -> None:
         """Make streams end; called before the gRPC server stops."""
@@ -490,6 +498,9 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         return pb.CompleteTaskResponse()
 
     def CompleteActivityTask(self, request: pb.ActivityResponse, context: grpc.ServicerContext) -> pb.CompleteTaskResponse:
+        if self._dropping and not self.remote_workers:
+            self._untrack(request.completionToken)
+            return pb.CompleteTaskResponse()
         with self._completions_ready:
             self._completions.append((_taskhub(context), request))
             self._completions_ready.notify()
