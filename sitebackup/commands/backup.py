@@ -204,10 +204,22 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
                   sealed: list[CatalogEntry]) -> str | None:
     """The newest completed backup of the job: of its runs sealed in the container (*sealed*), and of the runs
     of the same source and destination (and endpoint) this state directory knows whose record remains (and
-    that no prune is dropping)."""
-    query = dt_client.OrchestrationQuery(runtime_status=[dt_client.OrchestrationStatus.COMPLETED],
-                                         fetch_inputs_and_outputs=True)
+    that no prune is dropping); with ``cancelled_since`` the runs cancelled after it, in ``inp``."""
     candidates = [(parse_utc(entry.started), entry.run_id) for entry in sealed]
+    candidates += _recorded_runs(client, inp, work, dt_client.OrchestrationStatus.COMPLETED)
+    newest = max(candidates) if candidates else None
+    inp.cancelled = [run_id for started, run_id in sorted(
+        _recorded_runs(client, inp, work, dt_client.OrchestrationStatus.TERMINATED), reverse=True)
+        if newest is None or started > newest[0]]
+    return newest[1] if newest else None
+
+
+def _recorded_runs(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore,
+                   status: dt_client.OrchestrationStatus) -> list[tuple[datetime, str]]:
+    """(start, id) of the backups of the same source and destination (and endpoint) this state directory knows in
+    *status*, whose record remains and that no prune is dropping."""
+    query = dt_client.OrchestrationQuery(runtime_status=[status], fetch_inputs_and_outputs=True)
+    found = []
     for state in client.get_all_orchestration_states(query):
         other = run_label(state) if state.name == BACKUP_ORCHESTRATION else None
         if other is None or not inp.label.same_backup(other):
@@ -215,8 +227,8 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
         if other.endpoint and inp.endpoint and other.endpoint != inp.endpoint:
             continue
         if work.has_results(state.instance_id) and work.pruned(state.instance_id) is None:
-            candidates.append((parse_utc(state.created_at.isoformat()), state.instance_id))
-    return max(candidates)[1] if candidates else None
+            found.append((parse_utc(state.created_at.isoformat()), state.instance_id))
+    return found
 
 
 def settle_job(records: ContainerRecords, request: BackupRequest) -> Job:
@@ -357,8 +369,12 @@ def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: Task
                 job = request.job.id
                 sealed = [entry for entry in container.catalog() if entry.job == job] if container else []
                 baseline = find_baseline(client, inp, work, sealed)
+            # what the runs cancelled since recorded counts over it, as in the scan (``workflows.copy``)
+            sources = [run_entries(None, work, run_id) for run_id in inp.cancelled]
             if baseline:
-                records = run_entries(container, work, baseline)
+                sources.append(run_entries(container, work, baseline))
+            if sources:
+                records = incremental.overlaid(sources)
         totals = DryRunTotals(source=str(request.source), destination=inp.destination, baseline=baseline)
         _walk(request, records, totals, on_item)
     finally:

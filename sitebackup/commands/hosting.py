@@ -75,6 +75,9 @@ UNFINISHED = [
     dt_client.OrchestrationStatus.PENDING,
     dt_client.OrchestrationStatus.SUSPENDED,
 ]
+# One word for a run that `sitebackup cancel` ended, in every output and in --json: the durable runtime's own
+# word for it is TERMINATED (docs/troubleshooting.md, "Statuses").
+CANCELLED = "CANCELLED"
 ENV_STALL_AFTER = "SITEBACKUP_STALL_AFTER"
 DEFAULT_STALL_AFTER = "1h"  # a live run without progress for this long is reported stalled (--stall-after)
 
@@ -85,6 +88,17 @@ class Interrupted(SiteBackupError):
     def __init__(self, instance_id: str):
         super().__init__(f"interrupted; the run is saved, resume with: sitebackup resume {instance_id}")
         self.instance_id = instance_id
+
+
+def status_name(status: dt_client.OrchestrationStatus) -> str:
+    """A run's status as every command shows it: the durable runtime's name, but CANCELLED for TERMINATED."""
+    return CANCELLED if status == dt_client.OrchestrationStatus.TERMINATED else status.name
+
+
+def parse_status(name: str) -> dt_client.OrchestrationStatus:
+    """The durable status a name shown by ``status_name`` stands for (TERMINATED, the runtime's word, too)."""
+    name = name.upper()
+    return dt_client.OrchestrationStatus.TERMINATED if name == CANCELLED else dt_client.OrchestrationStatus[name]
 
 
 def new_instance_id() -> str:
@@ -181,7 +195,7 @@ def summarize(state: dt_client.OrchestrationState) -> Summary[Any]:
         # no summary (yet): the counters come from the last custom status
         summary = Summary(kind=kind, counts=_counts_from(kind, progress_of(state)))
         summary.duration_s = round((state.last_updated_at - state.created_at).total_seconds(), 3)
-    summary.kind, summary.instance_id, summary.runtime_status = kind, state.instance_id, state.runtime_status.name
+    summary.kind, summary.instance_id, summary.runtime_status = kind, state.instance_id, status_name(state.runtime_status)
     if state.runtime_status == dt_client.OrchestrationStatus.TERMINATED:
         summary.cancelled = True  # `sitebackup cancel` is what terminates a run
     if state.failure_details is not None:

@@ -21,6 +21,7 @@ from sitebackup.commands.hosting import (
     progress_of,
     run_label,
     stalled_for,
+    status_name,
     summarize,
     watch,
 )
@@ -42,7 +43,7 @@ from sitebackup.model.work import Summary
 from sitebackup.ui import render
 from sitebackup.ui.printers import KINDS, Printer, make_printer
 
-FINISHED = {status.name for status in TERMINAL}
+FINISHED = {status_name(status) for status in TERMINAL}
 
 
 def describe(runtime: Runtime, state: dt_client.OrchestrationState,
@@ -52,7 +53,7 @@ def describe(runtime: Runtime, state: dt_client.OrchestrationState,
     info = RunInfo(
         instance_id=state.instance_id,
         kind=state.name,
-        runtime_status=state.runtime_status.name,
+        runtime_status=status_name(state.runtime_status),
         source=label.source if label else None,
         # a restore's destination is its directory; a backup's is its container and prefix
         destination=label.destination if label else None,

@@ -1,10 +1,11 @@
 """Incremental runs: the one walk of a source compared with the baseline run's record.
 
 The baseline is the newest completed backup of the same source and destination (found by the
-commands layer); only its id travels in the orchestration input and the scan activity reads its
-record from the work store. A file is unchanged when its size and modification time equal the
-recorded ones (``mtime`` mode), or, in ``checksum`` mode, when its content MD5 equals the recorded
-MD5 (``CHECK``: the caller hashes it); ``force`` uploads everything.
+commands layer), with what the job's runs cancelled since then recorded over it (``overlaid``); only
+their ids travel in the orchestration input and the scan activity reads their records from the work
+store. A file is unchanged when its size and modification time equal the recorded ones (``mtime``
+mode), or, in ``checksum`` mode, when its content MD5 equals the recorded MD5 (``CHECK``: the caller
+hashes it); ``force`` uploads everything.
 
 ``compare`` is the walk both the backup's scan and ``--dry-run`` use. The record is read beside the
 walk, never held whole: the scan writes its pages in walk order, so the record (its result pages in
@@ -16,7 +17,8 @@ as a snapshot.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import heapq
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,6 +71,23 @@ class Baseline:
         found = self._head
         self._advance()
         return found
+
+
+def overlaid(records: Sequence[Iterable[FileEntry]]) -> Iterator[FileEntry]:
+    """Several runs' records (each in walk order), the first first, as one record in walk order holding each
+    path's entry from the first record that has it: cancelled runs over the baseline. One record passes through."""
+    if len(records) == 1:
+        yield from records[0]
+        return
+    def ranked(rank: int, record: Iterable[FileEntry]) -> Iterator[tuple[tuple[str, ...], int, int, FileEntry]]:
+        for seq, entry in enumerate(record):
+            yield walk_key(entry.path), rank, seq, entry
+
+    last: str | None = None
+    for _key, _rank, _seq, entry in heapq.merge(*(ranked(rank, record) for rank, record in enumerate(records))):
+        if entry.path != last:
+            last = entry.path
+            yield entry
 
 
 def decide(size: int, mtime_ns: int, previous: FileEntry | None, mode: str) -> str:

@@ -33,8 +33,6 @@ def status_text(info: RunInfo) -> str:
         lines[0] += f" — no worker attached; resume with: sitebackup resume {info.instance_id}"
     elif info.stalled and idle is not None:
         lines[0] += f" — STALLED: no progress for {human_duration(idle)}; is its process hung?"
-    elif status == "TERMINATED":
-        lines[0] += " — cancelled"
     if status in ("RUNNING", "PENDING") and info.worker_attached is None:
         # the scheduler does not tell clients which workers hold an instance's work
         lines.append("  worker:       unknown with --taskhub")

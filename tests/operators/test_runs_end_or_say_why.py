@@ -435,11 +435,11 @@ def test_a_cancelled_runs_watcher_says_cancelled_exits_7_and_keeps_its_counters(
     assert code == EXIT_CANCELLED, err
     assert "Traceback" not in err and "WARNING" not in err
     assert summary["event"] == "summary" and summary["cancelled"] is True
-    assert summary["runtime_status"] == "TERMINATED" and summary["files_total"] == 1500
+    assert summary["runtime_status"] == "CANCELLED" and summary["files_total"] == 1500
     assert seen["files_done"] <= summary["files_uploaded"] < 1500 and summary["bytes_uploaded"] > 0
 
     status = run_cli(["status", instance_id], env).stdout
-    assert "TERMINATED — cancelled" in status
+    assert f"{instance_id}  backup  CANCELLED\n" in status
     assert f"files:        {summary['files_uploaded']}/1500 done" in status
     [row] = json.loads(run_cli(["list", "--json"], env).stdout)
     assert row["files"] == summary["files_uploaded"] and row["bytes"] == summary["bytes_uploaded"]
@@ -451,7 +451,7 @@ def test_a_cancelled_runs_watcher_says_cancelled_exits_7_and_keeps_its_counters(
 
 
 def test_a_cancelled_summary_reads_cancelled_in_plain_text():
-    summary = Summary(instance_id="r1", kind=BACKUP_ORCHESTRATION, runtime_status="TERMINATED", cancelled=True,
+    summary = Summary(instance_id="r1", kind=BACKUP_ORCHESTRATION, runtime_status="CANCELLED", cancelled=True,
                       counts=BackupCounts(files_total=10, files_uploaded=4, bytes_uploaded=4096, files_failed=0),
                       duration_s=2.0)
     assert summary_line(summary).startswith("r1 CANCELLED: 4/10 files uploaded (4.0 KiB)")

@@ -1,5 +1,6 @@
 """Stopping and cancelling as an operator does it: SIGTERM (systemd, cron's timeout) or Ctrl-C stops a backup paced
-by --bwlimit within 10 s, the process gone, and the next run resumes it exactly; a second Ctrl-C stops at once.
+by --bwlimit within 10 s, the process gone, and the next run resumes it exactly; a second Ctrl-C stops at once; a
+run whose process was killed is cancelled at once, and the next run does not send again what it recorded.
 
 The 10 s is a correctness bound (systemd's stop timeout, a user's patience), not a speed figure: measured from the
 signal to the process's end, on a run whose transfers at the cap would take several times that to finish.
@@ -17,9 +18,24 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT, assert_exact, env_for, sigint_as_at_a_terminal, write_tree
+from azure.storage.blob import BlobServiceClient
+from helpers import (
+    ROOT,
+    JsonRun,
+    assert_exact,
+    env_for,
+    many_files,
+    run_cli,
+    sigint_as_at_a_terminal,
+    uploading,
+    write_tree,
+)
 
+from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.errors import EXIT_INTERRUPTED
+from sitebackup.local.incremental import overlaid
+from sitebackup.local.scan import walk_key
+from sitebackup.model.records import FileEntry
 
 MIB = 1024 * 1024
 STOP_BOUND_SECONDS = 10.0
@@ -111,3 +127,63 @@ def test_a_second_ctrl_c_or_sigterm_during_the_stop_ends_the_process_at_once(fir
             proc.wait()
     assert proc.returncode == EXIT_INTERRUPTED
     assert err == "sitebackup: stopped at once; the run resumes from what was saved\n"
+
+
+def etags(conn: str, container: str) -> dict[str, str]:
+    service = BlobServiceClient.from_connection_string(conn)
+    try:
+        return {b.name: b.etag for b in service.get_container_client(container).list_blobs()
+                if not b.name.startswith(".sitebackup/")}
+    finally:
+        service.close()
+
+
+def test_cancel_of_a_killed_run_takes_effect_at_once_and_the_next_run_sends_nothing_it_recorded(
+        azurite, tmp_path, container_name):
+    src = tmp_path / "site"
+    total = len(many_files(src, 1200))
+    state = tmp_path / "state"
+    env = env_for(azurite.connection_string, state)
+    run = JsonRun([str(src), "-c", container_name, "--concurrency", "1"], env)
+    try:
+        run_id = run.until(lambda e: e["event"] == "start")["instance_id"]
+        run.until(uploading(300))
+        run.proc.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+
+    cancelled = run_cli(["cancel", run_id], env)
+    assert cancelled.returncode == 0 and f"{run_id} cancelled (was RUNNING)" in cancelled.stdout, cancelled.stderr
+    info = json.loads(run_cli(["status", run_id, "--json"], env).stdout)
+    assert info["runtime_status"] == "CANCELLED", info  # at once: no process works on the run
+    assert "CANCELLED" in run_cli(["status", run_id], env).stdout
+    [row] = json.loads(run_cli(["list", "--status", "cancelled", "--json"], env).stdout)
+    assert (row["instance_id"], row["runtime_status"]) == (run_id, "CANCELLED")
+
+    recorded = {entry.path for entry in LocalWorkStore(state / "work").iter_results(run_id) if entry.stored}
+    assert recorded and len(recorded) < total
+    before = etags(azurite.connection_string, container_name)
+
+    again = run_cli([str(src), "-c", container_name, "--json"], env)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert summary["instance_id"] != run_id and summary["runtime_status"] == "COMPLETED"
+    assert (summary["files_uploaded"], summary["files_unchanged"]) == (total - len(recorded), len(recorded)), summary
+    after = etags(azurite.connection_string, container_name)
+    assert {path: after[path] for path in recorded} == {path: before[path] for path in recorded}
+    assert_exact(azurite.connection_string, container_name, src)
+
+
+def test_records_overlaid_keep_walk_order_and_each_paths_entry_from_the_newest_run():
+    def record(*paths_and_md5s: tuple[str, str]) -> list[FileEntry]:
+        return [FileEntry(path, size=1, md5=md5) for path, md5 in paths_and_md5s]
+
+    # walk order: a directory's files, then its subdirectories
+    cancelled_later = record(("a/x", "c2"))
+    cancelled = record(("b", "c1"), ("b.txt", "c1"), ("a/x", "c1"))
+    baseline = record(("b", "b"), ("c", "b"), ("a/x", "b"), ("a/y", "b"))
+    merged = list(overlaid([cancelled_later, cancelled, baseline]))
+    assert [(e.path, e.md5) for e in merged] == [("b", "c1"), ("b.txt", "c1"), ("c", "b"), ("a/x", "c2"),
+                                                 ("a/y", "b")]
+    assert [e.path for e in merged] == sorted((e.path for e in merged), key=walk_key)
+    assert list(overlaid([baseline])) == baseline

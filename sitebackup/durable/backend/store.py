@@ -414,6 +414,9 @@ class Store:
                 self._add_events(db, hub, [(instance_id, now, _now_event_ts(event, now))], now)
 
     def terminate(self, hub: str, instance_id: str, output: str | None, recursive: bool) -> None:
+        """Terminate the instance (and with *recursive* its unfinished sub-orchestrations). One without an episode
+        in flight is terminated here and now, as its next episode would (``_terminate_now``): it may have no worker
+        at all (its process was killed). One whose episode a worker runs gets the event, applied right after."""
         now = time.time()
         with self._tx() as db:
             todo, targets = [instance_id], []
@@ -425,9 +428,41 @@ class Store:
                     todo.extend(r[0] for r in db.execute(
                         "SELECT instance_id FROM instances WHERE taskhub=? AND parent_instance_id=?"
                         f" AND status NOT IN ({_TERMINAL_SQL})", (hub, iid)))
-            self._add_events(db, hub, [
-                (iid, now, _now_event_ts(helpers.new_terminated_event(encoded_output=output), now))
-                for iid in targets], now)
+            queued = []
+            for iid in targets:
+                if not self._terminate_now(db, hub, iid, output, now):
+                    queued.append((iid, now, _now_event_ts(helpers.new_terminated_event(encoded_output=output), now)))
+            self._add_events(db, hub, queued, now)
+
+    def _terminate_now(self, db: sqlite3.Connection, hub: str, iid: str, output: str | None, now: float) -> bool:
+        """End an instance no episode of which is in flight as TERMINATED with *output*, its history closed as a
+        worker closes it; what was queued for it (activities, events, timers) is dropped, and a late result of an
+        activity still running somewhere is ignored (its row is gone). False, changing nothing, while an episode
+        holds the instance's lease."""
+        row = db.execute("SELECT history_len, parent_instance_id, parent_task_id FROM instances"
+                         " WHERE taskhub=? AND instance_id=? AND lease_expires<?", (hub, iid, now)).fetchone()
+        if row is None:
+            return False
+        history_len, parent_iid, parent_task = row
+        self._touch(hub, iid)
+        events = [helpers.new_orchestrator_started_event(datetime.fromtimestamp(now, timezone.utc)),
+                  helpers.new_terminated_event(encoded_output=output),
+                  helpers.new_orchestrator_completed_event(),
+                  helpers.new_execution_completed_event(pb.ORCHESTRATION_STATUS_TERMINATED, output)]
+        db.executemany("INSERT INTO history (taskhub, instance_id, seq, event) VALUES (?,?,?,?)",
+                       [(hub, iid, history_len + i, _now_event_ts(ev, now).SerializeToString())
+                        for i, ev in enumerate(events)])
+        for table in ("new_events", "activities"):
+            db.execute(f"DELETE FROM {table} WHERE taskhub=? AND instance_id=?", (hub, iid))
+        db.execute("UPDATE instances SET status=?, output=?, completed_at=?, updated_at=?, ready_at=1e18,"
+                   " lease_owner=NULL, lease_expires=0, history_version=history_version+1, history_len=?"
+                   " WHERE taskhub=? AND instance_id=?",
+                   (pb.ORCHESTRATION_STATUS_TERMINATED, output, now, now, history_len + len(events), hub, iid))
+        self._history_cache.pop((hub, iid), None)
+        if parent_iid and parent_task is not None and self._is_live(db, hub, parent_iid):
+            self._add_events(db, hub, [(parent_iid, now, self._result_for_parent(
+                parent_task, pb.ORCHESTRATION_STATUS_TERMINATED, output, None))], now)
+        return True
 
     def history(self, hub: str, instance_id: str) -> list[pb.HistoryEvent] | None:
         with self._lock:
