@@ -325,7 +325,10 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
         with runtime.connected() as client:
             released = release_waiting(client, instance_id)
             if local_worker:
-                runtime.start_worker(deps)
+                note = orphans_note(runtime, client, instance_id)
+                if note is not None:
+                    printer.message(note)
+                runtime.start_worker(deps, run=instance_id)
             state = watch(client, instance_id, printer, on_poll=poll, stop_when_waiting=True, released=released,
                           runtime=runtime)
     except KeyboardInterrupt:
@@ -338,6 +341,22 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
     summary = summarize(state)
     printer.finish(summary)
     return summary
+
+
+def orphans_note(runtime: Runtime, client: dt_client.TaskHubGrpcClient, instance_id: str) -> str | None:
+    """One line naming the other unfinished runs of this state directory that no process works on (their process
+    was killed), which this process leaves alone (``Runtime.start_worker``); None when there are none (or under
+    the scheduler, which cannot tell). Asked before this process's own worker attaches."""
+    if runtime.backend is None:
+        return None
+    query = dt_client.OrchestrationQuery(runtime_status=UNFINISHED)
+    orphans = [state.instance_id for state in client.get_all_orchestration_states(query)
+               if state.instance_id != instance_id and runtime.worker_attached(state.instance_id) is False]
+    if not orphans:
+        return None
+    shown = ", ".join(orphans[:3]) + (f" and {len(orphans) - 3} more" if len(orphans) > 3 else "")
+    return (f"note: left for their own commands: {len(orphans)} unfinished run(s) no process works on ({shown}); "
+            "each resumes with the next backup of its job, or: sitebackup resume ID")
 
 
 def stop_now(runtime: Runtime) -> None:
@@ -362,7 +381,7 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
             return
         if lock.try_acquire() and not runtime.worker_attached(instance_id) and \
                 (job_lock is None or job_lock.poll(run=instance_id, claim=claim_of(lock))):
-            runtime.start_worker(deps)
+            runtime.start_worker(deps, run=instance_id)
             hosting.append(True)
 
     return host_and_watch(runtime, deps, instance_id, printer, local_worker=False,

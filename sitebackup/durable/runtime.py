@@ -100,8 +100,12 @@ class Runtime:
                 if exc.code() in _REFUSED:
                     raise
 
-    def start_worker(self, deps: ActivityDeps) -> dt_worker.TaskHubGrpcWorker:
-        """A worker running every orchestration and activity, as many at once as *deps* says (its concurrency)."""
+    def start_worker(self, deps: ActivityDeps, run: str | None = None) -> dt_worker.TaskHubGrpcWorker:
+        """A worker running every orchestration and activity, as many at once as *deps* says (its concurrency): of
+        the *run* this process hosts alone, when given, under the embedded backend (the scheduler hands any
+        work to any worker)."""
+        if run is not None and self.backend is not None:
+            self.backend.host_only(run)
         options = dt_worker.ConcurrencyOptions(
             maximum_concurrent_activity_work_items=deps.concurrency.batches,
             maximum_concurrent_orchestration_work_items=4,

@@ -187,3 +187,42 @@ def test_records_overlaid_keep_walk_order_and_each_paths_entry_from_the_newest_r
                                                  ("a/y", "b")]
     assert [e.path for e in merged] == sorted((e.path for e in merged), key=walk_key)
     assert list(overlaid([baseline])) == baseline
+
+
+def test_a_killed_backup_is_left_to_its_own_next_run_by_other_commands(azurite, tmp_path, container_name):
+    state = tmp_path / "state"
+    env = env_for(azurite.connection_string, state)
+    other_src = write_tree(tmp_path / "other", {"o.txt": b"other job"})
+    other_container = container_name + "-o"
+    first_other = run_cli([str(other_src), "-c", other_container, "--json"], env)
+    other_run = json.loads(first_other.stdout.splitlines()[0])["instance_id"]
+
+    src = tmp_path / "site"
+    total = len(many_files(src, 1200))
+    run = JsonRun([str(src), "-c", container_name, "--concurrency", "1"], env)
+    try:
+        killed = run.until(lambda e: e["event"] == "start")["instance_id"]
+        run.until(uploading(100))
+        run.proc.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+    done_at_kill = json.loads(run_cli(["status", killed, "--json"], env).stdout)["custom_status"]["files_done"]
+
+    # another job's backup, and a restore, each host a worker: neither takes the killed run's work, both say so
+    (other_src / "p.txt").write_bytes(b"more")
+    for args in ([str(other_src), "-c", other_container], ["restore", other_run, str(tmp_path / "restored")]):
+        result = run_cli(args, env)
+        assert result.returncode == 0, result.stderr
+        [note] = [line for line in result.stderr.splitlines() if killed in line]
+        assert note.startswith("sitebackup: note: left for their own commands: 1 unfinished run(s)"), note
+        info = json.loads(run_cli(["status", killed, "--json"], env).stdout)
+        assert info["runtime_status"] == "RUNNING" and info["worker_attached"] is False, info
+        assert info["custom_status"]["files_done"] == done_at_kill
+    assert (tmp_path / "restored" / "o.txt").read_bytes() == b"other job"
+
+    # its own next run resumes it
+    again = run_cli([str(src), "-c", container_name, "--json"], env)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert (summary["instance_id"], summary["runtime_status"], summary["files_total"]) == (killed, "COMPLETED", total)
+    assert_exact(azurite.connection_string, container_name, src)

@@ -167,6 +167,12 @@ class EmbeddedBackend:
                     self._socket_path.parent.rmdir()
                 self._socket_path = None
 
+    def host_only(self, instance_id: str) -> None:
+        """This process's workers take the work of *instance_id* (and of those named before) only
+        (``Servicer.host_only``)."""
+        if self._servicer is not None:
+            self._servicer.host_only(instance_id)
+
     def drop_results(self) -> None:
         """This process stops at once: what its workers report from now on is dropped (``Servicer.drop_results``)."""
         if self._servicer is not None:

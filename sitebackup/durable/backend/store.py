@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 from urllib.parse import quote
 
 import durabletask.internal.helpers as helpers
@@ -249,6 +249,14 @@ def _ts(t: float) -> timestamp_pb2.Timestamp:
 def _now_event_ts(ev: pb.HistoryEvent, now: float) -> pb.HistoryEvent:
     ev.timestamp.FromNanoseconds(int(now * 1e9))
     return ev
+
+
+def _only(instances: Collection[str] | None) -> tuple[str, list[str]]:
+    """The SQL condition (and its values) that keeps a claim to *instances*; none when None."""
+    if instances is None:
+        return "", []
+    ids = sorted(instances)
+    return f" AND instance_id IN ({','.join('?' * len(ids))})", ids
 
 
 def orchestration_token(instance_id: str, generation: int) -> str:
@@ -490,12 +498,15 @@ class Store:
     # --- orchestrator work items ----------------------------------------------------
 
     def claim_orchestrations(self, hub: str, owner: str, limit: int, lease_seconds: float,
-                             accept: Callable[[str, str | None], bool] | None = None) -> list[OrchestratorClaim]:
+                             accept: Callable[[str, str | None], bool] | None = None,
+                             instances: Collection[str] | None = None) -> list[OrchestratorClaim]:
+        """Claim up to *limit* ready episodes (of *instances* only, when given)."""
         now = time.time()
+        only, ids = _only(instances)
         with self._lock:
             candidates = self._db.execute(
                 "SELECT instance_id, name, version FROM instances WHERE taskhub=? AND ready_at<=? AND lease_expires<?"
-                " ORDER BY ready_at LIMIT ?", (hub, now, now, limit if accept is None else 1000)).fetchall()
+                f"{only} ORDER BY ready_at LIMIT ?", (hub, now, now, *ids, limit if accept is None else 1000)).fetchall()
             if accept is not None:
                 candidates = [c for c in candidates if accept(c[1], c[2])][:limit]
             if not candidates:
@@ -748,12 +759,15 @@ class Store:
     # --- activity work items --------------------------------------------------------
 
     def claim_activities(self, hub: str, owner: str, limit: int, lease_seconds: float,
-                         accept: Callable[[str, str | None], bool] | None = None) -> list[ActivityClaim]:
+                         accept: Callable[[str, str | None], bool] | None = None,
+                         instances: Collection[str] | None = None) -> list[ActivityClaim]:
+        """Claim up to *limit* activities (of *instances* only, when given)."""
         now = time.time()
+        only, ids = _only(instances)
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, name, version FROM activities WHERE taskhub=? AND lease_expires<? ORDER BY id LIMIT ?",
-                (hub, now, limit if accept is None else max(limit, 1000))).fetchall()
+                f"SELECT id, name, version FROM activities WHERE taskhub=? AND lease_expires<?{only} ORDER BY id LIMIT ?",
+                (hub, now, *ids, limit if accept is None else max(limit, 1000))).fetchall()
             ids = [r[0] for r in rows if accept is None or accept(r[1], r[2])][:limit]
             if not ids:
                 return []
