@@ -386,8 +386,15 @@ def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: Task
 def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTotals,
           on_item: Callable[[DryRunItem], None]) -> None:
     skipped = 0
+
+    def gone(entry: FileEntry) -> None:
+        totals.files_deleted += 1
+        totals.bytes_deleted += entry.size
+        on_item(DryRunItem(action="delete", path=entry.path, size=entry.size))
+
     for found in incremental.compare(request.source, patterns=request.patterns,
-                                     follow_symlinks=request.follow_symlinks, baseline=records, mode=request.compare):
+                                     follow_symlinks=request.follow_symlinks, baseline=records, mode=request.compare,
+                                     on_gone=gone):
         if isinstance(found, Compared):
             file = found.file
             try:
@@ -396,10 +403,16 @@ def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTo
                 item = DryRunItem(action="fail", path=file.path, error=describe_os_error(exc))
                 totals.files_failed += 1
             else:
-                item = DryRunItem(action=action, path=file.path, size=file.size)
+                before = found.previous
+                # with --force a file the last run recorded as it is goes up again, unchanged
+                changed = action == "upload" and before is not None and (
+                    found.decision != incremental.UPLOAD or
+                    incremental.decide(file.size, file.mtime_ns, before, incremental.MODE_MTIME) == incremental.UPLOAD)
+                item = DryRunItem(action=action, path=file.path, size=file.size, changed=changed)
                 if action == "upload":
                     totals.files_to_upload += 1
                     totals.bytes_to_upload += file.size
+                    totals.files_changed += changed
                 else:  # an unchanged file is a skipped one too: not uploaded on purpose
                     totals.files_unchanged += 1
                     totals.bytes_skipped += file.size
@@ -489,7 +502,9 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @output_options
 @selection_options
 @click.option("--dry-run", is_flag=True,
-              help="Scan and compare only: list what would be uploaded or skipped, write nothing.")
+              help="Scan and compare only: list what would be uploaded (new or changed), skipped or left out as "
+                   "deleted since the last run, with counts; write nothing.")
+@click.option("--verbose", "-v", is_flag=True, help="With --dry-run, list the unchanged files too.")
 @click.option("--no-wait", is_flag=True,
               help="If the same backup is already running, print its id and exit 4 instead of attaching "
                    "(6 if it has made no progress for --stall-after).")
@@ -504,7 +519,7 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @state_dir_option
 @debug_option
 def command(source: Path, container: str, prefix: str, job_name: str | None, storage: StorageSettings, concurrency: int,
-            upload: UploadSpec, output: Output, selection: Selection, dry_run: bool, no_wait: bool,
+            upload: UploadSpec, output: Output, selection: Selection, dry_run: bool, verbose: bool, no_wait: bool,
             stall_after: timedelta, lock_wait: timedelta | None, log_file: Path | None, taskhub: TaskHubSettings | None,
             no_local_worker: bool, detach: bool, metrics_file: Path | None, state_dir: Path) -> None:
     """Back up SOURCE to a container (the default command).
@@ -520,6 +535,8 @@ def command(source: Path, container: str, prefix: str, job_name: str | None, sto
       sitebackup backup ./site -c backups --prefix nightly/web --concurrency 32
       sitebackup backup ./site -c backups --connection-string UseDevelopmentStorage=true
     """
+    if verbose and not dry_run:
+        raise click.UsageError("--verbose goes with --dry-run")
     if metrics_file is not None and (dry_run or detach):
         raise click.UsageError("--metrics-file describes a finished run: not with --dry-run or --detach")
     # labelled as written on the command line: a {date} prefix stays one job, not a new series a day
@@ -529,7 +546,7 @@ def command(source: Path, container: str, prefix: str, job_name: str | None, sto
                             selection=selection, no_wait=no_wait, stall_after=stall_after, job_name=job_name,
                             lock_wait=lock_wait)
     if dry_run:
-        with render.DryRunLines(output.json, output.quiet) as lines:
+        with render.DryRunLines(output.json, output.quiet, unchanged=verbose) as lines:
             plan = plan_backup(request, storage, taskhub, lines.add)
         render.dry_run_totals(plan, output.json, output.quiet)
         sys.exit(EXIT_FILES_FAILED if plan.files_failed else 0)

@@ -18,7 +18,7 @@ as a snapshot.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,8 +39,9 @@ CHECK = "check"  # same size, content must be hashed to tell
 class Baseline:
     """The baseline run's record, looked up path by path in walk order while it is read page by page."""
 
-    def __init__(self, records: Iterable[FileEntry]):
+    def __init__(self, records: Iterable[FileEntry], on_gone: Callable[[FileEntry], None] | None = None):
         self._records = iter(records)
+        self._on_gone = on_gone
         self._head: FileEntry | None = None
         self._head_key: tuple[str, ...] | None = None  # computed only when a path does not match the head
         self._advance()
@@ -65,12 +66,23 @@ class Baseline:
         if self._head.path != relpath:  # the common case (an unchanged tree) needs no key
             key = walk_key(relpath)
             while self._head is not None and self._key() < key:
-                self._advance()
+                self._gone()
             if self._head is None or self._head.path != relpath:
                 return None
         found = self._head
         self._advance()
         return found
+
+    def _gone(self) -> None:
+        """Pass the head by: no walked path is its path."""
+        if self._on_gone is not None and self._head is not None:
+            self._on_gone(self._head)
+        self._advance()
+
+    def drain(self) -> None:
+        """Pass every record left by (the walk is over)."""
+        while self._head is not None:
+            self._gone()
 
 
 def overlaid(records: Sequence[Iterable[FileEntry]]) -> Iterator[FileEntry]:
@@ -108,17 +120,23 @@ class Compared(NamedTuple):
 
 
 def compare(source: Path, *, patterns: list[str], follow_symlinks: bool, baseline: Iterable[FileEntry],
-            mode: str) -> Iterator[Compared | Skipped | Failed]:
+            mode: str, on_gone: Callable[[FileEntry], None] | None = None) -> Iterator[Compared | Skipped | Failed]:
     """Walk *source* through the filters, each file compared with the *baseline* record as the walk goes;
-    what is left out on purpose (``Skipped``) or cannot be read (``Failed``) comes in walk order too."""
+    what is left out on purpose (``Skipped``) or cannot be read (``Failed``) comes in walk order too. With
+    *on_gone*, each recorded file the walk did not find (deleted, or now excluded) is handed to it, in walk order:
+    the whole record is then read."""
     rules = Filter(patterns)
-    previous = Baseline(baseline)
+    previous = Baseline(baseline, on_gone)
     for entry in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
         if isinstance(entry, FileRef):
             before = previous.get(entry.path)
             yield Compared(entry, decide(entry.size, entry.mtime_ns, before, mode), before)
         else:
+            if on_gone is not None:  # still there, said otherwise
+                previous.get(entry.relpath)
             yield entry
+    if on_gone is not None:
+        previous.drain()
 
 
 def unchanged_record(previous: FileEntry) -> FileEntry:
