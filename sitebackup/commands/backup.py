@@ -311,7 +311,8 @@ def check_live_run(client: dt_client.TaskHubGrpcClient, instance_id: str, reques
     idle = stalled_for(state, stall_after) if stall_after is not None else None
     if idle is None or stall_after is None:
         if request.no_wait:
-            raise AlreadyRunningError(f"the same backup is already running as {instance_id}", instance_id)
+            raise AlreadyRunningError(f"the same backup is already running as {instance_id}; follow it with: "
+                                      f"sitebackup status {instance_id} --watch", instance_id)
         return None
     since = last_progress(state).isoformat(timespec="seconds")
     what = (f"the same backup is running as {instance_id} but has made no progress for {human_duration(idle)} "

@@ -1,4 +1,4 @@
-"""``--log-file``: a printer that tees the start line, messages, failures and the summary of a run into
+"""``--log-file``: a printer that tees the start line, messages, failures, skipped files and the summary of a run into
 a timestamped log file while another printer draws the terminal output, and the one line of a command that
 failed (``log_failure``, written by ``cli.main`` however early the failure came).
 
@@ -21,7 +21,7 @@ from sitebackup.errors import InputError
 from sitebackup.model.reports import RunStart
 from sitebackup.model.work import Progress, Summary
 from sitebackup.ui.escape import printable
-from sitebackup.ui.printers import Printer, failure_lines, start_line, summary_line
+from sitebackup.ui.printers import Printer, failure_lines, skipped_lines, start_line, summary_line
 
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -86,9 +86,8 @@ class LogPrinter(Printer):
         self.inner.message(text)
 
     def finish(self, summary: Summary[Any]) -> None:
-        for line in failure_lines(summary):
+        for line in [*failure_lines(summary), *skipped_lines(summary), summary_line(summary)]:
             self._log(line)
-        self._log(summary_line(summary))
         self.inner.finish(summary)
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from sitebackup.model.codec import to_wire
 from sitebackup.model.reports import RunStart
-from sitebackup.model.work import Progress, Summary, summary_to_wire
+from sitebackup.model.work import BackupCounts, Progress, Summary, summary_to_wire
 from sitebackup.ui.escape import printable
 
 if TYPE_CHECKING:
@@ -126,8 +126,14 @@ def failure_lines(summary: Summary[Any]) -> list[str]:
 
 
 def skipped_lines(summary: Summary[Any]) -> list[str]:
-    """Notes for what was left out on purpose (symlinks, FIFOs, sockets, devices), as listed in the summary."""
-    return [printable(f"skipped {s.path}: {s.reason}") for s in summary.skipped]
+    """Notes for what was left out on purpose (symlinks, FIFOs, sockets, devices), as listed in the summary, and
+    how many more there were when the list is cut short."""
+    lines = [printable(f"skipped {s.path}: {s.reason}") for s in summary.skipped]
+    # a backup's skipped files are the unchanged ones and those left out on purpose, each of which may be listed
+    rest = summary.counts.files_skipped - summary.counts.files_unchanged - len(summary.skipped)
+    if isinstance(summary.counts, BackupCounts) and rest > 0 and summary.skipped:
+        lines.append(f"... and {rest} more skipped")
+    return lines
 
 
 class Printer:

@@ -104,3 +104,18 @@ def test_resume_of_a_finished_run_says_it_had_finished_not_resuming(azurite, tmp
     assert "resuming" not in again.stdout.lower()
     start = json.loads(run_cli(["resume", run_id, "--json"], env).stdout.splitlines()[0])
     assert start["finished"] is True and start["resumed"] is True
+
+
+def test_a_skipped_list_cut_short_says_how_many_more_on_stdout_and_in_the_log(azurite, tmp_path, container_name):
+    src = write_tree(tmp_path / "site", {"a.txt": b"a"})
+    for i in range(25):
+        os.mkfifo(src / f"pipe{i:02d}")
+    log = tmp_path / "backup.log"
+    result = run_cli([str(src), "-c", container_name, "--log-file", str(log)],
+                     env_for(azurite.connection_string, tmp_path / "state"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert len([line for line in out if line.startswith("skipped ")]) == 20
+    assert "... and 5 more skipped" in out
+    logged = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    assert len([line for line in logged if line.startswith("skipped ")]) == 20 and "... and 5 more skipped" in logged
