@@ -23,7 +23,7 @@ def cancel(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = 
         return status_name(state.runtime_status)
 
 
-@click.command("cancel", cls=Command, epilog=exit_codes_help(0, 2, 70, 130))
+@click.command("cancel", cls=Command, epilog=exit_codes_help(0, 2, 5, 70, 130))
 @click.argument("instance_id", shell_complete=complete_runs("unfinished"))
 @taskhub_option
 @state_dir_option

@@ -100,7 +100,7 @@ def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> s
     return "yes" if state.runtime_status == dt_client.OrchestrationStatus.COMPLETED else "partial"
 
 
-@click.command("list", cls=Command, epilog=exit_codes_help(0, 2, 3, 70, 130))
+@click.command("list", cls=Command, epilog=exit_codes_help(0, 2, 3, 5, 70, 130))
 @click.option("--status", "statuses", multiple=True,
               type=click.Choice(["RUNNING", "COMPLETED", "FAILED", "CANCELLED", "PENDING", "SUSPENDED"],
                                 case_sensitive=False),

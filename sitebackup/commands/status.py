@@ -107,7 +107,7 @@ def watch_status(state_dir: Path, instance_id: str, printer: Printer,
     return summary
 
 
-@click.command("status", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 7, 70, 130))
+@click.command("status", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 7, 70, 130))
 @click.argument("instance_id", shell_complete=complete_runs("any"))
 @json_option("Print one JSON object.")
 @click.option("--watch", is_flag=True, help="Draw the live progress bar until the run finishes.")
