@@ -110,6 +110,7 @@ with cli.stoppable():
 """
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("first, second", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT),
                                            (signal.SIGINT, signal.SIGTERM)])
 def test_a_second_ctrl_c_or_sigterm_during_the_stop_ends_the_process_at_once(first, second):
