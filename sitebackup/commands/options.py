@@ -45,6 +45,8 @@ class Session:
     json_output: bool = False  # usage and other errors also go to stdout as one JSON object
     debug: bool = False  # internal errors show their traceback
     metrics: MetricsJob | None = None  # written with the exit code
+    log_file: Path | None = None  # --log-file: a command that fails, however early, says why there
+    command: str = ""  # the command's name, for that line
 
 
 def session(ctx: click.Context) -> Session:
@@ -213,6 +215,22 @@ def concurrency_option(help: str) -> Callable[[F], F]:
     """--concurrency, bounded the same everywhere; *help* says what it bounds in this command."""
     return click.option("--concurrency", type=click.IntRange(min=1, max=256), default=DEFAULT_CONCURRENCY,
                         show_default=True, help=help)
+
+
+def _record_log_file(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None and not ctx.resilient_parsing:
+        session(ctx).log_file, session(ctx).command = value, ctx.info_name or ""
+    return value
+
+
+def log_file_option(fn: F) -> F:
+    """--log-file as ``log_file: Path | None``, recorded in the ``Session`` too: a failure before the run starts
+    (no credentials, an unreadable source, a refused state directory) is still a line in the log."""
+    return click.option(
+        "--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH", callback=_record_log_file,
+        help="Append a timestamped log of the run (start, failures, summary, or the error that stopped it) to "
+             "PATH (created 0600; a symlink or hard link there is refused).",
+    )(fn)
 
 
 def metrics_option(fn: F) -> F:

@@ -175,7 +175,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
                         files_not_backed_up=counts["not_backed_up"])
 
 
-@click.command("verify", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 70, 130))
+@click.command("verify", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 70, 130))
 @click.argument("instance_id", metavar="ID", shell_complete=complete_runs("backups"))
 @click.option("--local", is_flag=True, help="Also compare with the source files on disk (size and MD5).")
 @click.option("--download", is_flag=True, help="Re-hash blob content instead of trusting its Content-MD5.")

@@ -1,10 +1,11 @@
 """Incremental runs: the one walk of a source compared with the baseline run's record.
 
 The baseline is the newest completed backup of the same source and destination (found by the
-commands layer); only its id travels in the orchestration input and the scan activity reads its
-record from the work store. A file is unchanged when its size and modification time equal the
-recorded ones (``mtime`` mode), or, in ``checksum`` mode, when its content MD5 equals the recorded
-MD5 (``CHECK``: the caller hashes it); ``force`` uploads everything.
+commands layer), with what the job's runs cancelled since then recorded over it (``overlaid``); only
+their ids travel in the orchestration input and the scan activity reads their records from the work
+store. A file is unchanged when its size and modification time equal the recorded ones (``mtime``
+mode), or, in ``checksum`` mode, when its content MD5 equals the recorded MD5 (``CHECK``: the caller
+hashes it); ``force`` uploads everything.
 
 ``compare`` is the walk both the backup's scan and ``--dry-run`` use. The record is read beside the
 walk, never held whole: the scan writes its pages in walk order, so the record (its result pages in
@@ -16,7 +17,8 @@ as a snapshot.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,8 +39,9 @@ CHECK = "check"  # same size, content must be hashed to tell
 class Baseline:
     """The baseline run's record, looked up path by path in walk order while it is read page by page."""
 
-    def __init__(self, records: Iterable[FileEntry]):
+    def __init__(self, records: Iterable[FileEntry], on_gone: Callable[[FileEntry], None] | None = None):
         self._records = iter(records)
+        self._on_gone = on_gone
         self._head: FileEntry | None = None
         self._head_key: tuple[str, ...] | None = None  # computed only when a path does not match the head
         self._advance()
@@ -63,12 +66,40 @@ class Baseline:
         if self._head.path != relpath:  # the common case (an unchanged tree) needs no key
             key = walk_key(relpath)
             while self._head is not None and self._key() < key:
-                self._advance()
+                self._gone()
             if self._head is None or self._head.path != relpath:
                 return None
         found = self._head
         self._advance()
         return found
+
+    def _gone(self) -> None:
+        """Pass the head by: no walked path is its path."""
+        if self._on_gone is not None and self._head is not None:
+            self._on_gone(self._head)
+        self._advance()
+
+    def drain(self) -> None:
+        """Pass every record left by (the walk is over)."""
+        while self._head is not None:
+            self._gone()
+
+
+def overlaid(records: Sequence[Iterable[FileEntry]]) -> Iterator[FileEntry]:
+    """Several runs' records (each in walk order), the first first, as one record in walk order holding each
+    path's entry from the first record that has it: cancelled runs over the baseline. One record passes through."""
+    if len(records) == 1:
+        yield from records[0]
+        return
+    def ranked(rank: int, record: Iterable[FileEntry]) -> Iterator[tuple[tuple[str, ...], int, int, FileEntry]]:
+        for seq, entry in enumerate(record):
+            yield walk_key(entry.path), rank, seq, entry
+
+    last: str | None = None
+    for _key, _rank, _seq, entry in heapq.merge(*(ranked(rank, record) for rank, record in enumerate(records))):
+        if entry.path != last:
+            last = entry.path
+            yield entry
 
 
 def decide(size: int, mtime_ns: int, previous: FileEntry | None, mode: str) -> str:
@@ -89,17 +120,23 @@ class Compared(NamedTuple):
 
 
 def compare(source: Path, *, patterns: list[str], follow_symlinks: bool, baseline: Iterable[FileEntry],
-            mode: str) -> Iterator[Compared | Skipped | Failed]:
+            mode: str, on_gone: Callable[[FileEntry], None] | None = None) -> Iterator[Compared | Skipped | Failed]:
     """Walk *source* through the filters, each file compared with the *baseline* record as the walk goes;
-    what is left out on purpose (``Skipped``) or cannot be read (``Failed``) comes in walk order too."""
+    what is left out on purpose (``Skipped``) or cannot be read (``Failed``) comes in walk order too. With
+    *on_gone*, each recorded file the walk did not find (deleted, or now excluded) is handed to it, in walk order:
+    the whole record is then read."""
     rules = Filter(patterns)
-    previous = Baseline(baseline)
+    previous = Baseline(baseline, on_gone)
     for entry in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
         if isinstance(entry, FileRef):
             before = previous.get(entry.path)
             yield Compared(entry, decide(entry.size, entry.mtime_ns, before, mode), before)
         else:
+            if on_gone is not None:  # still there, said otherwise
+                previous.get(entry.relpath)
             yield entry
+    if on_gone is not None:
+        previous.drain()
 
 
 def unchanged_record(previous: FileEntry) -> FileEntry:

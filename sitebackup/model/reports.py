@@ -20,6 +20,7 @@ class RunStart(msgspec.Struct, kw_only=True):
     endpoint: str | None = None
     resumed: bool = False
     attached: bool = False  # another live process hosts it: this one only shows its progress
+    finished: bool = False  # it had finished already: shown, not run again
     action: str = "Backing up"  # how the bar names what it does
 
 
@@ -122,13 +123,15 @@ class PurgeReport(msgspec.Struct, kw_only=True):
 
 
 class DryRunItem(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One file of a backup's ``--dry-run``: what a run would do with it (upload, unchanged, skip, fail)."""
+    """One file of a backup's ``--dry-run``: what a run would do with it (upload, unchanged, skip, fail), or that it
+    is gone from the source since the last run (delete: the next run's record leaves it out)."""
 
     action: str
     path: str
     size: int | None = None
     reason: str | None = None
     error: str | None = None
+    changed: bool = False  # an upload of a file the last run recorded with other content (size, time or MD5)
 
 
 class DryRunTotals(msgspec.Struct, kw_only=True):
@@ -144,3 +147,6 @@ class DryRunTotals(msgspec.Struct, kw_only=True):
     bytes_skipped: int = 0
     files_skipped: int = 0
     files_failed: int = 0
+    files_changed: int = 0  # of files_to_upload: those the last run recorded otherwise (the rest are new)
+    files_deleted: int = 0  # in the last run's record, gone from the source
+    bytes_deleted: int = 0

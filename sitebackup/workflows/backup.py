@@ -29,7 +29,7 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
     window = max(1, options.concurrency)
     state = yield from begin(ctx, inp.state, BackupCounts, "scanning", SCAN_TREE, ScanInput(
         source=inp.source, container=inp.container, min_pages=min_pages(window, options.shared),
-        baseline=inp.baseline,
+        baseline=inp.baseline, cancelled=inp.cancelled,
         compare=options.compare, patterns=options.patterns, follow_symlinks=options.follow_symlinks,
         upload=options.upload))
 
