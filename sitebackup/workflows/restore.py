@@ -15,7 +15,7 @@ from durabletask import task
 
 from sitebackup.model.codec import from_wire, to_wire
 from sitebackup.model.work import FetchInput, PlanInput, RestoreCounts, RestoreInput, Step
-from sitebackup.workflows.names import BATCH_RETRY, PLAN_RESTORE, RESTORE_BATCH, RESTORE_ORCHESTRATION
+from sitebackup.workflows.names import PLAN_RESTORE, RESTORE_BATCH, RESTORE_ORCHESTRATION, batch_retry
 from sitebackup.workflows.pages import chunk_hash
 from sitebackup.workflows.window import batch_result, begin, min_pages, run_and_summarize, tally
 
@@ -28,7 +28,7 @@ def restore_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
         min_pages=min_pages(window, inp.options.shared), later_backups=inp.later_backups))
 
     def schedule(step: Step) -> task.Task[Any]:
-        return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=to_wire(FetchInput(
+        return ctx.call_activity(RESTORE_BATCH, retry_policy=batch_retry(), input=to_wire(FetchInput(
             dest=inp.dest, container=inp.container, page=step.page, index=chunk_hash(state.index, step.page),
             overwrite=inp.options.overwrite)))
 
