@@ -155,6 +155,8 @@ class DelayProxy:
         try:
             await asyncio.gather(self._pump(reader, up_writer, self._links[0], sent),
                                  self._pump(up_reader, writer, self._links[1], answered))
+        except asyncio.CancelledError:
+            pass  # the proxy stops: asyncio's stream callback would report a cancelled connection as an error
         finally:
             answered()
             with self._lock:
