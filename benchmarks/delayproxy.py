@@ -89,6 +89,7 @@ class DelayProxy:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._serve, name="delay-proxy", daemon=True)
 
     def __enter__(self) -> DelayProxy:
@@ -128,6 +129,17 @@ class DelayProxy:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio holds tasks weakly, and the stream protocol drops its own once the client's side closes: a
+        # connection still forwarding its last bytes upstream would be collected half-way
+        me = asyncio.current_task()
+        assert me is not None
+        self._tasks.add(me)
+        try:
+            await self._forward(reader, writer)
+        finally:
+            self._tasks.discard(me)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:

@@ -54,6 +54,12 @@ class Concurrency(msgspec.Struct, frozen=True):
         return self.batches + 4
 
     @property
+    def sealing(self) -> int:
+        # record pages the synchronous client sends at once when a run seals: each is a connection of its own
+        # beside the loop's, which sit idle by then
+        return max(1, self.batches // 2)
+
+    @property
     def per_file(self) -> int:
         # parallel requests of one file moved in ranges by the synchronous client
         return 4
