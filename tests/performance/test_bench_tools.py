@@ -108,7 +108,7 @@ def test_replace_block_refuses_missing_doubled_or_backwards_markers(text: str):
 def test_the_performance_page_has_each_benchmark_block_once_and_the_readme_none():
     assert bench_upload.PERFORMANCE_PAGE == ROOT / "docs" / "performance.md"
     text = bench_upload.PERFORMANCE_PAGE.read_text(encoding="utf-8")
-    for name in ("bench", "bench-scale"):
+    for name in ("bench", "bench-scale", "bench-rtt"):
         report.replace_block(text, name, "x")  # raises unless the markers are there, once each, in order
     assert "<!-- bench" not in (ROOT / "README.md").read_text(encoding="utf-8")
 
