@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 CHUNK = 64 * 1024
@@ -90,6 +90,8 @@ class DelayProxy:
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # with ``timeline = []``: (monotonic time, +1 a request's first line / -1 its answer's status line, text)
+        self.timeline: list[tuple[float, int, str]] | None = None
         self._thread = threading.Thread(target=self._serve, name="delay-proxy", daemon=True)
 
     def __enter__(self) -> DelayProxy:
@@ -152,17 +154,21 @@ class DelayProxy:
             c.most_open = max(c.most_open, c.open_now)
         waiting = [False]  # a request of this connection is in flight
 
-        def sent() -> None:  # request bytes reached the proxy
+        def sent(data: bytes) -> None:  # request bytes reached the proxy
             if not waiting[0]:
                 waiting[0] = True
                 with self._lock:
                     self.counts.flight(+1)
+                    if self.timeline is not None:
+                        self.timeline.append((time.monotonic(), +1, data[:160].split(b"\r\n")[0].decode("latin-1")))
 
-        def answered() -> None:
+        def answered(data: bytes = b"") -> None:
             if waiting[0]:
                 waiting[0] = False
                 with self._lock:
                     self.counts.flight(-1)
+                    if self.timeline is not None:
+                        self.timeline.append((time.monotonic(), -1, data[:40].split(b"\r\n")[0].decode("latin-1")))
 
         try:
             await asyncio.gather(self._pump(reader, up_writer, self._links[0], sent),
@@ -177,7 +183,7 @@ class DelayProxy:
                 w.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link,
-                    seen) -> None:
+                    seen: Callable[[bytes], None]) -> None:
         """Copy *reader* to *writer*, each chunk released *delay* after it arrived, then through *link*."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -185,7 +191,7 @@ class DelayProxy:
         async def read() -> None:
             try:
                 while data := await reader.read(CHUNK):
-                    seen()
+                    seen(data)
                     queue.put_nowait((loop.time() + self.delay, data))
             except OSError:
                 pass
