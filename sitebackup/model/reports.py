@@ -88,6 +88,8 @@ class VerifyReport(msgspec.Struct, kw_only=True):
     files_ok: int
     files_mismatched: int
     files_not_backed_up: int
+    tree_checked: int = 0  # directories and symlinks of the record compared with the source (--local)
+    tree_mismatched: int = 0
 
 
 class KeptRun(msgspec.Struct, kw_only=True):

@@ -271,3 +271,29 @@ def test_a_hostile_record_writes_nothing_outside_dest_nor_through_a_link(tmp_pat
     assert (dest / "zz").read_bytes() == b"other bytes" and (dest / "zz").stat().st_ino != (dest / "victim").stat().st_ino
     assert (dest / "a.txt").read_bytes() == b"A" and (dest / "lnk" / "pwned").read_bytes() == b"evil"
     assert not (dest / "lnk").is_symlink() and (dest / "s1").is_symlink() and not (outside / "s2").exists()
+
+
+def test_verify_local_compares_the_tree_with_the_record(tmp_path, cli, container_name):
+    src = php_site(tmp_path)
+    run_id = backup(cli, src, container_name)
+    clean = cli("verify", run_id, "--local", "--json")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    report = json.loads(clean.stdout)
+    assert (report["tree_checked"], report["tree_mismatched"], report["files_mismatched"]) == (16, 0, 0)
+
+    os.chmod(src / ".env", 0o666)
+    os.chmod(src / "private", 0o755)
+    (src / "current").unlink()
+    (src / "current").symlink_to("releases/r41")
+    (src / "assets" / "logo-copy.png").unlink()
+    (src / "assets" / "logo-copy.png").write_bytes((src / "assets" / "logo.png").read_bytes())
+    os.chmod(src / "assets" / "logo-copy.png", 0o640)
+    changed = cli("verify", run_id, "--local")
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert sorted(changed.stderr.splitlines()) == [
+        "MISMATCH .env: local mode 0666 != recorded 0644",
+        "MISMATCH assets/logo.png: local file is not a hard link to assets/logo-copy.png",  # walk order: - before .
+        "MISMATCH current: local symlink target differs from the recorded one",
+        "MISMATCH private: local mode 0755 != recorded 0700",
+    ]
+    assert changed.stdout.strip().endswith("; 14/16 directories and symlinks match")
