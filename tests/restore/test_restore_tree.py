@@ -297,3 +297,22 @@ def test_verify_local_compares_the_tree_with_the_record(tmp_path, cli, container
         "MISMATCH private: local mode 0755 != recorded 0700",
     ]
     assert changed.stdout.strip().endswith("; 14/16 directories and symlinks match")
+
+
+def test_a_record_of_the_previous_format_restores_its_files_as_before(tmp_path, cli, azurite, state_dir,
+                                                                       container_name):
+    src = write_tree(tmp_path / "site", {"a/x.sh": b"#!/bin/sh", "b.txt": b"b"})
+    os.chmod(src / "a" / "x.sh", 0o755)
+    run_id = backup(cli, src, container_name)
+    old = [FileEntry(r.path, r.size, r.mtime_ns, r.md5, r.tier, r.etag)  # format 1: files only, no metadata
+           for r in LocalWorkStore(state_dir / "work").iter_results(run_id) if r.is_file]
+    stand_record(state_dir, azurite.connection_string, container_name, run_id, old)
+    dest = tmp_path / "restored"
+    result = cli("restore", run_id, dest, "--json", umask=0o027)
+    summary = summary_of(result)
+    assert result.returncode == 0 and summary["files_restored"] == 2, result.stdout + result.stderr
+    assert (summary["dirs_restored"], summary["symlinks_restored"]) == (0, 0)
+    # the mode the blob's metadata carries, masked by the umask; mtimes from the record
+    assert stat.S_IMODE((dest / "a" / "x.sh").stat().st_mode) == 0o750
+    assert stat.S_IMODE((dest / "b.txt").stat().st_mode) == 0o640
+    assert (dest / "b.txt").stat().st_mtime_ns == (src / "b.txt").stat().st_mtime_ns
