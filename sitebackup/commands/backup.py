@@ -438,7 +438,7 @@ def selection_options(command: Callable[..., None]) -> Callable[..., None]:
                      help="Read exclude patterns from FILE, gitignore syntax (repeatable)."),
         click.option("--no-ignore-file", is_flag=True, help="Do not read SOURCE/.sitebackupignore."),
         click.option("--follow-symlinks", is_flag=True,
-                     help="Follow symlinks to files and directories inside SOURCE (loops are skipped)."),
+                     help="Back up what symlinks inside SOURCE point to instead of recording the links (loops are skipped)."),
     ]
     for option in reversed(options):
         with_selection = option(with_selection)
