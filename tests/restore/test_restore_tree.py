@@ -316,3 +316,15 @@ def test_a_record_of_the_previous_format_restores_its_files_as_before(tmp_path, 
     assert stat.S_IMODE((dest / "a" / "x.sh").stat().st_mode) == 0o750
     assert stat.S_IMODE((dest / "b.txt").stat().st_mode) == 0o640
     assert (dest / "b.txt").stat().st_mtime_ns == (src / "b.txt").stat().st_mtime_ns
+
+
+def test_a_record_of_a_newer_format_is_refused_not_guessed_at(tmp_path, cli, blob_service, container_name):
+    src = write_tree(tmp_path / "site", {"a.txt": b"a"})
+    run_id = backup(cli, src, container_name)
+    header = blob_service.get_container_client(container_name).get_blob_client(f".sitebackup/runs/{run_id}")
+    record = json.loads(header.download_blob().readall())
+    header.upload_blob(json.dumps({**record, "format": 99}).encode(), overwrite=True)
+    result = cli("restore", run_id, tmp_path / "restored", "--container", container_name)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"run {run_id} was recorded in format 99, newer than this sitebackup reads" in result.stderr
+    assert not (tmp_path / "restored" / "a.txt").exists()
