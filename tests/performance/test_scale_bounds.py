@@ -33,6 +33,7 @@ from sitebackup.model.work import (
     RangeReport,
     RunState,
     ScanInput,
+    Span,
     Step,
     UploadSpec,
 )
@@ -84,11 +85,12 @@ def test_scan_cuts_large_files_into_range_pages(tmp_path: Path):
     src = write_tree(tmp_path / "src", {"big.bin": b"x" * (4 * MIB + 1), "small.txt": b"s"})
     work = WorkStore(tmp_path / "work")
     out = copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1, upload=UploadSpec(block_size=MIB)))
-    assert out.pages == 5 + 1  # in walk order: five ranges of 1 MiB, then one batch with the small file
-    ranges = [read_page(work, "run1", p, chunk_hash(out.index, p), RangePage) for p in range(5)]
+    # in walk order: the root's entry (recorded by the scan), five ranges of 1 MiB, then one batch with the small file
+    assert out.pages == 1 + 5 + 1 and out.done == [Span(0, 1)]
+    ranges = [read_page(work, "run1", p, chunk_hash(out.index, p), RangePage) for p in range(1, 6)]
     assert [r.range for r in ranges] == list(range(5))
-    assert {r.first_page for r in ranges} == {0} and {r.ranges for r in ranges} == {5}
-    assert read_page(work, "run1", 5, chunk_hash(out.index, 5), list[CopyItem])[0].path == "small.txt"
+    assert {r.first_page for r in ranges} == {1} and {r.ranges for r in ranges} == {5}
+    assert read_page(work, "run1", 6, chunk_hash(out.index, 6), list[CopyItem])[0].path == "small.txt"
 
 
 # ---- history and payloads -----------------------------------------------------------------------
