@@ -266,14 +266,19 @@ class DestDir:
 
     def symlink(self, relpath: str, target: bytes, meta: Meta, mtime_ns: int, overwrite: bool) -> None:
         """Make *relpath* a symlink to *target* (never followed: its owner and mtime are the link's own). The
-        same link already there is given them again; anything else there is a ``Conflict`` unless *overwrite*
-        (never a directory)."""
+        same link already there is left alone when it has them (its directory is not touched), else made again
+        with them; anything else there is a ``Conflict`` unless *overwrite* (never a directory)."""
         parent = self._parent_fd(relpath, create=True)
         try:
             base = _base(relpath)
+            owner = self.owner(meta)
             existing = _lstat_at(base, parent)
-            if existing is not None and not (stat.S_ISLNK(existing.st_mode) and
-                                             os.readlink(base, dir_fd=parent) == os.fsdecode(target)):
+            if existing is not None and stat.S_ISLNK(existing.st_mode) and \
+                    os.readlink(base, dir_fd=parent) == os.fsdecode(target):
+                if (not mtime_ns or existing.st_mtime_ns == mtime_ns) and \
+                        (owner is None or (existing.st_uid, existing.st_gid) == owner):
+                    return
+            elif existing is not None:
                 if stat.S_ISDIR(existing.st_mode):
                     raise Conflict("destination exists and is a directory")
                 if not overwrite:
@@ -282,7 +287,6 @@ class DestDir:
             _unlink(tmp, parent)
             os.symlink(target, tmp, dir_fd=parent)
             try:
-                owner = self.owner(meta)
                 if owner is not None:
                     os.chown(tmp, *owner, dir_fd=parent, follow_symlinks=False)
                 if mtime_ns:
@@ -294,33 +298,34 @@ class DestDir:
         finally:
             os.close(parent)
 
-    def hard_link(self, relpath: str, first: str, size: int, md5: str | None, overwrite: bool) -> bool:
+    def hard_link(self, relpath: str, first: str, size: int, md5: str | None, overwrite: bool) -> str | None:
         """Make *relpath* a hard link to the regular file *first* (the first member of its group), only when that
-        holds the recorded content (*size*, *md5*): then True, also when *relpath* is that file already. False
-        when *first* is not such a file (the caller restores *relpath* from its own copy). Something else at
-        *relpath* is a ``Conflict`` unless *overwrite*. Nothing is given to the link: it is *first*'s inode."""
+        holds the recorded content (*size*, *md5*): "restored", or "skipped" when *relpath* is that file already
+        or, unless *overwrite*, a file of the same content. None when *first* is not such a file (the caller
+        restores *relpath* from its own copy). Something else at *relpath* is a ``Conflict`` unless *overwrite*.
+        Nothing is given to the link: it is *first*'s inode."""
         try:
             src_parent = self._parent_fd(first, create=False)
         except (FileNotFoundError, UnsafeName):
-            return False
+            return None
         try:
             try:
                 fd = os.open(_base(first), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                              dir_fd=src_parent)
             except OSError:
-                return False
+                return None
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode) or st.st_size != size or md5 is None or fd_md5_b64(fd) != md5:
-                    return False
-                self._link_to(relpath, _base(first), src_parent, st, overwrite)
+                    return None
+                return self._link_to(relpath, _base(first), src_parent, st, md5, overwrite)
             finally:
                 os.close(fd)
         finally:
             os.close(src_parent)
-        return True
 
-    def _link_to(self, relpath: str, name: str, src_parent: int, st: os.stat_result, overwrite: bool) -> None:
+    def _link_to(self, relpath: str, name: str, src_parent: int, st: os.stat_result, md5: str,
+                 overwrite: bool) -> str:
         """Link *name* in *src_parent*, the file *st* was taken of, as *relpath*: through a temporary checked to
         be that very inode (a name swapped meanwhile is never linked into place)."""
         parent = self._parent_fd(relpath, create=True)
@@ -329,10 +334,13 @@ class DestDir:
             existing = _lstat_at(base, parent)
             if existing is not None:
                 if (existing.st_dev, existing.st_ino) == (st.st_dev, st.st_ino):
-                    return
+                    return "skipped"
                 if stat.S_ISDIR(existing.st_mode):
                     raise Conflict("destination exists and is a directory")
                 if not overwrite:
+                    if stat.S_ISREG(existing.st_mode) and existing.st_size == st.st_size and \
+                            self.md5_b64(relpath) == md5:
+                        return "skipped"  # an identical file, as a batch skips one; --overwrite links it
                     raise Conflict("destination exists and differs (use --overwrite)")
             tmp = _temp_name(base, self.temp_tag)
             _unlink(tmp, parent)
@@ -347,6 +355,7 @@ class DestDir:
                 raise
         finally:
             os.close(parent)
+        return "restored"
 
 
 def _lstat_at(name: str, parent: int) -> os.stat_result | None:

@@ -35,7 +35,7 @@ def restore_tree(deps: ActivityDeps, restore_id: str, inp: TreeInput) -> PageRes
     """Make the tree pages' hard links and symlinks, then give their directories their metadata."""
     dest = restore_dest(inp.dest, restore_id, inp.owners)
     counts = RestoreCounts()
-    failures = Capped()
+    failures, skipped = Capped(), Capped()
     numbers = [page for span in inp.tree for page in range(span.first, span.end)]
 
     def read(page: int) -> list[FileEntry]:
@@ -56,30 +56,29 @@ def restore_tree(deps: ActivityDeps, restore_id: str, inp: TreeInput) -> PageRes
 
     for entry in entries("file"):  # the hard links
         try:
-            linked = dest.hard_link(entry.path, entry.link or "", entry.size, entry.md5, inp.overwrite)
-        except (UnsafeName, Conflict) as exc:
+            outcome = dest.hard_link(entry.path, entry.link or "", entry.size, entry.md5, inp.overwrite)
+            if outcome is None:  # its first member is not there as recorded: the file from its own copy
+                item = FetchItem(blob_name(inp.prefix, entry.path), entry.path, entry.size, entry.md5,
+                                 entry.mtime_ns, meta=file_meta(entry))
+                alone = restore_one(deps.container_client(inp.container), dest, item, inp.overwrite,
+                                    deps.concurrency.per_file, deps.endpoint)
+                if alone.kind == "failed":
+                    failed(entry, alone.reason)
+                    continue
+                outcome = alone.kind
+        except (UnsafeName, Conflict, ValueError) as exc:
             failed(entry, f"refused: {exc}")
             continue
         except OSError as exc:
             failed(entry, describe_os_error(exc))
             continue
-        if not linked:  # its first member is not there as recorded: the file from its own copy
-            item = FetchItem(blob_name(inp.prefix, entry.path), entry.path, entry.size, entry.md5, entry.mtime_ns,
-                             meta=file_meta(entry))
-            outcome = restore_one(deps.container_client(inp.container), dest, item, inp.overwrite,
-                                  deps.concurrency.per_file, deps.endpoint)
-            if outcome.kind == "failed":
-                failed(entry, outcome.reason)
-                continue
-            if outcome.kind == "skipped":
-                counts.files_done += 1
-                counts.bytes_done += entry.size
-                counts.files_skipped += 1
-                continue
         counts.files_done += 1
         counts.bytes_done += entry.size
-        counts.files_restored += 1
-        counts.bytes_restored += entry.size
+        if outcome == "skipped":
+            skipped.add(entry.path, reason="identical file exists")
+        else:
+            counts.files_restored += 1
+            counts.bytes_restored += entry.size
 
     for entry in entries("symlink"):
         try:
@@ -105,7 +104,8 @@ def restore_tree(deps: ActivityDeps, restore_id: str, inp: TreeInput) -> PageRes
                 failed(entry, describe_os_error(exc))
                 continue
             counts.dirs_restored += 1
-    return PageResult(page=0, counts=counts, failures=failures.items)
+    counts.files_skipped = skipped.count
+    return PageResult(page=0, counts=counts, failures=failures.items, skipped=skipped.items)
 
 
 def build_tree_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:

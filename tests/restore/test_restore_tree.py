@@ -127,6 +127,18 @@ def test_links_and_empty_directories_come_back_without_root_too(tmp_path, cli, c
         assert got[rel][:2] == (kind, expected_mode) and got[rel][4:] == (mtime, target, data), rel
     assert all(st[2:4] == (os.geteuid(), os.getegid()) for st in got.values())
     assert (dest / "current" / "index.php").read_bytes() == b"<?php echo 42;"  # a working link once restored
+    again = cli("restore", run_id, dest, "--json", "--no-owner")  # into itself: every file is there already
+    summary = summary_of(again)
+    assert again.returncode == 0 and (summary["files_restored"], summary["files_failed"]) == (0, 0), again.stdout
+    assert summary["files_skipped"] == summary["files_total"] == 8 and lstats(dest) == got
+    pair = dest / "assets" / "logo.png", dest / "assets" / "logo-copy.png"
+    os.unlink(pair[1])
+    shutil.copy2(pair[0], pair[1])  # the pair as two files of the same content: skipped, linked by --overwrite
+    kept = summary_of(cli("restore", run_id, dest, "--json", "--no-owner"))
+    assert (kept["files_skipped"], kept["files_failed"]) == (8, 0) and pair[0].stat().st_ino != pair[1].stat().st_ino
+    linked = summary_of(cli("restore", run_id, dest, "--json", "--no-owner", "--overwrite"))
+    assert (linked["files_restored"], linked["files_skipped"], linked["files_failed"]) == (1, 7, 0)
+    assert pair[0].stat().st_ino == pair[1].stat().st_ino
     assert not (dest / "hostname").exists() or os.path.realpath(dest / "hostname") == "/etc/hostname"
 
 
