@@ -4,8 +4,10 @@ root, which CI has: without it those tests skip, saying why."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -19,7 +21,8 @@ import pytest
 from helpers import ROOT, RecordingProxy, env_for, run_cli, unseal, write_tree
 
 from sitebackup.blob.workstore import LocalWorkStore
-from sitebackup.model.records import FileEntry
+from sitebackup.local.dest import OwnerIds
+from sitebackup.model.records import FileEntry, Meta
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="giving files other owners needs root (CI runs as root)")
 UID, GID = 1234, 2345
@@ -142,21 +145,38 @@ def test_links_and_empty_directories_come_back_without_root_too(tmp_path, cli, c
     assert not (dest / "hostname").exists() or os.path.realpath(dest / "hostname") == "/etc/hostname"
 
 
+def test_owners_are_this_hosts_by_name_where_it_has_the_name_else_the_recorded_ids():
+    root_user, root_group = pwd.getpwuid(0).pw_name, grp.getgrgid(0).gr_name
+    ids = OwnerIds()
+    assert ids.of(Meta(0o644, UID, GID, root_user, root_group)) == (0, 0)
+    assert ids.of(Meta(0o644, UID, GID, "no-such-user-29", root_group)) == (UID, 0)
+    assert ids.of(Meta(0o644, UID, GID, None, "no-such-group-29")) == (UID, GID)
+    assert ids.of(Meta(0o644, None, GID)) == (-1, GID)  # -1: chown keeps it
+    assert ids.of(Meta(0o644)) is None
+
+
 def test_a_mode_change_alone_sends_no_content_and_keeps_no_snapshot(tmp_path, azurite, container_name):
+    """A change of mode, owner (as root) or symlink target is a change of the record alone."""
     src = write_tree(tmp_path / "site", {".env": b"APP_KEY=secret\n", "index.php": b"<?php"})
+    (src / "current").symlink_to("index.php")
     proxy = RecordingProxy(azurite.endpoint)
     env = env_for(azurite.connection_string.replace(azurite.endpoint, proxy.endpoint), tmp_path / "state")
     try:
         first = run_cli([str(src), "-c", container_name, "--json"], env)
         assert first.returncode == 0, first.stderr
         os.chmod(src / ".env", 0o600)
+        (src / "current").unlink()
+        (src / "current").symlink_to(".env")
+        if os.geteuid() == 0:
+            os.chown(src / "index.php", UID, GID)
         dry = run_cli([str(src), "-c", container_name, "--dry-run"], env)
         proxy.requests.clear()
         second = run_cli([str(src), "-c", container_name, "--json"], env)
     finally:
         proxy.close()
     summary = summary_of(second)
-    assert (summary["files_uploaded"], summary["files_unchanged"], summary["metadata_changed"]) == (0, 2, 1)
+    changed = 3 if os.geteuid() == 0 else 2
+    assert (summary["files_uploaded"], summary["files_unchanged"], summary["metadata_changed"]) == (0, 2, changed)
     prefix = f"{urlsplit(proxy.endpoint).path}/{container_name}/"
     blobs = [(method, unquote(urlsplit(path).path)) for method, path, _headers in proxy.requests]
     written = Counter((method, name.removeprefix(prefix)) for method, name in blobs
@@ -164,10 +184,14 @@ def test_a_mode_change_alone_sends_no_content_and_keeps_no_snapshot(tmp_path, az
     assert written == Counter()  # no Put Blob, Put Block or Snapshot Blob of a file
     assert any(name.startswith(prefix + ".sitebackup/runs/") for method, name in blobs if method == "PUT")
     # the dry run before it listed and counted the change
-    assert "would record .env (mode 0644 -> 0600)" in dry.stdout and "1 with metadata changes only" in dry.stdout
+    assert "would record .env (mode 0644 -> 0600)" in dry.stdout and f"{changed} with metadata changes only" in dry.stdout
     records = {r["path"]: r for p in sorted((tmp_path / "state" / "work" / summary["instance_id"] / "results")
                                             .glob("*.json")) for r in json.loads(p.read_text())}
     assert records[".env"]["mode"] == 0o600 and records[".env"]["unchanged"]
+    assert records["current"]["target"] == ".env"
+    if os.geteuid() == 0:
+        assert (records["index.php"]["uid"], records["index.php"]["gid"], records["index.php"]["unchanged"]) == \
+            (UID, GID, True)
 
 
 def test_each_run_restores_its_own_mode_of_the_same_bytes(tmp_path, cli, blob_service, container_name):
@@ -340,3 +364,18 @@ def test_a_record_of_a_newer_format_is_refused_not_guessed_at(tmp_path, cli, blo
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"run {run_id} was recorded in format 99, newer than this sitebackup reads" in result.stderr
     assert not (tmp_path / "restored" / "a.txt").exists()
+
+
+def test_a_restore_of_the_blobs_alone_restores_files_and_says_the_tree_needs_a_run(tmp_path, cli, container_name):
+    src = write_tree(tmp_path / "site", {"bin/run.sh": b"#!/bin/sh", "index.php": b"<?php"})
+    os.chmod(src / "bin" / "run.sh", 0o750)
+    (src / "current").symlink_to("index.php")
+    (src / "cache").mkdir()
+    backup(cli, src, container_name)
+    dest = tmp_path / "restored"
+    result = cli("restore", "--container", container_name, dest, umask=0o022)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["bin", "bin/run.sh", "index.php"]
+    assert stat.S_IMODE((dest / "bin" / "run.sh").stat().st_mode) == 0o750  # the blob's mode metadata
+    notes = [line for line in (result.stdout + result.stderr).splitlines() if "restored from the blobs alone" in line]
+    assert len(notes) == 1 and "symlinks, hard links, owners and empty directories" in notes[0], notes
