@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -379,3 +380,9 @@ def test_a_restore_of_the_blobs_alone_restores_files_and_says_the_tree_needs_a_r
     assert stat.S_IMODE((dest / "bin" / "run.sh").stat().st_mode) == 0o750  # the blob's mode metadata
     notes = [line for line in (result.stdout + result.stderr).splitlines() if "restored from the blobs alone" in line]
     assert len(notes) == 1 and "symlinks, hard links, owners and empty directories" in notes[0], notes
+    as_of = tmp_path / "as-of"  # the run that backed it up, by time: its tree
+    when = (datetime.now(timezone.utc) + timedelta(minutes=1)).isoformat()
+    result = cli("restore", "--container", container_name, "--as-of", when, as_of)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert os.readlink(as_of / "current") == "index.php" and (as_of / "cache").is_dir()
+    assert "restored from the blobs alone" not in result.stdout + result.stderr
