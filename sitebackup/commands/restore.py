@@ -2,11 +2,16 @@
 re-attach to) a ``RestoreSiteContent`` run and host its worker until it finishes.
 
 ``--as-of TIME`` picks the run to restore: the latest completed backup of the container and prefix
-started at or before TIME, then restored as by its id.
+started at or before TIME, then restored as by its id. ``--prefix`` takes the backup's ``{hostname}``;
+``{date}`` and ``{time}`` name when a backup ran, which ``--as-of`` says.
+
+A restore that finds nothing to restore (a wrong prefix, an empty container, filters that leave nothing)
+is an input error, naming the container and prefix it looked in, never "0 files" and exit 0.
 """
 
 from __future__ import annotations
 
+import string
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +26,7 @@ from sitebackup.blob.clients import StorageSettings, check_container
 from sitebackup.blob.naming import normalize_prefix, overlaps, validate_container_name
 from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
+from sitebackup.commands.backup import expand_prefix
 from sitebackup.commands.catalog import (
     SealedRun,
     known_backup,
@@ -97,6 +103,34 @@ def parse_time(text: str) -> datetime:
     return when if when.tzinfo is not None else when.astimezone()
 
 
+def restore_prefix(template: str | None) -> str:
+    """--prefix of a restore: ``{hostname}`` expanded as the backup expanded it; ``{date}`` and ``{time}`` are
+    refused, pointing to --as-of (a restore of "today's" prefix would find the backup of another day)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template or "") if name is not None}
+    except ValueError:
+        fields = set()  # expand_prefix names what is wrong with it
+    if fields & {"date", "time"}:
+        raise InputError(f"invalid restore --prefix {template!r}: {{date}} and {{time}} are not expanded on restore; "
+                         "give the prefix the backup wrote, or --as-of TIME to restore the backup of that time")
+    return normalize_prefix(expand_prefix(template))
+
+
+def nothing_restored(summary: Summary[Any]) -> bool:
+    """Whether a completed restore found no file at all to restore (as opposed to files skipped or failed)."""
+    return summary.runtime_status == "COMPLETED" and not summary.counts.files_total and \
+        not summary.counts.files_skipped
+
+
+def nothing_message(request: RestoreRequest) -> str:
+    """The one line of a restore that found nothing: which container, prefix (and run) it looked in."""
+    where = f"container {request.container!r}" + (f", prefix {request.prefix!r}" if request.prefix else "")
+    found = f"run {request.run_id} ({where}) recorded no file" if request.run_id else f"{where} holds no file"
+    filters = " that --include/--exclude select" if request.include or request.exclude else ""
+    return f"nothing to restore: {found}{filters}; check --container and --prefix (sitebackup list --container " \
+           f"{request.container} shows its runs)"
+
+
 def validate_restore(dest: str | Path, *, run_id: str | None, container: str | None, prefix: str | None,
                      include: list[str], exclude: list[str], overwrite: bool, concurrency: int,
                      state_dir: Path, as_of: str | None = None, owners: bool = True) -> RestoreRequest:
@@ -111,7 +145,7 @@ def validate_restore(dest: str | Path, *, run_id: str | None, container: str | N
         raise InputError("--as-of goes with --container; a run ID already names the run")
     return RestoreRequest(dest=path.resolve(), run_id=run_id,
                           container=validate_container_name(container) if container else None,
-                          prefix=normalize_prefix(prefix), include=list(include), exclude=list(exclude),
+                          prefix=restore_prefix(prefix), include=list(include), exclude=list(exclude),
                           overwrite=overwrite, owners=owners, concurrency=concurrency, state_dir=state_dir,
                           as_of=parse_time(as_of) if as_of else None)
 
@@ -175,6 +209,7 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
                 known = known_backup(client, deps.work, request.run_id)
                 prefix = recorded_run(records, deps.work, request.run_id, known).prefix
             created = not request.dest.exists()
+            request.container, request.prefix = container, prefix  # what the run looks in, named if it finds nothing
             request.dest.mkdir(parents=True, exist_ok=True)
             later = later_backups(client, sealed, request.run_id, container, prefix, endpoint) if request.run_id \
                 else True
@@ -206,7 +241,8 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
 @click.option("--container", "-c",
               help="The container to restore from: with ID, the run's sealed record is read from it (all a new "
                    "machine needs); without ID, whatever is under --prefix now, or the run --as-of names.")
-@click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped.")
+@click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped; "
+                                          "{hostname} is expanded as by backup (for {date} or {time}, use --as-of).")
 @click.option("--as-of", metavar="TIME",
               help="With --container: the tree the latest completed backup of the container and prefix started at "
                    "or before TIME recorded (ISO date or date and time, local unless an offset is given).")
@@ -246,7 +282,9 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
     An existing file is skipped when identical (same size and MD5) and otherwise left alone
     and reported unless --overwrite. Names that would escape DEST (absolute, '..' or empty
     segments, NUL, backslash) are refused and reported; no symlink under DEST is followed.
-    Re-running the same command after an interruption resumes the restore.
+    Re-running the same command after an interruption resumes the restore. A restore that
+    finds nothing to restore (wrong --container or --prefix, filters that leave nothing) exits
+    2, naming where it looked.
 
     \b
     Examples:
@@ -268,4 +306,6 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
     summary = run_restore(request, storage, make_printer(json_output=output.json, quiet=output.quiet), taskhub)
     if metrics is not None:
         metrics.summary = summary_to_wire(summary)
+    if nothing_restored(summary):
+        raise InputError(nothing_message(request))
     sys.exit(exit_code_for(summary))

@@ -35,7 +35,7 @@ from sitebackup.commands.options import (
     storage_options,
     taskhub_option,
 )
-from sitebackup.commands.status import describe
+from sitebackup.commands.status import describe, start_of
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
@@ -44,7 +44,6 @@ from sitebackup.errors import (
     exit_codes_help,
 )
 from sitebackup.model.codec import DamagedData, from_wire
-from sitebackup.model.reports import RunStart
 from sitebackup.model.work import BackupInput, Concurrency, RestoreInput, Summary
 from sitebackup.ui.printers import Printer, make_printer
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION
@@ -60,9 +59,7 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
     with open_backend(state_dir, taskhub) as runtime:
         with runtime.connected() as client:
             state = get_run(client, instance_id)
-        info = describe(runtime, state)
-        printer.start(RunStart(instance_id=instance_id, source=info.source or "", destination=info.destination or "",
-                               endpoint=info.endpoint, resumed=True))
+        printer.start(start_of(describe(runtime, state), resumed=True))
         if state.runtime_status in TERMINAL:
             summary = summarize(state)
             printer.finish(summary)

@@ -222,7 +222,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
                         tree_mismatched=counts["tree_mismatched"])
 
 
-@click.command("verify", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 70, 130))
+@click.command("verify", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 70, 130))
 @click.argument("instance_id", metavar="ID", shell_complete=complete_runs("backups"))
 @click.option("--local", is_flag=True, help="Also compare with the source tree on disk: files' size, MD5, mode, owner "
                                             "and hard links; directories and symlinks (mode, owner, target).")

@@ -36,6 +36,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # never an existing file (O_EXCL), never through a symlink planted at the name
 _TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OCTAL_MODE = re.compile(r"[0-7]{1,4}")
+# a file's time is a signed 64-bit count of nanoseconds (st_mtime_ns): one outside cannot be given to a file
+_MTIME_NS = range(-2**63, 2**63)
 
 
 class UnsafeName(ValueError):
@@ -60,6 +62,11 @@ def safe_relpath(name: str) -> str:
         if segment in ("", ".", ".."):
             raise UnsafeName("name has an empty, '.' or '..' segment")
     return name
+
+
+def mtime_in_range(mtime_ns: int | None) -> bool:
+    """Whether an untrusted modification time (None: none recorded) can be given to a file as it is."""
+    return mtime_ns is None or mtime_ns in _MTIME_NS
 
 
 def restored_mode(value: str | None, umask: int) -> int:

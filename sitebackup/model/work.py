@@ -297,6 +297,7 @@ class ScanInput(msgspec.Struct, kw_only=True):
     container: str = ""  # where the baseline's sealed record is
     min_pages: int = msgspec.field(default=1, name="min_batches")
     baseline: str | None = None
+    cancelled: list[str] = msgspec.field(default_factory=list)  # BackupInput.cancelled
     compare: str = "mtime"
     patterns: list[str] = msgspec.field(default_factory=list)
     follow_symlinks: bool = False
@@ -497,6 +498,9 @@ class BackupInput(msgspec.Struct, kw_only=True):
     options: BackupOptions
     job: Job | None = None  # None: a run of an earlier version, whose record is not sealed
     baseline: str | None = None  # the run whose record decides what is unchanged
+    # runs of the job cancelled since the baseline, newest first: what their records hold counts as backed up, over
+    # the baseline's, so the next run does not send it again
+    cancelled: list[str] = msgspec.field(default_factory=list)
     state: RunState[BackupCounts] | None = None  # carried across continue-as-new
 
     @property

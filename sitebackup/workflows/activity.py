@@ -54,6 +54,8 @@ class ActivityDeps:
     # why the hosting process is stopping at once (its state directory is full), else None: the work
     # items already delivered then end without uploading what could not be recorded
     halted: Callable[[], str | None] = lambda: None
+    # whether the hosting process is stopping (Ctrl-C, SIGTERM): what an activity returns then is not a result
+    stopping: Callable[[], bool] = lambda: False
 
 
 def activity(name: str, run: Callable[[task.ActivityContext, object], Any]) -> Callable[[task.ActivityContext, object], Any]:
@@ -76,14 +78,18 @@ def activity(name: str, run: Callable[[task.ActivityContext, object], Any]) -> C
 
 
 def unless_halted(fn: Callable[..., Any], deps: ActivityDeps) -> Callable[..., Any]:
-    """*fn*, failing at once instead of starting while ``deps.halted`` gives a reason (the failure is
-    retried, like any, when the run goes on)."""
+    """*fn*, failing at once instead of starting while ``deps.halted`` gives a reason, and failing instead of
+    returning once ``deps.stopping``: a batch cut short by the stop (its transfers ended, its files left) must
+    not be taken for done. The failure is retried, like any, when the run goes on."""
 
     def wrapped(ctx: task.ActivityContext, inp: Any) -> Any:
         reason = deps.halted()
         if reason is not None:
             raise RuntimeError(f"not started: {reason}")
-        return fn(ctx, inp)
+        result = fn(ctx, inp)
+        if deps.stopping():
+            raise RuntimeError("not done: the process stopped (Ctrl-C or SIGTERM) while it ran")
+        return result
 
     wrapped.__name__ = fn.__name__
     return wrapped

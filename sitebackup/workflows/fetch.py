@@ -39,10 +39,17 @@ from sitebackup.blob.asyncget import BlobFacts, Got
 from sitebackup.blob.asyncput import Cancelled
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.history import PRUNED, CopyLookup, choose, copies_of, copy_client
-from sitebackup.blob.naming import blob_name, is_reserved
+from sitebackup.blob.naming import blob_name, is_reserved, unescape_name
 from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
-from sitebackup.local.dest import DestDir, UnsafeName, recorded_mode, restored_mode, safe_relpath
+from sitebackup.local.dest import (
+    DestDir,
+    UnsafeName,
+    mtime_in_range,
+    recorded_mode,
+    restored_mode,
+    safe_relpath,
+)
 from sitebackup.local.files import b64, fd_md5_b64
 from sitebackup.local.filters import make_selector
 from sitebackup.local.scan import walk_key
@@ -56,6 +63,7 @@ from sitebackup.workflows.window import Capped, stream_pages
 
 # blobs over this size are fetched as ranges of RANGE_BYTES in parallel, written at their offsets
 RANGE_BYTES = STREAM_BLOCK_BYTES
+MTIME_RANGE = "modification time out of range (not a time a file can have)"
 
 
 class _Tree:
@@ -199,6 +207,9 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
                 continue
             if not selected(item.path):
                 continue
+            if not mtime_in_range(item.mtime_ns):
+                failures.add(item.path, error=f"refused: {MTIME_RANGE}")
+                continue
             tree.reached(item.path)
             if lookup is not None:  # the copy holding the version the run recorded
                 copy = choose(lookup.copies(item.name), item.md5)
@@ -249,7 +260,8 @@ def _candidates(deps: ActivityDeps, inp: PlanInput,
         if is_reserved(blob.name):  # work files of multi-host runs, not backed-up content
             continue
         meta = blob.metadata or {}
-        yield FetchItem(blob.name, blob.name[len(start or ""):], blob.size, b64(blob.content_settings.content_md5),
+        path = unescape_name(blob.name[len(start or ""):])  # the file's own name, control characters and all
+        yield FetchItem(blob.name, path, blob.size, b64(blob.content_settings.content_md5),
                         _int_or_none(meta.get(META_MTIME))), None
 
 
@@ -331,6 +343,8 @@ def _write(dest: DestDir, item: FetchItem, download: Callable[[int], BlobFacts])
             raise _Mismatch("downloaded content does not match its Content-MD5")
         meta = facts.metadata
         mtime_ns = item.mtime_ns if item.mtime_ns is not None else _int_or_none(meta.get(META_MTIME))
+        if not mtime_in_range(mtime_ns):
+            raise _Mismatch(f"refused: {MTIME_RANGE}")
         if item.meta is not None and item.meta.mode is not None:  # the record's: exact, whatever the umask
             return recorded_mode(item.meta.mode, owner is not None), mtime_ns
         return restored_mode(meta.get(META_MODE), dest.umask), mtime_ns
@@ -344,14 +358,16 @@ def _write_content(fd: int, content: Got) -> BlobFacts:
 
 
 def _download_into(blob: Any, fd: int, size: int, threads: int) -> BlobFacts:
+    props = blob.get_blob_properties()
+    if props.size != size:  # never read: a blob larger than its record fills neither memory nor disk
+        return BlobFacts.of(props)
+    # every request is pinned to the same blob version: a blob rewritten mid-restore fails, never mixes
+    pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
     if size <= RANGE_BYTES:
         # decompress=False everywhere: the blob's own bytes, whatever Content-Encoding it is marked with
-        downloader = blob.download_blob(decompress=False)
+        downloader = blob.download_blob(decompress=False, **pinned)
         os.write(fd, downloader.readall())
         return BlobFacts.of(downloader.properties)
-    props = blob.get_blob_properties()
-    # every range is pinned to the same blob version: a blob rewritten mid-restore fails, never mixes
-    pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
 
     def fetch(offset: int) -> None:
         data = blob.download_blob(offset=offset, length=min(RANGE_BYTES, props.size - offset),

@@ -16,7 +16,7 @@ from durabletask import task
 
 from sitebackup.model.codec import from_wire, to_wire
 from sitebackup.model.work import FetchInput, PlanInput, RestoreCounts, RestoreInput, Step, TreeInput
-from sitebackup.workflows.names import BATCH_RETRY, PLAN_RESTORE, RESTORE_BATCH, RESTORE_ORCHESTRATION, RESTORE_TREE
+from sitebackup.workflows.names import PLAN_RESTORE, RESTORE_BATCH, RESTORE_ORCHESTRATION, RESTORE_TREE, batch_retry
 from sitebackup.workflows.pages import chunk_hash
 from sitebackup.workflows.window import batch_result, begin, min_pages, run_and_summarize, tally
 
@@ -30,10 +30,10 @@ def restore_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
 
     def schedule(step: Step) -> task.Task[Any]:
         if step.seal:
-            return ctx.call_activity(RESTORE_TREE, retry_policy=BATCH_RETRY, input=to_wire(TreeInput(
+            return ctx.call_activity(RESTORE_TREE, retry_policy=batch_retry(), input=to_wire(TreeInput(
                 dest=inp.dest, container=inp.container, prefix=inp.prefix, tree=state.tree, index=state.index,
                 overwrite=inp.options.overwrite, owners=inp.options.owners, root=inp.dest_created)))
-        return ctx.call_activity(RESTORE_BATCH, retry_policy=BATCH_RETRY, input=to_wire(FetchInput(
+        return ctx.call_activity(RESTORE_BATCH, retry_policy=batch_retry(), input=to_wire(FetchInput(
             dest=inp.dest, container=inp.container, page=step.page, index=chunk_hash(state.index, step.page),
             overwrite=inp.options.overwrite, owners=inp.options.owners)))
 

@@ -3,7 +3,8 @@
 Once every page is done, the run's result pages (its record) are copied, as the bytes the work store holds,
 to the container's ``.sitebackup/records/`` under their SHA-256, skipping those the baseline's sealed record
 already names (an unchanged tree sends no page), and the header naming every page with its hash and size
-goes last. The job's descriptor is written by the first run of the job.
+goes last. The job's descriptor is written by the run that takes the job's lock first and by a run with no
+sealed baseline; a run whose baseline is sealed knows it is there.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
     """Copy the run's record pages the container does not hold, then write its header."""
     records = ContainerRecords(deps.container_client(inp.container))
     held: set[str] = set()
+    baseline = None
     if inp.baseline:
         try:
             baseline = records.header(inp.baseline)
@@ -40,7 +42,8 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
             held.add(digest)
             sent += 1
         pages.append(PageSeal(page, digest, len(data)))
-    records.put_job(inp.job)
+    if baseline is None:  # a run of the job sealed before wrote its descriptor (it is written once, never changed)
+        records.put_job(inp.job)
     records.seal(RunRecord(tool=__version__, run_id=run_id, job=inp.job.id, host=inp.job.host, source=inp.source,
                            container=inp.container, prefix=inp.prefix, started=inp.started, finished=inp.finished,
                            files=inp.files, files_failed=inp.files_failed, bytes=inp.bytes, pages=pages))

@@ -232,6 +232,8 @@ def test_no_wait_exits_4_with_the_running_id(tmp_path, cli_env, counting_azurite
         second = subprocess.run([*cmd, "--no-wait"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert second.returncode == 4, second.stdout + second.stderr
         assert running_id in second.stderr and "already running" in second.stderr
+        # the hint names a command that follows the run: status --watch draws its bar
+        assert f"follow it with: sitebackup status {running_id} --watch" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
     finally:
         first.wait(timeout=300)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from azure.core.exceptions import HttpResponseError
 
@@ -98,7 +100,7 @@ def test_cancel_check_asks_again_when_the_backend_changed_the_run_or_the_interva
             asked.append(run_id)
             return SimpleNamespace(runtime_status=status["value"])
 
-    runtime = SimpleNamespace(version=0, client=Client)
+    runtime = SimpleNamespace(version=0, client=Client, stopping=threading.Event())
     runtime.status_version = lambda run_id: runtime.version
     now = {"t": 100.0}
     check = CancelCheck(runtime, interval=1.0, clock=lambda: now["t"])
@@ -115,6 +117,11 @@ def test_cancel_check_asks_again_when_the_backend_changed_the_run_or_the_interva
     now["t"] += 1.5  # under the scheduler nothing moves the version: the interval decides
     status["value"] = OrchestrationStatus.TERMINATED
     assert check2("s") is True
+    check3 = CancelCheck(runtime, interval=1.0, clock=lambda: now["t"])
+    status["value"] = OrchestrationStatus.RUNNING
+    assert check3("t") is False
+    runtime.stopping.set()  # Ctrl-C or SIGTERM: this process's uploads end as for a cancel, whatever the run says
+    assert check3("t") is True
 
 
 def test_both_transports_of_our_own_carry_the_clients_timeouts():

@@ -294,7 +294,7 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
         result = cli("cancel", instance_id)
         assert result.returncode == 0 and "cancelled" in result.stdout
         # once the run's own process has applied the cancel, its ranges see it at their next check
-        wait_until(lambda: json.loads(cli("status", instance_id, "--json").stdout)["runtime_status"] == "TERMINATED",
+        wait_until(lambda: json.loads(cli("status", instance_id, "--json").stdout)["runtime_status"] == "CANCELLED",
                    "the cancel to be applied")
         proxy.release.set()
         out, err = proc.communicate(timeout=120)
@@ -303,7 +303,7 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
             proc.kill()
         proxy.close()
     assert proc.returncode == 7, err  # cancelled
-    assert json.loads(out.splitlines()[-1])["runtime_status"] == "TERMINATED"
+    assert json.loads(out.splitlines()[-1])["runtime_status"] == "CANCELLED"
     # the held ranges stopped without staging; nothing was committed
     assert proxy.staged == passed
     container = blob_service.get_container_client(container_name)

@@ -20,6 +20,7 @@ import pytest
 from azurite import KEY
 from helpers import ROOT, write_tree
 
+from sitebackup.blob.naming import blob_name
 from sitebackup.ui.escape import printable
 
 HOSTILE = "lnk\x1b]0;X\x07\nFAILED other.txt: injected"
@@ -62,7 +63,7 @@ def test_status_list_dry_run_and_verify_escape_names(tmp_path, cli, cli_env, blo
     status = cli("status", run_id)
     runs = cli("list", env={**cli_env, "COLUMNS": "500"})  # no wrapped cells
     dry = cli(src, "-c", container_name, "--dry-run", "--force")
-    blob_service.get_container_client(container_name).delete_blob(f"{HOSTILE}.txt")
+    blob_service.get_container_client(container_name).delete_blob(blob_name("", f"{HOSTILE}.txt"))
     verify = cli("verify", run_id)
     assert (status.returncode, runs.returncode, verify.returncode) == (0, 0, 1), \
         status.stderr + runs.stderr + verify.stderr
