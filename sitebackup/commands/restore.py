@@ -116,10 +116,13 @@ def restore_prefix(template: str | None) -> str:
     return normalize_prefix(expand_prefix(template))
 
 
-def nothing_restored(summary: Summary[Any]) -> bool:
-    """Whether a completed restore found no file at all to restore (as opposed to files skipped or failed)."""
-    return summary.runtime_status == "COMPLETED" and not summary.counts.files_total and \
-        not summary.counts.files_skipped
+def nothing_restored(summary: Summary[Any], made_dest: bool = False) -> bool:
+    """Whether a completed restore found nothing at all to restore (as opposed to files skipped or failed): no
+    file, no symlink, no directory but DEST itself (the record's root, given its metadata when the restore
+    made DEST: *made_dest*)."""
+    counts = summary.counts
+    return summary.runtime_status == "COMPLETED" and not counts.files_total and not counts.files_skipped and \
+        not counts.symlinks_restored and counts.dirs_restored <= made_dest
 
 
 def nothing_message(request: RestoreRequest) -> str:
@@ -303,9 +306,10 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
         args[-1], run_id=run_id, container=container, prefix=prefix, include=list(include),
         exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir, as_of=as_of,
         owners=not no_owner)
+    made_dest = not request.dest.exists()
     summary = run_restore(request, storage, make_printer(json_output=output.json, quiet=output.quiet), taskhub)
     if metrics is not None:
         metrics.summary = summary_to_wire(summary)
-    if nothing_restored(summary):
+    if nothing_restored(summary, made_dest):
         raise InputError(nothing_message(request))
     sys.exit(exit_code_for(summary))

@@ -386,3 +386,24 @@ def test_a_restore_of_the_blobs_alone_restores_files_and_says_the_tree_needs_a_r
     assert result.returncode == 0, result.stdout + result.stderr
     assert os.readlink(as_of / "current") == "index.php" and (as_of / "cache").is_dir()
     assert "restored from the blobs alone" not in result.stdout + result.stderr
+
+
+def test_a_run_of_directories_and_symlinks_alone_is_something_to_restore(tmp_path, cli, container_name):
+    src = tmp_path / "site"
+    (src / "empty" / "deeper").mkdir(parents=True)
+    (src / "link").symlink_to("empty")
+    run_id = backup(cli, src, container_name, "--prefix", "tree")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for dest in (tmp_path / "made", existing):
+        result = cli("restore", run_id, dest, "--json")
+        summary = summary_of(result)
+        assert result.returncode == 0 and summary["files_total"] == 0, result.stdout + result.stderr
+        assert (dest / "empty" / "deeper").is_dir() and os.readlink(dest / "link") == "empty"
+
+    bare = tmp_path / "bare"  # the record of an empty source holds its root alone: nothing to restore
+    bare.mkdir()
+    empty_run = backup(cli, bare, container_name, "--prefix", "bare")
+    for dest in (tmp_path / "made-bare", existing):
+        result = cli("restore", empty_run, dest)
+        assert result.returncode == 2 and "nothing to restore: run" in result.stderr, result.stdout + result.stderr
