@@ -165,14 +165,18 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
             error = entry.error if entry is not None else None
             if entry is not None:
                 owners = owners or entry.uid is not None
-                if entry.path == ROOT:
-                    tree.add(entry)
-                    continue
                 if not entry.is_file or entry.link is not None:
                     try:
-                        safe_relpath(entry.path)
+                        if entry.path != ROOT:
+                            safe_relpath(entry.path)
                     except UnsafeName as exc:
                         failures.add(entry.path, error=f"refused: {exc}")
+                        continue
+                    if not mtime_in_range(entry.mtime_ns):  # the tree's last activity would give it that time
+                        failures.add(entry.path, error=f"refused: {MTIME_RANGE}")
+                        continue
+                    if entry.path == ROOT:
+                        tree.add(entry)
                         continue
                     if entry.kind == "dir":
                         tree.directory(entry)
