@@ -322,7 +322,7 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
 def test_a_cancelled_commit_commits_and_records_nothing(azurite, blob_service, tmp_path, container_name):
     src, work, deps, index = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(5 * MIB))
     assert [sent(copy_step(deps, src, index, container_name, p)) for p in range(5)] == [True] * 5
-    deps.cancelled = lambda run_id: True
+    deps.cancelled = lambda run_id, fresh=False: True
     staged = copy_step(deps, src, index, container_name, 0)
     assert staged.counts.bytes_uploaded == 0 and staged.range == RangeReport(first_page=1, ranges=5)
     out = copy_step(deps, src, index, container_name, 0, commit=True)
