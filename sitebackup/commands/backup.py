@@ -68,7 +68,7 @@ from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import EXIT_FILES_FAILED, AlreadyRunningError, InputError, StalledError, exit_codes_help
 from sitebackup.local import filters, incremental
 from sitebackup.local.files import describe_os_error, file_md5_b64
-from sitebackup.local.incremental import Compared
+from sitebackup.local.incremental import Compared, Found
 from sitebackup.local.scan import Skipped
 from sitebackup.model.codec import to_wire
 from sitebackup.model.records import CatalogEntry, FileEntry, Job
@@ -389,14 +389,26 @@ def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTo
     skipped = 0
 
     def gone(entry: FileEntry) -> None:
-        totals.files_deleted += 1
-        totals.bytes_deleted += entry.size
-        on_item(DryRunItem(action="delete", path=entry.path, size=entry.size))
+        if entry.kind == "dir":
+            totals.dirs_deleted += 1
+        elif entry.kind == "symlink":
+            totals.symlinks_deleted += 1
+        else:
+            totals.files_deleted += 1
+            totals.bytes_deleted += entry.size
+        on_item(DryRunItem(action="delete", path=entry.path, kind=entry.kind,
+                           size=entry.size if entry.is_file else None))
 
     for found in incremental.compare(request.source, patterns=request.patterns,
                                      follow_symlinks=request.follow_symlinks, baseline=records, mode=request.compare,
                                      on_gone=gone):
-        if isinstance(found, Compared):
+        if isinstance(found, Found):  # a directory or symlink: listed only when what is recorded of it changes
+            change = incremental.metadata_change(found.previous, entry=found.entry)
+            if change is None:
+                continue
+            item = DryRunItem(action="metadata", path=found.entry.path, kind=found.entry.kind, reason=change)
+            totals.metadata_changed += 1
+        elif isinstance(found, Compared):
             file = found.file
             try:
                 action = _action(request, found)
@@ -417,6 +429,10 @@ def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTo
                 else:  # an unchanged file is a skipped one too: not uploaded on purpose
                     totals.files_unchanged += 1
                     totals.bytes_skipped += file.size
+                    change = incremental.metadata_change(found.previous, file.meta)
+                    if change is not None:  # its content stays: the record takes its new mode or owner
+                        item = DryRunItem(action="metadata", path=file.path, size=file.size, reason=change)
+                        totals.metadata_changed += 1
         elif isinstance(found, Skipped):
             item = DryRunItem(action="skip", path=found.relpath, reason=found.reason)
             skipped += 1
@@ -459,7 +475,7 @@ def selection_options(command: Callable[..., None]) -> Callable[..., None]:
                      help="Read exclude patterns from FILE, gitignore syntax (repeatable)."),
         click.option("--no-ignore-file", is_flag=True, help="Do not read SOURCE/.sitebackupignore."),
         click.option("--follow-symlinks", is_flag=True,
-                     help="Follow symlinks to files and directories inside SOURCE (loops are skipped)."),
+                     help="Back up what symlinks inside SOURCE point to instead of recording the links (loops are skipped)."),
     ]
     for option in reversed(options):
         with_selection = option(with_selection)
@@ -503,8 +519,9 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @output_options
 @selection_options
 @click.option("--dry-run", is_flag=True,
-              help="Scan and compare only: list what would be uploaded (new or changed), skipped or left out as "
-                   "deleted since the last run, with counts; write nothing.")
+              help="Scan and compare only: list what would be uploaded (new or changed), recorded anew (mode, owner "
+                   "or link target alone changed), skipped or left out as deleted since the last run, with counts; "
+                   "write nothing.")
 @click.option("--verbose", "-v", is_flag=True, help="With --dry-run, list the unchanged files too.")
 @click.option("--no-wait", is_flag=True,
               help="If the same backup is already running, print its id and exit 4 instead of attaching "

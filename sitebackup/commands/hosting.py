@@ -390,7 +390,9 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
 
 class CancelCheck:
     """Answers "was this run cancelled?" from the backend: asked between files, so the answer is cached,
-    and asked again once this process's backend applied a change to the run or after *interval*."""
+    and asked again once this process's backend applied a change to the run or after *interval*; with *fresh*
+    (before a block range, which takes far longer than the question) asked again every time. A cancel of a run
+    whose orchestration is idle is applied by the cancelling process's backend, which this one does not hear of."""
 
     def __init__(self, runtime: Runtime, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.runtime = runtime
@@ -400,13 +402,13 @@ class CancelCheck:
         self.checked: dict[str, tuple[float, int | None, bool]] = {}
         self.client: dt_client.TaskHubGrpcClient | None = None
 
-    def __call__(self, run_id: str) -> bool:
+    def __call__(self, run_id: str, fresh: bool = False) -> bool:
         if self.runtime.stopping.is_set():  # the process stops at once: as good as cancelled, for this process
             return True
         with self.lock:
             at, version, answer = self.checked.get(run_id, (float("-inf"), None, False))
             now = self.runtime.status_version(run_id)
-            if answer or (self.clock() - at < self.interval and now == version):
+            if answer or (not fresh and self.clock() - at < self.interval and now == version):
                 return answer
             if self.client is None:
                 self.client = self.runtime.client()

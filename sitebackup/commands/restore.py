@@ -86,6 +86,7 @@ class RestoreRequest:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     overwrite: bool = False
+    owners: bool = True  # --no-owner: False
     concurrency: int = DEFAULT_CONCURRENCY
     state_dir: Path = field(default_factory=Path)
     as_of: datetime | None = None  # with container: restore the latest completed run started at or before it
@@ -115,10 +116,13 @@ def restore_prefix(template: str | None) -> str:
     return normalize_prefix(expand_prefix(template))
 
 
-def nothing_restored(summary: Summary[Any]) -> bool:
-    """Whether a completed restore found no file at all to restore (as opposed to files skipped or failed)."""
-    return summary.runtime_status == "COMPLETED" and not summary.counts.files_total and \
-        not summary.counts.files_skipped
+def nothing_restored(summary: Summary[Any], made_dest: bool = False) -> bool:
+    """Whether a completed restore found nothing at all to restore (as opposed to files skipped or failed): no
+    file, no symlink, no directory but DEST itself (the record's root, given its metadata when the restore
+    made DEST: *made_dest*)."""
+    counts = summary.counts
+    return summary.runtime_status == "COMPLETED" and not counts.files_total and not counts.files_skipped and \
+        not counts.symlinks_restored and counts.dirs_restored <= made_dest
 
 
 def nothing_message(request: RestoreRequest) -> str:
@@ -132,7 +136,7 @@ def nothing_message(request: RestoreRequest) -> str:
 
 def validate_restore(dest: str | Path, *, run_id: str | None, container: str | None, prefix: str | None,
                      include: list[str], exclude: list[str], overwrite: bool, concurrency: int,
-                     state_dir: Path, as_of: str | None = None) -> RestoreRequest:
+                     state_dir: Path, as_of: str | None = None, owners: bool = True) -> RestoreRequest:
     path = Path(dest).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"destination {str(dest)!r} is not a directory")
@@ -145,7 +149,7 @@ def validate_restore(dest: str | Path, *, run_id: str | None, container: str | N
     return RestoreRequest(dest=path.resolve(), run_id=run_id,
                           container=validate_container_name(container) if container else None,
                           prefix=restore_prefix(prefix), include=list(include), exclude=list(exclude),
-                          overwrite=overwrite, concurrency=concurrency, state_dir=state_dir,
+                          overwrite=overwrite, owners=owners, concurrency=concurrency, state_dir=state_dir,
                           as_of=parse_time(as_of) if as_of else None)
 
 
@@ -207,14 +211,16 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
             if request.run_id:
                 known = known_backup(client, deps.work, request.run_id)
                 prefix = recorded_run(records, deps.work, request.run_id, known).prefix
+            created = not request.dest.exists()
             request.container, request.prefix = container, prefix  # what the run looks in, named if it finds nothing
             request.dest.mkdir(parents=True, exist_ok=True)
             later = later_backups(client, sealed, request.run_id, container, prefix, endpoint) if request.run_id \
                 else True
             inp = RestoreInput(dest=str(request.dest), container=container, prefix=prefix, run_id=request.run_id,
-                               endpoint=endpoint, later_backups=later, options=RestoreOptions(
+                               endpoint=endpoint, later_backups=later, dest_created=created, options=RestoreOptions(
                                    concurrency=request.concurrency, overwrite=request.overwrite,
-                                   include=request.include, exclude=request.exclude, shared=taskhub is not None))
+                                   owners=request.owners, include=request.include, exclude=request.exclude,
+                                   shared=taskhub is not None))
             inp.source = inp.source_label
             instance_id = find_unfinished(client, RESTORE_ORCHESTRATION, inp.label.same_restore)
             resumed = instance_id is not None
@@ -247,6 +253,8 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
               help="Only paths matching this glob (repeatable); a pattern without '/' matches any path component.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out paths matching this glob (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files that differ (identical ones are always skipped).")
+@click.option("--no-owner", is_flag=True,
+              help="Leave what is restored to the user running the restore (as root, owners are restored by default).")
 @storage_options
 @bwlimit_option
 @concurrency_option("Bound on parallel download batches.")
@@ -256,7 +264,8 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
 @state_dir_option
 @debug_option
 def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: str | None, include: tuple[str, ...],
-            exclude: tuple[str, ...], overwrite: bool, storage: StorageSettings, concurrency: int, output: Output,
+            exclude: tuple[str, ...], overwrite: bool, no_owner: bool, storage: StorageSettings, concurrency: int,
+            output: Output,
             metrics_file: Path | None, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """Restore a backup run, or a container's blobs, into DEST.
 
@@ -266,13 +275,19 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
     alone, whatever is stored there now. The run's record is read from the container (sealed
     there by the backup), so a new machine needs only the credentials and --container.
 
-    Files land with their recorded modification time and mode (no setuid, setgid or sticky bit;
-    masked by the umask). An existing file is skipped when identical (same size and MD5) and
-    otherwise left alone and reported unless --overwrite. Blob names that would escape DEST
-    (absolute, '..' or empty segments, NUL, backslash) are refused and reported; no symlink
-    under DEST is followed. Re-running the same command after an interruption resumes the restore.
-    A restore that finds no file to restore (wrong --container or --prefix, filters that leave
-    nothing) exits 2, naming where it looked.
+    A run restores the tree it recorded: files with their mode (exactly, whatever the umask),
+    owner and modification time, hard links, symlinks (their targets as recorded, never
+    followed), directories (empty ones too) with their mode, owner and mtime, and DEST itself
+    as the source root when the restore creates it. Owners need root (--no-owner to skip);
+    setuid, setgid and sticky bits come back only with them. --container alone restores what
+    the blobs carry: files, with the mode of their metadata masked by the umask.
+
+    An existing file is skipped when identical (same size and MD5) and otherwise left alone
+    and reported unless --overwrite. Names that would escape DEST (absolute, '..' or empty
+    segments, NUL, backslash) are refused and reported; no symlink under DEST is followed.
+    Re-running the same command after an interruption resumes the restore. A restore that
+    finds nothing to restore (wrong --container or --prefix, filters that leave nothing) exits
+    2, naming where it looked.
 
     \b
     Examples:
@@ -289,10 +304,12 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
                             str(Path(args[-1]).expanduser().resolve()))
     request = validate_restore(
         args[-1], run_id=run_id, container=container, prefix=prefix, include=list(include),
-        exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir, as_of=as_of)
+        exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir, as_of=as_of,
+        owners=not no_owner)
+    made_dest = not request.dest.exists()
     summary = run_restore(request, storage, make_printer(json_output=output.json, quiet=output.quiet), taskhub)
     if metrics is not None:
         metrics.summary = summary_to_wire(summary)
-    if nothing_restored(summary):
+    if nothing_restored(summary, made_dest):
         raise InputError(nothing_message(request))
     sys.exit(exit_code_for(summary))

@@ -5,7 +5,9 @@ commands layer), with what the job's runs cancelled since then recorded over it 
 their ids travel in the orchestration input and the scan activity reads their records from the work
 store. A file is unchanged when its size and modification time equal the recorded ones (``mtime``
 mode), or, in ``checksum`` mode, when its content MD5 equals the recorded MD5 (``CHECK``: the caller
-hashes it); ``force`` uploads everything.
+hashes it); ``force`` uploads everything. Mode, owner and hard link never decide an upload: the new
+record takes what the walk found (``unchanged_record``), and a change of them, or of a symlink's
+target, is counted (``metadata_change``) but sends nothing.
 
 ``compare`` is the walk both the backup's scan and ``--dry-run`` use. The record is read beside the
 walk, never held whole: the scan writes its pages in walk order, so the record (its result pages in
@@ -24,7 +26,7 @@ from typing import NamedTuple
 
 from sitebackup.local.filters import Filter
 from sitebackup.local.scan import Failed, Skipped, walk, walk_key
-from sitebackup.model.records import FileEntry
+from sitebackup.model.records import FileEntry, Meta
 from sitebackup.model.work import FileRef
 
 MODE_MTIME = "mtime"
@@ -49,7 +51,7 @@ class Baseline:
     def _advance(self) -> None:
         self._head = self._head_key = None
         for record in self._records:
-            if record.stored:  # a failed file holds nothing in the container
+            if record.stored or not record.is_file:  # a failed file holds nothing in the container
                 self._head = record
                 return
 
@@ -119,18 +121,27 @@ class Compared(NamedTuple):
     previous: FileEntry | None
 
 
+class Found(NamedTuple):
+    """A walked directory or symlink (recorded as found: it has no content) and the baseline's record of it."""
+
+    entry: FileEntry
+    previous: FileEntry | None
+
+
 def compare(source: Path, *, patterns: list[str], follow_symlinks: bool, baseline: Iterable[FileEntry],
-            mode: str, on_gone: Callable[[FileEntry], None] | None = None) -> Iterator[Compared | Skipped | Failed]:
-    """Walk *source* through the filters, each file compared with the *baseline* record as the walk goes;
+            mode: str, on_gone: Callable[[FileEntry], None] | None = None) -> Iterator[Compared | Found | Skipped | Failed]:
+    """Walk *source* through the filters, each entry compared with the *baseline* record as the walk goes;
     what is left out on purpose (``Skipped``) or cannot be read (``Failed``) comes in walk order too. With
-    *on_gone*, each recorded file the walk did not find (deleted, or now excluded) is handed to it, in walk order:
-    the whole record is then read."""
+    *on_gone*, each recorded entry the walk did not find (deleted, now excluded, or now of another kind: a file
+    where a directory was) is handed to it, in walk order: the whole record is then read."""
     rules = Filter(patterns)
     previous = Baseline(baseline, on_gone)
     for entry in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
         if isinstance(entry, FileRef):
-            before = previous.get(entry.path)
+            before = _same_kind(previous.get(entry.path), "file", on_gone)  # else a new file
             yield Compared(entry, decide(entry.size, entry.mtime_ns, before, mode), before)
+        elif isinstance(entry, FileEntry):
+            yield Found(entry, _same_kind(previous.get(entry.path), entry.kind, on_gone))
         else:
             if on_gone is not None:  # still there, said otherwise
                 previous.get(entry.relpath)
@@ -139,10 +150,47 @@ def compare(source: Path, *, patterns: list[str], follow_symlinks: bool, baselin
         previous.drain()
 
 
-def unchanged_record(previous: FileEntry) -> FileEntry:
+def _same_kind(before: FileEntry | None, kind: str,
+               on_gone: Callable[[FileEntry], None] | None) -> FileEntry | None:
+    """The baseline's record of a walked path when it is of the walked entry's *kind*; else it is gone."""
+    if before is None or before.kind == kind:
+        return before
+    if on_gone is not None:
+        on_gone(before)
+    return None
+
+
+def metadata_change(previous: FileEntry | None, meta: Meta | None = None,
+                    entry: FileEntry | None = None) -> str | None:
+    """What differs between the baseline's record of an entry and what the walk found (a file's *meta*, or a
+    directory's or symlink's *entry*), in a few words; None when nothing does, or when the baseline recorded no
+    metadata to compare with (a record of format 1). A directory's mtime is left out: it moves with its files."""
+    if previous is None or (previous.mode is None and previous.uid is None):
+        return None
+    now = entry.meta if entry is not None else meta
+    if now is None:
+        return None
+    changes = []
+    if previous.mode != now.mode:
+        changes.append(f"mode {_octal(previous.mode)} -> {_octal(now.mode)}")
+    if (previous.uid, previous.gid) != (now.uid, now.gid):
+        changes.append(f"owner {previous.uid}:{previous.gid} -> {now.uid}:{now.gid}")
+    if previous.link != now.link:
+        changes.append(f"hard link {previous.link or '-'} -> {now.link or '-'}")
+    if entry is not None and previous.target != entry.target:
+        changes.append("symlink target")
+    return ", ".join(changes) or None
+
+
+def _octal(mode: int | None) -> str:
+    return "-" if mode is None else f"{mode:04o}"
+
+
+def unchanged_record(previous: FileEntry, meta: Meta | None = None) -> FileEntry:
     """The new run's record of a file found unchanged: what the baseline recorded (its access tier too: an
-    unchanged blob keeps the tier it was uploaded with), marked unchanged. The baseline's entry is read for
-    this file alone, so it is marked and reused rather than copied."""
+    unchanged blob keeps the tier it was uploaded with), marked unchanged, with the mode, owner and hard link
+    the walk found (*meta*; None: as recorded). The baseline's entry is read for this file alone, so it is
+    marked and reused rather than copied."""
     previous.unchanged = True
     previous.error = None  # a copy kept from before a failure: the file is that version again
-    return previous
+    return previous.take(meta)

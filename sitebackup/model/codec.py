@@ -16,9 +16,10 @@ import msgspec
 
 from sitebackup.errors import InputError
 
-# The version of the on-disk formats (run records, work pages, orchestration inputs). Bump it when a
-# change means data written before no longer loads, and say in CHANGELOG.md what happens to it.
-FORMAT_VERSION = 1
+# The version of the on-disk formats (run records, work pages, orchestration inputs). Bump it when what
+# is written changes meaning (2: entries carry kind, mode, owner, symlink target and hard link), and say
+# in CHANGELOG.md what happens to data written before.
+FORMAT_VERSION = 2
 
 T = TypeVar("T")
 

@@ -3,11 +3,15 @@
 A run's record is its ``FileEntry`` lines, written page by page as the copies finish, in walk order
 (``local.scan.walk_key``): restore, verify, prune and the next run's incremental comparison read it.
 Its JSON keys are the ones every earlier version wrote, so a record written before still loads
-(tests/cli/test_model_schema.py pins them).
+(tests/cli/test_model_schema.py pins them). Since format 2 an entry is a file, a directory or a symlink,
+with its permission bits, owner, symlink target and hard link; a field left at its default is not written,
+so an entry of format 1 loads as the plain file it was.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 
 import msgspec
@@ -24,13 +28,62 @@ def check_relpath(path: str) -> None:
             raise ValueError(f"bad path {path!r}")
 
 
+KINDS = ("file", "dir", "symlink")
+ROOT = "."  # the path of the source root's own entry (a directory), the first of every record since format 2
+MAX_TARGET_BYTES = 4095  # PATH_MAX less its NUL: no symlink target is longer
+MAX_NAME_CHARS = 256  # a user or group name
+
+
+def target_text(raw: bytes) -> str:
+    """A symlink target (the bytes ``readlink`` gives) as a record holds it: the text itself when it is
+    UTF-8, else NUL followed by the base64 of the bytes. No target contains a NUL byte, so the two forms
+    never meet and every target round-trips exactly (``target_bytes``)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\x00" + base64.b64encode(raw).decode("ascii")
+
+
+def target_bytes(text: str) -> bytes:
+    """The bytes of a recorded symlink target (``target_text``); ValueError when *text* is not one."""
+    if text.startswith("\x00"):
+        try:
+            raw = base64.b64decode(text[1:], validate=True)
+        except binascii.Error:
+            raise ValueError("bad symlink target encoding") from None
+    else:
+        raw = text.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError
+    if not raw or b"\x00" in raw or len(raw) > MAX_TARGET_BYTES or target_text(raw) != text:
+        raise ValueError(f"bad symlink target {text!r}")
+    return raw
+
+
+def _check_name(name: str | None, what: str) -> None:
+    if name is not None and (not name or len(name) > MAX_NAME_CHARS or "\x00" in name):
+        raise ValueError(f"bad {what} name {name!r}")
+
+
+def _check_id(value: int | None, what: str) -> None:
+    if value is not None and not 0 <= value < 2**32:
+        raise ValueError(f"bad {what} {value}")
+
+
 class FileEntry(msgspec.Struct, omit_defaults=True):
-    """One file of a run's record: the version of it the container holds for this run, or why it has none.
+    """One entry of a run's record: a file and the version of it the container holds for this run (or why it
+    has none), a directory, or a symlink; with its metadata.
 
     ``md5`` and ``etag`` name the stored copy (the current blob while it still has that Content-MD5, else
     the snapshot a later run kept of it: ``blob.history.choose``); ``error`` says the run could not back
     the file up (then nothing of this run is stored for it); ``unchanged`` says the run found it as the
     run before recorded it and sent nothing.
+
+    ``kind`` is "file", "dir" or "symlink"; a directory or symlink has no content (``md5`` None, size 0).
+    ``mode`` is the permission bits (``st_mode & 0o7777``), ``uid``/``gid`` the owner's ids and ``user``/
+    ``group`` their names where the source host had names for them; None where not recorded (format 1).
+    ``target`` is a symlink's target as ``target_text`` encodes it. The source root itself is the directory
+    entry ``ROOT`` ("."), first in the record. ``link`` marks a file as a hard link:
+    the path of the first member of its group in walk order (as tar does); the entry still names its own
+    stored copy. ``link`` is data from the container: restore checks it names a file of the same record.
     """
 
     path: str  # '/'-separated, relative to the source root
@@ -41,9 +94,34 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
     etag: str | None = None  # of the blob as the upload left it
     unchanged: bool = False
     error: str | None = None
+    kind: str = "file"
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    user: str | None = None
+    group: str | None = None
+    target: str | None = None
+    link: str | None = None
 
     def __post_init__(self) -> None:
-        check_relpath(self.path)
+        if self.path != ROOT or self.kind != "dir":
+            check_relpath(self.path)
+        if self.kind not in KINDS:
+            raise ValueError(f"bad kind {self.kind!r}")
+        if self.mode is not None and not 0 <= self.mode <= 0o7777:
+            raise ValueError(f"bad mode {self.mode}")
+        _check_id(self.uid, "uid")
+        _check_id(self.gid, "gid")
+        _check_name(self.user, "user")
+        _check_name(self.group, "group")
+        if (self.target is not None) != (self.kind == "symlink"):
+            raise ValueError("a symlink and only a symlink has a target")
+        if self.target is not None:
+            target_bytes(self.target)
+        if self.kind != "file" and (self.md5 is not None or self.size or self.link is not None):
+            raise ValueError(f"a {self.kind} has no content")
+        if self.link is not None and not self.link:
+            raise ValueError("bad hard link")
 
     @classmethod
     def failed(cls, path: str, error: str, last_good: FileEntry | None) -> FileEntry:
@@ -59,6 +137,32 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
         unchanged, or, when the file failed in this run (``error``), the last good version an earlier run
         recorded (then the run's copy is stale)."""
         return self.md5 is not None
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "file"
+
+    @property
+    def meta(self) -> Meta:
+        return Meta(self.mode, self.uid, self.gid, self.user, self.group, self.link)
+
+    def take(self, meta: Meta | None) -> FileEntry:
+        """This entry, given *meta* (None: as it is). Changed in place: an entry read from a record is used once."""
+        if meta is not None:
+            self.mode, self.uid, self.gid, self.user, self.group, self.link = msgspec.structs.astuple(meta)
+        return self
+
+
+class Meta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
+    """What the walk found of a file beside its content (``FileEntry``'s fields of the same names), carried
+    on work pages from the scan to the copy that records the file."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    user: str | None = None
+    group: str | None = None
+    link: str | None = None
 
 
 class PriorCopy(msgspec.Struct, array_like=True, frozen=True):

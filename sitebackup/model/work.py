@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import msgspec
 
 from sitebackup.model.codec import from_wire, to_wire
-from sitebackup.model.records import FileEntry, Job, PriorCopy
+from sitebackup.model.records import FileEntry, Job, Meta, PriorCopy
 
 MIB = 1024 * 1024
 # On Azurite requests, not bytes, cost: large files go up faster in 32 MiB ranges than in 8 MiB ones, with
@@ -87,6 +87,7 @@ class BackupOptions(msgspec.Struct, kw_only=True):
 class RestoreOptions(msgspec.Struct, kw_only=True):
     concurrency: int
     overwrite: bool = False
+    owners: bool = True  # give files the owners the record names, when run as root (--no-owner: False)
     include: list[str] = msgspec.field(default_factory=list)
     exclude: list[str] = msgspec.field(default_factory=list)
     shared: bool = False  # as BackupOptions.shared
@@ -131,6 +132,10 @@ class BackupCounts(_Totals, kw_only=True):
     bytes_uploaded: int = 0
     files_unchanged: int = 0
     bytes_skipped: int = 0
+    # entries recorded with another mode, owner or symlink target than the baseline's, and no content sent
+    metadata_changed: int = 0
+    dirs_total: int = 0  # directories recorded (the source root too)
+    symlinks_total: int = 0  # symlinks recorded (not followed)
 
     @property
     def files_done(self) -> int:
@@ -151,6 +156,8 @@ class RestoreCounts(_Totals, kw_only=True):
     bytes_restored: int = 0
     files_done: int = 0
     bytes_done: int = 0
+    dirs_restored: int = 0  # given their recorded mode, owner and mtime (created when missing)
+    symlinks_restored: int = 0
     # nothing a restore leaves out is "unchanged": an identical file found at DEST counts as skipped
     files_unchanged: ClassVar[int] = 0
     bytes_skipped: ClassVar[int] = 0
@@ -251,6 +258,7 @@ class CopyItem(msgspec.Struct, array_like=True):
     previous: FileEntry | None = None
     check: bool = False
     changed: bool = False
+    meta: Meta | None = None  # what the walk found of its mode, owner and hard link, for its record
 
     @property
     def prior(self) -> PriorCopy | None:
@@ -259,11 +267,12 @@ class CopyItem(msgspec.Struct, array_like=True):
 
 
 class FileRef(msgspec.Struct, array_like=True, frozen=True):
-    """A file as the scan saw it: path, size and modification time."""
+    """A file as the scan saw it: path, size and modification time, and its mode, owner and hard link."""
 
     path: str
     size: int
     mtime_ns: int
+    meta: Meta | None = None
 
 
 class RangePage(msgspec.Struct, kw_only=True):
@@ -372,6 +381,7 @@ class Planned(msgspec.Struct, Generic[C], kw_only=True):
     failures: list[Listed] = msgspec.field(default_factory=list)
     skipped: list[Listed] = msgspec.field(default_factory=list)
     notes: list[str] = msgspec.field(default_factory=list)  # what the user should know of how it went
+    tree: list[Span] = msgspec.field(default_factory=list)  # restore: the tree pages (also in ``done``)
 
 
 class SealInput(msgspec.Struct, kw_only=True):
@@ -408,6 +418,7 @@ class FetchItem(msgspec.Struct, array_like=True):
     md5: str | None
     mtime_ns: int | None
     snapshot: str | None = None
+    meta: Meta | None = None  # the mode and owner the record names (None: the blob's mode metadata)
 
 
 class PlanInput(msgspec.Struct, kw_only=True):
@@ -427,6 +438,21 @@ class FetchInput(msgspec.Struct, kw_only=True):
     page: int
     index: str = ""  # as CopyInput.index
     overwrite: bool = False
+    owners: bool = True  # RestoreOptions.owners
+
+
+class TreeInput(msgspec.Struct, kw_only=True):
+    """The restore's last activity, once every file is written (``workflows.tree``): the hard links, symlinks
+    and directories of the record, from the tree pages the plan wrote (``tree``, read with the page index)."""
+
+    dest: str
+    container: str
+    prefix: str = ""
+    tree: list[Span]
+    index: list[str]
+    overwrite: bool = False
+    owners: bool = True
+    root: bool = False  # DEST was created by this restore: the source root's mode, owner and mtime go to it
 
 
 # ----------------------------------------------------------------------------- orchestrations
@@ -434,7 +460,8 @@ class FetchInput(msgspec.Struct, kw_only=True):
 
 class Step(msgspec.Struct, array_like=True, frozen=True):
     """One activity of the page window: page ``page``'s batch, or (``commit``) the commit of the large file
-    whose first range page it is, or (``seal``) the sealing of the run's record, once every page is done."""
+    whose first range page it is, or (``seal``) the run's last step, once every page is done: the sealing of a
+    backup's record, a restore's tree."""
 
     page: int
     commit: bool = False
@@ -459,6 +486,7 @@ class RunState(msgspec.Struct, Generic[C], kw_only=True):
     pages: int = 0
     next_page: int = 0
     done: list[Span] = msgspec.field(default_factory=list)  # pages the first activity recorded, dropped as passed
+    tree: list[Span] = msgspec.field(default_factory=list)  # Planned.tree
     index: list[str] = msgspec.field(default_factory=list)  # Planned.index
     retry: list[Step] = msgspec.field(default_factory=list)  # steps to schedule before the next page
     failures: list[Listed] = msgspec.field(default_factory=list)
@@ -501,6 +529,7 @@ class RestoreInput(msgspec.Struct, kw_only=True):
     state: RunState[RestoreCounts] | None = None
     # a backup after the run may have replaced its blobs (see PlanInput); False only for the newest run
     later_backups: bool = True
+    dest_created: bool = False  # DEST did not exist: it gets the source root's recorded mode, owner and mtime
 
     @property
     def source_label(self) -> str:

@@ -101,6 +101,8 @@ def summary_line(summary: Summary[Any]) -> str:
     ]
     if counts.files_unchanged:
         parts.append(f"{counts.files_unchanged} unchanged ({human_bytes(counts.bytes_skipped)}),")
+    if getattr(counts, "metadata_changed", 0):  # a backup's: entries whose mode, owner or target alone changed
+        parts.append(f"{counts.metadata_changed} with metadata changes only,")
     other_skipped = counts.files_skipped - counts.files_unchanged
     if other_skipped:
         parts.append(f"{other_skipped} skipped,")

@@ -161,7 +161,10 @@ def _dry_run_line(item: DryRunItem) -> str:
     if item.action == "upload":
         return f"would upload {item.path} ({size}, {'changed' if item.changed else 'new'})"
     if item.action == "delete":
-        return f"deleted {item.path} ({size}; left out of the next run's record, kept for earlier runs)"
+        what = {"dir": "directory", "symlink": "symlink"}.get(item.kind, size)
+        return f"deleted {item.path} ({what}; left out of the next run's record, kept for earlier runs)"
+    if item.action == "metadata":  # its content stays: the record takes what changed
+        return f"would record {item.path} ({item.reason})"
     return f"{item.action} {item.path} ({item.reason or size})"
 
 
@@ -173,8 +176,11 @@ def dry_run_totals(plan: DryRunTotals, json_output: bool, quiet: bool) -> None:
         click.echo(f"dry run: {plan.files_to_upload} files would be uploaded ({human_bytes(plan.bytes_to_upload)}: "
                    f"{plan.files_to_upload - plan.files_changed} new, {plan.files_changed} changed), "
                    f"{plan.files_deleted} deleted since the last run ({human_bytes(plan.bytes_deleted)}), "
-                   f"{plan.files_unchanged} unchanged ({human_bytes(plan.bytes_skipped)}), "
-                   f"{plan.files_skipped - plan.files_unchanged} skipped, {plan.files_failed} failed")
+                   + (f"{plan.dirs_deleted} directories and {plan.symlinks_deleted} symlinks deleted, "
+                      if plan.dirs_deleted or plan.symlinks_deleted else "")
+                   + f"{plan.files_unchanged} unchanged ({human_bytes(plan.bytes_skipped)}), "
+                   + (f"{plan.metadata_changed} with metadata changes only, " if plan.metadata_changed else "")
+                   + f"{plan.files_skipped - plan.files_unchanged} skipped, {plan.files_failed} failed")
 
 
 def prune_report(report: PruneReport) -> None:

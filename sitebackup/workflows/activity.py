@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from azure.storage.blob import ContainerClient
 from durabletask import task
@@ -35,6 +35,13 @@ GetMany = Callable[[str, list[tuple[str, str | None, int]], Callable[[], bool]],
 log = logging.getLogger("sitebackup.activities")
 
 
+class CancelQuery(Protocol):
+    """Whether run *run_id* was cancelled: an answer a little old between files, as the backend has it now with
+    *fresh* (before a block range, which takes far longer than the question)."""
+
+    def __call__(self, run_id: str, fresh: bool = False) -> bool: ...
+
+
 @dataclass
 class ActivityDeps:
     """What activities need from the hosting process: its own credentials and work store."""
@@ -44,7 +51,7 @@ class ActivityDeps:
     endpoint: str  # label for messages, never a secret
     concurrency: Concurrency = Concurrency()  # the hosting process's (--concurrency)
     # asked between files (and block ranges) so that `sitebackup cancel` stops uploads at the next boundary
-    cancelled: Callable[[str], bool] = lambda run_id: False
+    cancelled: CancelQuery = lambda run_id, fresh=False: False
     # told (run id, copy result) after every finished batch: `sitebackup worker` prints a status line
     on_batch: Callable[[str, PageResult[BackupCounts]], None] | None = None
     # blob.asyncput.AsyncPutter.put_many; None: one by one

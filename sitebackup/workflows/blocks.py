@@ -154,7 +154,7 @@ def write_range_pages(pages: PageWriter, first_page: int, item: CopyItem, block_
     n = range_count(item.size, block_size)
     for index in range(n):
         pages.write(first_page + index, RangePage(
-            file=FileRef(item.path, item.size, item.mtime_ns), range=index, ranges=n, block_size=block_size,
+            file=FileRef(item.path, item.size, item.mtime_ns, item.meta), range=index, ranges=n, block_size=block_size,
             first_page=first_page, previous=item.previous))
     return n
 
@@ -282,7 +282,7 @@ def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage
     if not step.commit:
         result.range = RangeReport(first_page=item.first_page, ranges=item.ranges)
     client = deps.container_client(container)
-    cancelled = functools.partial(deps.cancelled, run_id)
+    cancelled = functools.partial(deps.cancelled, run_id, fresh=True)
     error = None
     try:
         if cancelled():
@@ -311,10 +311,10 @@ def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage
         result.range.error = error
         return result
     if error is None:
-        record = done.record(relpath)
+        record = done.record(relpath).take(item.file.meta)
         counts.files_uploaded = 1
     else:
-        record = FileEntry.failed(relpath, error, item.previous)
+        record = FileEntry.failed(relpath, error, item.previous).take(item.file.meta)
         counts.files_failed = 1
         result.failures = [Listed(relpath, error=error)]
     deps.work.write_result(run_id, item.first_page, [record])

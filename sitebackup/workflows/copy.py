@@ -27,7 +27,7 @@ from sitebackup.blob.upload import SINGLE_PUT_BYTES, Uploaded, upload_file
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.local import incremental
 from sitebackup.local.files import FileChangedError, SourceTree, fd_md5_b64
-from sitebackup.local.incremental import Compared
+from sitebackup.local.incremental import Compared, Found
 from sitebackup.local.scan import Skipped
 from sitebackup.model.codec import DamagedData, from_wire, to_wire
 from sitebackup.model.records import FileEntry, PriorCopy
@@ -71,11 +71,21 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
     large_above = blocks.threshold(inp.upload.block_size)
 
     def items() -> Iterator[CopyItem | FileEntry]:
-        """What each file needs: a ``CopyItem``, or for an unchanged file its record, ready as it is."""
+        """What each entry needs: a ``CopyItem``, or for an unchanged file, a directory or a symlink its record,
+        ready as it is."""
         # with --force too: what the baseline recorded at a name is kept as a snapshot before it is replaced
         for found in incremental.compare(Path(inp.source), patterns=inp.patterns,
                                          follow_symlinks=inp.follow_symlinks,
                                          baseline=_baseline(work, records, inp, notes.append), mode=inp.compare):
+            if isinstance(found, Found):
+                entry = found.entry
+                if entry.kind == "dir":
+                    counts.dirs_total += 1
+                else:
+                    counts.symlinks_total += 1
+                counts.metadata_changed += incremental.metadata_change(found.previous, entry=entry) is not None
+                yield entry
+                continue
             if not isinstance(found, Compared):
                 if isinstance(found, Skipped):
                     skipped.add(found.relpath, reason=found.reason)
@@ -87,11 +97,12 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
             counts.bytes_total += file.size
             if found.decision == incremental.UNCHANGED:
                 assert before is not None
-                yield incremental.unchanged_record(before)
+                counts.metadata_changed += incremental.metadata_change(before, file.meta) is not None
+                yield incremental.unchanged_record(before, file.meta)
             elif found.decision == incremental.CHECK:  # --checksum: hashed whole by the copy, never in ranges
-                yield CopyItem(file.path, file.size, file.mtime_ns, before, True)
+                yield CopyItem(file.path, file.size, file.mtime_ns, before, True, meta=file.meta)
             else:
-                yield CopyItem(file.path, file.size, file.mtime_ns, before, changed=before is not None)
+                yield CopyItem(file.path, file.size, file.mtime_ns, before, changed=before is not None, meta=file.meta)
 
     def large(item: CopyItem | FileEntry) -> bool:
         return isinstance(item, CopyItem) and not item.check and item.size > large_above and \
@@ -112,7 +123,7 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
             continue
         if all(map(light, batch)) and (len(done) < MAX_DONE_RANGES or done[-1].end == n_pages):
             work.write_result(run_id, n_pages, batch)
-            counts.files_unchanged += len(batch)
+            counts.files_unchanged += sum(isinstance(entry, FileEntry) and entry.is_file for entry in batch)
             counts.bytes_skipped += sum(entry.size for entry in batch)
             if done and done[-1].end == n_pages:
                 done[-1].end += 1
@@ -159,10 +170,15 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, items: list[CopyItem],
         if deps.cancelled(run_id):
             break
         relpath, previous = item.path, item.previous
+        if previous is not None and not previous.is_file:  # a directory or symlink, recorded by the scan
+            records.append(previous)
+            continue
         try:
             if previous is not None and not item.changed and (
                     not item.check or _md5_b64(source, relpath) == previous.md5):
-                records.append(incremental.unchanged_record(previous))
+                if item.check:  # --checksum found the same bytes: what else changed was not counted by the scan
+                    counts.metadata_changed += incremental.metadata_change(previous, item.meta) is not None
+                records.append(incremental.unchanged_record(previous, item.meta))
                 counts.files_unchanged += 1
                 counts.bytes_skipped += previous.size
                 continue
@@ -172,12 +188,12 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, items: list[CopyItem],
                                               spec, item.prior, deps.concurrency.per_file)
         except Exception as exc:
             error = file_error(exc, deps.endpoint)
-            records.append(FileEntry.failed(relpath, error, previous))
+            records.append(FileEntry.failed(relpath, error, previous).take(item.meta))
             failures.add(relpath, error=error)
             continue
         counts.files_uploaded += 1
         counts.bytes_uploaded += done.size
-        records.append(done.record(relpath))
+        records.append(done.record(relpath).take(item.meta))
     deps.work.write_result(run_id, page, records)
     # an unchanged file is a skipped one too: files_skipped = not uploaded on purpose
     counts.files_failed = failures.count

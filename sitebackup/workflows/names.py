@@ -20,6 +20,7 @@ COPY_BATCH = "CopyFileBatch"
 PLAN_RESTORE = "PlanRestore"
 RESTORE_BATCH = "RestoreFileBatch"
 SEAL_RECORD = "SealRunRecord"
+RESTORE_TREE = "RestoreTree"
 
 # a run parked until `sitebackup resume` raises RESUME_EVENT (see window.run_page_window)
 WAITING_PHASE = "waiting-destination"

@@ -8,6 +8,7 @@ Azurite answers 500 to every listing of a container holding a blob whose name ha
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from azure.storage.blob import BlobServiceClient
@@ -94,3 +95,32 @@ def test_control_characters_round_trip_and_the_container_still_lists(tmp_path, c
         assert restored == TREE
     verify = cli("verify", run_id)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_directories_and_symlinks_with_control_characters_come_back_and_are_listed_escaped(tmp_path, cli,
+                                                                                         container_name):
+    src = write_tree(tmp_path / "site", {"bell\x07/in.txt": b"in a folder with a BEL"})
+    (src / "empty\x1b[31m").mkdir()
+    (src / "link\nname").symlink_to("bell\x07/in.txt")
+    (src / "target\x1b").symlink_to("a\x1b[2Jtarget\n")  # dangling: the target is data, byte for byte
+    backup = cli(src, "-c", container_name, "--json")
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    run_id = json.loads(backup.stdout.splitlines()[-1])["instance_id"]
+
+    dest = tmp_path / "by-run"
+    restore = cli("restore", run_id, dest)
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    assert (dest / "empty\x1b[31m").is_dir() and not any((dest / "empty\x1b[31m").iterdir())
+    assert os.readlink(dest / "link\nname") == "bell\x07/in.txt"
+    assert (dest / "link\nname").read_bytes() == b"in a folder with a BEL"
+    assert os.readlink(dest / "target\x1b") == "a\x1b[2Jtarget\n"
+    local = cli("verify", run_id, "--local")  # compares the source with the record
+    assert local.returncode == 0, local.stdout + local.stderr
+
+    (src / "empty\x1b[31m").rmdir()
+    (src / "link\nname").unlink()
+    dry = cli(src, "-c", container_name, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    kept = "left out of the next run's record, kept for earlier runs"
+    assert dry.stdout.splitlines()[:2] == [f"deleted empty\\x1b[31m (directory; {kept})",
+                                           f"deleted link\\nname (symlink; {kept})"]

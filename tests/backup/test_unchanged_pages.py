@@ -40,20 +40,21 @@ def test_unchanged_tree_schedules_no_copy_and_a_changed_file_one_page(tmp_path, 
     first = summary_of(cli(*args))
     assert first["files_uploaded"] == 600
     walked = [e.path for e in walk(src) if isinstance(e, FileRef)]
+    entries = [e.path for e in walk(src) if isinstance(e, (FileRef, FileEntry))]  # the directories too
 
     second = summary_of(cli(*args))
     assert (second["files_uploaded"], second["files_unchanged"], second["files_skipped"]) == (0, 600, 600)
     assert scheduled(state_dir, second["instance_id"]) == [SCAN_TREE, SEAL_RECORD]
     work = LocalWorkStore(state_dir / "work")
-    assert [r.path for r in work.iter_results(second["instance_id"])] == walked
+    assert [r.path for r in work.iter_results(second["instance_id"])] == entries
 
     (src / walked[300]).write_bytes(b"changed")
     third = summary_of(cli(*args))
     assert (third["files_uploaded"], third["files_unchanged"]) == (1, 599)
     assert scheduled(state_dir, third["instance_id"]) == [SCAN_TREE, COPY_BATCH, SEAL_RECORD]
     records = list(work.iter_results(third["instance_id"]))
-    assert [r.path for r in records] == walked
-    assert [r.path for r in records if not r.unchanged] == [walked[300]]
+    assert [r.path for r in records] == entries
+    assert [r.path for r in records if r.is_file and not r.unchanged] == [walked[300]]
 
 
 def test_a_scan_run_again_leaves_nothing_of_its_earlier_attempt(tmp_path: Path):
@@ -76,12 +77,15 @@ def test_the_list_of_pages_done_by_the_scan_stays_short(tmp_path: Path):
                                   for e in walk(src) if isinstance(e, FileRef) and e.path.endswith("/b")])
     out = copy.scan_source(work, "run", ScanInput(source=str(src), min_pages=1, baseline="base",
                                                   upload=UploadSpec(block_size=1)))
-    assert len(out.done) == MAX_DONE_RANGES and out.counts.files_unchanged == MAX_DONE_RANGES
+    # the first page recorded holds the root's and the directories' entries, the others an unchanged file each
+    assert len(out.done) == MAX_DONE_RANGES and out.counts.files_unchanged == MAX_DONE_RANGES - 1
     recorded = {p for span in out.done for p in range(span.first, span.end)}
     written = {int(p.stem) for p in (tmp_path / "work" / "run" / "pages").iterdir()}
     assert recorded.isdisjoint(written) and recorded | written == set(range(out.pages))
-    assert len(written) == n * 5 + 10  # five ranges of each large file, the unchanged pages past the cap
-    assert [r.path for r in work.iter_results("run")] == [f"d{i:03d}/b" for i in range(MAX_DONE_RANGES)]
+    assert len(written) == n * 5 + 11  # five ranges of each large file, the unchanged pages past the cap
+    results = list(work.iter_results("run"))
+    assert [r.path for r in results if r.is_file] == [f"d{i:03d}/b" for i in range(MAX_DONE_RANGES - 1)]
+    assert [r.path for r in results if not r.is_file] == [".", *(f"d{i:03d}" for i in range(n))]
 
 
 def test_pages_and_records_are_written_as_json_writes_them():

@@ -11,7 +11,7 @@ import pytest
 
 from sitebackup.blob.workstore import MAX_PAGE_BYTES, LocalWorkStore
 from sitebackup.model.codec import FORMAT_VERSION, DamagedData, decode, encode, from_wire, to_wire
-from sitebackup.model.records import FileEntry, PriorCopy, PruneMark
+from sitebackup.model.records import FileEntry, Meta, PriorCopy, PruneMark, target_bytes, target_text
 from sitebackup.model.work import (
     BackupCounts,
     BackupInput,
@@ -45,12 +45,66 @@ def test_a_record_page_of_an_earlier_version_loads_and_is_written_back_the_same(
     assert encode(entries) == RECORD_PAGE
 
 
+# A record page of format 2: the tree (a directory, a symlink, modes, owners, a hard link), defaults omitted.
+TREE_PAGE = (b'[{"path":"a","size":3,"mtime_ns":5,"md5":"QQ==","mode":420,"uid":1234,"gid":2345,"user":"web",'
+             b'"group":"www"},'
+             b'{"path":"b","size":3,"mtime_ns":5,"md5":"QQ==","mode":420,"uid":0,"gid":0,"link":"a"},'
+             b'{"path":"cur","mtime_ns":7,"kind":"symlink","mode":511,"uid":0,"gid":0,"target":"releases/r42"},'
+             b'{"path":"odd","kind":"symlink","target":"\\u0000/w==\"},'
+             b'{"path":"cache","mtime_ns":9,"kind":"dir","mode":1005}]')
+
+
+def test_a_record_page_of_format_2_carries_the_tree_and_round_trips():
+    entries = decode(TREE_PAGE, list[FileEntry], "a record page")
+    assert [e.kind for e in entries] == ["file", "file", "symlink", "symlink", "dir"]
+    assert (entries[0].mode, entries[0].uid, entries[0].gid, entries[0].user, entries[0].group) == \
+        (0o644, 1234, 2345, "web", "www")
+    assert entries[1].link == "a" and entries[1].is_file and not entries[2].is_file
+    assert target_bytes(entries[2].target or "") == b"releases/r42" and target_bytes(entries[3].target or "") == b"\xff"
+    assert entries[4].mode == 0o1755 and not entries[4].stored
+    assert encode(entries) == TREE_PAGE
+    # a format-1 entry is a plain file with nothing recorded of its metadata
+    old = decode(RECORD_PAGE, list[FileEntry], "a record page")[0]
+    assert (old.kind, old.mode, old.uid, old.gid, old.user, old.target, old.link) == ("file", *[None] * 6)
+
+
+@pytest.mark.parametrize("raw", [b"a", b"/etc", b"../../x", b"\xff\xfe", "r\u00e9".encode(), b"caf\xe9/x", b"z"])
+def test_a_symlink_target_round_trips_byte_for_byte(raw):
+    text = target_text(raw)
+    assert target_bytes(text) == raw
+    assert decode(encode([FileEntry("l", kind="symlink", target=text)]), list[FileEntry], "p")[0].target == text
+
+
+@pytest.mark.parametrize("fields, what", [
+    ('"kind":"fifo"', "an unknown kind"),
+    ('"mode":4096', "a mode beyond the permission bits"),
+    ('"mode":-1', "a negative mode"),
+    ('"uid":-1', "a negative uid"),
+    ('"gid":4294967296', "a gid beyond 32 bits"),
+    ('"user":""', "an empty user name"),
+    ('"group":"a\\u0000b"', "a group name with a NUL"),
+    ('"kind":"symlink"', "a symlink without a target"),
+    ('"target":"x"', "a file with a target"),
+    ('"kind":"symlink","target":""', "an empty target"),
+    ('"kind":"symlink","target":"a\\u0000b"', "a target with a NUL"),
+    ('"kind":"symlink","target":"\\u0000!!"', "a target that is not base64"),
+    ('"kind":"symlink","target":"\\u0000YQ=="', "a UTF-8 target in the binary form"),
+    ('"kind":"dir","md5":"QQ=="', "a directory with content"),
+    ('"kind":"dir","size":3', "a directory with a size"),
+    ('"kind":"symlink","target":"x","link":"a"', "a symlink that is a hard link"),
+])
+def test_an_entry_whose_tree_fields_do_not_validate_is_damaged(fields, what):
+    with pytest.raises(DamagedData, match="record page 1 of run R is damaged"):
+        decode(b'[{"path":"p",' + fields.encode() + b"}]", list[FileEntry], "record page 1 of run R")
+
+
 def test_work_pages_are_compact_arrays_that_round_trip():
     copy_page = b'[["new.txt",3,7,null,false,false],' \
                 b'["seen.txt",5,9,{"path":"seen.txt","size":5,"mtime_ns":8,"md5":"QQ=="},true,false],' \
                 b'["changed.txt",4,2,{"path":"changed.txt","size":3,"mtime_ns":1,"md5":"QQ==","etag":"\\"0x2\\""},false,true]]'
     items = decode(copy_page, CopyPage, "a copy page")  # type: ignore[arg-type]
-    assert isinstance(items, list) and encode(items) == copy_page
+    # a page of the previous format loads; this one writes each file's metadata last (null: none)
+    assert isinstance(items, list) and encode(items) == copy_page.replace(b"],[", b",null],[").replace(b"]]", b",null]]")
     assert items[0] == CopyItem("new.txt", 3, 7) and items[0].prior is None
     assert items[1].previous == FileEntry("seen.txt", 5, 8, "QQ==") and items[1].check
     assert items[2].changed and items[2].prior == PriorCopy("QQ==", '"0x2"')
@@ -58,7 +112,12 @@ def test_work_pages_are_compact_arrays_that_round_trip():
                  b'"previous":{"path":"big.bin","size":98,"mtime_ns":1,"md5":"QQ=="}}'
     page = decode(range_page, CopyPage, "a range page")  # type: ignore[arg-type]
     assert isinstance(page, RangePage) and page.file.path == "big.bin" and page.previous is not None
-    assert encode(page) == range_page
+    assert encode(page) == range_page.replace(b"5],", b"5,null],")
+    with_meta = b'[["x.sh",1,2,null,false,false,[493,1234,2345,"web","www",null]],' \
+                b'["y.sh",1,2,null,false,false,[493,1234,2345,null,null,"x.sh"]]]'
+    items = decode(with_meta, CopyPage, "a copy page")  # type: ignore[arg-type]
+    assert isinstance(items, list) and encode(items) == with_meta
+    assert items[0].meta == Meta(0o755, 1234, 2345, "web", "www") and items[1].meta and items[1].meta.link == "x.sh"
     fetch = decode(b'[["p/a","a",3,"QQ==",7,null],["p/b","b",1,null,null,"2026-12-01T00:00:00.0000000Z"]]',
                    list[FetchItem], "a restore page")
     assert fetch[1].snapshot and fetch[1].md5 is None
@@ -131,6 +190,6 @@ def test_the_work_store_names_a_damaged_page_and_refuses_an_oversized_one(tmp_pa
 def test_the_wire_form_is_plain_json_and_round_trips():
     item = CopyItem("a", 1, 2, FileEntry("a", 1, 2, "QQ==", etag="e"), True, False)
     assert from_wire(json.loads(json.dumps(to_wire([item]))), list[CopyItem], "page") == [item]
-    assert FORMAT_VERSION == 1
+    assert FORMAT_VERSION == 2
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"path": ".."}, FileEntry)

@@ -106,3 +106,25 @@ def test_a_modification_time_no_file_can_have_is_refused_by_name_and_the_rest_re
         assert (summary["files_restored"], summary["files_failed"]) == (1, 2)
         assert sorted(p.name for p in dest.iterdir()) == ["ok.txt"]
         assert (dest / "ok.txt").stat().st_mtime_ns == 1_700_000_000_123_456_789
+
+
+def test_a_modification_time_no_directory_or_symlink_can_have_is_refused_by_name_and_the_rest_restored(
+        tmp_path, cli, cli_env, blob_service, container_name):
+    src = write_tree(tmp_path / "site", {"ok.txt": b"ok", "d/in.txt": b"in"})
+    (src / "empty").mkdir()
+    (src / "link").symlink_to("ok.txt")
+    run_id = summary_of(cli(src, "-c", container_name, "--json"))["instance_id"]
+    container = blob_service.get_container_client(container_name)
+    forge_record(container, run_id, "d", mtime_ns=2**70)
+    forge_record(container, run_id, "empty", mtime_ns=-2**63 - 1)
+    forge_record(container, run_id, "link", mtime_ns=2**64)
+    forge_record(container, run_id, ".", mtime_ns=2**63)
+
+    dest = tmp_path / "out"
+    result = cli("restore", run_id, "--container", container_name, dest, "--json",
+                 env={**cli_env, "SITEBACKUP_STATE_DIR": str(tmp_path / "new")})
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = summary_of(result)
+    assert {f["path"]: f["error"] for f in summary["failures"]} == {p: OUT_OF_RANGE for p in (".", "d", "empty", "link")}
+    assert (summary["files_restored"], summary["dirs_restored"], summary["symlinks_restored"]) == (2, 0, 0)
+    assert {p.relative_to(dest).as_posix() for p in dest.rglob("*")} == {"ok.txt", "d", "d/in.txt"}
