@@ -46,6 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     source = generate(Dataset(f"unchanged-{args.files}x{args.size}", args.files, args.size, 100), args.data_dir)
     checkouts = {"sitebackup": ROOT, "sitebackup-base": args.base_src.resolve()}
+    containers = {"sitebackup": "bench-this", "sitebackup-base": "bench-base"}
     for src in checkouts.values():
         compile_package(src)
     work = Path(tempfile.mkdtemp(prefix="bench-unchanged-"))
@@ -54,7 +55,7 @@ def main() -> None:
 
         def backup(tool: str, label: str) -> Run:
             log = work / f"{tool}-{label}.log"
-            cmd = sitebackup_command([str(source.root), "--container", tool.replace("sitebackup", "sb")],
+            cmd = sitebackup_command([str(source.root), "--container", containers[tool]],
                                      work / f"state-{tool}", [])
             seconds, cpu, rss, code = run_timed(cmd, env, log, checkouts[tool])
             done = last_json(log)

@@ -1,7 +1,7 @@
 """Benchmark: `sitebackup` backup and restore against plain Python peers, rclone and AzCopy on Azurite.
 
 Run: .venv/bin/python benchmarks/bench_upload.py [--dataset small,medium,large] [--ops backup,restore]
-     [--repeat 3] [--tree PATH] [--tools ...] [--write-docs]
+     [--repeat 3] [--tree PATH] [--tools ...] [--rtt 0,40] [--mbit 100] [--write-docs]
 (the asyncio peers need aiohttp: `pip install -e .[bench]`; the peers are in benchmarks/peers.py).
 
 Datasets are generated once from a fixed seed under --data-dir; `--tree PATH` measures any directory too.
@@ -20,6 +20,11 @@ load spike from elsewhere on the machine hits all of them; a row is the median o
   is then written to stand for a backup of every file (the record a run writes: path, size, mtime, MD5;
   real MD5s): the unchanged runs send no request either way, and a million Put Blobs take Azurite hours
   here (its CPU per request grows with the blobs it holds: 200,000 files took 13 minutes).
+
+--rtt: each dataset once per round-trip time (ms), the timed runs reaching Azurite through
+benchmarks/delayproxy.py (half the RTT added each way, --mbit capping each direction); its rows are the
+dataset's name with "@RTTms", and each run's log line gives the connections it opened and the requests it
+kept in flight (mean and most) as the proxy saw them.
 
 rclone and AzCopy are used when on PATH; tools missing are reported as skipped rows, never left out.
 """
@@ -55,6 +60,7 @@ PERFORMANCE_PAGE = ROOT / "docs" / "performance.md"  # --write-docs rewrites a b
 sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 import peers  # noqa: E402
 import report  # noqa: E402
+from delayproxy import behind  # noqa: E402
 from report import Row  # noqa: E402
 
 KIB, MIB, GIB = 1024, 1024 ** 2, 1024 ** 3
@@ -333,6 +339,25 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path):
         self.args = args
         self.work = work
+        self.rtt_ms = 0.0  # the round trip the timed runs go through (set per pass of --rtt)
+
+    @contextlib.contextmanager
+    def path(self, azurite) -> Iterator:
+        """*azurite* as the timed runs reach it: directly, or through a delay proxy of the current RTT."""
+        if not self.rtt_ms and not self.args.mbit:
+            yield azurite
+            return
+        with behind(azurite, self.rtt_ms / 2, self.args.mbit) as far:
+            yield far
+
+    def proxied(self, azurite) -> str:
+        """What the proxy in front of *azurite* saw since it was last asked, for a run's log line."""
+        proxy = getattr(azurite, "proxy", None)
+        if proxy is None:
+            return ""
+        c = proxy.reset()
+        return (f" conns {c.connections} (most open {c.most_open}) requests {c.requests}"
+                f" in flight mean {c.mean_in_flight:.1f} most {c.most_in_flight}")
 
     def cwd(self, tool: str) -> Path:
         return self.args.base_src if tool == "sitebackup-base" else ROOT  # `-m` imports from cwd
@@ -367,8 +392,8 @@ class Bench:
 
         # a fresh Azurite per run: a long-lived in-memory one slows down (and once stalled for
         # minutes) as deleted containers pile up in its heap
-        with azurite_server(self.work) as azurite:
-            service = BlobServiceClient.from_connection_string(azurite.connection_string)
+        with azurite_server(self.work) as local, self.path(local) as azurite:
+            service = BlobServiceClient.from_connection_string(local.connection_string)
             container = f"b-{tool}-{uuid.uuid4().hex[:10]}"
             client = service.get_container_client(container)
             try:
@@ -383,12 +408,14 @@ class Bench:
                 seconds, cpu, peak, code = run_timed(cmd, tool_env(azurite, self.work), log, self.cwd(tool),
                                                      timeout_for(source))
                 server_cpu = cpu_seconds(azurite.process.pid) - before
-                count = sum(1 for _ in client.list_blob_names())
+                seen = self.proxied(azurite)
+                # the files' blobs: sitebackup's sealed records and job lock sit beside them under .sitebackup/
+                count = sum(1 for name in client.list_blob_names() if not name.startswith(".sitebackup/"))
             finally:
                 service.close()
         ok = code == 0 and count == source.files
         run = Run(seconds, cpu, peak, server_cpu, "" if ok else f"run {i}: exit {code}, {count}/{source.files} blobs (log {log})")
-        log_run(f"backup {tool} run {i}", run, f"exit {code} blobs {count}")
+        log_run(f"backup {tool} run {i}", run, f"exit {code} blobs {count}{seen}")
         return run
 
     def restore(self, source: Source) -> list[Row]:
@@ -397,17 +424,19 @@ class Bench:
         tools = self.tools(RESTORE_TOOLS)
         if "asyncio-get" in tools and not aiohttp_installed():
             tools.remove("asyncio-get")
-        with azurite_server(self.work) as azurite:
-            env = tool_env(azurite, self.work)
-            service = BlobServiceClient.from_connection_string(azurite.connection_string)
+        with azurite_server(self.work) as local:
+            service = BlobServiceClient.from_connection_string(local.connection_string)
             try:
-                # the backups restored from, untimed; the peers restore what the current sitebackup wrote
-                made = {variant: self.setup_backup(variant, source, service, env)
+                # the backups restored from, untimed and straight to Azurite; the peers restore what the
+                # current sitebackup wrote
+                made = {variant: self.setup_backup(variant, source, service, tool_env(local, self.work))
                         for variant in ["sitebackup", *(t for t in tools if t == "sitebackup-base")]}
             finally:
                 service.close()
-            runs = round_robin(tools, self.args.repeat,
-                               lambda tool, i: self.restore_once(tool, source, i, made, azurite, env))
+            with self.path(local) as azurite:
+                env = tool_env(azurite, self.work)
+                runs = round_robin(tools, self.args.repeat,
+                                   lambda tool, i: self.restore_once(tool, source, i, made, azurite, env))
         rows = [median_row(source, "restore", t, runs[t]) for t in tools]
         if "asyncio-get" in self.args.tools and "asyncio-get" not in tools:
             rows.append(Row(source.name, "restore", "asyncio-get", note="skipped: aiohttp not installed"))
@@ -443,6 +472,7 @@ class Bench:
         before = cpu_seconds(azurite.process.pid)
         seconds, cpu, peak, code = run_timed(cmd, env, log, self.cwd(tool), timeout_for(source))
         server_cpu = cpu_seconds(azurite.process.pid) - before
+        seen = self.proxied(azurite)
         files, size = peers.walk(dest) if dest.exists() else (0, 0)
         shutil.rmtree(dest, ignore_errors=True)
         if state is not None:
@@ -450,7 +480,7 @@ class Bench:
         ok = code == 0 and (files, size) == (source.files, source.bytes)
         run = Run(seconds, cpu, peak, server_cpu,
                   "" if ok else f"run {i}: exit {code}, {files}/{source.files} files, {size}/{source.bytes} bytes (log {log})")
-        log_run(f"restore {tool} run {i}", run, f"exit {code} files {files}")
+        log_run(f"restore {tool} run {i}", run, f"exit {code} files {files}{seen}")
         return run
 
     def scan(self, source: Source) -> list[Row]:
@@ -565,8 +595,13 @@ def measure(args: argparse.Namespace) -> dict:
     sources = [lambda name=name: generate(dataset(name, args), args.data_dir) for name in args.dataset]
     sources += [lambda tree=tree: tree_source(tree) for tree in args.tree]
     try:
-        for source in sources:
-            rows += bench.rows(source())
+        for make in sources:
+            source = make()
+            for rtt in args.rtt:
+                bench.rtt_ms = rtt
+                named = source if rtt == 0 and not args.mbit else dataclasses.replace(
+                    source, name=f"{source.name}@{rtt:g}ms" + (f"/{args.mbit:g}Mbit" if args.mbit else ""))
+                rows += bench.rows(named)
             if args.save:
                 args.save.write_text(json.dumps([results()], indent=1))
     finally:
@@ -609,6 +644,10 @@ def main() -> None:
     parser.add_argument("--restore-args", default="", help="extra arguments for sitebackup restores, e.g. '--concurrency 32'")
     parser.add_argument("--base-src", type=Path,
                         help="a checkout (git worktree) whose sitebackup runs as tool 'sitebackup-base', for A/B")
+    parser.add_argument("--rtt", default="0",
+                        help="comma-separated round-trip times in ms, each dataset measured at each through a delay "
+                             "proxy (default 0: straight to Azurite), e.g. 0,20,40,80")
+    parser.add_argument("--mbit", type=float, help="with the proxy: cap each direction at this many Mbit/s")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state dirs)")
     parser.add_argument("--write-docs", action="store_true",
                         help="replace the block between <!-- NAME:begin --> and <!-- NAME:end --> in docs/performance.md "
@@ -622,6 +661,12 @@ def main() -> None:
     args.dataset = [d for d in args.dataset.split(",") if d]
     args.ops = [o for o in args.ops.split(",") if o]
     args.tools = [t for t in args.tools.split(",") if t]
+    try:
+        args.rtt = [float(r) for r in args.rtt.split(",") if r]
+    except ValueError:
+        parser.error(f"--rtt {args.rtt}: milliseconds, comma-separated")
+    if not args.rtt or any(r < 0 for r in args.rtt):
+        parser.error("--rtt: one or more round-trip times of 0 ms or more")
     unknown = ([d for d in args.dataset if d not in DATASETS] + [o for o in args.ops if o not in OPS]
                + [t for t in args.tools if t not in TOOLS])
     if unknown:

@@ -7,7 +7,7 @@
   its MD5 sent as Content-MD5: the integrity work sitebackup does on every file);
 - ``asyncio-get``: the async SDK, 32 downloads in flight into --src, with sitebackup's restore integrity work:
   each download checked against the blob's Content-MD5, written to a temporary name, given its recorded
-  mode and mtime, then renamed into place;
+  mode and mtime, then renamed into place (the files' blobs: not sitebackup's records beside them);
 - ``walk``: a bare ``os.scandir`` + ``stat`` walk of --src (the floor for a scan of the same tree).
 
 Storage comes from ``AZURE_STORAGE_CONNECTION_STRING``. Each peer prints one count line on stdout.
@@ -32,6 +32,7 @@ IN_FLIGHT = 32
 SINGLE_PUT = 256 * MIB
 # downloads up to this size are one GET held in memory; larger ones are fetched in parallel ranges
 SINGLE_GET = 8 * MIB
+RECORDS = ".sitebackup/"  # where sitebackup keeps its sealed records and job locks in the container
 PEERS = ("threaded", "threaded-md5", "asyncio", "asyncio-md5", "asyncio-get", "walk")
 
 
@@ -176,7 +177,8 @@ def asyncio_get(dest: Path, container: str) -> int:
                     os.replace(tmp, target)
 
             blobs = [(b.name, b.size, md5_b64(b.content_settings.content_md5), b.metadata or {})
-                     async for b in client.list_blobs(include=["metadata"])]
+                     async for b in client.list_blobs(include=["metadata"])
+                     if not b.name.startswith(RECORDS)]
             return len(await asyncio.gather(*(get(*blob) for blob in blobs)))
 
     return asyncio.run(main())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up, start Azurite on 127.0.0.1, back up a directory (default: a generated sample
-# site) and show the recorded status. Usage: scripts/demo.sh [DIR]
+# site), show the recorded status and restore the run, all before Azurite stops with the script.
+# Usage: scripts/demo.sh [DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -31,4 +32,10 @@ set -e
 ID=$(.venv/bin/sitebackup list --json --limit 1 | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)[0]["instance_id"])')
 echo
 .venv/bin/sitebackup status "$ID"
-echo "backup exit code: $CODE   (try: .venv/bin/sitebackup list; .venv/bin/sitebackup restore $ID /tmp/restored)"
+echo "backup exit code: $CODE"
+# the restore runs here, while Azurite is up: it stops with this script, and with it every blob of the demo
+rm -rf .demo/restored
+.venv/bin/sitebackup restore "$ID" .demo/restored --quiet && diff -r "$SRC" .demo/restored \
+  && echo "restored $ID into .demo/restored: the same files as $SRC"
+echo "Azurite stops with the demo; what the state directory recorded stays: try"
+echo "  SITEBACKUP_STATE_DIR=$SITEBACKUP_STATE_DIR .venv/bin/sitebackup list"

@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 import click
@@ -48,6 +50,7 @@ from sitebackup.commands.options import Session, set_log_levels
 from sitebackup.durable.runtime import backend_error
 from sitebackup.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, SiteBackupError
 from sitebackup.ui.escape import printable
+from sitebackup.ui.logfile import log_failure
 from sitebackup.ui.metrics import MetricsFileError
 
 
@@ -107,18 +110,52 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-def report_error(message: str, exit_code: int, json_output: bool) -> int:
-    """One line on stderr, and with ``--json`` one error object on stdout; returns *exit_code*."""
+def report_error(message: str, exit_code: int, session: Session) -> int:
+    """One line on stderr, with ``--json`` one error object on stdout, with ``--log-file`` one line in the log;
+    returns *exit_code*."""
     message = printable(redact(message))
     click.echo(message, err=True)
-    if json_output:
+    if session.log_file is not None:
+        log_failure(session.log_file, session.command, message)
+    if session.json_output:
         text = message.removeprefix("sitebackup: error: ").removeprefix("Error: ")
         click.echo(json.dumps({"event": "error", "exit_code": exit_code, "message": text}))
     return exit_code
 
 
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    """The first Ctrl-C or SIGTERM: stop, keeping the run resumable (``hosting.stop_now``); a second one while
+    that goes on stops at once."""
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is _interrupt:
+            signal.signal(sig, _stop_at_once)
     raise KeyboardInterrupt
+
+
+def _stop_at_once(_signum: int, _frame: FrameType | None) -> None:
+    # what the state directory holds is committed whole: this is a kill, which a run resumes from
+    os.write(2, b"sitebackup: stopped at once; the run resumes from what was saved\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stoppable() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM stop the command (``_interrupt``), a second one at once. A stop by
+    cron's timeout or systemd ends like Ctrl-C: workers stopped, the run resumable, metrics written. A SIGINT the
+    shell made this process ignore (a background job) stays ignored. After the block SIGTERM kills again."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if previous[signal.SIGINT] is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run(args: list[str] | None, session: Session) -> int:
@@ -128,9 +165,9 @@ def run(args: list[str] | None, session: Session) -> int:
     except SystemExit as exc:  # commands end with sys.exit(code); so does shell completion
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else EXIT_INTERNAL
     except SiteBackupError as exc:
-        return report_error(f"sitebackup: error: {exc}", exc.exit_code, session.json_output)
+        return report_error(f"sitebackup: error: {exc}", exc.exit_code, session)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        return report_error("sitebackup: interrupted", EXIT_INTERRUPTED, session.json_output)
+        return report_error("sitebackup: interrupted", EXIT_INTERRUPTED, session)
     except click.ClickException as exc:
         # click echoes the offending argument whole: a connection string given in the wrong place
         shown = io.StringIO()
@@ -138,30 +175,32 @@ def run(args: list[str] | None, session: Session) -> int:
         for line in redact(shown.getvalue()).splitlines():
             click.echo(printable(line), err=True)
         code = exc.exit_code or EXIT_USAGE
+        if session.log_file is not None:
+            log_failure(session.log_file, session.command, f"error: {redact(exc.format_message())}")
         if session.json_output:
             click.echo(json.dumps({"event": "error", "exit_code": code, "message": redact(exc.format_message())}))
         return code
     except Exception as exc:  # a bug: one line, unless --debug asks for the traceback
         refused = backend_error(exc)
         if refused is not None:
-            return report_error(f"sitebackup: error: {refused}", refused.exit_code, session.json_output)
+            return report_error(f"sitebackup: error: {refused}", refused.exit_code, session)
         if session.debug:
             click.echo(redact(traceback.format_exc()), err=True)
         return report_error(f"sitebackup: internal error: {redact(str(exc)) or type(exc).__name__} "
-                            "(rerun with --debug for details)", EXIT_INTERNAL, session.json_output)
+                            "(rerun with --debug for details)", EXIT_INTERNAL, session)
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     _configure_logging()
-    # a stop by cron's timeout or systemd ends like Ctrl-C: workers stopped, the run resumable, metrics written
-    signal.signal(signal.SIGTERM, _interrupt)
     session = Session()
-    code = run(argv, session)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with stoppable():
+        code = run(argv, session)
     if session.metrics is not None:
         try:
-            session.metrics.write(code)
+            unlocked = session.metrics.write(code)
+            if unlocked is not None:
+                click.echo(printable(f"sitebackup: warning: {unlocked}"), err=True)
         except (MetricsFileError, KeyboardInterrupt) as exc:
             click.echo(f"sitebackup: warning: metrics not written: {exc or 'interrupted'}", err=True)
     if argv is None:  # the program itself, not a caller in this process

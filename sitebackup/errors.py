@@ -25,8 +25,8 @@ EXIT_CODES = (
     ExitCode(3, "destination", "destination unreachable, authentication failed or access denied"),
     ExitCode(4, "already-running", "the same backup is already running in another process (with --no-wait), "
                                    "or another backup or prune of the job holds its lock in the container"),
-    ExitCode(5, "state-full", "the state directory filled up or stopped taking writes; the run is saved: "
-                              "free space, then run the same command again"),
+    ExitCode(5, "state-full", "the state directory is full or stopped taking writes, found as the command starts "
+                              "or during a run (a run is saved): free space, then run the same command again"),
     ExitCode(6, "stalled", "the same backup is running in another process but has made no progress for "
                            "--stall-after (with --no-wait)"),
     ExitCode(7, "cancelled", "the run was cancelled (sitebackup cancel); what it uploaded before stays"),
@@ -102,17 +102,27 @@ class StateFullError(SiteBackupError):
 
     exit_code = EXIT_STATE_FULL
 
-    def __init__(self, state_dir: object, cause: str, instance_id: str | None = None, kept: str = "the run is saved"):
+    def __init__(self, state_dir: object, cause: str, instance_id: str | None = None, kept: str = "the run is saved",
+                 hint: str = ""):
         again = f"run the same command again, or: sitebackup resume {instance_id}" if instance_id \
             else "run the same command again"
         super().__init__(f"state directory {state_dir} cannot be written ({cause}); {kept}: "
-                         f"free space there, then {again}")
+                         f"free space there{hint}, then {again}")
 
 
 # SQLite's primary result codes and the errnos that say the disk cannot take writes: full (or over quota),
 # read-only, or failing; not a busy lock, a missing file or a bug
 _SQLITE_WRITE_FAULTS = {13: "database or disk is full", 10: "disk I/O error", 8: "the database is read-only"}
 _OS_WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def full_disk(exc: BaseException) -> str | None:
+    """Why the state directory cannot be written when *exc* says it is full (or failing), not read-only: what a
+    command meets as it opens the state directory is then ``StateFullError`` (exit 5), as a run that fills it."""
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return None
+    reason = write_fault(exc)
+    return None if reason == _SQLITE_WRITE_FAULTS[8] else reason
 
 
 def write_fault(exc: BaseException) -> str | None:

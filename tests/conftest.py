@@ -18,7 +18,7 @@ from azure.storage.blob import BlobServiceClient
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fast_tier  # noqa: E402
 from azurite import Azurite, free_port  # noqa: E402
-from helpers import run_cli  # noqa: E402
+from helpers import QUICK_WAITS, run_cli  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -71,7 +71,7 @@ def state_dir(tmp_path: Path) -> Path:
 def cli_env(azurite: Azurite, state_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "SITEBACKUP_"))}
     env.update(AZURE_STORAGE_CONNECTION_STRING=azurite.connection_string, SITEBACKUP_STATE_DIR=str(state_dir),
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **QUICK_WAITS)
     return env
 
 

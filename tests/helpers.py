@@ -84,12 +84,19 @@ def open_stream_ids(state_dir: Path) -> set[str]:
         db.close()
 
 
+# every command the tests start retries a failing batch as often as in production, and asks again for a lock it
+# waits for, only sooner: tests whose batches keep failing or who wait for a lock spend less time asleep (the
+# production intervals are pinned in this process: by the orchestration replays, and the lock's own tests)
+QUICK_WAITS = {"SITEBACKUP_BATCH_RETRY_SECONDS": "1", "SITEBACKUP_LOCK_POLL_SECONDS": "1"}
+
+
 def env_for(conn: str | None, state: Path, **extra: str) -> dict[str, str]:
     """A child's environment: no inherited Azure or sitebackup settings, this storage and state directory."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "SITEBACKUP_"))}
     if conn:
         env["AZURE_STORAGE_CONNECTION_STRING"] = conn
-    env.update(SITEBACKUP_STATE_DIR=str(state), PYTHONUNBUFFERED="1", **extra)
+    env.update(SITEBACKUP_STATE_DIR=str(state), PYTHONUNBUFFERED="1", **QUICK_WAITS)
+    env.update(extra)
     return env
 
 

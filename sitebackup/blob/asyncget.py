@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from azure.core.exceptions import IncompleteReadError, ServiceResponseError
 from azure.core.rest import HttpRequest
 
 from sitebackup.blob.asyncput import AsyncPutter, Cancelled, SignedUrls
@@ -26,6 +27,8 @@ from sitebackup.blob.errors import response_error
 from sitebackup.local.files import b64
 
 _META = "x-ms-meta-"
+# a body cut off mid-way is asked for again, as the pipeline's retries do for a body it reads itself
+BODY_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -66,22 +69,41 @@ class ContainerGets:
         self._pipeline = pipeline
         self._headers = {"x-ms-version": container.api_version}
 
-    async def get(self, name: str, snapshot: str | None) -> Got:
-        """The whole of blob *name* (its *snapshot*, if given), read into memory by the pipeline, so a
-        connection lost mid-body is retried like any failed request."""
+    async def get(self, name: str, snapshot: str | None, size: int) -> Got:
+        """The whole of blob *name* (its *snapshot*, if given) when it is *size* bytes, read into memory. A blob of
+        another size is never read (a writer of the container can put any size behind a record): its ``Got``
+        holds no data and the size the service gave, for the caller's checks to refuse."""
         if snapshot is not None:
             # through the SDK's client: Azurite refuses a container SAS on a snapshot read (it signs the
-            # request's snapshot into the SAS), and only files replaced since their run come from one
-            downloader = await self._container.get_blob_client(name, snapshot=snapshot).download_blob(decompress=False)
+            # request's snapshot into the SAS), and only files replaced since their run come from one; a snapshot
+            # never changes, so its size read first is the size of what is downloaded
+            blob = self._container.get_blob_client(name, snapshot=snapshot)
+            props = await blob.get_blob_properties()
+            if props.size != size:
+                return Got(b"", BlobFacts.of(props))
+            downloader = await blob.download_blob(decompress=False)
             return Got(await downloader.readall(), BlobFacts.of(downloader.properties))
-        # auto_decompress=False: a blob marked Content-Encoding: gzip is restored as the bytes it holds (the ones
-        # its Content-MD5 is of), never inflated on the way
-        response = await self._pipeline.send_request(HttpRequest("GET", self._urls.blob(name), headers=self._headers),
-                                                     auto_decompress=False)
-        if response.status_code != 200:
-            raise response_error(response)
-        data = response.content
-        return Got(data, BlobFacts.from_headers(len(data), response.headers))
+        # streamed, to see the size before the body; auto_decompress=False: a blob marked Content-Encoding: gzip
+        # is restored as the bytes it holds (the ones its Content-MD5 is of), never inflated on the way
+        request = HttpRequest("GET", self._urls.blob(name), headers=self._headers)
+        attempt = 1
+        while True:
+            response = await self._pipeline.send_request(request, stream=True, auto_decompress=False)
+            try:
+                if response.status_code != 200:
+                    await response.read()
+                    raise response_error(response)
+                facts = BlobFacts.from_headers(int(response.headers.get("Content-Length", -1)), response.headers)
+                if facts.size != size:
+                    return Got(b"", facts)
+                try:
+                    return Got(await response.read(), facts)
+                except (IncompleteReadError, ServiceResponseError):  # cut off mid-body: asked again
+                    if attempt == BODY_ATTEMPTS:
+                        raise
+                    attempt += 1
+            finally:
+                await response.close()
 
 
 class AsyncGetter:
@@ -129,4 +151,4 @@ class AsyncGetter:
                 raise Cancelled()
             if self._limiter is not None:
                 await self._limiter.acquire_async(size)
-            return await gets.get(name, snapshot)
+            return await gets.get(name, snapshot, size)

@@ -6,6 +6,10 @@ response bodies arrive in reads, each paid for from the bucket, so a 32 MiB bloc
 at the rate instead of bursting after a long wait. The asyncio uploader pays for each small file
 before its request (``process_limiter``). Without a limit no client is wrapped: nothing is added to
 the hot path.
+
+A process that stops (Ctrl-C, SIGTERM) calls ``stop_waits``: every transfer still waiting for its share of
+the rate then ends at once with ``TransferStopped`` instead of trickling out, so stopping never waits for the
+bytes in flight at the cap.
 """
 
 from __future__ import annotations
@@ -30,6 +34,21 @@ MIN_RATE = KIB
 # requests of a busy window, small enough that no stretch of a run goes measurably over the cap
 BURST_SECONDS = 0.1
 RATE_HELP = "bytes per second: 512K, 10M, 1G (K, M, G = KiB, MiB, GiB); 0 or off for no limit"
+STOP_POLL_SECONDS = 0.1  # how often a paced asyncio transfer looks whether the process stops
+_stopping = threading.Event()
+
+
+class TransferStopped(Exception):
+    """The process stops: a transfer waiting for its share of the rate ends instead (not an I/O error: no client
+    retries it)."""
+
+    def __init__(self) -> None:
+        super().__init__("stopped while paced by --bwlimit: the process is stopping")
+
+
+def stop_waits() -> None:
+    """End every paced wait of this process, now and from now on."""
+    _stopping.set()
 
 
 def parse_rate(text: str) -> int | None:
@@ -72,13 +91,17 @@ class Limiter:
 
     def acquire(self, n: int) -> None:
         wait = self.reserve(n)
-        if wait > 0:
-            time.sleep(wait)
+        if wait > 0 and _stopping.wait(wait):
+            raise TransferStopped()
 
     async def acquire_async(self, n: int) -> None:
         wait = self.reserve(n)
-        if wait > 0:
-            await asyncio.sleep(wait)
+        while wait > 0:
+            if _stopping.is_set():
+                raise TransferStopped()
+            step = min(wait, STOP_POLL_SECONDS)
+            await asyncio.sleep(step)
+            wait -= step
 
 
 _process: Limiter | None = None

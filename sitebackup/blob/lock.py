@@ -47,6 +47,8 @@ MIN_LEASE_SECONDS = 15  # the shortest
 # for tests only: a shorter lease, so that a killed holder's lock lapses sooner
 ENV_LEASE_SECONDS = "SITEBACKUP_LOCK_LEASE_SECONDS"
 POLL_SECONDS = 5.0  # a process waiting for a lock (--lock-wait, a watcher taking a run over) asks this often
+# for tests only: a shorter interval, so that a waiting process notices a released lock sooner
+ENV_POLL_SECONDS = "SITEBACKUP_LOCK_POLL_SECONDS"
 MAX_FIELD = 200  # characters kept of each holder field read back: metadata another process wrote
 
 
@@ -58,6 +60,16 @@ def lease_seconds() -> int:
         raise InputError(f"{ENV_LEASE_SECONDS} must be a whole number of seconds from {MIN_LEASE_SECONDS} to "
                          f"{LEASE_SECONDS}, not {value!r}")
     return int(value)
+
+
+def poll_seconds() -> float:
+    value = os.environ.get(ENV_POLL_SECONDS, "").strip()
+    if not value:
+        return POLL_SECONDS
+    if not value.isdigit() or not 1 <= int(value) <= POLL_SECONDS:
+        raise InputError(f"{ENV_POLL_SECONDS} must be a whole number of seconds from 1 to {POLL_SECONDS:.0f}, "
+                         f"not {value!r}")
+    return float(value)
 
 
 def host_name() -> str:
@@ -153,7 +165,7 @@ class JobLock:
         return self._lease is not None
 
     def acquire(self, wait: timedelta | None = None, run: str = "", claim: Claim = Claim()) -> None:
-        """Take the lock; when another process holds it, ask again every ``POLL_SECONDS`` until *wait* has
+        """Take the lock; when another process holds it, ask again every ``poll_seconds()`` until *wait* has
         passed (None: not at all), then raise ``LockedError`` naming the holder."""
         deadline = time.monotonic() + (wait.total_seconds() if wait else 0.0)
         while not self.try_acquire(run, claim):
@@ -163,15 +175,15 @@ class JobLock:
                 raise LockedError(f"{self.label} is locked by {describe(self.other)}{waited}: a backup or prune "
                                   "of it is running (--lock-wait DURATION waits for it; a holder that died lets the "
                                   "lock lapse within a minute)")
-            time.sleep(min(POLL_SECONDS, left))
+            time.sleep(min(poll_seconds(), left))
 
     def poll(self, run: str = "", claim: Claim = Claim()) -> bool:
-        """``try_acquire``, asking the service at most once every ``POLL_SECONDS``: for a loop that polls often."""
+        """``try_acquire``, asking the service at most once every ``poll_seconds()``: for a loop that polls often."""
         if self.held:
             return True
         if time.monotonic() < self._next_poll:
             return False
-        self._next_poll = time.monotonic() + POLL_SECONDS
+        self._next_poll = time.monotonic() + poll_seconds()
         return self.try_acquire(run, claim)
 
     def try_acquire(self, run: str = "", claim: Claim = Claim()) -> bool:

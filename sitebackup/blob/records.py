@@ -21,7 +21,8 @@ from azure.storage.blob import BlobProperties, ContainerClient
 
 from sitebackup.blob.naming import RESERVED_PREFIX
 from sitebackup.blob.workstore import WorkStore
-from sitebackup.model.codec import DamagedData, decode, encode
+from sitebackup.errors import InputError
+from sitebackup.model.codec import FORMAT_VERSION, DamagedData, decode, encode
 from sitebackup.model.records import CatalogEntry, ChangeCounts, FileEntry, Job, PageSeal, PruneMark, RunRecord
 
 RECORDS = RESERVED_PREFIX + "records/"
@@ -129,6 +130,9 @@ class ContainerRecords:
         if data is None:
             return None
         record = decode(data, RunRecord, f"the sealed record of run {run_id}")
+        if record.format > FORMAT_VERSION:  # its entries may mean what this version would do wrong: never guessed at
+            raise InputError(f"run {run_id} was recorded in format {record.format}, newer than this sitebackup reads "
+                             f"({FORMAT_VERSION}): restore, verify or prune it with a newer sitebackup")
         if record.run_id != run_id:
             raise DamagedData(f"the sealed record of run {run_id} is damaged: it names run {record.run_id}")
         return record

@@ -53,6 +53,7 @@ from sitebackup.commands.options import (
     debug_option,
     destination_label,
     lock_wait_option,
+    log_file_option,
     metrics_option,
     output_options,
     stall_after_option,
@@ -203,10 +204,22 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
                   sealed: list[CatalogEntry]) -> str | None:
     """The newest completed backup of the job: of its runs sealed in the container (*sealed*), and of the runs
     of the same source and destination (and endpoint) this state directory knows whose record remains (and
-    that no prune is dropping)."""
-    query = dt_client.OrchestrationQuery(runtime_status=[dt_client.OrchestrationStatus.COMPLETED],
-                                         fetch_inputs_and_outputs=True)
+    that no prune is dropping); with ``cancelled_since`` the runs cancelled after it, in ``inp``."""
     candidates = [(parse_utc(entry.started), entry.run_id) for entry in sealed]
+    candidates += _recorded_runs(client, inp, work, dt_client.OrchestrationStatus.COMPLETED)
+    newest = max(candidates) if candidates else None
+    inp.cancelled = [run_id for started, run_id in sorted(
+        _recorded_runs(client, inp, work, dt_client.OrchestrationStatus.TERMINATED), reverse=True)
+        if newest is None or started > newest[0]]
+    return newest[1] if newest else None
+
+
+def _recorded_runs(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore,
+                   status: dt_client.OrchestrationStatus) -> list[tuple[datetime, str]]:
+    """(start, id) of the backups of the same source and destination (and endpoint) this state directory knows in
+    *status*, whose record remains and that no prune is dropping."""
+    query = dt_client.OrchestrationQuery(runtime_status=[status], fetch_inputs_and_outputs=True)
+    found = []
     for state in client.get_all_orchestration_states(query):
         other = run_label(state) if state.name == BACKUP_ORCHESTRATION else None
         if other is None or not inp.label.same_backup(other):
@@ -214,8 +227,8 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
         if other.endpoint and inp.endpoint and other.endpoint != inp.endpoint:
             continue
         if work.has_results(state.instance_id) and work.pruned(state.instance_id) is None:
-            candidates.append((parse_utc(state.created_at.isoformat()), state.instance_id))
-    return max(candidates)[1] if candidates else None
+            found.append((parse_utc(state.created_at.isoformat()), state.instance_id))
+    return found
 
 
 def settle_job(records: ContainerRecords, request: BackupRequest) -> Job:
@@ -298,7 +311,8 @@ def check_live_run(client: dt_client.TaskHubGrpcClient, instance_id: str, reques
     idle = stalled_for(state, stall_after) if stall_after is not None else None
     if idle is None or stall_after is None:
         if request.no_wait:
-            raise AlreadyRunningError(f"the same backup is already running as {instance_id}", instance_id)
+            raise AlreadyRunningError(f"the same backup is already running as {instance_id}; follow it with: "
+                                      f"sitebackup status {instance_id} --watch", instance_id)
         return None
     since = last_progress(state).isoformat(timespec="seconds")
     what = (f"the same backup is running as {instance_id} but has made no progress for {human_duration(idle)} "
@@ -356,8 +370,12 @@ def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: Task
                 job = request.job.id
                 sealed = [entry for entry in container.catalog() if entry.job == job] if container else []
                 baseline = find_baseline(client, inp, work, sealed)
+            # what the runs cancelled since recorded counts over it, as in the scan (``workflows.copy``)
+            sources = [run_entries(None, work, run_id) for run_id in inp.cancelled]
             if baseline:
-                records = run_entries(container, work, baseline)
+                sources.append(run_entries(container, work, baseline))
+            if sources:
+                records = incremental.overlaid(sources)
         totals = DryRunTotals(source=str(request.source), destination=inp.destination, baseline=baseline)
         _walk(request, records, totals, on_item)
     finally:
@@ -369,13 +387,26 @@ def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: Task
 def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTotals,
           on_item: Callable[[DryRunItem], None]) -> None:
     skipped = 0
+
+    def gone(entry: FileEntry) -> None:
+        if entry.kind == "dir":
+            totals.dirs_deleted += 1
+        elif entry.kind == "symlink":
+            totals.symlinks_deleted += 1
+        else:
+            totals.files_deleted += 1
+            totals.bytes_deleted += entry.size
+        on_item(DryRunItem(action="delete", path=entry.path, kind=entry.kind,
+                           size=entry.size if entry.is_file else None))
+
     for found in incremental.compare(request.source, patterns=request.patterns,
-                                     follow_symlinks=request.follow_symlinks, baseline=records, mode=request.compare):
+                                     follow_symlinks=request.follow_symlinks, baseline=records, mode=request.compare,
+                                     on_gone=gone):
         if isinstance(found, Found):  # a directory or symlink: listed only when what is recorded of it changes
             change = incremental.metadata_change(found.previous, entry=found.entry)
             if change is None:
                 continue
-            item = DryRunItem(action="metadata", path=found.entry.path, reason=change)
+            item = DryRunItem(action="metadata", path=found.entry.path, kind=found.entry.kind, reason=change)
             totals.metadata_changed += 1
         elif isinstance(found, Compared):
             file = found.file
@@ -385,10 +416,16 @@ def _walk(request: BackupRequest, records: Iterable[FileEntry], totals: DryRunTo
                 item = DryRunItem(action="fail", path=file.path, error=describe_os_error(exc))
                 totals.files_failed += 1
             else:
-                item = DryRunItem(action=action, path=file.path, size=file.size)
+                before = found.previous
+                # with --force a file the last run recorded as it is goes up again, unchanged
+                changed = action == "upload" and before is not None and (
+                    found.decision != incremental.UPLOAD or
+                    incremental.decide(file.size, file.mtime_ns, before, incremental.MODE_MTIME) == incremental.UPLOAD)
+                item = DryRunItem(action=action, path=file.path, size=file.size, changed=changed)
                 if action == "upload":
                     totals.files_to_upload += 1
                     totals.bytes_to_upload += file.size
+                    totals.files_changed += changed
                 else:  # an unchanged file is a skipped one too: not uploaded on purpose
                     totals.files_unchanged += 1
                     totals.bytes_skipped += file.size
@@ -438,7 +475,7 @@ def selection_options(command: Callable[..., None]) -> Callable[..., None]:
                      help="Read exclude patterns from FILE, gitignore syntax (repeatable)."),
         click.option("--no-ignore-file", is_flag=True, help="Do not read SOURCE/.sitebackupignore."),
         click.option("--follow-symlinks", is_flag=True,
-                     help="Follow symlinks to files and directories inside SOURCE (loops are skipped)."),
+                     help="Back up what symlinks inside SOURCE point to instead of recording the links (loops are skipped)."),
     ]
     for option in reversed(options):
         with_selection = option(with_selection)
@@ -482,15 +519,16 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @output_options
 @selection_options
 @click.option("--dry-run", is_flag=True,
-              help="Scan and compare only: list what would be uploaded or skipped, write nothing.")
+              help="Scan and compare only: list what would be uploaded (new or changed), recorded anew (mode, owner "
+                   "or link target alone changed), skipped or left out as deleted since the last run, with counts; "
+                   "write nothing.")
+@click.option("--verbose", "-v", is_flag=True, help="With --dry-run, list the unchanged files too.")
 @click.option("--no-wait", is_flag=True,
               help="If the same backup is already running, print its id and exit 4 instead of attaching "
                    "(6 if it has made no progress for --stall-after).")
 @stall_after_option
 @lock_wait_option
-@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
-              help="Append a timestamped log of the run (start, failures, summary) to PATH "
-                   "(created 0600; a symlink or hard link there is refused).")
+@log_file_option
 @taskhub_option
 @click.option("--no-local-worker", is_flag=True,
               help="Schedule and watch only; `sitebackup worker` processes do the work.")
@@ -499,7 +537,7 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @state_dir_option
 @debug_option
 def command(source: Path, container: str, prefix: str, job_name: str | None, storage: StorageSettings, concurrency: int,
-            upload: UploadSpec, output: Output, selection: Selection, dry_run: bool, no_wait: bool,
+            upload: UploadSpec, output: Output, selection: Selection, dry_run: bool, verbose: bool, no_wait: bool,
             stall_after: timedelta, lock_wait: timedelta | None, log_file: Path | None, taskhub: TaskHubSettings | None,
             no_local_worker: bool, detach: bool, metrics_file: Path | None, state_dir: Path) -> None:
     """Back up SOURCE to a container (the default command).
@@ -515,6 +553,8 @@ def command(source: Path, container: str, prefix: str, job_name: str | None, sto
       sitebackup backup ./site -c backups --prefix nightly/web --concurrency 32
       sitebackup backup ./site -c backups --connection-string UseDevelopmentStorage=true
     """
+    if verbose and not dry_run:
+        raise click.UsageError("--verbose goes with --dry-run")
     if metrics_file is not None and (dry_run or detach):
         raise click.UsageError("--metrics-file describes a finished run: not with --dry-run or --detach")
     # labelled as written on the command line: a {date} prefix stays one job, not a new series a day
@@ -524,7 +564,7 @@ def command(source: Path, container: str, prefix: str, job_name: str | None, sto
                             selection=selection, no_wait=no_wait, stall_after=stall_after, job_name=job_name,
                             lock_wait=lock_wait)
     if dry_run:
-        with render.DryRunLines(output.json, output.quiet) as lines:
+        with render.DryRunLines(output.json, output.quiet, unchanged=verbose) as lines:
             plan = plan_backup(request, storage, taskhub, lines.add)
         render.dry_run_totals(plan, output.json, output.quiet)
         sys.exit(EXIT_FILES_FAILED if plan.files_failed else 0)

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from durabletask import client as dt_client
 
+from sitebackup.blob import bwlimit
 from sitebackup.blob.asyncget import AsyncGetter
 from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
@@ -74,6 +75,9 @@ UNFINISHED = [
     dt_client.OrchestrationStatus.PENDING,
     dt_client.OrchestrationStatus.SUSPENDED,
 ]
+# One word for a run that `sitebackup cancel` ended, in every output and in --json: the durable runtime's own
+# word for it is TERMINATED (docs/troubleshooting.md, "Statuses").
+CANCELLED = "CANCELLED"
 ENV_STALL_AFTER = "SITEBACKUP_STALL_AFTER"
 DEFAULT_STALL_AFTER = "1h"  # a live run without progress for this long is reported stalled (--stall-after)
 
@@ -84,6 +88,17 @@ class Interrupted(SiteBackupError):
     def __init__(self, instance_id: str):
         super().__init__(f"interrupted; the run is saved, resume with: sitebackup resume {instance_id}")
         self.instance_id = instance_id
+
+
+def status_name(status: dt_client.OrchestrationStatus) -> str:
+    """A run's status as every command shows it: the durable runtime's name, but CANCELLED for TERMINATED."""
+    return CANCELLED if status == dt_client.OrchestrationStatus.TERMINATED else status.name
+
+
+def parse_status(name: str) -> dt_client.OrchestrationStatus:
+    """The durable status a name shown by ``status_name`` stands for (TERMINATED, the runtime's word, too)."""
+    name = name.upper()
+    return dt_client.OrchestrationStatus.TERMINATED if name == CANCELLED else dt_client.OrchestrationStatus[name]
 
 
 def new_instance_id() -> str:
@@ -180,7 +195,7 @@ def summarize(state: dt_client.OrchestrationState) -> Summary[Any]:
         # no summary (yet): the counters come from the last custom status
         summary = Summary(kind=kind, counts=_counts_from(kind, progress_of(state)))
         summary.duration_s = round((state.last_updated_at - state.created_at).total_seconds(), 3)
-    summary.kind, summary.instance_id, summary.runtime_status = kind, state.instance_id, state.runtime_status.name
+    summary.kind, summary.instance_id, summary.runtime_status = kind, state.instance_id, status_name(state.runtime_status)
     if state.runtime_status == dt_client.OrchestrationStatus.TERMINATED:
         summary.cancelled = True  # `sitebackup cancel` is what terminates a run
     if state.failure_details is not None:
@@ -310,12 +325,15 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
         with runtime.connected() as client:
             released = release_waiting(client, instance_id)
             if local_worker:
-                runtime.start_worker(deps)
+                note = orphans_note(runtime, client, instance_id)
+                if note is not None:
+                    printer.message(note)
+                runtime.start_worker(deps, run=instance_id)
             state = watch(client, instance_id, printer, on_poll=poll, stop_when_waiting=True, released=released,
                           runtime=runtime)
     except KeyboardInterrupt:
         printer.close()
-        runtime.stop_workers()
+        stop_now(runtime)
         raise Interrupted(instance_id) from None
     except SiteBackupError:  # a full state directory, a lost lock: the run stops here, saved
         printer.close()
@@ -323,6 +341,30 @@ def host_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
     summary = summarize(state)
     printer.finish(summary)
     return summary
+
+
+def orphans_note(runtime: Runtime, client: dt_client.TaskHubGrpcClient, instance_id: str) -> str | None:
+    """One line naming the other unfinished runs of this state directory that no process works on (their process
+    was killed), which this process leaves alone (``Runtime.start_worker``); None when there are none (or under
+    the scheduler, which cannot tell). Asked before this process's own worker attaches."""
+    if runtime.backend is None:
+        return None
+    query = dt_client.OrchestrationQuery(runtime_status=UNFINISHED)
+    orphans = [state.instance_id for state in client.get_all_orchestration_states(query)
+               if state.instance_id != instance_id and runtime.worker_attached(state.instance_id) is False]
+    if not orphans:
+        return None
+    shown = ", ".join(orphans[:3]) + (f" and {len(orphans) - 3} more" if len(orphans) > 3 else "")
+    return (f"note: left for their own commands: {len(orphans)} unfinished run(s) no process works on ({shown}); "
+            "each resumes with the next backup of its job, or: sitebackup resume ID")
+
+
+def stop_now(runtime: Runtime) -> None:
+    """Ctrl-C or SIGTERM: transfers waiting on --bwlimit end, the batches in flight are cut short and not recorded
+    (they run again on resume), and the workers get a bounded time to end (``Runtime.interrupt``)."""
+    bwlimit.stop_waits()
+    runtime.interrupt()
+    runtime.stop_workers()
 
 
 def attach_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
@@ -339,7 +381,7 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
             return
         if lock.try_acquire() and not runtime.worker_attached(instance_id) and \
                 (job_lock is None or job_lock.poll(run=instance_id, claim=claim_of(lock))):
-            runtime.start_worker(deps)
+            runtime.start_worker(deps, run=instance_id)
             hosting.append(True)
 
     return host_and_watch(runtime, deps, instance_id, printer, local_worker=False,
@@ -348,7 +390,9 @@ def attach_and_watch(runtime: Runtime, deps: ActivityDeps, instance_id: str,
 
 class CancelCheck:
     """Answers "was this run cancelled?" from the backend: asked between files, so the answer is cached,
-    and asked again once this process's backend applied a change to the run or after *interval*."""
+    and asked again once this process's backend applied a change to the run or after *interval*; with *fresh*
+    (before a block range, which takes far longer than the question) asked again every time. A cancel of a run
+    whose orchestration is idle is applied by the cancelling process's backend, which this one does not hear of."""
 
     def __init__(self, runtime: Runtime, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.runtime = runtime
@@ -358,11 +402,13 @@ class CancelCheck:
         self.checked: dict[str, tuple[float, int | None, bool]] = {}
         self.client: dt_client.TaskHubGrpcClient | None = None
 
-    def __call__(self, run_id: str) -> bool:
+    def __call__(self, run_id: str, fresh: bool = False) -> bool:
+        if self.runtime.stopping.is_set():  # the process stops at once: as good as cancelled, for this process
+            return True
         with self.lock:
             at, version, answer = self.checked.get(run_id, (float("-inf"), None, False))
             now = self.runtime.status_version(run_id)
-            if answer or (self.clock() - at < self.interval and now == version):
+            if answer or (not fresh and self.clock() - at < self.interval and now == version):
                 return answer
             if self.client is None:
                 self.client = self.runtime.client()
@@ -413,6 +459,7 @@ def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: 
     deps.put_many = putter.put_many
     deps.get_many = AsyncGetter(putter).get_many  # the same loop, connection pool and window
     deps.cancelled = CancelCheck(runtime)
+    deps.stopping = runtime.stopping.is_set
     deps.halted = runtime.fault if job_lock is None else lambda: runtime.fault() or job_lock.lost()
     return deps
 
@@ -438,9 +485,10 @@ def end_process(code: int) -> NoReturn:
     now the state database is closed and the run's records committed. Exit handlers still run (the
     ``--log-file`` flush, the aio session's close) and stdout/stderr are flushed, with the interpreter's own
     exit status 120 when that fails (a full disk under a redirected summary); while a non-daemon thread still
-    runs, the normal exit is taken, which waits for it."""
+    runs, the normal exit is taken, which waits for it; not after a stop (exit 130), which has given its workers
+    their bounded time (``stop_now``) already."""
     main = threading.main_thread()
-    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+    if code != EXIT_INTERRUPTED and any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

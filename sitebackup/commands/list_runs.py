@@ -18,7 +18,7 @@ from sitebackup.blob.naming import normalize_prefix, validate_container_name
 from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.catalog import of_prefix, parse_utc, sealed_runs
-from sitebackup.commands.hosting import TERMINAL, run_label, summarize
+from sitebackup.commands.hosting import TERMINAL, parse_status, run_label, summarize
 from sitebackup.commands.options import (
     Command,
     complete_runs,
@@ -63,7 +63,7 @@ class RunFilter:
 
 def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int = 20,
               taskhub: TaskHubSettings | None = None, where: RunFilter = RunFilter()) -> list[RunRow]:
-    wanted = [dt_client.OrchestrationStatus[s.upper()] for s in statuses] if statuses else None
+    wanted = [parse_status(s) for s in statuses] if statuses else None
     with open_client(state_dir, taskhub) as (runtime, client):
         # under the scheduler records are blobs, and `list` takes no storage credentials: status alone answers
         work = runtime.work_store(None) if taskhub is None else None
@@ -166,12 +166,12 @@ def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> s
     return "yes" if state.runtime_status == dt_client.OrchestrationStatus.COMPLETED else "partial"
 
 
-@click.command("list", cls=Command, epilog=exit_codes_help(0, 2, 3, 70, 130))
+@click.command("list", cls=Command, epilog=exit_codes_help(0, 2, 3, 5, 70, 130))
 @click.argument("run_ref", metavar="[RUN]", required=False, shell_complete=complete_runs("any"))
 @click.option("--status", "statuses", multiple=True,
-              type=click.Choice(["RUNNING", "COMPLETED", "FAILED", "TERMINATED", "PENDING", "SUSPENDED"],
+              type=click.Choice(["RUNNING", "COMPLETED", "FAILED", "CANCELLED", "PENDING", "SUSPENDED"],
                                 case_sensitive=False),
-              help="Only runs with this runtime status (repeatable).")
+              help="Only runs with this status (repeatable).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest runs to show.")
 @click.option("--container", "-c", help="List the runs sealed in this container (a new machine needs only this "
                                        "and the credentials), not those of the state directory.")

@@ -32,6 +32,7 @@ from sitebackup.durable.runtime import ENV_STATE_DIR, SDK_LOGGER, default_state_
 from sitebackup.errors import InputError, SiteBackupError
 from sitebackup.model.work import DEFAULT_CONCURRENCY
 from sitebackup.ui.metrics import MetricsJob
+from sitebackup.ui.safepath import trusted_directory
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATION
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -45,6 +46,8 @@ class Session:
     json_output: bool = False  # usage and other errors also go to stdout as one JSON object
     debug: bool = False  # internal errors show their traceback
     metrics: MetricsJob | None = None  # written with the exit code
+    log_file: Path | None = None  # --log-file: a command that fails, however early, says why there
+    command: str = ""  # the command's name, for that line
 
 
 def session(ctx: click.Context) -> Session:
@@ -215,6 +218,22 @@ def concurrency_option(help: str) -> Callable[[F], F]:
                         show_default=True, help=help)
 
 
+def _record_log_file(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None and not ctx.resilient_parsing:
+        session(ctx).log_file, session(ctx).command = value, ctx.info_name or ""
+    return value
+
+
+def log_file_option(fn: F) -> F:
+    """--log-file as ``log_file: Path | None``, recorded in the ``Session`` too: a failure before the run starts
+    (no credentials, an unreadable source, a refused state directory) is still a line in the log."""
+    return click.option(
+        "--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH", callback=_record_log_file,
+        help="Append a timestamped log of the run (start, failures, summary, or the error that stopped it) to "
+             "PATH (created 0600; a symlink or hard link there is refused).",
+    )(fn)
+
+
 def metrics_option(fn: F) -> F:
     return click.option(
         "--metrics-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
@@ -230,6 +249,10 @@ def start_metrics(path: Path | None, command: str, source: str, destination: str
     path = path.expanduser().absolute()
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
         raise InputError(f"--metrics-file: directory {str(path.parent)!r} does not exist or is not writable")
+    try:  # written through its resolved directory, in which another user can replace nothing on the way
+        path = Path(trusted_directory(path.parent)) / path.name
+    except ValueError as exc:
+        raise InputError(f"--metrics-file: {exc}") from None
     job = MetricsJob(path, command, source, destination)
     session(click.get_current_context()).metrics = job
     return job

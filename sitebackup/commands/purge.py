@@ -62,7 +62,7 @@ def purge(state_dir: Path, older_than: timedelta, taskhub: TaskHubSettings | Non
                 service.close()
 
 
-@click.command("purge", cls=Command, epilog=exit_codes_help(0, 2, 3, 70, 130))
+@click.command("purge", cls=Command, epilog=exit_codes_help(0, 2, 3, 5, 70, 130))
 @click.option("--older-than", required=True, metavar="AGE", help="Age such as 30d, 12h or 2w.")
 @taskhub_option
 @storage_options

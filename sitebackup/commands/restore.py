@@ -3,13 +3,19 @@ re-attach to) a ``RestoreSiteContent`` run and host its worker until it finishes
 
 ``--as-of TIME`` picks the run to restore: the latest completed backup of the container and prefix
 started at or before TIME (``commands.times``), then restored as by its id; ID is a run reference
-(``commands.runref``). ``--dry-run`` plans the restore here, writing nothing (``plan_restore``).
+(``commands.runref``). ``--prefix`` takes the backup's ``{hostname}``; ``{date}`` and ``{time}`` name when a
+backup ran, which ``--as-of`` says. ``--dry-run`` plans the restore here, writing nothing (``plan_restore``).
+
+A restore that finds nothing to restore (a wrong prefix, an empty container, filters that leave nothing)
+is an input error, naming the container and prefix it looked in, never "0 files" and exit 0; so is a dry
+run that would find nothing.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import string
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,9 +29,10 @@ from click.shell_completion import CompletionItem
 from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, check_container
-from sitebackup.blob.naming import is_reserved, normalize_prefix, overlaps, validate_container_name
+from sitebackup.blob.naming import is_reserved, normalize_prefix, overlaps, unescape_name, validate_container_name
 from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
+from sitebackup.commands.backup import expand_prefix
 from sitebackup.commands.browsing import browsing
 from sitebackup.commands.catalog import (
     SealedRun,
@@ -95,6 +102,7 @@ class RestoreRequest:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     overwrite: bool = False
+    owners: bool = True  # --no-owner: False
     concurrency: int = DEFAULT_CONCURRENCY
     state_dir: Path = field(default_factory=Path)
     as_of: datetime | None = None  # with container: restore the latest completed run started at or before it
@@ -102,9 +110,40 @@ class RestoreRequest:
     dry_run: bool = False
 
 
+def restore_prefix(template: str | None) -> str:
+    """--prefix of a restore: ``{hostname}`` expanded as the backup expanded it; ``{date}`` and ``{time}`` are
+    refused, pointing to --as-of (a restore of "today's" prefix would find the backup of another day)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template or "") if name is not None}
+    except ValueError:
+        fields = set()  # expand_prefix names what is wrong with it
+    if fields & {"date", "time"}:
+        raise InputError(f"invalid restore --prefix {template!r}: {{date}} and {{time}} are not expanded on restore; "
+                         "give the prefix the backup wrote, or --as-of TIME to restore the backup of that time")
+    return normalize_prefix(expand_prefix(template))
+
+
+def nothing_restored(summary: Summary[Any], made_dest: bool = False) -> bool:
+    """Whether a completed restore found nothing at all to restore (as opposed to files skipped or failed): no
+    file, no symlink, no directory but DEST itself (the record's root, given its metadata when the restore
+    made DEST: *made_dest*)."""
+    counts = summary.counts
+    return summary.runtime_status == "COMPLETED" and not counts.files_total and not counts.files_skipped and \
+        not counts.symlinks_restored and counts.dirs_restored <= made_dest
+
+
+def nothing_message(request: RestoreRequest) -> str:
+    """The one line of a restore that found nothing: which container, prefix (and run) it looked in."""
+    where = f"container {request.container!r}" + (f", prefix {request.prefix!r}" if request.prefix else "")
+    found = f"run {request.run_id} ({where}) recorded no file" if request.run_id else f"{where} holds no file"
+    filters = " that --include/--exclude select" if request.include or request.exclude else ""
+    return f"nothing to restore: {found}{filters}; check --container and --prefix (sitebackup list --container " \
+           f"{request.container} shows its runs)"
+
+
 def validate_restore(dest: str | Path, *, run_id: str | None, container: str | None, prefix: str | None,
                      include: list[str], exclude: list[str], overwrite: bool, concurrency: int,
-                     state_dir: Path, as_of: str | None = None, job: str | None = None,
+                     state_dir: Path, as_of: str | None = None, owners: bool = True, job: str | None = None,
                      dry_run: bool = False) -> RestoreRequest:
     path = Path(dest).expanduser()
     if path.exists() and not path.is_dir():
@@ -117,8 +156,8 @@ def validate_restore(dest: str | Path, *, run_id: str | None, container: str | N
         raise InputError("--as-of goes with --container; a run ID already names the run")
     return RestoreRequest(dest=path.resolve(), run_id=run_id,
                           container=validate_container_name(container) if container else None,
-                          prefix=normalize_prefix(prefix), include=list(include), exclude=list(exclude),
-                          overwrite=overwrite, concurrency=concurrency, state_dir=state_dir,
+                          prefix=restore_prefix(prefix), include=list(include), exclude=list(exclude),
+                          overwrite=overwrite, owners=owners, concurrency=concurrency, state_dir=state_dir,
                           as_of=parse_time(as_of, end_of_day=True) if as_of else None, job=job, dry_run=dry_run)
 
 
@@ -185,13 +224,16 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
             if request.run_id:
                 known = known_backup(client, deps.work, request.run_id)
                 prefix = recorded_run(records, deps.work, request.run_id, known).prefix
+            created = not request.dest.exists()
+            request.container, request.prefix = container, prefix  # what the run looks in, named if it finds nothing
             request.dest.mkdir(parents=True, exist_ok=True)
             later = later_backups(client, sealed, request.run_id, container, prefix, endpoint) if request.run_id \
                 else True
             inp = RestoreInput(dest=str(request.dest), container=container, prefix=prefix, run_id=request.run_id,
-                               endpoint=endpoint, later_backups=later, options=RestoreOptions(
+                               endpoint=endpoint, later_backups=later, dest_created=created, options=RestoreOptions(
                                    concurrency=request.concurrency, overwrite=request.overwrite,
-                                   include=request.include, exclude=request.exclude, shared=taskhub is not None))
+                                   owners=request.owners, include=request.include, exclude=request.exclude,
+                                   shared=taskhub is not None))
             inp.source = inp.source_label
             instance_id = find_unfinished(client, RESTORE_ORCHESTRATION, inp.label.same_restore)
             resumed = instance_id is not None
@@ -219,7 +261,8 @@ def plan_restore(request: RestoreRequest, settings: StorageSettings, taskhub: Ta
                  on_item: Callable[[DryRunItem], None]) -> RestorePlan:
     """``--dry-run``: what the restore would create, replace, leave as it is (identical) or fail on, each file handed
     to *on_item* as the run's record (or the container's listing) is read beside DEST as it is now. Nothing is
-    written: not the run, not DEST (it is not even made)."""
+    written: not the run, not DEST (it is not even made). A plan with nothing to restore (no entry but DEST
+    itself) is the restore's input error (``nothing_message``), as the restore would end."""
     with browsing(settings, request.state_dir, taskhub, request.container, request.job) as browse:
         run_id = request.run_id
         if request.as_of is not None:
@@ -228,6 +271,9 @@ def plan_restore(request: RestoreRequest, settings: StorageSettings, taskhub: Ta
                                browse.label, request.as_of)
         if run_id:
             run = browse.open(run_id)
+            # what the restore would look in, named if it finds nothing
+            request.run_id, request.container = run.run_id, run.container.container_name
+            request.prefix = run.label.prefix
             wanted: Iterator[_Wanted] = (
                 _Wanted(e.path, e.size, e.md5, e.kind,
                         None if e.stored or not e.is_file else e.error or "no copy recorded")
@@ -241,10 +287,12 @@ def plan_restore(request: RestoreRequest, settings: StorageSettings, taskhub: Ta
                                dest=str(request.dest), overwrite=request.overwrite)
         selected = make_selector(request.include, request.exclude)
         dest = DestDir(request.dest)
+        anything = False
         for item in wanted:
             found = _planned(dest, item, request.overwrite) if selected(item.path) else None
             if found is None:
                 continue
+            anything = anything or item.path != ROOT
             if found.action == "create":
                 plan.entries_to_create += 1
                 plan.bytes_to_create += item.size
@@ -259,6 +307,8 @@ def plan_restore(request: RestoreRequest, settings: StorageSettings, taskhub: Ta
             else:
                 plan.entries_failed += 1
             on_item(found)
+    if not anything:
+        raise InputError(nothing_message(request))
     return plan
 
 
@@ -267,7 +317,9 @@ def _listed(container: ContainerClient, prefix: str) -> Iterator[_Wanted]:
     start = f"{prefix}/" if prefix else None
     for blob in container.list_blobs(name_starts_with=start):
         if not is_reserved(blob.name):
-            yield _Wanted(blob.name[len(start or ""):], blob.size, b64(blob.content_settings.content_md5))
+            # the file's own name, control characters and all, as the restore names it (``workflows.fetch``)
+            yield _Wanted(unescape_name(blob.name[len(start or ""):]), blob.size,
+                          b64(blob.content_settings.content_md5))
 
 
 def _planned(dest: DestDir, item: _Wanted, overwrite: bool) -> DryRunItem:
@@ -313,7 +365,8 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
 @click.option("--container", "-c",
               help="The container to restore from: with ID, the run's sealed record is read from it (all a new "
                    "machine needs); without ID, whatever is under --prefix now, or the run --as-of names.")
-@click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped.")
+@click.option("--prefix", default="", help="With --container: only blobs under this prefix, which is stripped; "
+                                          "{hostname} is expanded as by backup (for {date} or {time}, use --as-of).")
 @click.option("--as-of", metavar="TIME",
               help="With --container: the tree the latest completed backup of the container and prefix started at "
                    "or before TIME recorded (ISO date and time, local unless an offset is given; a date alone is "
@@ -322,6 +375,8 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
               help="Only paths matching this glob (repeatable); a pattern without '/' matches any path component.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out paths matching this glob (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files that differ (identical ones are always skipped).")
+@click.option("--no-owner", is_flag=True,
+              help="Leave what is restored to the user running the restore (as root, owners are restored by default).")
 @click.option("--dry-run", is_flag=True, help="List what would be created, replaced and left as it is (identical), "
                                              "with counts and bytes; write nothing, not even DEST.")
 @job_option(LATEST_JOB_HELP)
@@ -334,9 +389,9 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
 @state_dir_option
 @debug_option
 def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: str | None, include: tuple[str, ...],
-            exclude: tuple[str, ...], overwrite: bool, dry_run: bool, job: str | None, storage: StorageSettings,
-            concurrency: int, output: Output, metrics_file: Path | None, taskhub: TaskHubSettings | None,
-            state_dir: Path) -> None:
+            exclude: tuple[str, ...], overwrite: bool, no_owner: bool, dry_run: bool, job: str | None,
+            storage: StorageSettings, concurrency: int, output: Output, metrics_file: Path | None,
+            taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """Restore a backup run, or a container's blobs, into DEST.
 
     With ID, restores exactly the files that backup run recorded, in the versions it recorded
@@ -345,12 +400,20 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
     alone, whatever is stored there now. The run's record is read from the container (sealed
     there by the backup), so a new machine needs only the credentials and --container.
 
-    Files land with their recorded modification time and mode (no setuid, setgid or sticky bit;
-    masked by the umask). An existing file is skipped when identical (same size and MD5) and
-    otherwise left alone and reported unless --overwrite. Blob names that would escape DEST
-    (absolute, '..' or empty segments, NUL, backslash) are refused and reported; no symlink
-    under DEST is followed. Re-running the same command after an interruption resumes the restore.
-    --dry-run lists what would be created, replaced or left as it is, and writes nothing.
+    A run restores the tree it recorded: files with their mode (exactly, whatever the umask),
+    owner and modification time, hard links, symlinks (their targets as recorded, never
+    followed), directories (empty ones too) with their mode, owner and mtime, and DEST itself
+    as the source root when the restore creates it. Owners need root (--no-owner to skip);
+    setuid, setgid and sticky bits come back only with them. --container alone restores what
+    the blobs carry: files, with the mode of their metadata masked by the umask.
+
+    An existing file is skipped when identical (same size and MD5) and otherwise left alone
+    and reported unless --overwrite. Names that would escape DEST (absolute, '..' or empty
+    segments, NUL, backslash) are refused and reported; no symlink under DEST is followed.
+    Re-running the same command after an interruption resumes the restore. A restore that
+    finds nothing to restore (wrong --container or --prefix, filters that leave nothing) exits
+    2, naming where it looked. --dry-run lists what would be created, replaced or left as it
+    is, and writes nothing.
 
     ID is a run id, a unique prefix of one (4 characters at least), or `latest`. --as-of takes an
     ISO date and time (local unless it names an offset), a date alone (the end of that day),
@@ -376,13 +439,16 @@ def command(args: tuple[str, ...], container: str | None, prefix: str, as_of: st
     request = validate_restore(
         args[-1], run_id=run_id, container=container, prefix=prefix, include=list(include),
         exclude=list(exclude), overwrite=overwrite, concurrency=concurrency, state_dir=state_dir, as_of=as_of,
-        job=job, dry_run=dry_run)
+        owners=not no_owner, job=job, dry_run=dry_run)
     if dry_run:
         with render.DryRunLines(output.json, output.quiet) as lines:
             plan = plan_restore(request, storage, taskhub, lines.add)
         render.restore_plan(plan, output.json, output.quiet)
         sys.exit(EXIT_FILES_FAILED if plan.entries_failed else 0)
+    made_dest = not request.dest.exists()
     summary = run_restore(request, storage, make_printer(json_output=output.json, quiet=output.quiet), taskhub)
     if metrics is not None:
         metrics.summary = summary_to_wire(summary)
+    if nothing_restored(summary, made_dest):
+        raise InputError(nothing_message(request))
     sys.exit(exit_code_for(summary))

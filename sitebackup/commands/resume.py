@@ -37,7 +37,7 @@ from sitebackup.commands.options import (
     taskhub_option,
 )
 from sitebackup.commands.runref import resolve_run
-from sitebackup.commands.status import describe
+from sitebackup.commands.status import describe, start_of
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
@@ -46,7 +46,6 @@ from sitebackup.errors import (
     exit_codes_help,
 )
 from sitebackup.model.codec import DamagedData, from_wire
-from sitebackup.model.reports import RunStart
 from sitebackup.model.work import BackupInput, Concurrency, RestoreInput, Summary
 from sitebackup.ui.printers import Printer, make_printer
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION
@@ -63,9 +62,7 @@ def resume(state_dir: Path, instance_id: str, settings: StorageSettings, printer
         with runtime.connected() as client:
             state = get_run(client, resolve_run(instance_id, client=client, backups=False, latest=UNFINISHED))
         instance_id = state.instance_id
-        info = describe(runtime, state)
-        printer.start(RunStart(instance_id=instance_id, source=info.source or "", destination=info.destination or "",
-                               endpoint=info.endpoint, resumed=True))
+        printer.start(start_of(describe(runtime, state), resumed=True))
         if state.runtime_status in TERMINAL:
             summary = summarize(state)
             printer.finish(summary)

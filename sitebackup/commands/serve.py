@@ -58,7 +58,7 @@ def serve(listen: str, state_dir: Path, *, allow_remote: bool, lease_seconds: fl
             backend.stop()
 
 
-@click.command("serve", cls=Command, epilog=exit_codes_help(0, 2, 70))
+@click.command("serve", cls=Command, epilog=exit_codes_help(0, 2, 5, 70))
 @click.option("--listen", required=True, metavar="HOST:PORT",
               help="Loopback address to serve on, e.g. 127.0.0.1:4001 (port 0 picks a free port).")
 @click.option("--allow-remote", is_flag=True, help="Also accept non-loopback addresses (no TLS: the token travels in clear!).")

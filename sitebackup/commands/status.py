@@ -21,6 +21,7 @@ from sitebackup.commands.hosting import (
     progress_of,
     run_label,
     stalled_for,
+    status_name,
     summarize,
     watch,
 )
@@ -36,14 +37,14 @@ from sitebackup.commands.options import (
 from sitebackup.commands.runref import resolve_run
 from sitebackup.durable.runtime import Runtime, open_client
 from sitebackup.durable.taskhub import TaskHubSettings
-from sitebackup.errors import (
-    exit_codes_help,
-)
+from sitebackup.errors import exit_codes_help
 from sitebackup.model.codec import to_wire
-from sitebackup.model.reports import Failure, RunInfo
+from sitebackup.model.reports import Failure, RunInfo, RunStart
 from sitebackup.model.work import Summary
 from sitebackup.ui import render
-from sitebackup.ui.printers import Printer, make_printer
+from sitebackup.ui.printers import KINDS, Printer, make_printer
+
+FINISHED = {status_name(status) for status in TERMINAL}
 
 
 def describe(runtime: Runtime, state: dt_client.OrchestrationState,
@@ -53,7 +54,7 @@ def describe(runtime: Runtime, state: dt_client.OrchestrationState,
     info = RunInfo(
         instance_id=state.instance_id,
         kind=state.name,
-        runtime_status=state.runtime_status.name,
+        runtime_status=status_name(state.runtime_status),
         source=label.source if label else None,
         # a restore's destination is its directory; a backup's is its container and prefix
         destination=label.destination if label else None,
@@ -76,6 +77,15 @@ def describe(runtime: Runtime, state: dt_client.OrchestrationState,
     return info
 
 
+def start_of(info: RunInfo, *, resumed: bool = False, attached: bool = False) -> RunStart:
+    """The start event of a run a command resumes or shows (``describe``): whether it had finished, and what the
+    bar calls it."""
+    return RunStart(instance_id=info.instance_id, source=info.source or "", destination=info.destination or "",
+                    endpoint=info.endpoint, resumed=resumed, attached=attached,
+                    finished=info.runtime_status in FINISHED,
+                    action="Restoring" if KINDS.get(info.kind) == "restore" else "Backing up")
+
+
 def status(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = None,
            stall_after: timedelta | None = None) -> RunInfo:
     """The run *instance_id* (a run reference: ``commands.runref``) as ``describe`` tells it."""
@@ -86,15 +96,22 @@ def status(state_dir: Path, instance_id: str, taskhub: TaskHubSettings | None = 
 
 def watch_status(state_dir: Path, instance_id: str, printer: Printer,
                  taskhub: TaskHubSettings | None = None) -> Summary[Any]:
-    """Draw progress until the run finishes, whoever works on it."""
-    with open_client(state_dir, taskhub) as (_runtime, client):
-        instance_id = get_run(client, resolve_run(instance_id, client=client, backups=False, latest=None)).instance_id
-        summary = summarize(watch(client, instance_id, printer))
+    """Draw progress, as the run's own command does, until the run finishes (or waits for `resume`), whoever works
+    on it (a run reference: ``commands.runref``)."""
+    with open_client(state_dir, taskhub) as (runtime, client):
+        run = get_run(client, resolve_run(instance_id, client=client, backups=False, latest=None))
+        printer.start(start_of(describe(runtime, run), attached=True))
+        try:
+            state = watch(client, run.instance_id, printer)
+        except KeyboardInterrupt:  # the watcher stops; the run goes on
+            printer.close()
+            raise
+    summary = summarize(state)
     printer.finish(summary)
     return summary
 
 
-@click.command("status", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 7, 70, 130))
+@click.command("status", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 7, 70, 130))
 @click.argument("instance_id", shell_complete=complete_runs("any"))
 @json_option("Print one JSON object.")
 @click.option("--watch", is_flag=True, help="Draw the live progress bar until the run finishes.")

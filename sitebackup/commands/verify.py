@@ -3,8 +3,9 @@ copy with the recorded size, Content-MD5 and access tier: the copy ``restore ID`
 blob, or the snapshot holding that version).
 
 A read-only check, so listings read beside the record (``history.CopyLookup``) and a plain thread pool
-rather than an orchestration. ``local`` also compares the source files on disk; ``download`` re-hashes
-that copy's content instead of trusting its Content-MD5.
+rather than an orchestration. ``local`` also compares the source tree on disk: each file's content, mode,
+owner and hard link, and each directory and symlink the record holds (kind, mode, owner, symlink target);
+``download`` re-hashes that copy's content instead of trusting its Content-MD5.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import itertools
 import json
 import os
+import stat
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -54,7 +56,7 @@ from sitebackup.errors import (
 )
 from sitebackup.local.files import b64, file_md5_b64
 from sitebackup.model.codec import to_wire
-from sitebackup.model.records import FileEntry
+from sitebackup.model.records import FileEntry, target_bytes
 from sitebackup.model.reports import Mismatch, VerifyReport
 from sitebackup.model.work import Concurrency
 from sitebackup.ui.escape import printable
@@ -96,6 +98,8 @@ def _local_problem(source: Path, rec: FileEntry) -> str | None:
         return "local file missing"
     except OSError as exc:
         return f"local file unreadable: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return "local entry is not a regular file"
     if st.st_size != rec.size:
         return f"local size {st.st_size} != recorded {rec.size}"
     try:
@@ -103,6 +107,40 @@ def _local_problem(source: Path, rec: FileEntry) -> str | None:
             return "local content differs from the recorded MD5"
     except OSError as exc:
         return f"local file unreadable: {exc.strerror}"
+    if rec.link is not None:
+        try:
+            first = os.lstat(os.path.join(source, rec.link))
+        except OSError:
+            first = None
+        if first is None or (first.st_dev, first.st_ino) != (st.st_dev, st.st_ino):
+            return f"local file is not a hard link to {rec.link}"
+    return _metadata_problem(st, rec)
+
+
+def _local_tree_problem(source: Path, rec: FileEntry) -> str | None:
+    """What differs between a directory or symlink the record holds and the source tree's entry at its path."""
+    path = os.path.join(source, rec.path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return f"local {rec.kind} missing"
+    except OSError as exc:
+        return f"local {rec.kind} unreadable: {exc.strerror}"
+    if rec.kind == "dir" and not stat.S_ISDIR(st.st_mode):
+        return "local entry is not a directory"
+    if rec.kind == "symlink":
+        if not stat.S_ISLNK(st.st_mode):
+            return "local entry is not a symlink"
+        if os.readlink(os.fsencode(path)) != target_bytes(rec.target or ""):
+            return "local symlink target differs from the recorded one"
+    return _metadata_problem(st, rec)
+
+
+def _metadata_problem(st: os.stat_result, rec: FileEntry) -> str | None:
+    if rec.mode is not None and stat.S_IMODE(st.st_mode) != rec.mode:
+        return f"local mode {stat.S_IMODE(st.st_mode):04o} != recorded {rec.mode:04o}"
+    if rec.uid is not None and (st.st_uid, st.st_gid) != (rec.uid, rec.gid):
+        return f"local owner {st.st_uid}:{st.st_gid} != recorded {rec.uid}:{rec.gid}"
     return None
 
 
@@ -136,10 +174,15 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
             raise InputError(f"run {run_id!r} recorded no files (nothing was copied, or it was purged)")
         container = service.get_container_client(inp.container)
         lookup = CopyLookup(container, inp.prefix)
-        counts = {"checked": 0, "not_backed_up": 0, "mismatched": 0}
+        counts = {"checked": 0, "not_backed_up": 0, "mismatched": 0, "tree": 0, "tree_mismatched": 0}
 
         def looked_up() -> Iterator[tuple[FileEntry, str, list[Copy]]]:
             for rec in itertools.chain([first], records):
+                if not rec.is_file:  # a directory or symlink: nothing stored, its metadata checked with --local
+                    if local:
+                        counts["tree"] += 1
+                        yield rec, "", []
+                    continue
                 if not rec.stored:
                     counts["not_backed_up"] += 1
                     continue
@@ -153,6 +196,9 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
                 yield rec, name, copies
 
         def check(rec: FileEntry, name: str, copies: list[Copy]) -> Mismatch | None:
+            if not rec.is_file:
+                problem = _local_tree_problem(Path(inp.source), rec)
+                return None if problem is None else Mismatch(rec.path, name, problem)
             try:
                 problem = blob_problem(container, copies, rec, download)
             except Exception as exc:
@@ -167,7 +213,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
         def take(future: Future[Mismatch | None]) -> None:
             mismatch = future.result()
             if mismatch is not None:
-                counts["mismatched"] += 1
+                counts["mismatched" if mismatch.blob else "tree_mismatched"] += 1
                 on_mismatch(mismatch)
 
         with ThreadPoolExecutor(max_workers=CHECKS.batches) as pool:
@@ -182,12 +228,14 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
     return VerifyReport(run_id=run_id, container=inp.container, prefix=inp.prefix, source=inp.source, local=local,
                         download=download, files_checked=counts["checked"],
                         files_ok=counts["checked"] - counts["mismatched"], files_mismatched=counts["mismatched"],
-                        files_not_backed_up=counts["not_backed_up"])
+                        files_not_backed_up=counts["not_backed_up"], tree_checked=counts["tree"],
+                        tree_mismatched=counts["tree_mismatched"])
 
 
-@click.command("verify", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 70, 130))
+@click.command("verify", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 70, 130))
 @click.argument("instance_id", metavar="ID", shell_complete=complete_runs("backups"))
-@click.option("--local", is_flag=True, help="Also compare with the source files on disk (size and MD5).")
+@click.option("--local", is_flag=True, help="Also compare with the source tree on disk: files' size, MD5, mode, owner "
+                                            "and hard links; directories and symlinks (mode, owner, target).")
 @click.option("--download", is_flag=True, help="Re-hash blob content instead of trusting its Content-MD5.")
 @click.option("--container", "-c", help="Read the run's sealed record from this container (a run this state "
                                        "directory does not know: a new machine needs only this).")
@@ -233,5 +281,7 @@ def command(instance_id: str, local: bool, download: bool, container: str | None
         click.echo(json.dumps({**to_wire(report), "mismatches": to_wire(mismatches)}))
     else:
         click.echo(f"{report.run_id}: {report.files_ok}/{report.files_checked} blobs match, "
-                   f"{report.files_mismatched} mismatched, {report.files_not_backed_up} not backed up by the run")
-    sys.exit(EXIT_FILES_FAILED if report.files_mismatched else 0)
+                   f"{report.files_mismatched} mismatched, {report.files_not_backed_up} not backed up by the run"
+                   + (f"; {report.tree_checked - report.tree_mismatched}/{report.tree_checked} directories and "
+                      "symlinks match" if local else ""))
+    sys.exit(EXIT_FILES_FAILED if report.files_mismatched or report.tree_mismatched else 0)

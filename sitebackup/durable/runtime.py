@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,9 @@ from sitebackup.errors import InputError, SiteBackupError, StateFullError
 from sitebackup.workflows.registry import ActivityDeps, register
 
 ENV_STATE_DIR = "SITEBACKUP_STATE_DIR"
+# once a process stops at once (``Runtime.interrupt``), how long it waits for its workers to end the work items they
+# run before it goes on without them: the stop stays within systemd's and a user's patience whatever they do
+STOP_SECONDS = 4.0
 # The SDK logs INFO on every episode; its own logger keeps that out of the user's terminal
 # unless --debug lowers the level.
 SDK_LOGGER = logging.getLogger("sitebackup.durabletask")
@@ -60,6 +64,7 @@ class Runtime:
     taskhub: TaskHubSettings | None = None
     credential: "TokenCredential | None" = None
     _workers: list[dt_worker.TaskHubGrpcWorker] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)  # set by ``interrupt``
     _containers: dict[str, str] = field(default_factory=dict)
 
     @contextmanager
@@ -95,8 +100,12 @@ class Runtime:
                 if exc.code() in _REFUSED:
                     raise
 
-    def start_worker(self, deps: ActivityDeps) -> dt_worker.TaskHubGrpcWorker:
-        """A worker running every orchestration and activity, as many at once as *deps* says (its concurrency)."""
+    def start_worker(self, deps: ActivityDeps, run: str | None = None) -> dt_worker.TaskHubGrpcWorker:
+        """A worker running every orchestration and activity, as many at once as *deps* says (its concurrency): of
+        the *run* this process hosts alone, when given, under the embedded backend (the scheduler hands any
+        work to any worker)."""
+        if run is not None and self.backend is not None:
+            self.backend.host_only(run)
         options = dt_worker.ConcurrencyOptions(
             maximum_concurrent_activity_work_items=deps.concurrency.batches,
             maximum_concurrent_orchestration_work_items=4,
@@ -119,8 +128,27 @@ class Runtime:
         return worker
 
     def stop_workers(self) -> None:
-        while self._workers:
-            self._workers.pop().stop()
+        """Stop this process's workers: each ends the work items it runs first, however long they take, unless the
+        process stops at once (``interrupt``): then they get ``STOP_SECONDS`` between them."""
+        workers, self._workers = self._workers[::-1], []
+        if not self.stopping.is_set():
+            for worker in workers:
+                worker.stop()
+            return
+        stops = [threading.Thread(target=worker.stop, name="sitebackup-worker-stop", daemon=True) for worker in workers]
+        deadline = time.monotonic() + STOP_SECONDS
+        for stop in stops:
+            stop.start()
+        for stop in stops:
+            stop.join(max(0.0, deadline - time.monotonic()))
+
+    def interrupt(self) -> None:
+        """Stop at once (Ctrl-C, SIGTERM), keeping what resuming needs: the work items this process's workers still
+        run are cut short and their results dropped, so they run again, whole, when the run resumes. Under the
+        scheduler they fail instead (``ActivityDeps.stopping``) and its retries run them again."""
+        self.stopping.set()
+        if self.backend is not None:
+            self.backend.drop_results()
 
     def status_version(self, instance_id: str) -> int | None:
         """A number that moves whenever this process's backend applies a change to the instance (an

@@ -1,12 +1,13 @@
 """Incremental runs: the one walk of a source compared with the baseline run's record.
 
 The baseline is the newest completed backup of the same source and destination (found by the
-commands layer); only its id travels in the orchestration input and the scan activity reads its
-record from the work store. A file is unchanged when its size and modification time equal the
-recorded ones (``mtime`` mode), or, in ``checksum`` mode, when its content MD5 equals the recorded
-MD5 (``CHECK``: the caller hashes it); ``force`` uploads everything. Mode, owner and hard link never
-decide an upload: the new record takes what the walk found (``unchanged_record``), and a change of them,
-or of a symlink's target, is counted (``metadata_change``) but sends nothing.
+commands layer), with what the job's runs cancelled since then recorded over it (``overlaid``); only
+their ids travel in the orchestration input and the scan activity reads their records from the work
+store. A file is unchanged when its size and modification time equal the recorded ones (``mtime``
+mode), or, in ``checksum`` mode, when its content MD5 equals the recorded MD5 (``CHECK``: the caller
+hashes it); ``force`` uploads everything. Mode, owner and hard link never decide an upload: the new
+record takes what the walk found (``unchanged_record``), and a change of them, or of a symlink's
+target, is counted (``metadata_change``) but sends nothing.
 
 ``compare`` is the walk both the backup's scan and ``--dry-run`` use. The record is read beside the
 walk, never held whole: the scan writes its pages in walk order, so the record (its result pages in
@@ -18,7 +19,8 @@ as a snapshot.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,8 +41,9 @@ CHECK = "check"  # same size, content must be hashed to tell
 class Baseline:
     """The baseline run's record, looked up path by path in walk order while it is read page by page."""
 
-    def __init__(self, records: Iterable[FileEntry]):
+    def __init__(self, records: Iterable[FileEntry], on_gone: Callable[[FileEntry], None] | None = None):
         self._records = iter(records)
+        self._on_gone = on_gone
         self._head: FileEntry | None = None
         self._head_key: tuple[str, ...] | None = None  # computed only when a path does not match the head
         self._advance()
@@ -65,12 +68,40 @@ class Baseline:
         if self._head.path != relpath:  # the common case (an unchanged tree) needs no key
             key = walk_key(relpath)
             while self._head is not None and self._key() < key:
-                self._advance()
+                self._gone()
             if self._head is None or self._head.path != relpath:
                 return None
         found = self._head
         self._advance()
         return found
+
+    def _gone(self) -> None:
+        """Pass the head by: no walked path is its path."""
+        if self._on_gone is not None and self._head is not None:
+            self._on_gone(self._head)
+        self._advance()
+
+    def drain(self) -> None:
+        """Pass every record left by (the walk is over)."""
+        while self._head is not None:
+            self._gone()
+
+
+def overlaid(records: Sequence[Iterable[FileEntry]]) -> Iterator[FileEntry]:
+    """Several runs' records (each in walk order), the first first, as one record in walk order holding each
+    path's entry from the first record that has it: cancelled runs over the baseline. One record passes through."""
+    if len(records) == 1:
+        yield from records[0]
+        return
+    def ranked(rank: int, record: Iterable[FileEntry]) -> Iterator[tuple[tuple[str, ...], int, int, FileEntry]]:
+        for seq, entry in enumerate(record):
+            yield walk_key(entry.path), rank, seq, entry
+
+    last: str | None = None
+    for _key, _rank, _seq, entry in heapq.merge(*(ranked(rank, record) for rank, record in enumerate(records))):
+        if entry.path != last:
+            last = entry.path
+            yield entry
 
 
 def decide(size: int, mtime_ns: int, previous: FileEntry | None, mode: str) -> str:
@@ -98,22 +129,35 @@ class Found(NamedTuple):
 
 
 def compare(source: Path, *, patterns: list[str], follow_symlinks: bool, baseline: Iterable[FileEntry],
-            mode: str) -> Iterator[Compared | Found | Skipped | Failed]:
+            mode: str, on_gone: Callable[[FileEntry], None] | None = None) -> Iterator[Compared | Found | Skipped | Failed]:
     """Walk *source* through the filters, each entry compared with the *baseline* record as the walk goes;
-    what is left out on purpose (``Skipped``) or cannot be read (``Failed``) comes in walk order too."""
+    what is left out on purpose (``Skipped``) or cannot be read (``Failed``) comes in walk order too. With
+    *on_gone*, each recorded entry the walk did not find (deleted, now excluded, or now of another kind: a file
+    where a directory was) is handed to it, in walk order: the whole record is then read."""
     rules = Filter(patterns)
-    previous = Baseline(baseline)
+    previous = Baseline(baseline, on_gone)
     for entry in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
         if isinstance(entry, FileRef):
-            before = previous.get(entry.path)
-            if before is not None and not before.is_file:  # it was something else: a new file
-                before = None
+            before = _same_kind(previous.get(entry.path), "file", on_gone)  # else a new file
             yield Compared(entry, decide(entry.size, entry.mtime_ns, before, mode), before)
         elif isinstance(entry, FileEntry):
-            before = previous.get(entry.path)
-            yield Found(entry, before if before is not None and before.kind == entry.kind else None)
+            yield Found(entry, _same_kind(previous.get(entry.path), entry.kind, on_gone))
         else:
+            if on_gone is not None:  # still there, said otherwise
+                previous.get(entry.relpath)
             yield entry
+    if on_gone is not None:
+        previous.drain()
+
+
+def _same_kind(before: FileEntry | None, kind: str,
+               on_gone: Callable[[FileEntry], None] | None) -> FileEntry | None:
+    """The baseline's record of a walked path when it is of the walked entry's *kind*; else it is gone."""
+    if before is None or before.kind == kind:
+        return before
+    if on_gone is not None:
+        on_gone(before)
+    return None
 
 
 def metadata_change(previous: FileEntry | None, meta: Meta | None = None,

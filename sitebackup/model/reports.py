@@ -21,6 +21,7 @@ class RunStart(msgspec.Struct, kw_only=True):
     endpoint: str | None = None
     resumed: bool = False
     attached: bool = False  # another live process hosts it: this one only shows its progress
+    finished: bool = False  # it had finished already: shown, not run again
     action: str = "Backing up"  # how the bar names what it does
 
 
@@ -113,6 +114,8 @@ class VerifyReport(msgspec.Struct, kw_only=True):
     files_ok: int
     files_mismatched: int
     files_not_backed_up: int
+    tree_checked: int = 0  # directories and symlinks of the record compared with the source (--local)
+    tree_mismatched: int = 0
 
 
 class KeptRun(msgspec.Struct, kw_only=True):
@@ -148,13 +151,16 @@ class PurgeReport(msgspec.Struct, kw_only=True):
 
 class DryRunItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One entry of a backup's ``--dry-run``: what a run would do with it (upload, unchanged, skip, fail, or
-    metadata: record its new mode, owner or symlink target, sending no content; ``reason`` says what changed)."""
+    metadata: record its new mode, owner or symlink target, sending no content; ``reason`` says what changed), or
+    that it is gone from the source since the last run (delete: the next run's record leaves it out)."""
 
     action: str
     path: str
     size: int | None = None
     reason: str | None = None
     error: str | None = None
+    kind: str = "file"  # a directory ("dir") or a symlink ("symlink") has no size
+    changed: bool = False  # an upload of a file the last run recorded with other content (size, time or MD5)
 
 
 class DryRunTotals(msgspec.Struct, kw_only=True):
@@ -170,6 +176,11 @@ class DryRunTotals(msgspec.Struct, kw_only=True):
     bytes_skipped: int = 0
     files_skipped: int = 0
     files_failed: int = 0
+    files_changed: int = 0  # of files_to_upload: those the last run recorded otherwise (the rest are new)
+    files_deleted: int = 0  # in the last run's record, gone from the source
+    bytes_deleted: int = 0
+    dirs_deleted: int = 0  # directories and symlinks in the last run's record gone from the source
+    symlinks_deleted: int = 0
     metadata_changed: int = 0  # entries whose mode, owner or symlink target would be recorded anew
 
 

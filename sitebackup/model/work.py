@@ -54,6 +54,12 @@ class Concurrency(msgspec.Struct, frozen=True):
         return self.batches + 4
 
     @property
+    def sealing(self) -> int:
+        # record pages the synchronous client sends at once when a run seals: each is a connection of its own
+        # beside the loop's, which sit idle by then
+        return max(1, self.batches // 2)
+
+    @property
     def per_file(self) -> int:
         # parallel requests of one file moved in ranges by the synchronous client
         return 4
@@ -298,6 +304,7 @@ class ScanInput(msgspec.Struct, kw_only=True):
     container: str = ""  # where the baseline's sealed record is
     min_pages: int = msgspec.field(default=1, name="min_batches")
     baseline: str | None = None
+    cancelled: list[str] = msgspec.field(default_factory=list)  # BackupInput.cancelled
     compare: str = "mtime"
     patterns: list[str] = msgspec.field(default_factory=list)
     follow_symlinks: bool = False
@@ -500,6 +507,9 @@ class BackupInput(msgspec.Struct, kw_only=True):
     options: BackupOptions
     job: Job | None = None  # None: a run of an earlier version, whose record is not sealed
     baseline: str | None = None  # the run whose record decides what is unchanged
+    # runs of the job cancelled since the baseline, newest first: what their records hold counts as backed up, over
+    # the baseline's, so the next run does not send it again
+    cancelled: list[str] = msgspec.field(default_factory=list)
     state: RunState[BackupCounts] | None = None  # carried across continue-as-new
 
     @property

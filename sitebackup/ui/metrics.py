@@ -2,16 +2,19 @@
 
 A job is one command, source and destination (the ``command``, ``source`` and ``destination``
 labels), so one file can serve every cron line of a host. A write reads the file, replaces only
-this job's series and writes the whole file back, holding a lock on its directory so that two jobs
-ending together keep each other's series. The new text goes to a fresh temporary in the same
-directory, renamed over the file: the collector never reads half a file. Series of other programs
-in the file are kept as they were.
+this job's series and writes the whole file back, holding a lock so that two jobs ending together
+keep each other's series: a file of this user's beside it (``.NAME.lock``), never the directory,
+which any user who can read it can lock. A lock held for longer than a write takes is not waited
+for: the metrics are written anyway and the user told in one line. The new text goes to a fresh
+temporary in the same directory, renamed over the file: the collector never reads half a file.
+Series of other programs in the file are kept as they were.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -52,6 +55,11 @@ COUNTS = {
 KINDS = {"files": FILES, "bytes": BYTES, "runs": RUNS, "blobs": BLOBS, "snapshots": SNAPSHOTS}
 
 
+# two jobs ending together wait for each other's write, which takes milliseconds; a lock held longer is stuck
+LOCK_WAIT_SECONDS = 10.0
+LOCK_POLL_SECONDS = 0.05
+
+
 class MetricsFileError(Exception):
     """The metrics file cannot be read or written."""
 
@@ -71,15 +79,12 @@ class MetricsJob:
     def labels(self) -> dict[str, str]:
         return {"command": self.command, "source": self.source, "destination": self.destination}
 
-    def write(self, exit_code: int, ended: float | None = None) -> None:
-        """Replace this job's series in the file with this run's; MetricsFileError when that fails."""
+    def write(self, exit_code: int, ended: float | None = None) -> str | None:
+        """Replace this job's series in the file with this run's; MetricsFileError when that fails. What the
+        user should hear of the lock when the file was written without it (one line), else None."""
         ended = time.time() if ended is None else ended
+        lock, unlocked = _lock(self.path, LOCK_WAIT_SECONDS)
         try:
-            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise MetricsFileError(f"cannot open directory {str(self.path.parent)!r}: {exc.strerror}") from None
-        try:
-            fcntl.flock(directory, fcntl.LOCK_EX)
             families = _read(self.path)
             values = {
                 PREFIX + "last_run_start_timestamp_seconds": self.started,
@@ -96,7 +101,39 @@ class MetricsJob:
         except OSError as exc:
             raise MetricsFileError(f"cannot write {str(self.path)!r}: {exc.strerror or exc}") from None
         finally:
-            os.close(directory)  # and with it the lock
+            if lock is not None:
+                os.close(lock)  # and with it the lock
+        return None if unlocked is None else f"metrics written without their lock: {unlocked}"
+
+
+def _lock(path: Path, wait: float) -> tuple[int | None, str | None]:
+    """The lock of the metrics file taken, waiting *wait* seconds at most: the descriptor holding it, or None and
+    why not. The lock is a file of this user's beside the metrics file (``.NAME.lock``, 0600), opened without
+    following a symlink: the directory itself, which other users can open and lock, is never locked."""
+    name = path.parent / f".{path.name}.lock"
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:  # an existing one is opened without O_CREAT: fs.protected_regular refuses that, even to root, for a
+        # file another user planted in a sticky directory, and the line must say whose the file is
+        try:
+            fd = os.open(name, flags)
+        except FileNotFoundError:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        return None, f"cannot open {str(name)!r}: {exc.strerror}"
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        return None, f"{str(name)!r} is not a file of this user's"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, None
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None, f"{str(name)!r} was held by another process for {wait:.0f}s"
+            time.sleep(LOCK_POLL_SECONDS)
 
 
 def _counts(summary: Mapping[str, object] | None) -> dict[str, dict[str, int]]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from sitebackup.model.codec import to_wire
 from sitebackup.model.reports import RunStart
-from sitebackup.model.work import Progress, Summary, summary_to_wire
+from sitebackup.model.work import BackupCounts, Progress, Summary, summary_to_wire
 from sitebackup.ui.escape import printable
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ KINDS = {"BackupSiteContent": "backup", "RestoreSiteContent": "restore"}
 
 
 def start_verb(info: RunStart) -> str:
+    if info.finished:
+        return "already finished:"
     return "attached to" if info.attached else "resuming" if info.resumed else "started"
 
 
@@ -126,8 +128,14 @@ def failure_lines(summary: Summary[Any]) -> list[str]:
 
 
 def skipped_lines(summary: Summary[Any]) -> list[str]:
-    """Notes for what was left out on purpose (symlinks, FIFOs, sockets, devices), as listed in the summary."""
-    return [printable(f"skipped {s.path}: {s.reason}") for s in summary.skipped]
+    """Notes for what was left out on purpose (symlinks, FIFOs, sockets, devices), as listed in the summary, and
+    how many more there were when the list is cut short."""
+    lines = [printable(f"skipped {s.path}: {s.reason}") for s in summary.skipped]
+    # a backup's skipped files are the unchanged ones and those left out on purpose, each of which may be listed
+    rest = summary.counts.files_skipped - summary.counts.files_unchanged - len(summary.skipped)
+    if isinstance(summary.counts, BackupCounts) and rest > 0 and summary.skipped:
+        lines.append(f"... and {rest} more skipped")
+    return lines
 
 
 class Printer:
@@ -197,7 +205,8 @@ class RichPrinter(PlainPrinter):
     def start(self, info: RunStart) -> None:
         from rich.text import Text
 
-        verb = "Resuming" if info.resumed else info.action
+        verb = "Already finished:" if info.finished else "Resuming" if info.resumed and not info.attached \
+            else info.action
         self.console.print(Text.assemble(f"{verb} ", (printable(info.source), "bold"), " -> ",
                                          (printable(info.destination), "bold"), f" ({printable(info.instance_id)})"))
         self.bar.start()

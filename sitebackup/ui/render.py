@@ -44,8 +44,6 @@ def status_text(info: RunInfo) -> str:
         lines[0] += f" — no worker attached; resume with: sitebackup resume {info.instance_id}"
     elif info.stalled and idle is not None:
         lines[0] += f" — STALLED: no progress for {human_duration(idle)}; is its process hung?"
-    elif status == "TERMINATED":
-        lines[0] += " — cancelled"
     if status in ("RUNNING", "PENDING") and info.worker_attached is None:
         # the scheduler does not tell clients which workers hold an instance's work
         lines.append("  worker:       unknown with --taskhub")
@@ -166,15 +164,14 @@ class Lines:
 
 
 class DryRunLines(Lines):
-    """The files of a ``--dry-run``, a line each as the walk reaches them (failures on stderr), or a JSON event."""
+    """The entries of a ``--dry-run``, a line each as the walk reaches them (failures on stderr; a backup's
+    unchanged files only when asked), or a JSON event each."""
 
-    VERBS = {"upload": "would upload", "metadata": "would record", "create": "would create",
-             "replace": "would replace"}
-
-    def __init__(self, json_output: bool, quiet: bool):
+    def __init__(self, json_output: bool, quiet: bool, unchanged: bool = False):
         super().__init__()
         self.json_output = json_output
         self.quiet = quiet
+        self.unchanged = unchanged  # a line for each unchanged file too (-v); --json has every file
 
     def add(self, item: DryRunItem) -> None:
         if self.json_output:
@@ -182,9 +179,22 @@ class DryRunLines(Lines):
         elif item.action == "fail":
             self.flush()  # in order with the lines before it on a terminal showing both streams
             click.echo(printable(f"FAILED {item.path}: {item.error}"), err=True)
-        elif not self.quiet:
-            detail = item.reason or human_bytes(item.size or 0)
-            self.line(f"{self.VERBS.get(item.action, item.action)} {item.path} ({detail})")
+        elif not self.quiet and (item.action != "unchanged" or self.unchanged):
+            self.line(_dry_run_line(item))
+
+
+def _dry_run_line(item: DryRunItem) -> str:
+    size = human_bytes(item.size or 0)
+    if item.action == "upload":
+        return f"would upload {item.path} ({size}, {'changed' if item.changed else 'new'})"
+    if item.action == "delete":
+        what = {"dir": "directory", "symlink": "symlink"}.get(item.kind, size)
+        return f"deleted {item.path} ({what}; left out of the next run's record, kept for earlier runs)"
+    if item.action == "metadata":  # its content stays: the record takes what changed
+        return f"would record {item.path} ({item.reason})"
+    if item.action in ("create", "replace"):  # a restore's
+        return f"would {item.action} {item.path} ({item.reason or size})"
+    return f"{item.action} {item.path} ({item.reason or size})"
 
 
 def summary_event(value: object) -> None:
@@ -197,8 +207,12 @@ def dry_run_totals(plan: DryRunTotals, json_output: bool, quiet: bool) -> None:
     if json_output:
         click.echo(json.dumps({"event": "summary", **to_wire(plan)}))
     elif not quiet:
-        click.echo(f"dry run: {plan.files_to_upload} files would be uploaded ({human_bytes(plan.bytes_to_upload)}), "
-                   f"{plan.files_unchanged} unchanged ({human_bytes(plan.bytes_skipped)}), "
+        click.echo(f"dry run: {plan.files_to_upload} files would be uploaded ({human_bytes(plan.bytes_to_upload)}: "
+                   f"{plan.files_to_upload - plan.files_changed} new, {plan.files_changed} changed), "
+                   f"{plan.files_deleted} deleted since the last run ({human_bytes(plan.bytes_deleted)}), "
+                   + (f"{plan.dirs_deleted} directories and {plan.symlinks_deleted} symlinks deleted, "
+                      if plan.dirs_deleted or plan.symlinks_deleted else "")
+                   + f"{plan.files_unchanged} unchanged ({human_bytes(plan.bytes_skipped)}), "
                    + (f"{plan.metadata_changed} with metadata changes only, " if plan.metadata_changed else "")
                    + f"{plan.files_skipped - plan.files_unchanged} skipped, {plan.files_failed} failed")
 

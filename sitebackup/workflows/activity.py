@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from azure.storage.blob import ContainerClient
 from durabletask import task
@@ -35,6 +35,13 @@ GetMany = Callable[[str, list[tuple[str, str | None, int]], Callable[[], bool]],
 log = logging.getLogger("sitebackup.activities")
 
 
+class CancelQuery(Protocol):
+    """Whether run *run_id* was cancelled: an answer a little old between files, as the backend has it now with
+    *fresh* (before a block range, which takes far longer than the question)."""
+
+    def __call__(self, run_id: str, fresh: bool = False) -> bool: ...
+
+
 @dataclass
 class ActivityDeps:
     """What activities need from the hosting process: its own credentials and work store."""
@@ -44,7 +51,7 @@ class ActivityDeps:
     endpoint: str  # label for messages, never a secret
     concurrency: Concurrency = Concurrency()  # the hosting process's (--concurrency)
     # asked between files (and block ranges) so that `sitebackup cancel` stops uploads at the next boundary
-    cancelled: Callable[[str], bool] = lambda run_id: False
+    cancelled: CancelQuery = lambda run_id, fresh=False: False
     # told (run id, copy result) after every finished batch: `sitebackup worker` prints a status line
     on_batch: Callable[[str, PageResult[BackupCounts]], None] | None = None
     # blob.asyncput.AsyncPutter.put_many; None: one by one
@@ -54,6 +61,8 @@ class ActivityDeps:
     # why the hosting process is stopping at once (its state directory is full), else None: the work
     # items already delivered then end without uploading what could not be recorded
     halted: Callable[[], str | None] = lambda: None
+    # whether the hosting process is stopping (Ctrl-C, SIGTERM): what an activity returns then is not a result
+    stopping: Callable[[], bool] = lambda: False
 
 
 def activity(name: str, run: Callable[[task.ActivityContext, object], Any]) -> Callable[[task.ActivityContext, object], Any]:
@@ -76,14 +85,18 @@ def activity(name: str, run: Callable[[task.ActivityContext, object], Any]) -> C
 
 
 def unless_halted(fn: Callable[..., Any], deps: ActivityDeps) -> Callable[..., Any]:
-    """*fn*, failing at once instead of starting while ``deps.halted`` gives a reason (the failure is
-    retried, like any, when the run goes on)."""
+    """*fn*, failing at once instead of starting while ``deps.halted`` gives a reason, and failing instead of
+    returning once ``deps.stopping``: a batch cut short by the stop (its transfers ended, its files left) must
+    not be taken for done. The failure is retried, like any, when the run goes on."""
 
     def wrapped(ctx: task.ActivityContext, inp: Any) -> Any:
         reason = deps.halted()
         if reason is not None:
             raise RuntimeError(f"not started: {reason}")
-        return fn(ctx, inp)
+        result = fn(ctx, inp)
+        if deps.stopping():
+            raise RuntimeError("not done: the process stopped (Ctrl-C or SIGTERM) while it ran")
+        return result
 
     wrapped.__name__ = fn.__name__
     return wrapped

@@ -18,7 +18,7 @@ from durabletask import task
 from sitebackup.model.codec import from_wire, to_wire
 from sitebackup.model.work import BackupCounts, BackupInput, CopyInput, ScanInput, Sealed, SealInput, Step
 from sitebackup.workflows import blocks
-from sitebackup.workflows.names import BACKUP_ORCHESTRATION, BATCH_RETRY, COPY_BATCH, SCAN_TREE, SEAL_RECORD
+from sitebackup.workflows.names import BACKUP_ORCHESTRATION, COPY_BATCH, SCAN_TREE, SEAL_RECORD, batch_retry
 from sitebackup.workflows.pages import chunk_hash
 from sitebackup.workflows.window import batch_result, begin, min_pages, run_and_summarize, tally, utc_now
 
@@ -29,19 +29,19 @@ def backup_site_content(ctx: task.OrchestrationContext, raw: object) -> Any:
     window = max(1, options.concurrency)
     state = yield from begin(ctx, inp.state, BackupCounts, "scanning", SCAN_TREE, ScanInput(
         source=inp.source, container=inp.container, min_pages=min_pages(window, options.shared),
-        baseline=inp.baseline,
+        baseline=inp.baseline, cancelled=inp.cancelled,
         compare=options.compare, patterns=options.patterns, follow_symlinks=options.follow_symlinks,
         upload=options.upload))
 
     def schedule(step: Step) -> task.Task[Any]:
         if step.seal:
             assert inp.job is not None
-            return ctx.call_activity(SEAL_RECORD, retry_policy=BATCH_RETRY, input=to_wire(SealInput(
+            return ctx.call_activity(SEAL_RECORD, retry_policy=batch_retry(), input=to_wire(SealInput(
                 container=inp.container, prefix=inp.prefix, source=inp.source, job=inp.job, baseline=inp.baseline,
                 started=state.started_at, finished=utc_now(ctx).isoformat(),
                 files=state.counts.files_total, files_failed=state.counts.files_failed,
                 bytes=state.counts.bytes_total)))
-        return ctx.call_activity(COPY_BATCH, retry_policy=BATCH_RETRY, input=to_wire(CopyInput(
+        return ctx.call_activity(COPY_BATCH, retry_policy=batch_retry(), input=to_wire(CopyInput(
             source=inp.source, container=inp.container, prefix=inp.prefix, page=step.page,
             index=chunk_hash(state.index, step.page), follow_symlinks=options.follow_symlinks, upload=options.upload,
             commit=blocks.commit_order(state, step.page) if step.commit else None)))

@@ -282,7 +282,7 @@ def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage
     if not step.commit:
         result.range = RangeReport(first_page=item.first_page, ranges=item.ranges)
     client = deps.container_client(container)
-    cancelled = functools.partial(deps.cancelled, run_id)
+    cancelled = functools.partial(deps.cancelled, run_id, fresh=True)
     error = None
     try:
         if cancelled():

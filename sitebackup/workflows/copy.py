@@ -142,13 +142,18 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
 
 def _baseline(work: WorkStore, records: ContainerRecords | None, inp: ScanInput,
               note: Callable[[str], None]) -> Iterator[FileEntry]:
-    """The baseline's record, read beside the walk. A page of it that is damaged in the state directory and in
-    the container too ends it there: the files after are compared with what the container holds at their names
-    as they are uploaded (``blob.upload.replace``), so none is taken for unchanged without proof."""
-    if not inp.baseline:
+    """The baseline's record, with what the runs cancelled since recorded over it, read beside the walk. A page of
+    it that is damaged in the state directory and in the container too ends it there: the files after are
+    compared with what the container holds at their names as they are uploaded (``blob.upload.replace``), so
+    none is taken for unchanged without proof."""
+    # a cancelled run is never sealed: its record is the pages this work store holds
+    sources = [run_entries(None, work, run_id, note) for run_id in inp.cancelled]
+    if inp.baseline:
+        sources.append(run_entries(records, work, inp.baseline, note))
+    if not sources:
         return
     try:
-        yield from run_entries(records, work, inp.baseline, note)
+        yield from incremental.overlaid(sources)
     except DamagedData as exc:
         note(f"{exc}; the files after it are compared with the container as they are uploaded")
 

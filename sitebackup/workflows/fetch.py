@@ -11,6 +11,11 @@ current blob turns out to hold another version as it is fetched (replaced while 
 
 A restore batch reads its page only when its bytes are the ones the plan wrote (``workflows.pages``).
 
+A run's record is a tree: its files go to file pages, and what the restore's last activity makes once every
+file is written (``workflows.tree``: hard links, symlinks, directories' own metadata) to tree pages between
+them, which the page window skips (``Planned.done``) and the last activity reads (``Planned.tree``). A file
+gets its recorded owner and exact mode as it is written (``local.dest.DestDir``).
+
 A page's small files are downloaded together on the process's asyncio loop (``ActivityDeps.get_many``)
 and written in page order as they arrive; large ones in ranges with the sync client.
 """
@@ -34,22 +39,94 @@ from sitebackup.blob.asyncget import BlobFacts, Got
 from sitebackup.blob.asyncput import Cancelled
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.history import PRUNED, CopyLookup, choose, copies_of, copy_client
-from sitebackup.blob.naming import blob_name, is_reserved
+from sitebackup.blob.naming import blob_name, is_reserved, unescape_name
 from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
-from sitebackup.local.dest import DestDir, UnsafeName, restored_mode, safe_relpath
+from sitebackup.local.dest import (
+    DestDir,
+    UnsafeName,
+    mtime_in_range,
+    recorded_mode,
+    restored_mode,
+    safe_relpath,
+)
 from sitebackup.local.files import b64, fd_md5_b64
 from sitebackup.local.filters import make_selector
+from sitebackup.local.scan import walk_key
 from sitebackup.model.codec import from_wire, to_wire
-from sitebackup.model.records import RestoredFile
-from sitebackup.model.work import FetchInput, FetchItem, PageResult, PlanInput, Planned, RestoreCounts
+from sitebackup.model.records import ROOT, FileEntry, Meta, RestoredFile
+from sitebackup.model.work import FetchInput, FetchItem, PageResult, PlanInput, Planned, RestoreCounts, Span
 from sitebackup.workflows import pages
 from sitebackup.workflows.activity import ActivityDeps, activity
-from sitebackup.workflows.names import PLAN_RESTORE, RESTORE_BATCH
+from sitebackup.workflows.names import PLAN_RESTORE, RESTORE_BATCH, UNCHANGED_PAGE
 from sitebackup.workflows.window import Capped, stream_pages
 
 # blobs over this size are fetched as ranges of RANGE_BYTES in parallel, written at their offsets
 RANGE_BYTES = STREAM_BLOCK_BYTES
+MTIME_RANGE = "modification time out of range (not a time a file can have)"
+
+
+class _Tree:
+    """The entries of a record the restore's last activity makes, cut into tree pages as the plan reads them.
+
+    With --include/--exclude, a directory is made when it is selected or something beneath it is: one that is
+    not waits (``pending``) until a selected entry beneath it comes, and goes to the tree before it, so that a
+    directory always comes before what it holds (the last activity gives directories their metadata in the
+    reverse order: deepest first)."""
+
+    def __init__(self, selected: Callable[[str], bool], filtered: bool, flush: Callable[[list[FileEntry]], None]):
+        self.selected = selected
+        self.filtered = filtered
+        self.flush = flush
+        self.page: list[FileEntry] = []
+        self.pending: dict[str, FileEntry] = {}
+
+    def add(self, entry: FileEntry) -> None:
+        self.page.append(entry)
+        if len(self.page) >= UNCHANGED_PAGE:
+            self.close()
+
+    def reached(self, path: str) -> None:
+        """A selected entry at *path*: the directories above it not selected themselves are made too."""
+        if self.pending:
+            parts = path.split("/")
+            for depth in range(1, len(parts)):
+                above = self.pending.pop("/".join(parts[:depth]), None)
+                if above is not None:
+                    self.add(above)
+
+    def directory(self, entry: FileEntry) -> None:
+        if self.selected(entry.path):
+            self.reached(entry.path)
+            self.add(entry)
+        elif self.filtered:
+            self.pending[entry.path] = entry
+
+    def close(self) -> None:
+        if self.page:
+            self.flush(self.page)
+            self.page = []
+
+
+def _hard_link_refused(entry: FileEntry) -> str | None:
+    """Why the hard link *entry* records is refused, if it is: its first member must be a path beneath DEST
+    that comes before it in the record (walk order), as a backup records it."""
+    assert entry.link is not None
+    try:
+        safe_relpath(entry.link)
+    except UnsafeName as exc:
+        return f"refused: hard link to {entry.link!r}: {exc}"
+    if entry.link == entry.path or walk_key(entry.link) >= walk_key(entry.path):
+        return f"refused: hard link to {entry.link!r}, which the record does not hold before it"
+    return None
+
+
+def file_meta(entry: FileEntry) -> Meta | None:
+    """The mode and owner a restored file gets from its record; None for a record of format 1 (the blob's
+    mode metadata then)."""
+    if entry.mode is None and entry.uid is None:
+        return None
+    return Meta(entry.mode, entry.uid, entry.gid, entry.user, entry.group)
 
 
 def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned[RestoreCounts]:
@@ -57,7 +134,8 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
 
     Memory holds a page and what the lookup of recorded versions holds (``history.CopyLookup``), not the list.
     """
-    selected = make_selector(inp.options.include, inp.options.exclude)
+    options = inp.options
+    selected = make_selector(options.include, options.exclude)
     failures, skipped, stale = Capped(), Capped(), Capped()
     notes: list[str] = []
     counts = RestoreCounts()
@@ -65,9 +143,62 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
     # another writer replaced anyway is found by its Content-MD5 as it is fetched, and looked up then
     lookup = CopyLookup(deps.container_client(inp.container), inp.prefix) if inp.run_id and inp.later_backups \
         else None
+    n_pages = 0
+    writer = pages.PageWriter(deps.work, restore_id)
+    done: list[Span] = []  # the tree pages: the page window skips them
+    owners = False  # whether the record names owners
+
+    def write_tree_page(entries: list[FileEntry]) -> None:
+        nonlocal n_pages
+        writer.write(n_pages, entries)
+        if done and done[-1].end == n_pages:
+            done[-1].end += 1
+        else:
+            done.append(Span(n_pages, n_pages + 1))
+        n_pages += 1
+
+    tree = _Tree(selected, bool(options.include or options.exclude), write_tree_page)
 
     def items() -> Iterator[FetchItem]:
-        for item, error in _candidates(deps, inp, notes.append):
+        nonlocal owners
+        for item, entry in _candidates(deps, inp, notes.append):
+            error = entry.error if entry is not None else None
+            if entry is not None:
+                owners = owners or entry.uid is not None
+                if not entry.is_file or entry.link is not None:
+                    try:
+                        if entry.path != ROOT:
+                            safe_relpath(entry.path)
+                    except UnsafeName as exc:
+                        failures.add(entry.path, error=f"refused: {exc}")
+                        continue
+                    if not mtime_in_range(entry.mtime_ns):  # the tree's last activity would give it that time
+                        failures.add(entry.path, error=f"refused: {MTIME_RANGE}")
+                        continue
+                    if entry.path == ROOT:
+                        tree.add(entry)
+                        continue
+                    if entry.kind == "dir":
+                        tree.directory(entry)
+                        continue
+                    if not selected(entry.path):
+                        continue
+                    if entry.kind == "symlink":
+                        tree.reached(entry.path)
+                        tree.add(entry)
+                        continue
+                    refused = _hard_link_refused(entry)
+                    if refused is not None:
+                        failures.add(entry.path, error=refused)
+                        continue
+                    if entry.stored and selected(entry.link or ""):  # else restored from its own copy, alone
+                        if entry.error is not None:
+                            stale.add(entry.path, error=entry.error)
+                        tree.reached(entry.path)
+                        tree.add(entry)
+                        counts.files_total += 1
+                        counts.bytes_total += entry.size
+                        continue
             if not item.name:  # the run holds no copy of it: it failed and no earlier run backed it up
                 skipped.add(item.path, reason=f"not backed up by the run: {error or 'no copy recorded'}")
                 continue
@@ -80,6 +211,10 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
                 continue
             if not selected(item.path):
                 continue
+            if not mtime_in_range(item.mtime_ns):
+                failures.add(item.path, error=f"refused: {MTIME_RANGE}")
+                continue
+            tree.reached(item.path)
             if lookup is not None:  # the copy holding the version the run recorded
                 copy = choose(lookup.copies(item.name), item.md5)
                 if copy is None:
@@ -90,11 +225,16 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
             counts.bytes_total += item.size
             yield item
 
-    n_pages = 0
-    writer = pages.PageWriter(deps.work, restore_id)
     for page in stream_pages(items(), lambda item: item.size, min_batches=inp.min_pages):
         writer.write(n_pages, page)
         n_pages += 1
+    tree.close()
+    if owners and options.owners and os.geteuid() != 0:
+        notes.append("owners were not restored: only root can give files their recorded owners "
+                     "(what was restored belongs to the user who ran the restore)")
+    if not inp.run_id:
+        notes.append("restored from the blobs alone: symlinks, hard links, owners and empty directories are in a "
+                     "backup run's record (restore ID, or --as-of)")
     # refused names count as done: the progress bar reaches its total
     counts.files_total += failures.count
     counts.files_failed = counts.files_done = failures.count
@@ -103,19 +243,19 @@ def plan_restore(deps: ActivityDeps, restore_id: str, inp: PlanInput) -> Planned
         notes.append(f"{stale.count} file(s) failed in the run and are restored as the last run that backed them "
                      "up had them: " + ", ".join(f"{f.path} ({f.error})" for f in stale.items)
                      + (" ..." if stale.count > len(stale.items) else ""))
-    return Planned(pages=n_pages, counts=counts, index=writer.close(n_pages), failures=failures.items,
-                   skipped=skipped.items, notes=notes)
+    return Planned(pages=n_pages, counts=counts, done=list(done), index=writer.close(n_pages),
+                   failures=failures.items, skipped=skipped.items, notes=notes, tree=done)
 
 
 def _candidates(deps: ActivityDeps, inp: PlanInput,
-                note: Callable[[str], None]) -> Iterator[tuple[FetchItem, str | None]]:
-    """Each file the source holds as the blob to fetch (no name: the run holds no copy of it), with why it failed
-    in the run, if it did."""
+                note: Callable[[str], None]) -> Iterator[tuple[FetchItem, FileEntry | None]]:
+    """Each entry the source holds, as the blob to fetch (no name: the run holds no copy of it, or it is not a
+    file) with its record (None: a blob found by listing the container)."""
     if inp.run_id:
         records = ContainerRecords(deps.container_client(inp.container))
         for entry in run_entries(records, deps.work, inp.run_id, note):
             name = blob_name(inp.prefix, entry.path) if entry.stored else ""
-            yield FetchItem(name, entry.path, entry.size, entry.md5, entry.mtime_ns), entry.error
+            yield FetchItem(name, entry.path, entry.size, entry.md5, entry.mtime_ns, meta=file_meta(entry)), entry
         return
     client = deps.container_client(inp.container)
     start = f"{inp.prefix}/" if inp.prefix else None
@@ -124,7 +264,8 @@ def _candidates(deps: ActivityDeps, inp: PlanInput,
         if is_reserved(blob.name):  # work files of multi-host runs, not backed-up content
             continue
         meta = blob.metadata or {}
-        yield FetchItem(blob.name, blob.name[len(start or ""):], blob.size, b64(blob.content_settings.content_md5),
+        path = unescape_name(blob.name[len(start or ""):])  # the file's own name, control characters and all
+        yield FetchItem(blob.name, path, blob.size, b64(blob.content_settings.content_md5),
                         _int_or_none(meta.get(META_MTIME))), None
 
 
@@ -193,6 +334,7 @@ def _fetch(client: ContainerClient, dest: DestDir, item: FetchItem, threads: int
 def _write(dest: DestDir, item: FetchItem, download: Callable[[int], BlobFacts]) -> None:
     """Write the item's file under *dest* with *download* (content into the descriptor, what the service
     said of the blob back), checked against the recorded size and MD5."""
+    owner = dest.owner(item.meta)
 
     def fill(fd: int) -> tuple[int, int | None]:
         facts = download(fd)
@@ -205,9 +347,13 @@ def _write(dest: DestDir, item: FetchItem, download: Callable[[int], BlobFacts])
             raise _Mismatch("downloaded content does not match its Content-MD5")
         meta = facts.metadata
         mtime_ns = item.mtime_ns if item.mtime_ns is not None else _int_or_none(meta.get(META_MTIME))
+        if not mtime_in_range(mtime_ns):
+            raise _Mismatch(f"refused: {MTIME_RANGE}")
+        if item.meta is not None and item.meta.mode is not None:  # the record's: exact, whatever the umask
+            return recorded_mode(item.meta.mode, owner is not None), mtime_ns
         return restored_mode(meta.get(META_MODE), dest.umask), mtime_ns
 
-    dest.write(item.path, fill)
+    dest.write(item.path, fill, owner)
 
 
 def _write_content(fd: int, content: Got) -> BlobFacts:
@@ -216,14 +362,16 @@ def _write_content(fd: int, content: Got) -> BlobFacts:
 
 
 def _download_into(blob: Any, fd: int, size: int, threads: int) -> BlobFacts:
+    props = blob.get_blob_properties()
+    if props.size != size:  # never read: a blob larger than its record fills neither memory nor disk
+        return BlobFacts.of(props)
+    # every request is pinned to the same blob version: a blob rewritten mid-restore fails, never mixes
+    pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
     if size <= RANGE_BYTES:
         # decompress=False everywhere: the blob's own bytes, whatever Content-Encoding it is marked with
-        downloader = blob.download_blob(decompress=False)
+        downloader = blob.download_blob(decompress=False, **pinned)
         os.write(fd, downloader.readall())
         return BlobFacts.of(downloader.properties)
-    props = blob.get_blob_properties()
-    # every range is pinned to the same blob version: a blob rewritten mid-restore fails, never mixes
-    pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
 
     def fetch(offset: int) -> None:
         data = blob.download_blob(offset=offset, length=min(RANGE_BYTES, props.size - offset),
@@ -260,13 +408,31 @@ def _start_small_downloads(deps: ActivityDeps, restore_id: str, container: str, 
     return dict(zip(small, deps.get_many(container, wanted, lambda: deps.cancelled(restore_id))))
 
 
+def restore_dest(dest: str, restore_id: str, owners: bool, recorded_dirs: bool = True) -> DestDir:
+    """DEST as a restore batch writes it: owners given when asked and run as root; a directory made on the way
+    to a file is 0700 when the record has directories (*recorded_dirs*, format 2), whose own metadata come
+    last."""
+    return DestDir(dest, temp_tag=restore_id, owners=owners and os.geteuid() == 0,
+                   dir_mode=0o700 if recorded_dirs else 0o755)
+
+
+def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, overwrite: bool, threads: int,
+                endpoint: str) -> Outcome:
+    """Restore one file alone (the restore's last activity: a hard link whose first member does not hold its
+    content), as a batch restores each of its files."""
+    outcome = _guarded(functools.partial(_existing, dest, item, overwrite), endpoint) or \
+        _guarded(functools.partial(_fetch, client, dest, item, threads, None), endpoint)
+    assert outcome is not None
+    return outcome
+
+
 def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> PageResult[RestoreCounts]:
     client = deps.container_client(inp.container)
-    dest = DestDir(inp.dest, temp_tag=restore_id)
     counts = RestoreCounts()
     failures, skipped = Capped(), Capped()
     journal: list[RestoredFile] = []
     items = pages.read_page(deps.work, restore_id, inp.page, inp.index, list[FetchItem])
+    dest = restore_dest(inp.dest, restore_id, inp.owners, any(item.meta is not None for item in items))
     # the destination is checked before anything is fetched: a file already there is never downloaded
     checked = [_guarded(functools.partial(_existing, dest, item, inp.overwrite), deps.endpoint) for item in items]
     downloads = _start_small_downloads(deps, restore_id, inp.container, items, checked)

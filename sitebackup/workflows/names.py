@@ -6,9 +6,12 @@ are part of the state format.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from durabletask import task
+
+from sitebackup.errors import InputError
 
 BACKUP_ORCHESTRATION = "BackupSiteContent"
 RESTORE_ORCHESTRATION = "RestoreSiteContent"
@@ -17,6 +20,7 @@ COPY_BATCH = "CopyFileBatch"
 PLAN_RESTORE = "PlanRestore"
 RESTORE_BATCH = "RestoreFileBatch"
 SEAL_RECORD = "SealRunRecord"
+RESTORE_TREE = "RestoreTree"
 
 # a run parked until `sitebackup resume` raises RESUME_EVENT (see window.run_page_window)
 WAITING_PHASE = "waiting-destination"
@@ -40,9 +44,21 @@ SCAN_HEAD = 4096
 
 # a request to the blob service is retried for about a minute (blob.clients.make_service_client);
 # a batch is then attempted three times in all, 5 s and 10 s apart, before the run waits
-BATCH_RETRY = task.RetryPolicy(
-    first_retry_interval=timedelta(seconds=5),
-    max_number_of_attempts=3,
-    backoff_coefficient=2.0,
-    max_retry_interval=timedelta(seconds=60),
-)
+BATCH_FIRST_RETRY_SECONDS = 5
+# for tests only: a shorter first interval, so that tests of batches that keep failing wait less; it can only
+# shorten the waits, never take an attempt away
+ENV_BATCH_RETRY_SECONDS = "SITEBACKUP_BATCH_RETRY_SECONDS"
+
+
+def batch_retry() -> task.RetryPolicy:
+    """The retry policy of every batch: BATCH_FIRST_RETRY_SECONDS first, or the shorter test value."""
+    value = os.environ.get(ENV_BATCH_RETRY_SECONDS, "").strip()
+    if value and not (value.isdigit() and 1 <= int(value) <= BATCH_FIRST_RETRY_SECONDS):
+        raise InputError(f"{ENV_BATCH_RETRY_SECONDS} must be a whole number of seconds from 1 to "
+                         f"{BATCH_FIRST_RETRY_SECONDS}, not {value!r}")
+    return task.RetryPolicy(
+        first_retry_interval=timedelta(seconds=int(value or BATCH_FIRST_RETRY_SECONDS)),
+        max_number_of_attempts=3,
+        backoff_coefficient=2.0,
+        max_retry_interval=timedelta(seconds=60),
+    )

@@ -10,6 +10,7 @@ from sitebackup.workflows.copy import build_activities
 from sitebackup.workflows.fetch import build_restore_activities
 from sitebackup.workflows.restore import restore_site_content
 from sitebackup.workflows.seal import build_seal_activities
+from sitebackup.workflows.tree import build_tree_activities
 
 __all__ = ["ActivityDeps", "register"]
 
@@ -20,5 +21,6 @@ def register(worker: Any, deps: ActivityDeps) -> None:
     """Add every orchestration and every activity (bound to *deps*) to a durabletask worker."""
     for orchestration in ORCHESTRATIONS:
         worker.add_orchestrator(orchestration)
-    for activity in [*build_activities(deps), *build_restore_activities(deps), *build_seal_activities(deps)]:
+    for activity in [*build_activities(deps), *build_restore_activities(deps), *build_seal_activities(deps),
+                     *build_tree_activities(deps)]:
         worker.add_activity(unless_halted(activity, deps))

@@ -1,9 +1,10 @@
 """The backup's last activity: sealing the run's record into its container (``blob.records``).
 
 Once every page is done, the run's result pages (its record) are copied, as the bytes the work store holds,
-to the container's ``.sitebackup/records/`` under their SHA-256, skipping those the baseline's sealed record
-already names (an unchanged tree sends no page), and the header naming every page with its hash and size
-goes last. The job's descriptor is written by the first run of the job.
+to the container's ``.sitebackup/records/`` under their SHA-256, a window of them at once (``Concurrency.sealing``),
+skipping those the baseline's sealed record already names (an unchanged tree sends no page), and the header
+naming every page with its hash and size goes last. The job's descriptor is written by the run that takes the
+job's lock first and by a run with no sealed baseline; a run whose baseline is sealed knows it is there.
 
 The header also counts what the run changed from its baseline (``local.changes``, as ``sitebackup diff``
 does), so that ``list`` shows it from the listing alone: the two records are read side by side, leaving out
@@ -13,6 +14,7 @@ the pages they share (an unchanged tree reads none).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from durabletask import task
@@ -41,14 +43,26 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
         held = {seal.sha256 for seal in baseline.pages} if baseline is not None else set()
     pages: list[PageSeal] = []
     sent = 0
-    for page, data in deps.work.result_pages(run_id):
-        digest = sha256_hex(data)
-        if digest not in held:
-            records.put_page(inp.job.id, data)
-            held.add(digest)
-            sent += 1
-        pages.append(PageSeal(page, digest, len(data)))
-    records.put_job(inp.job)
+    window = deps.concurrency.sealing
+    # the pages go up together, a window of them at a time (one round trip each would add up over a long
+    # path); the header waits for every one of them
+    with ThreadPoolExecutor(max_workers=window, thread_name_prefix="sitebackup-seal") as pool:
+        going: set[Future[str]] = set()
+        for page, data in deps.work.result_pages(run_id):
+            digest = sha256_hex(data)
+            if digest not in held:
+                if len(going) >= window:
+                    done, going = wait(going, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                going.add(pool.submit(records.put_page, inp.job.id, data))
+                held.add(digest)
+                sent += 1
+            pages.append(PageSeal(page, digest, len(data)))
+        for future in going:
+            future.result()
+    if baseline is None:  # a run of the job sealed before wrote its descriptor (it is written once, never changed)
+        records.put_job(inp.job)
     changes = None if damaged else count_changes(deps, records, run_id, inp.baseline, baseline,
                                                  {seal.sha256 for seal in pages})
     records.seal(RunRecord(tool=__version__, run_id=run_id, job=inp.job.id, host=inp.job.host, source=inp.source,

@@ -144,7 +144,7 @@ def begin(ctx: task.OrchestrationContext, state: RunState[C] | None, counts: typ
     raw = yield ctx.call_activity(first, input=to_wire(first_input))
     planned: Planned[C] = from_wire(raw, generic(Planned, counts), f"the result of {first}")
     tally(state, planned.counts, planned.failures, planned.skipped)
-    state.pages, state.done, state.index = planned.pages, planned.done, planned.index
+    state.pages, state.done, state.index, state.tree = planned.pages, planned.done, planned.index, planned.tree
     state.notes = planned.notes[:MAX_LISTED]
     return state
 

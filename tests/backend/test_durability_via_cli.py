@@ -130,9 +130,9 @@ def test_cancel_stops_a_running_backup(tmp_path, cli, cli_env, blob_service, con
         if proc.poll() is None:
             proc.kill()
     summary = json.loads(out.splitlines()[-1])
-    assert summary["runtime_status"] == "TERMINATED"
+    assert summary["runtime_status"] == "CANCELLED"
     assert proc.returncode == 7  # cancelled
-    assert status_json(cli, instance_id)["runtime_status"] == "TERMINATED"
+    assert status_json(cli, instance_id)["runtime_status"] == "CANCELLED"
     assert len(etags(blob_service, container_name)) < len(files)
     again = cli("cancel", instance_id)
     assert again.returncode == 0 and "already finished" in again.stdout

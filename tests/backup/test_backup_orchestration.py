@@ -11,16 +11,20 @@ from typing import Any
 import pytest
 from replay import Replay
 
+from sitebackup.errors import InputError
 from sitebackup.model.codec import to_wire
 from sitebackup.model.work import BackupCounts, Listed, PageResult, Planned, RangeReport, Span
 from sitebackup.workflows.names import (
     BACKUP_ORCHESTRATION,
+    BATCH_FIRST_RETRY_SECONDS,
     COPY_BATCH,
+    ENV_BATCH_RETRY_SECONDS,
     MAX_LISTED,
     PAGES_PER_GENERATION,
     RESUME_EVENT,
     SCAN_TREE,
     WAITING_PHASE,
+    batch_retry,
 )
 
 SOURCE, CONTAINER = "/srv/site", "site"
@@ -114,6 +118,23 @@ def test_a_batch_that_keeps_failing_is_retried_by_policy_then_the_run_waits_for_
     assert run.output["files_uploaded"] == 40 and run.output["files_failed"] == 0
     assert run.status["phase"] == "done"
 
+
+
+def test_only_a_shorter_first_retry_may_be_set_for_tests_and_every_attempt_stays(monkeypatch):
+    for value in ["0", "6", "-1", "1.5", "x"]:
+        monkeypatch.setenv(ENV_BATCH_RETRY_SECONDS, value)
+        with pytest.raises(InputError, match=ENV_BATCH_RETRY_SECONDS):
+            batch_retry()
+    monkeypatch.setenv(ENV_BATCH_RETRY_SECONDS, "1")
+
+    def failing(inp: dict[str, Any]) -> Any:
+        raise ConnectionError("the destination went away")
+
+    run = Replay(BACKUP_ORCHESTRATION, {SCAN_TREE: scan(1), COPY_BATCH: failing}).start(backup_input(1))
+    assert run.waiting and pages_copied(run) == [0, 0, 0]  # the three attempts, only sooner
+    assert [d.total_seconds() for d in run.retry_delays] == [1, 2]
+    monkeypatch.delenv(ENV_BATCH_RETRY_SECONDS)
+    assert batch_retry().first_retry_interval.total_seconds() == BATCH_FIRST_RETRY_SECONDS == 5
 
 def test_a_run_continues_as_new_every_generation_of_pages_with_its_counters():
     pages = 2 * PAGES_PER_GENERATION + 5

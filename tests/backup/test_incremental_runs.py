@@ -61,8 +61,10 @@ def test_second_run_skips_unchanged_and_a_change_reuploads_exactly_that_file(tmp
     # the new run's record is complete: unchanged files carry size, mtime and md5 forward
     first_records, second_records = records_of(state_dir, summary_of(first)["instance_id"]), \
         records_of(state_dir, s["instance_id"])
-    assert set(second_records) == set(TREE)
-    for path, record in second_records.items():
+    second_files = {path: r for path, r in second_records.items() if r.get("kind", "file") == "file"}
+    assert set(second_files) == set(TREE)
+    assert {r["kind"] for path, r in second_records.items() if path not in TREE} == {"dir"}  # and the directories
+    for path, record in second_files.items():
         assert record["unchanged"] is True
         assert {k: record[k] for k in ("size", "mtime_ns", "md5")} == \
             {k: first_records[path][k] for k in ("size", "mtime_ns", "md5")}
@@ -145,10 +147,12 @@ def test_follow_symlinks_survives_a_loop_and_notes_a_fifo(tmp_path, cli, blob_se
     (src / "escape").symlink_to(outside)
     os.mkfifo(src / "pipe")
 
-    default = cli(src, "-c", container_name)
+    default = cli(src, "-c", container_name, "--json")
     assert default.returncode == 0, default.stderr
     assert set(etags(blob_service, container_name)) == {"real/file.txt", "top.txt"}
-    assert "skipped pipe: FIFO" in default.stdout and "skipped link.txt: symlink" in default.stdout
+    summary = json.loads(default.stdout.splitlines()[-1])
+    assert summary["skipped"] == [{"path": "pipe", "reason": "FIFO"}]  # the links are recorded, not followed
+    assert summary["symlinks_total"] == 4
 
     other = "t-" + container_name[2:][::-1]
     followed = cli(src, "-c", other, "--follow-symlinks", timeout=120)
@@ -228,6 +232,8 @@ def test_no_wait_exits_4_with_the_running_id(tmp_path, cli_env, counting_azurite
         second = subprocess.run([*cmd, "--no-wait"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert second.returncode == 4, second.stdout + second.stderr
         assert running_id in second.stderr and "already running" in second.stderr
+        # the hint names a command that follows the run: status --watch draws its bar
+        assert f"follow it with: sitebackup status {running_id} --watch" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
     finally:
         first.wait(timeout=300)

@@ -81,6 +81,62 @@ def test_baseline_finds_each_record_in_one_pass_and_nothing_it_does_not_hold():
     assert read == records  # each record read once
 
 
+def recorded(root: Path) -> list[FileEntry]:
+    """A run record of *root*'s tree as a backup writes it, in walk order: its directories, symlinks and files."""
+    entries = []
+    for found in incremental.compare(root, patterns=[], follow_symlinks=False, baseline=(), mode="mtime"):
+        if isinstance(found, incremental.Found):
+            entries.append(found.entry)
+        elif isinstance(found, incremental.Compared):
+            entries.append(FileEntry(found.file.path, found.file.size, found.file.mtime_ns, md5="x"))
+    return entries
+
+
+def test_the_walk_hands_over_every_recorded_entry_it_no_longer_finds_in_walk_order(tmp_path: Path):
+    src = write_tree(tmp_path / "src", {"a.txt": b"a", "gone.txt": b"g", "old/f.txt": b"f", "x": b"x", "keep/k": b"k"})
+    for name in ("empty", "d"):
+        (src / name).mkdir()
+    (src / "link").symlink_to("a.txt")
+    baseline = recorded(src)
+    assert [(e.path, e.kind) for e in baseline][:4] == [(".", "dir"), ("a.txt", "file"), ("d", "dir"),
+                                                        ("empty", "dir")]
+
+    (src / "gone.txt").unlink()
+    shutil.rmtree(src / "old")
+    (src / "empty").rmdir()
+    (src / "link").unlink()
+    (src / "d").rmdir()
+    (src / "d").write_bytes(b"a file where a directory was")
+    (src / "x").unlink()
+    write_tree(src, {"x/in.txt": b"a directory where a file was"})
+
+    gone: list[FileEntry] = []
+    walked = list(incremental.compare(src, patterns=[], follow_symlinks=False, baseline=baseline, mode="mtime",
+                                      on_gone=gone.append))
+    assert [(e.path, e.kind) for e in gone] == [("d", "dir"), ("empty", "dir"), ("gone.txt", "file"),
+                                                ("link", "symlink"), ("old", "dir"), ("x", "file"),
+                                                ("old/f.txt", "file")]
+    # what took a path of another kind is new, found with no record of its own
+    new = {f.file.path if isinstance(f, incremental.Compared) else f.entry.path: f.previous for f in walked}
+    assert new["d"] is None and new["x"] is None and new["x/in.txt"] is None
+    assert new["a.txt"] is not None and new["keep"] is not None and new["."] is not None
+    # without on_gone the scan reads the record only as far as the walk goes, and hands nothing over
+    assert [f.previous is None for f in incremental.compare(src, patterns=[], follow_symlinks=False,
+                                                            baseline=baseline, mode="mtime")] == \
+        [f.previous is None for f in walked]
+
+
+def test_records_overlaid_hold_directories_and_symlinks_in_walk_order():
+    cancelled = [FileEntry(".", kind="dir", mode=0o700), FileEntry("a", kind="dir", mode=0o700),
+                 FileEntry("a/x", 1, md5="c")]
+    baseline = [FileEntry(".", kind="dir", mode=0o755), FileEntry("a", kind="dir", mode=0o755),
+                FileEntry("b", kind="symlink", target="a"), FileEntry("a/x", 1, md5="b"), FileEntry("a/y", 1, md5="b")]
+    merged = list(incremental.overlaid([cancelled, baseline]))
+    assert [(e.path, e.kind, e.mode, e.md5) for e in merged] == [
+        (".", "dir", 0o700, None), ("a", "dir", 0o700, None), ("b", "symlink", None, None), ("a/x", "file", None, "c"),
+        ("a/y", "file", None, "b")]
+
+
 # ---- pages as the walk goes ---------------------------------------------------------------------
 
 def test_stream_pages_cuts_a_small_tree_to_fill_the_window():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from azure.core.exceptions import HttpResponseError
 
@@ -98,7 +100,7 @@ def test_cancel_check_asks_again_when_the_backend_changed_the_run_or_the_interva
             asked.append(run_id)
             return SimpleNamespace(runtime_status=status["value"])
 
-    runtime = SimpleNamespace(version=0, client=Client)
+    runtime = SimpleNamespace(version=0, client=Client, stopping=threading.Event())
     runtime.status_version = lambda run_id: runtime.version
     now = {"t": 100.0}
     check = CancelCheck(runtime, interval=1.0, clock=lambda: now["t"])
@@ -115,6 +117,37 @@ def test_cancel_check_asks_again_when_the_backend_changed_the_run_or_the_interva
     now["t"] += 1.5  # under the scheduler nothing moves the version: the interval decides
     status["value"] = OrchestrationStatus.TERMINATED
     assert check2("s") is True
+    check3 = CancelCheck(runtime, interval=1.0, clock=lambda: now["t"])
+    status["value"] = OrchestrationStatus.RUNNING
+    assert check3("t") is False
+    runtime.stopping.set()  # Ctrl-C or SIGTERM: this process's uploads end as for a cancel, whatever the run says
+    assert check3("t") is True
+
+
+def test_a_fresh_cancel_check_asks_the_backend_every_time():
+    """Before a block range: a cancel that another process applied (its backend, not this one's, moved the run)
+    is seen at once, not after the interval."""
+    from types import SimpleNamespace
+
+    from durabletask.client import OrchestrationStatus
+
+    from sitebackup.commands.hosting import CancelCheck
+
+    status = {"value": OrchestrationStatus.RUNNING}
+    asked: list[str] = []
+
+    class Client:
+        def get_orchestration_state(self, run_id, fetch_payloads=True):
+            asked.append(run_id)
+            return SimpleNamespace(runtime_status=status["value"])
+
+    runtime = SimpleNamespace(client=Client, stopping=threading.Event(), status_version=lambda run_id: 0)
+    check = CancelCheck(runtime, interval=1.0, clock=lambda: 100.0)
+    assert [check("r"), check("r", fresh=True), check("r", fresh=True)] == [False, False, False]
+    assert len(asked) == 3
+    status["value"] = OrchestrationStatus.TERMINATED
+    assert check("r") is False  # between files: the cached answer, within the interval
+    assert check("r", fresh=True) is True and check("r") is True and len(asked) == 4
 
 
 def test_both_transports_of_our_own_carry_the_clients_timeouts():

@@ -92,6 +92,19 @@ def test_every_option_of_every_command_is_in_a_guide_or_the_readme():
     assert not missing, f"options no guide (README.md, docs/*.md but cli.md) explains: {missing}"
 
 
+def test_every_value_an_option_accepts_is_in_a_guide():
+    """A choice such as `--tier smart` or `list --status CANCELLED` is explained where people read, in a code span
+    (`--tier hot|cool|...|smart`, a statuses table): one that no guide names is undocumented, so remove it or
+    document it."""
+    spans = " ".join(re.findall(r"`([^`\n]+)`", "\n".join(GUIDES.values())))
+    choices = [(name_, param.opts[-1], value) for name_, command in cli.commands.items() for param in command.params
+               if isinstance(param, click.Option) and not param.hidden and isinstance(param.type, click.Choice)
+               for value in param.type.choices]
+    assert ("backup", "--tier", "smart") in choices
+    missing = [c for c in choices if not re.search(rf"(?<![\w-]){re.escape(str(c[2]))}(?![\w-])", spans)]
+    assert not missing, f"values options accept that no guide names in a code span: {missing}"
+
+
 def test_every_option_in_an_option_table_exists():
     rows = [(name(path), line) for path, text in PAGES.items() for line in text.splitlines() if line.startswith("| `--")]
     assert {page for page, _row in rows} >= {"docs/backup.md", "docs/restore.md"}

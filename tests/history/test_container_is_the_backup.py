@@ -12,6 +12,8 @@ from pathlib import Path
 
 from helpers import ForwardingProxy, env_for, write_tree
 
+from sitebackup.model.codec import FORMAT_VERSION
+
 FILES = {"a.txt": b"alpha 1", "b.txt": b"bravo, removed later", "sub/deep/c.html": b"<p>charlie</p>",
          "keep.bin": bytes(range(256)) * 40}
 
@@ -95,7 +97,7 @@ def test_an_unchanged_run_seals_its_record_without_sending_a_page(tmp_path, cli,
     assert pages[2] == pages[1]
     stored = {b.name.rsplit("/", 1)[1] for b in cc.list_blobs(name_starts_with=".sitebackup/records/")}
     assert stored == pages[0] | pages[1]
-    assert headers[2]["files"] == 40 and headers[2]["source"] == str(src) and headers[2]["format"] == 1
+    assert headers[2]["files"] == 40 and headers[2]["source"] == str(src) and headers[2]["format"] == FORMAT_VERSION
 
 
 def test_two_sources_into_one_prefix_are_two_jobs_and_the_second_is_refused(tmp_path, cli, blob_service,

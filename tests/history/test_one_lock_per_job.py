@@ -65,6 +65,17 @@ def test_only_a_lease_azure_grants_may_be_set_for_tests(monkeypatch):
     assert joblock.lease_seconds() == joblock.LEASE_SECONDS
 
 
+def test_only_a_shorter_lock_poll_may_be_set_for_tests(monkeypatch):
+    for value in ("0", "6", "0.5", "soon"):
+        monkeypatch.setenv(joblock.ENV_POLL_SECONDS, value)
+        with pytest.raises(InputError, match=joblock.ENV_POLL_SECONDS):
+            joblock.poll_seconds()
+    monkeypatch.setenv(joblock.ENV_POLL_SECONDS, "1")
+    assert joblock.poll_seconds() == 1
+    monkeypatch.delenv(joblock.ENV_POLL_SECONDS)
+    assert joblock.poll_seconds() == joblock.POLL_SECONDS == 5
+
+
 def test_each_holding_of_a_run_lock_knows_the_token_of_the_one_before(tmp_path):
     first = RunLock.for_prune(tmp_path, "backups", "web")
     assert first.try_acquire() and first.token and first.previous == ""

@@ -298,7 +298,7 @@ def test_full_state_disk_is_a_clear_error(azurite, tmp_path, container_name, mou
         pass
     src = write_tree(tmp_path / "site", {"a.txt": b"a"})
     result = run_cli([str(src), "-c", container_name], env_for(azurite.connection_string, mount_point / "state"))
-    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.returncode == 5, result.stdout + result.stderr  # state-full, as when the disk fills mid-run
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "No space left on device" in result.stderr or "full" in result.stderr
     assert "--state-dir" in result.stderr

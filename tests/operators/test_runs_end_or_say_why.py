@@ -98,6 +98,25 @@ def test_state_disk_filling_mid_run_stops_it_with_exit_5_and_a_rerun_completes_e
     assert_exact(azurite.connection_string, container_name, src)
 
 
+def test_a_full_state_disk_is_exit_5_for_prune_as_for_backup(azurite, tmp_path, container_name, mount_point):
+    # the same condition, met as the command opens the state directory, is the same exit code for every command
+    mount_tmpfs(mount_point, "4m")
+    state = mount_point / "state"
+    env = env_for(azurite.connection_string, state)
+    src = tmp_path / "site"
+    many_files(src, 3)
+    for _ in range(2):
+        assert run_cli([str(src), "-c", container_name], env).returncode == 0
+    fill(mount_point)
+    (src / "new.txt").write_bytes(b"new")
+    for args in (["prune", "-c", container_name, "--keep-last", "1"], [str(src), "-c", container_name]):
+        result = run_cli(args, env)
+        assert result.returncode == EXIT_STATE_FULL, (args, result.stderr)
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"sitebackup: error: state directory {state} cannot be written ("), line
+        assert "free space there" in line and "--state-dir" in line, line
+
+
 def test_worker_on_a_state_disk_that_fills_exits_5(azurite, mount_point):
     mount_tmpfs(mount_point, "4m")
     state = mount_point / "state"
@@ -416,11 +435,11 @@ def test_a_cancelled_runs_watcher_says_cancelled_exits_7_and_keeps_its_counters(
     assert code == EXIT_CANCELLED, err
     assert "Traceback" not in err and "WARNING" not in err
     assert summary["event"] == "summary" and summary["cancelled"] is True
-    assert summary["runtime_status"] == "TERMINATED" and summary["files_total"] == 1500
+    assert summary["runtime_status"] == "CANCELLED" and summary["files_total"] == 1500
     assert seen["files_done"] <= summary["files_uploaded"] < 1500 and summary["bytes_uploaded"] > 0
 
     status = run_cli(["status", instance_id], env).stdout
-    assert "TERMINATED — cancelled" in status
+    assert f"{instance_id}  backup  CANCELLED\n" in status
     assert f"files:        {summary['files_uploaded']}/1500 done" in status
     [row] = json.loads(run_cli(["list", "--json"], env).stdout)
     assert row["files"] == summary["files_uploaded"] and row["bytes"] == summary["bytes_uploaded"]
@@ -432,7 +451,7 @@ def test_a_cancelled_runs_watcher_says_cancelled_exits_7_and_keeps_its_counters(
 
 
 def test_a_cancelled_summary_reads_cancelled_in_plain_text():
-    summary = Summary(instance_id="r1", kind=BACKUP_ORCHESTRATION, runtime_status="TERMINATED", cancelled=True,
+    summary = Summary(instance_id="r1", kind=BACKUP_ORCHESTRATION, runtime_status="CANCELLED", cancelled=True,
                       counts=BackupCounts(files_total=10, files_uploaded=4, bytes_uploaded=4096, files_failed=0),
                       duration_s=2.0)
     assert summary_line(summary).startswith("r1 CANCELLED: 4/10 files uploaded (4.0 KiB)")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
+import socket
 import sys
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -103,7 +108,7 @@ def test_replace_block_refuses_missing_doubled_or_backwards_markers(text: str):
 def test_the_performance_page_has_each_benchmark_block_once_and_the_readme_none():
     assert bench_upload.PERFORMANCE_PAGE == ROOT / "docs" / "performance.md"
     text = bench_upload.PERFORMANCE_PAGE.read_text(encoding="utf-8")
-    for name in ("bench", "bench-scale"):
+    for name in ("bench", "bench-scale", "bench-rtt"):
         report.replace_block(text, name, "x")  # raises unless the markers are there, once each, in order
     assert "<!-- bench" not in (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -282,3 +287,81 @@ def test_requests_are_counted_by_kind_from_the_access_log():
     ]
     assert profile.requests_by_kind(lines) == {"PUT restype=container": 1, "PUT blob": 1, "PUT comp=block": 1,
                                                "GET blob": 1}
+
+
+# ---- the delay proxy ---------------------------------------------------------------------------
+
+delayproxy = load("delayproxy")
+
+
+@contextlib.contextmanager
+def echo_server():
+    """A TCP server on loopback answering each chunk it reads with the same bytes."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+def round_trip(port: int, payload: bytes) -> float:
+    """Seconds from sending *payload* through the proxy on *port* to having all of it back."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        start = time.monotonic()
+        conn.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += conn.recv(65536)
+        assert got == payload
+        return time.monotonic() - start
+
+
+def test_the_delay_proxy_adds_its_delay_each_way_and_counts_connections_and_requests_in_flight():
+    clients = 4
+    with echo_server() as port, delayproxy.DelayProxy("127.0.0.1", port, delay_ms=40) as proxy:
+        arrived = threading.Barrier(clients)
+
+        def one(i: int) -> float:
+            arrived.wait()
+            return round_trip(proxy.port, b"x" * (100 + i))
+
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            took = list(pool.map(one, range(clients)))
+        counts = proxy.reset()
+    # a lower bound: the delay is a sleep each way, which can be longer on a loaded machine, never shorter
+    assert min(took) >= 0.080, took
+    assert counts.connections == clients and counts.requests == clients
+    assert counts.most_in_flight == clients and counts.in_flight == 0
+    assert proxy.counts.connections == 0  # reset started the count again
+
+
+def test_the_delay_proxy_caps_each_direction_at_its_rate():
+    payload = b"y" * 250_000
+    with echo_server() as port, delayproxy.DelayProxy("127.0.0.1", port, mbit=8) as proxy:  # 1 MB/s each way
+        took = round_trip(proxy.port, payload)
+    # the bytes cross the capped link up, then down; the two overlap chunk by chunk, so at least one crossing
+    assert took >= 0.25, took
+
+
+def test_behind_points_endpoint_and_connection_string_at_the_proxy():
+    from azurite import Azurite
+
+    server = Azurite(10999, Path("/nonexistent"))
+    with delayproxy.behind(server, 5) as far:
+        assert f"127.0.0.1:{far.port}/" in far.endpoint and "10999" not in far.endpoint
+        assert f"BlobEndpoint={far.endpoint};" in far.connection_string and "10999" not in far.connection_string

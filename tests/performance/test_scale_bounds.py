@@ -33,6 +33,7 @@ from sitebackup.model.work import (
     RangeReport,
     RunState,
     ScanInput,
+    Span,
     Step,
     UploadSpec,
 )
@@ -84,11 +85,12 @@ def test_scan_cuts_large_files_into_range_pages(tmp_path: Path):
     src = write_tree(tmp_path / "src", {"big.bin": b"x" * (4 * MIB + 1), "small.txt": b"s"})
     work = WorkStore(tmp_path / "work")
     out = copy.scan_source(work, "run1", ScanInput(source=str(src), min_pages=1, upload=UploadSpec(block_size=MIB)))
-    assert out.pages == 5 + 1  # in walk order: five ranges of 1 MiB, then one batch with the small file
-    ranges = [read_page(work, "run1", p, chunk_hash(out.index, p), RangePage) for p in range(5)]
+    # in walk order: the root's entry (recorded by the scan), five ranges of 1 MiB, then one batch with the small file
+    assert out.pages == 1 + 5 + 1 and out.done == [Span(0, 1)]
+    ranges = [read_page(work, "run1", p, chunk_hash(out.index, p), RangePage) for p in range(1, 6)]
     assert [r.range for r in ranges] == list(range(5))
-    assert {r.first_page for r in ranges} == {0} and {r.ranges for r in ranges} == {5}
-    assert read_page(work, "run1", 5, chunk_hash(out.index, 5), list[CopyItem])[0].path == "small.txt"
+    assert {r.first_page for r in ranges} == {1} and {r.ranges for r in ranges} == {5}
+    assert read_page(work, "run1", 6, chunk_hash(out.index, 6), list[CopyItem])[0].path == "small.txt"
 
 
 # ---- history and payloads -----------------------------------------------------------------------
@@ -235,13 +237,20 @@ def five_ranges(azurite, blob_service, tmp_path: Path, container_name: str, data
     return src, work, deps, out.index
 
 
-def copy_step(deps: ActivityDeps, src: Path, index: list[str], container: str, page: int, commit: bool = False
+def copy_step(deps: ActivityDeps, src: Path, index: list[str], container: str, rng: int, commit: bool = False
               ) -> PageResult[BackupCounts]:
-    """The copy activity of range page *page* of run1, or (*commit*) the commit of the file whose first range it is,
-    with nothing reported by the ranges (the commit hashes the file again)."""
+    """The copy activity of range *rng* of big.bin in run1, or (*commit*) the commit of the file whose first range it
+    is, with nothing reported by the ranges (the commit hashes the file again). Page 0 is the root's entry: range
+    *rng* is page 1 + *rng*."""
+    page = 1 + rng
     return copy.copy_step(deps, "run1", CopyInput(source=str(src), container=container, page=page,
                                                   index=chunk_hash(index, page),
                                                   commit=CommitOrder() if commit else None))
+
+
+def file_results(work: WorkStore) -> list[FileEntry]:
+    """run1's record less the root's entry the scan recorded."""
+    return [r for r in work.iter_results("run1") if r.is_file]
 
 
 def sent(result: PageResult[BackupCounts]) -> bool:
@@ -260,7 +269,9 @@ def test_large_file_changed_between_staging_and_commit_is_reported_failed(azurit
         fh.write(b"more")
     out = copy_step(deps, src, index, container_name, 0, commit=True)
     assert out.counts.files_failed == 1 and out.failures[0].error == "changed during backup"
-    assert list(work.iter_results("run1")) == [FileEntry("big.bin", error="changed during backup")]
+    st = os.stat(src / "big.bin")  # a failed file's entry still records its mode and owner: no copy, no MD5
+    assert [(r.path, r.md5, r.error, r.mode, r.uid) for r in file_results(work)] == \
+        [("big.bin", None, "changed during backup", st.st_mode & 0o7777, st.st_uid)]
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
 
 
@@ -283,7 +294,7 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
         result = cli("cancel", instance_id)
         assert result.returncode == 0 and "cancelled" in result.stdout
         # once the run's own process has applied the cancel, its ranges see it at their next check
-        wait_until(lambda: json.loads(cli("status", instance_id, "--json").stdout)["runtime_status"] == "TERMINATED",
+        wait_until(lambda: json.loads(cli("status", instance_id, "--json").stdout)["runtime_status"] == "CANCELLED",
                    "the cancel to be applied")
         proxy.release.set()
         out, err = proc.communicate(timeout=120)
@@ -292,7 +303,7 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
             proc.kill()
         proxy.close()
     assert proc.returncode == 7, err  # cancelled
-    assert json.loads(out.splitlines()[-1])["runtime_status"] == "TERMINATED"
+    assert json.loads(out.splitlines()[-1])["runtime_status"] == "CANCELLED"
     # the held ranges stopped without staging; nothing was committed
     assert proxy.staged == passed
     container = blob_service.get_container_client(container_name)
@@ -311,13 +322,13 @@ def test_cancel_stops_the_ranges_of_a_large_file_and_a_later_run_completes_it(
 def test_a_cancelled_commit_commits_and_records_nothing(azurite, blob_service, tmp_path, container_name):
     src, work, deps, index = five_ranges(azurite, blob_service, tmp_path, container_name, os.urandom(5 * MIB))
     assert [sent(copy_step(deps, src, index, container_name, p)) for p in range(5)] == [True] * 5
-    deps.cancelled = lambda run_id: True
+    deps.cancelled = lambda run_id, fresh=False: True
     staged = copy_step(deps, src, index, container_name, 0)
-    assert staged.counts.bytes_uploaded == 0 and staged.range == RangeReport(first_page=0, ranges=5)
+    assert staged.counts.bytes_uploaded == 0 and staged.range == RangeReport(first_page=1, ranges=5)
     out = copy_step(deps, src, index, container_name, 0, commit=True)
     assert out.counts.files_uploaded == 0 and out.counts.files_failed == 0 and out.failures == []
     assert not list(blob_service.get_container_client(container_name).list_blob_names())
-    assert list(work.iter_results("run1")) == []
+    assert file_results(work) == []
 
 
 # ---- memory -------------------------------------------------------------------------------------
@@ -376,4 +387,4 @@ def test_a_repeated_commit_of_a_committed_file_succeeds(azurite, blob_service, t
     assert [sent(copy_step(deps, src, index, container_name, p)) for p in range(5)] == [False] * 5
     blob = blob_service.get_blob_client(container_name, "big.bin")
     assert blob.download_blob().readall() == data
-    assert list(work.iter_results("run1"))[0].md5 == base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert file_results(work)[0].md5 == base64.b64encode(hashlib.md5(data).digest()).decode()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import ContentSettings
-from helpers import ROOT, wait_until, write_tree
+from helpers import ROOT, env_for, wait_until, write_tree
 
 from sitebackup.local.dest import TEMP_SUFFIX, UnsafeName, safe_relpath
 from sitebackup.local.filters import make_selector
@@ -339,10 +339,8 @@ def test_blob_service_outage_parks_the_restore_exit_3_and_resume_completes(tmp_p
     try:
         files = {f"d{i % 20:02d}/f{i:05d}.bin": f"{i:08d}".encode() * 256 for i in range(1500)}
         src = write_tree(tmp_path / "site", files)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "SITEBACKUP_"))}
         # no HTTP retries: the outage outlasts the three batch attempts, so the restore parks
-        env.update(AZURE_STORAGE_CONNECTION_STRING=server.connection_string, SITEBACKUP_STATE_DIR=str(tmp_path / "st"),
-                   PYTHONUNBUFFERED="1", SITEBACKUP_STORAGE_RETRIES="0")
+        env = env_for(server.connection_string, tmp_path / "st", SITEBACKUP_STORAGE_RETRIES="0")
 
         def run(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, "-m", "sitebackup", *map(str, args)], env=env, cwd=ROOT,

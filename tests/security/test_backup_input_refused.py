@@ -13,7 +13,6 @@ from helpers import write_tree
 from sitebackup.blob.workstore import LocalWorkStore
 from sitebackup.commands.backup import expand_prefix
 from sitebackup.errors import InputError
-from sitebackup.model.records import FileEntry
 from sitebackup.model.work import (
     BackupCounts,
     CommitOrder,
@@ -22,6 +21,7 @@ from sitebackup.model.work import (
     PageResult,
     RunState,
     ScanInput,
+    Span,
     UploadSpec,
 )
 from sitebackup.workflows import blocks, copy
@@ -87,8 +87,10 @@ def test_a_large_file_changed_while_its_ranges_upload_is_reported_changed(azurit
     deps = ActivityDeps(container_client=blob_service.get_container_client, work=work, endpoint=azurite.endpoint)
     state = RunState(counts=BackupCounts(), started_at="")
 
+    assert planned.done == [Span(0, 1)]  # the root directory's entry, recorded by the scan: the ranges follow
+
     def copy_step(page: int, commit: CommitOrder | None = None) -> PageResult[BackupCounts]:
-        result = copy.copy_step(deps, "run1", CopyInput(source=str(src), container=container_name, page=page,
+        result = copy.copy_step(deps, "run1", CopyInput(source=str(src), container=container_name, page=page + 1,
                                                         index=planned.index[0], commit=commit))
         if result.range is not None:
             blocks.count_range(state, result.range)
@@ -109,8 +111,9 @@ def test_a_large_file_changed_while_its_ranges_upload_is_reported_changed(azurit
     os.utime(path, ns=(scanned.st_atime_ns, scanned.st_mtime_ns))
     assert [staged(p) for p in (3, 4)] == [True, True]
 
-    out = copy_step(0, blocks.commit_order(state, 0))
+    out = copy_step(0, blocks.commit_order(state, 1))
     assert out.counts.files_failed == 1 and out.counts.files_uploaded == 0
     assert out.failures == [Listed("big.bin", error="changed during backup")]
-    assert list(work.iter_results("run1")) == [FileEntry("big.bin", error="changed during backup")]
+    assert [(r.path, r.error, r.md5) for r in work.iter_results("run1")] == \
+        [(".", None, None), ("big.bin", "changed during backup", None)]
     assert not list(blob_service.get_container_client(container_name).list_blob_names())

@@ -19,6 +19,8 @@ from azurite import ACCOUNT, KEY, free_port
 from helpers import ROOT, write_tree
 from privileges import without_root_powers
 
+from sitebackup.blob.naming import escape_name
+
 
 def blobs(service: BlobServiceClient, container: str) -> dict[str, bytes]:
     client = service.get_container_client(container)
@@ -45,7 +47,9 @@ def test_odd_but_valid_names_are_backed_up_exactly_under_the_prefix(cli, tmp_pat
     src = write_tree(tmp_path / "site", files)
     result = cli(src, "-c", container_name, "--prefix", "p/q")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert blobs(blob_service, container_name) == {f"p/q/{rel}": data for rel, data in files.items()}
+    # a control character (the tab) is stored escaped (tests/backup/test_control_character_names.py)
+    assert blobs(blob_service, container_name) == {f"p/q/{escape_name(rel)}": data for rel, data in files.items()}
+    assert escape_name("tab\tname.txt") == "tab\u201b0009name.txt"
 
 
 def test_backslash_in_a_name_is_reported_not_turned_into_a_folder(cli, tmp_path, blob_service, container_name):

@@ -93,8 +93,8 @@ class EmbeddedBackend:
                 with self._guarded():
                     self.store.release_dead_owners(socket.gethostname(), _pid_alive)
             except sqlite3.Error as ex:  # the first write: a full disk shows here, before any work
-                raise StateDirError(f"cannot use state database {self.state_dir / statedir.DB_NAME}: {ex}; "
-                                    f"{statedir.HINT}") from None
+                raise statedir.full_error(self.state_dir, ex) or StateDirError(
+                    f"cannot use state database {self.state_dir / statedir.DB_NAME}: {ex}; {statedir.HINT}") from None
             statedir.remove_stale_sockets(self.state_dir / "sock", _pid_alive)
             address = self._serve(listen, token)
             if listen is not None:
@@ -167,6 +167,17 @@ class EmbeddedBackend:
                     self._socket_path.parent.rmdir()
                 self._socket_path = None
 
+    def host_only(self, instance_id: str) -> None:
+        """This process's workers take the work of *instance_id* (and of those named before) only
+        (``Servicer.host_only``)."""
+        if self._servicer is not None:
+            self._servicer.host_only(instance_id)
+
+    def drop_results(self) -> None:
+        """This process stops at once: what its workers report from now on is dropped (``Servicer.drop_results``)."""
+        if self._servicer is not None:
+            self._servicer.drop_results()
+
     def worker_attached(self, instance_id: str, taskhub: str = DEFAULT_TASKHUB) -> bool:
         """True when a live process holds a lease on the instance's work or has a work-item stream open."""
         store = self.store or self._open_store()
@@ -199,7 +210,8 @@ class EmbeddedBackend:
         except sqlite3.DatabaseError as ex:
             if statedir.is_corrupt(ex):
                 raise statedir.corrupt_error(db_path, str(ex)) from None
-            raise StateDirError(f"cannot use state database {db_path}: {ex}; {statedir.HINT}") from None
+            raise statedir.full_error(self.state_dir, ex) or \
+                StateDirError(f"cannot use state database {db_path}: {ex}; {statedir.HINT}") from None
 
     def _new_socket_path(self) -> Path:
         name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"

@@ -121,11 +121,27 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         # This process's work items whose stream closed, kept for the next stream (local workers only).
         self._unattached = _Stream(1, 1)
         self._open: set[_Stream] = set()
+        self._dropping = False  # this process stops at once: its activities' results are not results
+        # the runs this process's own workers may take (``host_only``); None: any (``sitebackup worker``)
+        self._only: set[str] | None = None
         self._completions: list[tuple[str, pb.ActivityResponse]] = []
         self._completions_ready = threading.Condition()
         self._flusher_done = False
         self._flusher = threading.Thread(target=self._flush_loop, name="sitebackup-activity-flush", daemon=True)
         self._flusher.start()
+
+    def host_only(self, instance_id: str) -> None:
+        """Let this process's workers take the work of *instance_id* (and of the runs named before) only: a command
+        hosting its own run never adopts another one this state directory holds (a killed backup's) behind its
+        back. Workers of other processes (``sitebackup serve``) are not held to it."""
+        self._only = (self._only or set()) | {instance_id}
+
+    def drop_results(self) -> None:
+        """From now on ignore what this process's workers report of their activities: the process is stopping at
+        once and what they end with (cut short) is no result. Their work items stay leased to this process until
+        ``Store.release_leases`` (``EmbeddedBackend.stop``, or the next process, this one being dead) lets another
+        run them."""
+        self._dropping = True
 
     def shutdown(self) -> None:
         """Make streams end; called before the gRPC server stops."""
@@ -438,9 +454,11 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
 
     def _claim(self, hub: str, stream: _Stream, orch_ok: _Accept | None, act_ok: _Accept | None) -> list[pb.WorkItem]:
         items: list[pb.WorkItem] = []
+        only = None if self.remote_workers else self._only
         free = stream.max_orchestrations - len(stream.orchestrations)
         if free > 0:
-            for claim in self.store.claim_orchestrations(hub, self.owner, min(free, 50), self.lease_seconds, orch_ok):
+            for claim in self.store.claim_orchestrations(hub, self.owner, min(free, 50), self.lease_seconds, orch_ok,
+                                                         only):
                 item = pb.WorkItem(completionToken=claim.token, orchestratorRequest=claim.request)
                 if item.ByteSize() > MAX_MESSAGE:
                     self.store.complete_orchestration(hub, pb.OrchestratorResponse(
@@ -454,7 +472,7 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         # Refill activities in batches rather than one per completion: fewer claim transactions.
         if len(stream.activities) <= stream.max_activities // 2:
             free = min(stream.max_activities - len(stream.activities), 500)
-            for task in self.store.claim_activities(hub, self.owner, free, self.lease_seconds, act_ok):
+            for task in self.store.claim_activities(hub, self.owner, free, self.lease_seconds, act_ok, only):
                 item = pb.WorkItem(completionToken=task.token, activityRequest=task.request)
                 if item.ByteSize() > MAX_MESSAGE:
                     self.store.complete_activities([(hub, pb.ActivityResponse(
@@ -490,6 +508,9 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
         return pb.CompleteTaskResponse()
 
     def CompleteActivityTask(self, request: pb.ActivityResponse, context: grpc.ServicerContext) -> pb.CompleteTaskResponse:
+        if self._dropping and not self.remote_workers:
+            self._untrack(request.completionToken)
+            return pb.CompleteTaskResponse()
         with self._completions_ready:
             self._completions.append((_taskhub(context), request))
             self._completions_ready.notify()

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sitebackup.errors import InputError
+from sitebackup.errors import InputError, StateFullError, full_disk
 
 DB_NAME = "state.db"
 SERVE_LOCK = "serve.lock"
@@ -75,6 +75,13 @@ def _refuse(path: Path, what: str, st: os.stat_result) -> None:
                             f"refusing to use it; chmod go-w it or {HINT}")
 
 
+def full_error(state_dir: Path, ex: BaseException) -> StateFullError | None:
+    """The error of a state directory whose disk is full (exit 5, as when it fills during a run), else None."""
+    cause = full_disk(ex)
+    return None if cause is None else StateFullError(state_dir, cause, kept="nothing was changed",
+                                                     hint=f" or {HINT}")
+
+
 def prepare(state_dir: Path) -> None:
     """Create the state directory owner-only if missing; refuse one that is not ours alone."""
     try:
@@ -88,7 +95,8 @@ def prepare(state_dir: Path) -> None:
             raise PermissionError("not writable")
         _refuse(state_dir, "state directory", st)
     except OSError as ex:
-        raise StateDirError(f"cannot use state directory {state_dir}: {ex.strerror or ex}; {HINT}") from None
+        raise full_error(state_dir, ex) or \
+            StateDirError(f"cannot use state directory {state_dir}: {ex.strerror or ex}; {HINT}") from None
 
 
 def database(state_dir: Path, schema: str) -> Path:
@@ -111,8 +119,8 @@ def database(state_dir: Path, schema: str) -> Path:
             if suffix == "" and st.st_size == 0:
                 raise corrupt_error(db_path, "the file is empty")
     except (OSError, sqlite3.Error) as ex:  # e.g. a full disk while creating it
-        raise StateDirError(f"cannot use state database {db_path}: {getattr(ex, 'strerror', None) or ex}; "
-                            f"{HINT}") from None
+        raise full_error(state_dir, ex) or StateDirError(
+            f"cannot use state database {db_path}: {getattr(ex, 'strerror', None) or ex}; {HINT}") from None
     return db_path
 
 
@@ -151,7 +159,8 @@ class ServeLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as ex:
-            raise StateDirError(f"cannot use state directory {self.path.parent}: {ex.strerror or ex}; {HINT}") from None
+            raise full_error(self.path.parent, ex) or \
+                StateDirError(f"cannot use state directory {self.path.parent}: {ex.strerror or ex}; {HINT}") from None
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:

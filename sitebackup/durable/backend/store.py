@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 from urllib.parse import quote
 
 import durabletask.internal.helpers as helpers
@@ -251,6 +251,14 @@ def _now_event_ts(ev: pb.HistoryEvent, now: float) -> pb.HistoryEvent:
     return ev
 
 
+def _only(instances: Collection[str] | None) -> tuple[str, list[str]]:
+    """The SQL condition (and its values) that keeps a claim to *instances*; none when None."""
+    if instances is None:
+        return "", []
+    ids = sorted(instances)
+    return f" AND instance_id IN ({','.join('?' * len(ids))})", ids
+
+
 def orchestration_token(instance_id: str, generation: int) -> str:
     return f"o|{generation}|{instance_id}"
 
@@ -414,6 +422,9 @@ class Store:
                 self._add_events(db, hub, [(instance_id, now, _now_event_ts(event, now))], now)
 
     def terminate(self, hub: str, instance_id: str, output: str | None, recursive: bool) -> None:
+        """Terminate the instance (and with *recursive* its unfinished sub-orchestrations). One without an episode
+        in flight is terminated here and now, as its next episode would (``_terminate_now``): it may have no worker
+        at all (its process was killed). One whose episode a worker runs gets the event, applied right after."""
         now = time.time()
         with self._tx() as db:
             todo, targets = [instance_id], []
@@ -425,9 +436,41 @@ class Store:
                     todo.extend(r[0] for r in db.execute(
                         "SELECT instance_id FROM instances WHERE taskhub=? AND parent_instance_id=?"
                         f" AND status NOT IN ({_TERMINAL_SQL})", (hub, iid)))
-            self._add_events(db, hub, [
-                (iid, now, _now_event_ts(helpers.new_terminated_event(encoded_output=output), now))
-                for iid in targets], now)
+            queued = []
+            for iid in targets:
+                if not self._terminate_now(db, hub, iid, output, now):
+                    queued.append((iid, now, _now_event_ts(helpers.new_terminated_event(encoded_output=output), now)))
+            self._add_events(db, hub, queued, now)
+
+    def _terminate_now(self, db: sqlite3.Connection, hub: str, iid: str, output: str | None, now: float) -> bool:
+        """End an instance no episode of which is in flight as TERMINATED with *output*, its history closed as a
+        worker closes it; what was queued for it (activities, events, timers) is dropped, and a late result of an
+        activity still running somewhere is ignored (its row is gone). False, changing nothing, while an episode
+        holds the instance's lease."""
+        row = db.execute("SELECT history_len, parent_instance_id, parent_task_id FROM instances"
+                         " WHERE taskhub=? AND instance_id=? AND lease_expires<?", (hub, iid, now)).fetchone()
+        if row is None:
+            return False
+        history_len, parent_iid, parent_task = row
+        self._touch(hub, iid)
+        events = [helpers.new_orchestrator_started_event(datetime.fromtimestamp(now, timezone.utc)),
+                  helpers.new_terminated_event(encoded_output=output),
+                  helpers.new_orchestrator_completed_event(),
+                  helpers.new_execution_completed_event(pb.ORCHESTRATION_STATUS_TERMINATED, output)]
+        db.executemany("INSERT INTO history (taskhub, instance_id, seq, event) VALUES (?,?,?,?)",
+                       [(hub, iid, history_len + i, _now_event_ts(ev, now).SerializeToString())
+                        for i, ev in enumerate(events)])
+        for table in ("new_events", "activities"):
+            db.execute(f"DELETE FROM {table} WHERE taskhub=? AND instance_id=?", (hub, iid))
+        db.execute("UPDATE instances SET status=?, output=?, completed_at=?, updated_at=?, ready_at=1e18,"
+                   " lease_owner=NULL, lease_expires=0, history_version=history_version+1, history_len=?"
+                   " WHERE taskhub=? AND instance_id=?",
+                   (pb.ORCHESTRATION_STATUS_TERMINATED, output, now, now, history_len + len(events), hub, iid))
+        self._history_cache.pop((hub, iid), None)
+        if parent_iid and parent_task is not None and self._is_live(db, hub, parent_iid):
+            self._add_events(db, hub, [(parent_iid, now, self._result_for_parent(
+                parent_task, pb.ORCHESTRATION_STATUS_TERMINATED, output, None))], now)
+        return True
 
     def history(self, hub: str, instance_id: str) -> list[pb.HistoryEvent] | None:
         with self._lock:
@@ -455,12 +498,15 @@ class Store:
     # --- orchestrator work items ----------------------------------------------------
 
     def claim_orchestrations(self, hub: str, owner: str, limit: int, lease_seconds: float,
-                             accept: Callable[[str, str | None], bool] | None = None) -> list[OrchestratorClaim]:
+                             accept: Callable[[str, str | None], bool] | None = None,
+                             instances: Collection[str] | None = None) -> list[OrchestratorClaim]:
+        """Claim up to *limit* ready episodes (of *instances* only, when given)."""
         now = time.time()
+        only, ids = _only(instances)
         with self._lock:
             candidates = self._db.execute(
                 "SELECT instance_id, name, version FROM instances WHERE taskhub=? AND ready_at<=? AND lease_expires<?"
-                " ORDER BY ready_at LIMIT ?", (hub, now, now, limit if accept is None else 1000)).fetchall()
+                f"{only} ORDER BY ready_at LIMIT ?", (hub, now, now, *ids, limit if accept is None else 1000)).fetchall()
             if accept is not None:
                 candidates = [c for c in candidates if accept(c[1], c[2])][:limit]
             if not candidates:
@@ -713,12 +759,15 @@ class Store:
     # --- activity work items --------------------------------------------------------
 
     def claim_activities(self, hub: str, owner: str, limit: int, lease_seconds: float,
-                         accept: Callable[[str, str | None], bool] | None = None) -> list[ActivityClaim]:
+                         accept: Callable[[str, str | None], bool] | None = None,
+                         instances: Collection[str] | None = None) -> list[ActivityClaim]:
+        """Claim up to *limit* activities (of *instances* only, when given)."""
         now = time.time()
+        only, ids = _only(instances)
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, name, version FROM activities WHERE taskhub=? AND lease_expires<? ORDER BY id LIMIT ?",
-                (hub, now, limit if accept is None else max(limit, 1000))).fetchall()
+                f"SELECT id, name, version FROM activities WHERE taskhub=? AND lease_expires<?{only} ORDER BY id LIMIT ?",
+                (hub, now, *ids, limit if accept is None else max(limit, 1000))).fetchall()
             ids = [r[0] for r in rows if accept is None or accept(r[1], r[2])][:limit]
             if not ids:
                 return []
