@@ -132,7 +132,7 @@ def _json(text: str) -> bytes:
     return json.dumps(text).encode()
 
 
-@click.command("cat", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 70, 130))
+@click.command("cat", cls=Command, epilog=exit_codes_help(0, 1, 2, 3, 5, 70, 130))
 @click.argument("run_ref", metavar="RUN", shell_complete=complete_runs("backups"))
 @click.argument("path", metavar="PATH")
 @click.option("--force", "-f", is_flag=True, help="Write bytes that are not plain text to a terminal too.")

@@ -97,7 +97,7 @@ def _wire(change: Change) -> dict[str, object]:
     return found
 
 
-@click.command("diff", cls=Command, epilog=exit_codes_help(0, 2, 3, 70, 130))
+@click.command("diff", cls=Command, epilog=exit_codes_help(0, 2, 3, 5, 70, 130))
 @click.argument("ref_a", metavar="RUN_A", shell_complete=complete_runs("backups"))
 @click.argument("ref_b", metavar="RUN_B", shell_complete=complete_runs("backups"))
 @click.argument("paths", nargs=-1, metavar="[PATH]...")

@@ -101,7 +101,7 @@ def find_in_runs(settings: StorageSettings, container: str, patterns: list[str],
     return summary
 
 
-@click.command("find", cls=Command, epilog=exit_codes_help(0, 2, 3, 70, 130))
+@click.command("find", cls=Command, epilog=exit_codes_help(0, 2, 3, 5, 70, 130))
 @click.argument("patterns", nargs=-1, required=True, metavar="PATTERN...")
 @click.option("--container", "-c", required=True, help="The container whose sealed runs to search.")
 @click.option("--prefix", help="Only runs into this prefix.")

@@ -18,7 +18,7 @@ from sitebackup.blob.naming import normalize_prefix, validate_container_name
 from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.catalog import of_prefix, parse_utc, sealed_runs
-from sitebackup.commands.hosting import TERMINAL, parse_status, run_label, summarize
+from sitebackup.commands.hosting import TERMINAL, parse_status, run_label, status_name, summarize
 from sitebackup.commands.options import (
     Command,
     complete_runs,
@@ -79,7 +79,7 @@ def list_runs(state_dir: Path, *, statuses: list[str] | None = None, limit: int 
             label = labels[state.instance_id]
             job = label.job if label is not None else None
             if (named is not None and (job is None or job.id not in named)) or \
-                    not where.takes(job, _utc(state.created_at), state.runtime_status.name):
+                    not where.takes(job, _utc(state.created_at), status_name(state.runtime_status)):
                 continue
             if len(rows) == limit:
                 break

@@ -91,7 +91,7 @@ def list_run(settings: StorageSettings, run_ref: str, paths: list[str], *, long:
     return summary
 
 
-@click.command("ls", cls=Command, epilog=exit_codes_help(0, 2, 3, 70, 130))
+@click.command("ls", cls=Command, epilog=exit_codes_help(0, 2, 3, 5, 70, 130))
 @click.argument("run_ref", metavar="RUN", shell_complete=complete_runs("backups"))
 @click.argument("paths", nargs=-1, metavar="[PATH]...")
 @click.option("--long", "-l", "long", is_flag=True, help="Also kind, mode, owner, group, size and modification time.")
