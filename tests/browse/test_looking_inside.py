@@ -18,6 +18,9 @@ import pytest
 from azure.storage.blob import ContentSettings
 from helpers import env_for, wait_until, write_tree
 
+from sitebackup.blob.naming import escape_name
+from sitebackup.ui.escape import printable
+
 DIRS = [".", "caf\u00e9", "sub", "sub/deeper"]  # the record holds the tree: its directories too
 RUN1 = {"a.txt": b"alpha 1\n", "sub/b.bin": bytes(range(256)) * 8, "sub/deeper/c.html": b"<p>charlie</p>\n",
         "caf\u00e9/\u65e5\u672c.txt": "ni\u00f1o \u65e5\u672c\n".encode(), "keep.txt": b"kept as it is\n"}
@@ -234,3 +237,63 @@ def _walk_order(path: str) -> tuple[str, ...]:
         return ()
     *dirs, name = path.split("/")
     return (*("1" + d for d in dirs), "0" + name)
+
+
+def test_names_with_control_characters_are_read_from_their_escaped_blobs_and_printed_escaped(
+        tmp_path, cli, azurite, blob_service, container_name):
+    red, broken = "evil\x1b[31m\tname.txt", "sub/line\nbreak\x85.txt"
+    files = {red: b"red\n", broken: b"two\n", "plain.txt": b"plain\n"}
+    src = write_tree(tmp_path / "site", files)
+    run1 = run_id_of(cli(src, "-c", container_name, "--json"))
+    stored = {blob.name for blob in blob_service.get_container_client(container_name).list_blobs()
+              if not blob.name.startswith(".sitebackup/")}
+    assert stored == {escape_name(path) for path in files} and red not in stored  # the blobs' names are escaped
+    (src / red).write_bytes(b"red, rewritten\n")
+    wait_until(lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") != run1[:15], "the next second")
+    run2 = run_id_of(cli(src, "-c", container_name, "--json"))
+    fresh = env_for(azurite.connection_string, tmp_path / "new-state")
+    c = ["-c", container_name]
+
+    # ls and diff: a line per entry, the name escaped in it; --json carries the name itself
+    assert set(ok(cli("ls", run1, *c, env=fresh)).stdout.splitlines()) == \
+        {".", "sub", "plain.txt", printable(red), printable(broken)}
+    assert {json.loads(line).get("path") for line in ok(cli("ls", run1, *c, "--json", env=fresh)).stdout.splitlines()} \
+        == {".", "sub", *files, None}  # None: the summary
+    assert ok(cli("diff", run1, run2, *c, env=fresh)).stdout.splitlines() == ["M\t" + printable(red)]
+    [change] = [e for e in map(json.loads, ok(cli("diff", run1, run2, *c, "--json", env=fresh)).stdout.splitlines())
+                if e["event"] == "change"]
+    assert (change["change"], change["path"]) == ("M", red)
+    # find by the name as it is; cat of both versions, each from its own copy under the escaped name
+    found = [json.loads(line) for line in ok(cli("find", "evil*", *c, "--json", env=fresh)).stdout.splitlines()]
+    assert {(m["run_id"], m["path"]) for m in found if m["event"] == "match"} == {(run1, red), (run2, red)}
+    for run, expected in ((run1, b"red\n"), (run2, b"red, rewritten\n")):
+        got = subprocess.run(cli_args("cat", run, red, *c), env=fresh, capture_output=True, cwd=_root())
+        assert got.returncode == 0 and got.stdout == expected, got.stderr
+    got = subprocess.run(cli_args("cat", run1, broken, *c), env=fresh, capture_output=True, cwd=_root())
+    assert got.returncode == 0 and got.stdout == files[broken], got.stderr
+    # stats finds every recorded copy (none missing), run 1's red.txt as the snapshot run 2 kept
+    stats = json.loads(ok(cli("stats", *c, "--json", env=fresh)).stdout)
+    assert stats["stored"]["blobs"] == len(files) and stats["stored"]["snapshots"] == 1
+    assert stats["stored"]["missing"] == 0
+
+    # a dry run of the container's blobs (no run) names the files as the restore would write them
+    ok(cli("restore", run2, tmp_path / "back", *c, env=fresh))
+    planned = [json.loads(line) for line in ok(cli("restore", tmp_path / "back", *c, "--dry-run", "--json",
+                                                   env=fresh)).stdout.splitlines()]
+    assert {(e["action"], e["path"]) for e in planned if e["event"] == "dry_run"} == \
+        {("identical", path) for path in files}
+
+
+def test_a_dry_run_that_would_restore_nothing_ends_as_the_restore_would(tmp_path, cli, azurite, container_name):
+    src = write_tree(tmp_path / "site", {"a.txt": b"a\n"})
+    run = run_id_of(cli(src, "-c", container_name, "--json"))
+    c = ["-c", container_name]
+    for args, where in (((run, "--include", "nothing*"), f"run {run} (container '{container_name}') recorded no file "
+                                                         "that --include/--exclude select"),
+                        (("--prefix", "wbe"), f"container '{container_name}', prefix 'wbe' holds no file")):
+        real = cli("restore", *args, tmp_path / "real", *c)
+        dry = cli("restore", *args, tmp_path / "dry", *c, "--dry-run")
+        assert real.returncode == dry.returncode == 2, (real.stderr, dry.stderr)
+        assert f"nothing to restore: {where}" in real.stderr.splitlines()[-1]
+        assert dry.stderr.splitlines()[-1] == real.stderr.splitlines()[-1]
+        assert not (tmp_path / "dry").exists()
