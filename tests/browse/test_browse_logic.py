@@ -250,6 +250,9 @@ def test_a_first_word_close_to_a_command_name_is_not_taken_for_a_source(tmp_path
     assert "'lss' is neither a command nor a directory: did you mean `sitebackup ls`?" in capsys.readouterr().err
     assert run(["stat", "x"], Session()) == EXIT_USAGE
     assert "`sitebackup stats` or `sitebackup status`" in capsys.readouterr().err
+    for word, meant in (("chek", "check"), ("unlok", "unlock"), ("canel", "cancel"), ("verfy", "verify")):
+        assert run([word, "x"], Session()) == EXIT_USAGE, word  # every command counts, not only those of #30
+        assert f"did you mean `sitebackup {meant}`?" in capsys.readouterr().err, word
     # a directory of that name is backed up as it always was; so is a path, or a word close to no command
     seen = []
     monkeypatch.setattr(backup, "run_backup", lambda request, *a, **k: seen.append(request.source) or _done())
