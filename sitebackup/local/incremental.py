@@ -89,10 +89,14 @@ class Baseline:
 
 def overlaid(records: Sequence[Iterable[FileEntry]]) -> Iterator[FileEntry]:
     """Several runs' records (each in walk order), the first first, as one record in walk order holding each
-    path's entry from the first record that has it: cancelled runs over the baseline. One record passes through."""
+    path's entry from the first record that has it: cancelled runs over the baseline. One record passes through
+    as it is (no generator between it and the walk that reads it entry by entry)."""
     if len(records) == 1:
-        yield from records[0]
-        return
+        return iter(records[0])
+    return _merged(records)
+
+
+def _merged(records: Sequence[Iterable[FileEntry]]) -> Iterator[FileEntry]:
     def ranked(rank: int, record: Iterable[FileEntry]) -> Iterator[tuple[tuple[str, ...], int, int, FileEntry]]:
         for seq, entry in enumerate(record):
             yield walk_key(entry.path), rank, seq, entry

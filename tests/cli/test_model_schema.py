@@ -8,10 +8,12 @@ import json
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sitebackup.blob.workstore import MAX_PAGE_BYTES, LocalWorkStore
 from sitebackup.model.codec import FORMAT_VERSION, DamagedData, decode, encode, from_wire, to_wire
-from sitebackup.model.records import FileEntry, Meta, PriorCopy, PruneMark, target_bytes, target_text
+from sitebackup.model.records import FileEntry, Meta, PriorCopy, PruneMark, check_relpath, target_bytes, target_text
 from sitebackup.model.work import (
     BackupCounts,
     BackupInput,
@@ -193,3 +195,25 @@ def test_the_wire_form_is_plain_json_and_round_trips():
     assert FORMAT_VERSION == 2
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"path": ".."}, FileEntry)
+
+
+# ---- the recorded path check: its fast form refuses exactly what the plain one does -------------
+
+def plain_relpath_refused(path: str) -> bool:
+    """The check as first written: every '/'-separated part looked at."""
+    return (not path or path.startswith("/") or "\x00" in path
+            or any(part in ("", ".", "..") for part in path.split("/")))
+
+
+# paths made of the characters that matter here, so that dots, slashes and NULs meet in every arrangement
+relpaths = st.lists(st.sampled_from(["a", "b.", ".", "..", "/", "\x00", "é"]), max_size=12).map("".join)
+
+
+@given(relpaths)
+def test_the_recorded_path_check_refuses_what_a_part_by_part_check_refuses(path):
+    try:
+        check_relpath(path)
+        refused = False
+    except ValueError:
+        refused = True
+    assert refused == plain_relpath_refused(path), path

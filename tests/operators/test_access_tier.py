@@ -21,8 +21,9 @@ def summary_of(result: subprocess.CompletedProcess) -> dict:
 
 
 def records_of(state_dir: Path, instance_id: str) -> dict[str, dict]:
+    """The run's records of files (its directories' entries have no tier)."""
     return {rec["path"]: rec for page in (state_dir / "work" / instance_id / "results").glob("*.json")
-            for rec in json.loads(page.read_text())}
+            for rec in json.loads(page.read_text()) if rec.get("kind", "file") == "file"}
 
 
 def tiers(blob_service, container: str) -> dict[str, str]:
