@@ -276,7 +276,7 @@ def test_every_command_reads_the_task_hub_after_a_run_done_by_a_worker(tmp_path,
 
 def test_status_resume_and_cancel_through_the_task_hub(tmp_path, served, cli_env, cli, blob_service,
                                                         container_name):
-    address, _ = served
+    address, state = served
     hub = _hub(served)
     files = {f"f{i}.txt": os.urandom(100) for i in range(6)}
     write_tree(tmp_path / "site", files)
@@ -311,6 +311,9 @@ def test_status_resume_and_cancel_through_the_task_hub(tmp_path, served, cli_env
     # a run no worker holds is cancelled at once, nothing of it ever runs
     [(proc, out)] = _workers(tmp_path, cli_env, hub, 1)
     try:
+        # connected, so it has its signal handlers: a SIGTERM before then ends it as the default action does
+        wait_until(lambda: _streams(state, "default") >= 1, "the worker to connect")
+
         def terminated():
             info = json.loads(cli("status", other_id, "--taskhub", hub, "--json", *mine).stdout)
             return info["runtime_status"] != "PENDING" and info["runtime_status"]

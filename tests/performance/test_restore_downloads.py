@@ -186,7 +186,7 @@ def test_the_asyncio_path_reads_snapshots_and_falls_back_to_the_kept_copy_as_the
     try:
         options = RestoreOptions(concurrency=1)
         planned = plan_restore(deps, "r1", PlanInput(container=container_name, run_id=run_id, options=options))
-        assert planned.pages == 1
+        assert planned.pages == 2 and [(span.first, span.end) for span in planned.tree] == [(1, 2)]  # files, tree
         assert sum(1 for item in read_page(deps.work, "r1", 0, planned.index[0], list[FetchItem]) if item.snapshot) == 1
         replace_blob(cc, "x.txt", b"two", keep=True)  # after it: read from the snapshot kept
         replace_blob(cc, "y.txt", b"not why", keep=False)  # after it, nothing kept: pruned

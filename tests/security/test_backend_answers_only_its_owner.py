@@ -238,7 +238,7 @@ def _plant(state: Path, instance_id: str, name: str, payload: str) -> None:
         store.close()
 
 
-def test_an_instance_too_large_to_return_breaks_no_command_about_the_others(tmp_path, cli, blob_service,
+def test_an_instance_too_large_to_return_breaks_no_command_about_the_others(tmp_path, cli, cli_env, blob_service,
                                                                             container_name):
     write_tree(tmp_path / "site", {"a.txt": b"a", "b.txt": b"b"})
     first = _backup(cli, tmp_path / "site", container_name)["instance_id"]
@@ -256,10 +256,21 @@ def test_an_instance_too_large_to_return_breaks_no_command_about_the_others(tmp_
     assert json.loads(cli("status", first, "--json").stdout)["runtime_status"] == "COMPLETED"
     assert cli("verify", first).returncode == 0
 
-    # a worker is handed work it could not receive: that instance fails, every other one runs
+    # another backup runs beside it (a backup hosts its own run alone: it leaves that one as it is)
     again = _backup(cli, tmp_path / "site", container_name, "--force")
     assert again["runtime_status"] == "COMPLETED" and again["files_uploaded"] == 2
-    failed = json.loads(cli("status", "too-big", "--json").stdout)
+    assert json.loads(cli("status", "too-big", "--json").stdout)["runtime_status"] == "PENDING"
+    # a worker (which takes any run) is handed work it could not receive: that instance fails, and says why
+    worker = subprocess.Popen([sys.executable, "-m", "sitebackup", "worker"], env=cli_env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def ended() -> dict | None:
+            info = json.loads(cli("status", "too-big", "--json").stdout)
+            return info if info["runtime_status"] != "PENDING" else None
+        failed = wait_until(ended, "the worker to end the instance too large to hand over")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, worker.stderr.read() if worker.stderr else ""
     assert failed["runtime_status"] == "FAILED" and "message bound" in failed["failure"]["message"]
     cancelled = cli("cancel", "too-big")
     assert cancelled.returncode == 0 and "already finished (FAILED)" in cancelled.stdout
