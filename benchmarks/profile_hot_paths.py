@@ -258,6 +258,9 @@ def run_child(out: Path, profile: Path | None, argv: list[str]) -> None:
     CPU-clock cProfile per thread merged into that file."""
     import runpy
 
+    # the package of the checkout this script is in, as `python -m sitebackup` run from it imports it: not
+    # whichever checkout an editable install points at
+    sys.path.insert(0, str(ROOT))
     cpu = ThreadCpu()
     monitor = threading.Thread(target=cpu.run, name=MONITOR, daemon=True)
     monitor.start()
