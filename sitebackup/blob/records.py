@@ -14,7 +14,9 @@ Blobs here are written once (If-None-Match: \\*) and never replaced: a record is
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobProperties, ContainerClient
@@ -34,6 +36,13 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_RECORD_PAGE_BYTES = 64 * 1024 * 1024
 _CATALOG_FIELDS = ("job", "status", "started", "finished", "files", "bytes")
 _CHANGE_FIELDS = ChangeCounts.__struct_fields__  # in the metadata of headers sealed since changes are counted
+
+
+def _done(data: bytes) -> Future[bytes]:
+    """*data* as a future already resolved: a page read from the state directory waits in line with downloads."""
+    found: Future[bytes] = Future()
+    found.set_result(data)
+    return found
 
 
 def sha256_hex(data: bytes) -> str:
@@ -173,24 +182,43 @@ class ContainerRecords:
 
     def pages(self, record: RunRecord, cached: Iterable[tuple[int, bytes]] = (),
               on_damaged: Callable[[int], None] = lambda page: None,
-              seen: set[str] | None = None) -> Iterator[tuple[PageSeal, list[FileEntry]]]:
-        """The record's pages in order, each decoded with its seal, read as ``entries`` reads them."""
+              seen: set[str] | None = None, ahead: int = 0) -> Iterator[tuple[PageSeal, list[FileEntry]]]:
+        """The record's pages in order, each decoded with its seal, read as ``entries`` reads them. With *ahead*, up
+        to that many of the next pages are downloaded while one is decoded and used (a request's latency paid once
+        for several pages); a reader that stops early leaves no download behind."""
         local = iter(cached)
         held = next(local, None)
-        for seal in record.pages:
-            if seen is not None:
-                if seal.sha256 in seen:
-                    continue
-                seen.add(seal.sha256)
-            while held is not None and held[0] < seal.page:
-                held = next(local, None)
-            data = held[1] if held is not None and held[0] == seal.page else None
-            if data is not None and (len(data) != seal.size or sha256_hex(data) != seal.sha256):
-                on_damaged(seal.page)
-                data = None
-            if data is None:
-                data = self.page(record, seal)
-            yield seal, decode(data, list[FileEntry], f"record page {seal.page} of run {record.run_id}")
+        pool = ThreadPoolExecutor(max_workers=ahead) if ahead > 0 else None
+        pending: deque[tuple[PageSeal, Future[bytes]]] = deque()
+        try:
+            for seal in record.pages:
+                if seen is not None:
+                    if seal.sha256 in seen:
+                        continue
+                    seen.add(seal.sha256)
+                while held is not None and held[0] < seal.page:
+                    held = next(local, None)
+                data = held[1] if held is not None and held[0] == seal.page else None
+                if data is not None and (len(data) != seal.size or sha256_hex(data) != seal.sha256):
+                    on_damaged(seal.page)
+                    data = None
+                if data is not None:
+                    pending.append((seal, _done(data)))
+                elif pool is not None:
+                    pending.append((seal, pool.submit(self.page, record, seal)))
+                else:
+                    pending.append((seal, _done(self.page(record, seal))))
+                while len(pending) > ahead:
+                    yield self._decoded(record, *pending.popleft())
+            while pending:
+                yield self._decoded(record, *pending.popleft())
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _decoded(record: RunRecord, seal: PageSeal, data: Future[bytes]) -> tuple[PageSeal, list[FileEntry]]:
+        return seal, decode(data.result(), list[FileEntry], f"record page {seal.page} of run {record.run_id}")
 
     def _listing(self, folder: str, include: list[str] | None = None) -> Iterator[BlobProperties]:
         """The blobs under *folder*; none when the container itself does not exist (nothing was sealed there)."""

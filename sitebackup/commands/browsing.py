@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from sitebackup.durable.runtime import open_backend
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import EXIT_OK, DestinationError, InputError, SiteBackupError
 from sitebackup.model.codec import decode
-from sitebackup.model.records import FileEntry, PageSeal, RunRecord
+from sitebackup.model.records import FileEntry, RunRecord
 from sitebackup.model.work import RunLabel
 from sitebackup.ui.escape import printable
 
@@ -92,46 +90,19 @@ class Browse:
                         seen.add(digest)
                     yield digest, decode(data, list[FileEntry], f"record page {page} of run {run.run_id}")
             return
-        header = run.header
-        cached = self.work.result_pages(run.run_id)
-        held = next(cached, None)
-        pool = ThreadPoolExecutor(max_workers=AHEAD)
-        pending: deque[tuple[PageSeal, Future[bytes]]] = deque()
-        try:
-            for seal in header.pages:
-                if seen is not None:
-                    if seal.sha256 in seen:
-                        continue
-                    seen.add(seal.sha256)
-                while held is not None and held[0] < seal.page:
-                    held = next(cached, None)
-                here = held[1] if held is not None and held[0] == seal.page else None
-                if here is not None and (len(here) != seal.size or sha256_hex(here) != seal.sha256):
-                    self.on_note(f"record page {seal.page} of run {run.run_id} in the state directory is damaged: "
-                                 "its sealed copy in the container is read instead")
-                    here = None
-                pending.append((seal, _done(here) if here is not None else
-                                pool.submit(run.records.page, header, seal)))
-                while len(pending) > AHEAD:
-                    yield _decoded(run.run_id, *pending.popleft())
-            while pending:
-                yield _decoded(run.run_id, *pending.popleft())
-        finally:  # a reader that stops early (cat found its file) leaves no download behind
-            pool.shutdown(wait=True, cancel_futures=True)
+        def damaged(page: int) -> None:
+            self.on_note(f"record page {page} of run {run.run_id} in the state directory is damaged: "
+                         "its sealed copy in the container is read instead")
+
+        for seal, entries in run.records.pages(run.header, cached=self.work.result_pages(run.run_id),
+                                               on_damaged=damaged, seen=seen, ahead=AHEAD):
+            yield seal.sha256, entries
 
     def entries(self, run: OpenedRun, seen: set[str] | None = None) -> Iterator[FileEntry]:
         for _digest, entries in self.pages(run, seen):
             yield from entries
 
 
-def _done(data: bytes) -> Future[bytes]:
-    found: Future[bytes] = Future()
-    found.set_result(data)
-    return found
-
-
-def _decoded(run_id: str, seal: PageSeal, data: Future[bytes]) -> tuple[str, list[FileEntry]]:
-    return seal.sha256, decode(data.result(), list[FileEntry], f"record page {seal.page} of run {run_id}")
 
 
 def note(text: str) -> None:
