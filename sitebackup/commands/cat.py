@@ -24,17 +24,7 @@ from sitebackup.blob.clients import StorageSettings
 from sitebackup.blob.history import choose, copies_of, copy_client
 from sitebackup.blob.naming import blob_name, validate_container_name
 from sitebackup.commands.browsing import Browse, OpenedRun, browsing, normalize_paths
-from sitebackup.commands.options import (
-    LATEST_JOB_HELP,
-    Command,
-    complete_runs,
-    debug_option,
-    job_option,
-    json_option,
-    state_dir_option,
-    storage_options,
-    taskhub_option,
-)
+from sitebackup.commands.options import LATEST_JOB_HELP, Command, catalog_options, complete_runs, job_option, json_option
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import EXIT_FILES_FAILED, InputError, SiteBackupError, exit_codes_help
 from sitebackup.local.files import b64
@@ -139,10 +129,7 @@ def _json(text: str) -> bytes:
 @click.option("--container", "-c", help="Read the run's sealed record from this container (all a new machine needs).")
 @job_option(LATEST_JOB_HELP)
 @json_option("Print one JSON object: run, path, size, recorded MD5, the bytes in base64, and whether they matched.")
-@storage_options
-@taskhub_option
-@state_dir_option
-@debug_option
+@catalog_options
 def command(run_ref: str, path: str, force: bool, container: str | None, job: str | None, json_output: bool,
             storage: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """Write one file of a backup run to stdout, exactly as the run recorded it.

@@ -16,17 +16,7 @@ import click
 from sitebackup.blob.clients import StorageSettings
 from sitebackup.blob.naming import validate_container_name
 from sitebackup.commands.browsing import Subtrees, browsing, normalize_paths
-from sitebackup.commands.options import (
-    LATEST_JOB_HELP,
-    Command,
-    complete_runs,
-    debug_option,
-    job_option,
-    json_option,
-    state_dir_option,
-    storage_options,
-    taskhub_option,
-)
+from sitebackup.commands.options import LATEST_JOB_HELP, Command, catalog_options, complete_runs, job_option, json_option
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError, exit_codes_help
 from sitebackup.local.changes import ADDED, METADATA, MODIFIED, REMOVED, Change, OutOfOrder, changes
@@ -104,10 +94,7 @@ def _wire(change: Change) -> dict[str, object]:
 @click.option("--container", "-c", help="Read the runs' sealed records from this container (all a new machine needs).")
 @job_option(LATEST_JOB_HELP)
 @json_option("Print NDJSON: a change event per change (the entries before and after), a summary last.")
-@storage_options
-@taskhub_option
-@state_dir_option
-@debug_option
+@catalog_options
 def command(ref_a: str, ref_b: str, paths: tuple[str, ...], container: str | None, job: str | None,
             json_output: bool, storage: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """Show what changed from backup run RUN_A to RUN_B.

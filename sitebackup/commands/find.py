@@ -20,15 +20,7 @@ from sitebackup.blob.naming import normalize_prefix, validate_container_name
 from sitebackup.commands.browsing import Browse, browsing
 from sitebackup.commands.catalog import SealedRun, of_prefix
 from sitebackup.commands.ls import mtime_text
-from sitebackup.commands.options import (
-    Command,
-    debug_option,
-    job_option,
-    json_option,
-    state_dir_option,
-    storage_options,
-    taskhub_option,
-)
+from sitebackup.commands.options import Command, catalog_options, job_option, json_option
 from sitebackup.commands.runref import select_jobs
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError, exit_codes_help
@@ -108,10 +100,7 @@ def find_in_runs(settings: StorageSettings, container: str, patterns: list[str],
 @job_option("Only runs of this job: its name, id or source directory.")
 @click.option("--regex", is_flag=True, help="PATTERN is a regular expression searched for in the whole path.")
 @json_option("Print NDJSON: a match event per matching entry (with its run), a summary last.")
-@storage_options
-@taskhub_option
-@state_dir_option
-@debug_option
+@catalog_options
 def command(patterns: tuple[str, ...], container: str, prefix: str | None, job: str | None, regex: bool,
             json_output: bool, storage: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """Find which backup runs hold files matching PATTERN.

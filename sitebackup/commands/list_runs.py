@@ -19,16 +19,7 @@ from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.catalog import of_prefix, parse_utc, sealed_runs
 from sitebackup.commands.hosting import TERMINAL, parse_status, run_label, status_name, summarize
-from sitebackup.commands.options import (
-    Command,
-    complete_runs,
-    debug_option,
-    job_option,
-    json_option,
-    state_dir_option,
-    storage_options,
-    taskhub_option,
-)
+from sitebackup.commands.options import Command, catalog_options, complete_runs, job_option, json_option
 from sitebackup.commands.runref import resolve_run, select_jobs
 from sitebackup.commands.status import describe, status
 from sitebackup.commands.times import parse_time
@@ -181,10 +172,7 @@ def restorable(state: dt_client.OrchestrationState, work: WorkStore | None) -> s
 @click.option("--since", metavar="TIME", help="Only runs started at or after TIME (ISO date and time, local unless it "
                                               "names an offset; a date alone is its start; yesterday; 3 days ago).")
 @json_option("Print a JSON array (with RUN: one object).")
-@storage_options
-@taskhub_option
-@state_dir_option
-@debug_option
+@catalog_options
 def command(run_ref: str | None, statuses: tuple[str, ...], limit: int, container: str | None, prefix: str | None,
             job: str | None, host: str | None, since: str | None, json_output: bool, storage: StorageSettings,
             taskhub: TaskHubSettings | None, state_dir: Path) -> None:

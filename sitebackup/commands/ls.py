@@ -16,17 +16,7 @@ import click
 from sitebackup.blob.clients import StorageSettings
 from sitebackup.blob.naming import validate_container_name
 from sitebackup.commands.browsing import Subtrees, browsing, normalize_paths
-from sitebackup.commands.options import (
-    LATEST_JOB_HELP,
-    Command,
-    complete_runs,
-    debug_option,
-    job_option,
-    json_option,
-    state_dir_option,
-    storage_options,
-    taskhub_option,
-)
+from sitebackup.commands.options import LATEST_JOB_HELP, Command, catalog_options, complete_runs, job_option, json_option
 from sitebackup.durable.taskhub import TaskHubSettings
 from sitebackup.errors import InputError, exit_codes_help
 from sitebackup.local.changes import long_fields
@@ -98,10 +88,7 @@ def list_run(settings: StorageSettings, run_ref: str, paths: list[str], *, long:
 @click.option("--container", "-c", help="Read the run's sealed record from this container (all a new machine needs).")
 @job_option(LATEST_JOB_HELP)
 @json_option("Print NDJSON: an entry event per entry (its record as sealed), a summary last.")
-@storage_options
-@taskhub_option
-@state_dir_option
-@debug_option
+@catalog_options
 def command(run_ref: str, paths: tuple[str, ...], long: bool, container: str | None, job: str | None,
             json_output: bool, storage: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """List every entry of a backup run, one full relative path a line.

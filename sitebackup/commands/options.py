@@ -168,6 +168,12 @@ def state_dir_option(fn: F) -> F:
     )(fn)
 
 
+def catalog_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Where a command that reads runs finds them: the storage account, the durable backend (--taskhub),
+    the state directory, and --debug."""
+    return storage_options(taskhub_option(state_dir_option(debug_option(command))))
+
+
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 

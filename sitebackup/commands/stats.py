@@ -19,17 +19,7 @@ from sitebackup.blob.history import CopyLookup, choose, list_copies
 from sitebackup.blob.naming import RESERVED_PREFIX, blob_name, normalize_prefix, validate_container_name
 from sitebackup.commands.browsing import Browse, browsing
 from sitebackup.commands.catalog import of_prefix
-from sitebackup.commands.options import (
-    LATEST_JOB_HELP,
-    Command,
-    complete_runs,
-    debug_option,
-    job_option,
-    json_option,
-    state_dir_option,
-    storage_options,
-    taskhub_option,
-)
+from sitebackup.commands.options import LATEST_JOB_HELP, Command, catalog_options, complete_runs, job_option, json_option
 from sitebackup.commands.prune import keep_options, prune_request, run_prune
 from sitebackup.commands.retention import Policy
 from sitebackup.commands.runref import select_jobs
@@ -109,10 +99,7 @@ def estimate_prune(settings: StorageSettings, container: str, prefix: str | None
 @job_option("Without RUN: only runs of this job. With RUN: " + LATEST_JOB_HELP)
 @keep_options
 @json_option("Print one JSON object.")
-@storage_options
-@taskhub_option
-@state_dir_option
-@debug_option
+@catalog_options
 def command(run_ref: str | None, container: str | None, prefix: str | None, job: str | None, policy: Policy,
             json_output: bool, storage: StorageSettings, taskhub: TaskHubSettings | None, state_dir: Path) -> None:
     """Count what a container's backups hold and store, or one run's.
