@@ -7,8 +7,10 @@ Azurite failing to start fails the suite: blob tests are never skipped.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -80,6 +82,16 @@ def cli(cli_env):
     def _run(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
         return run_cli([str(a) for a in args], env if env is not None else cli_env, **kwargs)
     return _run
+
+
+@pytest.fixture
+def short_tmp():
+    """A directory with a short path, for a state directory that must hold the backend's unix socket: beneath
+    pytest's per-test directories (longer under pytest-xdist, and with a longer user name) a socket path can pass
+    the ``sun_path`` bound, and the backend then rightly binds it in a private temp directory instead."""
+    path = Path(tempfile.mkdtemp(prefix="sbt-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_state_dir_and_socket_are_private(tmp_path):
-    state_dir = tmp_path / "deep" / "state"
+def test_state_dir_and_socket_are_private(short_tmp):
+    state_dir = short_tmp / "deep" / "state"
     with EmbeddedBackend(state_dir) as backend:
         assert mode(state_dir) == 0o700
         sock = backend._socket_path

@@ -423,8 +423,9 @@ def _sockets(state: Path) -> set[str]:
     return {p.name for p in sock_dir.iterdir() if stat.S_ISSOCK(p.lstat().st_mode)} if sock_dir.exists() else set()
 
 
-def test_sockets_of_killed_processes_are_removed_and_live_ones_kept(tmp_path, cli_env, cli):
-    state = tmp_path / "state"
+def test_sockets_of_killed_processes_are_removed_and_live_ones_kept(tmp_path, short_tmp, cli_env, cli):
+    state = short_tmp / "state"
+    cli_env["SITEBACKUP_STATE_DIR"] = str(state)  # `cli` runs with this same environment
     victim = _spawn(["worker", "--state-dir", str(state)], cli_env, tmp_path / "victim.out")
     dead = wait_until(lambda: _sockets(state), "the victim's socket")
     victim.send_signal(signal.SIGKILL)

@@ -59,10 +59,10 @@ def test_redact_blanks_keys_signatures_and_tokens():
     assert "AccountKey=***" in out and "sig=***" in out and "Bearer ***" in out
 
 
-def test_state_directory_and_socket_are_owner_only(azurite, tmp_path, container_name):
+def test_state_directory_and_socket_are_owner_only(azurite, tmp_path, short_tmp, container_name):
     src = tmp_path / "site"
     many_files(src, 300)
-    state = tmp_path / "state"
+    state = short_tmp / "state"
     run = JsonRun([str(src), "-c", container_name, "--concurrency", "1"], env_for(azurite.connection_string, state))
     try:
         run.until(lambda e: e["event"] == "progress")
