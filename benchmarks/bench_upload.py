@@ -600,7 +600,7 @@ def measure(args: argparse.Namespace) -> dict:
             for rtt in args.rtt:
                 bench.rtt_ms = rtt
                 named = source if rtt == 0 and not args.mbit else dataclasses.replace(
-                    source, name=f"{source.name}@{rtt:g}ms" + (f"/{args.mbit:g}Mbit" if args.mbit else ""))
+                    source, name=f"{source.name}@{rtt:g}ms" + (f",{args.mbit:g}Mbit" if args.mbit else ""))
                 rows += bench.rows(named)
             if args.save:
                 args.save.write_text(json.dumps([results()], indent=1))
