@@ -25,7 +25,8 @@ import os
 import pwd
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from sitebackup.local.files import fd_md5_b64
 from sitebackup.model.records import ROOT, Meta
@@ -223,7 +224,7 @@ class DestDir:
             base = _base(relpath)
             tmp = _temp_name(base, self.temp_tag)
             fd = _create_temp(tmp, parent)
-            try:
+            with _removed_on_failure(tmp, parent):
                 try:
                     mode, mtime_ns = fill(fd)
                     if owner is not None:  # first: a change of owner clears setuid and setgid
@@ -234,9 +235,6 @@ class DestDir:
                 finally:
                     os.close(fd)
                 os.rename(tmp, base, src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
-                _unlink(tmp, parent)
-                raise
         finally:
             os.close(parent)
 
@@ -293,15 +291,12 @@ class DestDir:
             tmp = _temp_name(base, self.temp_tag)
             _unlink(tmp, parent)
             os.symlink(target, tmp, dir_fd=parent)
-            try:
+            with _removed_on_failure(tmp, parent):
                 if owner is not None:
                     os.chown(tmp, *owner, dir_fd=parent, follow_symlinks=False)
                 if mtime_ns:
                     os.utime(tmp, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
                 os.rename(tmp, base, src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
-                _unlink(tmp, parent)
-                raise
         finally:
             os.close(parent)
 
@@ -352,17 +347,25 @@ class DestDir:
             tmp = _temp_name(base, self.temp_tag)
             _unlink(tmp, parent)
             os.link(name, tmp, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
-            try:
+            with _removed_on_failure(tmp, parent):
                 linked = os.stat(tmp, dir_fd=parent, follow_symlinks=False)
                 if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):
                     raise Conflict("the first file of its hard link group changed while it was linked")
                 os.rename(tmp, base, src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
-                _unlink(tmp, parent)
-                raise
         finally:
             os.close(parent)
         return "restored"
+
+
+@contextmanager
+def _removed_on_failure(tmp: str, parent: int) -> Iterator[None]:
+    """A temporary in *parent* that is given its content and metadata and renamed into place goes away when any
+    of that fails: nothing half-made is left beside the entry."""
+    try:
+        yield
+    except BaseException:
+        _unlink(tmp, parent)
+        raise
 
 
 def _lstat_at(name: str, parent: int) -> os.stat_result | None:
