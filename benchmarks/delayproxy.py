@@ -64,11 +64,14 @@ class _Link:
         self.rate = bytes_per_second
         self.free_at = 0.0
 
-    async def send(self, size: int) -> None:
+    async def send(self, size: int, ready: float) -> None:
+        """Wait until a chunk of *size* bytes, there to be sent from *ready* on, has crossed the link. Its turn
+        starts when the link is free or when it was ready, whichever is later, not when this coroutine wakes:
+        a wake-up late by a timer's slack would otherwise leave the link idle for that long on every chunk."""
         if self.rate is None:
             return
         loop = asyncio.get_running_loop()
-        self.free_at = max(self.free_at, loop.time()) + size / self.rate
+        self.free_at = max(self.free_at, ready) + size / self.rate
         await asyncio.sleep(max(0.0, self.free_at - loop.time()))
 
 
@@ -206,7 +209,7 @@ class DelayProxy:
                         if writer.can_write_eof():
                             writer.write_eof()
                     return
-                await link.send(len(data))
+                await link.send(len(data), due)
                 writer.write(data)
                 try:
                     await writer.drain()
