@@ -1,0 +1,138 @@
+"""The window of requests in flight on the process's asyncio loop (``asyncput.AsyncPutter``): every small-file
+upload and download takes a slot of it for its request.
+
+On loopback a run is bound by CPU, at a round-trip time of tens of milliseconds by the requests it keeps in
+flight: no one number fits both. So the window adapts, as TCP's does. It starts at ``start`` and is judged
+once a round, a round being as many completions as the window holds (about one round trip's worth), and only
+while requests wait for a slot (else the window is not what bounds the run):
+
+- it doubles while throughput grows (a round's completions per second above the best seen by ``GROWTH``),
+  up to ``ceiling`` (the connection pool's size);
+- it gives back a quarter when a round's mean latency climbs to ``QUEUEING`` times the lowest seen without
+  throughput to show for it: requests queue at a busy service or client instead of crossing the network;
+- it halves when the service throttles (a 503 or 500 answer, seen by ``ThrottleSignal`` in the pipeline before
+  its retry policy sends the request again), at most once a round, never below ``FLOOR``.
+
+``--bwlimit`` caps throughput, so under a cap the window stops growing where the rate is reached. An explicit
+``--max-inflight`` (``set_process_window``, set by the command line before any loop is made) makes the window
+fixed (``start == ceiling``). Memory is bounded by pages, not by this
+window: a page holds at most ``BATCH_BYTES`` of small files, and only the batch activities in flight hand
+theirs to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from azure.core.pipeline.policies import SansIOHTTPPolicy
+
+ENV_MAX_INFLIGHT = "SITEBACKUP_MAX_INFLIGHT"
+MAX_INFLIGHT_LIMIT = 1024  # the widest --max-inflight accepted: each request in flight holds a connection
+FLOOR = 4
+GROWTH = 1.1
+QUEUEING = 2.0
+THROTTLED = frozenset({500, 503})  # Azure Storage's "server busy" / "operation timed out" answers
+
+
+_process_fixed: int | None = None
+
+
+def set_process_window(fixed: int | None) -> None:
+    """--max-inflight: the window of every loop made from now on in this process, fixed (None: it adapts)."""
+    global _process_fixed
+    _process_fixed = fixed
+
+
+def process_window(start: int, ceiling: int) -> tuple[int, int]:
+    """The (start, ceiling) of this process's window: *start* and *ceiling*, or the fixed --max-inflight."""
+    return (start, ceiling) if _process_fixed is None else (_process_fixed, _process_fixed)
+
+
+class InFlight:
+    """A window of ``limit`` requests in flight, adapting between ``FLOOR`` and *ceiling* (fixed when *start*
+    is *ceiling*). Use ``async with window.slot():`` around a request, on one event loop."""
+
+    def __init__(self, start: int, ceiling: int, clock: Callable[[], float] = time.monotonic):
+        self.ceiling = max(1, ceiling)
+        self.limit = max(1, min(start, self.ceiling))
+        self.fixed = self.limit == self.ceiling
+        self.most = self.limit  # the widest the window has been
+        # a slot is a permit; a smaller window is owed permits, kept back as slots are freed
+        self._permits = asyncio.Semaphore(self.limit)
+        self._owed = 0
+        self._clock = clock
+        self._best = 0.0  # completions per second, the most a round has seen
+        self._base = float("inf")  # a round's mean latency, the lowest seen
+        self._round_start = clock()
+        self._done = 0
+        self._latency = 0.0
+        self._waited = False  # a request found no free slot this round
+        self._throttled = False  # the window was halved this round
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._permits.locked():
+            self._waited = True
+        await self._permits.acquire()
+        began = self._clock()
+        try:
+            yield
+        finally:
+            if self._owed:
+                self._owed -= 1
+            else:
+                self._permits.release()
+            self._finished(began)
+
+    def throttled(self) -> None:
+        """The service asked to slow down: halve the window (once a round)."""
+        if not self.fixed and not self._throttled:
+            self._throttled = True
+            self._resize(self.limit // 2)
+
+    def _finished(self, began: float) -> None:
+        now = self._clock()
+        self._done += 1
+        self._latency += now - began
+        if self._done < self.limit:
+            return
+        rate = self._done / max(now - self._round_start, 1e-6)
+        latency = self._latency / self._done
+        self._base = min(self._base, latency)
+        if not self.fixed and self._waited and not self._throttled:
+            if rate > self._best * GROWTH:
+                self._resize(self.limit * 2)
+            elif latency >= self._base * QUEUEING:
+                self._resize(self.limit - self.limit // 4)
+        self._best = max(self._best, rate)
+        self._round_start, self._done, self._latency = now, 0, 0.0
+        self._waited = self._throttled = False
+
+    def _resize(self, limit: int) -> None:
+        limit = max(min(FLOOR, self.ceiling), min(limit, self.ceiling))
+        change, self.limit = limit - self.limit, limit
+        self.most = max(self.most, limit)
+        if change < 0:
+            self._owed -= change
+            return
+        repaid = min(self._owed, change)
+        self._owed -= repaid
+        for _ in range(change - repaid):
+            self._permits.release()
+
+
+class ThrottleSignal(SansIOHTTPPolicy):  # type: ignore[type-arg]
+    """A pipeline policy, placed after the retry policy so that it sees every attempt: tells *window* when the
+    service throttles."""
+
+    def __init__(self, window: InFlight):
+        super().__init__()
+        self._window = window
+
+    def on_response(self, request: Any, response: Any) -> None:
+        if response.http_response.status_code in THROTTLED:
+            self._window.throttled()
