@@ -6,18 +6,21 @@ flight: no one number fits both. So the window adapts, as TCP's does. It starts 
 once a round, a round being as many completions as the window holds (about one round trip's worth), and only
 while requests wait for a slot (else the window is not what bounds the run):
 
-- it doubles while throughput grows (a round's completions per second above the best seen by ``GROWTH``),
-  up to ``ceiling`` (the connection pool's size);
-- it gives back a quarter when a round's mean latency climbs to ``QUEUEING`` times the lowest seen without
-  throughput to show for it: requests queue at a busy service or client instead of crossing the network;
+- it doubles while requests do not queue: a round's mean latency below ``RISING`` times the lowest seen means
+  the path, not the service, holds them, and more in flight cross it at once;
+- it grows a quarter while latency rises but throughput still grows (a round's completions per second above
+  the best seen by ``GROWTH``);
+- it gives back a quarter, never below ``start``, when latency has climbed to ``QUEUEING`` times the lowest
+  seen without throughput to show for it: requests queue at a busy service or client;
 - it halves when the service throttles (a 503 or 500 answer, seen by ``ThrottleSignal`` in the pipeline before
   its retry policy sends the request again), at most once a round, never below ``FLOOR``.
 
-``--bwlimit`` caps throughput, so under a cap the window stops growing where the rate is reached. An explicit
-``--max-inflight`` (``set_process_window``, set by the command line before any loop is made) makes the window
-fixed (``start == ceiling``). Memory is bounded by pages, not by this
-window: a page holds at most ``BATCH_BYTES`` of small files, and only the batch activities in flight hand
-theirs to the loop.
+It never goes above ``ceiling`` (the connection pool's size). ``--bwlimit`` caps throughput (a request's
+wait for its share of the rate is part of its latency), so under a cap the window stops growing where the
+rate is reached. An explicit ``--max-inflight`` (``set_process_window``, set by the command line before any
+loop is made) makes the window fixed (``start == ceiling``). Memory is bounded by pages, not by this window:
+a page holds at most ``BATCH_BYTES`` of small files, and only the batch activities in flight hand theirs to
+the loop.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from azure.core.pipeline.policies import SansIOHTTPPolicy
 ENV_MAX_INFLIGHT = "SITEBACKUP_MAX_INFLIGHT"
 MAX_INFLIGHT_LIMIT = 1024  # the widest --max-inflight accepted: each request in flight holds a connection
 FLOOR = 4
+RISING = 1.5
 GROWTH = 1.1
 QUEUEING = 2.0
 THROTTLED = frozenset({500, 503})  # Azure Storage's "server busy" / "operation timed out" answers
@@ -59,6 +63,7 @@ class InFlight:
     def __init__(self, start: int, ceiling: int, clock: Callable[[], float] = time.monotonic):
         self.ceiling = max(1, ceiling)
         self.limit = max(1, min(start, self.ceiling))
+        self.start = self.limit
         self.fixed = self.limit == self.ceiling
         self.most = self.limit  # the widest the window has been
         # a slot is a permit; a smaller window is owed permits, kept back as slots are freed
@@ -70,14 +75,20 @@ class InFlight:
         self._round_start = clock()
         self._done = 0
         self._latency = 0.0
-        self._waited = False  # a request found no free slot this round
+        self._waiting = 0  # requests waiting for a slot now
+        self._waited = False  # a request waited for a slot as one finished this round
         self._throttled = False  # the window was halved this round
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self._permits.locked():
-            self._waited = True
-        await self._permits.acquire()
+        self._waiting += 1
+        try:
+            await self._permits.acquire()
+            while self._owed:  # a permit the window no longer has: kept back, and another waited for
+                self._owed -= 1
+                await self._permits.acquire()
+        finally:
+            self._waiting -= 1
         began = self._clock()
         try:
             yield
@@ -96,6 +107,7 @@ class InFlight:
 
     def _finished(self, began: float) -> None:
         now = self._clock()
+        self._waited = self._waited or self._waiting > 0
         self._done += 1
         self._latency += now - began
         if self._done < self.limit:
@@ -104,10 +116,12 @@ class InFlight:
         latency = self._latency / self._done
         self._base = min(self._base, latency)
         if not self.fixed and self._waited and not self._throttled:
-            if rate > self._best * GROWTH:
+            if latency < self._base * RISING:
                 self._resize(self.limit * 2)
-            elif latency >= self._base * QUEUEING:
-                self._resize(self.limit - self.limit // 4)
+            elif rate > self._best * GROWTH:
+                self._resize(self.limit + max(1, self.limit // 4))
+            elif latency >= self._base * QUEUEING and self.limit > self.start:
+                self._resize(max(self.start, self.limit - self.limit // 4))
         self._best = max(self._best, rate)
         self._round_start, self._done, self._latency = now, 0, 0.0
         self._waited = self._throttled = False
