@@ -6,12 +6,13 @@ flight: no one number fits both. So the window adapts, as TCP's does. It starts 
 once a round, a round being as many completions as the window holds (about one round trip's worth), and only
 while requests wait for a slot (else the window is not what bounds the run):
 
-- it doubles while requests do not queue: a round's mean latency below ``RISING`` times the lowest seen means
-  the path, not the service, holds them, and more in flight cross it at once;
+- it doubles while requests do not queue: a round's mean latency below ``RISING`` times the lowest a request
+  has taken (the path's round trip) means the path, not the service or the client's CPU, holds them, and more
+  in flight cross it at once (on loopback, where a round trip costs next to nothing, that is never so);
 - it grows a quarter while latency rises but throughput still grows (a round's completions per second above
   the best seen by ``GROWTH``);
-- it gives back a quarter, never below ``start``, when latency has climbed to ``QUEUEING`` times the lowest
-  seen without throughput to show for it: requests queue at a busy service or client;
+- it gives back a quarter, never below ``start``, when latency has climbed to ``QUEUEING`` times the round
+  trip without throughput to show for it: requests queue at a busy service or client;
 - it halves when the service throttles (a 503 or 500 answer, seen by ``ThrottleSignal`` in the pipeline before
   its retry policy sends the request again), at most once a round, never below ``FLOOR``.
 
@@ -26,12 +27,15 @@ the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from azure.core.pipeline.policies import SansIOHTTPPolicy
+
+log = logging.getLogger("sitebackup.blob")
 
 ENV_MAX_INFLIGHT = "SITEBACKUP_MAX_INFLIGHT"
 MAX_INFLIGHT_LIMIT = 1024  # the widest --max-inflight accepted: each request in flight holds a connection
@@ -71,7 +75,7 @@ class InFlight:
         self._owed = 0
         self._clock = clock
         self._best = 0.0  # completions per second, the most a round has seen
-        self._base = float("inf")  # a round's mean latency, the lowest seen
+        self._base = float("inf")  # a request's latency, the lowest seen: the path's round trip
         self._round_start = clock()
         self._done = 0
         self._latency = 0.0
@@ -110,15 +114,15 @@ class InFlight:
         self._waited = self._waited or self._waiting > 0
         self._done += 1
         self._latency += now - began
+        self._base = min(self._base, now - began)
         if self._done < self.limit:
             return
         rate = self._done / max(now - self._round_start, 1e-6)
         latency = self._latency / self._done
-        self._base = min(self._base, latency)
         if not self.fixed and self._waited and not self._throttled:
             if latency < self._base * RISING:
                 self._resize(self.limit * 2)
-            elif rate > self._best * GROWTH:
+            elif self._best and rate > self._best * GROWTH:
                 self._resize(self.limit + max(1, self.limit // 4))
             elif latency >= self._base * QUEUEING and self.limit > self.start:
                 self._resize(max(self.start, self.limit - self.limit // 4))
@@ -128,6 +132,8 @@ class InFlight:
 
     def _resize(self, limit: int) -> None:
         limit = max(min(FLOOR, self.ceiling), min(limit, self.ceiling))
+        if limit != self.limit:
+            log.debug("requests in flight: window %d -> %d", self.limit, limit)
         change, self.limit = limit - self.limit, limit
         self.most = max(self.most, limit)
         if change < 0:
