@@ -150,6 +150,7 @@ class AsyncGetter:
         async with window.slot():
             if cancelled():
                 raise Cancelled()
+            window.carried(size)
             if self._limiter is not None:
                 await self._limiter.acquire_async(size)
             return await gets.get(name, snapshot, size)

@@ -173,6 +173,7 @@ class AsyncPutter:
             # small files only: one read, one hash, one request (two for a changed file), as upload.upload_file does
             with source.opened(relpath) as fd:
                 data, st, md5 = small_file_put(fd)
+            self.window.carried(len(data))
             if self._limiter is not None:
                 await self._limiter.acquire_async(len(data))
 

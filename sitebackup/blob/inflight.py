@@ -16,12 +16,12 @@ while requests wait for a slot (else the window is not what bounds the run):
 - it halves when the service throttles (a 503 or 500 answer, seen by ``ThrottleSignal`` in the pipeline before
   its retry policy sends the request again), at most once a round, never below ``FLOOR``.
 
-It never goes above ``ceiling`` (the connection pool's size). ``--bwlimit`` caps throughput (a request's
-wait for its share of the rate is part of its latency), so under a cap the window stops growing where the
-rate is reached. An explicit ``--max-inflight`` (``set_process_window``, set by the command line before any
-loop is made) makes the window fixed (``start == ceiling``). Memory is bounded by pages, not by this window:
-a page holds at most ``BATCH_BYTES`` of small files, and only the batch activities in flight hand theirs to
-the loop.
+It never grows above ``ceiling`` (the connection pool's size), nor past ``BYTES_IN_FLIGHT`` over the round's
+mean request (the bytes its callers say requests carry, ``carried``): at its start the window holds what
+--concurrency made it, and growing never holds more memory than that bound. ``--bwlimit`` caps throughput (a
+request's wait for its share of the rate is part of its latency), so under a cap the window stops growing
+where the rate is reached. An explicit ``--max-inflight`` (``set_process_window``, set by the command line
+before any loop is made) makes the window fixed (``start == ceiling``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ log = logging.getLogger("sitebackup.blob")
 ENV_MAX_INFLIGHT = "SITEBACKUP_MAX_INFLIGHT"
 MAX_INFLIGHT_LIMIT = 1024  # the widest --max-inflight accepted: each request in flight holds a connection
 FLOOR = 4
+# the bytes a growing window may hold in flight: it grows no wider than this over a round's mean request (the
+# start, as wide as --concurrency made it, stays allowed); 4 KiB files never reach it, 1 MiB ones at 64
+BYTES_IN_FLIGHT = 64 * 1024 * 1024
 RISING = 1.5
 GROWTH = 1.1
 QUEUEING = 2.0
@@ -79,6 +82,7 @@ class InFlight:
         self._round_start = clock()
         self._done = 0
         self._latency = 0.0
+        self._bytes = self._sized = 0  # bytes carried by this round's requests, and by how many
         self._waiting = 0  # requests waiting for a slot now
         self._waited = False  # a request waited for a slot as one finished this round
         self._throttled = False  # the window was halved this round
@@ -103,6 +107,11 @@ class InFlight:
                 self._permits.release()
             self._finished(began)
 
+    def carried(self, size: int) -> None:
+        """A request in a slot carries *size* bytes (its body, or the body it reads)."""
+        self._bytes += size
+        self._sized += 1
+
     def throttled(self) -> None:
         """The service asked to slow down: halve the window (once a round)."""
         if not self.fixed and not self._throttled:
@@ -120,14 +129,15 @@ class InFlight:
         rate = self._done / max(now - self._round_start, 1e-6)
         latency = self._latency / self._done
         if not self.fixed and self._waited and not self._throttled:
+            widest = max(self.start, BYTES_IN_FLIGHT * max(1, self._sized) // max(1, self._bytes))
             if latency < self._base * RISING:
-                self._resize(self.limit * 2)
+                self._resize(max(self.limit, min(self.limit * 2, widest)))
             elif self._best and rate > self._best * GROWTH:
-                self._resize(self.limit + max(1, self.limit // 4))
+                self._resize(max(self.limit, min(self.limit + max(1, self.limit // 4), widest)))
             elif latency >= self._base * QUEUEING and self.limit > self.start:
                 self._resize(max(self.start, self.limit - self.limit // 4))
         self._best = max(self._best, rate)
-        self._round_start, self._done, self._latency = now, 0, 0.0
+        self._round_start, self._done, self._latency, self._bytes, self._sized = now, 0, 0.0, 0, 0
         self._waited = self._throttled = False
 
     def _resize(self, limit: int) -> None:

@@ -14,7 +14,7 @@ import itertools
 import pytest
 
 from sitebackup.blob import inflight
-from sitebackup.blob.inflight import FLOOR, InFlight, ThrottleSignal
+from sitebackup.blob.inflight import BYTES_IN_FLIGHT, FLOOR, InFlight, ThrottleSignal
 
 
 class Path:
@@ -38,10 +38,11 @@ class Path:
         await future
         self.in_flight -= 1
 
-    async def run(self, window: InFlight, requests: int, on_done=lambda: None) -> float:
-        """*requests* through *window*, all wanted at once; the virtual seconds they took."""
+    async def run(self, window: InFlight, requests: int, on_done=lambda: None, size: int = 4096) -> float:
+        """*requests* of *size* bytes through *window*, all wanted at once; the virtual seconds they took."""
         async def one() -> None:
             async with window.slot():
+                window.carried(size)
                 await self.request()
             on_done()
 
@@ -55,11 +56,11 @@ class Path:
         return self.now
 
 
-def widths(path: Path, window: InFlight, requests: int) -> list[int]:
+def widths(path: Path, window: InFlight, requests: int, size: int = 4096) -> list[int]:
     seen: list[int] = []
 
     async def main() -> None:
-        await path.run(window, requests, lambda: seen.append(window.limit))
+        await path.run(window, requests, lambda: seen.append(window.limit), size)
 
     asyncio.run(main())
     return seen
@@ -100,6 +101,18 @@ def test_the_window_never_passes_its_ceiling():
     window = InFlight(32, 100, clock=path.clock)
     seen = widths(path, window, 3000)
     assert max(seen) == window.most == 100
+
+
+def test_the_window_grows_no_wider_than_its_bytes_in_flight_allow():
+    # 1 MiB requests over a long path: 64 of them are BYTES_IN_FLIGHT
+    path = Path(rtt=0.080, capacity=100_000)
+    window = InFlight(32, 256, clock=path.clock)
+    seen = widths(path, window, 2000, size=1024 * 1024)
+    assert max(seen) == window.most == BYTES_IN_FLIGHT // (1024 * 1024)
+    # a start wider than that stays allowed: the window never shrinks for bytes alone
+    path = Path(rtt=0.080, capacity=100_000)
+    window = InFlight(32, 256, clock=path.clock)
+    assert set(widths(path, window, 1000, size=8 * 1024 * 1024)) == {32}
 
 
 def test_a_fixed_window_never_moves():
