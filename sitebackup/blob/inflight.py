@@ -6,22 +6,22 @@ flight: no one number fits both. So the window adapts, as TCP's does. It starts 
 once a round, a round being as many completions as the window holds (about one round trip's worth), and only
 while requests wait for a slot (else the window is not what bounds the run):
 
-- it doubles while requests do not queue: a round's mean latency below ``RISING`` times the lowest a request
-  has taken (the path's round trip) means the path, not the service or the client's CPU, holds them, and more
-  in flight cross it at once (on loopback, where a round trip costs next to nothing, that is never so);
-- it grows a quarter while latency rises but throughput still grows (a round's completions per second above
-  the best seen by ``GROWTH``);
+- it doubles while requests do not queue (a round's mean latency below ``RISING`` times the lowest a request
+  has taken, the path's round trip: the path, not the service or the client's CPU, holds them) and the
+  doubling pays: when the round after it is not ``GROWTH`` times faster, the window goes back, and waits one
+  round, then two, four... (at most ``MOST_HOLD``) before trying again. On loopback a round trip costs next
+  to nothing: requests look queued there, or a doubling does not pay, and the window stays near its start;
 - it gives back a quarter, never below ``start``, when latency has climbed to ``QUEUEING`` times the round
-  trip without throughput to show for it: requests queue at a busy service or client;
+  trip: requests queue at a busy service or client;
 - it halves when the service throttles (a 503 or 500 answer, seen by ``ThrottleSignal`` in the pipeline before
   its retry policy sends the request again), at most once a round, never below ``FLOOR``.
 
 It never grows above ``ceiling`` (the connection pool's size), nor past ``BYTES_IN_FLIGHT`` over the round's
 mean request (the bytes its callers say requests carry, ``carried``): at its start the window holds what
 --concurrency made it, and growing never holds more memory than that bound. ``--bwlimit`` caps throughput (a
-request's wait for its share of the rate is part of its latency), so under a cap the window stops growing
-where the rate is reached. An explicit ``--max-inflight`` (``set_process_window``, set by the command line
-before any loop is made) makes the window fixed (``start == ceiling``).
+request's wait for its share of the rate is part of its latency), so under a cap a wider window does not pay
+and goes back. An explicit ``--max-inflight`` (``set_process_window``, set by the command line before any loop
+is made) makes the window fixed (``start == ceiling``).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ FLOOR = 4
 # start, as wide as --concurrency made it, stays allowed); 4 KiB files never reach it, 1 MiB ones at 64
 BYTES_IN_FLIGHT = 64 * 1024 * 1024
 RISING = 1.5
-GROWTH = 1.1
+GROWTH = 1.2
 QUEUEING = 2.0
+MOST_HOLD = 64
 THROTTLED = frozenset({500, 503})  # Azure Storage's "server busy" / "operation timed out" answers
 
 
@@ -77,7 +78,10 @@ class InFlight:
         self._permits = asyncio.Semaphore(self.limit)
         self._owed = 0
         self._clock = clock
-        self._best = 0.0  # completions per second, the most a round has seen
+        self._probe: tuple[int, float] | None = None  # the window grown from, and its round's rate
+        self._hold = 0  # rounds to let go by before growing again
+        self._settling = False  # the window was narrowed: the next round is not judged
+        self._hold_next = 1  # ... after the next growth that does not pay
         self._base = float("inf")  # a request's latency, the lowest seen: the path's round trip
         self._round_start = clock()
         self._done = 0
@@ -129,16 +133,36 @@ class InFlight:
         rate = self._done / max(now - self._round_start, 1e-6)
         latency = self._latency / self._done
         if not self.fixed and self._waited and not self._throttled:
-            widest = max(self.start, BYTES_IN_FLIGHT * max(1, self._sized) // max(1, self._bytes))
-            if latency < self._base * RISING:
-                self._resize(max(self.limit, min(self.limit * 2, widest)))
-            elif self._best and rate > self._best * GROWTH:
-                self._resize(max(self.limit, min(self.limit + max(1, self.limit // 4), widest)))
-            elif latency >= self._base * QUEUEING and self.limit > self.start:
-                self._resize(max(self.start, self.limit - self.limit // 4))
-        self._best = max(self._best, rate)
+            self._judge(rate, latency)
         self._round_start, self._done, self._latency, self._bytes, self._sized = now, 0, 0.0, 0, 0
         self._waited = self._throttled = False
+
+    def _judge(self, rate: float, latency: float) -> None:
+        """A round that the window bounded ended: keep or undo the last growth, grow, or give back."""
+        if self._settling:  # its requests went out in a wider window: their latency says nothing of this one
+            self._settling = False
+            return
+        if self._probe is not None:
+            narrower, before = self._probe
+            self._probe = None
+            if rate < before * GROWTH:  # more in flight did not pay: back, and wait longer before trying again
+                self._resize(narrower)
+                self._settling = True
+                self._hold, self._hold_next = self._hold_next, min(2 * self._hold_next, MOST_HOLD)
+                return
+            self._hold_next = 1
+        if self._hold:
+            self._hold -= 1
+        elif latency < self._base * RISING:
+            widest = max(self.start, BYTES_IN_FLIGHT * max(1, self._sized) // max(1, self._bytes))
+            wider = min(self.limit * 2, widest, self.ceiling)
+            if wider > self.limit:
+                self._probe = (self.limit, rate)
+                self._resize(wider)
+                return
+        if latency >= self._base * QUEUEING and self.limit > self.start:
+            self._resize(max(self.start, self.limit - self.limit // 4))
+            self._settling = True
 
     def _resize(self, limit: int) -> None:
         limit = max(min(FLOOR, self.ceiling), min(limit, self.ceiling))
