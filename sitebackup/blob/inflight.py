@@ -80,7 +80,8 @@ class InFlight:
         self._clock = clock
         self._probe: tuple[int, float] | None = None  # the window grown from, and its round's rate
         self._hold = 0  # rounds to let go by before growing again
-        self._settling = False  # the window was narrowed: the next round is not judged
+        # a round not judged: the first (it opens the connections), and the one after the window was narrowed
+        self._settling = True
         self._hold_next = 1  # ... after the next growth that does not pay
         self._base = float("inf")  # a request's latency, the lowest seen: the path's round trip
         self._round_start = clock()
@@ -139,7 +140,7 @@ class InFlight:
 
     def _judge(self, rate: float, latency: float) -> None:
         """A round that the window bounded ended: keep or undo the last growth, grow, or give back."""
-        if self._settling:  # its requests went out in a wider window: their latency says nothing of this one
+        if self._settling:
             self._settling = False
             return
         if self._probe is not None:
