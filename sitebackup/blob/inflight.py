@@ -80,9 +80,9 @@ class InFlight:
         self._clock = clock
         self._probe: tuple[int, float] | None = None  # the window grown from, and its round's rate
         self._hold = 0  # rounds to let go by before growing again
+        self._hold_next = 1  # ... after the next growth that does not pay
         # a round not judged: the first (it opens the connections), and the one after the window was narrowed
         self._settling = True
-        self._hold_next = 1  # ... after the next growth that does not pay
         self._base = float("inf")  # a request's latency, the lowest seen: the path's round trip
         self._round_start = clock()
         self._done = 0
@@ -121,6 +121,8 @@ class InFlight:
         """The service asked to slow down: halve the window (once a round)."""
         if not self.fixed and not self._throttled:
             self._throttled = True
+            self._probe = None  # a growth being tried is judged no more: going back to it would widen the window
+            self._settling = True
             self._resize(self.limit // 2)
 
     def _finished(self, began: float) -> None:

@@ -171,6 +171,23 @@ def test_a_smaller_window_lets_fewer_requests_in():
     assert asyncio.run(main()) == 4
 
 
+def test_throttling_while_a_wider_window_is_tried_does_not_go_back_to_the_one_before_it():
+    # a window of 48 tries 64 (its ceiling); the service throttles then: halved to 32, it is not widened back to
+    # the 48 the try started from when the next round is judged
+    path = Path(rtt=0.040, capacity=100_000)
+    window = InFlight(48, 64, clock=path.clock)
+    seen: list[int] = []
+
+    def done() -> None:
+        seen.append(window.limit)
+        if window.limit == 64 and 32 not in seen:
+            window.throttled()
+
+    asyncio.run(path.run(window, 400, done))
+    halved = seen.index(32)
+    assert max(seen[halved:halved + 2 * 32]) == 32  # the round it was halved in, and the next, stay at 32
+
+
 class _Response:
     def __init__(self, status: int):
         self.http_response = type("R", (), {"status_code": status})()
