@@ -1,8 +1,8 @@
 """Small-file downloads of a restore through the process's one asyncio loop, the one uploads use.
 
 A restore of small files costs requests, not bytes, as a backup does, and so does one of 1 MiB files
-once the bytes come in large chunks: ``AsyncPutter``'s loop, connection pool and window of ``in_flight``
-requests serve downloads as well. A download is one Get Blob built here (``ContainerGets``) and sent
+once the bytes come in large chunks: ``AsyncPutter``'s loop, connection pool and window of requests
+(``blob.inflight``) serve downloads as well. A download is one Get Blob built here (``ContainerGets``) and sent
 through the same lean pipeline as the puts, authorized by a read-only container SAS signed in memory
 (``asyncput.SignedUrls``): no SDK client, downloader or header deserializer per file. Activities stay
 synchronous: they hand a page's small files to ``AsyncGetter.get_many`` and take each file's content
@@ -24,6 +24,7 @@ from azure.core.rest import HttpRequest
 from sitebackup.blob.asyncput import AsyncPutter, Cancelled, SignedUrls
 from sitebackup.blob.bwlimit import process_limiter
 from sitebackup.blob.errors import response_error
+from sitebackup.blob.inflight import InFlight
 from sitebackup.local.files import b64
 
 _META = "x-ms-meta-"
@@ -121,12 +122,12 @@ class AsyncGetter:
         before its turn). A page's downloads share the loop's window with everything else on it."""
         futures: list[Future[Got]] = [Future() for _ in items]
 
-        async def page(client: Any, pipeline: Any, gate: asyncio.Semaphore) -> None:
+        async def page(client: Any, pipeline: Any, window: InFlight) -> None:
             try:
                 if container not in self._gets:
                     self._gets[container] = ContainerGets(client.get_container_client(container), pipeline)
                 gets = self._gets[container]
-                await asyncio.gather(*(self._settle(future, self._get(gets, gate, item, cancelled))
+                await asyncio.gather(*(self._settle(future, self._get(gets, window, item, cancelled))
                                        for item, future in zip(items, futures)))
             finally:  # the loop closing under it must not leave the activity waiting forever
                 for future in futures:
@@ -143,12 +144,13 @@ class AsyncGetter:
         except Exception as exc:
             future.set_exception(exc)
 
-    async def _get(self, gets: ContainerGets, gate: asyncio.Semaphore, item: tuple[str, str | None, int],
+    async def _get(self, gets: ContainerGets, window: InFlight, item: tuple[str, str | None, int],
                    cancelled: Callable[[], bool]) -> Got:
         name, snapshot, size = item
-        async with gate:
+        async with window.slot():
             if cancelled():
                 raise Cancelled()
+            window.carried(size)
             if self._limiter is not None:
                 await self._limiter.acquire_async(size)
             return await gets.get(name, snapshot, size)

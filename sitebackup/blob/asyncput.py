@@ -2,7 +2,7 @@
 
 On Azurite and on real links alike, small files cost requests, not bytes; the async SDK over
 aiohttp spends much less CPU per request than threads over requests, and one loop with one
-connection pool keeps ``in_flight`` Put Blobs going whatever the number of activities feeding it.
+connection pool keeps a window of Put Blobs going (``blob.inflight``) whatever the number of activities feeding it.
 Activities stay synchronous (the worker runs them in threads): they hand a page's small files to
 ``AsyncPutter.put_many`` and block on the results.
 
@@ -32,6 +32,7 @@ from azure.core.rest import HttpRequest
 from sitebackup.blob.bwlimit import process_limiter
 from sitebackup.blob.clients import StorageSettings, container_sas, make_service_client, put_pipeline
 from sitebackup.blob.errors import response_error
+from sitebackup.blob.inflight import InFlight, ThrottleSignal
 from sitebackup.blob.upload import Uploaded, already_there, put_headers, replace_conditions, small_file_put, uploaded
 from sitebackup.local.files import SourceTree
 from sitebackup.model.records import PriorCopy
@@ -100,17 +101,17 @@ class ContainerPuts:
 class AsyncPutter:
     """An event loop in a daemon thread with one aio client, started by ``start`` or on first use."""
 
-    def __init__(self, settings: StorageSettings, in_flight: int = 32):
+    def __init__(self, settings: StorageSettings, in_flight: int = 32, most_in_flight: int | None = None):
         self._settings = settings
-        self._in_flight = in_flight
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: concurrent.futures.Future[None] | None = None  # the client made on the loop
         self._client: Any = None
         self._pipeline: Any = None
         self._puts: dict[str, ContainerPuts] = {}
-        # bound to the loop at its first use, as asyncio primitives are
-        self._gate = asyncio.Semaphore(in_flight)
+        # the window of requests, bound to the loop at its first use, as asyncio primitives are; it adapts from
+        # *in_flight* up to *most_in_flight* (None: fixed at *in_flight*)
+        self.window = InFlight(in_flight, most_in_flight or in_flight)
         self._limiter = process_limiter()  # --bwlimit: a small file's bytes are paid for before its request
 
     def start(self) -> tuple[asyncio.AbstractEventLoop, concurrent.futures.Future[None]]:
@@ -125,8 +126,10 @@ class AsyncPutter:
 
             async def setup() -> None:
                 # the client and its aiohttp session must be born inside the loop that uses them
-                self._client, _label = make_service_client(self._settings, pool_size=self._in_flight, aio=True)
-                self._pipeline = put_pipeline(self._client.credential, self._in_flight)
+                # pools as wide as the window can grow: the connector's limit must never be what bounds it
+                self._client, _label = make_service_client(self._settings, pool_size=self.window.ceiling, aio=True)
+                self._pipeline = put_pipeline(self._client.credential, self.window.ceiling,
+                                              ThrottleSignal(self.window))
 
             self._ready = asyncio.run_coroutine_threadsafe(setup(), loop)
             self._loop = loop
@@ -139,12 +142,12 @@ class AsyncPutter:
         ready.result()  # a client that could not be made fails every caller alike
         return loop
 
-    def submit(self, work: Callable[[Any, Any, asyncio.Semaphore], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
-        """Run ``work(service client, lean request pipeline, in-flight gate)`` on this loop; a future of its
+    def submit(self, work: Callable[[Any, Any, InFlight], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
+        """Run ``work(service client, lean request pipeline, window of requests)`` on this loop; a future of its
         result. Restore's ``blob.asyncget`` shares the loop, its connection pool and its window of requests
         this way."""
         loop = self._ensure_loop()
-        return asyncio.run_coroutine_threadsafe(work(self._client, self._pipeline, self._gate), loop)
+        return asyncio.run_coroutine_threadsafe(work(self._client, self._pipeline, self.window), loop)
 
     def put_many(self, container: str, source: SourceTree, items: list[tuple[str, str, PriorCopy | None]],
                  spec: UploadSpec, cancelled: Callable[[], bool] = lambda: False) -> list[Uploaded | BaseException]:
@@ -164,12 +167,13 @@ class AsyncPutter:
 
     async def _put(self, client: Any, puts: ContainerPuts, source: SourceTree, relpath: str, name: str,
                    prior: PriorCopy | None, cancelled: Callable[[], bool], spec: UploadSpec) -> Uploaded:
-        async with self._gate:
+        async with self.window.slot():
             if cancelled():
                 raise Cancelled()
             # small files only: one read, one hash, one request (two for a changed file), as upload.upload_file does
             with source.opened(relpath) as fd:
                 data, st, md5 = small_file_put(fd)
+            self.window.carried(len(data))
             if self._limiter is not None:
                 await self._limiter.acquire_async(len(data))
 

@@ -121,10 +121,11 @@ def _retry(aio: bool, quick: bool) -> Any:
     return Retry(initial_backoff=1, increment_base=2, retry_total=storage_retries(), random_jitter_range=1)
 
 
-def put_pipeline(credential: Any, in_flight: int) -> Any:
+def put_pipeline(credential: Any, in_flight: int, *after_retry: Any) -> Any:
     """An azure-core async pipeline client for lean requests beside an aio client whose ``credential``
     is given: the same retries, timeouts and connection window, and only the policies a request
-    authorized by a SAS in its URL needs (a bearer token policy for a token credential).
+    authorized by a SAS in its URL needs (a bearer token policy for a token credential), then *after_retry*
+    (policies that see every attempt).
 
     The SDK's clients run a dozen policies and build a client object per blob; for small files
     that per-request work, not the bytes, is what the client spends its CPU on."""
@@ -135,6 +136,7 @@ def put_pipeline(credential: Any, in_flight: int) -> Any:
     policies: list[Any] = [_retry(aio=True, quick=False)]
     if hasattr(credential, "get_token"):
         policies.append(AsyncBearerTokenCredentialPolicy(credential, STORAGE_SCOPE))
+    policies.extend(after_retry)
     transport = _aio_transport(in_flight)
     return AsyncPipelineClient("", pipeline=AsyncPipeline(transport, policies))
 

@@ -34,6 +34,10 @@ PRUNED = RESERVED_PREFIX + "pruned/"
 # refused above this size before the body is read: a header names a page per few thousand files
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_RECORD_PAGE_BYTES = 64 * 1024 * 1024
+# record pages downloaded while one is read (``ContainerRecords.pages``): a request's latency is paid once for
+# several pages, as every reader of a record (restore's plan, verify, a backup's baseline, browse) would else
+# wait a round trip a page
+READ_AHEAD = 4
 _CATALOG_FIELDS = ("job", "status", "started", "finished", "files", "bytes")
 _CHANGE_FIELDS = ChangeCounts.__struct_fields__  # in the metadata of headers sealed since changes are counted
 
@@ -172,12 +176,13 @@ class ContainerRecords:
 
     def entries(self, record: RunRecord, cached: Iterable[tuple[int, bytes]] = (),
                 on_damaged: Callable[[int], None] = lambda page: None,
-                seen: set[str] | None = None) -> Iterator[FileEntry]:
+                seen: set[str] | None = None, ahead: int = READ_AHEAD) -> Iterator[FileEntry]:
         """The record's entries in page order, a page at a time: from *cached* (this state directory's copy of the
-        run's pages: number and bytes, in page order) when its bytes match the seal, else from the container,
-        telling *on_damaged* the number of a cached page that does not. With *seen*, the SHA-256s of pages read
-        already (and added to it as they are read): those are left out, as the pages runs share are."""
-        for _seal, entries in self.pages(record, cached, on_damaged, seen):
+        run's pages: number and bytes, in page order) when its bytes match the seal, else from the container
+        (*ahead* pages downloaded while one is used), telling *on_damaged* the number of a cached page that does
+        not. With *seen*, the SHA-256s of pages read already (and added to it as they are read): those are left
+        out, as the pages runs share are."""
+        for _seal, entries in self.pages(record, cached, on_damaged, seen, ahead):
             yield from entries
 
     def pages(self, record: RunRecord, cached: Iterable[tuple[int, bytes]] = (),

@@ -54,6 +54,7 @@ from sitebackup.commands.options import (
     destination_label,
     lock_wait_option,
     log_file_option,
+    max_inflight_option,
     metrics_option,
     output_options,
     stall_after_option,
@@ -514,6 +515,7 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
                    "container holds continues that job, e.g. after the source moved to another host.")
 @storage_options
 @bwlimit_option
+@max_inflight_option
 @concurrency_option("Bound on parallel uploads.")
 @upload_options
 @output_options

@@ -22,7 +22,7 @@ from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, check_container, service_client
 from sitebackup.blob.errors import classify, one_line
-from sitebackup.blob.records import ContainerRecords, sha256_hex
+from sitebackup.blob.records import READ_AHEAD, ContainerRecords, sha256_hex
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.catalog import SealedRun, known_backup, recorded_header, sealed_runs, where_to_look
 from sitebackup.commands.runref import resolve_run
@@ -33,8 +33,6 @@ from sitebackup.model.codec import decode
 from sitebackup.model.records import FileEntry, RunRecord
 from sitebackup.model.work import RunLabel
 from sitebackup.ui.escape import printable
-
-AHEAD = 4  # record pages downloaded while one is read: the latency of a request per page is paid once
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ class Browse:
     def pages(self, run: OpenedRun, seen: set[str] | None = None) -> Generator[tuple[str, list[FileEntry]], None, None]:
         """The run's record a page at a time, each with its SHA-256, checked against its seal; with *seen*, pages
         whose SHA-256 is in it are left out and those read are added. A page this state directory holds intact is
-        read from it; the next ``AHEAD`` pages are downloaded while one is decoded and used."""
+        read from it; the next ``READ_AHEAD`` pages are downloaded while one is decoded and used."""
         if run.header is None:
             for page, data in self.work.result_pages(run.run_id):
                 digest = sha256_hex(data)
@@ -95,7 +93,7 @@ class Browse:
                          "its sealed copy in the container is read instead")
 
         for seal, entries in run.records.pages(run.header, cached=self.work.result_pages(run.run_id),
-                                               on_damaged=damaged, seen=seen, ahead=AHEAD):
+                                               on_damaged=damaged, seen=seen, ahead=READ_AHEAD):
             yield seal.sha256, entries
 
     def entries(self, run: OpenedRun, seen: set[str] | None = None) -> Iterator[FileEntry]:

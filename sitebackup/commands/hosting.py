@@ -27,6 +27,7 @@ from sitebackup.blob.asyncget import AsyncGetter
 from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
 from sitebackup.blob.errors import redact
+from sitebackup.blob.inflight import process_window
 from sitebackup.blob.lock import Claim, JobLock, host_name, job_lock
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.durable.runlock import RunLock
@@ -454,7 +455,8 @@ def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: 
     service, label = make_service_client(settings, pool_size=concurrency.connections)
     deps = ActivityDeps(container_client=service.get_container_client, work=runtime.work_store(service),
                         endpoint=label, concurrency=concurrency)
-    putter = AsyncPutter(settings, in_flight=concurrency.requests)
+    start, ceiling = process_window(concurrency.requests, concurrency.most_requests)
+    putter = AsyncPutter(settings, in_flight=start, most_in_flight=ceiling)
     putter.start()  # its client is made while the runtime starts the run, ready for the first page
     deps.put_many = putter.put_many
     deps.get_many = AsyncGetter(putter).get_many  # the same loop, connection pool and window

@@ -23,7 +23,7 @@ import click
 from click.shell_completion import CompletionItem
 from durabletask import client as dt_client
 
-from sitebackup.blob import bwlimit
+from sitebackup.blob import bwlimit, inflight
 from sitebackup.blob.clients import ENV_ACCOUNT_URL, ENV_CONNECTION_STRING, StorageSettings
 from sitebackup.blob.errors import redact
 from sitebackup.commands.hosting import DEFAULT_STALL_AFTER, ENV_STALL_AFTER, UNFINISHED
@@ -215,6 +215,22 @@ def bwlimit_option(fn: F) -> F:
     return click.option(
         "--bwlimit", metavar="RATE", envvar=bwlimit.ENV_BWLIMIT, expose_value=False, callback=_set_bwlimit,
         help=f"Cap on blob transfers of this process, in {bwlimit.RATE_HELP} [env {bwlimit.ENV_BWLIMIT}].",
+    )(fn)
+
+
+def _set_max_inflight(ctx: click.Context, _param: click.Parameter, value: int | None) -> None:
+    if not ctx.resilient_parsing:
+        inflight.set_process_window(value)
+
+
+def max_inflight_option(fn: F) -> F:
+    """--max-inflight: set once for the whole process, before its asyncio loop is made."""
+    return click.option(
+        "--max-inflight", metavar="N", type=click.IntRange(min=1, max=inflight.MAX_INFLIGHT_LIMIT),
+        envvar=inflight.ENV_MAX_INFLIGHT, expose_value=False, callback=_set_max_inflight,
+        help="Keep exactly N small-file requests in flight (default: the window adapts to the network: it grows "
+             "while throughput grows and backs off when the service throttles or answers slower) "
+             f"[env {inflight.ENV_MAX_INFLIGHT}].",
     )(fn)
 
 

@@ -62,6 +62,7 @@ from sitebackup.commands.options import (
     debug_option,
     destination_label,
     job_option,
+    max_inflight_option,
     metrics_option,
     output_options,
     start_metrics,
@@ -382,6 +383,7 @@ def complete_restore_args(ctx: click.Context, param: click.Parameter, incomplete
 @job_option(LATEST_JOB_HELP)
 @storage_options
 @bwlimit_option
+@max_inflight_option
 @concurrency_option("Bound on parallel download batches.")
 @output_options
 @metrics_option

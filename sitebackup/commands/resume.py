@@ -31,6 +31,7 @@ from sitebackup.commands.options import (
     bwlimit_option,
     complete_runs,
     debug_option,
+    max_inflight_option,
     output_options,
     state_dir_option,
     storage_options,
@@ -106,6 +107,7 @@ def _run_input(state: dt_client.OrchestrationState) -> BackupInput | RestoreInpu
 @click.argument("instance_id", shell_complete=complete_runs("unfinished"))
 @storage_options
 @bwlimit_option
+@max_inflight_option
 @output_options
 @taskhub_option
 @state_dir_option

@@ -15,6 +15,7 @@ from sitebackup.commands.options import (
     bwlimit_option,
     concurrency_option,
     debug_option,
+    max_inflight_option,
     state_dir_option,
     storage_options,
     taskhub_option,
@@ -44,6 +45,7 @@ def run_worker(settings: StorageSettings, taskhub: TaskHubSettings | None, state
 @click.command("worker", cls=Command, epilog=exit_codes_help(0, 2, 3, 5, 70))
 @storage_options
 @bwlimit_option
+@max_inflight_option
 @taskhub_option
 @concurrency_option("Bound on parallel uploads in this worker.")
 @state_dir_option

@@ -29,12 +29,16 @@ DEFAULT_BLOCK_SIZE = 32 * MIB
 # ----------------------------------------------------------------------------- options
 
 DEFAULT_CONCURRENCY = 16  # --concurrency
+# the most requests the asyncio loop's window grows to (blob.inflight) unless --max-inflight fixes it: enough for
+# small files at a long round-trip time, each a pooled connection when the window is that wide
+MOST_IN_FLIGHT = 256
 
 
 class Concurrency(msgspec.Struct, frozen=True):
     """How much one process does at once, all derived from the one number a user sets (--concurrency):
-    batch activities in flight, requests in flight on the asyncio loop, pooled connections of the
-    synchronous clients, worker threads, and parallel transfers of one large file."""
+    batch activities in flight, requests in flight on the asyncio loop (where its window starts, and the
+    most it grows to unless --max-inflight fixes it), pooled connections of the synchronous clients,
+    worker threads, and parallel transfers of one large file."""
 
     batches: int = DEFAULT_CONCURRENCY
 
@@ -42,6 +46,10 @@ class Concurrency(msgspec.Struct, frozen=True):
     def requests(self) -> int:
         # two a batch: a page's small files keep the loop busy while the next page is read
         return 2 * self.batches
+
+    @property
+    def most_requests(self) -> int:
+        return max(MOST_IN_FLIGHT, self.requests)
 
     @property
     def connections(self) -> int:

@@ -1,24 +1,33 @@
 """Requests in flight at a real round-trip time: a backup and a restore of small files, reaching Azurite through
 benchmarks/delayproxy.py with 40 ms added per round trip, keep a window of requests going (counted at the proxy)
-and reuse their connections (counted too). On loopback a request costs well under a millisecond, so a run that
-waits one request at a time looks fast there; at 40 ms it is bound by how many it keeps in flight."""
+and reuse their connections (counted too); --max-inflight widens the window past the one it starts at; a restore
+on a new machine reads its record's pages several at a time. On loopback a request costs well under a
+millisecond, so a run that waits one request at a time looks fast there; at 40 ms it is bound by how many it
+keeps in flight. How far the adaptive window grows depends on the machine's CPU: blob.inflight's own tests count
+that on a simulated path."""
 
 from __future__ import annotations
 
 import json
 import sys
+from urllib.parse import unquote
 
 from helpers import ROOT, many_files
+
+from sitebackup.blob.records import READ_AHEAD
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import delayproxy  # noqa: E402
 
 FILES = 600
 ONE_WAY_MS = 20
-# the upload and download windows are 32 requests: most of it must be used at once
+# the window of requests starts at 32 and adapts from there: most of that must be used at once
 LEAST_MOST_IN_FLIGHT = 24
-# the window's connections, kept alive and reused, and the few a run opens for its records and lock
-MOST_CONNECTIONS = 48
+# a fixed wider window (--max-inflight): most of it used at once, more than the 32 the window starts at
+FIXED = 64
+LEAST_MOST_IN_FLIGHT_FIXED = 40
+# connections beside the window's, kept alive and reused: the few a run opens for its records and lock
+SPARE_CONNECTIONS = 16
 
 
 def summary(result) -> dict:
@@ -42,5 +51,53 @@ def test_a_backup_and_a_restore_at_40_ms_keep_a_window_in_flight_on_reused_conne
     assert up.requests >= FILES and down.requests >= FILES
     assert up.most_in_flight >= LEAST_MOST_IN_FLIGHT, up
     assert down.most_in_flight >= LEAST_MOST_IN_FLIGHT, down
-    assert up.connections <= MOST_CONNECTIONS, up
-    assert down.connections <= MOST_CONNECTIONS, down
+    # a connection per request of the widest window the run kept, reused from one request to the next
+    assert up.connections <= up.most_in_flight + SPARE_CONNECTIONS, up
+    assert down.connections <= down.most_in_flight + SPARE_CONNECTIONS, down
+
+
+def test_max_inflight_keeps_a_wider_fixed_window_in_flight(tmp_path, cli, cli_env, azurite, container_name):
+    src = tmp_path / "site"
+    many_files(src, FILES, size=1024)
+    with delayproxy.behind(azurite, ONE_WAY_MS) as far:
+        env = {**cli_env, "AZURE_STORAGE_CONNECTION_STRING": far.connection_string}
+        backup = cli(src, "--container", container_name, "--json", "--max-inflight", FIXED, env=env)
+        assert backup.returncode == 0, backup.stderr
+        up = far.proxy.reset()
+        restore = cli("restore", summary(backup)["instance_id"], tmp_path / "dest", "--json",
+                      env={**env, "SITEBACKUP_MAX_INFLIGHT": str(FIXED)})
+        assert restore.returncode == 0, restore.stderr
+        down = far.proxy.reset()
+    assert summary(backup)["files_uploaded"] == FILES and summary(restore)["files_restored"] == FILES
+    for counts in (up, down):
+        assert LEAST_MOST_IN_FLIGHT_FIXED <= counts.most_in_flight <= FIXED + SPARE_CONNECTIONS, counts
+        assert counts.connections <= FIXED + SPARE_CONNECTIONS, counts
+
+
+def test_a_restore_on_a_new_machine_reads_record_pages_several_at_a_time(tmp_path, cli, cli_env, state_dir, azurite,
+                                                                        container_name):
+    src = tmp_path / "site"
+    many_files(src, FILES, size=64)
+    backup = cli(src, "--container", container_name, "--json")
+    assert backup.returncode == 0, backup.stderr
+    run_id = summary(backup)["instance_id"]
+    assert len(list((state_dir / "work" / run_id / "results").glob("*.json"))) > READ_AHEAD
+    with delayproxy.behind(azurite, ONE_WAY_MS) as far:
+        far.proxy.timeline = []
+        env = {**cli_env, "AZURE_STORAGE_CONNECTION_STRING": far.connection_string,
+               "SITEBACKUP_STATE_DIR": str(tmp_path / "new-state")}
+        restore = cli("restore", run_id, tmp_path / "dest", "-c", container_name, "--json", env=env)
+        assert restore.returncode == 0, restore.stderr
+        timeline = list(far.proxy.timeline)
+    assert summary(restore)["files_restored"] == FILES
+    # the plan reads the record's pages before any file is downloaded, and nothing else but the catalog then: the
+    # requests in flight from its first page request to its last are page requests
+    pages = [i for i, (_t, delta, text) in enumerate(timeline)
+             if delta > 0 and text.startswith("GET ") and "/.sitebackup/records/" in unquote(text)]
+    assert len(pages) > READ_AHEAD
+    in_flight = most = 0
+    for i, (_t, delta, _text) in enumerate(timeline[:pages[-1] + 1]):
+        in_flight += delta
+        if i >= pages[0]:
+            most = max(most, in_flight)
+    assert most >= READ_AHEAD - 1, most

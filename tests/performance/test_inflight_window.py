@@ -1,0 +1,210 @@
+"""The adaptive window of requests in flight (``blob.inflight``), on a simulated path in virtual time: it grows to
+fill a path whose round trip is long, goes back when growing does not pay, stays where it started where the
+service is the bound (loopback), halves when the service throttles, never passes its ceiling nor its bytes in
+flight, and a fixed window (--max-inflight) never moves.
+
+The path: a request takes the round-trip time, or longer when more are in flight than the service completes in
+that time (it queues). Counts only: the window's width and the time taken in virtual time, never wall time."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+
+import pytest
+
+from sitebackup.blob import inflight
+from sitebackup.blob.inflight import BYTES_IN_FLIGHT, FLOOR, InFlight, ThrottleSignal
+
+
+class Path:
+    """Virtual time; a request in flight completes after ``max(rtt, in flight / capacity)`` seconds."""
+
+    def __init__(self, rtt: float, capacity: float):
+        self.rtt, self.capacity = rtt, capacity
+        self.now = 0.0
+        self.in_flight = 0
+        self._due: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def clock(self) -> float:
+        return self.now
+
+    async def request(self) -> None:
+        self.in_flight += 1
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._due, (self.now + max(self.rtt, self.in_flight / self.capacity), next(self._order),
+                                   future))
+        await future
+        self.in_flight -= 1
+
+    async def run(self, window: InFlight, requests: int, on_done=lambda: None, size: int = 4096) -> float:
+        """*requests* of *size* bytes through *window*, all wanted at once; the virtual seconds they took."""
+        async def one() -> None:
+            async with window.slot():
+                window.carried(size)
+                await self.request()
+            on_done()
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(requests)]
+        while not all(t.done() for t in tasks):
+            for _ in range(8):  # let every task that can go on reach its next wait
+                await asyncio.sleep(0)
+            if self._due:
+                self.now, _, future = heapq.heappop(self._due)
+                future.set_result(None)
+        return self.now
+
+
+def widths(path: Path, window: InFlight, requests: int, size: int = 4096) -> list[int]:
+    seen: list[int] = []
+
+    async def main() -> None:
+        await path.run(window, requests, lambda: seen.append(window.limit), size)
+
+    asyncio.run(main())
+    return seen
+
+
+def test_at_a_long_round_trip_the_window_grows_until_the_service_is_the_bound():
+    # 40 ms, a service that completes 2,000 requests a second: 80 in flight fill the path
+    path = Path(rtt=0.040, capacity=2000)
+    window = InFlight(32, 256, clock=path.clock)
+    widths(path, window, 5000)
+    assert 80 <= window.most <= 256
+    # in virtual time, within 15 % of what the service allows: a window fixed at 32 would take 2.5 times as long
+    assert path.now <= 1.15 * 5000 / 2000
+
+
+def test_a_longer_round_trip_needs_and_gets_a_wider_window():
+    widest = []
+    for rtt in (0.020, 0.080):
+        path = Path(rtt=rtt, capacity=2000)
+        window = InFlight(32, 512, clock=path.clock)
+        widths(path, window, 5000)
+        widest.append(window.most)
+    assert widest[1] > widest[0] >= 40
+
+
+def test_a_wider_window_that_does_not_pay_goes_back_and_is_tried_less_and_less_often():
+    # 40 ms, a service of 600 requests a second: 24 in flight fill the path, so 32 do not queue much, and every
+    # doubling to 64 is tried, found not to pay, and undone
+    path = Path(rtt=0.040, capacity=600)
+    window = InFlight(32, 256, clock=path.clock)
+    seen = widths(path, window, 5000)
+    assert window.most == 64
+    tries = sum(1 for a, b in itertools.pairwise(seen) if b > a)
+    rounds = len(seen) // 32
+    assert 2 <= tries <= 10 < rounds
+
+
+def test_where_the_service_is_the_bound_the_window_stays_at_its_start():
+    # loopback: a request costs half a millisecond of path, the service does 2,000 a second whatever the window
+    path = Path(rtt=0.0005, capacity=2000)
+    window = InFlight(32, 256, clock=path.clock)
+    assert set(widths(path, window, 5000)) == {32}
+
+
+def test_the_window_never_passes_its_ceiling():
+    path = Path(rtt=0.080, capacity=100_000)
+    window = InFlight(32, 100, clock=path.clock)
+    seen = widths(path, window, 3000)
+    assert max(seen) == window.most == 100
+
+
+def test_the_window_grows_no_wider_than_its_bytes_in_flight_allow():
+    # 1 MiB requests over a long path: 64 of them are BYTES_IN_FLIGHT
+    path = Path(rtt=0.080, capacity=100_000)
+    window = InFlight(32, 256, clock=path.clock)
+    seen = widths(path, window, 2000, size=1024 * 1024)
+    assert max(seen) == window.most == BYTES_IN_FLIGHT // (1024 * 1024)
+    # a start wider than that stays allowed: the window never shrinks for bytes alone
+    path = Path(rtt=0.080, capacity=100_000)
+    window = InFlight(32, 256, clock=path.clock)
+    assert set(widths(path, window, 1000, size=8 * 1024 * 1024)) == {32}
+
+
+def test_a_fixed_window_never_moves():
+    path = Path(rtt=0.040, capacity=100_000)
+    window = InFlight(64, 64, clock=path.clock)
+    assert window.fixed
+    assert set(widths(path, window, 2000)) == {64}
+    window.throttled()
+    assert window.limit == 64
+
+
+def test_throttling_halves_the_window_once_a_round_and_never_below_the_floor():
+    window = InFlight(32, 256)
+    window.throttled()
+    window.throttled()  # the same round: a burst of 503s is one signal
+    assert window.limit == 16
+    for _ in range(10):
+        window._throttled = False  # a round went by
+        window.throttled()
+    assert window.limit == FLOOR
+
+
+def test_a_smaller_window_lets_fewer_requests_in():
+    async def main() -> int:
+        window = InFlight(8, 8 + 1)  # adaptive, so it can be halved
+        window.throttled()
+        held = 0
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def one() -> None:
+            nonlocal held
+            async with window.slot():
+                held += 1
+                entered.set()
+                await release.wait()
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(20)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        most = held
+        release.set()
+        await asyncio.gather(*tasks)
+        return most
+
+    assert asyncio.run(main()) == 4
+
+
+def test_throttling_while_a_wider_window_is_tried_does_not_go_back_to_the_one_before_it():
+    # a window of 48 tries 64 (its ceiling); the service throttles then: halved to 32, it is not widened back to
+    # the 48 the try started from when the next round is judged
+    path = Path(rtt=0.040, capacity=100_000)
+    window = InFlight(48, 64, clock=path.clock)
+    seen: list[int] = []
+
+    def done() -> None:
+        seen.append(window.limit)
+        if window.limit == 64 and 32 not in seen:
+            window.throttled()
+
+    asyncio.run(path.run(window, 400, done))
+    halved = seen.index(32)
+    assert max(seen[halved:halved + 2 * 32]) == 32  # the round it was halved in, and the next, stay at 32
+
+
+class _Response:
+    def __init__(self, status: int):
+        self.http_response = type("R", (), {"status_code": status})()
+
+
+@pytest.mark.parametrize("status, halved", [(503, True), (500, True), (201, False), (404, False), (412, False)])
+def test_the_pipeline_policy_tells_the_window_when_the_service_throttles(status, halved):
+    window = InFlight(32, 256)
+    ThrottleSignal(window).on_response(None, _Response(status))
+    assert window.limit == (16 if halved else 32)
+
+
+def test_max_inflight_fixes_the_process_window():
+    try:
+        inflight.set_process_window(None)
+        assert inflight.process_window(32, 256) == (32, 256)
+        inflight.set_process_window(100)
+        assert inflight.process_window(32, 256) == (100, 100)
+    finally:
+        inflight.set_process_window(None)
