@@ -516,7 +516,8 @@ def upload_options(command: Callable[..., None]) -> Callable[..., None]:
 @storage_options
 @bwlimit_option
 @max_inflight_option
-@concurrency_option("Bound on parallel uploads.")
+@concurrency_option("Bound on parallel upload batches; small-file requests in flight start at twice it and adapt "
+                    "up to 8 times that (--max-inflight fixes them).")
 @upload_options
 @output_options
 @selection_options

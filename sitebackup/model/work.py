@@ -30,8 +30,10 @@ DEFAULT_BLOCK_SIZE = 32 * MIB
 
 DEFAULT_CONCURRENCY = 16  # --concurrency
 # the most requests the asyncio loop's window grows to (blob.inflight) unless --max-inflight fixes it: enough for
-# small files at a long round-trip time, each a pooled connection when the window is that wide
+# small files at a long round-trip time, each a pooled connection when the window is that wide; and at most
+# GROWTH_BOUND times where it starts, so that a low --concurrency, asked for to spare a server, stays low
 MOST_IN_FLIGHT = 256
+GROWTH_BOUND = 8
 
 
 class Concurrency(msgspec.Struct, frozen=True):
@@ -49,7 +51,7 @@ class Concurrency(msgspec.Struct, frozen=True):
 
     @property
     def most_requests(self) -> int:
-        return max(MOST_IN_FLIGHT, self.requests)
+        return max(self.requests, min(MOST_IN_FLIGHT, GROWTH_BOUND * self.requests))
 
     @property
     def connections(self) -> int:

@@ -208,3 +208,11 @@ def test_max_inflight_fixes_the_process_window():
         assert inflight.process_window(32, 256) == (100, 100)
     finally:
         inflight.set_process_window(None)
+
+
+def test_the_ceiling_is_a_bounded_multiple_of_the_start_so_a_low_concurrency_stays_low():
+    from sitebackup.model.work import GROWTH_BOUND, MOST_IN_FLIGHT, Concurrency
+
+    assert Concurrency().requests == 32 and Concurrency().most_requests == MOST_IN_FLIGHT
+    assert Concurrency(batches=1).most_requests == GROWTH_BOUND * 2
+    assert Concurrency(batches=256).most_requests == 512  # never below where it starts
