@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import grpc
 from durabletask import client as dt_client
 from durabletask import worker as dt_worker
+from durabletask.grpc_options import GrpcChannelOptions, GrpcRetryPolicyOptions
 from durabletask.internal.grpc_interceptor import DefaultClientInterceptorImpl
 
 from sitebackup.blob.workstore import BlobWorkStore, LocalWorkStore, WorkStore
@@ -40,6 +41,11 @@ STOP_SECONDS = 4.0
 # unless --debug lowers the level.
 SDK_LOGGER = logging.getLogger("sitebackup.durabletask")
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# The embedded backend lives in this process, so it is unreachable only for an instant: after the process was
+# stopped and continued (SIGSTOP, Ctrl-Z, a paused VM) a connection's deadline has passed while it slept, and the
+# next call fails UNAVAILABLE although the server is right there. gRPC's own retry policy asks again.
+_IN_PROCESS = GrpcChannelOptions(retry_policy=GrpcRetryPolicyOptions(
+    max_attempts=5, initial_backoff_seconds=0.2, max_backoff_seconds=2.0))
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -83,7 +89,7 @@ class Runtime:
             return DurableTaskSchedulerClient(host_address=self.address, taskhub=self.taskhub.taskhub,
                                               token_credential=self.credential, secure_channel=self.taskhub.secure,
                                               interceptors=self._interceptors(), logger=SDK_LOGGER)
-        return dt_client.TaskHubGrpcClient(host_address=self.address, logger=SDK_LOGGER)
+        return dt_client.TaskHubGrpcClient(host_address=self.address, logger=SDK_LOGGER, channel_options=_IN_PROCESS)
 
     def _interceptors(self) -> list[DefaultClientInterceptorImpl]:
         """The `sitebackup serve` token on every call, when the connection string or environment gives one."""
