@@ -17,12 +17,13 @@ import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobProperties, ContainerClient
 
 from sitebackup.blob.naming import RESERVED_PREFIX
-from sitebackup.blob.workstore import WorkStore
+from sitebackup.blob.workstore import WorkStore, record_pages
 from sitebackup.errors import InputError
 from sitebackup.model.codec import FORMAT_VERSION, DamagedData, decode, encode
 from sitebackup.model.records import CatalogEntry, ChangeCounts, FileEntry, Job, PageSeal, PruneMark, RunRecord
@@ -60,10 +61,12 @@ def _checked_id(run_id: str) -> str:
 
 
 class ContainerRecords:
-    """The sealed records, jobs and tombstones of one container."""
+    """The sealed records, jobs and tombstones of one container. With *headers*, the sealed headers this process
+    read of the container already, by run id (a header is never changed once sealed): read once, not again."""
 
-    def __init__(self, container: ContainerClient):
+    def __init__(self, container: ContainerClient, headers: dict[str, RunRecord] | None = None):
         self.container = container
+        self._headers = headers
 
     # ---- writing
 
@@ -135,6 +138,9 @@ class ContainerRecords:
 
     def header(self, run_id: str) -> RunRecord | None:
         """The run's sealed header, checked; None when the run has none."""
+        known = self._headers.get(run_id) if self._headers is not None else None
+        if known is not None:
+            return known
         data = self._download(RUNS + _checked_id(run_id), MAX_HEADER_BYTES, f"the sealed record of run {run_id}")
         if data is None:
             return None
@@ -144,6 +150,8 @@ class ContainerRecords:
                              f"({FORMAT_VERSION}): restore, verify or prune it with a newer sitebackup")
         if record.run_id != run_id:
             raise DamagedData(f"the sealed record of run {run_id} is damaged: it names run {record.run_id}")
+        if self._headers is not None:
+            self._headers[run_id] = record
         return record
 
     def jobs(self) -> list[Job]:
@@ -177,8 +185,8 @@ class ContainerRecords:
         run's pages: number and bytes, in page order) when its bytes match the seal, else from the container,
         telling *on_damaged* the number of a cached page that does not. With *seen*, the SHA-256s of pages read
         already (and added to it as they are read): those are left out, as the pages runs share are."""
-        for _seal, entries in self.pages(record, cached, on_damaged, seen):
-            yield from entries
+        # chained in C: a reader pays a generator step per page, not per entry
+        return chain.from_iterable(entries for _seal, entries in self.pages(record, cached, on_damaged, seen))
 
     def pages(self, record: RunRecord, cached: Iterable[tuple[int, bytes]] = (),
               on_damaged: Callable[[int], None] = lambda page: None,
@@ -250,9 +258,16 @@ def run_entries(records: ContainerRecords | None, work: WorkStore, run_id: str,
     """A run's record: its sealed copy in the container, each page read from this state directory when its
     bytes match the seal (*on_note* hears of one that does not), or, for a run never sealed (unfinished, or
     made by an earlier version), the pages the work store holds."""
+    return chain.from_iterable(run_pages(records, work, run_id, on_note, seen))
+
+
+def run_pages(records: ContainerRecords | None, work: WorkStore, run_id: str,
+              on_note: Callable[[str], None] = lambda note: None,
+              seen: set[str] | None = None) -> Iterator[list[FileEntry]]:
+    """``run_entries`` a page at a time (each page's entries, in page order)."""
     header = records.header(run_id) if records is not None else None
     if header is None:
-        yield from work.iter_results(run_id)
+        yield from record_pages(work.result_pages(run_id), run_id)
         return
     assert records is not None
 
@@ -260,4 +275,5 @@ def run_entries(records: ContainerRecords | None, work: WorkStore, run_id: str,
         on_note(f"record page {page} of run {run_id} in the state directory is damaged: its sealed copy in the "
                 "container is read instead")
 
-    yield from records.entries(header, cached=work.result_pages(run_id), on_damaged=damaged, seen=seen)
+    for _seal, entries in records.pages(header, cached=work.result_pages(run_id), on_damaged=damaged, seen=seen):
+        yield entries

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -115,8 +116,13 @@ def verified(data: bytes, sha256: str, what: str) -> bytes:
 
 def record_entries(pages: Iterable[tuple[int, bytes]], instance_id: str) -> Iterator[FileEntry]:
     """The entries of a run's result pages (number, bytes), decoded page by page."""
+    return chain.from_iterable(record_pages(pages, instance_id))
+
+
+def record_pages(pages: Iterable[tuple[int, bytes]], instance_id: str) -> Iterator[list[FileEntry]]:
+    """A run's result pages (number, bytes), each decoded into its entries."""
     for page, data in pages:
-        yield from decode(data, list[FileEntry], _record_page(page, instance_id))
+        yield decode(data, list[FileEntry], _record_page(page, instance_id))
 
 
 class LocalWorkStore:

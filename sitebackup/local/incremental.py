@@ -51,7 +51,9 @@ class Baseline:
     def _advance(self) -> None:
         self._head = self._head_key = None
         for record in self._records:
-            if record.stored or not record.is_file:  # a failed file holds nothing in the container
+            # stored, or not a file (a failed file holds nothing in the container): the fields, not the properties,
+            # as this runs for every entry of the record
+            if record.md5 is not None or record.kind != "file":
                 self._head = record
                 return
 
@@ -142,8 +144,16 @@ def compare(source: Path, *, patterns: list[str], follow_symlinks: bool, baselin
     previous = Baseline(baseline, on_gone)
     for entry in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
         if isinstance(entry, FileRef):
-            before = _same_kind(previous.get(entry.path), "file", on_gone)  # else a new file
-            yield Compared(entry, decide(entry.size, entry.mtime_ns, before, mode), before)
+            before = previous.get(entry.path)
+            if before is None:  # a new file
+                yield Compared(entry, UPLOAD, None)
+                continue
+            if before.kind != "file":
+                before = _same_kind(before, "file", on_gone)
+            # the comparison of an unchanged file by size and time, inline: the case of most files of most runs
+            yield Compared(entry, UNCHANGED if mode == MODE_MTIME and before is not None and before.size == entry.size
+                           and before.mtime_ns == entry.mtime_ns else decide(entry.size, entry.mtime_ns, before, mode),
+                           before)
         elif isinstance(entry, FileEntry):
             yield Found(entry, _same_kind(previous.get(entry.path), entry.kind, on_gone))
         else:
