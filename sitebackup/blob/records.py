@@ -14,6 +14,7 @@ Blobs here are written once (If-None-Match: \\*) and never replaced: a record is
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,11 +61,32 @@ def _checked_id(run_id: str) -> str:
     return run_id
 
 
-class ContainerRecords:
-    """The sealed records, jobs and tombstones of one container. With *headers*, the sealed headers this process
-    read of the container already, by run id (a header is never changed once sealed): read once, not again."""
+class HeaderCache:
+    """The sealed headers a process read of one container, the last few, by run id: a header never changes once
+    sealed, and prune, which removes it, waits for the job's lock that the run reading it holds."""
 
-    def __init__(self, container: ContainerClient, headers: dict[str, RunRecord] | None = None):
+    KEPT = 16
+
+    def __init__(self) -> None:
+        self._held: dict[str, RunRecord] = {}
+        self._lock = threading.Lock()
+
+    def get(self, run_id: str) -> RunRecord | None:
+        with self._lock:
+            return self._held.get(run_id)
+
+    def put(self, record: RunRecord) -> None:
+        with self._lock:
+            self._held[record.run_id] = record
+            while len(self._held) > self.KEPT:
+                del self._held[next(iter(self._held))]
+
+
+class ContainerRecords:
+    """The sealed records, jobs and tombstones of one container. With *headers*, the sealed headers read of it
+    already are not read again."""
+
+    def __init__(self, container: ContainerClient, headers: HeaderCache | None = None):
         self.container = container
         self._headers = headers
 
@@ -151,7 +173,7 @@ class ContainerRecords:
         if record.run_id != run_id:
             raise DamagedData(f"the sealed record of run {run_id} is damaged: it names run {record.run_id}")
         if self._headers is not None:
-            self._headers[run_id] = record
+            self._headers.put(record)
         return record
 
     def jobs(self) -> list[Job]:

@@ -276,7 +276,7 @@ def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
 
     def scan_tree(ctx: task.ActivityContext, raw: object) -> Any:
         inp = from_wire(raw, ScanInput, "the input of a scan")
-        records = ContainerRecords(deps.container_client(inp.container)) if inp.container else None
+        records = deps.records(inp.container) if inp.container else None
         return to_wire(scan_source(deps.work, ctx.orchestration_id, inp, records))
 
     def copy_batch(ctx: task.ActivityContext, raw: object) -> Any:
