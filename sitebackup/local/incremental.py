@@ -6,7 +6,7 @@ their ids travel in the orchestration input and the scan activity reads their re
 store. A file is unchanged when its size and modification time equal the recorded ones (``mtime``
 mode), or, in ``checksum`` mode, when its content MD5 equals the recorded MD5 (``CHECK``: the caller
 hashes it); ``force`` uploads everything. Mode, owner and hard link never decide an upload: the new
-record takes what the walk found (``unchanged_record``), and a change of them, or of a symlink's
+record takes what the walk found (``unchanged``), and a change of them, or of a symlink's
 target, is counted (``metadata_change``) but sends nothing.
 
 ``compare`` is the walk both the backup's scan and ``--dry-run`` use. The record is read beside the
@@ -200,11 +200,14 @@ def _octal(mode: int | None) -> str:
     return "-" if mode is None else f"{mode:04o}"
 
 
-def unchanged_record(previous: FileEntry, meta: Meta | None = None) -> FileEntry:
+def unchanged(previous: FileEntry, meta: Meta | None = None) -> tuple[FileEntry, bool]:
     """The new run's record of a file found unchanged: what the baseline recorded (its access tier too: an
     unchanged blob keeps the tier it was uploaded with), marked unchanged, with the mode, owner and hard link
-    the walk found (*meta*; None: as recorded). The baseline's entry is read for this file alone, so it is
-    marked and reused rather than copied."""
+    the walk found (*meta*; None: as recorded); and whether they differ from those recorded (``metadata_change``,
+    counted). The baseline's entry is read for this file alone, so it is marked and reused rather than copied."""
     previous.unchanged = True
     previous.error = None  # a copy kept from before a failure: the file is that version again
-    return previous.take(meta)
+    if meta is None or previous.meta == meta:  # what most files of most runs find: one comparison
+        return previous, False
+    changed = metadata_change(previous, meta) is not None
+    return previous.take(meta), changed

@@ -88,9 +88,9 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
                 counts.bytes_total += file.size
                 if found.decision == incremental.UNCHANGED:
                     assert before is not None
-                    meta = file.meta
-                    counts.metadata_changed += incremental.metadata_change(before, meta) is not None
-                    yield incremental.unchanged_record(before, meta)
+                    record, changed = incremental.unchanged(before, file.meta)
+                    counts.metadata_changed += changed
+                    yield record
                 elif found.decision == incremental.CHECK:  # --checksum: hashed whole by the copy, never in ranges
                     yield CopyItem(file.path, file.size, file.mtime_ns, before, True, meta=file.meta)
                 else:
@@ -201,9 +201,10 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, items: list[CopyItem],
         try:
             if previous is not None and not item.changed and (
                     not item.check or _md5_b64(source, relpath) == previous.md5):
-                if item.check:  # --checksum found the same bytes: what else changed was not counted by the scan
-                    counts.metadata_changed += incremental.metadata_change(previous, item.meta) is not None
-                records.append(incremental.unchanged_record(previous, item.meta))
+                record, changed = incremental.unchanged(previous, item.meta)
+                # --checksum found the same bytes: what else changed was not counted by the scan
+                counts.metadata_changed += item.check and changed
+                records.append(record)
                 counts.files_unchanged += 1
                 counts.bytes_skipped += previous.size
                 continue
