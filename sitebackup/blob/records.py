@@ -13,6 +13,7 @@ Blobs here are written once (If-None-Match: \\*) and never replaced: a record is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import deque
@@ -63,23 +64,36 @@ def _checked_id(run_id: str) -> str:
 
 class HeaderCache:
     """The sealed headers a process read of one container, the last few, by run id: a header never changes once
-    sealed, and prune, which removes it, waits for the job's lock that the run reading it holds."""
+    sealed, and prune, which removes it, waits for the job's lock that the run reading it holds. A header being
+    read is waited for, not read twice; a read that fails or finds none is not kept."""
 
     KEPT = 16
 
     def __init__(self) -> None:
-        self._held: dict[str, RunRecord] = {}
+        self._held: dict[str, Future[RunRecord | None]] = {}
         self._lock = threading.Lock()
 
-    def get(self, run_id: str) -> RunRecord | None:
+    def read(self, run_id: str, fetch: Callable[[], RunRecord | None]) -> RunRecord | None:
+        """The header of *run_id*: kept, being read by another thread, or read now with *fetch*."""
         with self._lock:
-            return self._held.get(run_id)
-
-    def put(self, record: RunRecord) -> None:
-        with self._lock:
-            self._held[record.run_id] = record
-            while len(self._held) > self.KEPT:
-                del self._held[next(iter(self._held))]
+            held = self._held.get(run_id)
+            if held is None:
+                held = self._held[run_id] = Future()
+                while len(self._held) > self.KEPT:
+                    del self._held[next(iter(self._held))]
+                mine = True
+            else:
+                mine = False
+        if mine:
+            try:
+                held.set_result(fetch())
+            except BaseException as exc:
+                held.set_exception(exc)
+            if held.exception() is not None or held.result() is None:
+                with self._lock:
+                    if self._held.get(run_id) is held:
+                        del self._held[run_id]
+        return held.result()
 
 
 class ContainerRecords:
@@ -160,9 +174,21 @@ class ContainerRecords:
 
     def header(self, run_id: str) -> RunRecord | None:
         """The run's sealed header, checked; None when the run has none."""
-        known = self._headers.get(run_id) if self._headers is not None else None
-        if known is not None:
-            return known
+        if self._headers is not None:
+            return self._headers.read(run_id, lambda: self._read_header(run_id))
+        return self._read_header(run_id)
+
+    def prefetch(self, run_id: str) -> None:
+        """Start reading the run's header on a daemon thread, for a ``header`` call to come (with *headers* only): what
+        it finds, or what fails, is that call's to see."""
+        if self._headers is not None:
+            threading.Thread(target=self._prefetched, args=(run_id,), name="sitebackup-header", daemon=True).start()
+
+    def _prefetched(self, run_id: str) -> None:
+        with contextlib.suppress(Exception):  # not kept: the call to come reads it again, and says why it fails
+            self.header(run_id)
+
+    def _read_header(self, run_id: str) -> RunRecord | None:
         data = self._download(RUNS + _checked_id(run_id), MAX_HEADER_BYTES, f"the sealed record of run {run_id}")
         if data is None:
             return None
@@ -172,8 +198,6 @@ class ContainerRecords:
                              f"({FORMAT_VERSION}): restore, verify or prune it with a newer sitebackup")
         if record.run_id != run_id:
             raise DamagedData(f"the sealed record of run {run_id} is damaged: it names run {record.run_id}")
-        if self._headers is not None:
-            self._headers.put(record)
         return record
 
     def jobs(self) -> list[Job]:

@@ -319,8 +319,10 @@ def _run_locked(request: BackupRequest, settings: StorageSettings, printer: Prin
             if instance_id is None:
                 # the job's sealed runs, read under its lock; with --force too: the baseline says what each
                 # name holds, to keep as a snapshot
-                sealed = [entry for entry in ContainerRecords(deps.container_client(inp.container)).catalog()
-                          if entry.job == job.id]
+                records = deps.records(inp.container)
+                sealed = [entry for entry in records.catalog() if entry.job == job.id]
+                if sealed:  # most likely the baseline: its header is read while the run is scheduled, for its scan
+                    records.prefetch(max(sealed, key=lambda entry: parse_utc(entry.started)).run_id)
                 inp.baseline = find_baseline(client, inp, deps.work, sealed)
                 instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
                                                                 instance_id=run_id)

@@ -78,10 +78,12 @@ def count_changes(deps: ActivityDeps, records: ContainerRecords, run_id: str, ba
     baseline cannot be read whole or either record is out of walk order (nothing is guessed)."""
     if baseline_id is not None and baseline is None and not deps.work.has_results(baseline_id):
         return None
-    shared = {seal.sha256 for seal in baseline.pages} & {seal.sha256 for seal in mine} if baseline is not None \
-        else set()
-    # the pages both records hold are left out: the hashes sealed a moment ago tell which, without hashing again
     digests = {seal.page: seal.sha256 for seal in mine}
+    theirs = {seal.sha256 for seal in baseline.pages} if baseline is not None else set()
+    if baseline is not None and theirs == set(digests.values()):
+        return ChangeCounts()  # the same pages (an unchanged tree): nothing to read
+    shared = theirs & set(digests.values())
+    # the pages both records hold are left out: the hashes sealed a moment ago tell which, without hashing again
     after = (entry for page, data in deps.work.result_pages(run_id) if digests.get(page) not in shared
              for entry in decode(data, list[FileEntry], f"record page {page} of run {run_id}"))
     try:
