@@ -66,7 +66,9 @@ Id = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
-class FileEntry(msgspec.Struct, omit_defaults=True):
+# gc=False: an entry holds strings and numbers only, so it is never part of a cycle; the collector need not track
+# the hundreds of thousands a record holds
+class FileEntry(msgspec.Struct, omit_defaults=True, gc=False):
     """One entry of a run's record: a file and the version of it the container holds for this run (or why it
     has none), a directory, or a symlink; with its metadata.
 
@@ -157,7 +159,8 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
         return self
 
 
-class Meta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
+# gc=False as FileEntry's: numbers and strings only
+class Meta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True, gc=False):
     """What the walk found of a file beside its content (``FileEntry``'s fields of the same names), carried
     on work pages from the scan to the copy that records the file."""
 
