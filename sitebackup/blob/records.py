@@ -13,16 +13,19 @@ Blobs here are written once (If-None-Match: \\*) and never replaced: a record is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobProperties, ContainerClient
 
 from sitebackup.blob.naming import RESERVED_PREFIX
-from sitebackup.blob.workstore import WorkStore
+from sitebackup.blob.workstore import WorkStore, record_pages
 from sitebackup.errors import InputError
 from sitebackup.model.codec import FORMAT_VERSION, DamagedData, decode, encode
 from sitebackup.model.records import CatalogEntry, ChangeCounts, FileEntry, Job, PageSeal, PruneMark, RunRecord
@@ -63,11 +66,47 @@ def _checked_id(run_id: str) -> str:
     return run_id
 
 
-class ContainerRecords:
-    """The sealed records, jobs and tombstones of one container."""
+class HeaderCache:
+    """The sealed headers a process read of one container, the last few, by run id: a header never changes once
+    sealed, and prune, which removes it, waits for the job's lock that the run reading it holds. A header being
+    read is waited for, not read twice; a read that fails or finds none is not kept."""
 
-    def __init__(self, container: ContainerClient):
+    KEPT = 16
+
+    def __init__(self) -> None:
+        self._held: dict[str, Future[RunRecord | None]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, run_id: str, fetch: Callable[[], RunRecord | None]) -> RunRecord | None:
+        """The header of *run_id*: kept, being read by another thread, or read now with *fetch*."""
+        with self._lock:
+            held = self._held.get(run_id)
+            if held is None:
+                held = self._held[run_id] = Future()
+                while len(self._held) > self.KEPT:
+                    del self._held[next(iter(self._held))]
+                mine = True
+            else:
+                mine = False
+        if mine:
+            try:
+                held.set_result(fetch())
+            except BaseException as exc:
+                held.set_exception(exc)
+            if held.exception() is not None or held.result() is None:
+                with self._lock:
+                    if self._held.get(run_id) is held:
+                        del self._held[run_id]
+        return held.result()
+
+
+class ContainerRecords:
+    """The sealed records, jobs and tombstones of one container. With *headers*, the sealed headers read of it
+    already are not read again."""
+
+    def __init__(self, container: ContainerClient, headers: HeaderCache | None = None):
         self.container = container
+        self._headers = headers
 
     # ---- writing
 
@@ -139,6 +178,21 @@ class ContainerRecords:
 
     def header(self, run_id: str) -> RunRecord | None:
         """The run's sealed header, checked; None when the run has none."""
+        if self._headers is not None:
+            return self._headers.read(run_id, lambda: self._read_header(run_id))
+        return self._read_header(run_id)
+
+    def prefetch(self, run_id: str) -> None:
+        """Start reading the run's header on a daemon thread, for a ``header`` call to come (with *headers* only): what
+        it finds, or what fails, is that call's to see."""
+        if self._headers is not None:
+            threading.Thread(target=self._prefetched, args=(run_id,), name="sitebackup-header", daemon=True).start()
+
+    def _prefetched(self, run_id: str) -> None:
+        with contextlib.suppress(Exception):  # not kept: the call to come reads it again, and says why it fails
+            self.header(run_id)
+
+    def _read_header(self, run_id: str) -> RunRecord | None:
         data = self._download(RUNS + _checked_id(run_id), MAX_HEADER_BYTES, f"the sealed record of run {run_id}")
         if data is None:
             return None
@@ -182,8 +236,8 @@ class ContainerRecords:
         (*ahead* pages downloaded while one is used), telling *on_damaged* the number of a cached page that does
         not. With *seen*, the SHA-256s of pages read already (and added to it as they are read): those are left
         out, as the pages runs share are."""
-        for _seal, entries in self.pages(record, cached, on_damaged, seen, ahead):
-            yield from entries
+        # chained in C: a reader pays a generator step per page, not per entry
+        return chain.from_iterable(entries for _seal, entries in self.pages(record, cached, on_damaged, seen, ahead))
 
     def pages(self, record: RunRecord, cached: Iterable[tuple[int, bytes]] = (),
               on_damaged: Callable[[int], None] = lambda page: None,
@@ -255,9 +309,16 @@ def run_entries(records: ContainerRecords | None, work: WorkStore, run_id: str,
     """A run's record: its sealed copy in the container, each page read from this state directory when its
     bytes match the seal (*on_note* hears of one that does not), or, for a run never sealed (unfinished, or
     made by an earlier version), the pages the work store holds."""
+    return chain.from_iterable(run_pages(records, work, run_id, on_note, seen))
+
+
+def run_pages(records: ContainerRecords | None, work: WorkStore, run_id: str,
+              on_note: Callable[[str], None] = lambda note: None,
+              seen: set[str] | None = None) -> Iterator[list[FileEntry]]:
+    """``run_entries`` a page at a time (each page's entries, in page order)."""
     header = records.header(run_id) if records is not None else None
     if header is None:
-        yield from work.iter_results(run_id)
+        yield from record_pages(work.result_pages(run_id), run_id)
         return
     assert records is not None
 
@@ -265,4 +326,6 @@ def run_entries(records: ContainerRecords | None, work: WorkStore, run_id: str,
         on_note(f"record page {page} of run {run_id} in the state directory is damaged: its sealed copy in the "
                 "container is read instead")
 
-    yield from records.entries(header, cached=work.result_pages(run_id), on_damaged=damaged, seen=seen)
+    for _seal, entries in records.pages(header, cached=work.result_pages(run_id), on_damaged=damaged, seen=seen,
+                                        ahead=READ_AHEAD):
+        yield entries

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -106,6 +107,10 @@ def _name(page: int) -> str:
     return f"{page:06d}.json"
 
 
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def verified(data: bytes, sha256: str, what: str) -> bytes:
     """*data* when its SHA-256 (hex) is *sha256*; else ``DamagedData`` naming *what*."""
     if hashlib.sha256(data).hexdigest() != sha256:
@@ -115,8 +120,13 @@ def verified(data: bytes, sha256: str, what: str) -> bytes:
 
 def record_entries(pages: Iterable[tuple[int, bytes]], instance_id: str) -> Iterator[FileEntry]:
     """The entries of a run's result pages (number, bytes), decoded page by page."""
+    return chain.from_iterable(record_pages(pages, instance_id))
+
+
+def record_pages(pages: Iterable[tuple[int, bytes]], instance_id: str) -> Iterator[list[FileEntry]]:
+    """A run's result pages (number, bytes), each decoded into its entries."""
     for page, data in pages:
-        yield from decode(data, list[FileEntry], _record_page(page, instance_id))
+        yield decode(data, list[FileEntry], _record_page(page, instance_id))
 
 
 class LocalWorkStore:
@@ -129,8 +139,8 @@ class LocalWorkStore:
     def _dir(self, instance_id: str) -> Path:
         return self.root / _checked(instance_id)
 
-    def _write(self, path: Path, data: object) -> str:
-        """Write *data* (encoded) at *path*; the SHA-256 (hex) of the bytes written."""
+    def _write(self, path: Path, data: object) -> bytes:
+        """Write *data* (encoded) at *path*; the bytes written."""
         content = encode(data)
         try:
             # mkdir's mode applies to the last directory only: create each level owner-only
@@ -154,7 +164,7 @@ class LocalWorkStore:
             if reason is not None:
                 self.on_fault(reason)
             raise
-        return hashlib.sha256(content).hexdigest()
+        return content
 
     @staticmethod
     def _bytes(path: Path, what: str) -> bytes:
@@ -175,14 +185,14 @@ class LocalWorkStore:
         return decode(verified(data, sha256, what), kind, what)
 
     def write_page(self, instance_id: str, page: int, content: object) -> str:
-        return self._write(self._dir(instance_id) / "pages" / _name(page), content)
+        return _sha256_hex(self._write(self._dir(instance_id) / "pages" / _name(page), content))
 
     def read_page(self, instance_id: str, page: int, kind: type[T], sha256: str) -> T:
         return self._read_verified(self._dir(instance_id) / "pages" / _name(page), kind,
                                    _work_page(page, instance_id), sha256)
 
     def write_index(self, instance_id: str, chunk: int, index: PageIndex) -> str:
-        return self._write(self._dir(instance_id) / "index" / _name(chunk), index)
+        return _sha256_hex(self._write(self._dir(instance_id) / "index" / _name(chunk), index))
 
     def read_index(self, instance_id: str, chunk: int, sha256: str) -> PageIndex:
         return self._read_verified(self._dir(instance_id) / "index" / _name(chunk), PageIndex,

@@ -12,17 +12,20 @@ import functools
 import socket
 import string
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from durabletask import client as dt_client
 
 from sitebackup.blob.clients import NOT_CONFIGURED, StorageSettings, connect, make_service_client, service_client
+from sitebackup.blob.lock import JobLock
 from sitebackup.blob.naming import backup_prefix, overlaps, validate_container_name
 from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import ACCESS_TIERS
@@ -93,6 +96,7 @@ from sitebackup.workflows.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from sitebackup.workflows.names import BACKUP_ORCHESTRATION
 
 TEMPLATE_HELP = "use {date}, {time} or {hostname}"
+T = TypeVar("T")
 
 
 @dataclass
@@ -265,43 +269,77 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
     watching: the whole run when it hosts or watches it (``--no-local-worker``), the scheduling alone with
     *detach*. A process that attaches to a run another process of this state directory hosts takes the lock
     only if it takes the run over."""
-    endpoint = connect(settings.require(), request.container)
+    settings.require()
+    # whose job is this, asked of the container while the pre-flight and the backend's start go on; known before
+    # the job's lock is taken
+    settled = _in_background(functools.partial(_settle_job, settings, request))
+    endpoint = connect(settings, request.container)
     inp = request.orchestration_input(endpoint)
     inp.options.shared = taskhub is not None
-    with service_client(settings, quick=True) as (service, _label):  # whose job is this, before its lock
-        inp.job = settle_job(ContainerRecords(service.get_container_client(inp.container)), request)
     lock = RunLock.for_backup(request.state_dir, inp.source, inp.container, inp.prefix)
-    with open_backend(request.state_dir, taskhub) as runtime, backup_job_lock(settings, inp) as job_lock:
+    with open_backend(request.state_dir, taskhub) as runtime:
+        inp.job = job = settled.result()
+        with backup_job_lock(settings, inp) as job_lock:
+            return _run_locked(request, settings, printer, inp, job, endpoint, runtime, lock, job_lock,
+                               local_worker=local_worker, detach=detach)
+
+
+def _settle_job(settings: StorageSettings, request: BackupRequest) -> Job:
+    with service_client(settings, quick=True) as (service, _label):
+        return settle_job(ContainerRecords(service.get_container_client(request.container)), request)
+
+
+def _in_background(work: Callable[[], T]) -> Future[T]:
+    """*work* run on a daemon thread (a process that ends meanwhile, the pre-flight having failed, does not wait for
+    it): its result, or what it raised, for whoever waits on it."""
+    future: Future[T] = Future()
+
+    def run() -> None:
         try:
-            deps = activity_deps(settings, Concurrency(request.concurrency), runtime, job_lock)
-            with runtime.connected() as client:
-                instance_id, live = claim_or_find(client, runtime, inp, lock)
-                warning = check_live_run(client, instance_id, request) if live and instance_id else None
-                resumed = instance_id is not None
-                run_id = instance_id or new_instance_id()
-                if not live:  # this process schedules or resumes the run: the job's lock first
-                    job_lock.acquire(request.lock_wait, run=run_id, claim=claim_of(lock))
-                if instance_id is None:
-                    # the job's sealed runs, read under its lock; with --force too: the baseline says what each
-                    # name holds, to keep as a snapshot
-                    sealed = [entry for entry in ContainerRecords(deps.container_client(inp.container)).catalog()
-                              if entry.job == inp.job.id]
-                    inp.baseline = find_baseline(client, inp, deps.work, sealed)
-                    instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
-                                                                    instance_id=run_id)
-            printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.destination,
-                                   endpoint=endpoint, resumed=resumed, attached=live))
-            if warning is not None:
-                printer.message(warning)
-            if detach:
-                return Summary(kind=BACKUP_ORCHESTRATION, counts=BackupCounts(), instance_id=instance_id,
-                               runtime_status="SCHEDULED", detached=True)
-            if live and local_worker:
-                return attach_and_watch(runtime, deps, instance_id, printer, lock, job_lock)
-            return host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker,
-                                  on_poll=job_lock.check)
-        finally:
-            release_run(runtime, lock, job_lock)
+            future.set_result(work())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="sitebackup-job", daemon=True).start()
+    return future
+
+
+def _run_locked(request: BackupRequest, settings: StorageSettings, printer: Printer, inp: BackupInput, job: Job,
+                endpoint: str, runtime: Runtime, lock: RunLock, job_lock: JobLock, *, local_worker: bool,
+                detach: bool) -> Summary[Any]:
+    """``run_backup`` once the backend runs and the job is known (its lock not taken yet)."""
+    try:
+        deps = activity_deps(settings, Concurrency(request.concurrency), runtime, job_lock)
+        with runtime.connected() as client:
+            instance_id, live = claim_or_find(client, runtime, inp, lock)
+            warning = check_live_run(client, instance_id, request) if live and instance_id else None
+            resumed = instance_id is not None
+            run_id = instance_id or new_instance_id()
+            if not live:  # this process schedules or resumes the run: the job's lock first
+                job_lock.acquire(request.lock_wait, run=run_id, claim=claim_of(lock))
+            if instance_id is None:
+                # the job's sealed runs, read under its lock; with --force too: the baseline says what each
+                # name holds, to keep as a snapshot
+                records = deps.records(inp.container)
+                sealed = [entry for entry in records.catalog() if entry.job == job.id]
+                if sealed:  # most likely the baseline: its header is read while the run is scheduled, for its scan
+                    records.prefetch(max(sealed, key=lambda entry: parse_utc(entry.started)).run_id)
+                inp.baseline = find_baseline(client, inp, deps.work, sealed)
+                instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
+                                                                instance_id=run_id)
+        printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.destination,
+                               endpoint=endpoint, resumed=resumed, attached=live))
+        if warning is not None:
+            printer.message(warning)
+        if detach:
+            return Summary(kind=BACKUP_ORCHESTRATION, counts=BackupCounts(), instance_id=instance_id,
+                           runtime_status="SCHEDULED", detached=True)
+        if live and local_worker:
+            return attach_and_watch(runtime, deps, instance_id, printer, lock, job_lock)
+        return host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker,
+                              on_poll=job_lock.check)
+    finally:
+        release_run(runtime, lock, job_lock)
 
 
 def check_live_run(client: dt_client.TaskHubGrpcClient, instance_id: str, request: BackupRequest) -> str | None:

@@ -6,7 +6,7 @@ their ids travel in the orchestration input and the scan activity reads their re
 store. A file is unchanged when its size and modification time equal the recorded ones (``mtime``
 mode), or, in ``checksum`` mode, when its content MD5 equals the recorded MD5 (``CHECK``: the caller
 hashes it); ``force`` uploads everything. Mode, owner and hard link never decide an upload: the new
-record takes what the walk found (``unchanged_record``), and a change of them, or of a symlink's
+record takes what the walk found (``unchanged``), and a change of them, or of a symlink's
 target, is counted (``metadata_change``) but sends nothing.
 
 ``compare`` is the walk both the backup's scan and ``--dry-run`` use. The record is read beside the
@@ -51,7 +51,9 @@ class Baseline:
     def _advance(self) -> None:
         self._head = self._head_key = None
         for record in self._records:
-            if record.stored or not record.is_file:  # a failed file holds nothing in the container
+            # stored, or not a file (a failed file holds nothing in the container): the fields, not the properties,
+            # as this runs for every entry of the record
+            if record.md5 is not None or record.kind != "file":
                 self._head = record
                 return
 
@@ -142,8 +144,16 @@ def compare(source: Path, *, patterns: list[str], follow_symlinks: bool, baselin
     previous = Baseline(baseline, on_gone)
     for entry in walk(source, excluded=rules.excluded if rules else None, follow_symlinks=follow_symlinks):
         if isinstance(entry, FileRef):
-            before = _same_kind(previous.get(entry.path), "file", on_gone)  # else a new file
-            yield Compared(entry, decide(entry.size, entry.mtime_ns, before, mode), before)
+            before = previous.get(entry.path)
+            if before is None:  # a new file
+                yield Compared(entry, UPLOAD, None)
+                continue
+            if before.kind != "file":
+                before = _same_kind(before, "file", on_gone)
+            # the comparison of an unchanged file by size and time, inline: the case of most files of most runs
+            yield Compared(entry, UNCHANGED if mode == MODE_MTIME and before is not None and before.size == entry.size
+                           and before.mtime_ns == entry.mtime_ns else decide(entry.size, entry.mtime_ns, before, mode),
+                           before)
         elif isinstance(entry, FileEntry):
             yield Found(entry, _same_kind(previous.get(entry.path), entry.kind, on_gone))
         else:
@@ -190,11 +200,14 @@ def _octal(mode: int | None) -> str:
     return "-" if mode is None else f"{mode:04o}"
 
 
-def unchanged_record(previous: FileEntry, meta: Meta | None = None) -> FileEntry:
+def unchanged(previous: FileEntry, meta: Meta | None = None) -> tuple[FileEntry, bool]:
     """The new run's record of a file found unchanged: what the baseline recorded (its access tier too: an
     unchanged blob keeps the tier it was uploaded with), marked unchanged, with the mode, owner and hard link
-    the walk found (*meta*; None: as recorded). The baseline's entry is read for this file alone, so it is
-    marked and reused rather than copied."""
+    the walk found (*meta*; None: as recorded); and whether they differ from those recorded (``metadata_change``,
+    counted). The baseline's entry is read for this file alone, so it is marked and reused rather than copied."""
     previous.unchanged = True
     previous.error = None  # a copy kept from before a failure: the file is that version again
-    return previous.take(meta)
+    if meta is None or previous.meta == meta:  # what most files of most runs find: one comparison
+        return previous, False
+    changed = metadata_change(previous, meta) is not None
+    return previous.take(meta), changed

@@ -71,6 +71,8 @@ class _Tree:
     def __init__(self) -> None:
         self.owners = Owners()
         self.first_link: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of a hard-linked file -> its first path
+        # the Meta of each (st_mode, uid, gid) met, shared by the entries that are not hard links: a tree has few
+        self._metas: dict[tuple[int, int, int], Meta] = {}
 
     def meta(self, st: os.stat_result, rel: str | None = None) -> Meta:
         """The metadata of *st*; with *rel*, a regular file's, which may be a hard link to one walked before."""
@@ -79,6 +81,15 @@ class _Tree:
             link = self.first_link.setdefault((st.st_dev, st.st_ino), rel)
             if link == rel:
                 link = None
+        if link is None:
+            key = (st.st_mode, st.st_uid, st.st_gid)
+            found = self._metas.get(key)
+            if found is None:
+                found = self._metas[key] = self._new_meta(st, None)
+            return found
+        return self._new_meta(st, link)
+
+    def _new_meta(self, st: os.stat_result, link: str | None) -> Meta:
         return Meta(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, self.owners.user(st.st_uid),
                     self.owners.group(st.st_gid), link)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from typing import Annotated
 
 import msgspec
 
@@ -58,17 +59,16 @@ def target_bytes(text: str) -> bytes:
     return raw
 
 
-def _check_name(name: str | None, what: str) -> None:
-    if name is not None and (not name or len(name) > MAX_NAME_CHARS or "\x00" in name):
-        raise ValueError(f"bad {what} name {name!r}")
+# bounds the decoder checks (in C) as it reads each entry of a record back; the values a walk records come from
+# stat and the user database, within them
+Mode = Annotated[int, msgspec.Meta(ge=0, le=0o7777)]
+Id = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
-def _check_id(value: int | None, what: str) -> None:
-    if value is not None and not 0 <= value < 2**32:
-        raise ValueError(f"bad {what} {value}")
-
-
-class FileEntry(msgspec.Struct, omit_defaults=True):
+# gc=False: an entry holds strings and numbers only, so it is never part of a cycle; the collector need not track
+# the hundreds of thousands a record holds
+class FileEntry(msgspec.Struct, omit_defaults=True, gc=False):
     """One entry of a run's record: a file and the version of it the container holds for this run (or why it
     has none), a directory, or a symlink; with its metadata.
 
@@ -95,11 +95,11 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
     unchanged: bool = False
     error: str | None = None
     kind: str = "file"
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    user: str | None = None
-    group: str | None = None
+    mode: Mode | None = None
+    uid: Id | None = None
+    gid: Id | None = None
+    user: Name | None = None
+    group: Name | None = None
     target: str | None = None
     link: str | None = None
 
@@ -113,13 +113,9 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
                 raise ValueError("bad hard link")
         else:
             self._check_not_file()
-        mode = self.mode
-        if mode is not None and not 0 <= mode <= 0o7777:
-            raise ValueError(f"bad mode {mode}")
-        _check_id(self.uid, "uid")
-        _check_id(self.gid, "gid")
-        _check_name(self.user, "user")
-        _check_name(self.group, "group")
+        # the bounds of the numbers and names are the decoder's (``Mode``, ``Id``, ``Name``); a NUL is not
+        if (self.user is not None and "\x00" in self.user) or (self.group is not None and "\x00" in self.group):
+            raise ValueError(f"bad user or group name {self.user!r}, {self.group!r}")
 
     def _check_not_file(self) -> None:
         if self.kind not in KINDS:
@@ -163,7 +159,8 @@ class FileEntry(msgspec.Struct, omit_defaults=True):
         return self
 
 
-class Meta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
+# gc=False as FileEntry's: numbers and strings only
+class Meta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True, gc=False):
     """What the walk found of a file beside its content (``FileEntry``'s fields of the same names), carried
     on work pages from the scan to the copy that records the file."""
 

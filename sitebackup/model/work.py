@@ -277,7 +277,8 @@ class CopyItem(msgspec.Struct, array_like=True):
         return PriorCopy.of(self.previous)
 
 
-class FileRef(msgspec.Struct, array_like=True, frozen=True):
+# gc=False: strings, numbers and a Meta, never a cycle; one per file walked, untracked by the collector
+class FileRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """A file as the scan saw it: path, size and modification time, and its mode, owner and hard link."""
 
     path: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from azure.storage.blob import ContainerClient
@@ -17,6 +17,7 @@ from durabletask import task
 
 from sitebackup.blob.asyncget import Got
 from sitebackup.blob.errors import redact
+from sitebackup.blob.records import ContainerRecords, HeaderCache
 from sitebackup.blob.upload import Uploaded
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.errors import DestinationError
@@ -63,6 +64,12 @@ class ActivityDeps:
     halted: Callable[[], str | None] = lambda: None
     # whether the hosting process is stopping (Ctrl-C, SIGTERM): what an activity returns then is not a result
     stopping: Callable[[], bool] = lambda: False
+    # the sealed headers this process read, by container: a run's scan reads its baseline's, and its seal finds it here
+    headers: dict[str, HeaderCache] = field(default_factory=dict)
+
+    def records(self, container: str) -> ContainerRecords:
+        """The catalog of *container*, sharing the sealed headers read of it by this process's other activities."""
+        return ContainerRecords(self.container_client(container), self.headers.setdefault(container, HeaderCache()))
 
 
 def activity(name: str, run: Callable[[task.ActivityContext, object], Any]) -> Callable[[task.ActivityContext, object], Any]:

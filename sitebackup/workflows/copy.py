@@ -14,6 +14,8 @@ every source file beneath the source root by descriptor (``local.files.SourceTre
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import chain, repeat
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from durabletask import task
 
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.naming import backup_blob_name
-from sitebackup.blob.records import ContainerRecords, run_entries
+from sitebackup.blob.records import ContainerRecords, run_entries, run_pages
 from sitebackup.blob.upload import SINGLE_PUT_BYTES, Uploaded, upload_file
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.local import incremental
@@ -49,6 +51,9 @@ from sitebackup.workflows import blocks, pages
 from sitebackup.workflows.activity import ActivityDeps, activity
 from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, SCAN_TREE
 from sitebackup.workflows.window import Capped, stream_pages
+
+_KIND = attrgetter("kind")
+_SIZE = attrgetter("size")
 
 
 def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
@@ -77,7 +82,21 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
         for found in incremental.compare(Path(inp.source), patterns=inp.patterns,
                                          follow_symlinks=inp.follow_symlinks,
                                          baseline=_baseline(work, records, inp, notes.append), mode=inp.compare):
-            if isinstance(found, Found):
+            if isinstance(found, Compared):  # a file: most entries
+                file, before = found.file, found.previous
+                counts.files_total += 1
+                counts.bytes_total += file.size
+                if found.decision == incremental.UNCHANGED:
+                    assert before is not None
+                    record, changed = incremental.unchanged(before, file.meta)
+                    counts.metadata_changed += changed
+                    yield record
+                elif found.decision == incremental.CHECK:  # --checksum: hashed whole by the copy, never in ranges
+                    yield CopyItem(file.path, file.size, file.mtime_ns, before, True, meta=file.meta)
+                else:
+                    yield CopyItem(file.path, file.size, file.mtime_ns, before, changed=before is not None,
+                                   meta=file.meta)
+            elif isinstance(found, Found):
                 entry = found.entry
                 if entry.kind == "dir":
                     counts.dirs_total += 1
@@ -85,24 +104,10 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
                     counts.symlinks_total += 1
                 counts.metadata_changed += incremental.metadata_change(found.previous, entry=entry) is not None
                 yield entry
-                continue
-            if not isinstance(found, Compared):
-                if isinstance(found, Skipped):
-                    skipped.add(found.relpath, reason=found.reason)
-                else:
-                    failures.add(found.relpath, error=found.reason)
-                continue
-            file, before = found.file, found.previous
-            counts.files_total += 1
-            counts.bytes_total += file.size
-            if found.decision == incremental.UNCHANGED:
-                assert before is not None
-                counts.metadata_changed += incremental.metadata_change(before, file.meta) is not None
-                yield incremental.unchanged_record(before, file.meta)
-            elif found.decision == incremental.CHECK:  # --checksum: hashed whole by the copy, never in ranges
-                yield CopyItem(file.path, file.size, file.mtime_ns, before, True, meta=file.meta)
+            elif isinstance(found, Skipped):
+                skipped.add(found.relpath, reason=found.reason)
             else:
-                yield CopyItem(file.path, file.size, file.mtime_ns, before, changed=before is not None, meta=file.meta)
+                failures.add(found.relpath, error=found.reason)
 
     def large(item: CopyItem | FileEntry) -> bool:
         return isinstance(item, CopyItem) and not item.check and item.size > large_above and \
@@ -121,10 +126,11 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
         if isinstance(first, CopyItem) and large(first):
             n_pages += blocks.write_range_pages(writer, n_pages, first, inp.upload.block_size)
             continue
-        if all(map(light, batch)) and (len(done) < MAX_DONE_RANGES or done[-1].end == n_pages):
+        # counted with C loops (map), as most pages of a quiet tree are these
+        if all(map(isinstance, batch, repeat(FileEntry))) and (len(done) < MAX_DONE_RANGES or done[-1].end == n_pages):
             work.write_result(run_id, n_pages, batch)
-            counts.files_unchanged += sum(isinstance(entry, FileEntry) and entry.is_file for entry in batch)
-            counts.bytes_skipped += sum(entry.size for entry in batch)
+            counts.files_unchanged += list(map(_KIND, batch)).count("file")
+            counts.bytes_skipped += sum(map(_SIZE, batch))
             if done and done[-1].end == n_pages:
                 done[-1].end += 1
             else:
@@ -146,16 +152,35 @@ def _baseline(work: WorkStore, records: ContainerRecords | None, inp: ScanInput,
     it that is damaged in the state directory and in the container too ends it there: the files after are
     compared with what the container holds at their names as they are uploaded (``blob.upload.replace``), so
     none is taken for unchanged without proof."""
+    if inp.cancelled:
+        return _overlaid(work, records, inp, note)
+    if not inp.baseline:
+        return iter(())
+    # the baseline alone: its pages chained in C, so that no Python step per entry stands between them and the walk
+    return chain.from_iterable(_up_to_damage(run_pages(records, work, inp.baseline, note), note))
+
+
+def _up_to_damage(pages: Iterator[list[FileEntry]], note: Callable[[str], None]) -> Iterator[list[FileEntry]]:
+    try:
+        yield from pages
+    except DamagedData as exc:
+        note(_after_damage(exc))
+
+
+def _overlaid(work: WorkStore, records: ContainerRecords | None, inp: ScanInput,
+              note: Callable[[str], None]) -> Iterator[FileEntry]:
     # a cancelled run is never sealed: its record is the pages this work store holds
     sources = [run_entries(None, work, run_id, note) for run_id in inp.cancelled]
     if inp.baseline:
         sources.append(run_entries(records, work, inp.baseline, note))
-    if not sources:
-        return
     try:
         yield from incremental.overlaid(sources)
     except DamagedData as exc:
-        note(f"{exc}; the files after it are compared with the container as they are uploaded")
+        note(_after_damage(exc))
+
+
+def _after_damage(exc: DamagedData) -> str:
+    return f"{exc}; the files after it are compared with the container as they are uploaded"
 
 
 def copy_page(deps: ActivityDeps, run_id: str, page: int, items: list[CopyItem], source: SourceTree, container: str,
@@ -176,9 +201,10 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, items: list[CopyItem],
         try:
             if previous is not None and not item.changed and (
                     not item.check or _md5_b64(source, relpath) == previous.md5):
-                if item.check:  # --checksum found the same bytes: what else changed was not counted by the scan
-                    counts.metadata_changed += incremental.metadata_change(previous, item.meta) is not None
-                records.append(incremental.unchanged_record(previous, item.meta))
+                record, changed = incremental.unchanged(previous, item.meta)
+                # --checksum found the same bytes: what else changed was not counted by the scan
+                counts.metadata_changed += item.check and changed
+                records.append(record)
                 counts.files_unchanged += 1
                 counts.bytes_skipped += previous.size
                 continue
@@ -251,7 +277,7 @@ def build_activities(deps: ActivityDeps) -> list[task.Activity[Any, Any]]:
 
     def scan_tree(ctx: task.ActivityContext, raw: object) -> Any:
         inp = from_wire(raw, ScanInput, "the input of a scan")
-        records = ContainerRecords(deps.container_client(inp.container)) if inp.container else None
+        records = deps.records(inp.container) if inp.container else None
         return to_wire(scan_source(deps.work, ctx.orchestration_id, inp, records))
 
     def copy_batch(ctx: task.ActivityContext, raw: object) -> Any:

@@ -31,7 +31,7 @@ from sitebackup.workflows.names import SEAL_RECORD
 
 def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
     """Copy the run's record pages the container does not hold, then write its header."""
-    records = ContainerRecords(deps.container_client(inp.container))
+    records = deps.records(inp.container)  # the baseline's header as the scan read it, when this process ran it
     held: set[str] = set()
     baseline: RunRecord | None = None
     damaged = False
@@ -63,8 +63,7 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
             future.result()
     if baseline is None:  # a run of the job sealed before wrote its descriptor (it is written once, never changed)
         records.put_job(inp.job)
-    changes = None if damaged else count_changes(deps, records, run_id, inp.baseline, baseline,
-                                                 {seal.sha256 for seal in pages})
+    changes = None if damaged else count_changes(deps, records, run_id, inp.baseline, baseline, pages)
     records.seal(RunRecord(tool=__version__, run_id=run_id, job=inp.job.id, host=inp.job.host, source=inp.source,
                            container=inp.container, prefix=inp.prefix, started=inp.started, finished=inp.finished,
                            files=inp.files, files_failed=inp.files_failed, bytes=inp.bytes, pages=pages,
@@ -73,14 +72,19 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
 
 
 def count_changes(deps: ActivityDeps, records: ContainerRecords, run_id: str, baseline_id: str | None,
-                  baseline: RunRecord | None, mine: set[str]) -> ChangeCounts | None:
-    """What the run's record (its result pages, whose SHA-256s are *mine*) changed from its baseline's: the
+                  baseline: RunRecord | None, mine: list[PageSeal]) -> ChangeCounts | None:
+    """What the run's record (its result pages, as *mine* seals them) changed from its baseline's: the
     baseline's sealed *baseline* header, or (a run never sealed) its pages in the work store; None when the
     baseline cannot be read whole or either record is out of walk order (nothing is guessed)."""
     if baseline_id is not None and baseline is None and not deps.work.has_results(baseline_id):
         return None
-    shared = {seal.sha256 for seal in baseline.pages} & mine if baseline is not None else set()
-    after = (entry for page, data in deps.work.result_pages(run_id) if sha256_hex(data) not in shared
+    digests = {seal.page: seal.sha256 for seal in mine}
+    theirs = {seal.sha256 for seal in baseline.pages} if baseline is not None else set()
+    if baseline is not None and theirs == set(digests.values()):
+        return ChangeCounts()  # the same pages (an unchanged tree): nothing to read
+    shared = theirs & set(digests.values())
+    # the pages both records hold are left out: the hashes sealed a moment ago tell which, without hashing again
+    after = (entry for page, data in deps.work.result_pages(run_id) if digests.get(page) not in shared
              for entry in decode(data, list[FileEntry], f"record page {page} of run {run_id}"))
     try:
         if baseline_id is None:

@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import pytest
 from helpers import RecordingProxy, env_for, run_cli, write_tree
+
+from sitebackup.blob.records import HeaderCache
+from sitebackup.model.codec import DamagedData
+from sitebackup.model.records import RunRecord
 
 RESERVED = ".sitebackup/"
 
@@ -50,7 +57,9 @@ def test_an_unchanged_backup_seals_its_record_in_a_few_requests_whatever_the_tre
     assert catalog_requests(proxy, container_name) == Counter({
         ("GET", "list runs/"): 1,  # the catalog: which runs of the job are sealed (the baseline)
         ("GET", "list jobs/"): 1, ("GET", "jobs"): 1,  # whose prefix is whose
-        ("GET", "runs"): 2,  # the baseline's header: read beside the walk, and to know what pages it holds
+        # the baseline's header, read once by the scan beside the walk: the seal, in the same process, knows from it
+        # what pages the baseline holds
+        ("GET", "runs"): 1,
         ("PUT", "runs"): 1,  # the header, last
         ("PUT", "locks"): 3,  # the job's lock: the lease taken, its holder written, the lease given back
     })  # and no record page: the container holds them all already
@@ -76,3 +85,39 @@ def test_a_restore_on_a_new_machine_reads_the_header_and_each_page_once(tmp_path
     assert counted[("GET", "pruned")] == 1  # is there a tombstone: once
     assert counted[("GET", "runs")] == 2  # the header: to find the run, and to plan from it
     assert counted[("GET", "records")] == len(list((tmp_path / "state" / "work" / run_id / "results").glob("*.json")))
+
+
+def test_a_process_reads_a_sealed_header_once_and_keeps_no_failed_or_missing_one():
+    cache = HeaderCache()
+    record = RunRecord(tool="t", run_id="R", job="j", host="h", source="/s", container="c", started="", finished="")
+    reads: list[str] = []
+
+    def read(run_id: str) -> RunRecord:
+        reads.append(run_id)
+        return record
+
+    assert cache.read("R", lambda: read("R")) is record and cache.read("R", lambda: read("R")) is record
+    assert reads == ["R"]
+    assert cache.read("S", lambda: None) is None and cache.read("S", lambda: read("S")) is record  # none: asked again
+
+    def damaged() -> RunRecord:
+        raise DamagedData("the sealed record of run T is damaged")
+
+    with pytest.raises(DamagedData):
+        cache.read("T", damaged)
+    assert cache.read("T", lambda: read("T")) is record and reads == ["R", "S", "T"]  # a failure is not kept
+    # a read under way (the prefetch) is waited for by the next, not sent again
+    started, go = threading.Event(), threading.Event()
+
+    def slow() -> RunRecord:
+        started.set()
+        assert go.wait(10)
+        return read("U")
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(cache.read, "U", slow)
+        assert started.wait(10)
+        second = pool.submit(cache.read, "U", lambda: read("U again"))
+        go.set()
+        assert first.result(10) is record and second.result(10) is record
+    assert reads == ["R", "S", "T", "U"]
