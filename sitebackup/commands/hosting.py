@@ -412,7 +412,8 @@ class CancelCheck:
             if answer or (not fresh and self.clock() - at < self.interval and now == version):
                 return answer
             if self.client is None:
-                self.client = self.runtime.client()
+                # asked on the upload loop's thread too: a backend going away must answer at once, not after retries
+                self.client = self.runtime.client(patient=False)
             try:
                 state = self.client.get_orchestration_state(run_id, fetch_payloads=False)
             except Exception:  # backend going away: keep uploading, the lease decides

@@ -82,14 +82,17 @@ class Runtime:
         finally:
             client.close()
 
-    def client(self) -> dt_client.TaskHubGrpcClient:
+    def client(self, patient: bool = True) -> dt_client.TaskHubGrpcClient:
+        """A client of the backend; *patient* (the embedded backend only) asks again a call that found it
+        unreachable for an instant. A caller that must not wait, as one on an event loop's thread, passes False."""
         if self.taskhub is not None:
             from durabletask.azuremanaged.client import DurableTaskSchedulerClient
 
             return DurableTaskSchedulerClient(host_address=self.address, taskhub=self.taskhub.taskhub,
                                               token_credential=self.credential, secure_channel=self.taskhub.secure,
                                               interceptors=self._interceptors(), logger=SDK_LOGGER)
-        return dt_client.TaskHubGrpcClient(host_address=self.address, logger=SDK_LOGGER, channel_options=_IN_PROCESS)
+        return dt_client.TaskHubGrpcClient(host_address=self.address, logger=SDK_LOGGER,
+                                           channel_options=_IN_PROCESS if patient else None)
 
     def _interceptors(self) -> list[DefaultClientInterceptorImpl]:
         """The `sitebackup serve` token on every call, when the connection string or environment gives one."""

@@ -384,7 +384,8 @@ def test_no_wait_on_a_stalled_run_exits_6_and_status_shows_its_last_progress(azu
     proxy = GateProxy(azurite.endpoint)
     conn = azurite.connection_string.replace(azurite.endpoint, proxy.endpoint)
     env = env_for(conn, tmp_path / "state")
-    run = JsonRun([str(src), "-c", container_name, "--concurrency", "2"], env)
+    # a window fixed at 4 requests: one that widens through the proxy could finish the run before it is seen uploading
+    run = JsonRun([str(src), "-c", container_name, "--concurrency", "2", "--max-inflight", "4"], env)
     try:
         instance_id = run.until(lambda e: e["event"] == "start")["instance_id"]
         run.until(uploading(1))
