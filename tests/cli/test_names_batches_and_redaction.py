@@ -94,8 +94,12 @@ def test_cancel_check_asks_again_when_the_backend_changed_the_run_or_the_interva
 
     status = {"value": OrchestrationStatus.RUNNING}
     asked: list[str] = []
+    made: list[bool] = []
 
     class Client:
+        def __init__(self, patient: bool = True):
+            made.append(patient)
+
         def get_orchestration_state(self, run_id, fetch_payloads=True):
             asked.append(run_id)
             return SimpleNamespace(runtime_status=status["value"])
@@ -122,6 +126,8 @@ def test_cancel_check_asks_again_when_the_backend_changed_the_run_or_the_interva
     assert check3("t") is False
     runtime.stopping.set()  # Ctrl-C or SIGTERM: this process's uploads end as for a cancel, whatever the run says
     assert check3("t") is True
+    # asked on the upload loop's thread too: a client that fails at once when the backend is going away
+    assert made == [False, False, False]
 
 
 def test_a_fresh_cancel_check_asks_the_backend_every_time():
@@ -137,6 +143,9 @@ def test_a_fresh_cancel_check_asks_the_backend_every_time():
     asked: list[str] = []
 
     class Client:
+        def __init__(self, patient: bool = True):
+            pass
+
         def get_orchestration_state(self, run_id, fetch_payloads=True):
             asked.append(run_id)
             return SimpleNamespace(runtime_status=status["value"])
