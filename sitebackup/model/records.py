@@ -162,13 +162,14 @@ class FileEntry(msgspec.Struct, omit_defaults=True, gc=False):
 # gc=False as FileEntry's: numbers and strings only
 class Meta(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True, gc=False):
     """What the walk found of a file beside its content (``FileEntry``'s fields of the same names), carried
-    on work pages from the scan to the copy that records the file."""
+    on work pages from the scan to the copy that records the file. Bounded as FileEntry's are: a work page
+    decoded is checked by the decoder too, so an entry built from it holds no value a record could not."""
 
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    user: str | None = None
-    group: str | None = None
+    mode: Mode | None = None
+    uid: Id | None = None
+    gid: Id | None = None
+    user: Name | None = None
+    group: Name | None = None
     link: str | None = None
 
 
