@@ -5,6 +5,8 @@ Azurite comes from the project's package.json (``npm ci``); nothing here install
 
 from __future__ import annotations
 
+import os
+import random
 import socket
 import subprocess
 import time
@@ -18,10 +20,25 @@ KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr
 CLOSED = b"Azurite Blob service successfully closed"  # printed once its stores are saved and closed
 
 
+PORTS_PER_WORKER = 1000
+FIRST_PORT = 15000  # below Linux's ephemeral range (32768-60999): no outgoing connection takes one of these
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, for a server started after (Azurite, again after a restart) or for a
+    test that wants one where nothing listens. It is released before use, so it comes from a range of its
+    own per pytest-xdist worker, outside the ephemeral range the kernel hands to ``bind(0)`` and to
+    outgoing connections: another worker or a connection cannot take it in between."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = FIRST_PORT + (int(worker) if worker.isdigit() else 0) % 16 * PORTS_PER_WORKER
+    for port in random.sample(range(first, first + PORTS_PER_WORKER), PORTS_PER_WORKER):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + PORTS_PER_WORKER - 1}")
 
 
 def azurite_binary() -> Path:
