@@ -9,6 +9,8 @@
 #                            Tests that start processes leave it by themselves (a fixture that starts Azurite
 #                            or a mount, or @pytest.mark.processes); in a fast run, starting a process or
 #                            reaching the network beyond loopback fails the test (tests/fast_tier.py).
+# Both run on every core (pytest-xdist); most `sitebackup` processes the tests start are forked from a server
+# that imported the package once (tests/zygote.py), the rest are real `python -m sitebackup` processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -19,4 +21,8 @@ scripts/setup.sh
 # bytecode once, as an install would: under PYTHONDONTWRITEBYTECODE every `sitebackup` process the tests
 # start would compile the package from source again
 .venv/bin/python -m compileall -q sitebackup
-exec .venv/bin/python -m pytest -q "$@"
+# one pytest worker per core, at most 4 (pytest-xdist), each with its own Azurite, fork server (tests/zygote.py)
+# and port range; SITEBACKUP_TEST_WORKERS=0 runs the tests in this one process
+workers=${SITEBACKUP_TEST_WORKERS:-$(nproc)}
+[ "$workers" -gt 4 ] && workers=4
+exec .venv/bin/python -m pytest -q -n "$workers" "$@"
