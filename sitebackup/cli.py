@@ -4,11 +4,14 @@ messages (and, with ``--json``, one JSON error object on stdout).
 
 What ``main`` acts on (--json, --debug, the --metrics-file job) it learns from the ``Session`` the
 options' callbacks record into while click reads the line.
+
+A command's module is imported when the command is asked for (``Commands``): a nightly backup does not pay
+for the import of every other command.
 """
 
 from __future__ import annotations
 
-import difflib
+import importlib
 import io
 import json
 import logging
@@ -16,7 +19,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from types import FrameType
 
@@ -25,26 +28,6 @@ from click.shell_completion import CompletionItem
 
 from sitebackup import __version__
 from sitebackup.blob.errors import redact
-from sitebackup.commands import (
-    backup,
-    cancel,
-    cat,
-    check,
-    diff,
-    find,
-    list_runs,
-    ls,
-    prune,
-    purge,
-    restore,
-    resume,
-    serve,
-    stats,
-    status,
-    unlock,
-    verify,
-    worker,
-)
 from sitebackup.commands.hosting import end_process
 from sitebackup.commands.options import Session, set_log_levels
 from sitebackup.durable.runtime import backend_error
@@ -52,6 +35,42 @@ from sitebackup.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, 
 from sitebackup.ui.escape import printable
 from sitebackup.ui.logfile import log_failure
 from sitebackup.ui.metrics import MetricsFileError
+
+# command name -> its module under sitebackup.commands, which defines it as ``command``
+COMMAND_MODULES = {"backup": "backup", "restore": "restore", "verify": "verify", "prune": "prune", "worker": "worker",
+                   "serve": "serve", "status": "status", "list": "list_runs", "resume": "resume", "cancel": "cancel",
+                   "purge": "purge", "check": "check", "unlock": "unlock", "ls": "ls", "diff": "diff", "find": "find",
+                   "cat": "cat", "stats": "stats"}
+
+
+class Commands(MutableMapping[str, click.Command]):
+    """The group's commands by name, each imported from its module when it is first looked up: the names are
+    known without importing anything (usage errors, typo suggestions), the command itself only when used or
+    listed with its help."""
+
+    def __init__(self, modules: dict[str, str]):
+        self._modules = dict(modules)
+        self._loaded: dict[str, click.Command] = {}
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in self._loaded:
+            module = self._modules[name]  # KeyError: no such command
+            self._loaded[name] = importlib.import_module(f"sitebackup.commands.{module}").command
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, command: click.Command) -> None:
+        self._modules.setdefault(name, name)
+        self._loaded[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._modules[name]
+        self._loaded.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
 
 class DefaultToBackup(click.Group):
@@ -61,7 +80,7 @@ class DefaultToBackup(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             close = [] if args[0].startswith("-") or "/" in args[0] or os.path.isdir(args[0]) else \
-                difflib.get_close_matches(args[0], self.commands, n=3, cutoff=0.6)
+                _close_matches(args[0], list(self.commands))
             if close:
                 raise click.UsageError(f"{args[0]!r} is neither a command nor a directory: did you mean "
                                        + " or ".join(f"`sitebackup {name}`" for name in close) + "?")
@@ -88,10 +107,13 @@ def cli() -> None:
     """
 
 
-for command in (backup.command, restore.command, verify.command, prune.command, worker.command, serve.command,
-                status.command, list_runs.command, resume.command, cancel.command, purge.command, check.command,
-                unlock.command, ls.command, diff.command, find.command, cat.command, stats.command):
-    cli.add_command(command)
+cli.commands = Commands(COMMAND_MODULES)
+
+
+def _close_matches(word: str, names: list[str]) -> list[str]:
+    import difflib  # a typo's path only
+
+    return difflib.get_close_matches(word, names, n=3, cutoff=0.6)
 
 
 def _configure_logging() -> None:
