@@ -117,9 +117,11 @@ def test_a_second_ctrl_c_or_sigterm_during_the_stop_ends_the_process_at_once(fir
     proc = subprocess.Popen([sys.executable, "-c", SLOW_STOP], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_at_a_terminal)
     try:
-        assert proc.stdout.readline() == "running\n"
+        line = proc.stdout.readline()
+        assert line == "running\n", (line, proc.wait(), proc.stderr.read())
         proc.send_signal(first)
-        assert proc.stdout.readline() == "stopping\n"
+        line = proc.stdout.readline()
+        assert line == "stopping\n", (line, proc.wait(), proc.stderr.read())
         proc.send_signal(second)
         _out, err = proc.communicate(timeout=STOP_BOUND_SECONDS)
     finally:
