@@ -14,8 +14,9 @@ while requests wait for a slot (else the window is not what bounds the run):
   back, and waits one round, then two, four... (at most ``MOST_HOLD``) before trying again. On loopback a round
   trip costs next to nothing: requests look queued there, or a doubling does not pay, and the window stays near
   its start;
-- it gives back a quarter, never below ``start``, when latency has climbed to ``QUEUEING`` times the round
-  trip: requests queue at a busy service or client;
+- it gives back a quarter when latency has climbed to ``QUEUEING`` times the round trip (requests queue at a
+  busy service or client), never below ``start`` nor below the widest window a doubling was found to pay for
+  (that window's latency was part of what paid: on a busy client, latency climbs with the throughput);
 - it halves when the service throttles (a 503 or 500 answer, seen by ``ThrottleSignal`` in the pipeline before
   its retry policy sends the request again), at most once a round, never below ``FLOOR``.
 
@@ -84,6 +85,9 @@ class InFlight:
         self._probe: tuple[int, float] | None = None  # the window grown from, and its rounds' mean rate
         self._rates, self._rate_sum = 0, 0.0  # the rounds judged at this width, and their rates' sum
         self._hold = 0  # rounds to let go by before growing again
+        # the widest window a doubling was found to pay for: its latency was part of what paid, so latency alone
+        # never takes the window below it (a throttling service does)
+        self._paid = self.limit
         self._hold_next = 1  # ... after the next growth that does not pay
         # a round not judged: the first (it opens the connections), and the one after the window was narrowed
         self._settling = True
@@ -126,6 +130,7 @@ class InFlight:
         if not self.fixed and not self._throttled:
             self._throttled = True
             self._probe = None  # a growth being tried is judged no more: going back to it would widen the window
+            self._paid = self.start
             self._settling = True
             self._resize(self.limit // 2)
 
@@ -158,6 +163,7 @@ class InFlight:
                 self._hold, self._hold_next = self._hold_next, min(2 * self._hold_next, MOST_HOLD)
                 return
             self._hold_next = 1
+            self._paid = self.limit
         self._rates += 1
         self._rate_sum += rate
         if self._hold:
@@ -171,8 +177,8 @@ class InFlight:
                 # judged on the round after next: the next one still ends requests sent before the window widened
                 self._settling = True
                 return
-        if latency >= self._base * QUEUEING and self.limit > self.start:
-            self._resize(max(self.start, self.limit - self.limit // 4))
+        if latency >= self._base * QUEUEING and self.limit > self._paid:
+            self._resize(max(self._paid, self.limit - self.limit // 4))
             self._settling = True
 
     def _resize(self, limit: int) -> None:
