@@ -1,8 +1,7 @@
 """The adaptive window of requests in flight (``blob.inflight``), on a simulated path in virtual time: it grows to
 fill a path whose round trip is long, goes back when growing does not pay (and not when it paid, however latency
-climbed), stays where it started where the
-service is the bound (loopback), halves when the service throttles, never passes its ceiling nor its bytes in
-flight, and a fixed window (--max-inflight) never moves.
+climbed), stays where it started where the service is the bound (loopback), halves when the service throttles,
+never passes its ceiling nor its bytes in flight, and a fixed window (--max-inflight) never moves.
 
 The path: a request takes the round-trip time, or longer when more are in flight than the service completes in
 that time (it queues). Counts only: the window's width and the time taken in virtual time, never wall time."""
