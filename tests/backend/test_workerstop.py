@@ -51,12 +51,8 @@ def test_an_item_taken_as_the_sdks_timeout_cancels_the_wait_is_still_run(monkeyp
             queue.put_nowait((work, cancel, ("episode",), {}))
             while not queue.empty():  # the inner get takes it; the consumer's wait has not seen it yet
                 await asyncio.sleep(0)
-            waiting.cancel()  # the timeout, at that instant (as asyncio.wait_for does)
             raced.set()
-            try:
-                return await waiting
-            except asyncio.CancelledError:
-                raise asyncio.TimeoutError from None
+            return await real_wait_for(waiting, 0)  # its timeout, at that instant: the wait is cancelled
 
         monkeypatch.setattr(dt_worker.asyncio, "wait_for", unlucky_wait_for)
         consumer = asyncio.ensure_future(manager._consume_queue(queue, asyncio.Semaphore(4)))
