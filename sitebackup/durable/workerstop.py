@@ -5,7 +5,9 @@ for the next item with a fixed 1 s timeout and look at the shutdown flag only be
 every ``worker.stop()`` of an idle worker costs up to a second of wall time: most of a short
 run's shutdown. ``make_prompt`` swaps in a manager whose consumers' wait is woken by ``shutdown()`` itself, so a
 consumer ends as soon as shutdown is set, its queue is empty and nothing it started still runs. Draining is
-unchanged: items already queued or running are still finished, as ``stop()`` promises.
+unchanged: items already queued or running are still finished, as ``stop()`` promises. An item a wait took off
+the queue is handed on even when the SDK's timeout cancels that wait at the same instant: a dropped work item
+would stay leased to this live process, never run and never given back, and its run would hang.
 If the SDK's internals differ from what this expects, the worker keeps its own manager.
 """
 
@@ -58,6 +60,13 @@ if _Manager is not None:
                     stop = asyncio.ensure_future(stopping.wait())
                     try:
                         await asyncio.wait((item, stop), timeout=WAIT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                    except asyncio.CancelledError:
+                        # the SDK's own timeout around this wait, as long as ours, may cancel it after the item was
+                        # taken off the queue but before this wait saw it: hand the item on (its wait_for returns
+                        # what a cancelled wait still gave), else the work item is lost and its lease renewed forever
+                        if item.done() and not item.cancelled():
+                            return item.result()
+                        raise
                     finally:
                         stop.cancel()
                         if not item.done():

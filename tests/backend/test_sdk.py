@@ -44,6 +44,26 @@ def test_fan_out_fan_in_1000(harness):
     assert json.loads(state.serialized_output) == 1000 * 999
 
 
+def test_an_episode_whose_completion_the_store_refused_runs_again(harness, monkeypatch):
+    # The SDK worker only logs a failed CompleteOrchestratorTask: unless the backend gives the lease back, this
+    # live process renews it forever and the run waits on an episode nobody works on.
+    store = harness.backend.store
+    complete = store.complete_orchestration
+    refused: list[str] = []
+
+    def refuse_the_first_after_the_fan_out(hub, response):
+        if not refused and not any(a.HasField("scheduleTask") for a in response.actions):
+            refused.append(response.completionToken)
+            raise sqlite3.OperationalError("database is locked")
+        return complete(hub, response)
+
+    monkeypatch.setattr(store, "complete_orchestration", refuse_the_first_after_the_fan_out)
+    _, state = run(harness, flows.fan_out, 3)
+    assert refused
+    assert state.runtime_status == OrchestrationStatus.COMPLETED
+    assert json.loads(state.serialized_output) == 6
+
+
 def test_retry_policy_uses_durable_timers(harness):
     flows.ATTEMPTS.clear()
     iid, state = run(harness, flows.retrying, "k1")

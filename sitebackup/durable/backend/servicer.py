@@ -501,11 +501,25 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
 
     def CompleteOrchestratorTask(self, request: pb.OrchestratorResponse, context: grpc.ServicerContext
                                  ) -> pb.CompleteTaskResponse:
-        applied = self.store.complete_orchestration(_taskhub(context), request)
+        hub = _taskhub(context)
+        try:
+            applied = self.store.complete_orchestration(hub, request)
+        except Exception:
+            # Nothing of the episode was recorded and the SDK worker only logs the error: give the lease back so
+            # the episode runs again, or this process would renew it forever for a completion that never comes.
+            self._give_back(hub, request.completionToken)
+            raise
         self._untrack(request.completionToken)
         if not applied:
             log.warning("ignored a stale orchestrator completion for instance %r", request.instanceId)
         return pb.CompleteTaskResponse()
+
+    def _give_back(self, hub: str, token: str) -> None:
+        try:
+            self.store.abandon(hub, token)
+        except Exception as exc:  # the store refuses writes (a full disk stops the run; a corrupt one answers so)
+            log.warning("could not give back the work item %r: %s", token, exc)
+        self._untrack(token)
 
     def CompleteActivityTask(self, request: pb.ActivityResponse, context: grpc.ServicerContext) -> pb.CompleteTaskResponse:
         if self._dropping and not self.remote_workers:
