@@ -126,7 +126,7 @@ def test_an_interrupted_run_writes_exit_code_130(tmp_path, cli_env, container_na
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (err, out[-3000:])
     assert "interrupted" in err
     values = job_values(prom, "backup", str(src), container_name)
     assert values["sitebackup_last_run_exit_code"] == 130

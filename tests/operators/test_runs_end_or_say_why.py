@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -363,14 +364,16 @@ class GateProxy(ForwardingProxy):
     """While ``open`` is clear, blob uploads wait here: the run stops moving (a second invocation's
     pre-flight, on the container, still goes through)."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, pace: float = 0.0):
         self.open = threading.Event()
         self.open.set()
+        self.pace = pace  # seconds each upload takes here: long enough a run to be caught uploading, however fast
         super().__init__(target)
 
     def intercept(self, request, body):
         if request.command == "PUT" and "restype=container" not in request.path:
             self.open.wait(120)
+            time.sleep(self.pace)
         return body
 
     def close(self) -> None:
@@ -381,10 +384,11 @@ class GateProxy(ForwardingProxy):
 def test_no_wait_on_a_stalled_run_exits_6_and_status_shows_its_last_progress(azurite, tmp_path, container_name):
     src = tmp_path / "site"
     many_files(src, 400)
-    proxy = GateProxy(azurite.endpoint)
+    # uploads paced and a window fixed at 4 requests: a run on a quiet machine, or with a window that widens
+    # through the proxy, could finish before it is seen uploading
+    proxy = GateProxy(azurite.endpoint, pace=0.02)
     conn = azurite.connection_string.replace(azurite.endpoint, proxy.endpoint)
     env = env_for(conn, tmp_path / "state")
-    # a window fixed at 4 requests: one that widens through the proxy could finish the run before it is seen uploading
     run = JsonRun([str(src), "-c", container_name, "--concurrency", "2", "--max-inflight", "4"], env)
     try:
         instance_id = run.until(lambda e: e["event"] == "start")["instance_id"]
