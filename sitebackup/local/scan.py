@@ -72,7 +72,7 @@ class _Tree:
         self.owners = Owners()
         self.first_link: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of a hard-linked file -> its first path
         # the Meta of each (st_mode, uid, gid) met, shared by the entries that are not hard links: a tree has few
-        self.metas: dict[tuple[int, int, int], Meta] = {}
+        self._metas: dict[tuple[int, int, int], Meta] = {}
 
     def meta(self, st: os.stat_result, rel: str | None = None) -> Meta:
         """The metadata of *st*; with *rel*, a regular file's, which may be a hard link to one walked before."""
@@ -83,9 +83,9 @@ class _Tree:
                 link = None
         if link is None:
             key = (st.st_mode, st.st_uid, st.st_gid)
-            found = self.metas.get(key)
+            found = self._metas.get(key)
             if found is None:
-                found = self.metas[key] = self._new_meta(st, None)
+                found = self._metas[key] = self._new_meta(st, None)
             return found
         return self._new_meta(st, link)
 
@@ -150,7 +150,6 @@ def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None,
     real_root = os.path.realpath(root)
     root_st = os.stat(root)
     tree = _Tree()
-    metas = tree.metas  # looked up inline for a file that is no hard link: most files
     yield tree.directory(ROOT, root_st)
     # each pending directory carries the (st_dev, st_ino) of itself and its ancestors: the loop check
     stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
@@ -198,10 +197,7 @@ def walk(root: Path, *, excluded: Callable[[str, bool], bool] | None = None,
                 yield Failed(rel, describe_os_error(exc))
                 continue
             if stat.S_ISREG(st.st_mode):
-                meta = metas.get((st.st_mode, st.st_uid, st.st_gid)) if st.st_nlink == 1 else None
-                if meta is None:
-                    meta = tree.meta(st, rel)
-                yield FileRef(rel, st.st_size, st.st_mtime_ns, meta)
+                yield FileRef(rel, st.st_size, st.st_mtime_ns, tree.meta(st, rel))
             else:
                 yield Skipped(rel, _special_kind(st.st_mode) or "not a regular file")
         # reversed so that popping from the stack visits directories in sorted order

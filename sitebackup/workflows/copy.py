@@ -88,10 +88,6 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
                 counts.bytes_total += file.size
                 if found.decision == incremental.UNCHANGED:
                     assert before is not None
-                    if before.meta == file.meta:  # ``incremental.unchanged``'s case of most files, inline
-                        before.unchanged, before.error = True, None
-                        yield before
-                        continue
                     record, changed = incremental.unchanged(before, file.meta)
                     counts.metadata_changed += changed
                     yield record
