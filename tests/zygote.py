@@ -136,6 +136,8 @@ def serve(path: str) -> Launch:
                 callers[conn] = (pid, pidfd)
                 conn.sendall(NUMBER.pack(pid))
             elif isinstance(item, socket.socket):  # the caller went away (timeout, killed test): so does its run
+                if item not in callers:  # its child was reaped earlier in this round: nothing left to stop
+                    continue
                 pid, _pidfd = callers[item]
                 try:
                     item.recv(1)
