@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,15 @@ from helpers import QUICK_WAITS, run_cli  # noqa: E402
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fast", action="store_true",
                      help="only tests that start no process and no Azurite; any that tries fails")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts background jobs with SIGINT ignored and children inherit that (Python then installs no
+    # KeyboardInterrupt handler): a suite run from a script would see the Ctrl-C its tests send ignored, where a
+    # user's comes at a terminal. Restored here, in each test process, rather than in each child before its exec
+    # (a ``preexec_fn`` makes the fork run gRPC's fork handlers in a process whose backend tests left gRPC threads).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

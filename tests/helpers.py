@@ -9,7 +9,6 @@ import hashlib
 import http.client
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -46,13 +45,6 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, **kwargs
         return zygote.SERVER.run(args, env, cwd, timeout)
     return subprocess.run([sys.executable, "-m", "sitebackup", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, **kwargs)
-
-
-def sigint_as_at_a_terminal() -> None:
-    """``preexec_fn`` for a child the test sends SIGINT: a shell starts background jobs with SIGINT ignored
-    and children inherit that (Python then installs no KeyboardInterrupt handler), so a suite run from a
-    script would see Ctrl-C ignored; a user's Ctrl-C comes at a terminal, where SIGINT is not ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_tree(root: Path, files: dict[str, bytes]) -> Path:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from helpers import ROOT, read_blobs, sigint_as_at_a_terminal, wait_until, write_tree
+from helpers import ROOT, read_blobs, wait_until, write_tree
 
 
 def tree_of(n_dirs: int, per_dir: int, size: int) -> dict[str, bytes]:
@@ -19,8 +19,7 @@ def tree_of(n_dirs: int, per_dir: int, size: int) -> dict[str, bytes]:
 
 def start_backup(src, container, env, *extra):
     proc = subprocess.Popen([sys.executable, "-m", "sitebackup", str(src), "--container", container, "--json", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            preexec_fn=sigint_as_at_a_terminal)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     start = json.loads(proc.stdout.readline())
     assert start["event"] == "start", start
     return proc, start["instance_id"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from azurite import free_port
-from helpers import ROOT, sigint_as_at_a_terminal, write_tree
+from helpers import ROOT, write_tree
 from prometheus_client.parser import text_string_to_metric_families
 
 from sitebackup.ui.metrics import MetricsFileError, MetricsJob
@@ -118,7 +118,7 @@ def test_an_interrupted_run_writes_exit_code_130(tmp_path, cli_env, container_na
     src = write_tree(tmp_path / "site", {f"f{i}.bin": b"x" * MIB for i in range(8)})
     proc = subprocess.Popen([sys.executable, "-m", "sitebackup", str(src), "-c", container_name, "--json",
                              "--bwlimit", "1M", "--metrics-file", str(prom)], env=cli_env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_at_a_terminal)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert json.loads(proc.stdout.readline())["event"] == "start"
         proc.send_signal(sig)

@@ -26,7 +26,6 @@ from helpers import (
     env_for,
     many_files,
     run_cli,
-    sigint_as_at_a_terminal,
     uploading,
     write_tree,
 )
@@ -52,8 +51,7 @@ def paced_tree(root):
 
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "sitebackup", *args, "--json"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_as_at_a_terminal)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = json.loads(proc.stdout.readline())
     assert first["event"] == "start", first
     for line in proc.stdout:  # transfers in flight: the first file done
@@ -115,7 +113,7 @@ with cli.stoppable():
                                            (signal.SIGINT, signal.SIGTERM)])
 def test_a_second_ctrl_c_or_sigterm_during_the_stop_ends_the_process_at_once(first, second):
     proc = subprocess.Popen([sys.executable, "-c", SLOW_STOP], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_at_a_terminal)
+                            stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line == "running\n", (line, proc.wait(), proc.stderr.read())
