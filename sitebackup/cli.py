@@ -28,7 +28,7 @@ from click.shell_completion import CompletionItem
 
 from sitebackup import __version__
 from sitebackup.blob.errors import redact
-from sitebackup.commands.hosting import end_process
+from sitebackup.commands.hosting import STOP_REQUESTED, end_process
 from sitebackup.commands.options import Session, set_log_levels
 from sitebackup.durable.runtime import backend_error
 from sitebackup.errors import EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, SiteBackupError
@@ -151,6 +151,7 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
     for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is _interrupt:
             signal.signal(sig, _stop_at_once)
+    STOP_REQUESTED.set()
     raise KeyboardInterrupt
 
 

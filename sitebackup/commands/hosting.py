@@ -61,6 +61,9 @@ from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATI
 # workers) is polled: each read is a request the serving process (or the scheduler) answers, so twice a
 # second at most, after a quick start so that a small run is seen done within the first polls
 POLL_SECONDS = 0.5
+# Set by the first Ctrl-C or SIGTERM (``cli.stoppable``) besides the KeyboardInterrupt it raises: a watch acts on
+# it at its next poll even when a library that the main thread was in at that instant swallowed the exception
+STOP_REQUESTED = threading.Event()
 FIRST_POLL_SECONDS = 0.02  # doubling up to POLL_SECONDS
 # A run hosted by this process's embedded backend is read again as soon as that backend changes it (an
 # episode: new counters, or the end), and otherwise only this often, for what other processes change
@@ -287,6 +290,8 @@ def watch(client: dt_client.TaskHubGrpcClient, instance_id: str, printer: Printe
     delay = FIRST_POLL_SECONDS
     version = runtime.status_version(instance_id) if runtime is not None else None
     while True:
+        if STOP_REQUESTED.is_set():
+            raise KeyboardInterrupt
         if on_poll is not None:
             on_poll()
         state = client.get_orchestration_state(instance_id)
