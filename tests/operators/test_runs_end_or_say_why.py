@@ -84,6 +84,7 @@ def test_state_disk_filling_mid_run_stops_it_with_exit_5_and_a_rerun_completes_e
         run.kill()
     assert code == EXIT_STATE_FULL, err
     assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
     [line] = err.strip().splitlines()
     assert line.startswith(f"sitebackup: error: state directory {state} cannot be written (")
     assert "No space left on device" in line or "disk is full" in line

@@ -517,8 +517,8 @@ class Servicer(stubs.TaskHubSidecarServiceServicer):
     def _give_back(self, hub: str, token: str) -> None:
         try:
             self.store.abandon(hub, token)
-        except Exception as exc:  # the store refuses writes (a full disk stops the run; a corrupt one answers so)
-            log.warning("could not give back the work item %r: %s", token, exc)
+        except Exception as exc:  # the store refuses writes: a full disk stops the run and says so in one line
+            log.debug("could not give back the work item %r: %s", token, exc)
         self._untrack(token)
 
     def CompleteActivityTask(self, request: pb.ActivityResponse, context: grpc.ServicerContext) -> pb.CompleteTaskResponse:
