@@ -8,11 +8,15 @@ while requests wait for a slot (else the window is not what bounds the run):
 
 - it doubles while requests do not queue (a round's mean latency below ``RISING`` times the lowest a request
   has taken, the path's round trip: the path, not the service or the client's CPU, holds them) and the
-  doubling pays: when the round after it is not ``GROWTH`` times faster, the window goes back, and waits one
-  round, then two, four... (at most ``MOST_HOLD``) before trying again. On loopback a round trip costs next
-  to nothing: requests look queued there, or a doubling does not pay, and the window stays near its start;
-- it gives back a quarter, never below ``start``, when latency has climbed to ``QUEUEING`` times the round
-  trip: requests queue at a busy service or client;
+  doubling pays: when the first round made of the wider window's requests only (the round after next: the next
+  one still ends requests sent before it) is not ``GROWTH`` times faster than the narrower window's rounds were
+  on average (not than the one round that let it grow: on a busy machine, that is a lucky one), the window goes
+  back, and waits one round, then two, four... (at most ``MOST_HOLD``) before trying again. On loopback a round
+  trip costs next to nothing: requests look queued there, or a doubling does not pay, and the window stays near
+  its start;
+- it gives back a quarter when latency has climbed to ``QUEUEING`` times the round trip (requests queue at a
+  busy service or client), never below ``start`` nor below the widest window a doubling was found to pay for
+  (that window's latency was part of what paid: on a busy client, latency climbs with the throughput);
 - it halves when the service throttles (a 503 or 500 answer, seen by ``ThrottleSignal`` in the pipeline before
   its retry policy sends the request again), at most once a round, never below ``FLOOR``.
 
@@ -78,8 +82,12 @@ class InFlight:
         self._permits = asyncio.Semaphore(self.limit)
         self._owed = 0
         self._clock = clock
-        self._probe: tuple[int, float] | None = None  # the window grown from, and its round's rate
+        self._probe: tuple[int, float] | None = None  # the window grown from, and its rounds' mean rate
+        self._rates, self._rate_sum = 0, 0.0  # the rounds judged at this width, and their rates' sum
         self._hold = 0  # rounds to let go by before growing again
+        # the widest window a doubling was found to pay for: its latency was part of what paid, so latency alone
+        # never takes the window below it (a throttling service does)
+        self._paid = self.limit
         self._hold_next = 1  # ... after the next growth that does not pay
         # a round not judged: the first (it opens the connections), and the one after the window was narrowed
         self._settling = True
@@ -122,6 +130,7 @@ class InFlight:
         if not self.fixed and not self._throttled:
             self._throttled = True
             self._probe = None  # a growth being tried is judged no more: going back to it would widen the window
+            self._paid = self.start
             self._settling = True
             self._resize(self.limit // 2)
 
@@ -154,17 +163,22 @@ class InFlight:
                 self._hold, self._hold_next = self._hold_next, min(2 * self._hold_next, MOST_HOLD)
                 return
             self._hold_next = 1
+            self._paid = self.limit
+        self._rates += 1
+        self._rate_sum += rate
         if self._hold:
             self._hold -= 1
         elif latency < self._base * RISING:
             widest = max(self.start, BYTES_IN_FLIGHT * max(1, self._sized) // max(1, self._bytes))
             wider = min(self.limit * 2, widest, self.ceiling)
             if wider > self.limit:
-                self._probe = (self.limit, rate)
+                self._probe = (self.limit, self._rate_sum / self._rates)
                 self._resize(wider)
+                # judged on the round after next: the next one still ends requests sent before the window widened
+                self._settling = True
                 return
-        if latency >= self._base * QUEUEING and self.limit > self.start:
-            self._resize(max(self.start, self.limit - self.limit // 4))
+        if latency >= self._base * QUEUEING and self.limit > self._paid:
+            self._resize(max(self._paid, self.limit - self.limit // 4))
             self._settling = True
 
     def _resize(self, limit: int) -> None:
@@ -172,6 +186,8 @@ class InFlight:
         if limit != self.limit:
             log.debug("requests in flight: window %d -> %d", self.limit, limit)
         change, self.limit = limit - self.limit, limit
+        if change:
+            self._rates, self._rate_sum = 0, 0.0
         self.most = max(self.most, limit)
         if change < 0:
             self._owed -= change

@@ -1,7 +1,7 @@
 """The adaptive window of requests in flight (``blob.inflight``), on a simulated path in virtual time: it grows to
-fill a path whose round trip is long, goes back when growing does not pay, stays where it started where the
-service is the bound (loopback), halves when the service throttles, never passes its ceiling nor its bytes in
-flight, and a fixed window (--max-inflight) never moves.
+fill a path whose round trip is long, goes back when growing does not pay (and not when it paid, however latency
+climbed), stays where it started where the service is the bound (loopback), halves when the service throttles,
+never passes its ceiling nor its bytes in flight, and a fixed window (--max-inflight) never moves.
 
 The path: a request takes the round-trip time, or longer when more are in flight than the service completes in
 that time (it queues). Counts only: the window's width and the time taken in virtual time, never wall time."""
@@ -85,6 +85,29 @@ def test_a_longer_round_trip_needs_and_gets_a_wider_window():
         widths(path, window, 5000)
         widest.append(window.most)
     assert widest[1] > widest[0] >= 40
+
+
+class BusyClient(Path):
+    """A path behind a busy client: a request takes the round trip, 1.4 times it with more than 32 in flight, 2.2
+    times it with more than 64: latency climbs with the requests in flight while throughput still grows with
+    them (64 complete 1.4 times as many requests a second as 32, 128 1.3 times as many as 64)."""
+
+    async def request(self) -> None:
+        self.in_flight += 1
+        slower = 1.0 if self.in_flight <= 32 else 1.4 if self.in_flight <= 64 else 2.2
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._due, (self.now + self.rtt * slower, next(self._order), future))
+        await future
+        self.in_flight -= 1
+
+
+def test_a_doubling_that_paid_is_kept_though_latency_climbs_past_twice_the_round_trip():
+    path = BusyClient(rtt=0.040, capacity=0)
+    window = InFlight(32, 256, clock=path.clock)
+    seen = widths(path, window, 8000)
+    assert window.most == 128
+    # once at 128, where a request takes 2.2 round trips, it is not given back: 128 paid
+    assert min(seen[seen.index(128):]) == 128
 
 
 def test_a_wider_window_that_does_not_pay_goes_back_and_is_tried_less_and_less_often():
