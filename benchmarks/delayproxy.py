@@ -7,8 +7,10 @@ Run alone: .venv/bin/python benchmarks/delayproxy.py --target 127.0.0.1:10000 --
 
 The delay is applied to each chunk read, from the moment it arrived, so a connection's bytes keep flowing
 (pipelined, as on a long link) rather than being held one chunk per delay. The cap is one shared link per
-direction: every connection's bytes queue for it. "In flight" is counted per connection as HTTP/1.1 uses it:
-from the first request byte that reaches the proxy to the first response byte back, one request at a time.
+direction: every connection's bytes queue for it. "In flight" is counted per connection as HTTP/1.1 uses it,
+one request at a time, for the whole round trip the client waits: from the first request byte that reaches the
+proxy (the client sent it then: the delay comes after) to the first response byte handed on to the client (after
+its delay back), not to the moment it came from Azurite, which would leave the way back out.
 """
 
 from __future__ import annotations
@@ -174,8 +176,8 @@ class DelayProxy:
                         self.timeline.append((time.monotonic(), -1, data[:40].split(b"\r\n")[0].decode("latin-1")))
 
         try:
-            await asyncio.gather(self._pump(reader, up_writer, self._links[0], sent),
-                                 self._pump(up_reader, writer, self._links[1], answered))
+            await asyncio.gather(self._pump(reader, up_writer, self._links[0], arrived=sent),
+                                 self._pump(up_reader, writer, self._links[1], delivered=answered))
         except asyncio.CancelledError:
             pass  # the proxy stops: asyncio's stream callback would report a cancelled connection as an error
         finally:
@@ -185,16 +187,18 @@ class DelayProxy:
             for w in (writer, up_writer):
                 w.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link,
-                    seen: Callable[[bytes], None]) -> None:
-        """Copy *reader* to *writer*, each chunk released *delay* after it arrived, then through *link*."""
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link, *,
+                    arrived: Callable[[bytes], None] = lambda _data: None,
+                    delivered: Callable[[bytes], None] = lambda _data: None) -> None:
+        """Copy *reader* to *writer*, each chunk released *delay* after it *arrived*, then through *link*, and
+        *delivered* as it is written on."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def read() -> None:
             try:
                 while data := await reader.read(CHUNK):
-                    seen(data)
+                    arrived(data)
                     queue.put_nowait((loop.time() + self.delay, data))
             except OSError:
                 pass
@@ -210,6 +214,7 @@ class DelayProxy:
                             writer.write_eof()
                     return
                 await link.send(len(data), due)
+                delivered(data)
                 writer.write(data)
                 try:
                     await writer.drain()
