@@ -30,7 +30,6 @@ from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, check_container
 from sitebackup.blob.naming import is_reserved, normalize_prefix, overlaps, unescape_name, validate_container_name
-from sitebackup.blob.records import ContainerRecords
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.backup import expand_prefix
 from sitebackup.commands.browsing import browsing
@@ -219,7 +218,7 @@ def run_restore(request: RestoreRequest, settings: StorageSettings, printer: Pri
             if sealed is None or container != request.container:
                 endpoint = check_container(settings, container)
                 sealed = sealed_runs(deps.container_client(container))
-            records = ContainerRecords(deps.container_client(container))
+            records = deps.records(container)  # the header read here is the plan's: not read twice
             if request.as_of is not None:
                 request.run_id = run_as_of(client, deps.work, sealed, container, prefix, endpoint, request.as_of)
             if request.run_id:

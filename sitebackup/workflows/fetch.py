@@ -40,7 +40,7 @@ from sitebackup.blob.asyncput import Cancelled
 from sitebackup.blob.errors import file_error
 from sitebackup.blob.history import PRUNED, CopyLookup, choose, copies_of, copy_client
 from sitebackup.blob.naming import blob_name, is_reserved, unescape_name
-from sitebackup.blob.records import ContainerRecords, run_entries
+from sitebackup.blob.records import run_entries
 from sitebackup.blob.upload import META_MODE, META_MTIME, STREAM_BLOCK_BYTES
 from sitebackup.local.dest import (
     DestDir,
@@ -252,7 +252,7 @@ def _candidates(deps: ActivityDeps, inp: PlanInput,
     """Each entry the source holds, as the blob to fetch (no name: the run holds no copy of it, or it is not a
     file) with its record (None: a blob found by listing the container)."""
     if inp.run_id:
-        records = ContainerRecords(deps.container_client(inp.container))
+        records = deps.records(inp.container)
         for entry in run_entries(records, deps.work, inp.run_id, note):
             name = blob_name(inp.prefix, entry.path) if entry.stored else ""
             yield FetchItem(name, entry.path, entry.size, entry.md5, entry.mtime_ns, meta=file_meta(entry)), entry
