@@ -47,7 +47,9 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
     # the pages go up together, a window of them at a time (one round trip each would add up over a long
     # path); the header waits for every one of them
     with ThreadPoolExecutor(max_workers=window, thread_name_prefix="sitebackup-seal") as pool:
-        going: set[Future[str]] = set()
+        going: set[Future[Any]] = set()
+        if baseline is None:  # a run of the job sealed before wrote its descriptor (it is written once, never changed)
+            going.add(pool.submit(records.put_job, inp.job))
         for page, data in deps.work.result_pages(run_id):
             digest = sha256_hex(data)
             if digest not in held:
@@ -61,8 +63,6 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
             pages.append(PageSeal(page, digest, len(data)))
         for future in going:
             future.result()
-    if baseline is None:  # a run of the job sealed before wrote its descriptor (it is written once, never changed)
-        records.put_job(inp.job)
     changes = None if damaged else count_changes(deps, records, run_id, inp.baseline, baseline, pages)
     records.seal(RunRecord(tool=__version__, run_id=run_id, job=inp.job.id, host=inp.job.host, source=inp.source,
                            container=inp.container, prefix=inp.prefix, started=inp.started, finished=inp.finished,
