@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,11 +29,13 @@ from azure.storage.blob import (
     generate_container_sas,
 )
 
-from sitebackup.blob.bwlimit import PacedAdapter, process_limiter
+from sitebackup.blob.bwlimit import Limiter, PacedAdapter, process_limiter
 from sitebackup.blob.errors import classify, one_line, redact
 from sitebackup.errors import DestinationError, InputError
 
 log = logging.getLogger("sitebackup.blob")
+_sessions: dict[Limiter | None, requests.Session] = {}
+_sessions_lock = threading.Lock()
 
 ENV_CONNECTION_STRING = "AZURE_STORAGE_CONNECTION_STRING"
 ENV_ACCOUNT_URL = "AZURE_STORAGE_ACCOUNT_URL"
@@ -42,6 +45,9 @@ DEFAULT_RETRIES = 5
 # iteration per 4 KiB, most of a large download's CPU; the SDK's own default is lost with our transports
 DOWNLOAD_CHUNK_BYTES = 4 * 1024 * 1024
 CONNECTION_TIMEOUT, READ_TIMEOUT = 20, 300  # seconds
+QUICK_TIMEOUTS = (5, 30)  # (connection, read) seconds of a client that gives up soon
+# idle connections kept for reuse per host: at least as many as any synchronous client has in flight at once
+KEPT_CONNECTIONS = 1024
 STORAGE_SCOPE = "https://storage.azure.com/.default"
 
 NOT_CONFIGURED = (
@@ -84,18 +90,30 @@ def storage_retries() -> int:
     return int(value)
 
 
-def _transport(pool_size: int) -> RequestsTransport:
-    # one pooled connection per concurrent upload; urllib3's default of 10 drops and re-opens
-    # connections (and warns) as soon as the upload window is wider than that
-    session = requests.Session()
+def _session() -> requests.Session:
+    """The connections of every synchronous client of this process (paced by the --bwlimit it has, if any): a
+    client made for one step (the pre-flight, the job's lock, the catalog, the activities) takes a connection an
+    earlier one left open instead of paying a TCP and TLS handshake, a round trip or more each, on the way to the
+    first upload. Connections are opened on demand; as many are kept for reuse as any client has in flight."""
     limiter = process_limiter()
-    adapter = (requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size) if limiter is None
-               else PacedAdapter(limiter, pool_connections=4, pool_maxsize=pool_size))
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
+    with _sessions_lock:
+        session = _sessions.get(limiter)
+        if session is None:
+            # urllib3's default of 10 kept drops and re-opens connections (and warns) as soon as more are in flight
+            adapter = (requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=KEPT_CONNECTIONS)
+                       if limiter is None else
+                       PacedAdapter(limiter, pool_connections=4, pool_maxsize=KEPT_CONNECTIONS))
+            session = _sessions[limiter] = requests.Session()
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        return session
+
+
+def _transport(quick: bool) -> RequestsTransport:
     # a transport of our own: the client's connection_timeout/read_timeout options would not reach it
-    return RequestsTransport(session=session, session_owner=True, connection_data_block_size=DOWNLOAD_CHUNK_BYTES,
-                             connection_timeout=CONNECTION_TIMEOUT, read_timeout=READ_TIMEOUT)
+    timeouts = QUICK_TIMEOUTS if quick else (CONNECTION_TIMEOUT, READ_TIMEOUT)
+    return RequestsTransport(session=_session(), session_owner=False, connection_data_block_size=DOWNLOAD_CHUNK_BYTES,
+                             connection_timeout=timeouts[0], read_timeout=timeouts[1])
 
 
 def _aio_transport(in_flight: int) -> Any:
@@ -160,18 +178,21 @@ def make_service_client(settings: StorageSettings, *, quick: bool = False, pool_
     with a label that is safe to show and store.
 
     ``quick`` makes a client that gives up within seconds: used for the pre-flight check so an
-    unreachable endpoint answers with exit 3 instead of minutes of retries.
+    unreachable endpoint answers with exit 3 instead of minutes of retries. *pool_size* is the most connections
+    the asyncio client opens; the synchronous clients share the process's (``_session``).
     """
     Client: Any = BlobServiceClient
     if aio:
         from azure.storage.blob.aio import BlobServiceClient as AioClient
 
         Client = AioClient
-    if quick:
-        kwargs: dict[str, Any] = {"retry_policy": _retry(aio, quick), "connection_timeout": 5, "read_timeout": 30}
+    if quick and aio:
+        kwargs: dict[str, Any] = {"retry_policy": _retry(aio, quick), "connection_timeout": QUICK_TIMEOUTS[0],
+                                  "read_timeout": QUICK_TIMEOUTS[1]}
     else:
-        kwargs = {"retry_policy": _retry(aio, quick), "connection_timeout": CONNECTION_TIMEOUT,
-                  "read_timeout": READ_TIMEOUT, "transport": _aio_transport(pool_size) if aio else _transport(pool_size)}
+        timeouts = QUICK_TIMEOUTS if quick else (CONNECTION_TIMEOUT, READ_TIMEOUT)
+        kwargs = {"retry_policy": _retry(aio, quick), "connection_timeout": timeouts[0], "read_timeout": timeouts[1],
+                  "transport": _aio_transport(pool_size) if aio else _transport(quick)}
     try:
         if settings.connection_string:
             check_connection_string(settings.connection_string)

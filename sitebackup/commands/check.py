@@ -130,7 +130,7 @@ def run_check(request: CheckRequest, settings: StorageSettings, on_problem: Call
         report.problems_found += 1
         on_problem(problem)
 
-    with service_client(settings, pool_size=CHECKS.connections) as (service, label), \
+    with service_client(settings) as (service, label), \
             scratch_database(request.state_dir, SCHEMA, SCRATCH) as db:
         container = service.get_container_client(request.container)
         try:

@@ -458,7 +458,7 @@ def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: 
     """What this process's activities work with: its own storage credentials, the runtime's work store, and
     how much to do at once; they stop starting once the state directory fails or the *job_lock* this process
     took is lost."""
-    service, label = make_service_client(settings, pool_size=concurrency.connections)
+    service, label = make_service_client(settings)
     deps = ActivityDeps(container_client=service.get_container_client, work=runtime.work_store(service),
                         endpoint=label, concurrency=concurrency)
     start, ceiling = process_window(concurrency.requests, concurrency.most_requests)

@@ -173,7 +173,7 @@ def run_prune(request: PruneRequest, settings: StorageSettings, taskhub: TaskHub
     endpoint = check_container(settings.require(), request.container)
     # the locks before any record is read, held until the last record is removed
     with _job_locks(request, settings) as locks, open_backend(request.state_dir, taskhub) as runtime, \
-            service_client(settings, pool_size=DELETES.connections) as (service, label):
+            service_client(settings) as (service, label):
         container = service.get_container_client(request.container)
         records = ContainerRecords(container)
         # under the scheduler the records live in this container: no need to look it up per run

@@ -154,7 +154,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
     it is found, in record order."""
     settings.require()
     with open_backend(state_dir, taskhub) as runtime, \
-            service_client(settings, pool_size=CHECKS.connections) as (service, label):
+            service_client(settings) as (service, label):
         work = runtime.work_store(service)
         if container_name:  # first: under the scheduler the run record itself is read from the container
             check_container(settings, container_name)

@@ -39,8 +39,7 @@ GROWTH_BOUND = 8
 class Concurrency(msgspec.Struct, frozen=True):
     """How much one process does at once, all derived from the one number a user sets (--concurrency):
     batch activities in flight, requests in flight on the asyncio loop (where its window starts, and the
-    most it grows to unless --max-inflight fixes it), pooled connections of the synchronous clients,
-    worker threads, and parallel transfers of one large file."""
+    most it grows to unless --max-inflight fixes it), worker threads, and parallel transfers of one large file."""
 
     batches: int = DEFAULT_CONCURRENCY
 
@@ -52,11 +51,6 @@ class Concurrency(msgspec.Struct, frozen=True):
     @property
     def most_requests(self) -> int:
         return max(self.requests, min(MOST_IN_FLIGHT, GROWTH_BOUND * self.requests))
-
-    @property
-    def connections(self) -> int:
-        # the synchronous clients' pool: a connection per request in flight and a few for the rare ones beside
-        return self.requests + 8
 
     @property
     def threads(self) -> int:
