@@ -350,6 +350,17 @@ def test_the_delay_proxy_adds_its_delay_each_way_and_counts_connections_and_requ
     assert proxy.counts.connections == 0  # reset started the count again
 
 
+def test_a_new_connection_pays_a_handshake_round_trip_before_its_first_request():
+    with echo_server() as port, delayproxy.DelayProxy("127.0.0.1", port, delay_ms=40) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as conn:
+            start = time.monotonic()
+            conn.sendall(b"x")
+            assert conn.recv(1) == b"x"
+            first = time.monotonic() - start
+    # lower bounds (a sleep is never shorter): the handshake's round trip, then the request's
+    assert first >= 0.160, first
+
+
 def test_the_delay_proxy_caps_each_direction_at_its_rate():
     payload = b"y" * 250_000
     with echo_server() as port, delayproxy.DelayProxy("127.0.0.1", port, mbit=8) as proxy:  # 1 MB/s each way
