@@ -186,8 +186,8 @@ class InFlight:
 
 
 class Slot:
-    """``InFlight.slot``: a plain async context manager, as cheap as the semaphore it wraps; every request enters
-    one, and an ``asynccontextmanager``'s async generator cost more per request than the window's accounting."""
+    """``InFlight.slot``: a plain async context manager. Every request enters one, and an ``asynccontextmanager``'s
+    async generator (made, registered with the loop, stepped twice) cost more per request than the accounting."""
 
     __slots__ = ("_window", "_began")
 
