@@ -13,6 +13,9 @@ import heapq
 import itertools
 
 import pytest
+from azure.core.pipeline import AsyncPipeline
+from azure.core.pipeline.transport import AsyncHttpTransport
+from azure.core.rest import HttpRequest
 
 from sitebackup.blob import inflight
 from sitebackup.blob.inflight import BYTES_IN_FLIGHT, FLOOR, InFlight, ThrottleSignal
@@ -221,6 +224,39 @@ def test_the_pipeline_policy_tells_the_window_when_the_service_throttles(status,
     window = InFlight(32, 256)
     ThrottleSignal(window).on_response(None, _Response(status))
     assert window.limit == (16 if halved else 32)
+
+
+class _Answering(AsyncHttpTransport):
+    """A transport answering every request with *status*, without a network."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+    async def __aenter__(self) -> _Answering:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def send(self, request, **kwargs):
+        return type("R", (), {"status_code": self.status})()
+
+
+@pytest.mark.parametrize("status, halved", [(503, True), (201, False)])
+def test_the_policy_in_a_pipeline_sees_each_answer_and_passes_it_on(status, halved):
+    async def main() -> tuple[int, int]:
+        window = InFlight(32, 256)
+        pipeline = AsyncPipeline(_Answering(status), [ThrottleSignal(window)])
+        response = await pipeline.run(HttpRequest("GET", "http://127.0.0.1/c/b"))
+        return window.limit, response.http_response.status_code
+
+    assert asyncio.run(main()) == ((16 if halved else 32), status)
 
 
 def test_max_inflight_fixes_the_process_window():
