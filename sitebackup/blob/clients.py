@@ -109,20 +109,19 @@ def _session() -> requests.Session:
         return session
 
 
-def _transport(quick: bool) -> RequestsTransport:
+def _transport(timeouts: tuple[int, int]) -> RequestsTransport:
     # a transport of our own: the client's connection_timeout/read_timeout options would not reach it
-    timeouts = QUICK_TIMEOUTS if quick else (CONNECTION_TIMEOUT, READ_TIMEOUT)
     return RequestsTransport(session=_session(), session_owner=False, connection_data_block_size=DOWNLOAD_CHUNK_BYTES,
                              connection_timeout=timeouts[0], read_timeout=timeouts[1])
 
 
-def _aio_transport(in_flight: int) -> Any:
+def _aio_transport(in_flight: int, timeouts: tuple[int, int] = (CONNECTION_TIMEOUT, READ_TIMEOUT)) -> Any:
     import aiohttp
     from azure.core.pipeline.transport import AioHttpTransport
 
     # the connector's limit is the real bound on parallel requests: match the window
     return AioHttpTransport(session=aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)),
-                            session_owner=True, connection_timeout=CONNECTION_TIMEOUT, read_timeout=READ_TIMEOUT,
+                            session_owner=True, connection_timeout=timeouts[0], read_timeout=timeouts[1],
                             connection_data_block_size=DOWNLOAD_CHUNK_BYTES)
 
 
@@ -186,13 +185,9 @@ def make_service_client(settings: StorageSettings, *, quick: bool = False, pool_
         from azure.storage.blob.aio import BlobServiceClient as AioClient
 
         Client = AioClient
-    if quick and aio:
-        kwargs: dict[str, Any] = {"retry_policy": _retry(aio, quick), "connection_timeout": QUICK_TIMEOUTS[0],
-                                  "read_timeout": QUICK_TIMEOUTS[1]}
-    else:
-        timeouts = QUICK_TIMEOUTS if quick else (CONNECTION_TIMEOUT, READ_TIMEOUT)
-        kwargs = {"retry_policy": _retry(aio, quick), "connection_timeout": timeouts[0], "read_timeout": timeouts[1],
-                  "transport": _aio_transport(pool_size) if aio else _transport(quick)}
+    timeouts = QUICK_TIMEOUTS if quick else (CONNECTION_TIMEOUT, READ_TIMEOUT)
+    kwargs = {"retry_policy": _retry(aio, quick), "connection_timeout": timeouts[0], "read_timeout": timeouts[1],
+              "transport": _aio_transport(pool_size, timeouts) if aio else _transport(timeouts)}
     try:
         if settings.connection_string:
             check_connection_string(settings.connection_string)

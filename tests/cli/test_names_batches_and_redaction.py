@@ -180,6 +180,30 @@ def test_both_transports_of_our_own_carry_the_clients_timeouts():
     assert asyncio.run(aio()) == (CONNECTION_TIMEOUT, READ_TIMEOUT)
 
 
+def test_the_synchronous_clients_of_a_process_share_its_connections_with_their_own_timeouts():
+    from sitebackup.blob.clients import (
+        CONNECTION_TIMEOUT,
+        QUICK_TIMEOUTS,
+        READ_TIMEOUT,
+        StorageSettings,
+        make_service_client,
+    )
+
+    settings = StorageSettings(connection_string="DefaultEndpointsProtocol=http;AccountName=a;AccountKey=a2V5;"
+                                                 "BlobEndpoint=http://127.0.0.1:9/a;")
+    quick, _label = make_service_client(settings, quick=True)  # the pre-flight's, the lock's
+    quick.close()  # closing a client leaves the process's connections open for the next
+    steady, _label = make_service_client(settings)  # the activities'
+    try:
+        assert steady._config.transport.session is quick._config.transport.session
+        config = quick._config.transport.connection_config
+        assert (config.timeout, config.read_timeout) == QUICK_TIMEOUTS
+        config = steady._config.transport.connection_config
+        assert (config.timeout, config.read_timeout) == (CONNECTION_TIMEOUT, READ_TIMEOUT)
+    finally:
+        steady.close()
+
+
 def test_an_sdk_error_without_a_service_code_fails_the_file_in_one_line():
     # the SDK raises HttpResponseError of its own (a body it could not decode) with no error_code attribute
     exc = HttpResponseError("Received response with content-encoding: gzip, but failed to decode it.")
