@@ -204,9 +204,12 @@ class ContainerRecords:
             raise DamagedData(f"the sealed record of run {run_id} is damaged: it names run {record.run_id}")
         return record
 
-    def jobs(self) -> list[Job]:
+    def jobs(self, but: str | None = None) -> list[Job]:
+        """The jobs the container names; with *but*, every one but the job of that id (its descriptor is not read)."""
         found = []
         for blob in self._listing(JOBS):
+            if blob.name[len(JOBS):] == but:
+                continue
             data = self._download(blob.name, MAX_HEADER_BYTES, f"job {blob.name[len(JOBS):]}")
             if data is not None:
                 found.append(decode(data, Job, f"job {blob.name[len(JOBS):]}"))

@@ -242,7 +242,8 @@ def settle_job(records: ContainerRecords, request: BackupRequest) -> Job:
     not write where another job of the container writes: its prefix overlapping another job's is refused,
     naming that job, unless ``--job`` names that very job."""
     job = request.job
-    jobs = records.jobs()
+    # without --job the job is this one whatever the container says of it: its own descriptor need not be read
+    jobs = records.jobs(but=job.id if request.job_name is None else None)
     if request.job_name is not None:
         job = next((other for other in jobs if other.name == request.job_name), job)
     for other in jobs:
