@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -159,16 +160,19 @@ class JobLock:
         self._renewing = threading.Lock()  # a renewal and the release never cross
         self._lost: str | None = None
         self._next_poll = 0.0
+        self._naming: Future[None] | None = None  # the holder's name being written (``try_acquire``)
 
     @property
     def held(self) -> bool:
         return self._lease is not None
 
-    def acquire(self, wait: timedelta | None = None, run: str = "", claim: Claim = Claim()) -> None:
+    def acquire(self, wait: timedelta | None = None, run: str = "", claim: Claim = Claim(), *,
+                name_later: bool = False) -> None:
         """Take the lock; when another process holds it, ask again every ``poll_seconds()`` until *wait* has
-        passed (None: not at all), then raise ``LockedError`` naming the holder."""
+        passed (None: not at all), then raise ``LockedError`` naming the holder. With *name_later*, see
+        ``try_acquire``."""
         deadline = time.monotonic() + (wait.total_seconds() if wait else 0.0)
-        while not self.try_acquire(run, claim):
+        while not self.try_acquire(run, claim, name_later=name_later):
             left = deadline - time.monotonic()
             if left <= 0:
                 waited = f" (waited {wait})" if wait else ""
@@ -186,9 +190,11 @@ class JobLock:
         self._next_poll = time.monotonic() + poll_seconds()
         return self.try_acquire(run, claim)
 
-    def try_acquire(self, run: str = "", claim: Claim = Claim()) -> bool:
+    def try_acquire(self, run: str = "", claim: Claim = Claim(), *, name_later: bool = False) -> bool:
         """Take the lock if no other process holds it (or a dead one: see ``Claim``); True if this process holds it
-        now, else False with ``other`` naming the holder."""
+        now, else False with ``other`` naming the holder. The holder is named in the lock blob's metadata once the
+        lease is taken; with *name_later*, on a thread, while the caller reads what it reads under the lock:
+        ``named()`` waits for it, and the caller calls it before it changes anything."""
         if self.held:
             return True
         lease = BlobLeaseClient(self.blob)
@@ -198,14 +204,39 @@ class JobLock:
         except AzureError as exc:
             raise self._error(exc) from None
         self._hold(lease)
+        metadata = Holder.here(self.command, run, claim.token).metadata()
+        naming: Future[None] = Future()
+        if name_later:
+            self._naming = naming
+            threading.Thread(target=self._name, args=(lease, metadata, naming), name=f"lock {self.name} holder",
+                             daemon=True).start()
+            return True
+        self._name(lease, metadata, naming)
+        self._named(naming)
+        return True
+
+    def _name(self, lease: BlobLeaseClient, metadata: dict[str, str], naming: Future[None]) -> None:
         try:
-            self.blob.set_blob_metadata(Holder.here(self.command, run, claim.token).metadata(), lease=lease)
+            self.blob.set_blob_metadata(metadata, lease=lease)
+            naming.set_result(None)
+        except BaseException as exc:
+            naming.set_exception(exc)
+
+    def named(self) -> None:
+        """Wait until the holder is named (``try_acquire`` with *name_later*); a failure to name it is a failure to
+        take the lock: the lock is let go and the error raised."""
+        naming, self._naming = self._naming, None
+        if naming is not None:
+            self._named(naming)
+
+    def _named(self, naming: Future[None]) -> None:
+        try:
+            naming.result()
         except BaseException as exc:
             self.release()
             if isinstance(exc, AzureError):
                 raise self._error(exc) from None
             raise
-        return True
 
     def _take(self, lease: BlobLeaseClient, claim: Claim) -> bool:
         try:

@@ -316,8 +316,9 @@ def _run_locked(request: BackupRequest, settings: StorageSettings, printer: Prin
             warning = check_live_run(client, instance_id, request) if live and instance_id else None
             resumed = instance_id is not None
             run_id = instance_id or new_instance_id()
-            if not live:  # this process schedules or resumes the run: the job's lock first
-                job_lock.acquire(request.lock_wait, run=run_id, claim=claim_of(lock))
+            # this process schedules or resumes the run: the job's lock first, its holder named beside the catalog's read
+            if not live:
+                job_lock.acquire(request.lock_wait, run=run_id, claim=claim_of(lock), name_later=True)
             if instance_id is None:
                 # the job's sealed runs, read under its lock; with --force too: the baseline says what each
                 # name holds, to keep as a snapshot
@@ -326,6 +327,8 @@ def _run_locked(request: BackupRequest, settings: StorageSettings, printer: Prin
                 if sealed:  # most likely the baseline: its header is read while the run is scheduled, for its scan
                     records.prefetch(max(sealed, key=lambda entry: parse_utc(entry.started)).run_id)
                 inp.baseline = find_baseline(client, inp, deps.work, sealed)
+            job_lock.named()  # before anything of the run can change the container
+            if instance_id is None:
                 instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
                                                                 instance_id=run_id)
         printer.start(RunStart(instance_id=instance_id, source=inp.source, destination=inp.destination,
