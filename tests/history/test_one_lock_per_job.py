@@ -21,7 +21,14 @@ from sitebackup.blob import lock as joblock
 from sitebackup.blob.lock import LOCKS, Claim, Holder, JobLock, locks_for_prefix, prefix_lock
 from sitebackup.blob.records import ContainerRecords
 from sitebackup.durable.runlock import RunLock
-from sitebackup.errors import EXIT_ALREADY_RUNNING, EXIT_DESTINATION, InputError, LockedError, LockLost
+from sitebackup.errors import (
+    EXIT_ALREADY_RUNNING,
+    EXIT_DESTINATION,
+    DestinationError,
+    InputError,
+    LockedError,
+    LockLost,
+)
 from sitebackup.model.records import Job
 
 HOST = socket.gethostname().split(".")[0]
@@ -112,6 +119,39 @@ def test_one_holder_at_a_time_the_refused_one_is_told_who_and_the_job_is_describ
         mine.release()
     assert theirs.try_acquire()
     theirs.release()
+
+
+def test_a_holder_named_later_is_named_once_named_returns_and_a_naming_that_fails_lets_the_lock_go(
+        container, monkeypatch):
+    blob = container.get_blob_client(LOCKS + "j")
+    mine = JobLock(container, "j", "job j", "backup")
+    mine.acquire(run="run-1", name_later=True)
+    try:
+        mine.named()
+        holder = Holder.from_metadata(blob.get_blob_properties().metadata)
+        assert holder is not None and (holder.command, holder.run, holder.pid) == ("backup", "run-1", os.getpid())
+    finally:
+        mine.release()
+
+    # the naming held back until the lease is broken under it: the metadata cannot be written without the lease
+    going_on = threading.Event()
+    name = JobLock._name
+
+    def held_back(self, *args):
+        going_on.wait(60)
+        name(self, *args)
+
+    monkeypatch.setattr(JobLock, "_name", held_back)
+    lock = JobLock(container, "j", "job j", "backup")
+    lock.acquire(run="run-2", name_later=True)
+    assert lock.held
+    BlobLeaseClient(blob).break_lease(lease_break_period=0)
+    going_on.set()
+    with pytest.raises(DestinationError):
+        lock.named()
+    assert not lock.held
+    holder = Holder.from_metadata(blob.get_blob_properties().metadata)
+    assert holder is not None and holder.run == "run-1"  # never named as the holder
 
 
 def test_lock_wait_asks_again_until_the_holder_lets_go(container, monkeypatch):
