@@ -210,30 +210,36 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
     """The newest completed backup of the job: of its runs sealed in the container (*sealed*), and of the runs
     of the same source and destination (and endpoint) this state directory knows whose record remains (and
     that no prune is dropping); with ``cancelled_since`` the runs cancelled after it, in ``inp``."""
-    candidates = [(parse_utc(entry.started), entry.run_id) for entry in sealed]
-    candidates += _recorded_runs(client, inp, work, dt_client.OrchestrationStatus.COMPLETED)
-    newest = max(candidates) if candidates else None
-    inp.cancelled = [run_id for started, run_id in sorted(
-        _recorded_runs(client, inp, work, dt_client.OrchestrationStatus.TERMINATED), reverse=True)
-        if newest is None or started > newest[0]]
+    completed, cancelled = _recorded_runs(client, inp)
+
+    def kept(run_id: str) -> bool:
+        return work.has_results(run_id) and work.pruned(run_id) is None
+
+    newest = max(((parse_utc(entry.started), entry.run_id) for entry in sealed), default=None)
+    # the newest of this state directory's completed runs whose record it keeps: the others need not be looked at
+    local = next((run for run in sorted(completed, reverse=True) if kept(run[1])), None)
+    if local is not None and (newest is None or local > newest):
+        newest = local
+    inp.cancelled = [run_id for started, run_id in sorted(cancelled, reverse=True)
+                     if (newest is None or started > newest[0]) and kept(run_id)]
     return newest[1] if newest else None
 
 
-def _recorded_runs(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore,
-                   status: dt_client.OrchestrationStatus) -> list[tuple[datetime, str]]:
-    """(start, id) of the backups of the same source and destination (and endpoint) this state directory knows in
-    *status*, whose record remains and that no prune is dropping."""
-    query = dt_client.OrchestrationQuery(runtime_status=[status], fetch_inputs_and_outputs=True)
-    found = []
+def _recorded_runs(client: dt_client.TaskHubGrpcClient,
+                   inp: BackupInput) -> tuple[list[tuple[datetime, str]], list[tuple[datetime, str]]]:
+    """(start, id) of the backups of the same source and destination (and endpoint) this state directory knows:
+    the completed ones and the cancelled ones, from one query."""
+    completed, terminated = dt_client.OrchestrationStatus.COMPLETED, dt_client.OrchestrationStatus.TERMINATED
+    query = dt_client.OrchestrationQuery(runtime_status=[completed, terminated], fetch_inputs_and_outputs=True)
+    found: dict[dt_client.OrchestrationStatus, list[tuple[datetime, str]]] = {completed: [], terminated: []}
     for state in client.get_all_orchestration_states(query):
         other = run_label(state) if state.name == BACKUP_ORCHESTRATION else None
-        if other is None or not inp.label.same_backup(other):
+        if other is None or not inp.label.same_backup(other) or state.runtime_status not in found:
             continue
         if other.endpoint and inp.endpoint and other.endpoint != inp.endpoint:
             continue
-        if work.has_results(state.instance_id) and work.pruned(state.instance_id) is None:
-            found.append((parse_utc(state.created_at.isoformat()), state.instance_id))
-    return found
+        found[state.runtime_status].append((parse_utc(state.created_at.isoformat()), state.instance_id))
+    return found[completed], found[terminated]
 
 
 def settle_job(records: ContainerRecords, request: BackupRequest) -> Job:
