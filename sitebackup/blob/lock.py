@@ -346,15 +346,14 @@ def lock_client(settings: StorageSettings, container: str) -> Iterator[Container
 
 
 @contextmanager
-def job_lock(settings: StorageSettings, container: str, job: Job, command: str) -> Iterator[JobLock]:
-    """The lock of *job*, not taken yet (the caller takes it when it is going to change the container);
-    released on the way out if taken."""
-    with lock_client(settings, container) as client:
-        lock = JobLock(client, job.id, f"job {job.name}", command, job=job)
-        try:
-            yield lock
-        finally:
-            lock.release()
+def job_lock(client: ContainerClient, job: Job, command: str) -> Iterator[JobLock]:
+    """The lock of *job* in the container of *client* (a ``lock_client``), not taken yet (the caller takes it when
+    it is going to change the container); released on the way out if taken."""
+    lock = JobLock(client, job.id, f"job {job.name}", command, job=job)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def list_jobs(container: ContainerClient) -> list[Job]:

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import click
 from durabletask import client as dt_client
 
-from sitebackup.blob.clients import NOT_CONFIGURED, StorageSettings, connect, make_service_client, service_client
-from sitebackup.blob.lock import JobLock
+from sitebackup.blob.clients import NOT_CONFIGURED, StorageSettings, connect, make_service_client
+from sitebackup.blob.lock import JobLock, job_lock, lock_client
 from sitebackup.blob.naming import backup_prefix, overlaps, validate_container_name
 from sitebackup.blob.records import ContainerRecords, run_entries
 from sitebackup.blob.upload import ACCESS_TIERS
@@ -35,7 +35,6 @@ from sitebackup.commands.hosting import (
     POLL_SECONDS,
     activity_deps,
     attach_and_watch,
-    backup_job_lock,
     claim_of,
     exit_code_for,
     find_unfinished,
@@ -277,23 +276,20 @@ def run_backup(request: BackupRequest, settings: StorageSettings, printer: Print
     *detach*. A process that attaches to a run another process of this state directory hosts takes the lock
     only if it takes the run over."""
     settings.require()
-    # whose job is this, asked of the container while the pre-flight and the backend's start go on; known before
-    # the job's lock is taken
-    settled = _in_background(functools.partial(_settle_job, settings, request))
-    endpoint = connect(settings, request.container)
-    inp = request.orchestration_input(endpoint)
-    inp.options.shared = taskhub is not None
-    lock = RunLock.for_backup(request.state_dir, inp.source, inp.container, inp.prefix)
-    with open_backend(request.state_dir, taskhub) as runtime:
-        inp.job = job = settled.result()
-        with backup_job_lock(settings, inp) as job_lock:
-            return _run_locked(request, settings, printer, inp, job, endpoint, runtime, lock, job_lock,
-                               local_worker=local_worker, detach=detach)
-
-
-def _settle_job(settings: StorageSettings, request: BackupRequest) -> Job:
-    with service_client(settings, quick=True) as (service, _label):
-        return settle_job(ContainerRecords(service.get_container_client(request.container)), request)
+    # one quick client for the job's lock, which first asks the container whose job this is while the pre-flight
+    # and the backend's start go on (known before the lock is taken): one client, so a token credential fetches one
+    # token for both
+    with lock_client(settings, request.container) as locks:
+        settled = _in_background(functools.partial(settle_job, ContainerRecords(locks), request))
+        endpoint = connect(settings, request.container)
+        inp = request.orchestration_input(endpoint)
+        inp.options.shared = taskhub is not None
+        lock = RunLock.for_backup(request.state_dir, inp.source, inp.container, inp.prefix)
+        with open_backend(request.state_dir, taskhub) as runtime:
+            inp.job = job = settled.result()
+            with job_lock(locks, job, "backup") as held:
+                return _run_locked(request, settings, printer, inp, job, endpoint, runtime, lock, held,
+                                   local_worker=local_worker, detach=detach)
 
 
 def _in_background(work: Callable[[], T]) -> Future[T]:

@@ -28,7 +28,7 @@ from sitebackup.blob.asyncput import AsyncPutter
 from sitebackup.blob.clients import StorageSettings, make_service_client
 from sitebackup.blob.errors import redact
 from sitebackup.blob.inflight import process_window
-from sitebackup.blob.lock import Claim, JobLock, host_name, job_lock
+from sitebackup.blob.lock import Claim, JobLock, host_name, job_lock, lock_client
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.durable.runlock import RunLock
 from sitebackup.durable.runtime import Runtime
@@ -434,7 +434,7 @@ def backup_job_lock(settings: StorageSettings, inp: BackupInput) -> Iterator[Job
     once it is going to schedule or host the run, and lets it go with ``release_run``. A run of an earlier
     version, without a job, is locked as the job its source and prefix make on this host."""
     job = inp.job or Job.of(host=host_name(), source=inp.source, prefix=inp.prefix)
-    with job_lock(settings, inp.container, job, "backup") as lock:
+    with lock_client(settings, inp.container) as client, job_lock(client, job, "backup") as lock:
         yield lock
 
 
