@@ -42,6 +42,19 @@ def catalog_requests(proxy: RecordingProxy, container: str) -> Counter[tuple[str
     return found
 
 
+def other_requests(proxy: RecordingProxy, container: str) -> list[tuple[str, str]]:
+    """(method, query) of every request that ``catalog_requests`` leaves out: none about the reserved prefix."""
+    prefix = f"{urlsplit(proxy.endpoint).path}/{container}"
+    found = []
+    for method, path, _headers in proxy.requests:
+        parts = urlsplit(path)
+        if unquote(parts.path).removeprefix(prefix).removeprefix("/").startswith(RESERVED) or \
+                f"prefix={RESERVED}" in unquote(parts.query):
+            continue
+        found.append((method, parts.query))
+    return found
+
+
 def test_an_unchanged_backup_seals_its_record_in_a_few_requests_whatever_the_tree(tmp_path: Path, azurite,
                                                                                   container_name):
     src = write_tree(tmp_path / "site", {f"d{i % 7}/f{i:04d}.txt": f"file {i}".encode() for i in range(600)})
@@ -65,6 +78,8 @@ def test_an_unchanged_backup_seals_its_record_in_a_few_requests_whatever_the_tre
         ("PUT", "runs"): 1,  # the header, last
         ("PUT", "locks"): 3,  # the job's lock: the lease taken, its holder written, the lease given back
     })  # and no record page: the container holds them all already
+    # and beside the catalog, what the run sent before it had a catalog: the pre-flight's creation of the container
+    assert other_requests(proxy, container_name) == [("PUT", "restype=container")]
 
 
 def test_a_restore_on_a_new_machine_reads_the_header_and_each_page_once(tmp_path: Path, azurite, container_name):
