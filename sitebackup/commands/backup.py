@@ -204,12 +204,15 @@ def _job_name(name: str | None) -> str | None:
     return name
 
 
-def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: WorkStore,
-                  sealed: list[CatalogEntry]) -> str | None:
+# (start, id) of the completed and of the cancelled backups of a source and destination this state directory knows
+RecordedRuns = tuple[list[tuple[datetime, str]], list[tuple[datetime, str]]]
+
+
+def find_baseline(inp: BackupInput, work: WorkStore, sealed: list[CatalogEntry], recorded: RecordedRuns) -> str | None:
     """The newest completed backup of the job: of its runs sealed in the container (*sealed*), and of the runs
-    of the same source and destination (and endpoint) this state directory knows whose record remains (and
-    that no prune is dropping); with ``cancelled_since`` the runs cancelled after it, in ``inp``."""
-    completed, cancelled = _recorded_runs(client, inp)
+    of the same source and destination (and endpoint) this state directory knows (*recorded*) whose record
+    remains (and that no prune is dropping); with ``cancelled_since`` the runs cancelled after it, in ``inp``."""
+    completed, cancelled = recorded
 
     def kept(run_id: str) -> bool:
         return work.has_results(run_id) and work.pruned(run_id) is None
@@ -224,8 +227,7 @@ def find_baseline(client: dt_client.TaskHubGrpcClient, inp: BackupInput, work: W
     return newest[1] if newest else None
 
 
-def _recorded_runs(client: dt_client.TaskHubGrpcClient,
-                   inp: BackupInput) -> tuple[list[tuple[datetime, str]], list[tuple[datetime, str]]]:
+def recorded_runs(client: dt_client.TaskHubGrpcClient, inp: BackupInput) -> RecordedRuns:
     """(start, id) of the backups of the same source and destination (and endpoint) this state directory knows:
     the completed ones and the cancelled ones, from one query."""
     completed, terminated = dt_client.OrchestrationStatus.COMPLETED, dt_client.OrchestrationStatus.TERMINATED
@@ -325,10 +327,12 @@ def _run_locked(request: BackupRequest, settings: StorageSettings, printer: Prin
                 # the job's sealed runs, read under its lock; with --force too: the baseline says what each
                 # name holds, to keep as a snapshot
                 records = deps.records(inp.container)
-                sealed = [entry for entry in records.catalog() if entry.job == job.id]
+                listed = _in_background(lambda: [entry for entry in records.catalog() if entry.job == job.id])
+                recorded = recorded_runs(client, inp)  # asked of the backend while the container lists
+                sealed = listed.result()
                 if sealed:  # most likely the baseline: its header is read while the run is scheduled, for its scan
                     records.prefetch(max(sealed, key=lambda entry: parse_utc(entry.started)).run_id)
-                inp.baseline = find_baseline(client, inp, deps.work, sealed)
+                inp.baseline = find_baseline(inp, deps.work, sealed, recorded)
             job_lock.named()  # before anything of the run can change the container
             if instance_id is None:
                 instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
@@ -414,7 +418,7 @@ def plan_backup(request: BackupRequest, settings: StorageSettings, taskhub: Task
                 work = runtime.work_store(service)
                 job = request.job.id
                 sealed = [entry for entry in container.catalog() if entry.job == job] if container else []
-                baseline = find_baseline(client, inp, work, sealed)
+                baseline = find_baseline(inp, work, sealed, recorded_runs(client, inp))
             # what the runs cancelled since recorded counts over it, as in the scan (``workflows.copy``)
             sources = [run_entries(None, work, run_id) for run_id in inp.cancelled]
             if baseline:
