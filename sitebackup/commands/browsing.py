@@ -22,7 +22,7 @@ from durabletask import client as dt_client
 
 from sitebackup.blob.clients import StorageSettings, check_container, service_client
 from sitebackup.blob.errors import classify, one_line
-from sitebackup.blob.records import READ_AHEAD, ContainerRecords, sha256_hex
+from sitebackup.blob.records import READ_AHEAD, ContainerRecords, HeaderCache, sha256_hex
 from sitebackup.blob.workstore import WorkStore
 from sitebackup.commands.catalog import SealedRun, known_backup, recorded_header, sealed_runs, where_to_look
 from sitebackup.commands.runref import resolve_run
@@ -72,7 +72,7 @@ class Browse:
         run_id = self.resolve(ref)
         known = known_backup(self.client, self.work, run_id)
         where = where_to_look(run_id, known, self.container, self.work)
-        records = ContainerRecords(self.service.get_container_client(where))
+        records = ContainerRecords(self.service.get_container_client(where), HeaderCache())
         label, header = recorded_header(records, self.work, run_id, known)
         return OpenedRun(run_id, label, header, records)
 

@@ -6,7 +6,6 @@ or made by an earlier version).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -112,13 +111,13 @@ def recorded_header(records: ContainerRecords, work: WorkStore, run_id: str,
                     known: RunLabel | None) -> tuple[RunLabel, RunRecord | None]:
     """``recorded_run``, and the run's sealed header (None: a run never sealed, its record in this state
     directory)."""
-    # the tombstone and the header are asked for together: two round trips to a far container, one after the other
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sitebackup-header") as pool:
-        reading = pool.submit(records.header, run_id)
-        mark = records.pruned(run_id) or work.pruned(run_id)
-        if mark is not None:
-            raise _pruned(run_id, mark)
-        header = reading.result()
+    # the header is read while the tombstone is asked for (with *records*' header cache): two round trips to a far
+    # container, not one after the other
+    records.prefetch(run_id)
+    mark = records.pruned(run_id) or work.pruned(run_id)
+    if mark is not None:
+        raise _pruned(run_id, mark)
+    header = records.header(run_id)
     if header is not None:
         return RunLabel(source=header.source, container=header.container, prefix=header.prefix), header
     if known is None:

@@ -61,10 +61,10 @@ from sitebackup.workflows.names import BACKUP_ORCHESTRATION, RESTORE_ORCHESTRATI
 # workers) is polled: each read is a request the serving process (or the scheduler) answers, so twice a
 # second at most, after a quick start so that a small run is seen done within the first polls
 POLL_SECONDS = 0.5
+FIRST_POLL_SECONDS = 0.02  # doubling up to POLL_SECONDS
 # Set by the first Ctrl-C or SIGTERM (``cli.stoppable``) besides the KeyboardInterrupt it raises: a watch acts on
 # it at its next poll even when a library that the main thread was in at that instant swallowed the exception
 STOP_REQUESTED = threading.Event()
-FIRST_POLL_SECONDS = 0.02  # doubling up to POLL_SECONDS
 # A run hosted by this process's embedded backend is read again as soon as that backend changes it (an
 # episode: new counters, or the end), and otherwise only this often, for what other processes change
 # (a cancel, a peer's worker): no reads while nothing moves.

@@ -29,7 +29,7 @@ from sitebackup.blob.clients import StorageSettings, check_container, service_cl
 from sitebackup.blob.errors import ARCHIVED, classify, is_archived, one_line
 from sitebackup.blob.history import Copy, CopyLookup, choose, copy_client
 from sitebackup.blob.naming import blob_name, validate_container_name
-from sitebackup.blob.records import ContainerRecords, run_entries
+from sitebackup.blob.records import ContainerRecords, HeaderCache, run_entries
 from sitebackup.commands.catalog import known_backup, recorded_run, sealed_runs, where_to_look
 from sitebackup.commands.options import (
     LATEST_JOB_HELP,
@@ -166,7 +166,7 @@ def verify_run(state_dir: Path, run_id: str, settings: StorageSettings, on_misma
         where = where_to_look(run_id, known, container_name, work)
         if where != container_name:
             check_container(settings, where)
-        sealed = ContainerRecords(service.get_container_client(where))
+        sealed = ContainerRecords(service.get_container_client(where), HeaderCache())  # its header read once
         inp = recorded_run(sealed, work, run_id, known)
         records = run_entries(sealed, work, run_id, on_note)
         first = next(records, None)
