@@ -9,6 +9,12 @@ what a nightly run of a quiet site costs), the two checkouts taking turns so tha
 the machine hits both. Prints the median wall and CPU seconds of each, and the ratio of this checkout to the
 base: the cost of what one added to a run (for sitebackup 0.2: sealing the run's record into the container
 and reading the catalog).
+
+Last, what Azurite's own answers cost there, from this process: a prefix listing of a container's sealed runs
+(what reading the catalog asks) and a read of one blob's properties, each the median of five. Azurite filters
+every blob it holds for a listing, whatever the prefix (Azure Storage looks the prefix up in its index): with
+both checkouts' trees in it, a listing costs what the second line says, a part of the unchanged run's time that
+grows with the files on Azurite only.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -65,6 +73,7 @@ def main() -> None:
 
         firsts = {tool: backup(tool, "first") for tool in checkouts}
         runs = round_robin(list(checkouts), args.repeat, lambda tool, i: backup(tool, f"unchanged-{i}"))
+        listing_ms, read_ms, held = service_costs(azurite.connection_string, containers["sitebackup"])
     print(f"{source.files} files of {args.size} B, {args.repeat} unchanged runs each (medians)")
     print(f"{'run':<12} {'tool':<16} {'wall s':>8} {'cpu s':>8} {'rss MB':>8}  note")
     for tool in checkouts:
@@ -78,6 +87,34 @@ def main() -> None:
     cpu = [statistics.median(r.cpu for r in runs[tool]) for tool in checkouts]
     print(f"unchanged run, this / base: wall {wall[0] / wall[1]:.3f}x, cpu {cpu[0] / cpu[1]:.3f}x; "
           f"first run: wall {firsts['sitebackup'].seconds / firsts['sitebackup-base'].seconds:.3f}x")
+    print(f"Azurite holding {held} blobs: a listing of a container's sealed runs {listing_ms:.1f} ms, "
+          f"a blob's properties {read_ms:.1f} ms (medians of 5)")
+
+
+def service_costs(connection_string: str, container: str) -> tuple[float, float, int]:
+    """Milliseconds of one listing of *container*'s sealed runs and of one blob's properties read, as Azurite
+    answers them now, and how many blobs (and snapshots) the Azurite holds over all its containers."""
+    from azure.storage.blob import BlobServiceClient
+
+    with BlobServiceClient.from_connection_string(connection_string) as service:
+        client = service.get_container_client(container)
+        some = next(iter(client.list_blobs(results_per_page=1)))
+        blob = client.get_blob_client(some.name)
+
+        def median_ms(call: Callable[[], object]) -> float:
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times) * 1000
+
+        listing = median_ms(lambda: list(client.list_blobs(name_starts_with=".sitebackup/runs/",
+                                                           include=["metadata"])))
+        read = median_ms(blob.get_blob_properties)
+        held = sum(1 for each in service.list_containers()
+                   for _ in service.get_container_client(each.name).list_blobs(include=["snapshots"]))
+    return listing, read, held
 
 
 if __name__ == "__main__":
