@@ -25,9 +25,11 @@ from sitebackup.blob.asyncput import AsyncPutter, Cancelled, SignedUrls
 from sitebackup.blob.bwlimit import process_limiter
 from sitebackup.blob.errors import response_error
 from sitebackup.blob.inflight import InFlight
+from sitebackup.blob.upload import META_MODE, META_MTIME
 from sitebackup.local.files import b64
 
 _META = "x-ms-meta-"
+_OWN_METADATA = (META_MTIME, META_MODE)
 # a body cut off mid-way is asked for again, as the pipeline's retries do for a body it reads itself
 BODY_ATTEMPTS = 3
 
@@ -47,9 +49,11 @@ class BlobFacts:
 
     @classmethod
     def from_headers(cls, size: int, headers: Mapping[str, str]) -> "BlobFacts":
-        """Of a whole-blob Get Blob (200) whose body is *size* bytes, from its Content-MD5 and x-ms-meta-*."""
-        return cls(size, headers.get("Content-MD5") or headers.get("x-ms-blob-content-md5"),
-                   {k[len(_META):]: v for k, v in headers.items() if k.lower().startswith(_META)})
+        """Of a whole-blob Get Blob (200) whose body is *size* bytes, from its Content-MD5 and the metadata an
+        upload of sitebackup writes (the only metadata a restore reads)."""
+        # looked up by name: azure-core's response headers build their items view anew, key by key, per call
+        metadata = {key: value for key in _OWN_METADATA if (value := headers.get(_META + key)) is not None}
+        return cls(size, headers.get("Content-MD5") or headers.get("x-ms-blob-content-md5"), metadata)
 
 
 @dataclass(frozen=True)

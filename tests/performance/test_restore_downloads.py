@@ -129,6 +129,35 @@ def test_a_page_of_small_files_comes_through_the_asyncio_loop_each_checked_again
     assert sorted(p.name for p in out.rglob("*") if p.is_file() and p.name.endswith(TEMP_SUFFIX)) == []
 
 
+def test_a_small_file_without_recorded_times_takes_its_mtime_and_mode_from_its_blobs_metadata(
+        tmp_path, azurite, blob_service, container_name):
+    # what a restore of the current blobs (no run record) knows of a file: its blob's own metadata, whatever case
+    # the service gives the names in; other metadata is not sitebackup's and changes nothing
+    blob_service.create_container(container_name)
+    container = blob_service.get_container_client(container_name)
+    mtime = 1_600_000_000_123_456_789
+    container.upload_blob("a.txt", b"a" * 100, metadata={"Mtime_ns": str(mtime), "MODE": "0640", "other": "x"})
+    container.upload_blob("b.txt", b"b" * 100, metadata={"other": "0777"})
+    items = [FetchItem("a.txt", "a.txt", 100, None, None), FetchItem("b.txt", "b.txt", 100, None, None)]
+    deps, putter = _page_deps(tmp_path / "work", azurite, "http://127.0.0.1:9/devstoreaccount1")
+    writer = PageWriter(deps.work, "r1")
+    writer.write(0, items)
+    [index] = writer.close(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        result = restore_page(deps, "r1", FetchInput(dest=str(out), container=container_name, page=0, index=index))
+    finally:
+        os.umask(old_umask)
+        putter.close()
+
+    assert result.counts.files_restored == 2, result.failures
+    a, b = (out / "a.txt").stat(), (out / "b.txt").stat()
+    assert a.st_mtime_ns == mtime and a.st_mode & 0o7777 == 0o640
+    assert b.st_mtime_ns != mtime and b.st_mode & 0o7777 == 0o644  # no mode of its own: the default under the umask
+
+
 class RequestLog(ForwardingProxy):
     """Notes every request as (method, path without its query, query): what a restore costs per file, counted."""
 
