@@ -4,7 +4,8 @@ On Azurite and on real links alike, small files cost requests, not bytes; the as
 aiohttp spends much less CPU per request than threads over requests, and one loop with one
 connection pool keeps a window of Put Blobs going (``blob.inflight``) whatever the number of activities feeding it.
 Activities stay synchronous (the worker runs them in threads): they hand a page's small files to
-``AsyncPutter.put_many`` and block on the results.
+``AsyncPutter.put_many`` and block on the results, and hold a slot of the same window (``AsyncPutter.held``)
+around each request of a large file they send with the synchronous client.
 
 The Put Blob of a small file is built here (``ContainerPuts``) from headers computed once per container,
 and sent through a pipeline of retries alone, authorized by a container SAS in its URL (``SignedUrls``,
@@ -21,6 +22,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -148,6 +150,11 @@ class AsyncPutter:
         this way."""
         loop = self._ensure_loop()
         return asyncio.run_coroutine_threadsafe(work(self._client, self._pipeline, self.window), loop)
+
+    def held(self, size: int) -> AbstractContextManager[None]:
+        """A slot of this loop's window, held by the calling thread (an activity's, never the loop's) around one
+        request carrying *size* bytes that it sends with the synchronous client (``InFlight.held``)."""
+        return self.window.held(self._ensure_loop(), size)
 
     def put_many(self, container: str, source: SourceTree, items: list[tuple[str, str, PriorCopy | None]],
                  spec: UploadSpec, cancelled: Callable[[], bool] = lambda: False) -> list[Uploaded | BaseException]:

@@ -1,5 +1,6 @@
 """The window of requests in flight on the process's asyncio loop (``asyncput.AsyncPutter``): every small-file
-upload and download takes a slot of it for its request.
+upload and download takes a slot of it for its request, and so does each block range of a large file (its Put Block)
+and each ranged GET of a large download, sent by activity threads with the synchronous client (``held``).
 
 On loopback a run is bound by CPU, at a round-trip time of tens of milliseconds by the requests it keeps in
 flight: no one number fits both. So the window adapts, as TCP's does. It starts at ``start`` and is judged
@@ -26,6 +27,10 @@ mean request (the bytes its callers say requests carry, ``carried``): at its sta
 request's wait for its share of the rate is part of its latency), so under a cap a wider window does not pay
 and goes back. An explicit ``--max-inflight`` (``set_process_window``, set by the command line before any loop
 is made) makes the window fixed (``start == ceiling``).
+
+A request sent from a thread (``held``) takes a slot and counts its bytes (``carried``), but not in the judgement:
+its latency is its megabytes' time, not the path's round trip, and would read as queueing (the window would give
+back and stop growing for the small files that need it), and its completions are not the small requests' rounds.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from azure.core.pipeline.policies import AsyncHTTPPolicy
@@ -116,12 +122,31 @@ class InFlight:
         return self._clock()
 
     def _give(self, began: float) -> None:
-        """Give back a slot taken at *began*."""
+        """Give back a slot taken at *began*, its request judged."""
+        self._release()
+        self._finished(began)
+
+    def _release(self) -> None:
         if self._owed:
             self._owed -= 1
         else:
             self._permits.release()
-        self._finished(began)
+
+    @contextmanager
+    def held(self, loop: asyncio.AbstractEventLoop, size: int) -> Iterator[None]:
+        """A slot held by the calling thread, not *loop*'s (this window's), around one request carrying *size*
+        bytes that it sends itself: the thread waits for the slot while the loop runs on (never call this on the
+        loop's thread: it would wait for itself), and gives it back as it leaves. Its request is not judged (see
+        the module's docstring)."""
+        asyncio.run_coroutine_threadsafe(self._take_carrying(size), loop).result()
+        try:
+            yield
+        finally:
+            loop.call_soon_threadsafe(self._release)
+
+    async def _take_carrying(self, size: int) -> None:
+        await self._take()
+        self.carried(size)
 
     def carried(self, size: int) -> None:
         """A request in a slot carries *size* bytes (its body, or the body it reads)."""

@@ -466,6 +466,7 @@ def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: 
     putter.start()  # its client is made while the runtime starts the run, ready for the first page
     deps.put_many = putter.put_many
     deps.get_many = AsyncGetter(putter).get_many  # the same loop, connection pool and window
+    deps.held = putter.held  # and the same window for the requests of large files, sent from activity threads
     deps.cancelled = CancelCheck(runtime)
     deps.stopping = runtime.stopping.is_set
     deps.halted = runtime.fault if job_lock is None else lambda: runtime.fault() or job_lock.lost()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +33,9 @@ PutMany = Callable[[str, SourceTree, list[tuple[str, str, PriorCopy | None]], Up
                    list[Uploaded | BaseException]]
 # downloads a restore page's small files concurrently: (container, [(blob name, snapshot, size)], cancelled)
 GetMany = Callable[[str, list[tuple[str, str | None, int]], Callable[[], bool]], list[Future[Got]]]
+# a slot of the process's window of requests in flight, held by the calling thread around one request of a large
+# file carrying (size) bytes that it sends with the synchronous client
+HeldSlot = Callable[[int], AbstractContextManager[None]]
 
 log = logging.getLogger("sitebackup.activities")
 
@@ -59,6 +63,8 @@ class ActivityDeps:
     put_many: PutMany | None = None
     # blob.asyncget.AsyncGetter.get_many; None: one by one
     get_many: GetMany | None = None
+    # blob.asyncput.AsyncPutter.held; by default no window bounds the requests of large files
+    held: HeldSlot = lambda _size: nullcontext()
     # why the hosting process is stopping at once (its state directory is full), else None: the work
     # items already delivered then end without uploading what could not be recorded
     halted: Callable[[], str | None] = lambda: None

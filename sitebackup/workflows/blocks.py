@@ -28,7 +28,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -54,7 +54,7 @@ from sitebackup.model.work import (
     Step,
     UploadSpec,
 )
-from sitebackup.workflows.activity import ActivityDeps
+from sitebackup.workflows.activity import ActivityDeps, HeldSlot
 from sitebackup.workflows.pages import PageWriter
 
 MIN_BLOCK_SIZE = 1 * MIB
@@ -213,9 +213,9 @@ def held_ids(blob: BlobClient) -> set[str]:
 
 
 def stage_range(container: ContainerClient, fd: int, name: str, item: RangePage,
-                cancelled: Callable[[], bool] = lambda: False) -> Staged:
+                cancelled: Callable[[], bool] = lambda: False, held: HeldSlot = lambda _size: nullcontext()) -> Staged:
     """Read one range of the file open as *fd*, name it by its content and stage it unless the service holds that
-    block already.
+    block already, its Put Block in a slot of the process's window of requests (*held*).
 
     The block list is asked right after the read: a range may have waited long for the memory budget.
     """
@@ -234,10 +234,11 @@ def stage_range(container: ContainerClient, fd: int, name: str, item: RangePage,
         bid = content_block_id(data, index)
         if bid in held_ids(blob):
             return Staged(length, False, bid)
-        if cancelled():  # the block list can take a while to come
-            raise Cancelled()
-        # transactional MD5 per block: the service checks each range (and Azurite is faster with it)
-        blob.stage_block(bid, data, length=length, validate_content=True)
+        with held(length):
+            if cancelled():  # the block list and the slot can take a while to come
+                raise Cancelled()
+            # transactional MD5 per block: the service checks each range (and Azurite is faster with it)
+            blob.stage_block(bid, data, length=length, validate_content=True)
         del data
     return Staged(length, True, bid)
 
@@ -291,7 +292,7 @@ def copy_block_page(deps: ActivityDeps, run_id: str, step: Step, item: RangePage
         if result.range is not None:
             result.range.range = item.range
             with source.opened(relpath) as fd:
-                staged = stage_range(client, fd, name, item, cancelled)
+                staged = stage_range(client, fd, name, item, cancelled, deps.held)
                 counts.bytes_uploaded = staged.length
                 result.range.block_id, result.range.sent = staged.block_id, staged.sent
                 if item.range == 0:

@@ -17,7 +17,8 @@ them, which the page window skips (``Planned.done``) and the last activity reads
 gets its recorded owner and exact mode as it is written (``local.dest.DestDir``).
 
 A page's small files are downloaded together on the process's asyncio loop (``ActivityDeps.get_many``)
-and written in page order as they arrive; large ones in ranges with the sync client.
+and written in page order as they arrive; large ones in ranges with the sync client, each GET of content in a
+slot of the loop's window of requests (``ActivityDeps.held``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +59,7 @@ from sitebackup.model.codec import from_wire, to_wire
 from sitebackup.model.records import ROOT, FileEntry, Meta, RestoredFile
 from sitebackup.model.work import FetchInput, FetchItem, PageResult, PlanInput, Planned, RestoreCounts, Span
 from sitebackup.workflows import pages
-from sitebackup.workflows.activity import ActivityDeps, activity
+from sitebackup.workflows.activity import ActivityDeps, HeldSlot, activity
 from sitebackup.workflows.names import PLAN_RESTORE, RESTORE_BATCH, UNCHANGED_PAGE
 from sitebackup.workflows.window import Capped, stream_pages
 
@@ -305,13 +307,13 @@ def _existing(dest: DestDir, item: FetchItem, overwrite: bool) -> Outcome | None
     return None
 
 
-def _fetch(client: ContainerClient, dest: DestDir, item: FetchItem, threads: int,
+def _fetch(client: ContainerClient, dest: DestDir, item: FetchItem, threads: int, held: HeldSlot,
            got: Future[Got] | None) -> Outcome:
     """Write the item from *got* (its download on the asyncio loop) or, without one, with the sync client."""
     try:
         if got is None:
             blob = client.get_blob_client(item.name, snapshot=item.snapshot)
-            _write(dest, item, lambda fd: _download_into(blob, fd, item.size, threads))
+            _write(dest, item, lambda fd: _download_into(blob, fd, item.size, threads, held))
         else:
             content = got.result()
             _write(dest, item, lambda fd: _write_content(fd, content))
@@ -323,7 +325,7 @@ def _fetch(client: ContainerClient, dest: DestDir, item: FetchItem, threads: int
         if copy is None:
             return Outcome("failed", "blob not found" if isinstance(exc, ResourceNotFoundError) else PRUNED)
         try:
-            _write(dest, item, lambda fd: _download_into(copy_client(client, copy), fd, item.size, threads))
+            _write(dest, item, lambda fd: _download_into(copy_client(client, copy), fd, item.size, threads, held))
         except _Mismatch as again:
             return Outcome("failed", str(again))
     except _Mismatch as exc:
@@ -361,7 +363,9 @@ def _write_content(fd: int, content: Got) -> BlobFacts:
     return content.facts
 
 
-def _download_into(blob: Any, fd: int, size: int, threads: int) -> BlobFacts:
+def _download_into(blob: Any, fd: int, size: int, threads: int, held: HeldSlot = lambda _size: nullcontext()) \
+        -> BlobFacts:
+    """Download *blob* into *fd*, each GET of its content in a slot of the process's window of requests (*held*)."""
     props = blob.get_blob_properties()
     if props.size != size:  # never read: a blob larger than its record fills neither memory nor disk
         return BlobFacts.of(props)
@@ -369,13 +373,16 @@ def _download_into(blob: Any, fd: int, size: int, threads: int) -> BlobFacts:
     pinned = {"etag": props.etag, "match_condition": MatchConditions.IfNotModified}
     if size <= RANGE_BYTES:
         # decompress=False everywhere: the blob's own bytes, whatever Content-Encoding it is marked with
-        downloader = blob.download_blob(decompress=False, **pinned)
-        os.write(fd, downloader.readall())
+        with held(size):
+            downloader = blob.download_blob(decompress=False, **pinned)
+            data = downloader.readall()
+        os.write(fd, data)
         return BlobFacts.of(downloader.properties)
 
     def fetch(offset: int) -> None:
-        data = blob.download_blob(offset=offset, length=min(RANGE_BYTES, props.size - offset),
-                                  decompress=False, **pinned).readall()
+        length = min(RANGE_BYTES, props.size - offset)
+        with held(length):
+            data = blob.download_blob(offset=offset, length=length, decompress=False, **pinned).readall()
         os.pwrite(fd, data, offset)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
@@ -417,11 +424,11 @@ def restore_dest(dest: str, restore_id: str, owners: bool, recorded_dirs: bool =
 
 
 def restore_one(client: ContainerClient, dest: DestDir, item: FetchItem, overwrite: bool, threads: int,
-                endpoint: str) -> Outcome:
+                held: HeldSlot, endpoint: str) -> Outcome:
     """Restore one file alone (the restore's last activity: a hard link whose first member does not hold its
     content), as a batch restores each of its files."""
     outcome = _guarded(functools.partial(_existing, dest, item, overwrite), endpoint) or \
-        _guarded(functools.partial(_fetch, client, dest, item, threads, None), endpoint)
+        _guarded(functools.partial(_fetch, client, dest, item, threads, held, None), endpoint)
     assert outcome is not None
     return outcome
 
@@ -443,7 +450,7 @@ def restore_page(deps: ActivityDeps, restore_id: str, inp: FetchInput) -> PageRe
         if got is not None and isinstance(got.exception(), Cancelled):
             break
         outcome = checked[index] or _guarded(
-            functools.partial(_fetch, client, dest, item, deps.concurrency.per_file, got), deps.endpoint)
+            functools.partial(_fetch, client, dest, item, deps.concurrency.per_file, deps.held, got), deps.endpoint)
         assert outcome is not None
         counts.files_done += 1
         counts.bytes_done += item.size

@@ -61,7 +61,7 @@ def restore_tree(deps: ActivityDeps, restore_id: str, inp: TreeInput) -> PageRes
                 item = FetchItem(blob_name(inp.prefix, entry.path), entry.path, entry.size, entry.md5,
                                  entry.mtime_ns, meta=file_meta(entry))
                 alone = restore_one(deps.container_client(inp.container), dest, item, inp.overwrite,
-                                    deps.concurrency.per_file, deps.endpoint)
+                                    deps.concurrency.per_file, deps.held, deps.endpoint)
                 if alone.kind == "failed":
                     failed(entry, alone.reason)
                     continue
