@@ -96,8 +96,9 @@ class DelayProxy:
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        # with ``timeline = []``: (monotonic time, +1 a request's first line / -1 its answer's status line, text)
-        self.timeline: list[tuple[float, int, str]] | None = None
+        # with ``timeline = []``: (monotonic time, +1 a request's first line / -1 its answer's status line, text,
+        # the connection's number: a request and its answer share it)
+        self.timeline: list[tuple[float, int, str, int]] | None = None
         self._thread = threading.Thread(target=self._serve, name="delay-proxy", daemon=True)
 
     def __enter__(self) -> DelayProxy:
@@ -156,6 +157,7 @@ class DelayProxy:
         with self._lock:
             c = self.counts
             c.connections += 1
+            number = c.connections
             c.open_now += 1
             c.most_open = max(c.most_open, c.open_now)
         waiting = [False]  # a request of this connection is in flight
@@ -166,7 +168,8 @@ class DelayProxy:
                 with self._lock:
                     self.counts.flight(+1)
                     if self.timeline is not None:
-                        self.timeline.append((time.monotonic(), +1, data[:160].split(b"\r\n")[0].decode("latin-1")))
+                        self.timeline.append((time.monotonic(), +1, data[:160].split(b"\r\n")[0].decode("latin-1"),
+                                              number))
 
         def answered(data: bytes = b"") -> None:
             if waiting[0]:
@@ -174,7 +177,8 @@ class DelayProxy:
                 with self._lock:
                     self.counts.flight(-1)
                     if self.timeline is not None:
-                        self.timeline.append((time.monotonic(), -1, data[:40].split(b"\r\n")[0].decode("latin-1")))
+                        self.timeline.append((time.monotonic(), -1, data[:40].split(b"\r\n")[0].decode("latin-1"),
+                                              number))
 
         try:
             # a new connection's handshake is a round trip before its first byte can leave (TLS, which Azurite's

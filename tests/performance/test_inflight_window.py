@@ -1,7 +1,8 @@
 """The adaptive window of requests in flight (``blob.inflight``), on a simulated path in virtual time: it grows to
 fill a path whose round trip is long, goes back when growing does not pay (and not when it paid, however latency
 climbed), stays where it started where the service is the bound (loopback), halves when the service throttles,
-never passes its ceiling nor its bytes in flight, and a fixed window (--max-inflight) never moves.
+never passes its ceiling nor its bytes in flight, and a fixed window (--max-inflight) never moves. Threads hold
+slots of the same window (``InFlight.held``: a large file's requests) without holding up its loop.
 
 The path: a request takes the round-trip time, or longer when more are in flight than the service completes in
 that time (it queues). Counts only: the window's width and the time taken in virtual time, never wall time."""
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import threading
+import time
 
 import pytest
 from azure.core.pipeline import AsyncPipeline
@@ -275,3 +278,60 @@ def test_the_ceiling_is_a_bounded_multiple_of_the_start_so_a_low_concurrency_sta
     assert Concurrency().requests == 32 and Concurrency().most_requests == MOST_IN_FLIGHT
     assert Concurrency(batches=1).most_requests == GROWTH_BOUND * 2
     assert Concurrency(batches=256).most_requests == 512  # never below where it starts
+
+
+def test_threads_hold_slots_of_the_window_without_holding_up_its_loop_and_are_not_judged():
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        window = InFlight(2, 2)
+        inside = most = left = 0
+        changed = threading.Condition()
+        leave = threading.Semaphore(0)
+
+        def request() -> None:
+            nonlocal inside, most, left
+            with window.held(loop, 1000):
+                with changed:
+                    inside += 1
+                    most = max(most, inside)
+                    changed.notify_all()
+                leave.acquire()
+                with changed:
+                    inside -= 1
+            with changed:
+                left += 1
+                changed.notify_all()
+
+        threads = [threading.Thread(target=request) for _ in range(6)]
+        for t in threads:
+            t.start()
+        with changed:
+            assert changed.wait_for(lambda: inside == 2, timeout=30)
+
+        async def waiting() -> int:
+            return window._waiting
+
+        # the loop runs on while the four other threads come to wait for a slot (asked on the loop, where the
+        # window lives)
+        for _ in range(3000):
+            if asyncio.run_coroutine_threadsafe(waiting(), loop).result(timeout=30) == 4:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("four threads never waited for a slot")
+        assert inside == 2
+        for _ in threads:
+            leave.release()
+        for t in threads:
+            t.join(30)
+        assert left == 6 and most == 2
+
+        async def after() -> tuple[int, int, int, bool]:
+            async with window.slot(), window.slot():  # every slot was given back
+                return window._done, window._sized, window._bytes, window._permits.locked()
+
+        # their bytes count against the window's bytes in flight; they end no round of its judgement
+        assert asyncio.run_coroutine_threadsafe(after(), loop).result(timeout=30) == (0, 6, 6000, True)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)

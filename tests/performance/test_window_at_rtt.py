@@ -1,7 +1,8 @@
 """Requests in flight at a real round-trip time: a backup and a restore of small files, reaching Azurite through
 benchmarks/delayproxy.py with 40 ms added per round trip, keep a window of requests going (counted at the proxy)
-and reuse their connections (counted too); --max-inflight widens the window past the one it starts at; a restore
-on a new machine reads its record's pages several at a time. On loopback a request costs well under a
+and reuse their connections (counted too); --max-inflight widens the window past the one it starts at, and a narrow
+one bounds a large file's block ranges and ranged downloads too; a restore on a new machine reads its record's
+pages several at a time. On loopback a request costs well under a
 millisecond, so a run that waits one request at a time looks fast there; at 40 ms it is bound by how many it
 keeps in flight. How far the adaptive window grows depends on the machine's CPU: blob.inflight's own tests count
 that on a simulated path."""
@@ -9,8 +10,10 @@ that on a simulated path."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+from collections.abc import Callable
 from urllib.parse import unquote
 
 from helpers import ROOT, many_files
@@ -31,10 +34,29 @@ LEAST_MOST_IN_FLIGHT_FIXED = 40
 # connections beside the window's, kept alive and reused: the few a run opens for its records and lock, and
 # the pages its seal sends at once
 SPARE_CONNECTIONS = 16
+# a window narrower than the large file's ranges (and than the threads of one ranged download)
+NARROW = 2
+BLOCK_MIB = 2
+LARGE_MIB = 32
 
 
 def summary(result) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def most_at_once(timeline, kind: Callable[[str], bool]) -> tuple[int, int]:
+    """(the most requests of *kind* (by their first line) in flight at once at the proxy, how many there were)."""
+    asked: dict[int, bool] = {}  # connection -> whether its request in flight is of the kind
+    now = most = count = 0
+    for _t, delta, text, connection in timeline:
+        if delta > 0:
+            asked[connection] = kind(text)
+            if asked[connection]:
+                now, count = now + 1, count + 1
+                most = max(most, now)
+        elif asked.pop(connection, False):
+            now -= 1
+    return most, count
 
 
 def widest_window(result) -> int:
@@ -103,12 +125,37 @@ def test_a_restore_on_a_new_machine_reads_record_pages_several_at_a_time(tmp_pat
     assert summary(restore)["files_restored"] == FILES
     # the plan reads the record's pages before any file is downloaded, and nothing else but the catalog then: the
     # requests in flight from its first page request to its last are page requests
-    pages = [i for i, (_t, delta, text) in enumerate(timeline)
+    pages = [i for i, (_t, delta, text, _conn) in enumerate(timeline)
              if delta > 0 and text.startswith("GET ") and "/.sitebackup/records/" in unquote(text)]
     assert len(pages) > READ_AHEAD
     in_flight = most = 0
-    for i, (_t, delta, _text) in enumerate(timeline[:pages[-1] + 1]):
+    for i, (_t, delta, _text, _conn) in enumerate(timeline[:pages[-1] + 1]):
         in_flight += delta
         if i >= pages[0]:
             most = max(most, in_flight)
     assert most >= READ_AHEAD - 1, most
+
+
+def test_a_narrow_window_bounds_the_block_ranges_and_ranged_gets_of_a_large_file(tmp_path, cli, cli_env, azurite,
+                                                                                container_name):
+    src = tmp_path / "site"
+    src.mkdir()
+    data = os.urandom(LARGE_MIB * 1024 * 1024)
+    (src / "big.bin").write_bytes(data)
+    with delayproxy.behind(azurite, ONE_WAY_MS) as far:
+        far.proxy.timeline = []
+        env = {**cli_env, "AZURE_STORAGE_CONNECTION_STRING": far.connection_string,
+               "SITEBACKUP_MAX_INFLIGHT": str(NARROW)}
+        backup = cli(src, "--container", container_name, "--json", "--block-size", BLOCK_MIB, env=env)
+        assert backup.returncode == 0, backup.stderr
+        up, far.proxy.timeline = far.proxy.timeline, []
+        restore = cli("restore", summary(backup)["instance_id"], tmp_path / "dest", "--json", env=env)
+        assert restore.returncode == 0, restore.stderr
+        down = list(far.proxy.timeline)
+    assert summary(backup)["files_uploaded"] == 1 and summary(restore)["files_restored"] == 1
+    assert (tmp_path / "dest" / "big.bin").read_bytes() == data
+    put_blocks = most_at_once(up, lambda text: re.search(r"[?&]comp=block(&| )", text) is not None)
+    assert put_blocks[1] == LARGE_MIB // BLOCK_MIB and 1 <= put_blocks[0] <= NARROW, put_blocks
+    gets = most_at_once(down, lambda text: text.startswith("GET ") and "big.bin" in unquote(text))
+    # one GET per range of the restore's (8 MiB), more of them than the window holds
+    assert gets[1] > NARROW and 1 <= gets[0] <= NARROW, gets
