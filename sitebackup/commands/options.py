@@ -228,8 +228,9 @@ def max_inflight_option(fn: F) -> F:
     return click.option(
         "--max-inflight", metavar="N", type=click.IntRange(min=1, max=inflight.MAX_INFLIGHT_LIMIT),
         envvar=inflight.ENV_MAX_INFLIGHT, expose_value=False, callback=_set_max_inflight,
-        help="Keep exactly N small-file requests in flight (default: the window adapts to the network: it grows "
-             "while throughput grows and backs off when the service throttles or answers slower) "
+        help="Keep exactly N requests in flight, shared by small files and the block ranges and ranged downloads "
+             "of large ones (default: the window adapts to the network: it grows while throughput grows and backs "
+             "off when the service throttles or answers slower) "
              f"[env {inflight.ENV_MAX_INFLIGHT}].",
     )(fn)
 
