@@ -5,7 +5,9 @@ aiohttp spends much less CPU per request than threads over requests, and one loo
 connection pool keeps a window of Put Blobs going (``blob.inflight``) whatever the number of activities feeding it.
 Activities stay synchronous (the worker runs them in threads): they hand a page's small files to
 ``AsyncPutter.put_many`` and block on the results, and hold a slot of the same window (``AsyncPutter.held``)
-around each request of a large file they send with the synchronous client.
+around each request of a large file they send with the synchronous client. A run's seal sends its record pages
+here too (``AsyncPutter.put_new``): at the end of a run the loop's connections are open and idle, where threads of
+the synchronous client would open connections of their own, a round trip each, and send fewer at once.
 
 The Put Blob of a small file is built here (``ContainerPuts``) from headers computed once per container,
 and sent through a pipeline of retries alone, authorized by a container SAS in its URL (``SignedUrls``,
@@ -164,13 +166,35 @@ class AsyncPutter:
 
         async def all_items() -> list[Any]:
             client = self._client.get_container_client(container)
-            if container not in self._puts:
-                self._puts[container] = ContainerPuts(client, self._pipeline)
-            puts = self._puts[container]
+            puts = self._container_puts(container, client)
             return await asyncio.gather(*(self._put(client, puts, source, relpath, name, prior, cancelled, spec)
                                           for relpath, name, prior in items), return_exceptions=True)
 
         return asyncio.run_coroutine_threadsafe(all_items(), loop).result()
+
+    def put_new(self, container: str, name: str, data: bytes) -> concurrent.futures.Future[None]:
+        """Write *data* as block blob *name* of *container* once (If-None-Match: \\*: a blob there already is
+        left as it is), in a slot of the window; returns at once, with the future of the request's end."""
+        loop = self._ensure_loop()
+
+        async def put() -> None:
+            puts = self._container_puts(container, self._client.get_container_client(container))
+            async with self.window.slot():
+                self.window.carried(len(data))
+                if self._limiter is not None:
+                    await self._limiter.acquire_async(len(data))
+                try:
+                    await puts.put(name, data, {"If-None-Match": "*"})
+                except ResourceExistsError:
+                    pass
+
+        return asyncio.run_coroutine_threadsafe(put(), loop)
+
+    def _container_puts(self, container: str, client: Any) -> ContainerPuts:
+        """The Put Blob requests into *container* (*client*, the aio client's), made once; on the loop."""
+        if container not in self._puts:
+            self._puts[container] = ContainerPuts(client, self._pipeline)
+        return self._puts[container]
 
     async def _put(self, client: Any, puts: ContainerPuts, source: SourceTree, relpath: str, name: str,
                    prior: PriorCopy | None, cancelled: Callable[[], bool], spec: UploadSpec) -> Uploaded:

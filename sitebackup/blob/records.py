@@ -56,7 +56,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _page_name(job: str, digest: str) -> str:
+def page_name(job: str, digest: str) -> str:
     return f"{RECORDS}{_checked_id(job)}/{digest}"
 
 
@@ -113,7 +113,7 @@ class ContainerRecords:
     def put_page(self, job: str, data: bytes) -> str:
         """Store one record page of *job* under its SHA-256 unless the container holds it already; the SHA-256."""
         digest = sha256_hex(data)
-        self._create(_page_name(job, digest), data)
+        self._create(page_name(job, digest), data)
         return digest
 
     def seal(self, record: RunRecord) -> None:
@@ -151,7 +151,7 @@ class ContainerRecords:
         """Delete every record page of *job* whose SHA-256 is not in *referenced* (what the job's remaining headers
         name); how many went."""
         removed = 0
-        folder = _page_name(job, "")
+        folder = page_name(job, "")
         for blob in self.container.list_blobs(name_starts_with=folder):
             if blob.name[len(folder):] not in referenced:
                 try:
@@ -224,7 +224,7 @@ class ContainerRecords:
         what = f"record page {seal.page} of run {record.run_id}"
         if seal.size > MAX_RECORD_PAGE_BYTES:
             raise DamagedData(f"{what} is damaged: its seal says {seal.size} bytes")
-        data = self._download(_page_name(record.job, seal.sha256), seal.size, what)
+        data = self._download(page_name(record.job, seal.sha256), seal.size, what)
         if data is None:
             raise DamagedData(f"{what} is missing from the container")
         if len(data) != seal.size or sha256_hex(data) != seal.sha256:

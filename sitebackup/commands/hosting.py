@@ -465,6 +465,7 @@ def activity_deps(settings: StorageSettings, concurrency: Concurrency, runtime: 
     putter = AsyncPutter(settings, in_flight=start, most_in_flight=ceiling)
     putter.start()  # its client is made while the runtime starts the run, ready for the first page
     deps.put_many = putter.put_many
+    deps.put_new = putter.put_new  # the seal's record pages, on the connections the uploads left open
     deps.get_many = AsyncGetter(putter).get_many  # the same loop, connection pool and window
     deps.held = putter.held  # and the same window for the requests of large files, sent from activity threads
     deps.cancelled = CancelCheck(runtime)

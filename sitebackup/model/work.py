@@ -59,8 +59,8 @@ class Concurrency(msgspec.Struct, frozen=True):
 
     @property
     def sealing(self) -> int:
-        # record pages the synchronous client sends at once when a run seals: each is a connection of its own
-        # beside the loop's, which sit idle by then
+        # record pages the synchronous client sends at once when a run seals without the loop (workflows.seal): each
+        # is a connection of its own
         return max(1, self.batches // 2)
 
     @property

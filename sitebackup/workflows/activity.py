@@ -33,6 +33,8 @@ PutMany = Callable[[str, SourceTree, list[tuple[str, str, PriorCopy | None]], Up
                    list[Uploaded | BaseException]]
 # downloads a restore page's small files concurrently: (container, [(blob name, snapshot, size)], cancelled)
 GetMany = Callable[[str, list[tuple[str, str | None, int]], Callable[[], bool]], list[Future[Got]]]
+# writes a blob once on the process's loop, in a slot of its window: (container, blob name, bytes); returns at once
+PutNew = Callable[[str, str, bytes], Future[None]]
 # a slot of the process's window of requests in flight, held by the calling thread around one request of a large
 # file carrying (size) bytes that it sends with the synchronous client
 HeldSlot = Callable[[int], AbstractContextManager[None]]
@@ -61,6 +63,8 @@ class ActivityDeps:
     on_batch: Callable[[str, PageResult[BackupCounts]], None] | None = None
     # blob.asyncput.AsyncPutter.put_many; None: one by one
     put_many: PutMany | None = None
+    # blob.asyncput.AsyncPutter.put_new, for the seal's record pages; None: by threads of the synchronous client
+    put_new: PutNew | None = None
     # blob.asyncget.AsyncGetter.get_many; None: one by one
     get_many: GetMany | None = None
     # blob.asyncput.AsyncPutter.held; by default no window bounds the requests of large files

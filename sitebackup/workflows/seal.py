@@ -1,10 +1,12 @@
 """The backup's last activity: sealing the run's record into its container (``blob.records``).
 
 Once every page is done, the run's result pages (its record) are copied, as the bytes the work store holds,
-to the container's ``.sitebackup/records/`` under their SHA-256, a window of them at once (``Concurrency.sealing``),
-skipping those the baseline's sealed record already names (an unchanged tree sends no page), and the header
-naming every page with its hash and size goes last. The job's descriptor is written by the run that takes the
-job's lock first and by a run with no sealed baseline; a run whose baseline is sealed knows it is there.
+to the container's ``.sitebackup/records/`` under their SHA-256, a window of them at once: on the process's loop
+(``ActivityDeps.put_new``), whose connections the uploads left open and idle, as many as its window starts with
+(``Concurrency.requests``), or else by threads of the synchronous client (``Concurrency.sealing``). Those the
+baseline's sealed record already names are skipped (an unchanged tree sends no page), and the header naming
+every page with its hash and size goes last. The job's descriptor is written by the run that takes the job's
+lock first and by a run with no sealed baseline; a run whose baseline is sealed knows it is there.
 
 The header also counts what the run changed from its baseline (``local.changes``, as ``sitebackup diff``
 does), so that ``list`` shows it from the listing alone: the two records are read side by side, leaving out
@@ -20,7 +22,7 @@ from typing import Any
 from durabletask import task
 
 from sitebackup import __version__
-from sitebackup.blob.records import ContainerRecords, sha256_hex
+from sitebackup.blob.records import ContainerRecords, page_name, sha256_hex
 from sitebackup.local.changes import OutOfOrder, changes, count
 from sitebackup.model.codec import DamagedData, decode, from_wire, to_wire
 from sitebackup.model.records import ChangeCounts, FileEntry, PageSeal, RunRecord
@@ -43,10 +45,11 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
         held = {seal.sha256 for seal in baseline.pages} if baseline is not None else set()
     pages: list[PageSeal] = []
     sent = 0
-    window = deps.concurrency.sealing
+    put_new = deps.put_new
     # the pages go up together, a window of them at a time (one round trip each would add up over a long
-    # path); the header waits for every one of them
-    with ThreadPoolExecutor(max_workers=window, thread_name_prefix="sitebackup-seal") as pool:
+    # path), each held in memory until it is sent; the header waits for every one of them
+    window = deps.concurrency.sealing if put_new is None else deps.concurrency.requests
+    with ThreadPoolExecutor(max_workers=deps.concurrency.sealing, thread_name_prefix="sitebackup-seal") as pool:
         going: set[Future[Any]] = set()
         if baseline is None:  # a run of the job sealed before wrote its descriptor (it is written once, never changed)
             going.add(pool.submit(records.put_job, inp.job))
@@ -57,7 +60,8 @@ def seal_record(deps: ActivityDeps, run_id: str, inp: SealInput) -> Sealed:
                     done, going = wait(going, return_when=FIRST_COMPLETED)
                     for future in done:
                         future.result()
-                going.add(pool.submit(records.put_page, inp.job.id, data))
+                going.add(pool.submit(records.put_page, inp.job.id, data) if put_new is None
+                          else put_new(inp.container, page_name(inp.job.id, digest), data))
                 held.add(digest)
                 sent += 1
             pages.append(PageSeal(page, digest, len(data)))
