@@ -2,7 +2,8 @@
 benchmarks/delayproxy.py with 40 ms added per round trip, keep a window of requests going (counted at the proxy)
 and reuse their connections (counted too); --max-inflight widens the window past the one it starts at, and a narrow
 one bounds a large file's block ranges and ranged downloads too; a restore on a new machine reads its record's
-pages several at a time. On loopback a request costs well under a
+pages several at a time, and a backup's seal sends them more at once than its threads would, on connections its
+uploads opened. On loopback a request costs well under a
 millisecond, so a run that waits one request at a time looks fast there; at 40 ms it is bound by how many it
 keeps in flight. How far the adaptive window grows depends on the machine's CPU: blob.inflight's own tests count
 that on a simulated path."""
@@ -34,6 +35,8 @@ LEAST_MOST_IN_FLIGHT_FIXED = 40
 # connections beside the window's, kept alive and reused: the few a run opens for its records and lock, and
 # the pages its seal sends at once
 SPARE_CONNECTIONS = 16
+# a backup of as many files cuts its tree into more pages than its seal's threads would send at once
+SEALED_FILES = 200
 # a window narrower than the large file's ranges (and than the threads of one ranged download)
 NARROW = 2
 BLOCK_MIB = 2
@@ -134,6 +137,31 @@ def test_a_restore_on_a_new_machine_reads_record_pages_several_at_a_time(tmp_pat
         if i >= pages[0]:
             most = max(most, in_flight)
     assert most >= READ_AHEAD - 1, most
+
+
+def test_a_backups_seal_sends_its_record_pages_together_on_the_connections_its_uploads_opened(
+        tmp_path, cli, cli_env, state_dir, azurite, container_name):
+    src = tmp_path / "site"
+    many_files(src, SEALED_FILES, size=64)
+    with delayproxy.behind(azurite, ONE_WAY_MS) as far:
+        far.proxy.timeline = []
+        env = {**cli_env, "AZURE_STORAGE_CONNECTION_STRING": far.connection_string}
+        backup = cli(src, "--container", container_name, "--json", env=env)
+        assert backup.returncode == 0, backup.stderr
+        timeline = list(far.proxy.timeline)
+    run_id = summary(backup)["instance_id"]
+    pages = len(list((state_dir / "work" / run_id / "results").glob("*.json")))
+    assert pages > Concurrency().sealing
+
+    def is_page(text: str) -> bool:
+        return text.startswith("PUT ") and "/.sitebackup/records/" in unquote(text)
+
+    most, count = most_at_once(timeline, is_page)
+    assert count == pages and most > Concurrency().sealing, (most, count)
+    # each on a connection open before the seal's first page: none paid a new connection's handshake
+    first = next(i for i, (_t, delta, text, _conn) in enumerate(timeline) if delta > 0 and is_page(text))
+    opened = max(conn for _t, _delta, _text, conn in timeline[:first])
+    assert all(conn <= opened for _t, delta, text, conn in timeline if delta > 0 and is_page(text)), opened
 
 
 def test_a_narrow_window_bounds_the_block_ranges_and_ranged_gets_of_a_large_file(tmp_path, cli, cli_env, azurite,
