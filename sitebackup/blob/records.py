@@ -238,7 +238,8 @@ class ContainerRecords:
         run's pages: number and bytes, in page order) when its bytes match the seal, else from the container
         (*ahead* pages downloaded while one is used), telling *on_damaged* the number of a cached page that does
         not. With *seen*, the SHA-256s of pages read already (and added to it as they are read): those are left
-        out, as the pages runs share are."""
+        out, as the pages runs share are. A copy in the state directory that cannot be read (gone: a later backup let
+        it go, or a page unreadable) is read from the container from there on."""
         # chained in C: a reader pays a generator step per page, not per entry
         return chain.from_iterable(entries for _seal, entries in self.pages(record, cached, on_damaged, seen, ahead))
 
@@ -249,7 +250,7 @@ class ContainerRecords:
         to that many of the next pages are downloaded while one is decoded and used (a request's latency paid once
         for several pages); a reader that stops early leaves no download behind."""
         local = iter(cached)
-        held = next(local, None)
+        held = _next_cached(local)
         pool = ThreadPoolExecutor(max_workers=ahead) if ahead > 0 else None
         pending: deque[tuple[PageSeal, Future[bytes]]] = deque()
         try:
@@ -259,7 +260,7 @@ class ContainerRecords:
                         continue
                     seen.add(seal.sha256)
                 while held is not None and held[0] < seal.page:
-                    held = next(local, None)
+                    held = _next_cached(local)
                 data = held[1] if held is not None and held[0] == seal.page else None
                 if data is not None and (len(data) != seal.size or sha256_hex(data) != seal.sha256):
                     on_damaged(seal.page)
@@ -305,6 +306,15 @@ class ContainerRecords:
         the container lists them (a request per 5,000): whatever their metadata, unlike ``catalog``."""
         for blob in self.container.list_blobs(name_starts_with=folder):
             yield blob.name[len(folder):]
+
+
+def _next_cached(local: Iterator[tuple[int, bytes]]) -> tuple[int, bytes] | None:
+    """The next page of a state directory's copy of a sealed record, or None: none left, or from the first one that
+    cannot be read on (the copy is a cache: what it cannot give, the container does)."""
+    try:
+        return next(local, None)
+    except OSError:
+        return None
 
 
 def run_entries(records: ContainerRecords | None, work: WorkStore, run_id: str,

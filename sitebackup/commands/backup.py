@@ -323,6 +323,7 @@ def _run_locked(request: BackupRequest, settings: StorageSettings, printer: Prin
             # this process schedules or resumes the run: the job's lock first, its holder named beside the catalog's read
             if not live:
                 job_lock.acquire(request.lock_wait, run=run_id, claim=claim_of(lock), name_later=True)
+            cached: list[str] = []  # this state directory's copies of runs sealed already: let go once this run is
             if instance_id is None:
                 # the job's sealed runs, read under its lock; with --force too: the baseline says what each
                 # name holds, to keep as a snapshot
@@ -333,6 +334,8 @@ def _run_locked(request: BackupRequest, settings: StorageSettings, printer: Prin
                 if sealed:  # most likely the baseline: its header is read while the run is scheduled, for its scan
                     records.prefetch(max(sealed, key=lambda entry: parse_utc(entry.started)).run_id)
                 inp.baseline = find_baseline(inp, deps.work, sealed, recorded)
+                if not inp.options.shared:
+                    cached = sealed_copies(recorded, sealed)
             job_lock.named()  # before anything of the run can change the container
             if instance_id is None:
                 instance_id = client.schedule_new_orchestration(BACKUP_ORCHESTRATION, input=to_wire(inp),
@@ -346,10 +349,30 @@ def _run_locked(request: BackupRequest, settings: StorageSettings, printer: Prin
                            runtime_status="SCHEDULED", detached=True)
         if live and local_worker:
             return attach_and_watch(runtime, deps, instance_id, printer, lock, job_lock)
-        return host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker,
-                              on_poll=job_lock.check)
+        summary = host_and_watch(runtime, deps, instance_id, printer, local_worker=local_worker,
+                                 on_poll=job_lock.check)
+        if summary.runtime_status == "COMPLETED":
+            let_go(deps.work, cached)
+        return summary
     finally:
         release_run(runtime, lock, job_lock)
+
+
+def sealed_copies(recorded: RecordedRuns, sealed: list[CatalogEntry]) -> list[str]:
+    """The completed runs of this job whose records this state directory holds and the container holds sealed:
+    once a newer run is sealed, the container's copy is all that restore, verify and browsing need of them (and
+    the newer run is the next baseline), so the state directory need not keep a copy of every run it made."""
+    in_container = {entry.run_id for entry in sealed}
+    completed, _cancelled = recorded  # a cancelled run is never sealed: its pages here are its only record
+    return [run_id for _started, run_id in completed if run_id in in_container]
+
+
+def let_go(work: WorkStore, run_ids: list[str]) -> None:
+    """Remove this state directory's copies of *run_ids* (``sealed_copies``), but not a run a prune is removing:
+    that prune's mark stays for it to finish. A copy that cannot be removed now is left for the next run."""
+    for run_id in run_ids:
+        if work.has_results(run_id) and work.pruned(run_id) is None:
+            work.remove(run_id)
 
 
 def check_live_run(client: dt_client.TaskHubGrpcClient, instance_id: str, request: BackupRequest) -> str | None:

@@ -50,6 +50,8 @@ def test_second_run_skips_unchanged_and_a_change_reuploads_exactly_that_file(tmp
     assert first.returncode == 0, first.stderr
     assert summary_of(first)["files_uploaded"] == 40
     before = etags(blob_service, container_name)
+    # read now: once the second run is sealed, the state directory lets its copy of the first run's record go
+    first_records = records_of(state_dir, summary_of(first)["instance_id"])
 
     second = cli(src, "-c", container_name, "--json")
     assert second.returncode == 0, second.stderr
@@ -59,8 +61,7 @@ def test_second_run_skips_unchanged_and_a_change_reuploads_exactly_that_file(tmp
     assert s["files_skipped"] == 40 and s["files_failed"] == 0
     assert etags(blob_service, container_name) == before  # nothing was written again
     # the new run's record is complete: unchanged files carry size, mtime and md5 forward
-    first_records, second_records = records_of(state_dir, summary_of(first)["instance_id"]), \
-        records_of(state_dir, s["instance_id"])
+    second_records = records_of(state_dir, s["instance_id"])
     second_files = {path: r for path, r in second_records.items() if r.get("kind", "file") == "file"}
     assert set(second_files) == set(TREE)
     assert {r["kind"] for path, r in second_records.items() if path not in TREE} == {"dir"}  # and the directories

@@ -146,23 +146,25 @@ def test_damaged_records_are_named_and_survived(tmp_path, cli, cli_env, state_di
     # a damaged page of the baseline's record in the state directory: the next backup reads its sealed copy
     page = sorted((state_dir / "work" / run2 / "results").glob("*.json"))[0]
     page.write_bytes(b'[{"path":"../../etc/passwd","size":1}]')
-    third = cli(src, "-c", container_name, "--json")
-    assert third.returncode == 0, third.stderr
-    notes = summary_of(third)["notes"]
-    assert len(notes) == 1 and notes[0].startswith(f"record page 0 of run {run2} in the state directory is damaged")
-    assert summary_of(third)["files_unchanged"] == len(tree2)
     plain = cli("verify", run2)  # a note is one line on stderr without --json
     assert plain.returncode == 0 and "sitebackup: note: record page 0" in plain.stderr
     # restore and verify of that run read the container's copy too, and say so
     verified = cli("verify", run2, "--json")
     assert verified.returncode == 0, verified.stderr
     assert "is damaged" in verified.stderr and json.loads(verified.stdout)["files_ok"] == len(tree2)
+    third = cli(src, "-c", container_name, "--json")
+    assert third.returncode == 0, third.stderr
+    notes = summary_of(third)["notes"]
+    assert len(notes) == 1 and notes[0].startswith(f"record page 0 of run {run2} in the state directory is damaged")
+    assert summary_of(third)["files_unchanged"] == len(tree2)
+    # sealed, the third run is the next baseline: the state directory's copy of run 2 (damaged or not) goes
+    assert not (state_dir / "work" / run2).exists()
 
     # a damaged page in the container: the run is named, never half-restored, and the other runs go on
     cc = blob_service.get_container_client(container_name)
     header = json.loads(cc.download_blob(f".sitebackup/runs/{run1}").readall())
     job = header["job"]
-    shutil.rmtree(state_dir / "work" / run1)  # no local copy to fall back on
+    assert not (state_dir / "work" / run1).exists()  # let go once run 2 was sealed: no local copy to fall back on
     for seal in header["pages"]:
         cc.upload_blob(f".sitebackup/records/{job}/{seal[1]}", b"[]", overwrite=True)
     broken = cli("restore", run1, tmp_path / "r1")

@@ -52,11 +52,15 @@ def add_records(state_dir: Path, run_id: str, paths: list[str]) -> None:
         work.write_result(run_id, first + start // 4096, records[start:start + 4096])
 
 
-def two_runs(cli, tmp_path: Path, container: str, prefix: str) -> tuple[str, str]:
+def two_runs(cli, tmp_path: Path, container: str, prefix: str, unsealed: str | None = None) -> tuple[str, str]:
     """Two runs to *prefix*: the second deletes old.txt and changes same.txt, so the first alone needs the
-    blob old.txt and the snapshot of same.txt."""
+    blob old.txt and the snapshot of same.txt. With *unsealed* (the connection string), the first run's sealed
+    record is removed before the second runs: its record is then the state directory's alone (as a run of a
+    version before sealing), which the second run keeps as it found it."""
     src = write_tree(tmp_path / prefix, {"old.txt": b"old", "same.txt": b"same v1"})
     first = summary_of(cli(src, "-c", container, "--prefix", prefix, "--json"))["instance_id"]
+    if unsealed is not None:
+        unseal(unsealed, container, first)
     (src / "old.txt").unlink()
     (src / "same.txt").write_bytes(b"same v2, longer")
     second = summary_of(cli(src, "-c", container, "--prefix", prefix, "--json"))["instance_id"]
@@ -71,9 +75,9 @@ def test_prune_of_a_destination_of_NAMES_names_grows_by_no_more_than_its_share_o
     env = {**cli_env, "MALLOC_ARENA_MAX": "1"}
 
     def measure(prefix: str, count: int) -> float:
-        runs = two_runs(cli, tmp_path, container_name, prefix)
+        runs = two_runs(cli, tmp_path, container_name, prefix, unsealed=cli_env["AZURE_STORAGE_CONNECTION_STRING"])
+        unseal(cli_env["AZURE_STORAGE_CONNECTION_STRING"], container_name, runs[1])  # the first is already
         for run_id in runs:
-            unseal(cli_env["AZURE_STORAGE_CONNECTION_STRING"], container_name, run_id)
             add_records(state_dir, run_id, tree_names(count))
         result, peak = run_cli_peak(["prune", "-c", container_name, "--prefix", prefix, "--keep-last", "1", "--json"],
                                     env, tmp_path / f"{prefix}.peak")
@@ -172,9 +176,10 @@ def test_a_state_disk_too_full_for_the_temporary_database_ends_in_exit_5_and_del
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], check=True)
     state = mount_point / "state"
     env = env_for(azurite.connection_string, state)
-    first, _second = two_runs(lambda *args: run_cli(list(map(str, args)), env), tmp_path, container_name, "p")
+    first, _second = two_runs(lambda *args: run_cli(list(map(str, args)), env), tmp_path, container_name, "p",
+                              unsealed=azurite.connection_string)
+    unseal(azurite.connection_string, container_name, _second)  # the first is already
     for run_id in (first, _second):
-        unseal(azurite.connection_string, container_name, run_id)
         add_records(state, run_id, tree_names(SMALL))
     before = copies(blob_service, container_name)
     filler = mount_point / "filler"
