@@ -39,6 +39,13 @@ PutNew = Callable[[str, str, bytes], Future[None]]
 # file carrying (size) bytes that it sends with the synchronous client
 HeldSlot = Callable[[int], AbstractContextManager[None]]
 
+
+def no_slot(_size: int) -> AbstractContextManager[None]:
+    """A ``HeldSlot`` of no window: a process without an asyncio loop bounds the requests of large files by its
+    threads alone."""
+    return nullcontext()
+
+
 log = logging.getLogger("sitebackup.activities")
 
 
@@ -68,7 +75,7 @@ class ActivityDeps:
     # blob.asyncget.AsyncGetter.get_many; None: one by one
     get_many: GetMany | None = None
     # blob.asyncput.AsyncPutter.held; by default no window bounds the requests of large files
-    held: HeldSlot = lambda _size: nullcontext()
+    held: HeldSlot = no_slot
     # why the hosting process is stopping at once (its state directory is full), else None: the work
     # items already delivered then end without uploading what could not be recorded
     halted: Callable[[], str | None] = lambda: None

@@ -28,7 +28,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import NamedTuple
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -54,7 +54,7 @@ from sitebackup.model.work import (
     Step,
     UploadSpec,
 )
-from sitebackup.workflows.activity import ActivityDeps, HeldSlot
+from sitebackup.workflows.activity import ActivityDeps, HeldSlot, no_slot
 from sitebackup.workflows.pages import PageWriter
 
 MIN_BLOCK_SIZE = 1 * MIB
@@ -213,7 +213,7 @@ def held_ids(blob: BlobClient) -> set[str]:
 
 
 def stage_range(container: ContainerClient, fd: int, name: str, item: RangePage,
-                cancelled: Callable[[], bool] = lambda: False, held: HeldSlot = lambda _size: nullcontext()) -> Staged:
+                cancelled: Callable[[], bool] = lambda: False, held: HeldSlot = no_slot) -> Staged:
     """Read one range of the file open as *fd*, name it by its content and stage it unless the service holds that
     block already, its Put Block in a slot of the process's window of requests (*held*).
 

@@ -28,7 +28,6 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -363,8 +362,7 @@ def _write_content(fd: int, content: Got) -> BlobFacts:
     return content.facts
 
 
-def _download_into(blob: Any, fd: int, size: int, threads: int, held: HeldSlot = lambda _size: nullcontext()) \
-        -> BlobFacts:
+def _download_into(blob: Any, fd: int, size: int, threads: int, held: HeldSlot) -> BlobFacts:
     """Download *blob* into *fd*, each GET of its content in a slot of the process's window of requests (*held*)."""
     props = blob.get_blob_properties()
     if props.size != size:  # never read: a blob larger than its record fills neither memory nor disk
