@@ -10,7 +10,7 @@ import pytest
 from helpers import write_tree
 
 from sitebackup.blob.clients import StorageSettings
-from sitebackup.commands import backup
+from sitebackup.commands import backup, hosting
 from sitebackup.model.codec import to_wire
 from sitebackup.model.work import summary_to_wire
 from sitebackup.ui.printers import Printer
@@ -95,7 +95,10 @@ class Recorder(Printer):
         self.summary = summary_to_wire(summary)
 
 
-def test_custom_status_moves_during_the_run(tmp_path, azurite, state_dir, container_name):
+def test_custom_status_moves_during_the_run(tmp_path, azurite, state_dir, container_name, monkeypatch):
+    # the watcher samples the status by polling: sampled often, a run of a second or two shows how it moves on any
+    # machine (at the default half second a fast run can fall between two samples)
+    monkeypatch.setattr(hosting, "POLL_SECONDS", 0.05)
     files = {f"f{i:04d}.bin": os.urandom(2048) for i in range(1200)}
     src = write_tree(tmp_path / "site", files)
     request = backup.build_request(src, container_name, "", state_dir=state_dir, concurrency=2)
