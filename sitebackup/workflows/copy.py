@@ -18,6 +18,7 @@ from itertools import chain, repeat
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
+from zlib import crc32
 
 from azure.storage.blob import ContainerClient
 from durabletask import task
@@ -49,11 +50,17 @@ from sitebackup.model.work import (
 )
 from sitebackup.workflows import blocks, pages
 from sitebackup.workflows.activity import ActivityDeps, activity
-from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, SCAN_TREE
+from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, PAGE_CUT_ODDS, SCAN_TREE
 from sitebackup.workflows.window import Capped, stream_pages
 
 _KIND = attrgetter("kind")
 _SIZE = attrgetter("size")
+
+
+def ends_page(item: CopyItem | FileEntry) -> bool:
+    """Whether a page of the scan may end after *item* (``window.stream_pages``): decided by its path alone, the
+    same from run to run and on every host (CRC-32: a hash of Python's own is seeded anew in every process)."""
+    return crc32(item.path.encode("utf-8", "surrogatepass")) % PAGE_CUT_ODDS == 0
 
 
 def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
@@ -121,7 +128,8 @@ def scan_source(work: WorkStore, run_id: str, inp: ScanInput,
 
     n_pages = 0
     writer = pages.PageWriter(work, run_id)
-    for batch in stream_pages(items(), lambda item: item.size, min_batches=inp.min_pages, light=light, alone=large):
+    for batch in stream_pages(items(), _SIZE, min_batches=inp.min_pages, light=light, alone=large,
+                              ends_page=ends_page):
         first = batch[0]
         if isinstance(first, CopyItem) and large(first):
             n_pages += blocks.write_range_pages(writer, n_pages, first, inp.upload.block_size)

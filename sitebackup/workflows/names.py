@@ -33,6 +33,11 @@ BATCH_FILES = 256
 BATCH_BYTES = 16 * 1024 * 1024
 # unchanged files cost no I/O in the copy activity, so their pages are much larger
 UNCHANGED_PAGE = 4096
+# a backup's page, once it holds this many entries, ends after an entry whose path's hash says so (one path in
+# PAGE_CUT_ODDS): the pages of the record a run seals then end at the same paths from run to run, and a file added
+# or removed changes the record page it falls in, where pages cut by count would all shift and all be sent again
+PAGE_CUT_MIN = 2048
+PAGE_CUT_ODDS = 1024
 # a scan records a page of unchanged files itself, sparing it an activity, while its list of such pages
 # (ranges of page numbers, in the scan's result and the orchestration's state) stays this short
 MAX_DONE_RANGES = 64

@@ -35,6 +35,7 @@ from sitebackup.workflows.names import (
     BATCH_BYTES,
     BATCH_FILES,
     MAX_LISTED,
+    PAGE_CUT_MIN,
     PAGES_PER_GENERATION,
     RESUME_EVENT,
     SCAN_HEAD,
@@ -55,15 +56,19 @@ def min_pages(window: int, shared: bool) -> int:
 
 def stream_pages(items: Iterable[T], size_of: Callable[[T], int], *, min_batches: int,
                  light: Callable[[T], bool] = lambda item: False, alone: Callable[[T], bool] = lambda item: False,
+                 ends_page: Callable[[T], bool] | None = None,
                  batch_files: int = BATCH_FILES, batch_bytes: int = BATCH_BYTES,
                  page_items: int = UNCHANGED_PAGE, head_items: int = SCAN_HEAD) -> Iterator[list[T]]:
     """Cut *items* into pages in their order as they come, holding one page (and the head below), not them all.
 
     A page holds at most ``batch_files`` items to copy and ``batch_bytes`` of theirs, and at most
     ``page_items`` in all: a *light* item (recorded without I/O) counts only there. An item that goes
-    *alone*, or of ``batch_bytes`` or more, is a page of its own. The first ``head_items`` items are
-    held back and cut into pages of at most 1/``min_batches`` of their files each, so that the window of
-    activities starts full on a small tree too; the rest go in full pages.
+    *alone*, or of ``batch_bytes`` or more, is a page of its own. The first ``head_items``
+    items are held back and cut into pages of at most 1/``min_batches`` of their files each, so that the window
+    of activities starts full on a small tree too; the rest go in full pages. With *ends_page*, a page that
+    holds ``PAGE_CUT_MIN`` items or more also ends after an item it says ends one: where pages end then depends
+    on the items, not on how many came before, so an item added or gone changes its own page and not every
+    page after it (content-defined chunking, as restic and borg cut files).
     """
     it = iter(items)
     head = list(itertools.islice(it, head_items))
@@ -88,6 +93,9 @@ def stream_pages(items: Iterable[T], size_of: Callable[[T], int], *, min_batches
         current.append(item)
         current_files += not is_light
         current_bytes += size
+        if ends_page is not None and len(current) >= PAGE_CUT_MIN and ends_page(item):
+            yield current
+            current, current_files, current_bytes = [], 0, 0
     if current:
         yield current
 

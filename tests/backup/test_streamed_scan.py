@@ -21,6 +21,7 @@ from sitebackup.local.scan import walk, walk_key
 from sitebackup.model.records import FileEntry, PriorCopy
 from sitebackup.model.work import CopyItem, FileRef, RangePage, ScanInput, Span, UploadSpec
 from sitebackup.workflows import copy
+from sitebackup.workflows.names import PAGE_CUT_MIN, UNCHANGED_PAGE
 from sitebackup.workflows.pages import chunk_hash, read_page
 from sitebackup.workflows.window import stream_pages
 
@@ -163,6 +164,54 @@ def test_stream_pages_keeps_order_and_bounds_every_page():
     assert all(sum(not light for _, light, _ in page) <= 64 for page in first)  # the head cut smaller
 
 
+def _paths(files: int) -> list[str]:
+    return [f"g{i // 1000:03d}/d{i // 100 % 10}/f{i % 100:03d}" for i in range(files)]
+
+
+def _cut(entries: list[FileEntry], ends_page=copy.ends_page) -> list[tuple[str, ...]]:
+    light = lambda item: True  # noqa: E731 - unchanged files, as most of a quiet tree's
+    return [tuple(e.path for e in page) for page in stream_pages(entries, lambda item: 0, min_batches=64,
+                                                                     light=light, ends_page=ends_page)]
+
+
+def test_a_backups_pages_end_at_the_same_paths_when_a_file_is_added_or_removed():
+    """Pages of unchanged files end where their paths say (``copy.ends_page``), not after a count: a file added
+    near the start of the tree changes its own page and at most the next, where counted pages all shift (and a
+    run would seal, and send, a whole new record)."""
+    paths = _paths(40_000)
+    before = _cut([FileEntry(p) for p in paths])
+    assert [e for page in before for e in page] == paths
+    assert all(PAGE_CUT_MIN <= len(page) <= UNCHANGED_PAGE for page in before[:-1]), [len(p) for p in before]
+    assert len(before) >= 40_000 // UNCHANGED_PAGE + 2  # some pages did end at a path, not at the count
+    for changed in (paths[:100] + ["g000/d1/new"] + paths[100:], paths[:5000] + paths[5001:]):
+        after = _cut([FileEntry(p) for p in changed])
+        assert [e for page in after for e in page] == changed
+        assert len(set(after) - set(before)) <= 2, (len(after), len(set(after) - set(before)))
+    # cut by count alone, every page after the added file differs: what the rule above is for
+    counted = _cut([FileEntry(p) for p in paths], ends_page=None)
+    added = _cut([FileEntry(p) for p in paths[:100] + ["g000/d1/new"] + paths[100:]], ends_page=None)
+    assert len(set(added) - set(counted)) == len(added)
+
+
+def test_an_unchanged_scan_records_the_same_pages_but_the_one_a_file_was_added_to(tmp_path: Path):
+    """The scan itself: of an unchanged tree with a file added near its start, every page of the record but
+    the added file's (and at most the next) holds the same bytes as the scan without it wrote."""
+    src = flat_tree(tmp_path / "src", 20_000)
+    work = LocalWorkStore(tmp_path / "work")
+    write_record(work, "base", records_of(src))
+
+    def pages_of(run_id: str) -> tuple[int, set[bytes]]:
+        out = copy.scan_source(work, run_id, ScanInput(source=str(src), min_pages=1, baseline="base"))
+        return out.pages, {data for _page, data in work.result_pages(run_id)}
+
+    n_before, before = pages_of("quiet")
+    (src / "g000" / "d0" / "f000a").write_bytes(b"new")
+    n_after, after = pages_of("added")
+    assert n_before >= 20_000 // UNCHANGED_PAGE + 1 and len(before) == n_before
+    assert len(after) == n_after - 1  # the new file's page goes to a copy; the others are recorded here
+    assert len(before - after) <= 2, (n_before, n_after, len(before - after))
+
+
 def test_stream_pages_holds_back_only_its_head():
     pulled = []
 
@@ -273,7 +322,8 @@ def test_scan_of_an_unchanged_tree_grows_rss_by_no_more_than_its_share_of_the_bo
     flat_tree(tmp_path / "src" / "b", FILES - 5_000)
     large = scan_in_a_child(tmp_path / "src", tmp_path / "work")
     assert (small["files_total"], large["files_total"]) == (5_000, FILES)
-    assert large["pages"] == -(-FILES // 4096)  # unchanged files: full pages
+    # unchanged files: large pages, ended where a path says so once they hold PAGE_CUT_MIN (copy.ends_page)
+    assert -(-FILES // UNCHANGED_PAGE) <= large["pages"] <= -(-FILES // PAGE_CUT_MIN)
     share = share_mb(small["before_kb"] / 1024) * (FILES - 5_000) / FILES
     assert (large["grew_kb"] - small["grew_kb"]) / 1024 < share, (small, large)
 
