@@ -36,7 +36,7 @@ from azure.core.rest import HttpRequest
 from sitebackup.blob.bwlimit import process_limiter
 from sitebackup.blob.clients import StorageSettings, container_sas, make_service_client, put_pipeline
 from sitebackup.blob.errors import response_error
-from sitebackup.blob.inflight import InFlight, ThrottleSignal
+from sitebackup.blob.inflight import InFlight, ThrottleSignal, listen
 from sitebackup.blob.upload import Uploaded, already_there, put_headers, replace_conditions, small_file_put, uploaded
 from sitebackup.local.files import SourceTree
 from sitebackup.model.records import PriorCopy
@@ -117,6 +117,7 @@ class AsyncPutter:
         # *in_flight* up to *most_in_flight* (None: fixed at *in_flight*)
         self.window = InFlight(in_flight, most_in_flight or in_flight)
         self._limiter = process_limiter()  # --bwlimit: a small file's bytes are paid for before its request
+        self._forget: Callable[[], None] = lambda: None  # stops the window hearing of the synchronous clients' 503s
 
     def start(self) -> tuple[asyncio.AbstractEventLoop, concurrent.futures.Future[None]]:
         """Start the loop and make its client without waiting for them: the hosting process calls this before
@@ -134,6 +135,7 @@ class AsyncPutter:
                 self._client, _label = make_service_client(self._settings, pool_size=self.window.ceiling, aio=True)
                 self._pipeline = put_pipeline(self._client.credential, self.window.ceiling,
                                               ThrottleSignal(self.window))
+                self._forget = listen(self.window, asyncio.get_running_loop())
 
             self._ready = asyncio.run_coroutine_threadsafe(setup(), loop)
             self._loop = loop
@@ -222,6 +224,7 @@ class AsyncPutter:
             ready, self._ready = self._ready, None
         if loop is None or ready is None:
             return
+        self._forget()
         try:
             ready.result(timeout=10)
         except Exception:  # no client was made: nothing to close but the loop

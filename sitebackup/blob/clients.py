@@ -31,6 +31,7 @@ from azure.storage.blob import (
 
 from sitebackup.blob.bwlimit import Limiter, PacedAdapter, process_limiter
 from sitebackup.blob.errors import classify, one_line, redact
+from sitebackup.blob.inflight import throttled_response
 from sitebackup.errors import DestinationError, InputError
 
 log = logging.getLogger("sitebackup.blob")
@@ -106,6 +107,7 @@ def _session() -> requests.Session:
             session = _sessions[limiter] = requests.Session()
             session.mount("http://", adapter)
             session.mount("https://", adapter)
+            session.hooks["response"].append(throttled_response)  # a 503 here narrows the asyncio window too
         return session
 
 

@@ -19,7 +19,9 @@ while requests wait for a slot (else the window is not what bounds the run):
   busy service or client), never below ``start`` nor below the widest window a doubling was found to pay for
   (that window's latency was part of what paid: on a busy client, latency climbs with the throughput);
 - it halves when the service throttles (a 503 or 500 answer, seen by ``ThrottleSignal`` in the pipeline before
-  its retry policy sends the request again), at most once a round, never below ``FLOOR``.
+  its retry policy sends the request again, or by ``throttled_response`` in the session of the synchronous
+  clients, for the requests activity threads send themselves: a large file's blocks, the lock, the records), at
+  most once a round, never below ``FLOOR``.
 
 It never grows above ``ceiling`` (the connection pool's size), nor past ``BYTES_IN_FLIGHT`` over the round's
 mean request (the bytes its callers say requests carry, ``carried``): at its start the window holds what
@@ -36,7 +38,9 @@ back and stop growing for the small files that need it), and its completions are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -241,6 +245,36 @@ class Slot:
 
     async def __aexit__(self, *_exc: object) -> None:
         self._window._give(self._began)
+
+
+# the windows of this process, each with the loop it runs on: told of a throttled answer to a synchronous request
+_listening: dict[InFlight, asyncio.AbstractEventLoop] = {}
+_listening_lock = threading.Lock()
+
+
+def listen(window: InFlight, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Have *window* (on *loop*) halve when a synchronous request of this process is throttled
+    (``throttled_response``); returns what stops it."""
+    with _listening_lock:
+        _listening[window] = loop
+
+    def forget() -> None:
+        with _listening_lock:
+            _listening.pop(window, None)
+
+    return forget
+
+
+def throttled_response(response: Any, *_args: Any, **_kwargs: Any) -> None:
+    """A response hook of the session the synchronous clients share (``blob.clients``), which sees each attempt
+    their retry policy makes: a throttled answer halves every window of the process, on its own loop (a window is
+    not thread-safe), as ``ThrottleSignal`` does for the asyncio pipeline's answers. The service is one for both."""
+    if response.status_code in THROTTLED:
+        with _listening_lock:
+            windows = list(_listening.items())
+        for window, loop in windows:
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                loop.call_soon_threadsafe(window.throttled)
 
 
 class ThrottleSignal(AsyncHTTPPolicy):  # type: ignore[type-arg]

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import http.server
 import itertools
 import threading
 import time
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 from azure.core.pipeline import AsyncPipeline
 from azure.core.pipeline.transport import AsyncHttpTransport
 from azure.core.rest import HttpRequest
 
-from sitebackup.blob import inflight
+from sitebackup.blob import clients, inflight
 from sitebackup.blob.inflight import BYTES_IN_FLIGHT, FLOOR, InFlight, ThrottleSignal
 
 
@@ -260,6 +262,46 @@ def test_the_policy_in_a_pipeline_sees_each_answer_and_passes_it_on(status, halv
         return window.limit, response.http_response.status_code
 
     assert asyncio.run(main()) == ((16 if halved else 32), status)
+
+
+class _Busy(http.server.BaseHTTPRequestHandler):
+    """A stand-in service on loopback answering every request with 503 Server Busy, as a throttling account does."""
+
+    def do_HEAD(self) -> None:
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_PUT = do_HEAD
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_throttled_answer_to_a_synchronous_client_halves_the_process_window(monkeypatch):
+    """A large file's Put Blocks, the lock and the records go through the synchronous clients, not the asyncio
+    pipeline that ``ThrottleSignal`` watches: their 503s reach the window through the clients' shared session."""
+    monkeypatch.setenv(clients.ENV_RETRIES, "0")  # one answer is enough; no backoff to wait out
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    window, other = InFlight(32, 256), InFlight(64, 256)
+    forget = inflight.listen(window, loop)
+    forget_other = inflight.listen(other, loop)
+    forget_other()  # a window no longer listening (its putter closed) is left alone
+    try:
+        account = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=" + "A" * 86 + "==;"
+                   f"BlobEndpoint=http://127.0.0.1:{server.server_address[1]}/devstoreaccount1;")
+        client, _label = clients.make_service_client(clients.StorageSettings(connection_string=account))
+        with pytest.raises(HttpResponseError):
+            client.get_blob_client("c", "b").get_blob_properties()
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=10)  # the loop has run what it was given
+        assert (window.limit, other.limit) == (16, 64)  # halved once in the round, however many answers said so
+    finally:
+        forget()
+        loop.call_soon_threadsafe(loop.stop)
+        server.shutdown()
 
 
 def test_max_inflight_fixes_the_process_window():
