@@ -24,7 +24,9 @@ load spike from elsewhere on the machine hits all of them; a row is the median o
 --rtt: each dataset once per round-trip time (ms), the timed runs reaching Azurite through
 benchmarks/delayproxy.py (half the RTT added each way, --mbit capping each direction); its rows are the
 dataset's name with "@RTTms", and each run's log line gives the connections it opened and the requests it
-kept in flight (mean and most) as the proxy saw them. RTT 0 goes straight to Azurite unless --proxied-zero: the
+kept in flight (mean and most) as the proxy saw them. The round-trip times take turns as the tools do (a run at
+each, then the next repetition), so that a machine whose speed drifts over minutes weighs on each alike: their
+ratios are what the RTT costs. RTT 0 goes straight to Azurite unless --proxied-zero: the
 proxy forwards every byte in this process, and on a machine of two cores the CPU it takes is time the tool and
 Azurite lose, so a 0 ms pass through it is what an RTT's rows compare with to see the round trip alone.
 
@@ -55,6 +57,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TypeVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -327,11 +330,15 @@ def median_row(source: Source, op: str, tool: str, runs: list[Run]) -> Row:
                note="; ".join(r.note for r in runs if r.note))
 
 
-def round_robin(tools: list[str], repeat: int, once: Callable[[str, int], Run]) -> dict[str, list[Run]]:
-    runs: dict[str, list[Run]] = {t: [] for t in tools}
+K = TypeVar("K")
+
+
+def round_robin(keys: list[K], repeat: int, once: Callable[[K, int], Run]) -> dict[K, list[Run]]:
+    """Each key's *repeat* runs, taking turns: a run of each key, then the next repetition."""
+    runs: dict[K, list[Run]] = {k: [] for k in keys}
     for i in range(repeat):
-        for tool in tools:
-            runs[tool].append(once(tool, i))
+        for key in keys:
+            runs[key].append(once(key, i))
     return runs
 
 
@@ -341,15 +348,25 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path):
         self.args = args
         self.work = work
-        self.rtt_ms = 0.0  # the round trip the timed runs go through (set per pass of --rtt)
+        self.rtts: list[float] = [0.0]  # the round trips the timed runs go through, taking turns (--rtt)
+
+    def direct(self, rtt: float) -> bool:
+        return not rtt and not self.args.mbit and not self.args.proxied_zero
+
+    def named(self, source: Source, rtt: float) -> Source:
+        """*source* as its rows at *rtt* name it."""
+        if self.direct(rtt):
+            return source
+        return dataclasses.replace(source, name=f"{source.name}@{rtt:g}ms" + (f",{self.args.mbit:g}Mbit"
+                                                                               if self.args.mbit else ""))
 
     @contextlib.contextmanager
-    def path(self, azurite) -> Iterator:
-        """*azurite* as the timed runs reach it: directly, or through a delay proxy of the current RTT."""
-        if not self.rtt_ms and not self.args.mbit and not self.args.proxied_zero:
+    def path(self, azurite, rtt: float) -> Iterator:
+        """*azurite* as the timed runs reach it: directly, or through a delay proxy of *rtt*."""
+        if self.direct(rtt):
             yield azurite
             return
-        with behind(azurite, self.rtt_ms / 2, self.args.mbit) as far:
+        with behind(azurite, rtt / 2, self.args.mbit) as far:
             yield far
 
     def proxied(self, azurite) -> str:
@@ -368,33 +385,34 @@ class Bench:
         return [t for t in known if t in self.args.tools and (t != "sitebackup-base" or self.args.base_src)]
 
     def rows(self, source: Source) -> list[Row]:
-        print(f"# {source.name}: {source.files} files, {source.bytes / MIB:.1f} MiB at {source.root}",
+        """The rows of *source* at each round trip: its backups, then its restores."""
+        print(f"# {source.name}: {source.files} files, {source.bytes / MIB:.1f} MiB at {source.root}"
+              + (f", RTT {', '.join(f'{rtt:g}' for rtt in self.rtts)} ms taking turns" if self.rtts != [0.0] else ""),
               file=sys.stderr, flush=True)
         if source.name.startswith("million"):  # measured against the walk, not against uploaders
-            return self.scan(source)
-        rows: list[Row] = []
-        if "backup" in self.args.ops:
-            rows += self.backup(source)
-        if "restore" in self.args.ops:
-            rows += self.restore(source)
-        return rows
+            return [row for rtt in self.rtts for row in self.scan(self.named(source, rtt))]
+        backups = self.backup(source) if "backup" in self.args.ops else {}
+        restores = self.restore(source) if "restore" in self.args.ops else {}
+        return [row for rtt in self.rtts for row in [*backups.get(rtt, []), *restores.get(rtt, [])]]
 
-    def backup(self, source: Source) -> list[Row]:
+    def backup(self, source: Source) -> dict[float, list[Row]]:
         from azurite import Azurite
 
         probe = self.work / "probe"
         tools = self.tools(BACKUP_TOOLS)
         present = [t for t in tools if backup_command(t, source.root, "probe", Azurite(0, probe), probe, []) is not None]
-        runs = round_robin(present, self.args.repeat, lambda tool, i: self.backup_once(tool, source, i))
-        return [median_row(source, "backup", t, runs[t]) if t in runs
-                else Row(source.name, "backup", t, note="skipped: not installed") for t in tools]
+        runs = round_robin([(rtt, t) for rtt in self.rtts for t in present], self.args.repeat,
+                           lambda key, i: self.backup_once(key[1], self.named(source, key[0]), i, key[0]))
+        return {rtt: [median_row(self.named(source, rtt), "backup", t, runs[rtt, t]) if (rtt, t) in runs
+                      else Row(self.named(source, rtt).name, "backup", t, note="skipped: not installed") for t in tools]
+                for rtt in self.rtts}
 
-    def backup_once(self, tool: str, source: Source, i: int) -> Run:
+    def backup_once(self, tool: str, source: Source, i: int, rtt: float) -> Run:
         from azure.storage.blob import BlobServiceClient
 
         # a fresh Azurite per run: a long-lived in-memory one slows down (and once stalled for
         # minutes) as deleted containers pile up in its heap
-        with azurite_server(self.work) as local, self.path(local) as azurite:
+        with azurite_server(self.work) as local, self.path(local, rtt) as azurite:
             service = BlobServiceClient.from_connection_string(local.connection_string)
             container = f"b-{tool}-{uuid.uuid4().hex[:10]}"
             client = service.get_container_client(container)
@@ -417,10 +435,10 @@ class Bench:
                 service.close()
         ok = code == 0 and count == source.files
         run = Run(seconds, cpu, peak, server_cpu, "" if ok else f"run {i}: exit {code}, {count}/{source.files} blobs (log {log})")
-        log_run(f"backup {tool} run {i}", run, f"exit {code} blobs {count}{seen}")
+        log_run(f"backup {tool} {source.name} run {i}", run, f"exit {code} blobs {count}{seen}")
         return run
 
-    def restore(self, source: Source) -> list[Row]:
+    def restore(self, source: Source) -> dict[float, list[Row]]:
         from azure.storage.blob import BlobServiceClient
 
         tools = self.tools(RESTORE_TOOLS)
@@ -435,13 +453,17 @@ class Bench:
                         for variant in ["sitebackup", *(t for t in tools if t == "sitebackup-base")]}
             finally:
                 service.close()
-            with self.path(local) as azurite:
-                env = tool_env(azurite, self.work)
-                runs = round_robin(tools, self.args.repeat,
-                                   lambda tool, i: self.restore_once(tool, source, i, made, azurite, env))
-        rows = [median_row(source, "restore", t, runs[t]) for t in tools]
-        if "asyncio-get" in self.args.tools and "asyncio-get" not in tools:
-            rows.append(Row(source.name, "restore", "asyncio-get", note="skipped: aiohttp not installed"))
+            with contextlib.ExitStack() as paths:
+                reach = {rtt: paths.enter_context(self.path(local, rtt)) for rtt in self.rtts}
+                runs = round_robin([(rtt, t) for rtt in self.rtts for t in tools], self.args.repeat,
+                                   lambda key, i: self.restore_once(key[1], self.named(source, key[0]), i, made,
+                                                                    reach[key[0]], tool_env(reach[key[0]], self.work)))
+        rows: dict[float, list[Row]] = {}
+        for rtt in self.rtts:
+            rows[rtt] = [median_row(self.named(source, rtt), "restore", t, runs[rtt, t]) for t in tools]
+            if "asyncio-get" in self.args.tools and "asyncio-get" not in tools:
+                rows[rtt].append(Row(self.named(source, rtt).name, "restore", "asyncio-get",
+                                     note="skipped: aiohttp not installed"))
         return rows
 
     def setup_backup(self, variant: str, source: Source, service, env: dict[str, str]) -> tuple[str, str, Path]:
@@ -482,7 +504,7 @@ class Bench:
         ok = code == 0 and (files, size) == (source.files, source.bytes)
         run = Run(seconds, cpu, peak, server_cpu,
                   "" if ok else f"run {i}: exit {code}, {files}/{source.files} files, {size}/{source.bytes} bytes (log {log})")
-        log_run(f"restore {tool} run {i}", run, f"exit {code} files {files}{seen}")
+        log_run(f"restore {tool} {source.name} run {i}", run, f"exit {code} files {files}{seen}")
         return run
 
     def scan(self, source: Source) -> list[Row]:
@@ -588,6 +610,7 @@ def measure(args: argparse.Namespace) -> dict:
     for src in {ROOT, args.base_src or ROOT}:
         compile_package(src)
     bench = Bench(args, work)
+    bench.rtts = args.rtt
     rows: list[Row] = []
 
     def results() -> dict:
@@ -599,11 +622,7 @@ def measure(args: argparse.Namespace) -> dict:
     try:
         for make in sources:
             source = make()
-            for rtt in args.rtt:
-                bench.rtt_ms = rtt
-                named = source if rtt == 0 and not args.mbit and not args.proxied_zero else dataclasses.replace(
-                    source, name=f"{source.name}@{rtt:g}ms" + (f",{args.mbit:g}Mbit" if args.mbit else ""))
-                rows += bench.rows(named)
+            rows += bench.rows(source)
             if args.save:
                 args.save.write_text(json.dumps([results()], indent=1))
     finally:

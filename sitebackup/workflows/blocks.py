@@ -95,7 +95,8 @@ class Cancelled(Exception):
 
 
 def threshold(block_size: int) -> int:
-    """Files above this go in ranges; below it one Put Blob (or the SDK's own chunking) costs fewer requests.
+    """Files above this go in ranges; below it one Put Blob costs fewer requests (the SDK sends a file whole up to
+    its single-put size, 64 MiB, beyond this).
 
     At most RANGES_ABOVE: a file below the threshold is read whole into memory by the SDK's
     single put, once per activity in flight, and it has no block-level resume.

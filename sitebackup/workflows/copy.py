@@ -14,6 +14,7 @@ every source file beneath the source root by descriptor (``local.files.SourceTre
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from itertools import chain, repeat
 from operator import attrgetter
 from pathlib import Path
@@ -217,9 +218,14 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, items: list[CopyItem],
                 counts.bytes_skipped += previous.size
                 continue
             done = early.get(relpath)
-            if not isinstance(done, Uploaded):  # not sent early, or failed there: one more try here
-                done = _upload_with_one_retry(client, source, relpath, backup_blob_name(prefix, relpath),
-                                              spec, item.prior, deps.concurrency.per_file)
+            if not isinstance(done, Uploaded):  # not sent early (over the single-put size), or failed there
+                # a file up to the range threshold goes in one Put Blob (the SDK's single put reaches further): in a
+                # slot of the window the small files' requests and the large files' blocks share, its bytes counted
+                # there; a larger one (--checksum hashes a file whole, never in ranges) in the SDK's own blocks
+                whole = item.size <= blocks.threshold(spec.block_size)
+                with deps.held(item.size) if whole else nullcontext():
+                    done = _upload_with_one_retry(client, source, relpath, backup_blob_name(prefix, relpath),
+                                                  spec, item.prior, deps.concurrency.per_file)
         except Exception as exc:
             error = file_error(exc, deps.endpoint)
             records.append(FileEntry.failed(relpath, error, previous).take(item.meta))

@@ -145,6 +145,20 @@ def test_command_line_is_quoted_and_relative_to_the_repository():
     assert line.endswith("benchmarks/bench_upload.py --tree '/srv/my site' --repeat 3")
 
 
+def test_round_trip_times_take_turns_as_the_tools_do():
+    """--rtt: a run at each round trip, then the next repetition, so a machine's drift weighs on each alike."""
+    order = []
+
+    def once(key, i):
+        order.append((*key, i))
+        return bench_upload.Run(1.0, 1.0, 1.0, 1.0)
+
+    keys = [(rtt, tool) for rtt in (0.0, 40.0) for tool in ("sitebackup", "asyncio-md5")]
+    runs = bench_upload.round_robin(keys, 2, once)
+    assert order == [(*key, i) for i in range(2) for key in keys]
+    assert {key: len(r) for key, r in runs.items()} == {key: 2 for key in keys}
+
+
 def test_saved_runs_read_back_as_a_list_whatever_was_saved(tmp_path: Path):
     run = {"started": "2026-11-30T12:00:00+00:00", "machine": "m", "command": "c",
            "rows": [dataclasses.asdict(row("backup", "sitebackup", 1.0))]}

@@ -1,9 +1,9 @@
 """Requests in flight at a real round-trip time: a backup and a restore of small files, reaching Azurite through
 benchmarks/delayproxy.py with 40 ms added per round trip, keep a window of requests going (counted at the proxy)
 and reuse their connections (counted too); --max-inflight widens the window past the one it starts at, and a narrow
-one bounds a large file's block ranges and ranged downloads too; a restore on a new machine reads its record's
-pages several at a time, and a backup's seal sends them more at once than its threads would, on connections its
-uploads opened. On loopback a request costs well under a
+one bounds a large file's block ranges and ranged downloads too, and the Put Blobs of files over the single-put
+size; a restore on a new machine reads its record's pages several at a time, and a backup's seal sends them more
+at once than its threads would, on connections its uploads opened. On loopback a request costs well under a
 millisecond, so a run that waits one request at a time looks fast there; at 40 ms it is bound by how many it
 keeps in flight. How far the adaptive window grows depends on the machine's CPU: blob.inflight's own tests count
 that on a simulated path."""
@@ -20,6 +20,7 @@ from urllib.parse import unquote
 from helpers import ROOT, many_files
 
 from sitebackup.blob.records import READ_AHEAD
+from sitebackup.blob.upload import SINGLE_PUT_BYTES
 from sitebackup.model.work import Concurrency
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -162,6 +163,30 @@ def test_a_backups_seal_sends_its_record_pages_together_on_the_connections_its_u
     first = next(i for i, (_t, delta, text, _conn) in enumerate(timeline) if delta > 0 and is_page(text))
     opened = max(conn for _t, _delta, _text, conn in timeline[:first])
     assert all(conn <= opened for _t, delta, text, conn in timeline if delta > 0 and is_page(text)), opened
+
+
+def test_a_narrow_window_bounds_the_put_blobs_of_files_over_the_single_put_size(tmp_path, cli, cli_env, azurite,
+                                                                               container_name):
+    """Files over the single-put size and under the range threshold each go in one Put Blob from an activity
+    thread: in a slot of the window too (on the old code, every page's file was in flight at once)."""
+    src = tmp_path / "site"
+    src.mkdir()
+    files = {f"m{i}.bin": os.urandom(SINGLE_PUT_BYTES + 512 * 1024) for i in range(4)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    with delayproxy.behind(azurite, ONE_WAY_MS) as far:
+        far.proxy.timeline = []
+        env = {**cli_env, "AZURE_STORAGE_CONNECTION_STRING": far.connection_string,
+               "SITEBACKUP_MAX_INFLIGHT": str(NARROW)}
+        backup = cli(src, "--container", container_name, "--json", env=env)
+        assert backup.returncode == 0, backup.stderr
+        up = list(far.proxy.timeline)
+    assert summary(backup)["files_uploaded"] == len(files)
+    puts = most_at_once(up, lambda text: text.startswith("PUT ") and re.search(r"/m\d\.bin[ ?]", unquote(text)) is not None)
+    assert puts[1] == len(files) and 1 <= puts[0] <= NARROW, puts
+    restore = cli("restore", summary(backup)["instance_id"], tmp_path / "dest", "--json")
+    assert restore.returncode == 0, restore.stderr
+    assert {name: (tmp_path / "dest" / name).read_bytes() for name in files} == files
 
 
 def test_a_narrow_window_bounds_the_block_ranges_and_ranged_gets_of_a_large_file(tmp_path, cli, cli_env, azurite,
