@@ -146,7 +146,8 @@ def test_command_line_is_quoted_and_relative_to_the_repository():
 
 
 def test_round_trip_times_take_turns_as_the_tools_do():
-    """--rtt: a run at each round trip, then the next repetition, so a machine's drift weighs on each alike."""
+    """--rtt: a run at each round trip, then the next repetition, so a machine's drift weighs on each alike; each
+    turn starting one further on, so that none is always the first of a turn."""
     order = []
 
     def once(key, i):
@@ -154,9 +155,10 @@ def test_round_trip_times_take_turns_as_the_tools_do():
         return bench_upload.Run(1.0, 1.0, 1.0, 1.0)
 
     keys = [(rtt, tool) for rtt in (0.0, 40.0) for tool in ("sitebackup", "asyncio-md5")]
-    runs = bench_upload.round_robin(keys, 2, once)
-    assert order == [(*key, i) for i in range(2) for key in keys]
-    assert {key: len(r) for key, r in runs.items()} == {key: 2 for key in keys}
+    runs = bench_upload.round_robin(keys, 5, once)
+    assert order == [(*key, i) for i in range(5) for key in keys[i % 4:] + keys[:i % 4]]
+    assert [order[i * 4][:2] for i in range(5)] == [keys[0], keys[1], keys[2], keys[3], keys[0]]
+    assert {key: len(r) for key, r in runs.items()} == {key: 5 for key in keys}
 
 
 def test_saved_runs_read_back_as_a_list_whatever_was_saved(tmp_path: Path):
