@@ -353,7 +353,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path):
         self.args = args
         self.work = work
-        self.rtts: list[float] = [0.0]  # the round trips the timed runs go through, taking turns (--rtt)
+        self.rtts: list[float] = args.rtt  # the round trips the timed runs go through, taking turns
 
     def direct(self, rtt: float) -> bool:
         return not rtt and not self.args.mbit and not self.args.proxied_zero
@@ -615,7 +615,6 @@ def measure(args: argparse.Namespace) -> dict:
     for src in {ROOT, args.base_src or ROOT}:
         compile_package(src)
     bench = Bench(args, work)
-    bench.rtts = args.rtt
     rows: list[Row] = []
 
     def results() -> dict:

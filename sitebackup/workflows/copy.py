@@ -14,7 +14,6 @@ every source file beneath the source root by descriptor (``local.files.SourceTre
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from itertools import chain, repeat
 from operator import attrgetter
 from pathlib import Path
@@ -50,7 +49,7 @@ from sitebackup.model.work import (
     UploadSpec,
 )
 from sitebackup.workflows import blocks, pages
-from sitebackup.workflows.activity import ActivityDeps, activity
+from sitebackup.workflows.activity import ActivityDeps, activity, no_slot
 from sitebackup.workflows.names import COPY_BATCH, MAX_DONE_RANGES, PAGE_CUT_ODDS, SCAN_TREE
 from sitebackup.workflows.window import Capped, stream_pages
 
@@ -223,7 +222,7 @@ def copy_page(deps: ActivityDeps, run_id: str, page: int, items: list[CopyItem],
                 # slot of the window the small files' requests and the large files' blocks share, its bytes counted
                 # there; a larger one (--checksum hashes a file whole, never in ranges) in the SDK's own blocks
                 whole = item.size <= blocks.threshold(spec.block_size)
-                with deps.held(item.size) if whole else nullcontext():
+                with (deps.held if whole else no_slot)(item.size):
                     done = _upload_with_one_retry(client, source, relpath, backup_blob_name(prefix, relpath),
                                                   spec, item.prior, deps.concurrency.per_file)
         except Exception as exc:
